@@ -1,0 +1,1 @@
+"""Stages that turn data into artifacts. Importing this package imports nothing heavy."""
