@@ -35,6 +35,10 @@ def _load(config: Path, overrides: Optional[list[str]]) -> RunConfig:
 
 
 def _done(path: Path | str) -> None:
+    from cluster.runner import finish
+
+    finish()
+    sys.stderr.flush()
     print(Path(path).resolve(), flush=True)
 
 

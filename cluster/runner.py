@@ -17,12 +17,17 @@ console = Console(stderr=True)
 WORKER_ENV = {"VLLM_HOST_IP": "127.0.0.1", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}
 
 
+_started_here = False
+
+
 def init_ray(cfg: RunConfig) -> None:
     """Join the configured or submitting cluster, or start a local instance."""
+    global _started_here
     import ray
 
     if ray.is_initialized():
         return
+    _started_here = True
     env = {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
     if not _has_cuda():
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.serve.kv_cache_gb))))
@@ -34,6 +39,16 @@ def init_ray(cfg: RunConfig) -> None:
     else:
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
                  runtime_env={"env_vars": env})
+
+
+def finish() -> None:
+    """Stop the Ray instance this process started (not one it joined), so no worker log lands after our output."""
+    global _started_here
+    if _started_here:
+        import ray
+
+        ray.shutdown()
+        _started_here = False
 
 
 def _has_cuda() -> bool:

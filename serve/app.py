@@ -1,7 +1,10 @@
 """Ray Serve over vLLM's AsyncLLM: one base model plus LoRA adapters behind an OpenAI-compatible HTTP API.
 
-    python -c "import ray; from serve import ServeConfig, start; ray.init(); \\
-               print(start(ServeConfig(), '/path/to/base', {'city': '/path/to/adapter'})); input()"
+    cd /work/main && .venv/bin/pytest tests/integration/test_serve.py -x -q -s   # tiny CPU variant, end to end
+
+    import ray; from serve import ServeConfig, start
+    ray.init(); url = start(ServeConfig(port=8000), "/path/to/base-hf-folder", {"city": "/path/to/adapter"})
+    # then: openai.OpenAI(base_url=url, api_key="x").completions.create(model="base:city", prompt="...")
 
 `build_app` validates every adapter in the driver (before anything starts) and returns the Serve application;
 `start` runs it and waits for GET /health; `shutdown` removes it. vLLM is imported only inside the replica.
@@ -10,6 +13,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import re
@@ -24,6 +28,7 @@ from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.config import ServeConfig
 from serve.openai_protocol import (APIError, ChatCompletionRequest, CompletionRequest, chunk, completion_response,
@@ -157,11 +162,22 @@ async def _api_error(_: Request, e: APIError) -> JSONResponse:
     return JSONResponse(error_body(e.status, e.message), status_code=e.status)
 
 
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    # Unknown paths and wrong methods keep their status but get the OpenAI error shape clients parse.
+    return JSONResponse(error_body(e.status_code, str(e.detail)), status_code=e.status_code, headers=e.headers)
+
+
 @app.exception_handler(RequestValidationError)
 async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
     # FastAPI answers 422; OpenAI clients expect 400 for any malformed request (bad JSON included).
-    parts = [f"{'.'.join(str(x) for x in err.get('loc', ()) if x != 'body') or 'body'}: {err.get('msg')}"
-             for err in e.errors()]
+    parts = []
+    for err in e.errors():
+        if err.get("type") == "json_invalid":
+            parts.append(f"request body is not valid JSON ({err.get('ctx', {}).get('error', 'decode error')})")
+        else:
+            where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
+            parts.append(f"{where}: {err.get('msg')}")
     return JSONResponse(error_body(400, "; ".join(parts) or "invalid request"), status_code=400)
 
 
@@ -241,8 +257,6 @@ class LoRAServer:
     # -------------------------------------------------------------- helpers
 
     def _authorize(self, authorization: str | None) -> None:
-        import hmac
-
         key = self.cfg.api_key
         if key is None:
             return

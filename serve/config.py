@@ -25,11 +25,13 @@ class ServeConfig(Section):
         "Name the base model answers to; adapters are addressed as '<model_alias>:<adapter>' or '<adapter>'."))
     max_loras: int = Field(4, ge=1, description=(
         "LoRA slots in one batch; the engine gets max(max_loras, n_adapters + 1) to dodge vLLM's full-slot bug."))
-    max_lora_rank: int = Field(64, ge=1, description="Largest adapter rank the engine accepts; larger adapters are refused.")
+    max_lora_rank: int = Field(
+        64, description="Largest adapter rank the engine accepts (one of vLLM's ranks); larger adapters are refused.")
     max_model_len: int = Field(1024, ge=16, description="Context length (prompt + completion) in tokens.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Engine dtype. float32 on CPUs without bf16: faster there, and exact vs transformers.")
-    kv_cache_gb: float = Field(1.0, gt=0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE, whole GiB, min 1).")
+    kv_cache_gb: float = Field(
+        1.0, gt=0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE, whole GiB, at least 1).")
     gpu_memory_utilization: float = Field(
         0.85, gt=0, le=1, description="Fraction of GPU memory vLLM may take (GPU only; ignored on CPU).")
     num_replicas: int = Field(1, ge=1, description="Engine replicas; each loads the base model and every adapter.")

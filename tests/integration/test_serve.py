@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -149,8 +149,11 @@ def test_streaming_chat_equals_non_streaming(client):
     assert "".join(pieces) == whole
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
-    text = client.completions.create(model="base", prompt=PROMPT, max_tokens=8, temperature=0, stream=True)
-    assert "".join(c.choices[0].text for c in text) == complete(client, "base")
+    whole = client.completions.create(model="base", prompt=PROMPT, max_tokens=8, temperature=0)
+    text = list(client.completions.create(model="base", prompt=PROMPT, max_tokens=8, temperature=0, stream=True,
+                                          stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in text if c.choices) == whole.choices[0].text
+    assert text[-1].usage.total_tokens == whole.usage.total_tokens  # the usage-only chunk comes last
 
 
 def test_base_is_not_polluted_by_concurrent_adapter_requests(client):

@@ -1,0 +1,126 @@
+"""The thin path end to end on the tiny model: Ray Data → Ray Train (2 workers, LoRA) → adapter → Ray Serve + vLLM.
+
+    .venv/bin/pytest tests/integration/test_pipeline.py -q
+
+One `loraforge run` (in-process, on the session's Ray instance) produces every artifact; the tests read them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.integration
+
+BAD_ROWS = [
+    ('{"instruction": "Say hi", "output": "hi"', "broken_json"),
+    ('{"input": "x", "output": "y"}', "missing_field"),
+    ('{"instruction": 5, "output": "y"}', "wrong_type"),
+    ('{"instruction": "Say hi", "output": "   "}', "empty_turn"),
+    ('["not", "an", "object"]', "not_an_object"),
+    (json.dumps({"instruction": "long " * 400, "output": "ok"}), "too_long"),
+]
+
+
+@pytest.fixture(scope="module")
+def run_result(ray_session, tiny_model_dir, tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+
+    root = tmp_path_factory.mktemp("run")
+    demo = Path(__file__).resolve().parents[2] / "pipelines" / "demo_data" / "city_date.jsonl"
+    data = root / "train.jsonl"
+    good = demo.read_text().splitlines()[:200]
+    data.write_text("\n".join(good[:100] + [row for row, _ in BAD_ROWS] + good[100:]) + "\n")
+    prompt = "Extract the city and the date from the sentence. Answer with JSON only.\n\nAna flies to Oslo on 4 June."
+    cfg = {
+        "name": "tiny", "output_dir": str(root / "runs"),
+        "model": {"name": tiny_model_dir},
+        "data": {"train_path": str(data), "max_length": 256},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
+        "train": {"num_workers": 2, "cpus_per_worker": 0.5, "max_steps": 12, "batch_size": 8, "lr": 5e-3,
+                  "warmup_steps": 1, "log_every": 4},
+        "serve": {"port": free_port(), "max_lora_rank": 8, "max_model_len": 512},
+        "demo": {"prompts": [prompt], "max_tokens": 12},
+    }
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = CliRunner().invoke(app, ["run", str(path)])
+    if result.exception:
+        raise result.exception
+    assert result.exit_code == 0, result.output
+    return {"root": root / "runs" / "tiny", "output": result.output, "stdout": result.stdout, "cfg": cfg, "model": tiny_model_dir}
+
+
+def test_last_line_is_the_output_folder(run_result):
+    last = run_result["stdout"].strip().splitlines()[-1]
+    assert Path(last) == (run_result["root"] / "sft").resolve()
+
+
+def test_data_counts_add_up_and_bad_rows_are_kept_with_reasons(run_result):
+    data = run_result["root"] / "data"
+    m = json.loads((data / "manifest.json").read_text())["metrics"]
+    assert m["rows_in"] == 200 + len(BAD_ROWS)
+    assert m["rows_rejected"] == len(BAD_ROWS) and m["rows_kept"] == 200
+    assert m["rows_in"] == m["rows_kept"] + m["rows_rejected"]
+    rejected = [json.loads(line) for line in (data / "rejected.jsonl").read_text().splitlines()]
+    assert sorted(r["reason"].split(":")[0] for r in rejected) == sorted(reason for _, reason in BAD_ROWS)
+    assert all(r["source"].endswith("train.jsonl") and r["row"] for r in rejected)
+    assert m["rejected_by_reason"] == {reason: 1 for _, reason in BAD_ROWS}
+
+
+def test_sft_loss_goes_down_lora_changed_base_did_not(run_result):
+    sft = run_result["root"] / "sft"
+    manifest = json.loads((sft / "manifest.json").read_text())
+    m = manifest["metrics"]
+    losses = m["loss_history"]
+    assert len(losses) == m["steps"] == 12
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+    assert m["frozen_checksum_before"] == m["frozen_checksum_after"]
+    assert m["lora_delta_norm"] > 0
+    assert (sft / "adapter_model.safetensors").is_file() and not list(sft.glob("*.bin"))
+    assert (sft / "loss.png").stat().st_size > 1000
+    assert manifest["kind"] == "lora_adapter" and manifest["inputs"]["data"]["hash"].startswith("sha256:")
+    assert manifest["config"]["lora"]["r"] == 8
+
+
+def test_trainable_params_match_closed_form(run_result):
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(run_result["model"])
+    d, f = c.hidden_size, c.intermediate_size
+    kv = c.num_key_value_heads * (d // c.num_attention_heads)
+    r = 8
+    shapes = [(d, d), (d, kv), (d, kv), (d, d), (d, f), (d, f), (f, d)]  # q k v o gate up down: (in, out)
+    expected = c.num_hidden_layers * sum(r * (i + o) for i, o in shapes)
+    m = json.loads((run_result["root"] / "sft" / "manifest.json").read_text())["metrics"]
+    assert m["trainable_params"] == expected
+
+
+def test_adapter_reloads_from_safetensors_and_changes_the_output(run_result):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(run_result["model"])
+    ids = tok.apply_chat_template([{"role": "user", "content": run_result["cfg"]["demo"]["prompts"][0]}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    base = AutoModelForCausalLM.from_pretrained(run_result["model"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        base_logits = base(ids).logits
+    tuned = PeftModel.from_pretrained(base, str(run_result["root"] / "sft")).eval()
+    with torch.no_grad():
+        tuned_logits = tuned(ids).logits
+    assert (tuned_logits - base_logits).abs().max() > 1e-2
+
+
+def test_served_base_and_adapter_answered(run_result):
+    out = run_result["output"]
+    assert "base vs adapter 'tiny'" in out
+    assert "serve: http://127.0.0.1:" in out or "serve" in out

@@ -1,0 +1,92 @@
+"""Formatting and labels: assistant-only loss, the end-of-turn token learned, bad rows refused with a reason."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipelines.formatting import IGNORE_INDEX, RowError, alpaca_to_messages, pad_batch, tokenize_messages
+from pipelines.manifest import hash_path, read_manifest, write_manifest
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from pipelines.demo_data import tokenizer_corpus
+    from pipelines.models import build_tokenizer
+
+    return build_tokenizer(tokenizer_corpus())
+
+
+def test_alpaca_with_and_without_input():
+    m = alpaca_to_messages({"instruction": "Add.", "input": "2 and 3", "output": "5"})
+    assert m == [{"role": "user", "content": "Add.\n\n2 and 3"}, {"role": "assistant", "content": "5"}]
+    m = alpaca_to_messages({"instruction": "Hi", "output": "Hello"}, system_prompt="Be brief.")
+    assert m[0] == {"role": "system", "content": "Be brief."} and m[1]["content"] == "Hi"
+
+
+@pytest.mark.parametrize("row,reason,field", [
+    ({"input": "x", "output": "y"}, "missing_field", "instruction"),
+    ({"instruction": "x"}, "missing_field", "output"),
+    ({"instruction": 3, "output": "y"}, "wrong_type", "instruction"),
+    ({"instruction": "x", "input": ["a"], "output": "y"}, "wrong_type", "input"),
+    ({"instruction": "  ", "output": "y"}, "empty_turn", "instruction"),
+    ({"instruction": "x", "output": ""}, "empty_turn", "output"),
+])
+def test_bad_rows_name_reason_and_field(row, reason, field):
+    with pytest.raises(RowError) as e:
+        alpaca_to_messages(row)
+    assert e.value.reason == reason and repr(field) in str(e.value)
+
+
+def test_labels_cover_exactly_the_answer_and_its_end_token(tokenizer):
+    msgs = alpaca_to_messages({"instruction": "Extract the city.", "input": "Ana flies to Oslo on 3 May.",
+                               "output": '{"city": "Oslo"}'}, system_prompt="You are terse.")
+    tok = tokenize_messages(tokenizer, msgs, max_length=256)
+    assert len(tok.input_ids) == len(tok.labels)
+    learned = [t for t in tok.labels if t != IGNORE_INDEX]
+    assert tokenizer.decode(learned) == '{"city": "Oslo"}<|im_end|>\n'
+    assert tokenizer.eos_token_id in learned  # the model is taught to stop
+    # everything before the answer is masked, and the answer is one contiguous span at the end
+    first = next(i for i, t in enumerate(tok.labels) if t != IGNORE_INDEX)
+    assert all(t == IGNORE_INDEX for t in tok.labels[:first])
+    assert tok.labels[first:] == tok.input_ids[first:]
+    assert "Oslo on 3 May" in tokenizer.decode(tok.input_ids[:first])
+
+
+def test_multi_turn_labels_every_assistant_turn(tokenizer):
+    msgs = [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"},
+            {"role": "user", "content": "three"}, {"role": "assistant", "content": "four"}]
+    tok = tokenize_messages(tokenizer, msgs, max_length=256)
+    text = tokenizer.decode([t for t in tok.labels if t != IGNORE_INDEX])
+    assert text == "two<|im_end|>\nfour<|im_end|>\n"
+
+
+def test_too_long_is_refused_not_cut(tokenizer):
+    msgs = alpaca_to_messages({"instruction": "word " * 200, "output": "ok"})
+    with pytest.raises(RowError) as e:
+        tokenize_messages(tokenizer, msgs, max_length=32)
+    assert e.value.reason == "too_long"
+
+
+def test_pad_batch_masks_padding():
+    out = pad_batch([([1, 2, 3], [-100, 2, 3]), ([4], [4])], pad_id=0)
+    assert out["input_ids"] == [[1, 2, 3], [4, 0, 0]]
+    assert out["labels"] == [[-100, 2, 3], [4, -100, -100]]
+    assert out["attention_mask"] == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_manifest_round_trip_and_kind_check(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"a": 1}) + "\n")
+    out = tmp_path / "stage"
+    write_manifest(out, kind="tokenized_dataset", inputs={"train": str(src)}, config={"x": 1},
+                   metrics={"rows_in": 1})
+    doc = read_manifest(out, kind="tokenized_dataset")
+    assert doc["inputs"]["train"]["hash"] == hash_path(src) and doc["metrics"]["rows_in"] == 1
+    with pytest.raises(ValueError, match="expected an artifact of kind 'lora_adapter'"):
+        read_manifest(out, kind="lora_adapter")
+    src.write_text("changed\n")
+    assert hash_path(src) != doc["inputs"]["train"]["hash"]
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        read_manifest(tmp_path / "nothing")
