@@ -111,6 +111,13 @@ def validate(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) 
     print(_load(config, overrides).model_dump_json(indent=2))
 
 
+# Each area keeps its commands in its own module so the CLI grows without one file owning everything.
+from cluster import cli_data, cli_eval, cli_serve  # noqa: E402
+
+for _area in (cli_data, cli_eval, cli_serve):
+    _area.register(app)
+
+
 def main() -> None:
     try:
         app()

@@ -81,7 +81,7 @@ def test_sft_loss_goes_down_lora_changed_base_did_not(run_result):
     m = manifest["metrics"]
     losses = m["loss_history"]
     assert len(losses) == m["steps"] == 12
-    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses  # nats; a random model starts near ln(V)
     assert m["frozen_checksum_before"] == m["frozen_checksum_after"]
     assert m["lora_delta_norm"] > 0
     assert (sft / "adapter_model.safetensors").is_file() and not list(sft.glob("*.bin"))

@@ -1,0 +1,9 @@
+"""CLI commands of the serve area, added to the `loraforge` app by cluster.cli. Heavy imports stay inside commands."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this area's commands to the app (none yet)."""
