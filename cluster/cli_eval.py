@@ -1,9 +1,118 @@
-"""CLI commands of the eval area, added to the `loraforge` app by cluster.cli. Heavy imports stay inside commands."""
+"""CLI commands of the eval area, added to the `loraforge` app by cluster.cli. Heavy imports stay inside commands.
+
+    loraforge score preds.jsonl --prediction-field prediction --reference-field reference --json
+    loraforge evaluate CONFIG --adapter runs/x/sft [--gate] [--force]
+    loraforge merge CONFIG --adapter runs/x/sft [--out DIR]
+    loraforge registry list|show|promote|rollback --root registry
+"""
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
 import typer
+
+registry_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                           help="Versioned adapters and models: list, show, promote, rollback.")
+ROOT = typer.Option("registry", "--root", help="Registry folder.")
+
+
+def _fail(msg: str) -> None:
+    typer.secho(msg, fg="red", err=True)
+    raise typer.Exit(2)
+
+
+def score(file: Path = typer.Argument(..., help="JSONL with one prediction and one reference per row."),
+          prediction_field: str = typer.Option("prediction", help="Field holding the model's answer."),
+          reference_field: str = typer.Option("reference", help="Field holding the reference answer."),
+          as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object on the last line."),
+          bertscore: bool = typer.Option(True, help="Compute BERTScore F1 (local MiniLM; a few seconds)."),
+          bertscore_model: Optional[str] = typer.Option(None, help="Encoder folder for BERTScore."),
+          use_stemmer: bool = typer.Option(False, help="Porter stemming in ROUGE.")) -> None:
+    """Score predictions against references: ROUGE-1/2/L F means, corpus BLEU and chrF, BERTScore F1."""
+    from pipelines.metrics import exact_match, text_metrics
+
+    preds, refs = [], []
+    try:
+        lines = file.read_text().splitlines()
+    except OSError as e:
+        _fail(f"{file}: {e}")
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            p, r = row[prediction_field], row[reference_field]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            _fail(f"{file}:{i}: needs fields {prediction_field!r} and {reference_field!r} ({type(e).__name__}: {e})")
+        preds.append("" if p is None else str(p))
+        refs.append("" if r is None else str(r))
+    if not preds:
+        _fail(f"{file}: no rows")
+    figures = text_metrics(preds, refs, bertscore=bertscore, bertscore_model=bertscore_model, use_stemmer=use_stemmer)
+    figures["exact_match"] = exact_match(preds, refs)
+    figures["n"] = len(preds)
+    for key, value in figures.items():
+        typer.echo(f"{key:>14}  {value:.4f}" if isinstance(value, float) else f"{key:>14}  {value}")
+    if as_json:
+        print(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in figures.items()}))
+
+
+@registry_app.command("list")
+def registry_list(root: Path = ROOT, as_json: bool = typer.Option(False, "--json", help="One JSON list, last line.")) -> None:
+    """Registered names with their versions and aliases."""
+    from pipelines.registry import Registry
+
+    rows = Registry(root).list()
+    for r in rows:
+        aliases = ", ".join(f"{a}→{v}" for a, v in sorted(r["aliases"].items())) or "-"
+        typer.echo(f"{r['name']:<24} {r['kind']:<16} versions {r['versions']}  aliases {aliases}")
+    if as_json:
+        print(json.dumps(rows))
+
+
+@registry_app.command("show")
+def registry_show(name: str = typer.Argument(..., help="Registered name."), root: Path = ROOT) -> None:
+    """Versions (lineage, hash, variants), aliases and alias history of one name, as JSON."""
+    from pipelines.registry import Registry, RegistryError
+
+    try:
+        print(json.dumps(Registry(root).show(name), indent=2, default=str))
+    except RegistryError as e:
+        _fail(str(e))
+
+
+@registry_app.command("promote")
+def registry_promote(name: str = typer.Argument(...), version: int = typer.Argument(...),
+                     alias: str = typer.Argument(..., help="e.g. production, candidate"),
+                     reason: str = typer.Option("", help="Recorded in the audit log."), root: Path = ROOT) -> None:
+    """Point an alias at a version (recorded in the audit log)."""
+    from pipelines.registry import Registry, RegistryError
+
+    try:
+        Registry(root).promote(name, version, alias, reason=reason or "manual promote")
+    except RegistryError as e:
+        _fail(str(e))
+    typer.echo(f"{name}@{alias} -> {version}")
+
+
+@registry_app.command("rollback")
+def registry_rollback(name: str = typer.Argument(...), alias: str = typer.Argument(...),
+                      reason: str = typer.Option("", help="Recorded in the audit log."), root: Path = ROOT) -> None:
+    """Move an alias back to the version it pointed at before its last promote."""
+    from pipelines.registry import Registry, RegistryError
+
+    try:
+        version = Registry(root).rollback(name, alias, reason=reason or "manual rollback")
+    except RegistryError as e:
+        _fail(str(e))
+    typer.echo(f"{name}@{alias} -> {version}")
 
 
 def register(app: typer.Typer) -> None:
-    """Add this area's commands to the app (none yet)."""
+    """Add this area's commands to the app."""
+    app.command("score")(score)
+    app.add_typer(registry_app, name="registry")
