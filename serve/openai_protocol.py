@@ -49,6 +49,8 @@ class _SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     # vLLM's extension (send via extra_body): token ids in each choice, for exact comparisons in tests.
     return_token_ids: bool = False
+    # OpenAI's end-user id: the sticky key for A/B splits (serve.routing); never logged or exported.
+    user: str | None = Field(None, max_length=256)
 
     @field_validator("n")
     @classmethod
@@ -143,14 +145,3 @@ def chunk(rid: str, model: str, created: int, *, chat: bool, text: str | None = 
 
 def sse(body: dict[str, Any] | str) -> str:
     return f"data: {body if isinstance(body, str) else json.dumps(body)}\n\n"
-
-
-def resolve_model(requested: str, alias: str, adapter_names: set[str]) -> str | None:
-    """Map a request's `model` to an adapter name, or None for the base model; unknown names are a 404."""
-    if requested == alias:
-        return None
-    name = requested[len(alias) + 1:] if requested.startswith(alias + ":") else requested
-    if name in adapter_names:
-        return name
-    known = ", ".join([alias, *(f"{alias}:{n}" for n in sorted(adapter_names))])
-    raise APIError(404, f"The model {requested!r} does not exist. Served models: {known}")

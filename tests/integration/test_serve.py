@@ -2,13 +2,18 @@
 
     cd /work/main && .venv/bin/pytest tests/integration/test_serve.py -x -q -s
 
-One app (tiny random Llama, two random-B LoRA adapters, an API key) serves every test in this module;
-the engine start dominates the wall time (30-65 s on a 2-core CPU).
+One app serves every test in this module: a tiny random Llama, two random-B LoRA adapters named in the call
+(alpha, beta), a watched adapter folder where tests register more while it runs, an 80/20 A/B split and an
+API key. The engine start dominates the wall time (45-140 s on a shared 2-core CPU).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import statistics
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,9 +27,10 @@ KEY = "secret"
 MAX_MODEL_LEN = 512
 PROMPT = "The weather in Paris today is"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+SPLIT = {"ab": {"alpha": 80, "beta": 20}}
 
 
-def make_adapter(base: str, out: Path, seed: int) -> str:
+def make_adapter(base: str, out: Path, seed: int, r: int = 8) -> str:
     """A LoRA with non-zero B (init_lora_weights=False), so it really changes the base model's outputs."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -32,7 +38,7 @@ def make_adapter(base: str, out: Path, seed: int) -> str:
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                         init_lora_weights=False)
     peft_model = get_peft_model(model, config)
     with torch.no_grad():  # full-size random B swamps the tiny model (weights ~0.02) into one repeated token
@@ -50,10 +56,19 @@ def adapters(tiny_model_dir, tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, tiny_model_dir, adapters):
+def hot_dir(tmp_path_factory) -> Path:
+    """The folder the app watches: adapters copied in here while it runs become servable."""
+    return tmp_path_factory.mktemp("hot")
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, tiny_model_dir, adapters, hot_dir):
     from serve import ServeConfig, shutdown, start
 
-    cfg = ServeConfig(port=free_port(), api_key=KEY, max_model_len=MAX_MODEL_LEN, startup_timeout_s=300)
+    # A cache of 3 with 4+ adapters in use makes the LRU evict during the tests.
+    cfg = ServeConfig(port=free_port(), api_key=KEY, max_model_len=MAX_MODEL_LEN, startup_timeout_s=300,
+                      adapter_dir=str(hot_dir), max_loras=2, adapter_cache_size=3, splits=SPLIT,
+                      resolve_ttl_s=0)
     url = start(cfg, tiny_model_dir, adapters, name="test-serve")
     yield url
     shutdown("test-serve")
@@ -98,9 +113,9 @@ def test_build_app_refuses_bad_adapters(tiny_model_dir, adapters, tmp_path):
         build_app(ServeConfig(max_lora_rank=1), tiny_model_dir, {"alpha": adapters["alpha"]})
 
 
-def test_models_lists_base_and_adapters(client):
+def test_models_lists_base_adapters_and_splits(client):
     cards = {m.id: m for m in client.models.list().data}
-    assert set(cards) == {"base", "base:alpha", "base:beta"}
+    assert set(cards) == {"base", "base:alpha", "base:beta", "base:ab"}
     assert all(m.owned_by == "loraforge" and m.object == "model" for m in cards.values())
     assert cards["base:alpha"].model_extra["parent"] == "base"
 
@@ -165,6 +180,67 @@ def test_base_is_not_polluted_by_concurrent_adapter_requests(client):
     assert together == [alone[m] for m in models]
 
 
+def test_ab_split_is_sticky_and_names_the_served_version(client):
+    from serve.routing import caller_key, route
+
+    served = {}
+    for i in range(8):
+        user = f"user-{i}"
+        raw = client.completions.with_raw_response.create(model="base:ab", prompt=PROMPT, max_tokens=4,
+                                                          temperature=0, user=user)
+        served[user] = raw.headers["x-loraforge-adapter"]
+        assert served[user] == route("ab", SPLIT, caller_key(user, None)), user  # the pure rule, end to end
+        assert raw.parse().choices[0].text == complete(client, served[user], max_tokens=4)
+    again = {u: client.completions.with_raw_response.create(model="ab", prompt=PROMPT, max_tokens=2, user=u)
+             .headers["x-loraforge-adapter"] for u in served}
+    assert again == served
+    raw = client.completions.with_raw_response.create(model="base", prompt=PROMPT, max_tokens=2)
+    assert raw.headers["x-loraforge-adapter"] == "base"
+
+
+def test_adapter_registered_while_serving_is_served_and_lru_evicts(client, tiny_model_dir, hot_dir, tmp_path):
+    before = {m: complete(client, m) for m in ("base", "alpha", "beta")}
+    with pytest.raises(Exception, match="does not exist"):
+        complete(client, "gamma")
+    staged = make_adapter(tiny_model_dir, tmp_path / "gamma", seed=3)
+    t0 = time.monotonic()
+    os.rename(staged, hot_dir / "gamma")  # atomic: the app never sees half a folder
+    gamma = complete(client, "base:gamma")
+    print(f"\nregistered -> first answer: {time.monotonic() - t0:.2f} s")
+    assert gamma and gamma not in before.values()
+    assert "base:gamma" in {m.id for m in client.models.list().data}
+    shutil.copytree(hot_dir / "gamma", tmp_path / "delta-staged")  # same weights, a fourth name
+    os.rename(tmp_path / "delta-staged", hot_dir / "delta")
+    assert complete(client, "delta") == gamma
+    # 4 adapters through a cache of 3: one was unloaded and must reload with the same outputs
+    assert {m: complete(client, m) for m in before} == before
+    assert complete(client, "gamma") == gamma
+
+
+def test_broken_adapters_get_503_and_others_keep_serving(client, server, adapters, hot_dir):
+    import httpx
+    import openai
+
+    alpha = Path(adapters["alpha"])
+    conf = json.loads((alpha / "adapter_config.json").read_text())
+    for name, patch, weights in (("corrupt", {}, b"not safetensors"), ("huge", {"r": 128}, None),
+                                 ("foreign", {"base_model_name_or_path": "/some/other/model"}, None)):
+        (hot_dir / name).mkdir()
+        (hot_dir / name / "adapter_config.json").write_text(json.dumps({**conf, **patch}))
+        (hot_dir / name / "adapter_model.safetensors").write_bytes(
+            weights or (alpha / "adapter_model.safetensors").read_bytes())
+    for name, message in (("corrupt", "cannot be served"), ("huge", "rank 128 exceeds"),
+                          ("foreign", "trained on base '/some/other/model'")):
+        with pytest.raises(openai.InternalServerError, match=message) as e:
+            complete(client, f"base:{name}")
+        assert e.value.status_code == 503, name
+    assert complete(client, "alpha") and complete(client, "base")  # the engine survived
+    headers = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(f"{server}/completions", json={"model": "base:../alpha", "prompt": "hi"}, headers=headers,
+                   timeout=60)
+    assert r.status_code == 400 and "invalid adapter name" in r.json()["error"]["message"]
+
+
 def test_request_errors(client, server, tiny_model_dir):
     import httpx
     import openai
@@ -198,3 +274,51 @@ def test_api_key(server):
         wrong.models.list()
     assert httpx.get(f"{server}/models", timeout=60).status_code == 401
     assert httpx.get(server.removesuffix("/v1") + "/health", timeout=60).status_code == 200  # probes need no key
+
+
+def test_load_64_concurrent_clients_no_5xx(server):
+    """64 clients for LORAFORGE_LOAD_S seconds (10 here; the bench runs 60): zero 5xx, p50/p99 printed."""
+    import httpx
+
+    duration, models = float(os.environ.get("LORAFORGE_LOAD_S", "10")), ["base", "alpha", "beta", "ab"]
+    deadline = time.monotonic() + duration
+
+    def client_loop(i: int) -> list[tuple[int, float]]:
+        results = []
+        with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {KEY}"}) as http:
+            while time.monotonic() < deadline:
+                t0 = time.monotonic()
+                r = http.post(f"{server}/completions", json={"model": models[i % 4], "prompt": PROMPT,
+                                                             "max_tokens": 8, "user": f"u{i}"})
+                results.append((r.status_code, time.monotonic() - t0))
+        return results
+
+    with ThreadPoolExecutor(64) as pool:
+        results = [x for batch in pool.map(client_loop, range(64)) for x in batch]
+    latencies = sorted(t for _, t in results)
+    p50, p99 = statistics.median(latencies), latencies[int(0.99 * (len(latencies) - 1))]
+    print(f"\nload: 64 clients x {duration:.0f} s: {len(results)} requests, p50 {p50:.2f} s, p99 {p99:.2f} s")
+    assert len(results) >= 64 and not [s for s, _ in results if s >= 500]
+    assert {s for s, _ in results} == {200}
+
+
+def test_metrics_are_exported_per_adapter(ray_session, client):
+    import httpx
+
+    complete(client, "alpha")
+    node = ray_session._private.worker.global_worker.node
+    url = f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
+    deadline, text = time.monotonic() + 40, ""
+    while time.monotonic() < deadline:  # Ray exports every few seconds
+        try:
+            text = httpx.get(url, timeout=10).text
+        except httpx.HTTPError:
+            text = ""
+        if 'loraforge_requests_total' in text and 'adapter="alpha"' in text:
+            break
+        time.sleep(2)
+    lines = [line for line in text.splitlines() if line.startswith("ray_loraforge_")]
+    assert any('adapter="alpha"' in line and 'status="200"' in line for line in lines), text[-2000:]
+    assert any(line.startswith("ray_loraforge_completion_tokens_total") for line in lines)
+    assert any(line.startswith("ray_loraforge_request_latency_s_bucket") for line in lines)
+    assert any('status="404"' in line for line in lines)

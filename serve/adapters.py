@@ -1,0 +1,324 @@
+"""Where adapters come from and how a replica keeps them: sources, validation, the per-replica LRU.
+
+Pure (stdlib only; the registry is imported lazily): no Ray, no vLLM, so resolution, validation and the LRU's
+load-before-evict order are unit-tested in milliseconds. The replica injects vLLM's add_lora/remove_lora.
+
+A source answers two questions: "which folder is `ref`?" (`resolve`) and "what can you serve?" (`list`).
+Requests name an adapter as `name`, `name@3` or `name@production`; names are checked against NAME before
+they reach any filesystem, and every resolved folder must sit inside the source's root (no traversal).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+ADAPTER_NAME = re.compile(rf"^{NAME}$")
+ADAPTER_REF = re.compile(rf"^(?P<name>{NAME})(?:@(?P<tag>{NAME}))?$")
+
+# Linear layers vLLM can put a LoRA on in the decoder families we serve (Llama/Qwen/Mistral/Gemma/Phi/GPT-2
+# style). An adapter on anything else (embeddings, norms, a classifier head) would fail inside the engine.
+SUPPORTED_MODULES = frozenset({
+    "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj", "gate_up_proj",
+    "c_attn", "c_proj", "c_fc", "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h",
+    "fc1", "fc2", "w1", "w2", "w3", "out_proj", "Wqkv"})
+
+
+class AdapterNotFound(LookupError):
+    """The source has no adapter under this name (HTTP 404)."""
+
+
+class BadAdapterName(ValueError):
+    """The name is not a valid adapter reference, e.g. contains '/' or '..' (HTTP 400)."""
+
+
+class AdapterInvalid(ValueError):
+    """The folder exists but cannot be served: wrong base, rank too large, DoRA, pickle weights (HTTP 503)."""
+
+
+class AdapterUnavailable(RuntimeError):
+    """Validation or loading failed for this adapter; other adapters keep serving (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A reference pinned to one artifact: `id` is stable per version (`name@3`), `path` its folder."""
+
+    id: str
+    path: str
+    name: str
+    version: str | None = None
+
+
+class AdapterSource(Protocol):
+    def resolve(self, ref: str) -> Resolved: ...
+
+    def list(self) -> list[str]: ...
+
+
+def parse_ref(ref: str) -> tuple[str, str | None]:
+    """Split `name@tag`; anything outside NAME (slashes, '..', spaces) is refused before touching disk."""
+    m = ADAPTER_REF.match(ref)
+    if m is None or ".." in ref:
+        raise BadAdapterName(f"invalid adapter name {ref!r}: use {NAME} optionally followed by @version or "
+                             f"@alias")
+    return m["name"], m["tag"]
+
+
+def _inside(root: Path, path: Path) -> bool:
+    return path == root or root in path.parents
+
+
+class StaticSource:
+    """A fixed name -> folder map: what `start(cfg, base, adapters)` serves. Versions are not supported."""
+
+    def __init__(self, adapters: dict[str, str]):
+        self.adapters = dict(adapters)
+
+    def resolve(self, ref: str) -> Resolved:
+        name, tag = parse_ref(ref)
+        if tag is not None or name not in self.adapters:
+            raise AdapterNotFound(ref)
+        return Resolved(name, self.adapters[name], name)
+
+    def list(self) -> list[str]:
+        return sorted(self.adapters)
+
+
+class FolderSource:
+    """Every `<root>/<name>/` holding adapter_config.json: adapters dropped in are servable at once."""
+
+    def __init__(self, root: str):
+        self.root = Path(root).expanduser().resolve()
+
+    def resolve(self, ref: str) -> Resolved:
+        name, tag = parse_ref(ref)
+        path = (self.root / name).resolve()  # resolve() follows symlinks: a link out of root is refused
+        if tag is not None or not _inside(self.root, path) or not (path / "adapter_config.json").is_file():
+            raise AdapterNotFound(ref)
+        return Resolved(name, str(path), name)
+
+    def list(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir()
+                      if ADAPTER_NAME.match(p.name) and (p / "adapter_config.json").is_file())
+
+
+class RegistrySource:
+    """Adapters from pipelines.registry (versions and aliases); imported on first use, not at import time."""
+
+    def __init__(self, root: str):
+        self.root = str(Path(root).expanduser().resolve())
+        self._registry: Any = None
+
+    def _reg(self) -> Any:
+        if self._registry is None:
+            from pipelines.registry import Registry
+
+            self._registry = Registry(self.root)
+        return self._registry
+
+    def resolve(self, ref: str) -> Resolved:
+        parse_ref(ref)
+        try:
+            art = self._reg().resolve(ref)
+        except (LookupError, FileNotFoundError, ValueError) as e:  # the registry's "no such name/version"
+            raise AdapterNotFound(ref) from e
+        if "adapter" not in str(getattr(art, "kind", "adapter")):
+            raise AdapterNotFound(f"{ref} is a {art.kind} artifact, not an adapter")
+        path = Path(art.path).expanduser().resolve()
+        if not _inside(Path(self.root), path):
+            raise AdapterInvalid(f"{ref}: registry entry points outside the registry ({path})")
+        return Resolved(f"{art.name}@{art.version}", str(path), str(art.name), str(art.version))
+
+    def list(self) -> list[str]:
+        """Every adapter name, and `name@alias` for each of its aliases (versions are addressable, not listed)."""
+        names: list[str] = []
+        for row in self._reg().list():  # rows: {"name", "kind", "versions", "latest", "aliases"}
+            if "adapter" in str(row.get("kind", "")):
+                names += [row["name"], *(f"{row['name']}@{a}" for a in row.get("aliases") or {})]
+        return sorted(names)
+
+
+class ChainSource:
+    """First source that knows the name wins: static adapters from the config, then the registry."""
+
+    def __init__(self, sources: Iterable[AdapterSource]):
+        self.sources = list(sources)
+
+    def resolve(self, ref: str) -> Resolved:
+        for source in self.sources:
+            try:
+                return source.resolve(ref)
+            except AdapterNotFound:
+                continue
+        raise AdapterNotFound(ref)
+
+    def list(self) -> list[str]:
+        return sorted({n for s in self.sources for n in s.list()})
+
+
+# ---------------------------------------------------------------- validation before exposing
+
+
+def base_identities(base_dir: str, extra: Iterable[str] = ()) -> set[str]:
+    """Names an adapter's base_model_name_or_path may carry for this base: its folder, the folder's recorded
+    origin (config.json `_name_or_path`, the manifest's inputs, e.g. the base a merged/int8 model came from)."""
+    ids = {str(Path(base_dir).expanduser().resolve()), *extra}
+    base = Path(base_dir)
+    for doc_name, keys in (("config.json", ("_name_or_path",)), ("manifest.json", ())):
+        try:
+            doc = json.loads((base / doc_name).read_text())
+        except (OSError, ValueError):
+            continue
+        ids.update(str(doc[k]) for k in keys if doc.get(k))
+        ids.update(str(v.get("path")) for v in (doc.get("inputs") or {}).values() if isinstance(v, dict))
+    return {_norm(i) for i in ids if i}
+
+
+def _norm(ident: str) -> str:
+    p = Path(ident).expanduser()
+    return str(p.resolve()) if p.exists() else ident.rstrip("/")
+
+
+def validate_adapter(path: str, *, max_rank: int, bases: set[str] | None) -> dict[str, Any]:
+    """Refuse what vLLM cannot serve, or would serve wrongly, before the adapter is exposed; return its config."""
+    folder = Path(path)
+    if not (folder / "adapter_config.json").is_file():
+        raise AdapterInvalid(f"{folder} has no adapter_config.json (not a PEFT adapter folder)")
+    if not (folder / "adapter_model.safetensors").is_file():
+        # A .bin is a pickle: loading one runs arbitrary code, so it is refused rather than converted.
+        hint = " (it has adapter_model.bin: re-save with safe_serialization=True)" \
+            if (folder / "adapter_model.bin").exists() else ""
+        raise AdapterInvalid(f"{folder} has no adapter_model.safetensors{hint}")
+    try:
+        conf = json.loads((folder / "adapter_config.json").read_text())
+    except ValueError as e:
+        raise AdapterInvalid(f"{folder}/adapter_config.json is not JSON: {e}") from e
+    if conf.get("use_dora"):
+        raise AdapterInvalid("DoRA adapters cannot be served by vLLM")
+    if str(conf.get("peft_type", "LORA")).upper() != "LORA":
+        raise AdapterInvalid(f"peft_type {conf.get('peft_type')!r} is not LoRA")
+    rank = max([int(conf.get("r", 0)), *map(int, (conf.get("rank_pattern") or {}).values())])
+    if rank > max_rank:
+        raise AdapterInvalid(f"rank {rank} exceeds serve.max_lora_rank={max_rank}")
+    targets = conf.get("target_modules") or []
+    # A string is a regex or "all-linear": only the engine can expand it, so it is checked at load instead.
+    if isinstance(targets, list) and (bad := sorted(set(targets) - SUPPORTED_MODULES)):
+        raise AdapterInvalid(f"target modules {bad} are not supported by vLLM's LoRA layers")
+    if conf.get("modules_to_save"):
+        raise AdapterInvalid(f"modules_to_save {conf['modules_to_save']} (fully trained layers) cannot be served")
+    declared = conf.get("base_model_name_or_path")
+    if bases is not None and declared and _norm(str(declared)) not in bases:
+        raise AdapterInvalid(f"trained on base {declared!r}, but this app serves {sorted(bases)[0]!r}")
+    return conf
+
+
+# ---------------------------------------------------------------- the per-replica LRU
+
+
+@dataclass
+class Loaded:
+    resolved: Resolved
+    request: Any  # vLLM LoRARequest (built by the injected factory)
+
+
+class AdapterCache:
+    """Resolve -> validate -> load on first use; keep at most `capacity` adapters, evicting the least recently
+    used only after the new one loaded. Engine calls are injected, so this runs without vLLM in unit tests.
+
+    Resolutions are cached for `resolve_ttl_s` (an alias moved by `promote` is seen within that time); misses
+    are never cached, so an adapter registered while serving is found on the next request. A failed load is
+    remembered for `retry_after_s` so a broken artifact is not reloaded on every request."""
+
+    def __init__(self, source: AdapterSource, capacity: int, *, validate: Callable[[str], Any],
+                 load: Callable[[Any], Awaitable[Any]], unload: Callable[[int], Awaitable[Any]],
+                 make_request: Callable[[str, int, str], Any], resolve_ttl_s: float = 2.0,
+                 retry_after_s: float = 30.0, clock: Callable[[], float] = time.monotonic):
+        self.source, self.capacity = source, capacity
+        self._validate, self._load, self._unload, self._make = validate, load, unload, make_request
+        self.resolve_ttl_s, self.retry_after_s, self._clock = resolve_ttl_s, retry_after_s, clock
+        self.loaded: OrderedDict[str, Loaded] = OrderedDict()  # key: "id|path", most recent last
+        self._resolved: dict[str, tuple[float, Resolved]] = {}
+        self._failed: dict[str, tuple[float, str]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._next_id = 1  # vLLM's int ids are per engine, so per replica
+
+    def resolve(self, ref: str) -> Resolved:
+        hit = self._resolved.get(ref)
+        if hit and self._clock() - hit[0] < self.resolve_ttl_s:
+            return hit[1]
+        res = self.source.resolve(ref)  # AdapterNotFound / BadAdapterName propagate, uncached
+        self._resolved[ref] = (self._clock(), res)
+        return res
+
+    async def get(self, ref: str) -> Loaded:
+        res = self.resolve(ref)
+        key = f"{res.id}|{res.path}"  # a re-published version at a new path is a new adapter
+        if key in self.loaded:
+            self.loaded.move_to_end(key)
+            return self.loaded[key]
+        async with self._locks.setdefault(key, asyncio.Lock()):  # concurrent first requests load once
+            if key in self.loaded:
+                return self.loaded[key]
+            failed = self._failed.get(key)
+            if failed and self._clock() - failed[0] < self.retry_after_s:
+                raise AdapterUnavailable(f"adapter {res.id!r} failed to load: {failed[1]}")
+            entry = await self._admit(key, res)
+        await self._evict()
+        return entry
+
+    async def _admit(self, key: str, res: Resolved) -> Loaded:
+        try:
+            self._validate(res.path)
+            request = self._make(res.id, self._next_id, res.path)
+            self._next_id += 1
+            if await self._load(request) is False:
+                raise RuntimeError("the engine refused to load it")
+        except Exception as e:  # noqa: BLE001 - any failure makes this one adapter unavailable, not the app
+            msg = f"{type(e).__name__}: {e}" if not isinstance(e, AdapterInvalid) else str(e)
+            self._failed[key] = (self._clock(), msg)
+            raise AdapterUnavailable(f"adapter {res.id!r} cannot be served: {msg}") from e
+        self._failed.pop(key, None)
+        self.loaded[key] = entry = Loaded(res, request)
+        return entry
+
+    async def _evict(self) -> None:
+        while len(self.loaded) > self.capacity:
+            _, old = self.loaded.popitem(last=False)
+            try:
+                await self._unload(old.request.lora_int_id)
+            except Exception:  # noqa: BLE001 - already gone from the engine: nothing left to free
+                pass
+
+
+class SlotGate:
+    """At most `slots` distinct adapters in flight at once. vLLM bug (STACK_NOTES, vllm#48421): when every LoRA
+    slot of a batch is filled, base requests in that batch get the last slot's adapter. The engine gets one
+    slot more than this gate admits, so the batch can never fill all of them."""
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.active: dict[int, int] = {}  # lora int id -> requests in flight
+        self._cond = asyncio.Condition()
+
+    async def acquire(self, lora_id: int) -> None:
+        async with self._cond:
+            await self._cond.wait_for(lambda: lora_id in self.active or len(self.active) < self.slots)
+            self.active[lora_id] = self.active.get(lora_id, 0) + 1
+
+    async def release(self, lora_id: int) -> None:
+        async with self._cond:
+            self.active[lora_id] -= 1
+            if not self.active[lora_id]:
+                del self.active[lora_id]
+                self._cond.notify_all()
