@@ -18,7 +18,7 @@ from pydantic import Field, ValidationError
 from pipelines.data import DataConfig
 from pipelines.models import ModelConfig
 from pipelines.schema import Section
-from pipelines.sft import LoraSection, TrainSection
+from pipelines.training import LoraSection, QuantSection, TrainSection
 from serve.config import ServeConfig
 
 
@@ -47,6 +47,7 @@ class RunConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     lora: LoraSection = Field(default_factory=LoraSection)
+    quant: QuantSection = Field(default_factory=QuantSection)
     train: TrainSection = Field(default_factory=TrainSection)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     demo: DemoSection = Field(default_factory=DemoSection)

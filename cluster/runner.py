@@ -89,7 +89,8 @@ def stage_sft(cfg: RunConfig, model_dir: str, data_dir: Path) -> Path:
 
     init_ray(cfg)
     t0 = time.time()
-    out = sft.run(cfg.lora, cfg.train, model_dir, data_dir, cfg.stage_dir("sft"), dtype=cfg.model.dtype)
+    out = sft.run(cfg.lora, cfg.train, model_dir, data_dir, cfg.stage_dir("sft"), dtype=cfg.model.dtype,
+                  quant=cfg.quant, model_id=cfg.model.name)
     from pipelines.manifest import read_manifest
 
     m = read_manifest(out)["metrics"]

@@ -1,38 +1,62 @@
-"""Data stage: raw Alpaca-style JSONL → chat template → token ids with assistant-only labels, on Ray Data.
+"""Data stage: curate (pipelines.curate) then tokenize, both streaming on Ray Data.
 
-    loraforge tokenize configs/quickstart-cpu.yaml        # alone; prints its output folder last
+    loraforge curate configs/curate-alpaca-gsm8k.yaml    # curation alone → <run>/curated/
+    loraforge tokenize configs/quickstart-cpu.yaml       # curate + tokenize → <run>/data/; prints the folder last
 
-Output folder: `train/` (Parquet: input_ids, labels, n_tokens), `rejected.jsonl` (each refused row with its
-reason and source file), `manifest.json` (counts that add up: rows_in = rows_kept + rows_rejected).
+Output folder of `run`: `curated/` (the curation stage's own artifact and report), `train/`, `validation/`,
+`test/` (Parquet: input_ids, labels, n_tokens, and seq_lens when packed), `rejected/` (JSONL: reason, detail,
+source, line, row — for curation and tokenization refusals), the curation report files, and `manifest.json`
+(kind "tokenized_dataset"; counts that add up: rows_in = rows_kept + rows_rejected).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
 
+from pipelines.curate_config import (BalanceSection, DedupSection, FilterSection, MixSection, PackingSection,
+                                     SplitSection)
 from pipelines.schema import Section
+
+SPLITS = ("train", "validation", "test")
 
 
 class DataConfig(Section):
-    """Where the training rows come from and how they become tokens."""
+    """Where the training rows come from, how they are curated, and how they become tokens."""
 
     train_path: str = Field("pipelines/demo_data/city_date.jsonl", description=(
-        "Alpaca-style JSONL (instruction, input, output): a file, folder or glob; local or s3://."))
-    format: Literal["alpaca"] = Field("alpaca", description="Row format of train_path.")
+        "JSONL, JSON array, Parquet or CSV: a file, folder or glob; local or s3://."))
+    format: Literal["auto", "alpaca", "messages", "preference", "dialogue", "text"] = Field("alpaca", description=(
+        "Row format of train_path; 'auto' detects it per row (Alpaca, messages/ShareGPT, preference, dialogue "
+        "pairs, raw text)."))
     system_prompt: str | None = Field(None, description="Optional system turn prepended to every conversation.")
     max_length: int = Field(512, ge=16, description="Longest conversation in tokens; longer rows are rejected.")
+    truncation: Literal["reject", "drop_oldest_turns"] = Field("reject", description=(
+        "Too-long rows: 'reject' (too_long), or drop the oldest user/assistant exchanges (never the last answer, "
+        "never cut mid-turn); every truncation is counted."))
     max_rejected_fraction: float = Field(0.2, ge=0, le=1, description=(
-        "Stop the run when more than this share of rows is rejected (the data is probably not what you think)."))
-    num_blocks: int | None = Field(None, ge=1, description="Read parallelism; default lets Ray Data choose.")
+        "Stop the run when more than this share of rows is broken or fails quality filters (duplicates, "
+        "category caps and mixing quota do not count)."))
+    num_blocks: int | None = Field(None, ge=1, description="Read parallelism (files read at once); default all.")
+    category_field: str | None = Field(None, description="Row field naming its category; default the file name.")
+    task_cpus: float = Field(1.0, ge=0, description=(
+        "CPUs per Ray Data task. 0 lets data work overlap trainer workers that hold every CPU (STACK_NOTES)."))
+    parse_actors: int = Field(2, ge=1, description="Most parallel parse/tokenize actors.")
+    filters: FilterSection = Field(default_factory=FilterSection)
+    dedup: DedupSection = Field(default_factory=DedupSection)
+    balance: BalanceSection = Field(default_factory=BalanceSection)
+    mix: MixSection = Field(default_factory=MixSection)
+    split: SplitSection = Field(default_factory=SplitSection)
+    packing: PackingSection = Field(default_factory=PackingSection)
 
 
 class _TokenizeRows:
-    """Ray Data callable class: loads the tokenizer once per actor, maps a batch of raw lines to tokens."""
+    """Ray Data callable class: loads the tokenizer once per actor, maps curated rows to tokens."""
 
     def __init__(self, model_dir: str, cfg: dict[str, Any]):
         from transformers import AutoTokenizer
@@ -41,87 +65,120 @@ class _TokenizeRows:
         self.cfg = DataConfig(**cfg)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from pipelines.formatting import RowError, alpaca_to_messages, tokenize_messages
+        from pipelines.formatting import RowError
+        from pipelines.tokenizing import tokenize_record
 
-        out: dict[str, list] = {"input_ids": [], "labels": [], "n_tokens": [], "reason": [], "raw": [], "path": []}
-        for line, path in zip(batch["text"], batch["path"]):
-            ids, labels, reason = [], [], ""
+        out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "n_tokens", "truncated", "reason", "detail",
+                                                "source", "line", "row")}
+        body = "messages" if "messages" in batch else "text"
+        for i in range(len(batch[body])):
+            rec = _plain(batch[body][i])
+            ids, labels, cut, reason, detail = [], [], 0, "", ""
             try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise RowError("not_an_object", f"a JSON {type(row).__name__}, expected an object")
-                messages = alpaca_to_messages(row, self.cfg.system_prompt)
-                tok = tokenize_messages(self.tokenizer, messages, self.cfg.max_length)
-                ids, labels = tok.input_ids, tok.labels
-            except json.JSONDecodeError as e:
-                reason = f"broken_json: {e.msg} at column {e.colno}"
+                ids, labels, cut = tokenize_record(self.tokenizer, body, rec, self.cfg.max_length,
+                                                   self.cfg.truncation)
             except RowError as e:
-                reason = str(e)
-            out["input_ids"].append(ids)
-            out["labels"].append(labels)
-            out["n_tokens"].append(len(ids))
-            out["reason"].append(reason)
-            out["raw"].append("" if not reason else line)
-            out["path"].append(path)
+                reason, detail = e.reason, e.detail
+            for k, v in (("input_ids", ids), ("labels", labels), ("n_tokens", len(ids)), ("truncated", cut),
+                         ("reason", reason), ("detail", detail), ("source", str(batch["source"][i])),
+                         ("line", int(batch["line"][i])), ("row", json.dumps(rec) if reason else "")):
+                out[k].append(v)
         return out
 
 
-def run(cfg: DataConfig, model_dir: str, out_dir: str | os.PathLike) -> Path:
-    """Tokenize cfg.train_path with model_dir's tokenizer into out_dir; returns out_dir."""
-    import ray
+def _plain(v: Any) -> Any:
+    """numpy/arrow values of a batch → plain Python (lists of dicts)."""
+    if hasattr(v, "tolist") and not isinstance(v, str):
+        v = v.tolist()
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
 
-    from pipelines.manifest import write_manifest
+
+def run(cfg: DataConfig, model_dir: str, out_dir: str | os.PathLike) -> Path:
+    """Curate cfg.train_path then tokenize it with model_dir's tokenizer into out_dir; returns out_dir."""
+    from pipelines import curate
 
     out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    paths = _expand(cfg.train_path)
-    ds = ray.data.read_text(paths, include_paths=True, override_num_blocks=cfg.num_blocks)
-    ds = ds.map_batches(_TokenizeRows, fn_constructor_args=(model_dir, cfg.model_dump()),
-                        concurrency=(1, 2), batch_size=256, batch_format="numpy")
-    # Materialised once so that kept and rejected rows come from the same pass (the deep data pipeline
-    # replaces this with a streaming split); the rows live in Ray's object store, not on the driver.
-    ds = ds.materialize()
-    rows_in = ds.count()
-    kept = ds.filter(expr="reason == ''").select_columns(["input_ids", "labels", "n_tokens"])
-    rejected = ds.filter(expr="reason != ''").select_columns(["reason", "path", "raw"]).take_all()
-    rows_kept = kept.count()
-    if rows_in != rows_kept + len(rejected):  # the promise of this stage: no row vanishes
-        raise RuntimeError(f"row accounting broke: in={rows_in} kept={rows_kept} rejected={len(rejected)}")
-    with open(out / "rejected.jsonl", "w") as fh:
-        for r in rejected:
-            fh.write(json.dumps({"reason": r["reason"], "source": r["path"], "row": r["raw"]}) + "\n")
-    by_reason: dict[str, int] = {}
-    for r in rejected:
-        key = r["reason"].split(":")[0]
-        by_reason[key] = by_reason.get(key, 0) + 1
-    if rows_in == 0:
-        raise ValueError(f"data.train_path={cfg.train_path!r}: no rows read")
-    if len(rejected) / rows_in > cfg.max_rejected_fraction:
-        raise ValueError(f"data.train_path={cfg.train_path!r}: {len(rejected)}/{rows_in} rows rejected "
-                         f"(> max_rejected_fraction={cfg.max_rejected_fraction}); reasons {by_reason}; "
-                         f"see {out / 'rejected.jsonl'}")
-    train_dir = out / "train"
-    kept.write_parquet(str(train_dir))
-    n_tokens = int(kept.sum("n_tokens") or 0)
-    metrics = {"rows_in": rows_in, "rows_kept": rows_kept, "rows_rejected": len(rejected),
-               "rejected_by_reason": by_reason, "tokens": n_tokens}
-    write_manifest(out, kind="tokenized_dataset", inputs={"train": paths[0] if len(paths) == 1 else cfg.train_path,
-                                                            "tokenizer": model_dir},
-                   config=cfg.model_dump(), metrics=metrics, extra={"outputs": {"train": "train"}})
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    curated = curate.run(cfg, out / "curated", model_dir=model_dir)
+    for f in curated.iterdir():  # the report sits at the top of the data folder too
+        if f.name.startswith("curation_report") or f.suffix == ".png":
+            shutil.copy2(f, out / f.name)
+    shutil.copytree(curated / "rejected", out / "rejected")
+    return tokenize(cfg, curated, model_dir, out)
+
+
+def tokenize(cfg: DataConfig, curated_dir: str | os.PathLike, model_dir: str, out_dir: str | os.PathLike) -> Path:
+    """Tokenize a curated_dataset folder's splits into out_dir (train/ validation/ test/ + manifest)."""
+    from pipelines.manifest import read_manifest, write_manifest
+
+    curated, out = Path(curated_dir), Path(out_dir).resolve()
+    cm = read_manifest(curated, kind="curated_dataset")
+    if cm["data_kind"] == "preference":
+        raise ValueError(f"{curated}: preference rows are tokenized by the DPO stage; use `loraforge curate` alone")
+    stats = {"kept": 0, "rejected": 0, "tokens": 0, "truncated": 0, "by_reason": {}}
+    for split in SPLITS:
+        _tokenize_split(cfg, model_dir, curated / cm["outputs"][split], out, split, stats)
+    m = cm["metrics"]
+    by_reason = dict(m["rejected_by_reason"])
+    for k, v in stats["by_reason"].items():
+        by_reason[k] = by_reason.get(k, 0) + v
+    metrics = {"rows_in": m["rows_in"], "rows_kept": stats["kept"], "rows_rejected": m["rows_rejected"] + stats[
+        "rejected"], "rejected_by_reason": dict(sorted(by_reason.items())), "tokens": stats["tokens"],
+               "truncated": stats["truncated"], "curated_rows": m["rows_kept"], "split_rows": stats.get("split", {})}
+    if metrics["rows_in"] != metrics["rows_kept"] + metrics["rows_rejected"]:
+        raise RuntimeError(f"row accounting broke: {metrics}")
+    write_manifest(out, kind="tokenized_dataset",
+                   inputs={"train": str(curated / cm["outputs"]["train"]), "tokenizer": model_dir},
+                   config=cfg.model_dump(), metrics=metrics,
+                   extra={"outputs": {s: s for s in SPLITS}, "packed": cfg.packing.enabled,
+                          "curated": str(curated), "content_hash": cm["content_hash"]})
     return out
 
 
-def _expand(spec: str) -> list[str]:
-    """A file, folder or glob → explicit paths (object-store URIs pass through to Ray Data's filesystems)."""
-    if "://" in spec:
-        return [spec]
-    import glob
+def _tokenize_split(cfg: DataConfig, model_dir: str, src: Path, out: Path, split: str, stats: dict) -> None:
+    """Tokenize one split; refused rows go to rejected/, kept rows (packed if configured) to out/<split>/."""
+    import ray
 
-    p = Path(spec).expanduser()
-    if p.is_dir():
-        files = sorted(str(f.resolve()) for f in p.iterdir() if f.suffix in (".jsonl", ".json"))
-    else:
-        files = sorted(str(Path(f).resolve()) for f in glob.glob(str(p)))
-    if not files:
-        raise FileNotFoundError(f"data.train_path={spec!r}: no such file, or no .jsonl files there")
-    return files
+    work = out / "_work" / split
+    ds = ray.data.read_parquet(str(src), num_cpus=cfg.task_cpus)
+    ds.map_batches(_TokenizeRows, fn_constructor_args=(model_dir, cfg.model_dump()),
+                   concurrency=(1, cfg.parse_actors), batch_size=256, batch_format="numpy",
+                   num_cpus=cfg.task_cpus).write_parquet(str(work))
+    toks = ray.data.read_parquet(str(work), num_cpus=cfg.task_cpus)
+    bad = toks.filter(expr="reason != ''")
+    n_bad = bad.count()
+    if n_bad:
+        bad.select_columns(["reason", "detail", "source", "line", "row"]).write_json(str(out / "rejected"))
+        for r in bad.select_columns(["reason"]).take_all():
+            stats["by_reason"][r["reason"]] = stats["by_reason"].get(r["reason"], 0) + 1
+    kept = toks.filter(expr="reason == ''")
+    n_kept = kept.count()
+    stats["kept"] += n_kept
+    stats["rejected"] += n_bad
+    stats["tokens"] += int(kept.sum("n_tokens") or 0) if n_kept else 0
+    stats["truncated"] += int(kept.sum("truncated") or 0) if n_kept else 0
+    stats.setdefault("split", {})[split] = n_kept
+    kept = kept.select_columns(["input_ids", "labels", "n_tokens"])
+    if cfg.packing.enabled and n_kept:
+        from functools import partial
+
+        from pipelines.packing import pack_rows
+
+        kept = kept.map_batches(partial(pack_rows, capacity=cfg.packing.block_size or cfg.max_length),
+                                batch_size=cfg.packing.window, batch_format="numpy", num_cpus=cfg.task_cpus)
+    if n_kept:
+        kept.write_parquet(str(out / split))
+    else:  # an empty split is still a readable Parquet folder
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        (out / split).mkdir(parents=True, exist_ok=True)
+        ints = pa.list_(pa.int64())
+        pq.write_table(pa.schema([("input_ids", ints), ("labels", ints), ("n_tokens", pa.int64())]).empty_table(),
+                       out / split / "part-00000.parquet")
+    shutil.rmtree(work, ignore_errors=True)

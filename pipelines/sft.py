@@ -1,10 +1,12 @@
-"""SFT stage: LoRA on a frozen base, trained by Ray Train `TorchTrainer` workers fed by Ray Data.
+"""SFT stage: (Q)LoRA on a frozen base, trained by Ray Train `TorchTrainer` workers fed by Ray Data, with DDP or
+DeepSpeed ZeRO, checkpoints that resume after a worker dies, validation and early stopping.
 
     loraforge sft configs/quickstart-cpu.yaml             # alone, on the data stage's output
     loraforge sft configs/quickstart-cpu.yaml train.max_steps=5 train.num_workers=1   # tiny CPU variant
+    loraforge sft CONFIG quant.load_in_4bit=true train.deepspeed=zero2                 # QLoRA under ZeRO-2
 
 Output folder: the PEFT adapter (adapter_config.json + adapter_model.safetensors), the tokenizer with its chat
-template, `loss.png`, and `manifest.json` (config, input hashes, metrics incl. `loss_history`).
+template, `loss.png`, and `manifest.json` (lineage, config, metrics incl. `loss_history`).
 """
 
 from __future__ import annotations
@@ -12,161 +14,211 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field
+from pipelines.training import LoraSection, QuantSection, TrainSection  # noqa: F401  (the stage's config)
 
-from pipelines.schema import Section
-
-ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
-ALL_LINEAR = ATTENTION + ["gate_proj", "up_proj", "down_proj"]
-
-
-class LoraSection(Section):
-    """The adapter's shape."""
-
-    r: int = Field(16, ge=1, le=256, description="LoRA rank.")
-    alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: Literal["attention", "all-linear"] | list[str] = Field(
-        "all-linear", description="'attention', 'all-linear' or an explicit list of module names.")
-
-    def modules(self) -> list[str]:
-        if isinstance(self.target_modules, list):
-            return self.target_modules
-        return ATTENTION if self.target_modules == "attention" else ALL_LINEAR
-
-
-class TrainSection(Section):
-    """The optimisation loop and how many Ray Train workers run it."""
-
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
-    cpus_per_worker: float = Field(0.5, gt=0, description=(
-        "CPUs reserved per worker. Fractional on small machines so Ray Data keeps room to feed them."))
-    use_gpu: bool = Field(False, description="One GPU per worker.")
-    max_steps: int = Field(60, ge=1, description="Optimizer steps.")
-    batch_size: int = Field(8, ge=1, description="Rows per worker per step.")
-    lr: float = Field(2e-4, gt=0, description="Peak learning rate (cosine decay after warmup).")
-    warmup_steps: int = Field(5, ge=0, description="Linear warmup steps.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    seed: int = Field(0, description="Seed for LoRA init and data order.")
-    log_every: int = Field(5, ge=1, description="Print a progress line every N steps.")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "train_state.json", "README.md")
 
 
 def run(lora: LoraSection, train: TrainSection, model_dir: str, data_dir: str | os.PathLike,
-        out_dir: str | os.PathLike, *, dtype: str = "float32") -> Path:
+        out_dir: str | os.PathLike, *, dtype: str = "float32", quant: QuantSection | None = None,
+        model_id: str | None = None) -> Path:
     """Train an adapter on the tokenized dataset in data_dir; write it with a manifest into out_dir."""
-    import ray.data
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from pipelines.manifest import read_manifest
 
-    from pipelines.manifest import read_manifest, write_manifest
-
+    quant = quant or QuantSection()
     data_manifest = read_manifest(data_dir, kind="tokenized_dataset")
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    # num_cpus=0 on the read: trainer workers hold the CPUs, and a read task waiting for a whole CPU would
-    # deadlock the stream feeding them (STACK_NOTES). The work then overlaps the workers'.
-    ds = ray.data.read_parquet(str(Path(data_dir) / data_manifest["outputs"]["train"]),
-                               num_cpus=0)
-    loop_config = {"model_dir": model_dir, "lora": lora.model_dump(), "train": train.model_dump(), "dtype": dtype}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
-                                     resources_per_worker={"CPU": train.cpus_per_worker}),
-        datasets={"train": ds},
-        run_config=RunConfig(name="sft", storage_path=str(out / "ray_train")),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"SFT finished without a checkpoint: {result.error}")
-    with result.checkpoint.as_directory() as ckpt:
-        for f in Path(ckpt).iterdir():
-            (shutil.copytree if f.is_dir() else shutil.copy2)(f, out / f.name)
-    metrics = json.loads((out / "train_metrics.json").read_text())
-    _plot_loss(metrics["loss_history"], out / "loss.png")
-    write_manifest(out, kind="lora_adapter", inputs={"data": str(data_dir), "base_model": model_dir},
-                   config={"lora": lora.model_dump(), "train": train.model_dump(), "dtype": dtype},
-                   metrics=metrics, extra={"base_model": model_dir,
-                                           "data_hash": data_manifest["inputs"]["train"]["hash"]})
+    loop_config = {"model_dir": model_dir, "lora": lora.model_dump(), "quant": quant.model_dump(),
+                   "train": train.model_dump(), "dtype": dtype, "storage": str(out / "ray_train")}
+    result = fit_on_ray(train_loop_per_worker, loop_config, train, quant, data_dir, data_manifest, out, "sft")
+    state = export_adapter(result, out)
+    finish_stage(out, kind="lora_adapter", state=state, model_dir=model_dir, model_id=model_id,
+                 data_dir=data_dir, data_manifest=data_manifest, title="SFT",
+                 config={"lora": lora.model_dump(), "quant": quant.model_dump(), "train": train.model_dump(),
+                         "dtype": dtype})
     return out
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """The loop each Ray Train worker runs: PEFT LoRA on the frozen base, DDP across workers."""
+def fit_on_ray(loop, loop_config: dict, train: TrainSection, quant: QuantSection, data_dir, data_manifest: dict,
+               out: Path, name: str):
+    """Build the TorchTrainer over the data stage's splits and run it; shared by SFT and DPO."""
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.training import check_combination
+
+    check_combination(quant, train)
+    # A fresh stage run starts from scratch: Ray Train would otherwise resume an older run found under the same
+    # storage path and name. Resumption after a worker dies happens inside this fit (FailureConfig).
+    shutil.rmtree(loop_config["storage"], ignore_errors=True)
+    Path(loop_config["storage"]).mkdir(parents=True, exist_ok=True)
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig
+
+    datasets = {}
+    for split in ("train", "validation"):
+        rel = data_manifest.get("outputs", {}).get(split)
+        if rel:
+            # num_cpus=0: the trainer workers hold the CPUs, and a read task waiting for a whole one would
+            # deadlock the stream feeding them (STACK_NOTES); the reads overlap the workers instead.
+            datasets[split] = ray.data.read_parquet(str(Path(data_dir) / rel), num_cpus=0)
+    has_val = "validation" in datasets
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
+                                     resources_per_worker={"CPU": train.cpus_per_worker}),
+        datasets=datasets,
+        # preserve_order: the same data gives the same batches run after run (reproducible losses, exact resume)
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        run_config=RunConfig(
+            name=name, storage_path=loop_config["storage"],
+            failure_config=FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=train.keep_checkpoints,
+                checkpoint_score_attribute="eval_loss" if has_val else None,
+                checkpoint_score_order="min")),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{name} finished without a checkpoint: {result.error}")
+    return result
+
+
+def export_adapter(result, out: Path) -> dict[str, Any]:
+    """Copy the best checkpoint's adapter (lowest validation loss, else the last) into out; return the last
+    checkpoint's training state, which holds the whole history."""
+    with result.checkpoint.as_directory() as last:
+        state = json.loads((Path(last) / "train_state.json").read_text())
+        state["static"] = json.loads((Path(last) / "static.json").read_text())
+    best = result.checkpoint
+    if result.best_checkpoints and any("eval_loss" in m for _, m in result.best_checkpoints):
+        best = min(result.best_checkpoints, key=lambda cm: cm[1].get("eval_loss", float("inf")))[0]
+    with best.as_directory() as d:
+        best_state = json.loads((Path(d) / "train_state.json").read_text())
+        for f in Path(d).iterdir():
+            if f.name in ADAPTER_FILES or f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+                shutil.copy2(f, out / f.name)
+    state["selected_step"] = best_state["step"]
+    return state
+
+
+def finish_stage(out: Path, *, kind: str, state: dict, model_dir: str, model_id: str | None, data_dir,
+                 data_manifest: dict, title: str, config: dict, extra_series: dict | None = None) -> None:
+    """Plot, health, MLflow, manifest: the same ending for SFT and DPO."""
+    from pipelines.manifest import hash_path, write_manifest
+    from pipelines.training import adapter_health, log_to_mlflow, plot_curves
+
+    series = {"train loss": state["loss_history"], "validation loss": state["eval_history"]}
+    plot_curves({**series, **(extra_series or {})}, out / "loss.png", f"{title} loss")
+    metrics = {"steps": state["step"], "selected_step": state.get("selected_step"),
+               "loss_first": state["loss_history"][0], "loss_last": state["loss_history"][-1],
+               "loss_history": state["loss_history"], "eval_history": state["eval_history"],
+               "best_eval_loss": None if state["best_eval"] == float("inf") else state["best_eval"],
+               "stopped_early": state.get("stopped_early", False), "zero_grad_share": state.get("zero_grad_share"),
+               **{f"{k}_history": v for k, v in state.get("extra_history", {}).items()},
+               **state.get("static", {}), **adapter_health(out, model_dir)}
+    uri = config["train"].get("tracking_uri") or f"sqlite:///{out.parent / 'mlflow.db'}"  # one store per run
+    run_id = None
+    if uri != "off":
+        run_id = log_to_mlflow(uri, f"loraforge-{kind}", {**_flat(config)},
+                               {"loss": state["loss_history"], "eval_loss": state["eval_history"],
+                                **state.get("extra_history", {})}, out)
+    write_manifest(out, kind=kind, inputs={"data": str(data_dir), "base_model": model_dir}, config=config,
+                   metrics=metrics,
+                   extra={"lineage": {"base_model": model_id or model_dir, "base_model_hash": hash_path(model_dir),
+                                      "data_hash": data_manifest["inputs"]["train"]["hash"],
+                                      "mlflow": {"tracking_uri": uri, "run_id": run_id}}})
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def setup_worker(config: dict[str, Any]):
+    """Per-worker setup shared by SFT and DPO: threads, seed, tokenizer, (4-bit) base + LoRA, frozen checksum."""
     import ray.train
     import torch
-    import torch.distributed as dist
-    from peft import LoraConfig, get_peft_model
-    from ray.train import Checkpoint
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+    from transformers import AutoTokenizer
 
-    lora, train = LoraSection(**config["lora"]), TrainSection(**config["train"])
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
+    from pipelines.training import attach_lora, checksum, load_base, weight_bytes
+
+    lora, quant, train = (LoraSection(**config["lora"]), QuantSection(**config["quant"]),
+                          TrainSection(**config["train"]))
     torch.set_num_threads(max(1, int(round(train.cpus_per_worker * 2))))
-    torch.manual_seed(train.seed)
     tokenizer = AutoTokenizer.from_pretrained(config["model_dir"])
-    model = AutoModelForCausalLM.from_pretrained(config["model_dir"], dtype=getattr(torch, config["dtype"]))
-    model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                             target_modules=lora.modules(), task_type="CAUSAL_LM"))
-    frozen_before = _checksum(p for n, p in model.named_parameters() if not p.requires_grad)
-    lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    n_trainable = sum(p.numel() for p in lora_before.values())
-    model = ray.train.torch.prepare_model(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
-    sched = get_cosine_schedule_with_warmup(opt, train.warmup_steps, train.max_steps)
-    shard = ray.train.get_dataset_shard("train")
+    model = load_base(config["model_dir"], config["dtype"], quant, train.gradient_checkpointing)
+    model = attach_lora(model, lora, train.seed)
+    static = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+              "frozen_checksum_before": checksum(p for p in model.parameters() if not p.requires_grad),
+              **weight_bytes(model), "world_size": ray.train.get_context().get_world_size()}
+    return tokenizer, model, static
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """What each Ray Train worker runs for SFT: token-weighted causal-LM loss on assistant tokens."""
+    import ray.train
+
+    from pipelines.loop import run_loop
+    from pipelines.training import checksum
+
+    tokenizer, model, static = setup_worker(config)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if ray.train.get_context().get_world_rank() == 0:
+        print(f"[sft] {static['trainable_params']:,} trainable LoRA parameters; base weights "
+              f"{static['base_bytes_loaded'] / 2**20:.1f} MiB as loaded vs {static['base_bytes_bf16'] / 2**20:.1f}"
+              f" MiB in bf16", flush=True)
 
-    losses: list[float] = []
-    step, tokens = 0, 0
-    model.train()
-    while step < train.max_steps:
-        for batch in shard.iter_torch_batches(batch_size=train.batch_size, collate_fn=_collate(pad_id)):
-            out = model(**batch)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            loss = out.loss.detach()
-            if dist.is_initialized():  # the logged loss is the mean over ranks, as the gradient is
-                dist.all_reduce(loss)
-                loss /= dist.get_world_size()
-            losses.append(round(float(loss), 6))
-            tokens += int((batch["labels"] != -100).sum())
-            if rank == 0 and (step % train.log_every == 0 or step == 1 or step == train.max_steps):
-                print(f"[sft] step {step}/{train.max_steps} loss {losses[-1]:.4f} lr {sched.get_last_lr()[0]:.2e}",
-                      flush=True)
-            if step >= train.max_steps:
-                break
+    def save_extra(folder: str, rank: int) -> None:
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        static["frozen_checksum_after"] = checksum(_gathered(frozen))
+        if rank == 0:
+            tokenizer.save_pretrained(folder)
+            Path(folder, "static.json").write_text(json.dumps(static))
 
-    peft_model = model.module if hasattr(model, "module") else model
-    frozen_after = _checksum(p for n, p in peft_model.named_parameters() if not p.requires_grad)
-    lora_delta = sum(float((p.detach() - lora_before[n]).norm()) for n, p in peft_model.named_parameters()
-                     if p.requires_grad)
-    metrics = {"steps": step, "loss_first": losses[0], "loss_last": losses[-1], "loss_history": losses,
-               "trainable_params": n_trainable, "label_tokens_rank0": tokens,
-               "frozen_checksum_before": frozen_before, "frozen_checksum_after": frozen_after,
-               "lora_delta_norm": lora_delta}
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:  # one copy of the adapter; the other ranks hold identical weights (DDP)
-            peft_model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            Path(tmp, "train_metrics.json").write_text(json.dumps(metrics))
-            checkpoint = Checkpoint.from_directory(tmp)
-        ray.train.report({k: v for k, v in metrics.items() if k != "loss_history"}, checkpoint=checkpoint)
+    run_loop(config, model, loss_fn=causal_lm_loss, collate=collate_fn(pad_id), count_items=count_label_tokens,
+             save_extra=save_extra, tag="sft")
 
 
-def _collate(pad_id: int):
+def _gathered(params):
+    """Frozen params as full tensors (ZeRO-3 keeps only a partition on each rank)."""
+    if params and hasattr(params[0], "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            return [p.detach().clone() for p in params]
+    return params
+
+
+def causal_lm_loss(model, batch):
+    """Sum of next-token cross-entropy over label tokens, and their count (the loop divides)."""
+    import torch.nn.functional as F
+
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits[:, :-1].float()
+    target = labels[:, 1:]
+    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100,
+                            reduction="sum")
+    return total, int((target != -100).sum()), {}
+
+
+def count_label_tokens(batch) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def collate_fn(pad_id: int):
     def collate(batch: dict[str, Any]) -> dict[str, Any]:
         import torch
 
@@ -176,30 +228,3 @@ def _collate(pad_id: int):
         return {k: torch.tensor(v, dtype=torch.long) for k, v in padded.items()}
 
     return collate
-
-
-def _checksum(params) -> str:
-    """sha256 of the exact bytes of frozen weights: equal before/after proves training left them alone."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for p in params:
-        h.update(p.detach().cpu().contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _plot_loss(losses: list[float], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(range(1, len(losses) + 1), losses)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (mean over ranks)")
-    ax.set_title("SFT loss")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

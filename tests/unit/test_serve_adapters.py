@@ -179,3 +179,32 @@ def test_slot_gate_admits_at_most_n_distinct_adapters():
         await asyncio.wait_for(third, 1)
         return sorted(gate.active)
     assert asyncio.run(go()) == [1, 3]
+
+
+def test_registry_source_resolves_versions_and_aliases(tmp_path):
+    from pipelines.registry import Registry
+
+    from serve.adapters import RegistrySource
+
+    reg = Registry(tmp_path / "registry")
+    lineage = {"base_model": BASE, "base_model_hash": "sha256:x", "dataset_hash": "sha256:y", "config": {"r": 8}}
+    src = RegistrySource(str(tmp_path / "registry"))
+    assert src.list() == []
+    with pytest.raises(AdapterNotFound):
+        src.resolve("city")
+    for seed in (1, 2):
+        adapter(tmp_path / f"city-{seed}")
+        reg.publish("city", tmp_path / f"city-{seed}", "lora_adapter", lineage)
+    reg.promote("city", 1, "production")
+    assert src.resolve("city").id == "city@2"  # a bare name is the latest version
+    res = src.resolve("city@production")
+    assert (res.id, res.name, res.version) == ("city@1", "city", "1")
+    assert Path(res.path, "adapter_config.json").is_file()
+    assert src.list() == ["city", "city@production"]
+    reg.promote("city", 2, "production")
+    assert src.resolve("city@production").id == "city@2"
+    for missing in ("city@9", "city@staging", "nope"):
+        with pytest.raises(AdapterNotFound):
+            src.resolve(missing)
+    with pytest.raises(BadAdapterName):
+        src.resolve("../registry")

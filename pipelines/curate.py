@@ -1,0 +1,292 @@
+"""Curation stage: raw files → validated, normalised, filtered, de-duplicated, balanced, mixed, split rows.
+
+    loraforge curate configs/curate-alpaca-gsm8k.yaml       # alone; prints its output folder last
+
+Three passes, each streaming: (1) Ray Data reads every file and parses, validates, normalises, filters and
+MinHash-signs each row, writing all rows (refused ones with their reason) to `_work/parsed/`; (2) the driver scans
+only the small columns (ids, keys, signatures, categories) of that, and decides duplicates, category caps, mixing
+and splits over the whole dataset at once; (3) Ray Data joins the decisions back on, writes `rejected/` (JSONL:
+reason, detail, source, line, row) and the kept rows, sorted by row id, into `train/ validation/ test/`
+(Parquet). Output: also `curation_report.{json,md}`, plots, and `manifest.json` (kind "curated_dataset").
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.curate_config import CURATION_REASONS, FAULT_REASONS
+from pipelines.dedup import SPLITS
+
+DECISION_REASONS = list(CURATION_REASONS)
+
+
+def run(cfg, out_dir: str | os.PathLike, model_dir: str | None = None) -> Path:
+    """Curate cfg.train_path (+ cfg.mix.path) into out_dir; returns out_dir. cfg is a pipelines.data.DataConfig."""
+    import ray
+
+    from pipelines.readers import expand_paths
+
+    out = Path(out_dir).resolve()
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    work = out / "_work"
+    main_files = expand_paths(cfg.train_path)
+    mix_files = expand_paths(cfg.mix.path) if cfg.mix.path else []
+    files = main_files + [f for f in mix_files if f not in main_files]
+    mix_fids = list(range(len(main_files), len(files)))
+    parse_args = (cfg.format, cfg.system_prompt, cfg.filters.model_dump(), cfg.dedup.num_perm, cfg.category_field,
+                  mix_fids, model_dir, cfg.max_length if cfg.truncation == "reject" else None)
+    _parse_pass(files, parse_args, work / "parsed", cfg)
+    dec = decide(work / "parsed", cfg)
+    ids_ref, codes_ref, dup_ref = ray.put(dec["ids"]), ray.put(dec["codes"]), ray.put(dec["dup_of"])
+    joined = ray.data.read_parquet(str(work / "parsed")).map_batches(
+        _apply_cls(), fn_constructor_args=(ids_ref, codes_ref, dup_ref, DECISION_REASONS), concurrency=1,
+        batch_size=2048, batch_format="numpy", num_cpus=cfg.task_cpus)
+    n_rejected = write_rejected(joined, out / "rejected")
+    counts = dec["counts"]
+    _check_accounting(counts, n_rejected)
+    _check_ceiling(cfg, counts, out)
+    written = write_splits(joined, out, dec["kind"])
+    if written != counts["split_rows"]:
+        raise RuntimeError(f"row accounting broke: decided splits {counts['split_rows']}, wrote {written}")
+    shutil.rmtree(work, ignore_errors=True)
+    return _finish(cfg, out, files, dec, model_dir)
+
+
+def _apply_cls():
+    from pipelines.curate_rows import ApplyDecisions
+
+    return ApplyDecisions
+
+
+def _parse_pass(files: list[str], parse_args: tuple, dest: Path, cfg) -> None:
+    import ray
+
+    from pipelines.curate_rows import ParseRows, read_files
+
+    items = [{"path": p, "fid": i} for i, p in enumerate(files)]
+    ds = ray.data.from_items(items, override_num_blocks=min(len(items), cfg.num_blocks or len(items)))
+    ds = ds.map_batches(read_files, batch_size=1, batch_format="numpy", num_cpus=cfg.task_cpus)
+    ds = ds.map_batches(ParseRows, fn_constructor_args=parse_args, concurrency=(1, cfg.parse_actors),
+                        batch_size=512, batch_format="numpy", num_cpus=cfg.task_cpus)
+    ds.write_parquet(str(dest))
+
+
+def _scan(parsed: Path, columns: list[str], filt=None):
+    import pyarrow.dataset as pads
+
+    return pads.dataset(str(parsed), format="parquet").to_batches(columns=columns, filter=filt, batch_size=65536)
+
+
+def decide(parsed: Path, cfg) -> dict[str, Any]:
+    """Whole-dataset decisions from the small columns: exact/near duplicates, balance, mix quota, split."""
+    cols: dict[str, list] = {k: [] for k in ("row_id", "reason", "exact_key", "category", "origin", "kind", "sig",
+                                             "n_tokens")}
+    for b in _scan(parsed, list(cols)):
+        for k in cols:
+            cols[k].extend(b.column(k).to_pylist()) if k != "sig" else cols[k].append(b.column(k))
+    ids = np.asarray(cols["row_id"], dtype=np.int64)
+    order = np.argsort(ids, kind="stable")
+    reasons = np.asarray(cols["reason"], dtype=object)[order]
+    ids = ids[order]
+    by_reason: dict[str, int] = {}
+    for r in reasons[reasons != ""]:
+        by_reason[r] = by_reason.get(r, 0) + 1
+    valid = np.flatnonzero(reasons == "")
+    keys = np.asarray(cols["exact_key"], dtype=object)[order][valid]
+    kinds = set(np.asarray(cols["kind"], dtype=object)[order][valid])
+    if len(kinds) > 1:
+        raise ValueError(f"data.train_path={cfg.train_path!r} mixes row kinds {sorted(kinds)}; curate them apart")
+    codes = np.full(len(valid), -1, dtype=np.int16)  # per valid row: split index, or len(SPLITS)+reason index
+    dup_of = np.full(len(valid), -1, dtype=np.int64)
+    info = _dedup(parsed, cfg, ids[valid], keys, codes, dup_of, _sig_matrix(cols["sig"], order, valid))
+    cats = np.asarray(cols["category"], dtype=object)[order][valid]
+    origin = np.asarray(cols["origin"], dtype=object)[order][valid]
+    _balance_and_mix(cfg, keys, cats, origin, codes)
+    roots = info.pop("roots")
+    for i in np.flatnonzero(codes < 0):
+        codes[i] = _split_code(keys[roots[i]], cfg)
+    ntok = np.asarray(cols["n_tokens"], dtype=np.int64)[order][valid]
+    return _summarise(ids[valid], codes, dup_of, by_reason, len(ids), cats, origin, ntok, kinds, info)
+
+
+def _sig_matrix(chunks: list, order: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    import pyarrow as pa
+
+    col = pa.chunked_array(chunks) if chunks else pa.chunked_array([], pa.binary())
+    raw = col.to_pylist()
+    raw = [raw[i] for i in order[valid]]
+    if not raw:
+        return np.zeros((0, 1), dtype=np.uint32)
+    return np.frombuffer(b"".join(raw), dtype=np.uint32).reshape(len(raw), -1)
+
+
+def _split_code(key: str, cfg) -> int:
+    from pipelines.dedup import assign_split
+
+    return assign_split(key, cfg.split.seed, cfg.split.fractions())
+
+
+def _dedup(parsed: Path, cfg, ids: np.ndarray, keys: np.ndarray, codes: np.ndarray, dup_of: np.ndarray,
+           sig: np.ndarray) -> dict[str, Any]:
+    """Mark exact then near duplicates in codes/dup_of; returns roots (cluster representative per row) and
+    example clusters for the report."""
+    from pipelines.dedup import candidate_pairs, clusters, estimated_jaccard, jaccard, optimal_bands, shingles
+
+    n, ex_code, nd_code = len(ids), len(SPLITS), len(SPLITS) + 1
+    roots = np.arange(n)
+    first: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        j = first.setdefault(k, i)
+        if j != i and cfg.dedup.exact:
+            codes[i], dup_of[i], roots[i] = ex_code, ids[j], j
+    alive = np.flatnonzero(codes < 0)
+    pairs, bands = np.zeros((0, 2), dtype=np.int64), (0, 0)
+    if cfg.dedup.near and len(alive) > 1:
+        bands = optimal_bands(cfg.dedup.threshold, sig.shape[1])
+        cand = alive[candidate_pairs(sig[alive], *bands)]
+        cand = cand[estimated_jaccard(sig, cand) >= cfg.dedup.threshold - 0.15]
+        texts = _texts(parsed, ids[np.unique(cand)])
+        sh = {i: shingles(texts[i]) for i in ids[np.unique(cand)]}
+        ok = [jaccard(sh[ids[a]], sh[ids[b]]) >= cfg.dedup.threshold for a, b in cand]
+        pairs = cand[np.asarray(ok, dtype=bool)] if len(cand) else pairs
+        comp = clusters(n, pairs)
+        for i in alive:
+            if comp[i] != i:
+                roots[i] = comp[i]
+                if cfg.dedup.action == "drop":
+                    codes[i], dup_of[i] = nd_code, ids[comp[i]]
+    return {"roots": roots, "near_pairs": int(len(pairs)), "lsh_bands": list(bands),
+            "examples": _examples(parsed, ids, roots, codes)}
+
+
+def _texts(parsed: Path, want: np.ndarray) -> dict[int, str]:
+    import pyarrow.dataset as pads
+
+    if not len(want):
+        return {}
+    out: dict[int, str] = {}
+    for b in _scan(parsed, ["row_id", "dtext"], pads.field("row_id").isin(want.tolist())):
+        out.update(zip(b.column("row_id").to_pylist(), b.column("dtext").to_pylist()))
+    return out
+
+
+def _examples(parsed: Path, ids: np.ndarray, roots: np.ndarray, codes: np.ndarray, k: int = 5) -> list[dict]:
+    """The k largest duplicate clusters, with a snippet of each member, for the report."""
+    dup = np.flatnonzero(roots != np.arange(len(roots)))
+    if not len(dup):
+        return []
+    r, counts = np.unique(roots[dup], return_counts=True)
+    top = r[np.argsort(-counts, kind="stable")[:k]]
+    members = {int(t): [int(t)] + [int(i) for i in dup if roots[i] == t][:3] for t in top}
+    texts = _texts(parsed, ids[[i for m in members.values() for i in m]])
+    return [{"size": int(1 + (roots[dup] == t).sum()),
+             "rows": [{"row_id": int(ids[i]), "kept": bool(i == t), "text": texts.get(int(ids[i]), "")[:160]}
+                      for i in m]} for t, m in members.items()]
+
+
+def _balance_and_mix(cfg, keys: np.ndarray, cats: np.ndarray, origin: np.ndarray, codes: np.ndarray) -> None:
+    """Category caps / temperature, then the mixing quota; the rows kept are chosen by a seeded hash rank."""
+    from pipelines.dedup import category_quotas, unit_hash
+
+    cap_code, mix_code = len(SPLITS) + 2, len(SPLITS) + 3
+    rank = np.array([unit_hash(k, cfg.split.seed, "sample") for k in keys])
+    alive = np.flatnonzero(codes < 0)
+    if cfg.balance.max_per_category or cfg.balance.temperature:
+        main = alive[origin[alive] == "main"]
+        counts: dict[str, int] = {}
+        for c in cats[main]:
+            counts[c] = counts.get(c, 0) + 1
+        quotas = category_quotas(counts, cfg.balance.max_per_category, cfg.balance.temperature)
+        for c, q in quotas.items():
+            rows = main[cats[main] == c]
+            codes[rows[np.argsort(rank[rows], kind="stable")[q:]]] = cap_code
+    if cfg.mix.path:
+        alive = np.flatnonzero(codes < 0)
+        mix = alive[origin[alive] == "mix"]
+        n_main = len(alive) - len(mix)
+        quota = int(round(cfg.mix.share / (1 - cfg.mix.share) * n_main))
+        codes[mix[np.argsort(rank[mix], kind="stable")[quota:]]] = mix_code
+
+
+def _summarise(ids, codes, dup_of, by_reason, rows_in, cats, origin, ntok, kinds, info) -> dict[str, Any]:
+    for c in range(len(SPLITS), len(SPLITS) + len(DECISION_REASONS)):
+        n = int((codes == c).sum())
+        if n:
+            by_reason[DECISION_REASONS[c - len(SPLITS)]] = n
+    kept = codes < len(SPLITS)
+    per_split = {s: int((codes == i).sum()) for i, s in enumerate(SPLITS)}
+    cat_counts: dict[str, int] = {}
+    for c in cats[kept]:
+        cat_counts[c] = cat_counts.get(c, 0) + 1
+    rows_rejected = sum(by_reason.values())
+    counts = {"rows_in": rows_in, "rows_kept": int(kept.sum()), "rows_rejected": rows_rejected,
+              "rejected_by_reason": dict(sorted(by_reason.items())), "split_rows": per_split,
+              "rows_faulty": sum(v for k, v in by_reason.items() if k in FAULT_REASONS),
+              "kept_by_category": dict(sorted(cat_counts.items())),
+              "kept_from_mix": int((origin[kept] == "mix").sum())}
+    counts["split_rows"] = per_split
+    return {"ids": ids, "codes": codes, "dup_of": dup_of, "counts": counts, "kind": (sorted(kinds) or ["sft"])[0],
+            "lengths": ntok[kept], "dedup": info}
+
+
+def _check_accounting(counts: dict[str, Any], n_rejected_written: int) -> None:
+    """The promise of this stage: no row vanishes. Decided and written counts must both add up."""
+    c = counts
+    if c["rows_in"] != c["rows_kept"] + c["rows_rejected"] or c["rows_kept"] != sum(c["split_rows"].values()):
+        raise RuntimeError(f"row accounting broke: in={c['rows_in']} kept={c['rows_kept']} "
+                           f"rejected={c['rows_rejected']} splits={c['split_rows']}")
+    if n_rejected_written != c["rows_rejected"]:
+        raise RuntimeError(f"row accounting broke: decided {c['rows_rejected']} rejected, wrote {n_rejected_written}")
+
+
+def _check_ceiling(cfg, counts: dict[str, Any], out: Path) -> None:
+    if counts["rows_in"] == 0:
+        raise ValueError(f"data.train_path={cfg.train_path!r}: no rows read")
+    faulty = counts["rows_faulty"]
+    if faulty / counts["rows_in"] > cfg.max_rejected_fraction:
+        faults = {k: v for k, v in counts["rejected_by_reason"].items() if k in FAULT_REASONS}
+        raise ValueError(f"data.train_path={cfg.train_path!r}: {faulty}/{counts['rows_in']} rows are broken or "
+                         f"fail quality filters (> data.max_rejected_fraction={cfg.max_rejected_fraction}); "
+                         f"reasons {faults}; see {out / 'rejected'} (duplicates, caps and mixing do not count)")
+
+
+def write_rejected(joined, dest: Path) -> int:
+    rejected = joined.filter(expr="reason != ''").select_columns(
+        ["reason", "detail", "source", "line", "raw", "dup_of"]).rename_columns({"raw": "row"})
+    rejected.write_json(str(dest))
+    return sum(1 for f in dest.glob("*.json") for _ in open(f)) if dest.is_dir() else 0
+
+
+def write_splits(joined, out: Path, kind: str, rows_per_file: int = 50_000) -> int:
+    """Kept rows sorted by row id into deterministic files: same data and seed → byte-identical Parquet."""
+    from pipelines.split_writer import SplitWriter
+
+    kept = joined.filter(expr="split != ''").sort("row_id")
+    writer = SplitWriter(out, kind, rows_per_file)
+    for batch in kept.iter_batches(batch_size=4096, batch_format="pyarrow"):
+        writer.add(batch)
+    return writer.close()
+
+
+def _finish(cfg, out: Path, files: list[str], dec: dict[str, Any], model_dir: str | None) -> Path:
+    from pipelines.data_report import write_report
+    from pipelines.manifest import hash_path, write_manifest
+
+    counts = dec["counts"]
+    content = {s: hash_path(out / s) for s in SPLITS}
+    report = {**counts, "kind": dec["kind"], "dedup": dec["dedup"], "inputs": files, "content_hash": content}
+    write_report(out, report, dec["lengths"], cfg)
+    local = [f for f in files if "://" not in f]
+    inputs = {"train": local[0]} if len(local) == 1 else {f"input_{i}": f for i, f in enumerate(local)}
+    metrics = {k: counts[k] for k in ("rows_in", "rows_kept", "rows_rejected", "rejected_by_reason",
+                                      "split_rows", "rows_faulty", "kept_by_category", "kept_from_mix")}
+    write_manifest(out, kind="curated_dataset", inputs=inputs, config=cfg.model_dump(), metrics=metrics,
+                   extra={"data_kind": dec["kind"], "content_hash": content, "source_files": files,
+                          "outputs": {**{s: s for s in SPLITS}, "rejected": "rejected"}})
+    return out

@@ -1,0 +1,138 @@
+"""Per-block work of curation, as Ray Data callables: read files → parse, validate, normalise, filter, sign.
+
+Pure enough to unit-test without Ray: `ParseRows()(batch)` is a plain function of a column dict.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from pipelines.curate_config import FilterSection
+from pipelines.formatting import RowError
+
+PARSED_COLUMNS = ("row_id", "source", "line", "origin", "kind", "category", "reason", "detail", "raw", "record",
+                  "dtext", "exact_key", "sig", "n_tokens")
+
+
+def read_files(batch: dict[str, Any], chunk: int = 2048):
+    """Ray Data generator UDF: one batch of (path, fid) rows → record batches, streamed chunk by chunk."""
+    from pipelines.readers import record_batches
+
+    yield from record_batches(list(batch["path"]), [int(f) for f in batch["fid"]], chunk)
+
+
+class ParseRows:
+    """raw record → kind, normalised record JSON, reason, dedup text/key, MinHash signature, token count."""
+
+    def __init__(self, fmt: str, system_prompt: str | None, filters: dict[str, Any], num_perm: int,
+                 category_field: str | None, mix_fids: list[int], model_dir: str | None = None,
+                 max_tokens: int | None = None):
+        from pipelines.filters import Thresholds
+
+        f = FilterSection(**filters)
+        self.fmt, self.system_prompt, self.num_perm = fmt, system_prompt, num_perm
+        self.thresholds = Thresholds(f.max_chars, f.min_answer_chars, f.max_repeated_ngram_ratio, f.max_symbol_ratio)
+        self.category_field, self.mix_fids, self.max_tokens = category_field, set(mix_fids), max_tokens
+        self.tokenizer = None
+        if model_dir:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from pipelines.dedup import signatures
+
+        out: dict[str, list] = {k: [] for k in PARSED_COLUMNS if k != "sig"}
+        for source, line, raw, error, row_id in zip(batch["source"], batch["line"], batch["raw"], batch["error"],
+                                                    batch["row_id"]):
+            r = self.row(str(source), str(raw), str(error))
+            out["row_id"].append(int(row_id))
+            out["source"].append(str(source))
+            out["line"].append(int(line))
+            out["origin"].append("mix" if (int(row_id) >> 32) in self.mix_fids else "main")
+            for k, v in r.items():
+                out[k].append(v)
+        valid = [i for i, r in enumerate(out["reason"]) if not r]
+        sig = signatures([out["dtext"][i] for i in valid], self.num_perm).astype(np.uint32)
+        out["sig"] = [b""] * len(out["reason"])
+        for j, i in enumerate(valid):
+            out["sig"][i] = sig[j].tobytes()
+        return out
+
+    def row(self, source: str, raw: str, error: str) -> dict[str, Any]:
+        from pipelines.filters import dedup_text, exact_key, full_text, normalise_record, quality_reason
+        from pipelines.rowformats import check_decodable, parse_raw, to_canonical
+
+        res = {"kind": "", "category": "", "reason": "", "detail": "", "raw": raw, "record": "", "dtext": "",
+               "exact_key": "", "n_tokens": 0}
+        try:
+            if error:
+                reason, _, detail = error.partition(": ")
+                raise RowError(reason, detail)
+            row = parse_raw(raw)
+            kind, rec = to_canonical(row, self.fmt, self.system_prompt)
+            check_decodable(rec)
+            rec = normalise_record(kind, rec)
+            n_tokens = self.count_tokens(kind, rec)
+            reason = quality_reason(kind, rec, self.thresholds, n_tokens, self.max_tokens)
+        except RowError as e:
+            res.update(reason=e.reason, detail=e.detail)
+            return res
+        text = full_text(kind, rec)
+        category = row.get(self.category_field) if self.category_field else None
+        res.update(kind=kind, reason=reason, record=json.dumps(rec, ensure_ascii=False), n_tokens=n_tokens,
+                   category=str(category) if category not in (None, "") else PurePosixPath(source).stem,
+                   dtext=dedup_text(text), exact_key=exact_key(text))
+        if not reason:
+            res["raw"] = ""  # the record holds it; raw text is kept only for refused rows
+        return res
+
+    def count_tokens(self, kind: str, rec: dict[str, Any]) -> int:
+        """Tokens of the rendered conversation (the chat template's), or characters/4 without a tokenizer."""
+        from pipelines.filters import full_text
+
+        if self.tokenizer is None:
+            return len(full_text(kind, rec)) // 4
+        if kind == "sft":
+            ids = self.tokenizer.apply_chat_template(rec["messages"], tokenize=True, return_dict=False)
+            return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        if kind == "text":
+            return len(self.tokenizer(rec["text"])["input_ids"]) + 1
+        prompt = self.tokenizer.apply_chat_template(rec["prompt"], tokenize=False, add_generation_prompt=True)
+        longest = max(rec["chosen"], rec["rejected"], key=len)
+        return len(self.tokenizer(prompt + longest)["input_ids"]) + 1
+
+
+class ApplyDecisions:
+    """Joins the driver's whole-dataset decisions (dedup, balance, mix, split) back onto the rows."""
+
+    def __init__(self, ids_ref, codes_ref, dup_ref, reasons: list[str]):
+        import ray
+
+        self.ids, self.codes, self.dup_of = ray.get(ids_ref), ray.get(codes_ref), ray.get(dup_ref)
+        self.reasons = reasons
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from pipelines.dedup import SPLITS
+
+        ids = np.asarray(batch["row_id"], dtype=np.int64)
+        pos = np.searchsorted(self.ids, ids)
+        found = (pos < len(self.ids)) & (self.ids[np.minimum(pos, len(self.ids) - 1)] == ids)
+        split, reason, dup_of, raw = [], [], [], []
+        for i, r in enumerate(batch["reason"]):
+            code = int(self.codes[pos[i]]) if found[i] else -1
+            if r or code < 0:
+                split.append(""), reason.append(str(r) or "lost"), dup_of.append(-1)
+            elif code < len(SPLITS):
+                split.append(SPLITS[code]), reason.append(""), dup_of.append(-1)
+            else:
+                split.append(""), reason.append(self.reasons[code - len(SPLITS)])
+                dup_of.append(int(self.dup_of[pos[i]]))
+            raw.append(batch["raw"][i] or batch["record"][i])
+        return {**{k: batch[k] for k in ("row_id", "source", "line", "origin", "kind", "category", "detail",
+                                         "record", "n_tokens")},
+                "split": split, "reason": reason, "dup_of": dup_of, "raw": raw}

@@ -1,0 +1,271 @@
+"""The training loop SFT and DPO both run inside Ray Train workers: DDP or DeepSpeed ZeRO, accumulation,
+token-weighted loss, validation, early stopping, checkpoints that resume mid-run. The stage supplies the loss.
+
+`loss_fn(model, batch) -> (sum_of_item_losses, n_items, extra_sums)`: SFT counts label tokens, DPO pairs. Every
+step's loss is sum / (items in the whole step, over all micro-batches and ranks), so 4 micro-batches × accumulation
+4 is the same step as one batch of 16, and ranks with unequal token counts are weighted correctly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+STATE = "train_state.json"
+
+
+def _all_sum(values: list[float]) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+class Engine:
+    """One interface over DDP and DeepSpeed: forward model, backward, step, save, load."""
+
+    def __init__(self, model, train, ds_config: dict | None, make_optimizer, make_scheduler):
+        import ray.train.torch
+
+        self.train, self.ds = train, ds_config is not None
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.params = params
+        opt = make_optimizer(params)
+        sched = make_scheduler(opt)
+        if self.ds:
+            import deepspeed
+
+            _skip_shm_build()
+            deepspeed.init_distributed(dist_backend="nccl" if train.use_gpu else "gloo")
+            self.model, self.opt, _, self.sched = deepspeed.initialize(
+                model=model, optimizer=opt, lr_scheduler=sched, config=ds_config, model_parameters=params)
+        else:
+            self.model = ray.train.torch.prepare_model(model)
+            self.opt, self.sched = opt, sched
+
+    @property
+    def peft_model(self):
+        return self.model.module if hasattr(self.model, "module") else self.model
+
+    def backward(self, loss, last_micro: bool) -> None:
+        import contextlib
+
+        if self.ds:
+            self.model.backward(loss, scale_wrt_gas=False)  # our loss is already weighted over the whole step
+            return
+        sync = contextlib.nullcontext() if last_micro or not hasattr(self.model, "no_sync") else self.model.no_sync()
+        with sync:
+            loss.backward()
+
+    def step(self) -> None:
+        import torch
+
+        if self.ds:
+            self.model.step()
+            return
+        torch.nn.utils.clip_grad_norm_(self.params, self.train.max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+
+    def zero_grad_share(self) -> float:
+        """Share of LoRA parameters whose gradient is exactly zero (a 'dying adapter'), before zero_grad."""
+        zero = total = 0
+        for p in self.params:
+            g = p.grad
+            if self.ds:
+                from deepspeed.utils import safe_get_full_grad
+
+                g = safe_get_full_grad(p)
+            if g is not None:
+                zero += int((g == 0).sum())
+                total += g.numel()
+        return zero / total if total else float("nan")
+
+    def zero_grad(self) -> None:
+        if not self.ds:
+            self.opt.zero_grad(set_to_none=True)
+
+    def lr(self) -> float:
+        return float(self.sched.get_last_lr()[0])
+
+    def lora_state(self) -> dict[str, Any]:
+        """The adapter's weights, gathered from ZeRO-3 partitions where needed (collective: all ranks call)."""
+        from peft import get_peft_model_state_dict
+
+        model = self.peft_model
+        if self.ds and self.model.zero_optimization_stage() == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(self.params, modifier_rank=None):
+                return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+    def save(self, folder: str, rank: int) -> None:
+        import torch
+
+        if self.ds:  # every rank writes its optimizer shard; frozen base weights are not copied
+            self.model.save_checkpoint(folder, tag="ds", exclude_frozen_parameters=True)
+        elif rank == 0:
+            torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()},
+                       Path(folder) / "optimizer.pt")
+
+    def load(self, folder: str) -> None:
+        import torch
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        if self.ds:
+            self.model.load_checkpoint(folder, tag="ds", load_module_strict=False)
+            return
+        set_peft_model_state_dict(self.peft_model, load_file(str(Path(folder) / "adapter_model.safetensors")))
+        # weights_only: our own optimizer state, but still never unpickle arbitrary objects
+        state = torch.load(Path(folder) / "optimizer.pt", weights_only=True)
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+
+
+def _skip_shm_build() -> None:
+    """DeepSpeed's CPU all-reduce kernel is a C++ extension JIT-built on first use (~150 s on 2 cores).
+    gloo does the same reduction; build it only when asked (LORAFORGE_DS_SHM=1)."""
+    if os.environ.get("LORAFORGE_DS_SHM") == "1":
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def micro_batches(shard, batch_size: int, collate, skip: int, epoch: int) -> Iterator[tuple[int, int, Any]]:
+    """Endless (epoch, index-in-epoch, batch) over a dataset shard; the first `skip` batches of `epoch` are
+    passed over (resuming mid-epoch lands on the batch after the checkpoint's)."""
+    while True:
+        for i, batch in enumerate(shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate,
+                                                           drop_last=True)):
+            if i < skip:
+                continue
+            yield epoch, i, batch
+        skip, epoch = 0, epoch + 1
+
+
+def evaluate(engine: Engine, shard, batch_size: int, collate, loss_fn, max_batches: int) -> float:
+    import torch
+
+    engine.model.eval()
+    total = items = 0.0
+    with torch.no_grad():
+        for i, batch in enumerate(shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate)):
+            if i >= max_batches:
+                break
+            s, n, _ = loss_fn(engine.model, batch)
+            total, items = total + float(s), items + float(n)
+    engine.model.train()
+    total, items = _all_sum([total, items])
+    return total / items if items else float("nan")
+
+
+def run_loop(config: dict[str, Any], model, *, loss_fn: Callable, collate, count_items: Callable,
+             save_extra: Callable[[str, int], None], tag: str) -> None:
+    """The loop each worker runs. Reports checkpoints (adapter + optimizer + step + data position + history)."""
+    import ray.train
+    import torch
+    from ray.train import Checkpoint
+    from transformers import get_cosine_schedule_with_warmup
+
+    from pipelines.training import TrainSection, deepspeed_config, make_optimizer
+
+    train = TrainSection(**config["train"])
+    rank = ray.train.get_context().get_world_rank()
+    engine = Engine(model, train, deepspeed_config(train, config["dtype"]), lambda p: make_optimizer(p, train),
+                    lambda o: get_cosine_schedule_with_warmup(o, train.warmup_steps, train.max_steps))
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": -1, "loss_history": [], "eval_history": [],
+             "extra_history": {}, "best_eval": math.inf, "evals_since_best": 0, "zero_grad_share": None}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:  # a restarted worker group resumes where the last checkpoint left off
+        with ckpt.as_directory() as d:
+            state = json.loads((Path(d) / STATE).read_text())
+            engine.load(d)
+            torch.set_rng_state(torch.load(Path(d) / f"rng{rank}.pt", weights_only=True)
+                                if (Path(d) / f"rng{rank}.pt").exists() else torch.get_rng_state())
+        if rank == 0:
+            print(f"[{tag}] resumed from step {state['step']} (epoch {state['epoch']})", flush=True)
+    shard = ray.train.get_dataset_shard("train")
+    try:
+        val = ray.train.get_dataset_shard("validation")
+    except KeyError:
+        val = None
+    batches = micro_batches(shard, train.batch_size, collate, state["batch_in_epoch"] + 1, state["epoch"])
+    engine.model.train()
+
+    def checkpoint(final: bool = False) -> None:
+        metrics = {"step": state["step"], "loss": state["loss_history"][-1] if state["loss_history"] else None}
+        if val is not None:
+            metrics["eval_loss"] = state["eval_history"][-1][1] if state["eval_history"] else math.inf
+        lora = engine.lora_state()  # collective under ZeRO-3
+        with tempfile.TemporaryDirectory() as tmp:
+            engine.save(tmp, rank)
+            torch.save(torch.get_rng_state(), Path(tmp) / f"rng{rank}.pt")
+            save_extra(tmp, rank)  # on every rank: it may gather ZeRO-3 partitions; it writes on rank 0 only
+            if rank == 0:
+                engine.peft_model.save_pretrained(tmp, state_dict=lora, safe_serialization=True)
+                (Path(tmp) / STATE).write_text(json.dumps({**state, "final": final}))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+    while state["step"] < train.max_steps:
+        micro = [next(batches) for _ in range(train.grad_accum)]
+        items = _all_sum([float(sum(count_items(b) for _, _, b in micro))])[0]
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        step_sum, extra = 0.0, {}
+        for j, (_, _, batch) in enumerate(micro):
+            s, _, ex = loss_fn(engine.model, batch)
+            engine.backward(s * world / items, last_micro=j == len(micro) - 1)
+            step_sum += float(s.detach())
+            for k, v in ex.items():
+                extra[k] = extra.get(k, 0.0) + float(v)
+        engine.step()
+        state["step"] += 1
+        state["epoch"], state["batch_in_epoch"] = micro[-1][0], micro[-1][1]
+        if state["step"] == train.max_steps:
+            state["zero_grad_share"] = engine.zero_grad_share()
+        engine.zero_grad()
+        totals = _all_sum([step_sum] + list(extra.values()))
+        state["loss_history"].append(round(totals[0] / items, 6))
+        for k, v in zip(extra, totals[1:]):
+            state["extra_history"].setdefault(k, []).append(round(v / items, 6))
+        step = state["step"]
+        if rank == 0 and (step % train.log_every == 0 or step in (1, train.max_steps)):
+            extras = " ".join(f"{k} {v[-1]:.3f}" for k, v in state["extra_history"].items())
+            print(f"[{tag}] step {step}/{train.max_steps} loss {state['loss_history'][-1]:.4f} "
+                  f"lr {engine.lr():.2e} {extras}", flush=True)
+        if train.fail_once_at_step == step:
+            marker = Path(config["storage"]) / f"fault_drill_step{step}"
+            if not marker.exists():
+                if rank == 0:
+                    marker.write_text("done")
+                    raise RuntimeError(f"fault drill: worker killed at step {step}")
+        stop = False
+        evaluating = val is not None and ((train.eval_every and step % train.eval_every == 0)
+                                          or step == train.max_steps)
+        if evaluating:
+            ev = evaluate(engine, val, train.batch_size, collate, loss_fn, train.eval_max_batches)
+            state["eval_history"].append([step, round(ev, 6)])
+            if rank == 0:
+                print(f"[{tag}] step {step} eval_loss {ev:.4f}", flush=True)
+            if ev < state["best_eval"] - 1e-6:
+                state["best_eval"], state["evals_since_best"] = ev, 0
+            else:
+                state["evals_since_best"] += 1
+            stop = bool(train.early_stopping_patience) and state["evals_since_best"] >= train.early_stopping_patience
+        if stop or step == train.max_steps or evaluating or (train.checkpoint_every and step % train.checkpoint_every == 0):
+            state["stopped_early"] = stop
+            checkpoint(final=stop or step == train.max_steps)
+        if stop:
+            if rank == 0:
+                print(f"[{tag}] early stop at step {step}: no improvement in {train.early_stopping_patience} evals",
+                      flush=True)
+            break

@@ -1,0 +1,87 @@
+"""Packing tokenized rows into fixed-length blocks, and the collate that turns rows into model inputs.
+
+A packed row holds several sequences back to back: `input_ids`, `labels` (concatenated) and `seq_lens`.
+`collate` gives every sequence its own position ids (0, 1, …) and a block-diagonal causal 4D float mask, so
+no token attends across a boundary; the first label of each sequence is ignored, so no token is predicted from
+the previous sequence either. The loss of a block then equals the token-weighted loss of its sequences run
+alone (tests/unit/test_packing.py proves it on a tiny Llama). Pure bin fitting here; torch only in `collate`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+IGNORE_INDEX = -100
+
+
+def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices grouped into bins whose lengths sum to ≤ capacity; longest first, each into the first bin with
+    room. Deterministic (ties keep input order). A length over capacity is an error (rows were bounded earlier)."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = lengths[i]
+        if n > capacity:
+            raise ValueError(f"sequence of {n} tokens does not fit a block of {capacity}")
+        for b, r in enumerate(room):
+            if n <= r:
+                bins[b].append(i)
+                room[b] -= n
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - n)
+    return bins
+
+
+def pack_rows(batch: dict[str, Any], capacity: int) -> dict[str, list]:
+    """A batch of unpacked rows (input_ids, labels) → packed rows (input_ids, labels, seq_lens, n_tokens)."""
+    ids, labels = list(batch["input_ids"]), list(batch["labels"])
+    out: dict[str, list] = {"input_ids": [], "labels": [], "seq_lens": [], "n_tokens": []}
+    for group in first_fit_decreasing([len(x) for x in ids], capacity):
+        out["input_ids"].append(np.concatenate([np.asarray(ids[i], dtype=np.int64) for i in group]).tolist())
+        out["labels"].append(np.concatenate([np.asarray(labels[i], dtype=np.int64) for i in group]).tolist())
+        out["seq_lens"].append([len(ids[i]) for i in group])
+        out["n_tokens"].append(sum(len(ids[i]) for i in group))
+    return out
+
+
+def collate(rows: dict[str, Any], pad_id: int, *, dtype=None) -> dict[str, Any]:
+    """Rows (columns of lists, as Ray Data's numpy batches) → model inputs as torch tensors.
+
+    Unpacked rows (no `seq_lens`): right-padded input_ids, labels (-100 on padding) and a 2D attention_mask.
+    Packed rows: input_ids, labels, position_ids reset per sequence, and attention_mask as a
+    (batch, 1, L, L) float mask — 0 where a query may attend, the dtype's minimum elsewhere — which
+    transformers passes through to sdpa and eager attention unchanged. `dtype` is the model's float dtype.
+    """
+    import torch
+
+    dtype = dtype or torch.float32
+    ids = [np.asarray(x, dtype=np.int64) for x in rows["input_ids"]]
+    labels = [np.asarray(x, dtype=np.int64) for x in rows["labels"]]
+    width = max(len(x) for x in ids)
+    n = len(ids)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    lab = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    for i, (x, y) in enumerate(zip(ids, labels)):
+        input_ids[i, :len(x)] = torch.from_numpy(x)
+        lab[i, :len(y)] = torch.from_numpy(y)
+    if "seq_lens" not in rows:
+        mask = (torch.arange(width)[None, :] < torch.tensor([len(x) for x in ids])[:, None]).long()
+        return {"input_ids": input_ids, "labels": lab, "attention_mask": mask}
+    seg = torch.full((n, width), -1, dtype=torch.long)  # sequence number of each position; -1 = padding
+    pos = torch.zeros((n, width), dtype=torch.long)
+    for i, lens in enumerate(rows["seq_lens"]):
+        start = 0
+        for k, L in enumerate(int(v) for v in lens):
+            seg[i, start:start + L] = k
+            pos[i, start:start + L] = torch.arange(L)
+            lab[i, start] = IGNORE_INDEX  # never predict a sequence's first token from the one before it
+            start += L
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)
+    allowed = (same & causal) | torch.eye(width, dtype=torch.bool)  # padding attends to itself: no NaN rows
+    mask = torch.zeros((n, 1, width, width), dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+    return {"input_ids": input_ids, "labels": lab, "position_ids": pos, "attention_mask": mask}

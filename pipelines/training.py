@@ -1,0 +1,255 @@
+"""What SFT and DPO share: the adapter, quantization and loop config sections, model setup, DeepSpeed config,
+checkpoints, adapter health. Importing this module imports neither torch nor Ray; functions import what they use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from pipelines.schema import Section
+
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ALL_LINEAR = ATTENTION + ["gate_proj", "up_proj", "down_proj"]
+DEEPSPEED_DIR = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
+
+
+class LoraSection(Section):
+    """The adapter's shape."""
+
+    r: int = Field(16, ge=1, le=256, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rslora).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: Literal["attention", "all-linear"] | list[str] = Field(
+        "all-linear", description="'attention', 'all-linear' or an explicit list of module names.")
+    rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
+    dora: bool = Field(False, description="Weight-decomposed LoRA. Trains, but vLLM cannot serve it: serve refuses.")
+
+    def modules(self) -> list[str]:
+        if isinstance(self.target_modules, list):
+            return self.target_modules
+        return ATTENTION if self.target_modules == "attention" else ALL_LINEAR
+
+
+class QuantSection(Section):
+    """QLoRA: the frozen base in 4-bit NF4 through bitsandbytes (CPU backend here, CUDA on clusters)."""
+
+    load_in_4bit: bool = Field(False, description="Load the frozen base in 4-bit (QLoRA).")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="Dtype of the 4-bit matmuls. bfloat16 on GPUs; float32 is faster on CPUs without bf16.")
+
+
+class TrainSection(Section):
+    """The optimisation loop and how many Ray Train workers run it."""
+
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
+    cpus_per_worker: float = Field(0.5, gt=0, description=(
+        "CPUs reserved per worker. Fractional on small machines so Ray Data keeps room to feed them."))
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    max_steps: int = Field(60, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(8, ge=1, description="Rows per worker per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate (cosine decay after warmup).")
+    warmup_steps: int = Field(5, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw", description="torch AdamW, or bitsandbytes 8-bit / paged 8-bit AdamW.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    deepspeed: Literal["none", "zero2", "zero3", "zero2-offload", "zero3-offload"] | str = Field(
+        "none", description="DeepSpeed ZeRO config: a name from configs/deepspeed/ or a JSON path; 'none' = DDP.")
+    eval_every: int = Field(0, ge=0, description="Validation loss every N steps (0: only at the end, if any).")
+    eval_max_batches: int = Field(8, ge=1, description="Validation micro-batches per evaluation, per worker.")
+    early_stopping_patience: int = Field(0, ge=0, description="Stop after N evaluations without improvement (0: off).")
+    checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (the best by validation loss among them).")
+    max_failures: int = Field(2, ge=0, description="Worker-group restarts Ray Train attempts, from the last checkpoint.")
+    fail_once_at_step: int | None = Field(None, ge=1, description=(
+        "Fault drill: raise once at this step (marker in the storage folder), to exercise recovery."))
+    seed: int = Field(0, description="Seed for LoRA init and data order.")
+    log_every: int = Field(5, ge=1, description="Print a progress line every N steps.")
+    tracking_uri: str | None = Field(None, description=(
+        "MLflow tracking URI; default a sqlite store in the stage's output folder. 'off' disables tracking."))
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainSection":
+        if self.early_stopping_patience and not self.eval_every:
+            raise ValueError("early_stopping_patience needs eval_every > 0")
+        return self
+
+
+def check_combination(quant: QuantSection, train: TrainSection) -> None:
+    """Refuse what does not work, before any worker starts."""
+    if quant.load_in_4bit and "zero3" in train.deepspeed:
+        raise ValueError(
+            "train.deepspeed=zero3 with quant.load_in_4bit: ZeRO-3 partitions every parameter, and bitsandbytes' "
+            "packed 4-bit weights (with their per-block quantization state) cannot be sharded and re-gathered on "
+            "this stack. Use zero2 for QLoRA (the 4-bit base is small enough to replicate), or zero3 with a "
+            "16/32-bit base.")
+    if quant.load_in_4bit and train.optimizer != "adamw" and train.deepspeed != "none":
+        raise ValueError("bitsandbytes 8-bit optimizers cannot be combined with DeepSpeed ZeRO; use optimizer=adamw")
+
+
+def deepspeed_config(train: TrainSection, dtype: str) -> dict[str, Any] | None:
+    """Load a ZeRO JSON and fill its "auto" fields from the run config."""
+    if train.deepspeed == "none":
+        return None
+    path = Path(train.deepspeed)
+    if not path.suffix:
+        path = DEEPSPEED_DIR / f"{train.deepspeed}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"train.deepspeed={train.deepspeed!r}: no such file {path}")
+    cfg = json.loads(path.read_text())
+    fill = {"train_micro_batch_size_per_gpu": train.batch_size, "gradient_accumulation_steps": train.grad_accum,
+            "gradient_clipping": train.max_grad_norm}
+    for key, value in fill.items():
+        if cfg.get(key) == "auto":
+            cfg[key] = value
+    cfg["train_batch_size"] = train.batch_size * train.grad_accum * train.num_workers
+    for key, on in (("bf16", dtype == "bfloat16"), ("fp16", dtype == "float16")):
+        if isinstance(cfg.get(key), dict) and cfg[key].get("enabled") == "auto":
+            cfg[key]["enabled"] = on
+    return cfg
+
+
+def load_base(model_dir: str, dtype: str, quant: QuantSection, gradient_checkpointing: bool):
+    """The frozen base: full precision, or NF4 through bitsandbytes (prepared for k-bit training)."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
+    if quant.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type, bnb_4bit_use_double_quant=quant.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, quant.compute_dtype))
+        kwargs["dtype"] = getattr(torch, quant.compute_dtype)
+        if not torch.cuda.is_available():
+            kwargs["device_map"] = {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if quant.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
+def attach_lora(model, lora: LoraSection, seed: int):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                            target_modules=lora.modules(), use_rslora=lora.rslora,
+                                            use_dora=lora.dora, task_type="CAUSAL_LM"))
+
+
+def weight_bytes(model) -> dict[str, int]:
+    """Bytes the frozen base weights take as loaded, and what they would take in bf16."""
+    loaded = bf16 = 0
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            continue
+        loaded += p.numel() * p.element_size()
+        n = int(getattr(getattr(p, "quant_state", None), "shape", None).numel()) \
+            if getattr(p, "quant_state", None) is not None else p.numel()
+        bf16 += n * 2
+    return {"base_bytes_loaded": loaded, "base_bytes_bf16": bf16}
+
+
+def make_optimizer(params, train: TrainSection):
+    import torch
+
+    if train.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if train.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(params, lr=train.lr, weight_decay=train.weight_decay)
+
+
+def checksum(tensors) -> str:
+    """sha256 of the exact bytes: equal before/after proves training left the frozen weights alone."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def adapter_health(adapter_dir: str | os.PathLike, model_dir: str) -> dict[str, Any]:
+    """Per-layer ||scale·B·A|| / ||W|| from the saved adapter and the base weights (safetensors only)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    conf = json.loads(Path(adapter_dir, "adapter_config.json").read_text())
+    r, alpha = conf["r"], conf["lora_alpha"]
+    scale = alpha / (r ** 0.5) if conf.get("use_rslora") else alpha / r
+    lora = load_file(str(Path(adapter_dir, "adapter_model.safetensors")))
+    wanted = {}
+    for key, a in lora.items():
+        if ".lora_A." in key:
+            module = key.split("base_model.model.", 1)[-1].split(".lora_A.")[0]
+            wanted[module + ".weight"] = (module, a, lora[key.replace(".lora_A.", ".lora_B.")])
+    ratios = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            for wkey in set(fh.keys()) & set(wanted):
+                module, a, b = wanted[wkey]
+                w = fh.get_tensor(wkey).float()
+                ratios[module] = float((scale * (b.float() @ a.float())).norm() / (w.norm() + 1e-12))
+    vals = list(ratios.values()) or [0.0]
+    return {"delta_over_weight": ratios, "delta_over_weight_mean": sum(vals) / len(vals),
+            "delta_over_weight_max": max(vals)}
+
+
+def plot_curves(series: dict[str, list[float]], path: Path, title: str) -> None:
+    """One PNG with one line per named series (x = step)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, ys in series.items():
+        if ys:
+            xs = [x for x, _ in ys] if isinstance(ys[0], (list, tuple)) else range(1, len(ys) + 1)
+            ax.plot(list(xs), [y[1] if isinstance(y, (list, tuple)) else y for y in ys], label=name)
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def log_to_mlflow(uri: str, experiment: str, params: dict[str, Any], history: dict[str, list],
+                  artifacts: Path) -> str:
+    """Params, per-step metrics (from the recorded history) and the adapter folder, as one MLflow run."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(experiment) is None:  # artifacts beside the store, not in the CWD
+        mlflow.create_experiment(experiment, artifact_location=str(artifacts.parent / "mlartifacts"))
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run() as run:
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        for name, values in history.items():
+            for i, v in enumerate(values):
+                step, value = (v[0], v[1]) if isinstance(v, (list, tuple)) else (i + 1, v)
+                mlflow.log_metric(name, float(value), step=int(step))
+        mlflow.log_artifacts(str(artifacts), artifact_path="adapter")
+        return run.info.run_id
