@@ -1,9 +1,96 @@
-"""CLI commands of the serve area, added to the `loraforge` app by cluster.cli. Heavy imports stay inside commands."""
+"""CLI commands of the serve area, added to the `loraforge` app by cluster.cli. Heavy imports stay inside commands.
+
+    loraforge deploy configs/quickstart-cpu.yaml --address ray://head:10001    # leaves the app running there
+    loraforge chat --model base:quickstart                                     # interactive, streams answers
+    loraforge chat --model base:city --prompt "Where is the meetup?" --user ann   # one answer, then exit
+
+(`loraforge serve CONFIG`, the foreground server, is in cluster.cli.)
+"""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
 
 import typer
 
 
 def register(app: typer.Typer) -> None:
-    """Add this area's commands to the app (none yet)."""
+    """Add this area's commands to the app."""
+    app.command()(deploy)
+    app.command()(chat)
+
+
+def deploy(config: Path = typer.Argument(..., help="Run config YAML (see configs/)."),
+           address: str = typer.Option(..., help="Ray cluster address: ray://head:10001, head:6379 or 'auto'."),
+           overrides: Optional[list[str]] = typer.Argument(None, help="dotted.key=value overrides")) -> None:
+    """Start the serve app on a running Ray cluster and return, leaving it running there.
+
+    The base model folder, adapter folders and serve.registry must be paths the cluster's nodes can read
+    (shared storage). Remove the app later with `serve shutdown --address ...` (Ray's CLI) or a redeploy."""
+    import ray
+
+    from cluster import runner
+    from cluster.cli import _load
+
+    cfg = _load(config, [*(overrides or []), f"ray.address={address}"])
+    model_dir = runner.stage_model(cfg)
+    sft_dir = cfg.stage_dir("sft")
+    adapters = {cfg.name: str(sft_dir.resolve())} if (sft_dir / "adapter_config.json").is_file() else {}
+    url = runner.start_serving(cfg, model_dir, adapters)
+    # Serve's controller is detached: the app keeps running after this driver disconnects.
+    ray.shutdown()
+    print(url, flush=True)
+
+
+def chat(model: str = typer.Option(..., help="What to talk to: 'base', 'base:adapter', 'adapter@version'."),
+         url: str = typer.Option("http://127.0.0.1:8000/v1", help="The app's OpenAI base URL."),
+         api_key: str = typer.Option("none", envvar="LORAFORGE_API_KEY", help="serve.api_key, if set."),
+         prompt: Optional[str] = typer.Option(None, help="Ask once and exit (default: read lines from stdin)."),
+         user: Optional[str] = typer.Option(None, help="Caller id: keeps A/B assignment sticky."),
+         max_tokens: int = typer.Option(256, help="Most tokens per answer."),
+         temperature: float = typer.Option(0.0, help="0 is greedy.")) -> None:
+    """A tiny streaming chat client for the served endpoint; prints which adapter version answered."""
+    import openai
+
+    client = openai.OpenAI(base_url=url, api_key=api_key, max_retries=1, timeout=300)
+    history: list[dict[str, str]] = []
+    lines = [prompt] if prompt is not None else _stdin_lines()
+    for line in lines:
+        history.append({"role": "user", "content": line})
+        try:
+            answer = _ask(client, model, history, user, max_tokens, temperature)
+        except openai.APIError as e:
+            typer.secho(f"error: {getattr(e, 'status_code', '')} {e.message}", fg="red", err=True)
+            raise typer.Exit(1) from None
+        history.append({"role": "assistant", "content": answer})
+
+
+def _stdin_lines():
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        if line.strip():
+            yield line.rstrip("\n")
+
+
+def _ask(client, model: str, messages: list[dict[str, str]], user: str | None, max_tokens: int,
+         temperature: float) -> str:
+    """Stream one answer to stdout; the served adapter (header x-loraforge-adapter) goes to stderr."""
+    extra = {"user": user} if user else {}
+    with client.chat.completions.with_streaming_response.create(
+            model=model, messages=messages, max_tokens=max_tokens, temperature=temperature, stream=True,
+            **extra) as response:
+        print(f"[{response.headers.get('x-loraforge-adapter', model)}]", file=sys.stderr, flush=True)
+        pieces = []
+        for event in response.parse():
+            if event.choices and event.choices[0].delta.content:
+                pieces.append(event.choices[0].delta.content)
+                print(pieces[-1], end="", flush=True)
+    print(flush=True)
+    return "".join(pieces)

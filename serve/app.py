@@ -25,6 +25,7 @@ from ray import serve
 
 from serve.adapters import (AdapterInvalid, AdapterSource, BadAdapterName, ChainSource, FolderSource,
                             RegistrySource, StaticSource, base_identities, parse_ref, validate_adapter)
+from serve.base import check_servable, resolve_base
 from serve.config import ServeConfig
 from serve.server import LoRAServer, engine_env
 
@@ -86,12 +87,13 @@ def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
 def build_app(cfg: ServeConfig, base_model: str, adapters: dict[str, str],
               source: AdapterSource | None = None) -> serve.Application:
     """The Serve application for one base model and its adapters; raises ValueError naming a bad adapter.
+    `base_model` is a Hugging Face folder or, with cfg.registry, a registry reference (e.g. `city-merged@3`).
     `source` overrides where adapters come from (default: `adapters`, then cfg.adapter_dir, cfg.registry)."""
-    if not (Path(base_model).expanduser() / "config.json").is_file():
-        raise ValueError(f"base model {base_model!r}: not a Hugging Face folder (no config.json)")
-    base = str(Path(base_model).expanduser().resolve())
+    base = resolve_base(base_model, cfg.registry)
+    options = deployment_options(cfg)
+    check_servable(base, has_gpu="num_gpus" in options["ray_actor_options"])
     checked = validate_adapters(adapters, cfg, base)
-    deployment = LoRAServer.options(**deployment_options(cfg))
+    deployment = LoRAServer.options(**options)
     return deployment.bind(cfg, base, source if source is not None else make_source(cfg, checked))
 
 

@@ -62,12 +62,18 @@ def hot_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, tiny_model_dir, adapters, hot_dir):
+def registry_dir(tmp_path_factory) -> Path:
+    """An empty pipelines.registry the app reads; tests publish and promote into it while it runs."""
+    return tmp_path_factory.mktemp("registry")
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, tiny_model_dir, adapters, hot_dir, registry_dir):
     from serve import ServeConfig, shutdown, start
 
     # A cache of 3 with 4+ adapters in use makes the LRU evict during the tests.
     cfg = ServeConfig(port=free_port(), api_key=KEY, max_model_len=MAX_MODEL_LEN, startup_timeout_s=300,
-                      adapter_dir=str(hot_dir), max_loras=2, adapter_cache_size=3, splits=SPLIT,
+                      adapter_dir=str(hot_dir), registry=str(registry_dir), max_loras=2, adapter_cache_size=3, splits=SPLIT,
                       resolve_ttl_s=0)
     url = start(cfg, tiny_model_dir, adapters, name="test-serve")
     yield url
@@ -215,6 +221,45 @@ def test_adapter_registered_while_serving_is_served_and_lru_evicts(client, tiny_
     # 4 adapters through a cache of 3: one was unloaded and must reload with the same outputs
     assert {m: complete(client, m) for m in before} == before
     assert complete(client, "gamma") == gamma
+
+
+def test_registry_versions_and_aliases_are_served_as_published(client, adapters, registry_dir, tiny_model_dir):
+    from pipelines.registry import Registry
+
+    reg = Registry(registry_dir)
+    lineage = {"base_model": tiny_model_dir, "base_model_hash": "sha256:t", "dataset_hash": "sha256:d",
+               "config": {"r": 8}}
+    expected = {name: complete(client, name) for name in ("alpha", "beta")}
+
+    def served(model: str) -> tuple[str, str]:
+        raw = client.completions.with_raw_response.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0)
+        return raw.headers["x-loraforge-adapter"], raw.parse().choices[0].text
+
+    assert reg.publish("city", adapters["alpha"], "lora_adapter", lineage) == 1
+    reg.promote("city", 1, "production")
+    assert served("base:city@production") == ("city@1", expected["alpha"])
+    assert reg.publish("city", adapters["beta"], "lora_adapter", lineage) == 2
+    assert served("city") == ("city@2", expected["beta"])  # a bare name is the latest version
+    assert served("city@production") == ("city@1", expected["alpha"])
+    reg.promote("city", 2, "production")  # the alias moves while serving: no restart
+    assert served("city@production") == ("city@2", expected["beta"])
+    assert {"base:city", "base:city@production"} <= {m.id for m in client.models.list().data}
+    with pytest.raises(Exception, match="does not exist"):
+        complete(client, "city@7")
+
+
+def test_cli_chat_streams_and_names_the_served_adapter(server):
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+
+    result = CliRunner().invoke(app, ["chat", "--model", "base:ab", "--url", server, "--api-key", KEY,
+                                      "--prompt", "Hello", "--user", "user-1", "--max-tokens", "6"])
+    assert result.exit_code == 0, result.output
+    assert "[alpha]" in result.output or "[beta]" in result.output
+    result = CliRunner().invoke(app, ["chat", "--model", "base:nope", "--url", server, "--api-key", KEY,
+                                      "--prompt", "Hello"])
+    assert result.exit_code == 1 and "404" in result.output
 
 
 def test_broken_adapters_get_503_and_others_keep_serving(client, server, adapters, hot_dir):

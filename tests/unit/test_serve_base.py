@@ -1,0 +1,50 @@
+"""Which base models this machine can serve, and bases named by registry reference: no Ray, no vLLM."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from serve.base import check_servable, resolve_base
+
+
+def base(tmp_path, name, quant=None):
+    folder = tmp_path / name
+    folder.mkdir()
+    conf = {"model_type": "llama", **({"quantization_config": quant} if quant else {})}
+    (folder / "config.json").write_text(json.dumps(conf))
+    (folder / "model.safetensors").write_bytes(b"")
+    return str(folder)
+
+
+def test_awq_and_int4_bases_are_refused_on_cpu_with_the_reason(tmp_path):
+    awq = base(tmp_path, "awq", {"quant_method": "awq", "bits": 4})
+    with pytest.raises(ValueError, match="cpu_gemm_wna16"):
+        check_servable(awq, has_gpu=False)
+    check_servable(awq, has_gpu=True)
+    w4 = base(tmp_path, "w4", {"quant_method": "compressed-tensors",
+                               "config_groups": {"g0": {"weights": {"num_bits": 4}}}})
+    with pytest.raises(ValueError, match="int4 kernel"):
+        check_servable(w4, has_gpu=False)
+
+
+def test_float_and_int8_bases_are_servable_on_cpu(tmp_path):
+    check_servable(base(tmp_path, "plain"), has_gpu=False)
+    check_servable(base(tmp_path, "int8", {"quant_method": "torchao", "quant_type": {"default": "Int8WeightOnly"}}),
+                   has_gpu=False)
+
+
+def test_base_from_the_registry(tmp_path):
+    from pipelines.registry import Registry
+
+    reg = Registry(tmp_path / "reg")
+    merged = base(tmp_path, "merged")
+    reg.publish("city-merged", merged, "merged_model",
+                {"base_model": "/m", "base_model_hash": "sha256:x", "source": "city@1"})
+    assert resolve_base("city-merged", str(tmp_path / "reg")).endswith("models/city-merged/1")
+    assert resolve_base(merged, None) == merged
+    with pytest.raises(ValueError, match="not registered"):
+        resolve_base("nope", str(tmp_path / "reg"))
+    with pytest.raises(ValueError, match="no serve.registry"):
+        resolve_base("nope", None)
