@@ -51,7 +51,10 @@ def run(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> No
     model_dir = runner.stage_model(cfg)
     data_dir = runner.stage_data(cfg, model_dir)
     sft_dir = runner.stage_sft(cfg, model_dir, data_dir)
-    url = runner.start_serving(cfg, model_dir, {cfg.name: str(sft_dir)})
+    adapters = {cfg.name: str(sft_dir)}
+    if cfg.dpo.train_path:
+        adapters[f"{cfg.name}-dpo"] = str(runner.stage_dpo(cfg, model_dir, sft_dir))
+    url = runner.start_serving(cfg, model_dir, adapters)
     try:
         runner.demo(cfg, url, cfg.name)
     finally:
@@ -77,6 +80,15 @@ def sft(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> No
 
     cfg = _load(config, overrides)
     _done(runner.stage_sft(cfg, runner.stage_model(cfg), cfg.stage_dir("data")))
+
+
+@app.command()
+def dpo(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:
+    """DPO alone: preference pairs (dpo.train_path) on top of this run's SFT adapter."""
+    from cluster import runner
+
+    cfg = _load(config, overrides)
+    _done(runner.stage_dpo(cfg, runner.stage_model(cfg), cfg.stage_dir("sft")))
 
 
 @app.command()

@@ -16,6 +16,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from pipelines.data import DataConfig
+from pipelines.dpo import DPOSection
 from pipelines.models import ModelConfig
 from pipelines.schema import Section
 from pipelines.training import LoraSection, QuantSection, TrainSection
@@ -39,7 +40,7 @@ class DemoSection(Section):
 
 
 class RunConfig(Section):
-    """A whole run: data → sft → serve."""
+    """A whole run: data → sft (→ dpo when dpo.train_path is set) → serve."""
 
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="Run name (folder name).")
     output_dir: str = Field("runs", description="Parent folder of run folders: <output_dir>/<name>/<stage>/.")
@@ -49,6 +50,7 @@ class RunConfig(Section):
     lora: LoraSection = Field(default_factory=LoraSection)
     quant: QuantSection = Field(default_factory=QuantSection)
     train: TrainSection = Field(default_factory=TrainSection)
+    dpo: DPOSection = Field(default_factory=DPOSection)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     demo: DemoSection = Field(default_factory=DemoSection)
 

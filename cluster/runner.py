@@ -99,6 +99,26 @@ def stage_sft(cfg: RunConfig, model_dir: str, data_dir: Path) -> Path:
     return out
 
 
+def stage_dpo(cfg: RunConfig, model_dir: str, sft_dir: Path) -> Path:
+    from pipelines import dpo
+    from pipelines.manifest import read_manifest
+
+    init_ray(cfg)
+    t0 = time.time()
+    data = dpo.prepare(cfg.dpo, model_dir, str(sft_dir), cfg.stage_dir("dpo_data"), dtype=cfg.model.dtype,
+                       quant=cfg.quant)
+    m = read_manifest(data)["metrics"]
+    console.print(f"[bold]dpo data[/]: {m['rows_in']} pairs in, {m['train']} train, {m['validation']} held out, "
+                  f"{m['rows_rejected']} rejected {m['rejected_by_reason'] or ''}")
+    out = dpo.run(cfg.dpo, cfg.train, model_dir, sft_dir, data, cfg.stage_dir("dpo"), dtype=cfg.model.dtype,
+                  quant=cfg.quant, model_id=cfg.model.name)
+    m = read_manifest(out)["metrics"]
+    acc = m.get("reward_accuracy_history") or [float("nan")]
+    console.print(f"[bold]dpo[/]: {m['steps']} steps, loss {m['loss_first']:.3f} → {m['loss_last']:.3f}, reward "
+                  f"accuracy {acc[0]:.2f} → {acc[-1]:.2f} ({time.time() - t0:.0f} s)")
+    return out
+
+
 def start_serving(cfg: RunConfig, model_dir: str, adapters: dict[str, str]) -> str:
     from serve.app import start
 

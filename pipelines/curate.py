@@ -12,6 +12,7 @@ reason, detail, source, line, row) and the kept rows, sorted by row id, into `tr
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -43,25 +44,14 @@ def run(cfg, out_dir: str | os.PathLike, model_dir: str | None = None) -> Path:
                   mix_fids, model_dir, cfg.max_length if cfg.truncation == "reject" else None)
     _parse_pass(files, parse_args, work / "parsed", cfg)
     dec = decide(work / "parsed", cfg)
-    ids_ref, codes_ref, dup_ref = ray.put(dec["ids"]), ray.put(dec["codes"]), ray.put(dec["dup_of"])
-    joined = ray.data.read_parquet(str(work / "parsed")).map_batches(
-        _apply_cls(), fn_constructor_args=(ids_ref, codes_ref, dup_ref, DECISION_REASONS), concurrency=1,
-        batch_size=2048, batch_format="numpy", num_cpus=cfg.task_cpus)
-    n_rejected = write_rejected(joined, out / "rejected")
     counts = dec["counts"]
-    _check_accounting(counts, n_rejected)
+    _check_accounting(counts, counts)
+    n_rejected, n_kept = write_outputs(work / "parsed", out, dec)
+    _check_accounting(counts, {"rows_rejected": n_rejected, "rows_kept": n_kept})
     _check_ceiling(cfg, counts, out)
-    written = write_splits(joined, out, dec["kind"])
-    if written != counts["split_rows"]:
-        raise RuntimeError(f"row accounting broke: decided splits {counts['split_rows']}, wrote {written}")
-    shutil.rmtree(work, ignore_errors=True)
+    if not os.environ.get("LORAFORGE_KEEP_WORK"):
+        shutil.rmtree(work, ignore_errors=True)
     return _finish(cfg, out, files, dec, model_dir)
-
-
-def _apply_cls():
-    from pipelines.curate_rows import ApplyDecisions
-
-    return ApplyDecisions
 
 
 def _parse_pass(files: list[str], parse_args: tuple, dest: Path, cfg) -> None:
@@ -69,6 +59,9 @@ def _parse_pass(files: list[str], parse_args: tuple, dest: Path, cfg) -> None:
 
     from pipelines.curate_rows import ParseRows, read_files
 
+    # Order preserved so the parsed files hold rows in (file, line) order: the split files can then be written
+    # sorted by row id in one streaming pass, without a shuffle (checked while writing).
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     items = [{"path": p, "fid": i} for i, p in enumerate(files)]
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), cfg.num_blocks or len(items)))
     ds = ds.map_batches(read_files, batch_size=1, batch_format="numpy", num_cpus=cfg.task_cpus)
@@ -235,14 +228,15 @@ def _summarise(ids, codes, dup_of, by_reason, rows_in, cats, origin, ntok, kinds
             "lengths": ntok[kept], "dedup": info}
 
 
-def _check_accounting(counts: dict[str, Any], n_rejected_written: int) -> None:
+def _check_accounting(counts: dict[str, Any], written: dict[str, Any]) -> None:
     """The promise of this stage: no row vanishes. Decided and written counts must both add up."""
     c = counts
     if c["rows_in"] != c["rows_kept"] + c["rows_rejected"] or c["rows_kept"] != sum(c["split_rows"].values()):
         raise RuntimeError(f"row accounting broke: in={c['rows_in']} kept={c['rows_kept']} "
                            f"rejected={c['rows_rejected']} splits={c['split_rows']}")
-    if n_rejected_written != c["rows_rejected"]:
-        raise RuntimeError(f"row accounting broke: decided {c['rows_rejected']} rejected, wrote {n_rejected_written}")
+    if (written["rows_rejected"], written["rows_kept"]) != (c["rows_rejected"], c["rows_kept"]):
+        raise RuntimeError(f"row accounting broke: decided {c['rows_kept']} kept / {c['rows_rejected']} rejected, "
+                           f"wrote {written['rows_kept']} / {written['rows_rejected']}")
 
 
 def _check_ceiling(cfg, counts: dict[str, Any], out: Path) -> None:
@@ -256,22 +250,37 @@ def _check_ceiling(cfg, counts: dict[str, Any], out: Path) -> None:
                          f"reasons {faults}; see {out / 'rejected'} (duplicates, caps and mixing do not count)")
 
 
-def write_rejected(joined, dest: Path) -> int:
-    rejected = joined.filter(expr="reason != ''").select_columns(
-        ["reason", "detail", "source", "line", "raw", "dup_of"]).rename_columns({"raw": "row"})
-    rejected.write_json(str(dest))
-    return sum(1 for f in dest.glob("*.json") for _ in open(f)) if dest.is_dir() else 0
-
-
-def write_splits(joined, out: Path, kind: str, rows_per_file: int = 50_000) -> int:
-    """Kept rows sorted by row id into deterministic files: same data and seed → byte-identical Parquet."""
+def write_outputs(parsed: Path, out: Path, dec: dict[str, Any]) -> tuple[int, int]:
+    """Join the decisions onto the parsed rows in one streaming scan: refused rows → rejected/ (JSONL), kept rows
+    → train/ validation/ test/ sorted by row id in deterministic files (same data + seed → identical bytes)."""
     from pipelines.split_writer import SplitWriter
 
-    kept = joined.filter(expr="split != ''").sort("row_id")
-    writer = SplitWriter(out, kind, rows_per_file)
-    for batch in kept.iter_batches(batch_size=4096, batch_format="pyarrow"):
-        writer.add(batch)
-    return writer.close()
+    names = list(SPLITS) + DECISION_REASONS
+    writer = SplitWriter(out, dec["kind"], rows_per_file=50_000)
+    (out / "rejected").mkdir()
+    n_rejected, last = 0, -1
+    with open(out / "rejected" / "part-00000.jsonl", "w") as rej:
+        for b in _scan(parsed, ["row_id", "source", "line", "origin", "category", "kind", "reason", "detail", "raw",
+                                "record", "n_tokens"]):
+            rows = b.to_pylist()
+            ids = np.asarray([r["row_id"] for r in rows], dtype=np.int64)
+            if len(ids) and (ids[0] <= last or np.any(np.diff(ids) <= 0)):
+                raise RuntimeError(f"{parsed}: rows are not in row-id order; the parse pass must preserve order")
+            last = int(ids[-1]) if len(ids) else last
+            pos = np.searchsorted(dec["ids"], ids).clip(0, max(len(dec["ids"]) - 1, 0))
+            for r, p in zip(rows, pos):
+                code = int(dec["codes"][p]) if not r["reason"] and dec["ids"][p] == r["row_id"] else -1
+                if code < 0 or code >= len(SPLITS):
+                    reason = r["reason"] or names[code]
+                    dup = int(dec["dup_of"][p]) if code >= len(SPLITS) else -1
+                    rej.write(json.dumps({"reason": reason, "detail": r["detail"], "source": r["source"],
+                                          "line": r["line"], "row": r["raw"] or r["record"], "dup_of": dup},
+                                         ensure_ascii=False) + "\n")
+                    n_rejected += 1
+                else:
+                    r["split"] = SPLITS[code]
+            writer.add_rows([r for r in rows if "split" in r])
+    return n_rejected, writer.close()
 
 
 def _finish(cfg, out: Path, files: list[str], dec: dict[str, Any], model_dir: str | None) -> Path:

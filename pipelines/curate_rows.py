@@ -105,34 +105,3 @@ class ParseRows:
         prompt = self.tokenizer.apply_chat_template(rec["prompt"], tokenize=False, add_generation_prompt=True)
         longest = max(rec["chosen"], rec["rejected"], key=len)
         return len(self.tokenizer(prompt + longest)["input_ids"]) + 1
-
-
-class ApplyDecisions:
-    """Joins the driver's whole-dataset decisions (dedup, balance, mix, split) back onto the rows."""
-
-    def __init__(self, ids_ref, codes_ref, dup_ref, reasons: list[str]):
-        import ray
-
-        self.ids, self.codes, self.dup_of = ray.get(ids_ref), ray.get(codes_ref), ray.get(dup_ref)
-        self.reasons = reasons
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from pipelines.dedup import SPLITS
-
-        ids = np.asarray(batch["row_id"], dtype=np.int64)
-        pos = np.searchsorted(self.ids, ids)
-        found = (pos < len(self.ids)) & (self.ids[np.minimum(pos, len(self.ids) - 1)] == ids)
-        split, reason, dup_of, raw = [], [], [], []
-        for i, r in enumerate(batch["reason"]):
-            code = int(self.codes[pos[i]]) if found[i] else -1
-            if r or code < 0:
-                split.append(""), reason.append(str(r) or "lost"), dup_of.append(-1)
-            elif code < len(SPLITS):
-                split.append(SPLITS[code]), reason.append(""), dup_of.append(-1)
-            else:
-                split.append(""), reason.append(self.reasons[code - len(SPLITS)])
-                dup_of.append(int(self.dup_of[pos[i]]))
-            raw.append(batch["raw"][i] or batch["record"][i])
-        return {**{k: batch[k] for k in ("row_id", "source", "line", "origin", "kind", "category", "detail",
-                                         "record", "n_tokens")},
-                "split": split, "reason": reason, "dup_of": dup_of, "raw": raw}

@@ -141,7 +141,7 @@ def tokenize(cfg: DataConfig, curated_dir: str | os.PathLike, model_dir: str, ou
 
 
 def _tokenize_split(cfg: DataConfig, model_dir: str, src: Path, out: Path, split: str, stats: dict) -> None:
-    """Tokenize one split; refused rows go to rejected/, kept rows (packed if configured) to out/<split>/."""
+    """Tokenize one split (Ray Data); refused rows go to rejected/, kept rows (packed if configured) to out/<split>/."""
     import ray
 
     work = out / "_work" / split
@@ -149,36 +149,54 @@ def _tokenize_split(cfg: DataConfig, model_dir: str, src: Path, out: Path, split
     ds.map_batches(_TokenizeRows, fn_constructor_args=(model_dir, cfg.model_dump()),
                    concurrency=(1, cfg.parse_actors), batch_size=256, batch_format="numpy",
                    num_cpus=cfg.task_cpus).write_parquet(str(work))
-    toks = ray.data.read_parquet(str(work), num_cpus=cfg.task_cpus)
-    bad = toks.filter(expr="reason != ''")
-    n_bad = bad.count()
-    if n_bad:
-        bad.select_columns(["reason", "detail", "source", "line", "row"]).write_json(str(out / "rejected"))
-        for r in bad.select_columns(["reason"]).take_all():
-            stats["by_reason"][r["reason"]] = stats["by_reason"].get(r["reason"], 0) + 1
-    kept = toks.filter(expr="reason == ''")
-    n_kept = kept.count()
-    stats["kept"] += n_kept
-    stats["rejected"] += n_bad
-    stats["tokens"] += int(kept.sum("n_tokens") or 0) if n_kept else 0
-    stats["truncated"] += int(kept.sum("truncated") or 0) if n_kept else 0
+    n_kept = _account(work, out / "rejected" / f"tokenize-{split}.jsonl", stats)
     stats.setdefault("split", {})[split] = n_kept
-    kept = kept.select_columns(["input_ids", "labels", "n_tokens"])
-    if cfg.packing.enabled and n_kept:
-        from functools import partial
+    if not n_kept:
+        _empty_split(out / split)
+    else:
+        kept = ray.data.read_parquet(str(work), num_cpus=cfg.task_cpus).filter(expr="reason == ''")
+        kept = kept.select_columns(["input_ids", "labels", "n_tokens"])
+        if cfg.packing.enabled:
+            from functools import partial
 
-        from pipelines.packing import pack_rows
+            from pipelines.packing import pack_rows
 
-        kept = kept.map_batches(partial(pack_rows, capacity=cfg.packing.block_size or cfg.max_length),
-                                batch_size=cfg.packing.window, batch_format="numpy", num_cpus=cfg.task_cpus)
-    if n_kept:
+            kept = kept.map_batches(partial(pack_rows, capacity=cfg.packing.block_size or cfg.max_length),
+                                    batch_size=cfg.packing.window, batch_format="numpy", num_cpus=cfg.task_cpus)
         kept.write_parquet(str(out / split))
-    else:  # an empty split is still a readable Parquet folder
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        (out / split).mkdir(parents=True, exist_ok=True)
-        ints = pa.list_(pa.int64())
-        pq.write_table(pa.schema([("input_ids", ints), ("labels", ints), ("n_tokens", pa.int64())]).empty_table(),
-                       out / split / "part-00000.parquet")
     shutil.rmtree(work, ignore_errors=True)
+
+
+def _account(work: Path, rejected: Path, stats: dict) -> int:
+    """Stream the tokenized rows' small columns on the driver: count, sum tokens, write refusals. Returns kept."""
+    import pyarrow.dataset as pads
+
+    n_kept = 0
+    rejected.parent.mkdir(parents=True, exist_ok=True)
+    cols = ["reason", "detail", "source", "line", "row", "n_tokens", "truncated"]
+    with open(rejected, "a") as fh:
+        for b in pads.dataset(str(work), format="parquet").to_batches(columns=cols, batch_size=65536):
+            for r in b.to_pylist():
+                if r["reason"]:
+                    stats["rejected"] += 1
+                    stats["by_reason"][r["reason"]] = stats["by_reason"].get(r["reason"], 0) + 1
+                    fh.write(json.dumps({k: r[k] for k in cols[:5]}) + "\n")
+                else:
+                    n_kept += 1
+                    stats["tokens"] += r["n_tokens"]
+                    stats["truncated"] += r["truncated"]
+    stats["kept"] += n_kept
+    if rejected.stat().st_size == 0:
+        rejected.unlink()
+    return n_kept
+
+
+def _empty_split(dest: Path) -> None:
+    """An empty split is still a readable Parquet folder."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    dest.mkdir(parents=True, exist_ok=True)
+    ints = pa.list_(pa.int64())
+    pq.write_table(pa.schema([("input_ids", ints), ("labels", ints), ("n_tokens", pa.int64())]).empty_table(),
+                   dest / "part-00000.parquet")

@@ -153,20 +153,27 @@ def micro_batches(shard, batch_size: int, collate, skip: int, epoch: int) -> Ite
         skip, epoch = 0, epoch + 1
 
 
-def evaluate(engine: Engine, shard, batch_size: int, collate, loss_fn, max_batches: int) -> float:
+def evaluate(engine: Engine, shard, batch_size: int, collate, loss_fn, max_batches: int
+             ) -> tuple[float, dict[str, float]]:
+    """Validation loss (item-weighted over all ranks) and the loss function's extra figures, e.g. DPO accuracy."""
     import torch
 
     engine.model.eval()
     total = items = 0.0
+    extra: dict[str, float] = {}
     with torch.no_grad():
         for i, batch in enumerate(shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate)):
             if i >= max_batches:
                 break
-            s, n, _ = loss_fn(engine.model, batch)
+            s, n, ex = loss_fn(engine.model, batch)
             total, items = total + float(s), items + float(n)
+            for k, v in ex.items():
+                extra[k] = extra.get(k, 0.0) + float(v)
     engine.model.train()
-    total, items = _all_sum([total, items])
-    return total / items if items else float("nan")
+    sums = _all_sum([total, items] + list(extra.values()))
+    if not sums[1]:
+        return float("nan"), {}
+    return sums[0] / sums[1], {k: v / sums[1] for k, v in zip(extra, sums[2:])}
 
 
 def run_loop(config: dict[str, Any], model, *, loss_fn: Callable, collate, count_items: Callable,
@@ -252,8 +259,10 @@ def run_loop(config: dict[str, Any], model, *, loss_fn: Callable, collate, count
         evaluating = val is not None and ((train.eval_every and step % train.eval_every == 0)
                                           or step == train.max_steps)
         if evaluating:
-            ev = evaluate(engine, val, train.batch_size, collate, loss_fn, train.eval_max_batches)
+            ev, ev_extra = evaluate(engine, val, train.batch_size, collate, loss_fn, train.eval_max_batches)
             state["eval_history"].append([step, round(ev, 6)])
+            for k, v in ev_extra.items():
+                state.setdefault("eval_extra_history", {}).setdefault(k, []).append([step, round(v, 6)])
             if rank == 0:
                 print(f"[{tag}] step {step} eval_loss {ev:.4f}", flush=True)
             if ev < state["best_eval"] - 1e-6:

@@ -130,13 +130,12 @@ def parity_report(base_logits, ref_logits, got_logits, ref_tokens, got_tokens, c
 
 
 def trained_on_quantized_base(adapter: str | os.PathLike) -> bool:
-    """Whether an adapter's manifest says its base was loaded 4/8-bit (QLoRA): any truthy quantization key."""
+    """Whether an adapter's manifest says its base was loaded 4- or 8-bit (QLoRA): config.quant.load_in_4bit/8bit."""
     path = Path(adapter) / "manifest.json"
     if not path.is_file():
         return False
-    text = json.dumps(json.loads(path.read_text()).get("config", {})).lower()
-    return any(k in text for k in ('"load_in_4bit": true', '"nf4"', '"qlora": true', '"load_in_8bit": true',
-                                   '"quantization": "4bit"', '"quantization": "8bit"'))
+    quant = json.loads(path.read_text()).get("config", {}).get("quant") or {}
+    return bool(quant.get("load_in_4bit") or quant.get("load_in_8bit"))
 
 
 def _refuse_quantized_base(base_model: str) -> None:

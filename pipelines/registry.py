@@ -287,6 +287,7 @@ def lineage_from_manifest(folder: str | os.PathLike, **extra: Any) -> dict[str, 
 
     m = read_manifest(folder)
     inputs = m.get("inputs", {})
+    recorded = m.get("lineage") or {}  # what the SFT/DPO stages record themselves wins over what is derived here
     lineage = {
         "base_model": m.get("base_model") or inputs.get("base_model", {}).get("path"),
         "base_model_hash": inputs.get("base_model", {}).get("hash"),
@@ -298,6 +299,9 @@ def lineage_from_manifest(folder: str | os.PathLike, **extra: Any) -> dict[str, 
         "parent": m.get("parent_adapter"),
         "eval_scores": {},
     }
+    lineage.update({k: v for k, v in recorded.items() if v is not None})
+    if recorded.get("data_hash") and not m.get("data_hash"):
+        lineage["dataset_hash"] = recorded["data_hash"]
     lineage.update(extra)
     return lineage
 

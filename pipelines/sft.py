@@ -19,7 +19,8 @@ from typing import Any
 
 from pipelines.training import LoraSection, QuantSection, TrainSection  # noqa: F401  (the stage's config)
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "train_state.json", "README.md")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "train_state.json", "README.md",
+                 "probe_logits.safetensors")
 
 
 def run(lora: LoraSection, train: TrainSection, model_dir: str, data_dir: str | os.PathLike,
@@ -183,12 +184,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def save_extra(folder: str, rank: int) -> None:
         frozen = [p for p in model.parameters() if not p.requires_grad]
         static["frozen_checksum_after"] = checksum(_gathered(frozen))
+        logits = probe_logits(model, tokenizer)  # a forward on every rank: collective under ZeRO-3
         if rank == 0:
+            from safetensors.torch import save_file
+
             tokenizer.save_pretrained(folder)
             Path(folder, "static.json").write_text(json.dumps(static))
+            save_file({"logits": logits}, str(Path(folder, "probe_logits.safetensors")))
 
     run_loop(config, model, loss_fn=causal_lm_loss, collate=collate_fn(pad_id), count_items=count_label_tokens,
              save_extra=save_extra, tag="sft")
+
+
+PROBE = "Extract the city and the date: Ana flies to Oslo on 4 June."
+
+
+def probe_logits(model, tokenizer):
+    """Logits of the trained model on a fixed prompt, saved with the adapter: a reload must reproduce them."""
+    import torch
+
+    ids = torch.tensor([tokenizer(PROBE)["input_ids"]])
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=ids).logits[0].float().cpu().contiguous()
+    model.train(was_training)
+    return out
 
 
 def _gathered(params):

@@ -34,8 +34,7 @@ class SplitWriter:
         for s in SPLITS:
             (self.out / s).mkdir(parents=True, exist_ok=True)
 
-    def add(self, batch: pa.RecordBatch | pa.Table) -> None:
-        rows = batch.to_pylist()
+    def add_rows(self, rows: list[dict]) -> None:
         for s in SPLITS:
             mine = [r for r in rows if r["split"] == s]
             if mine:

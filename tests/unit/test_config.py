@@ -94,3 +94,24 @@ def test_cli_typo_fails_before_ray_starts(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(p)], capture_output=True, text=True, timeout=120)
     assert "exit 2 False" in out.stdout, out.stdout + out.stderr
     assert "train.max_stepz" in out.stderr
+
+
+def test_qlora_with_zero3_is_refused_with_reason():
+    from pipelines.training import QuantSection, TrainSection, check_combination
+
+    with pytest.raises(ValueError, match="ZeRO-3 partitions every parameter"):
+        check_combination(QuantSection(load_in_4bit=True), TrainSection(deepspeed="zero3"))
+    check_combination(QuantSection(load_in_4bit=True), TrainSection(deepspeed="zero2"))
+
+
+def test_deepspeed_auto_fields_filled_from_run_config():
+    from pipelines.training import TrainSection, deepspeed_config
+
+    cfg = deepspeed_config(TrainSection(deepspeed="zero3", batch_size=4, grad_accum=2, num_workers=2), "float32")
+    assert cfg["zero_optimization"]["stage"] == 3
+    assert cfg["train_micro_batch_size_per_gpu"] == 4 and cfg["gradient_accumulation_steps"] == 2
+    assert cfg["train_batch_size"] == 16 and cfg["bf16"]["enabled"] is False
+    assert "auto" not in json.dumps(cfg)
+    assert deepspeed_config(TrainSection(), "float32") is None
+    with pytest.raises(ValueError, match="early_stopping_patience needs eval_every"):
+        TrainSection(early_stopping_patience=2)
