@@ -28,17 +28,21 @@ def deploy(config: Path = typer.Argument(..., help="Run config YAML (see configs
     """Start the serve app on a running Ray cluster and return, leaving it running there.
 
     The base model folder, adapter folders and serve.registry must be paths the cluster's nodes can read
-    (shared storage). Remove the app later with `serve shutdown --address ...` (Ray's CLI) or a redeploy."""
+    (shared storage); set serve.host=0.0.0.0 to reach the proxy from outside the head. Remove the app later with `serve shutdown --address ...` (Ray's CLI) or a redeploy."""
     import ray
 
     from cluster import runner
     from cluster.cli import _load
+    from serve.app import start
 
     cfg = _load(config, [*(overrides or []), f"ray.address={address}"])
     model_dir = runner.stage_model(cfg)
     sft_dir = cfg.stage_dir("sft")
     adapters = {cfg.name: str(sft_dir.resolve())} if (sft_dir / "adapter_config.json").is_file() else {}
-    url = runner.start_serving(cfg, model_dir, adapters)
+    runner.init_ray(cfg)
+    # The proxy runs on the head: probe it there (a local 127.0.0.1 would be this machine, not the cluster).
+    head = address.removeprefix("ray://").rsplit(":", 1)[0] if address != "auto" else None
+    url = start(cfg.serve, model_dir, adapters, probe_host=head if head not in ("", "localhost") else None)
     # Serve's controller is detached: the app keeps running after this driver disconnects.
     ray.shutdown()
     print(url, flush=True)

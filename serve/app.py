@@ -98,8 +98,9 @@ def build_app(cfg: ServeConfig, base_model: str, adapters: dict[str, str],
 
 
 def start(cfg: ServeConfig, base_model: str, adapters: dict[str, str], *, name: str = "loraforge",
-          source: AdapterSource | None = None) -> str:
-    """Run the app on the running Ray cluster and return its OpenAI base URL once GET /health answers 200."""
+          source: AdapterSource | None = None, probe_host: str | None = None) -> str:
+    """Run the app on the running Ray cluster and return its OpenAI base URL once GET /health answers 200.
+    `probe_host`: where this process reaches the HTTP proxy (a remote head's address); default cfg.host."""
     application = build_app(cfg, base_model, adapters, source)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     # serve.run waits for the replicas without a time limit; a thread lets startup_timeout_s bound it.
@@ -113,7 +114,7 @@ def start(cfg: ServeConfig, base_model: str, adapters: dict[str, str], *, name: 
 
     thread = threading.Thread(target=deploy, name=f"serve-run-{name}", daemon=True)
     thread.start()
-    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    host = probe_host or ("127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host)
     root = f"http://{host}:{cfg.port}"
     deadline = time.monotonic() + cfg.startup_timeout_s
     while time.monotonic() < deadline:

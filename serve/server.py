@@ -28,6 +28,7 @@ from serve.openai_protocol import (APIError, ChatCompletionRequest, CompletionRe
 from serve.routing import adapter_part, caller_key, route
 
 ADAPTER_HEADER = "x-loraforge-adapter"  # the artifact that answered: "base" or e.g. "city@4"
+REPLICA_HEADER = "x-loraforge-replica"  # which replica answered: for debugging and the autoscaling test
 
 
 def engine_env(cfg: ServeConfig) -> dict[str, str]:
@@ -97,6 +98,7 @@ class LoRAServer:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.cfg, self.source, self.created, self._metrics = cfg, source, int(time.time()), None
+        self.replica = serve.get_replica_context().replica_id.unique_id
         args = AsyncEngineArgs(
             model=base_model, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
             enable_lora=True, max_lora_rank=cfg.max_lora_rank,
@@ -244,7 +246,7 @@ class LoRAServer:
         if any(not isinstance(i, int) or not 0 <= i < len(self.tokenizer) for i in ids):
             raise APIError(400, "prompt token ids must be integers within the vocabulary")
         params = self._sampling(req, len(ids), default_max_tokens, req.stream)
-        rid, headers = new_id("chatcmpl" if chat else "cmpl"), {ADAPTER_HEADER: target.served}
+        rid, headers = new_id("chatcmpl" if chat else "cmpl"), {ADAPTER_HEADER: target.served, REPLICA_HEADER: self.replica}
         lora_id = target.lora.lora_int_id if target.lora is not None else None
         if lora_id is not None:
             await self.gate.acquire(lora_id)

