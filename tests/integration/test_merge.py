@@ -33,8 +33,8 @@ def make_adapter(base_dir: str, out: Path, seed: int, *, four_bit: bool = False,
                     p.mul_(0.1)
     model.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
-    quant = {"quantization": "nf4", "load_in_4bit": True} if four_bit else {}
-    (out / "manifest.json").write_text(json.dumps({"kind": "lora_adapter", "config": {"train": quant}}))
+    quant = {"load_in_4bit": four_bit, "quant_type": "nf4"}  # the shape of the SFT manifest's config.quant
+    (out / "manifest.json").write_text(json.dumps({"kind": "lora_adapter", "config": {"quant": quant}}))
     return out
 
 
@@ -54,6 +54,7 @@ def test_merge_float32_is_exact_and_changes_the_base(tiny_model_dir, adapters, t
     m = json.loads((out / "manifest.json").read_text())
     parity = m["metrics"]["parity"]
     assert m["kind"] == "merged_model" and parity["passed"] and parity["greedy_identical"]
+    assert m["adapters_trained_on_quantized_base"] == []
     assert parity["max_abs_logit_diff"] <= parity["logits_atol"] == 1e-3
     assert parity["adapter_effect_max_abs_logit"] > 0.05  # the adapter does something, and the merge kept it
     assert list(out.glob("*.safetensors")) and not list(out.glob("*.bin"))
@@ -76,7 +77,6 @@ def test_qlora_adapter_merges_through_the_unquantized_base_in_bf16(tiny_model_di
     assert m["adapters_trained_on_quantized_base"] == [str(adapter)]
     assert m["base_loaded_as"].startswith("float32 (unquantized)")
     assert m["metrics"]["parity"]["passed"], m["metrics"]["parity"]
-    print("bf16 parity", m["metrics"]["parity"])
     conf = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in conf
     merged = AutoModelForCausalLM.from_pretrained(out)
