@@ -57,7 +57,7 @@ def run(cfg, out_dir: str | os.PathLike, model_dir: str | None = None) -> Path:
 def _parse_pass(files: list[str], parse_args: tuple, dest: Path, cfg) -> None:
     import ray
 
-    from pipelines.curate_rows import ParseRows, read_files
+    from pipelines.curate_rows import parse_batch, read_files
 
     # Order preserved so the parsed files hold rows in (file, line) order: the split files can then be written
     # sorted by row id in one streaming pass, without a shuffle (checked while writing).
@@ -65,8 +65,8 @@ def _parse_pass(files: list[str], parse_args: tuple, dest: Path, cfg) -> None:
     items = [{"path": p, "fid": i} for i, p in enumerate(files)]
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), cfg.num_blocks or len(items)))
     ds = ds.map_batches(read_files, batch_size=1, batch_format="numpy", num_cpus=cfg.task_cpus)
-    ds = ds.map_batches(ParseRows, fn_constructor_args=parse_args, concurrency=(1, cfg.parse_actors),
-                        batch_size=512, batch_format="numpy", num_cpus=cfg.task_cpus)
+    ds = ds.map_batches(parse_batch, fn_args=parse_args, batch_size=512, batch_format="numpy",
+                        num_cpus=cfg.task_cpus)
     ds.write_parquet(str(dest))
 
 

@@ -25,6 +25,23 @@ def read_files(batch: dict[str, Any], chunk: int = 2048):
     yield from record_batches(list(batch["path"]), [int(f) for f in batch["fid"]], chunk)
 
 
+_CACHE: dict[tuple, Any] = {}
+
+
+def cached(cls, *args):
+    """One instance per worker process and arguments. Ray reuses task workers, so the tokenizer (and the
+    transformers import, ~10-20 s on a small machine) is loaded once per worker, not once per stage's actor."""
+    key = (cls.__name__, repr(args))
+    if key not in _CACHE:
+        _CACHE[key] = cls(*args)
+    return _CACHE[key]
+
+
+def parse_batch(batch: dict[str, Any], *args) -> dict[str, Any]:
+    """Ray Data task UDF around ParseRows (args: ParseRows' constructor arguments)."""
+    return cached(ParseRows, *args)(batch)
+
+
 class ParseRows:
     """raw record → kind, normalised record JSON, reason, dedup text/key, MinHash signature, token count."""
 

@@ -56,7 +56,7 @@ class DataConfig(Section):
 
 
 class _TokenizeRows:
-    """Ray Data callable class: loads the tokenizer once per actor, maps curated rows to tokens."""
+    """Curated rows → tokens; one instance per worker process (the tokenizer is loaded once)."""
 
     def __init__(self, model_dir: str, cfg: dict[str, Any]):
         from transformers import AutoTokenizer
@@ -84,6 +84,21 @@ class _TokenizeRows:
                          ("line", int(batch["line"][i])), ("row", json.dumps(rec) if reason else "")):
                 out[k].append(v)
         return out
+
+
+def _tokenize_batch(batch: dict[str, Any], model_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Ray Data task UDF: the tokenizer is loaded once per worker process (see curate_rows.cached)."""
+    from pipelines.curate_rows import cached
+
+    return cached(_TokenizeRows, model_dir, cfg)(batch)
+
+
+def _blocks(folder: Path, rows_per_block: int = 2048) -> int:
+    """Read parallelism from the Parquet footers: ~rows_per_block rows a block (Ray Data otherwise made one
+    block per row of these small-but-wide files here, and paid a task's overhead for each)."""
+    import pyarrow.dataset as pads
+
+    return max(1, -(-pads.dataset(str(folder), format="parquet").count_rows() // rows_per_block))
 
 
 def _plain(v: Any) -> Any:
@@ -145,16 +160,15 @@ def _tokenize_split(cfg: DataConfig, model_dir: str, src: Path, out: Path, split
     import ray
 
     work = out / "_work" / split
-    ds = ray.data.read_parquet(str(src), num_cpus=cfg.task_cpus)
-    ds.map_batches(_TokenizeRows, fn_constructor_args=(model_dir, cfg.model_dump()),
-                   concurrency=(1, cfg.parse_actors), batch_size=256, batch_format="numpy",
+    ds = ray.data.read_parquet(str(src), num_cpus=cfg.task_cpus, override_num_blocks=_blocks(src))
+    ds.map_batches(_tokenize_batch, fn_args=(model_dir, cfg.model_dump()), batch_size=256, batch_format="numpy",
                    num_cpus=cfg.task_cpus).write_parquet(str(work))
     n_kept = _account(work, out / "rejected" / f"tokenize-{split}.jsonl", stats)
     stats.setdefault("split", {})[split] = n_kept
     if not n_kept:
         _empty_split(out / split)
     else:
-        kept = ray.data.read_parquet(str(work), num_cpus=cfg.task_cpus).filter(expr="reason == ''")
+        kept = ray.data.read_parquet(str(work), num_cpus=cfg.task_cpus, override_num_blocks=_blocks(work)).filter(expr="reason == ''")
         kept = kept.select_columns(["input_ids", "labels", "n_tokens"])
         if cfg.packing.enabled:
             from functools import partial
