@@ -112,7 +112,85 @@ def registry_rollback(name: str = typer.Argument(...), alias: str = typer.Argume
     typer.echo(f"{name}@{alias} -> {version}")
 
 
+CONFIG = typer.Argument(..., help="Run config YAML (see configs/).")
+OVERRIDES = typer.Argument(None, help="dotted.key=value overrides, e.g. eval.max_samples=32")
+
+
+def _section(cfg, field: str, cls):
+    """The run config's section, or the section's defaults while RunConfig does not carry it yet."""
+    return getattr(cfg, field, None) or cls()
+
+
+def evaluate(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
+             adapter: Optional[list[str]] = typer.Option(None, "--adapter", help="NAME=FOLDER or FOLDER; repeatable. "
+                                                         "Default: this run's sft/ folder."),
+             test: Optional[str] = typer.Option(None, help="Test split JSONL (overrides eval.test_path)."),
+             gate: bool = typer.Option(False, "--gate", help="Apply the gate to the first adapter afterwards."),
+             force: bool = typer.Option(False, "--force", help="Promote even if the gate fails (audited).")) -> None:
+    """Base vs few-shot base vs adapters: metrics, forgetting, report; optionally gate + promote."""
+    from cluster import runner
+    from cluster.cli import _done, _load
+    from pipelines import evaluate as ev
+    from pipelines.gate import GateSection, apply
+    from pipelines.registry import RegistrySection
+
+    cfg = _load(config, overrides)
+    section = _section(cfg, "eval", ev.EvalSection)
+    if test:
+        section = section.model_copy(update={"test_path": test})
+    adapters = _adapters(adapter, cfg)
+    runner.init_ray(cfg)
+    out = ev.run(section, runner.stage_model(cfg), adapters, cfg.stage_dir("evaluate"))
+    if gate:
+        results = json.loads((out / "eval.json").read_text())
+        reg, first = _section(cfg, "registry", RegistrySection), next(iter(adapters))
+        decision = apply(results, first, adapters[first], _section(cfg, "gate", GateSection), reg.root,
+                         reg.name or cfg.name, force=force)
+        for reason in decision.reasons:
+            typer.secho(f"gate: {reason}", fg="red", err=True)
+        if not decision.passed and not force:
+            typer.secho("gate: refused (use --force to override; it is recorded)", fg="red", err=True)
+            raise typer.Exit(1)
+        typer.echo(f"gate: {'FORCED' if decision.forced else 'passed'}: {reg.name or cfg.name}@{decision.version}")
+    _done(out)
+
+
+def merge(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
+          adapter: Optional[list[str]] = typer.Option(None, "--adapter", help="Adapter folder; repeatable."),
+          out: Optional[Path] = typer.Option(None, help="Output folder; default <run>/merge.")) -> None:
+    """Merge adapter(s) into an unquantized copy of the base; parity-check; save an HF folder."""
+    from cluster import runner
+    from cluster.cli import _done, _load
+    from pipelines.merge import MergeSection, ParityError, run
+
+    cfg = _load(config, overrides)
+    folders = list(_adapters(adapter, cfg).values())
+    try:
+        path = run(_section(cfg, "merge", MergeSection), runner.stage_model(cfg), folders,
+                   out or cfg.stage_dir("merge"))
+    except ParityError as e:
+        _fail(str(e))
+    _done(path)
+
+
+def _adapters(specs: Optional[list[str]], cfg) -> dict[str, str]:
+    if not specs:
+        sft = cfg.stage_dir("sft")
+        if not (sft / "adapter_config.json").is_file():
+            _fail(f"no --adapter given and {sft} holds no adapter")
+        return {cfg.name: str(sft.resolve())}
+    out = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep:
+            name, folder = Path(spec).resolve().name, spec
+        out[name] = str(Path(folder).resolve())
+    return out
+
+
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the app."""
     app.command("score")(score)
+    app.command("evaluate")(evaluate)
+    app.command("merge")(merge)
     app.add_typer(registry_app, name="registry")

@@ -175,3 +175,31 @@ def test_cli_list_show_promote_rollback(reg, tmp_path):
     assert out.exit_code == 0 and "sha256:bb" in out.stdout
     out = run(app, ["registry", "promote", "city", "7", "production", *root])
     assert out.exit_code == 2 and "no such version" in out.output
+
+
+def _results(tuned_rougeL: float, few_shot: float = 0.2, nll_delta: float = 0.0) -> dict:
+    return {"variants": {"base": {"rougeL": 0.1, "exact_match": 0.0}, "few_shot": {"rougeL": few_shot},
+                         "a": {"rougeL": tuned_rougeL, "exact_match": 0.5}},
+            "forgetting": {"a": {"general_nll_delta": nll_delta, "mmlu_accuracy_delta": -0.1}}}
+
+
+def test_gate_check_lists_every_reason():
+    from pipelines.gate import GateSection, check
+
+    cfg = GateSection(min_rougeL_gain_over_base=0.05, min_rougeL_gain_over_few_shot=0.0,
+                      max_general_nll_increase=0.2, max_mmlu_drop=0.05, min_exact_match=0.9)
+    assert check(_results(0.5), "a", GateSection()) == []
+    reasons = check(_results(0.12, few_shot=0.3, nll_delta=0.5), "a", cfg)
+    assert len(reasons) == 5 and any("few-shot" in r for r in reasons) and any("NLL" in r for r in reasons)
+    assert check(_results(0.5), "missing", cfg) == ["adapter 'missing' was not evaluated"]
+
+
+def test_few_shot_verdict_is_plain():
+    from pipelines.eval_judge import parse_score
+    from pipelines.eval_report import verdicts
+
+    scores = _results(0.15, few_shot=0.3)["variants"]
+    assert verdicts(scores, ["a"])["a"].startswith("The few-shot base wins")
+    assert "the fine-tune did not help" in verdicts(scores, ["a"])["a"]
+    assert verdicts(_results(0.5)["variants"], ["a"])["a"].startswith("The fine-tune helped")
+    assert parse_score("Score: 7/10") == 7.0 and parse_score("10") == 10.0 and parse_score("none") is None
