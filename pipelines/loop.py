@@ -208,6 +208,9 @@ def run_loop(config: dict[str, Any], model, *, loss_fn: Callable, collate, count
         val = None
     batches = micro_batches(shard, train.batch_size, collate, state["batch_in_epoch"] + 1, state["epoch"])
     engine.model.train()
+    import time
+
+    t_start, tokens_here = time.perf_counter(), 0.0
 
     def checkpoint(final: bool = False) -> None:
         metrics = {"step": state["step"], "loss": state["loss_history"][-1] if state["loss_history"] else None}
@@ -225,6 +228,7 @@ def run_loop(config: dict[str, Any], model, *, loss_fn: Callable, collate, count
 
     while state["step"] < train.max_steps:
         micro = [next(batches) for _ in range(train.grad_accum)]
+        tokens_here += float(sum(int(b["attention_mask"].sum()) for _, _, b in micro if "attention_mask" in b))
         items = _all_sum([float(sum(count_items(b) for _, _, b in micro))])[0]
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         step_sum, extra = 0.0, {}
@@ -234,11 +238,11 @@ def run_loop(config: dict[str, Any], model, *, loss_fn: Callable, collate, count
             step_sum += float(s.detach())
             for k, v in ex.items():
                 extra[k] = extra.get(k, 0.0) + float(v)
+        if state["step"] + 1 == train.max_steps:  # DeepSpeed frees gradients in step(): measure before it
+            state["zero_grad_share"] = engine.zero_grad_share()
         engine.step()
         state["step"] += 1
         state["epoch"], state["batch_in_epoch"] = micro[-1][0], micro[-1][1]
-        if state["step"] == train.max_steps:
-            state["zero_grad_share"] = engine.zero_grad_share()
         engine.zero_grad()
         totals = _all_sum([step_sum] + list(extra.values()))
         state["loss_history"].append(round(totals[0] / items, 6))
@@ -270,6 +274,11 @@ def run_loop(config: dict[str, Any], model, *, loss_fn: Callable, collate, count
             else:
                 state["evals_since_best"] += 1
             stop = bool(train.early_stopping_patience) and state["evals_since_best"] >= train.early_stopping_patience
+        if step == train.max_steps or stop:  # throughput of this attempt: non-padding tokens over loop time
+            seconds, tokens = _all_sum([time.perf_counter() - t_start, tokens_here])
+            world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+            state["throughput"] = {"tokens": tokens, "seconds": seconds / world,
+                                   "tokens_per_s": tokens / (seconds / world) if seconds else None}
         if stop or step == train.max_steps or evaluating or (train.checkpoint_every and step % train.checkpoint_every == 0):
             state["stopped_early"] = stop
             checkpoint(final=stop or step == train.max_steps)

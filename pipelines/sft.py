@@ -121,7 +121,8 @@ def finish_stage(out: Path, *, kind: str, state: dict, model_dir: str, model_id:
                "loss_first": state["loss_history"][0], "loss_last": state["loss_history"][-1],
                "loss_history": state["loss_history"], "eval_history": state["eval_history"],
                "best_eval_loss": None if state["best_eval"] == float("inf") else state["best_eval"],
-               "stopped_early": state.get("stopped_early", False), "zero_grad_share": state.get("zero_grad_share"),
+               "stopped_early": state.get("stopped_early", False), "throughput": state.get("throughput"),
+               "zero_grad_share": state.get("zero_grad_share"),
                **{f"{k}_history": v for k, v in state.get("extra_history", {}).items()},
                **state.get("static", {}), **adapter_health(out, model_dir)}
     uri = config["train"].get("tracking_uri") or f"sqlite:///{out.parent / 'mlflow.db'}"  # one store per run
