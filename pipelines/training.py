@@ -154,16 +154,20 @@ def attach_lora(model, lora: LoraSection, seed: int):
 
 
 def weight_bytes(model) -> dict[str, int]:
-    """Bytes the frozen base weights take as loaded, and what they would take in bf16."""
-    loaded = bf16 = 0
+    """Bytes of the frozen base weights as loaded and in bf16, overall and for the 4-bit-quantized ones alone
+    (embeddings and norms stay in full precision under QLoRA, and dominate a tiny model)."""
+    out = {"base_bytes_loaded": 0, "base_bytes_bf16": 0, "quantized_bytes_loaded": 0, "quantized_bytes_bf16": 0}
     for _, p in model.named_parameters():
         if p.requires_grad:
             continue
-        loaded += p.numel() * p.element_size()
-        n = int(getattr(getattr(p, "quant_state", None), "shape", None).numel()) \
-            if getattr(p, "quant_state", None) is not None else p.numel()
-        bf16 += n * 2
-    return {"base_bytes_loaded": loaded, "base_bytes_bf16": bf16}
+        qs = getattr(p, "quant_state", None)
+        n = int(qs.shape.numel()) if qs is not None else p.numel()
+        out["base_bytes_loaded"] += p.numel() * p.element_size()
+        out["base_bytes_bf16"] += n * 2
+        if qs is not None:
+            out["quantized_bytes_loaded"] += p.numel() * p.element_size()
+            out["quantized_bytes_bf16"] += n * 2
+    return out
 
 
 def make_optimizer(params, train: TrainSection):

@@ -119,7 +119,8 @@ def test_qlora_zero2_base_stays_4bit_and_unchanged(ray_session, tiny_model_dir, 
                             quant={"load_in_4bit": True, "compute_dtype": "float32"})
     _assert_trained(manifest)
     m = manifest["metrics"]
-    assert m["base_bytes_loaded"] < 0.6 * m["base_bytes_bf16"]  # packed NF4 (+ fp32 norms/embeddings)
+    assert m["quantized_bytes_bf16"] > 0  # the linear layers really are 4-bit
+    assert m["quantized_bytes_loaded"] <= 0.26 * m["quantized_bytes_bf16"]  # 4 of 16 bits, packed
     _assert_reload_reproduces(tiny_model_dir, folder, four_bit=True)
 
 
