@@ -17,7 +17,11 @@ from pydantic import Field, ValidationError
 
 from pipelines.data import DataConfig
 from pipelines.dpo import DPOSection
+from pipelines.evaluate import EvalSection
+from pipelines.gate import GateSection
+from pipelines.merge import MergeSection
 from pipelines.models import ModelConfig
+from pipelines.registry import RegistrySection
 from pipelines.schema import Section
 from pipelines.training import LoraSection, QuantSection, TrainSection
 from serve.config import ServeConfig
@@ -51,6 +55,10 @@ class RunConfig(Section):
     quant: QuantSection = Field(default_factory=QuantSection)
     train: TrainSection = Field(default_factory=TrainSection)
     dpo: DPOSection = Field(default_factory=DPOSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    gate: GateSection = Field(default_factory=GateSection)
+    merge: MergeSection = Field(default_factory=MergeSection)
+    registry: RegistrySection = Field(default_factory=RegistrySection)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     demo: DemoSection = Field(default_factory=DemoSection)
 

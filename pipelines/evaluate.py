@@ -40,7 +40,7 @@ class EvalSection(Section):
     few_shot_path: str | None = Field(None, description=(
         "Where few-shot examples come from; default: the first k rows of test_path (then left out of the test)."))
     system_prompt: str | None = Field(None, description="System turn, as in training.")
-    backend: Literal["vllm", "hf"] = Field("vllm", description=(
+    backend: Literal["vllm", "hf"] = Field("hf", description=(
         "Generation engine inside the Ray Data actor: vLLM offline with LoRA, or transformers + PEFT."))
     batch_size: int = Field(16, ge=1, description="Rows per generation batch.")
     max_new_tokens: int = Field(64, ge=1, description="Greedy tokens per answer.")
