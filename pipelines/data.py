@@ -69,7 +69,7 @@ class _TokenizeRows:
         from pipelines.tokenizing import tokenize_record
 
         out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "n_tokens", "truncated", "reason", "detail",
-                                                "source", "line", "row")}
+                                                "source", "line", "row", "split")}
         body = "messages" if "messages" in batch else "text"
         for i in range(len(batch[body])):
             rec = _plain(batch[body][i])
@@ -81,7 +81,8 @@ class _TokenizeRows:
                 reason, detail = e.reason, e.detail
             for k, v in (("input_ids", ids), ("labels", labels), ("n_tokens", len(ids)), ("truncated", cut),
                          ("reason", reason), ("detail", detail), ("source", str(batch["source"][i])),
-                         ("line", int(batch["line"][i])), ("row", json.dumps(rec) if reason else "")):
+                         ("line", int(batch["line"][i])), ("row", json.dumps(rec) if reason else ""),
+                         ("split", Path(str(batch["path"][i])).parent.name)):
                 out[k].append(v)
         return out
 
@@ -135,41 +136,39 @@ def tokenize(cfg: DataConfig, curated_dir: str | os.PathLike, model_dir: str, ou
     cm = read_manifest(curated, kind="curated_dataset")
     if cm["data_kind"] == "preference":
         raise ValueError(f"{curated}: preference rows are tokenized by the DPO stage; use `loraforge curate` alone")
-    stats = {"kept": 0, "rejected": 0, "tokens": 0, "truncated": 0, "by_reason": {}}
-    for split in SPLITS:
-        _tokenize_split(cfg, model_dir, curated / cm["outputs"][split], out, split, stats)
+    stats = {"kept": 0, "rejected": 0, "tokens": 0, "truncated": 0, "by_reason": {}, "split": {}}
+    _tokenize_splits(cfg, model_dir, [curated / cm["outputs"][s] for s in SPLITS], out, stats)
     m = cm["metrics"]
     by_reason = dict(m["rejected_by_reason"])
     for k, v in stats["by_reason"].items():
         by_reason[k] = by_reason.get(k, 0) + v
     metrics = {"rows_in": m["rows_in"], "rows_kept": stats["kept"], "rows_rejected": m["rows_rejected"] + stats[
         "rejected"], "rejected_by_reason": dict(sorted(by_reason.items())), "tokens": stats["tokens"],
-               "truncated": stats["truncated"], "curated_rows": m["rows_kept"], "split_rows": stats.get("split", {})}
+               "truncated": stats["truncated"], "curated_rows": m["rows_kept"], "split_rows": {s: stats["split"].get(s, 0) for s in SPLITS}}
     if metrics["rows_in"] != metrics["rows_kept"] + metrics["rows_rejected"]:
         raise RuntimeError(f"row accounting broke: {metrics}")
     write_manifest(out, kind="tokenized_dataset",
                    inputs={"train": str(curated / cm["outputs"]["train"]), "tokenizer": model_dir},
                    config=cfg.model_dump(), metrics=metrics,
-                   extra={"outputs": {s: s for s in SPLITS}, "packed": cfg.packing.enabled,
+                   extra={"outputs": {s: f"tokens/split={s}" for s in SPLITS}, "packed": cfg.packing.enabled,
                           "curated": str(curated), "content_hash": cm["content_hash"]})
     return out
 
 
-def _tokenize_split(cfg: DataConfig, model_dir: str, src: Path, out: Path, split: str, stats: dict) -> None:
-    """Tokenize one split (Ray Data); refused rows go to rejected/, kept rows (packed if configured) to out/<split>/."""
+def _tokenize_splits(cfg: DataConfig, model_dir: str, srcs: list[Path], out: Path, stats: dict) -> None:
+    """Tokenize every split in one Ray Data pass; refused rows go to rejected/, kept rows (packed if configured)
+    to out/tokens/split=<name>/ in a second pass. Two executions in all: each costs seconds of fixed overhead."""
     import ray
 
-    work = out / "_work" / split
-    ds = ray.data.read_parquet(str(src), num_cpus=cfg.task_cpus, override_num_blocks=_blocks(src))
+    work = out / "_work" / "tokens"
+    ds = ray.data.read_parquet([str(s) for s in srcs], num_cpus=cfg.task_cpus, include_paths=True,
+                               override_num_blocks=sum(_blocks(s) for s in srcs))
     ds.map_batches(_tokenize_batch, fn_args=(model_dir, cfg.model_dump()), batch_size=256, batch_format="numpy",
                    num_cpus=cfg.task_cpus).write_parquet(str(work))
-    n_kept = _account(work, out / "rejected" / f"tokenize-{split}.jsonl", stats)
-    stats.setdefault("split", {})[split] = n_kept
-    if not n_kept:
-        _empty_split(out / split)
-    else:
-        kept = ray.data.read_parquet(str(work), num_cpus=cfg.task_cpus, override_num_blocks=_blocks(work)).filter(expr="reason == ''")
-        kept = kept.select_columns(["input_ids", "labels", "n_tokens"])
+    n_kept = _account(work, out / "rejected" / "tokenize.jsonl", stats)
+    if n_kept:
+        kept = ray.data.read_parquet(str(work), num_cpus=cfg.task_cpus, override_num_blocks=_blocks(work))
+        kept = kept.filter(expr="reason == ''").select_columns(["split", "input_ids", "labels", "n_tokens"])
         if cfg.packing.enabled:
             from functools import partial
 
@@ -177,8 +176,11 @@ def _tokenize_split(cfg: DataConfig, model_dir: str, src: Path, out: Path, split
 
             kept = kept.map_batches(partial(pack_rows, capacity=cfg.packing.block_size or cfg.max_length),
                                     batch_size=cfg.packing.window, batch_format="numpy", num_cpus=cfg.task_cpus)
-        kept.write_parquet(str(out / split))
-    shutil.rmtree(work, ignore_errors=True)
+        kept.write_parquet(str(out / "tokens"), partition_cols=["split"])
+    for s in SPLITS:
+        if not (out / "tokens" / f"split={s}").is_dir():
+            _empty_split(out / "tokens" / f"split={s}")
+    shutil.rmtree(out / "_work", ignore_errors=True)
 
 
 def _account(work: Path, rejected: Path, stats: dict) -> int:
@@ -187,7 +189,7 @@ def _account(work: Path, rejected: Path, stats: dict) -> int:
 
     n_kept = 0
     rejected.parent.mkdir(parents=True, exist_ok=True)
-    cols = ["reason", "detail", "source", "line", "row", "n_tokens", "truncated"]
+    cols = ["reason", "detail", "source", "line", "row", "n_tokens", "truncated", "split"]
     with open(rejected, "a") as fh:
         for b in pads.dataset(str(work), format="parquet").to_batches(columns=cols, batch_size=65536):
             for r in b.to_pylist():
@@ -197,6 +199,7 @@ def _account(work: Path, rejected: Path, stats: dict) -> int:
                     fh.write(json.dumps({k: r[k] for k in cols[:5]}) + "\n")
                 else:
                     n_kept += 1
+                    stats["split"][r["split"]] = stats["split"].get(r["split"], 0) + 1
                     stats["tokens"] += r["n_tokens"]
                     stats["truncated"] += r["truncated"]
     stats["kept"] += n_kept

@@ -31,13 +31,14 @@ def jaccard(a: set[str], b: set[str]) -> float:
 
 
 def signatures(texts: list[str], num_perm: int, seed: int = 1, n: int = 3) -> np.ndarray:
-    """(len(texts), num_perm) uint64 MinHash signatures with datasketch (same permutations for every call)."""
+    """(len(texts), num_perm) uint32 MinHash signatures (datasketch, scheme affine32, same permutations always)."""
     from datasketch import MinHash
 
     if not texts:
-        return np.zeros((0, num_perm), dtype=np.uint64)
+        return np.zeros((0, num_perm), dtype=np.uint32)
     sets = [[s.encode() for s in shingles(t, n)] for t in texts]
-    return np.stack([m.hashvalues for m in MinHash.bulk(sets, num_perm=num_perm, seed=seed)]).astype(np.uint64)
+    ms = MinHash.bulk(sets, num_perm=num_perm, seed=seed, scheme="affine32")
+    return np.stack([m.hashvalues for m in ms]).astype(np.uint32)
 
 
 def optimal_bands(threshold: float, num_perm: int, fp_weight: float = 0.2, fn_weight: float = 0.8) -> tuple[int, int]:
@@ -85,7 +86,7 @@ def _row_hash(band: np.ndarray) -> np.ndarray:
     h = np.zeros(len(band), dtype=np.uint64)
     with np.errstate(over="ignore"):
         for col in band.T:
-            h = h * np.uint64(1_000_003) ^ col
+            h = h * np.uint64(1_000_003) ^ col.astype(np.uint64)
     return h
 
 

@@ -37,14 +37,23 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def pack_rows(batch: dict[str, Any], capacity: int) -> dict[str, list]:
-    """A batch of unpacked rows (input_ids, labels) → packed rows (input_ids, labels, seq_lens, n_tokens)."""
+    """A batch of unpacked rows (input_ids, labels) → packed rows (input_ids, labels, seq_lens, n_tokens).
+    With a `split` column, rows are packed only with rows of the same split (and keep that column)."""
     ids, labels = list(batch["input_ids"]), list(batch["labels"])
-    out: dict[str, list] = {"input_ids": [], "labels": [], "seq_lens": [], "n_tokens": []}
-    for group in first_fit_decreasing([len(x) for x in ids], capacity):
+    splits = [str(s) for s in batch["split"]] if "split" in batch else [""] * len(ids)
+    out: dict[str, list] = {"input_ids": [], "labels": [], "seq_lens": [], "n_tokens": [], "split": []}
+    groups = []
+    for name in sorted(set(splits)):
+        mine = [i for i, s in enumerate(splits) if s == name]
+        groups += [[mine[j] for j in g] for g in first_fit_decreasing([len(ids[i]) for i in mine], capacity)]
+    for group in groups:
+        out["split"].append(splits[group[0]])
         out["input_ids"].append(np.concatenate([np.asarray(ids[i], dtype=np.int64) for i in group]).tolist())
         out["labels"].append(np.concatenate([np.asarray(labels[i], dtype=np.int64) for i in group]).tolist())
         out["seq_lens"].append([len(ids[i]) for i in group])
         out["n_tokens"].append(sum(len(ids[i]) for i in group))
+    if "split" not in batch:
+        del out["split"]
     return out
 
 

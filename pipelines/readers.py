@@ -103,13 +103,15 @@ def iter_records(path: str) -> Iterator[RawRecord]:
     loc = parse_location(path)
     fs = filesystem(loc)
     kind = file_kind(path)
+    if kind == "parquet":  # Parquet needs random access (its footer comes first)
+        with fs.open_input_file(loc.path) as f:
+            yield from _parquet(f)
+        return
     with fs.open_input_stream(loc.path) as f:
         if kind == "jsonl":
             yield from _jsonl(f)
         elif kind == "json":
             yield from _json_array(f.read())
-        elif kind == "parquet":
-            yield from _parquet(f)
         else:
             yield from _csv(f)
 

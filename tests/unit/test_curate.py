@@ -1,0 +1,76 @@
+"""Curation's pure parts: normalisation, filters, dedup keys, LSH banding (vs datasketch), split, quotas."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipelines.dedup import (assign_split, candidate_pairs, category_quotas, clusters, jaccard, optimal_bands,
+                             shingles, signatures)
+from pipelines.filters import (Thresholds, dedup_text, exact_key, normalise_text, quality_reason,
+                               repeated_ngram_ratio, symbol_ratio)
+from pipelines.tokenizing import drop_oldest_exchange
+
+
+def test_normalise_keeps_layout_and_nfc():
+    assert normalise_text("  Cafe\u0301\r\n  indented   \n\n\n\nend\u200b  ") == "Café\n  indented\n\nend"
+    assert exact_key("Hello,   WORLD!") == exact_key("hello world")
+    assert exact_key("hello world") != exact_key("hello there world")
+
+
+def test_filters_have_reasons():
+    t = Thresholds(max_chars=100, min_answer_chars=3, max_repeated_ngram_ratio=0.5, max_symbol_ratio=0.3)
+    sft = lambda q, a: {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+    assert quality_reason("sft", sft("q", "fine answer"), t) == ""
+    assert quality_reason("sft", sft("q" * 200, "fine"), t) == "too_long"
+    assert quality_reason("sft", sft("q", "ok"), t) == "too_short_answer"
+    assert quality_reason("sft", sft("say", "go " * 30), t) == "repeated_ngrams"
+    assert quality_reason("sft", sft("q", "#$%^&*{}[]<>~ ab"), t) == "symbol_ratio"
+    assert quality_reason("sft", sft("q", "fine"), t, n_tokens=600, max_tokens=512) == "too_long"
+    assert repeated_ngram_ratio("a b c d e f g h i j k l") == 0.0 and symbol_ratio("") == 0.0
+
+
+def test_lsh_banding_matches_datasketch():
+    from datasketch import MinHash, MinHashLSH
+
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(400)]
+    texts = [" ".join(rng.choice(words, 40)) for _ in range(60)]
+    texts += [t.replace(t.split()[5], "zzz", 1) for t in texts[:20]]  # near-twins
+    sig = signatures(texts, 64)
+    b, r = optimal_bands(0.8, 64)
+    ours = {tuple(p) for p in candidate_pairs(sig, b, r).tolist()}
+    lsh = MinHashLSH(num_perm=64, params=(b, r))
+    for i, s in enumerate(sig):
+        lsh.insert(i, MinHash(num_perm=64, hashvalues=s, scheme="affine32"))
+    theirs = {(min(i, j), max(i, j)) for i, s in enumerate(sig) for j in lsh.query(MinHash(num_perm=64, hashvalues=s, scheme="affine32"))
+              if i != j}
+    assert ours == theirs and {(i, 60 + i) for i in range(20)} <= ours
+
+
+def test_clusters_are_connected_components_rooted_at_first():
+    assert clusters(5, [(1, 3), (3, 4)]).tolist() == [0, 1, 2, 1, 1]
+    assert jaccard(shingles("a b c d"), shingles("a b c d")) == 1.0
+
+
+def test_split_is_deterministic_and_seeded():
+    keys = [exact_key(f"row {i}") for i in range(2000)]
+    a = [assign_split(k, 0, (0.8, 0.1, 0.1)) for k in keys]
+    assert a == [assign_split(k, 0, (0.8, 0.1, 0.1)) for k in keys]
+    assert a != [assign_split(k, 1, (0.8, 0.1, 0.1)) for k in keys]
+    share = np.bincount(a, minlength=3) / len(a)
+    assert abs(share[0] - 0.8) < 0.04 and abs(share[2] - 0.1) < 0.03
+
+
+def test_category_quotas():
+    assert category_quotas({"a": 100, "b": 10}, cap=50, temperature=None) == {"a": 50, "b": 10}
+    assert category_quotas({"a": 100, "b": 10}, cap=None, temperature=1.0) == {"a": 100, "b": 10}
+    q = category_quotas({"a": 100, "b": 25}, cap=None, temperature=2.0)  # shares ∝ sqrt(n): 10:5
+    assert q == {"a": 50, "b": 25}
+
+
+def test_truncation_drops_oldest_exchange_never_the_answer():
+    m = [{"role": "system", "content": "s"}, {"role": "user", "content": "u1"}, {"role": "assistant", "content": "a1"},
+         {"role": "user", "content": "u2"}, {"role": "assistant", "content": "a2"}]
+    assert drop_oldest_exchange(m) == [m[0], m[3], m[4]]
+    assert drop_oldest_exchange([m[0], m[3], m[4]]) is None
+    assert dedup_text("A  b") == "a b"

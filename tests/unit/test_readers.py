@@ -1,0 +1,107 @@
+"""Readers and row formats: paths (local, glob, s3://), file types with line numbers, every format → one form."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipelines.formatting import RowError
+from pipelines.readers import expand_paths, iter_records, parse_location
+from pipelines.rowformats import check_decodable, parse_raw, to_canonical
+
+
+def test_parse_location_local_glob_and_s3():
+    assert parse_location("s3://bucket/dir/*.jsonl") == parse_location("S3://bucket/dir/*.jsonl")
+    loc = parse_location("s3://bucket/dir/*.jsonl")
+    assert (loc.scheme, loc.path, loc.pattern, loc.uri) == ("s3", "bucket/dir", "*.jsonl", "s3://bucket/dir")
+    assert parse_location("s3://bucket/a/b.parquet").pattern == ""
+    assert parse_location("data/x.json") == parse_location("data/x.json")
+    assert parse_location("data/*.csv").scheme == ""
+    with pytest.raises(ValueError, match="last path component"):
+        parse_location("s3://bucket/*/x.jsonl")
+    with pytest.raises(ValueError, match="no bucket"):
+        parse_location("s3://")
+
+
+def test_expand_file_folder_glob(tmp_path):
+    for name in ("a.jsonl", "b.json", "c.csv", "notes.txt"):
+        (tmp_path / name).write_text("{}\n")
+    assert [p.split("/")[-1] for p in expand_paths(str(tmp_path))] == ["a.jsonl", "b.json", "c.csv"]
+    assert [p.split("/")[-1] for p in expand_paths(str(tmp_path / "*.json*"))] == ["a.jsonl", "b.json"]
+    assert expand_paths(str(tmp_path / "a.jsonl")) == [str(tmp_path / "a.jsonl")]
+    with pytest.raises(FileNotFoundError):
+        expand_paths(str(tmp_path / "*.parquet"))
+
+
+def test_jsonl_lines_and_undecodable(tmp_path):
+    p = tmp_path / "x.jsonl"
+    p.write_bytes(b'{"a": 1}\n\n{"b": "\xff\xfe"}\n{"c": 3}\n')
+    recs = list(iter_records(str(p)))
+    assert [r.line for r in recs] == [1, 3, 4]
+    assert recs[1].raw is None and recs[1].error.startswith("undecodable")
+
+
+def test_json_array_line_numbers_and_broken_tail(tmp_path):
+    p = tmp_path / "x.json"
+    p.write_text('[\n  {"a": 1},\n  {"b": [1,\n 2]},\n  {"c": 3}\n]')
+    assert [(r.line, json.loads(r.raw)) for r in iter_records(str(p))] == [(2, {"a": 1}), (3, {"b": [1, 2]}),
+                                                                           (5, {"c": 3})]
+    p.write_text('[{"a": 1}, {"b": oops}]')
+    recs = list(iter_records(str(p)))
+    assert len(recs) == 2 and recs[1].error.startswith("broken_json")
+
+
+def test_csv_and_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "x.csv").write_text('instruction,output\nhi,"multi\nline"\nyo,ok\n')
+    recs = list(iter_records(str(tmp_path / "x.csv")))
+    assert [json.loads(r.raw)["instruction"] for r in recs] == ["hi", "yo"] and recs[0].line == 3
+    pq.write_table(pa.table({"instruction": ["a", "b"], "output": ["x", "y"]}), tmp_path / "x.parquet")
+    assert [json.loads(r.raw) for r in iter_records(str(tmp_path / "x.parquet"))][1] == {"instruction": "b",
+                                                                                       "output": "y"}
+
+
+@pytest.mark.parametrize("row,kind,check", [
+    ({"instruction": "Add", "input": "1 2", "output": "3"}, "sft", lambda r: r["messages"][1]["content"] == "3"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, "sft",
+     lambda r: [m["role"] for m in r["messages"]] == ["user", "assistant"]),
+    ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}, "sft",
+     lambda r: r["messages"][1] == {"role": "assistant", "content": "yo"}),
+    ({"prompt": "Q?", "chosen": "good", "rejected": "bad"}, "preference",
+     lambda r: r == {"prompt": [{"role": "user", "content": "Q?"}], "chosen": "good", "rejected": "bad"}),
+    ({"chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A1"},
+                 {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "good"}],
+      "rejected": [{"role": "user", "content": "Q "}, {"role": "assistant", "content": "A1"},
+                   {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "bad"}]}, "preference",
+     lambda r: len(r["prompt"]) == 3 and (r["chosen"], r["rejected"]) == ("good", "bad")),
+    ({"chosen": "\n\nHuman: Q\n\nAssistant: good", "rejected": "\n\nHuman: Q\n\nAssistant: bad"}, "preference",
+     lambda r: r["prompt"] == [{"role": "user", "content": "Q"}] and r["rejected"] == "bad"),
+    ({"text": "plain words"}, "text", lambda r: r == {"text": "plain words"}),
+])
+def test_formats_detected_and_normalised(row, kind, check):
+    k, rec = to_canonical(row, "auto")
+    assert k == kind and check(rec)
+
+
+@pytest.mark.parametrize("raw,reason", [
+    ('{"instruction": "x"', "broken_json"), ("[1, 2]", "not_an_object"), ('{"foo": 1}', "missing_field"),
+    ('{"messages": "hi"}', "wrong_type"), ('{"messages": [{"role": "user", "content": " "}]}', "empty_turn"),
+    ('{"messages": [{"role": "user", "content": "q"}]}', "missing_field"),
+    ('{"messages": [{"role": "alien", "content": "q"}]}', "wrong_type"),
+    ('{"prompt": "q", "chosen": 3, "rejected": "b"}', "wrong_type"),
+])
+def test_bad_rows_have_reasons(raw, reason):
+    with pytest.raises(RowError) as e:
+        to_canonical(parse_raw(raw), "auto")
+    assert e.value.reason == reason
+
+
+def test_undecodable_text():
+    with pytest.raises(RowError, match="undecodable"):
+        check_decodable({"text": json.loads('"bad \\ud800 surrogate"')})
+    with pytest.raises(RowError, match="undecodable"):
+        check_decodable({"text": "mojibake \ufffd"})
+    check_decodable({"text": "fine ünïcode"})
