@@ -67,7 +67,7 @@ class _PrepareBatch:
             reason, pair = "", None
             try:
                 pair = _parse_pair(line)
-                prompt = [{"role": "user", "content": pair["prompt"]}]
+                prompt = pair["prompt"]
                 ch = tokenize_messages(self.tokenizer, prompt + [{"role": "assistant", "content": pair["chosen"]}],
                                        self.cfg.max_length)
                 rj = tokenize_messages(self.tokenizer, prompt + [{"role": "assistant", "content": pair["rejected"]}],
@@ -92,28 +92,23 @@ class _PrepareBatch:
             out["rejected_labels"].append(rj.labels)
             out["ref_chosen"].append(logps[0])
             out["ref_rejected"].append(logps[1])
-            bucket = int(hashlib.sha256(pair["prompt"].encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+            key = json.dumps(pair["prompt"], sort_keys=True).encode()  # pairs of one prompt share a split
+            bucket = int(hashlib.sha256(key).hexdigest()[:8], 16) / 0xFFFFFFFF
             out["split"].append("validation" if bucket < self.cfg.validation_fraction else "train")
         return out
 
 
-def _parse_pair(line: str) -> dict[str, str]:
+def _parse_pair(line: str) -> dict[str, Any]:
+    """A preference row (prompt/chosen/rejected, or a dialogue pair) in its normalised form; RowError if not."""
     from pipelines.formatting import RowError
+    from pipelines.rowformats import parse_raw, to_canonical
 
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise RowError("broken_json", f"{e.msg} at column {e.colno}") from None
-    if not isinstance(row, dict):
-        raise RowError("not_an_object", f"a JSON {type(row).__name__}, expected an object")
-    for field in ("prompt", "chosen", "rejected"):
-        if not isinstance(row.get(field), str):
-            raise RowError("missing_field" if field not in row else "wrong_type", f"field {field!r}")
-        if not row[field].strip():
-            raise RowError("empty_turn", f"field {field!r} is empty")
-    if row["chosen"].strip() == row["rejected"].strip():
+    kind, pair = to_canonical(parse_raw(line), "auto")
+    if kind != "preference":
+        raise RowError("not_a_pair", f"a {kind} row, expected prompt/chosen/rejected")
+    if pair["chosen"].strip() == pair["rejected"].strip():
         raise RowError("identical_pair", "chosen and rejected are the same text")
-    return {k: row[k].strip() for k in ("prompt", "chosen", "rejected")}
+    return pair
 
 
 def prepare(cfg: DPOSection, model_dir: str, sft_dir: str, out_dir: str | os.PathLike, *, dtype: str = "float32",
