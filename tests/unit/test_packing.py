@@ -43,6 +43,7 @@ def test_collate_packed_mask_is_block_diagonal_causal():
     assert allowed == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]]
 
 
+@pytest.mark.integration  # builds the tiny model (~1 min on 2 cores); no Ray
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_loss_equals_token_weighted_loss_alone(tiny_model_dir, attn):
     import torch
