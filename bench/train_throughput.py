@@ -114,7 +114,7 @@ def run_ours(model_dir: str, jsonl: Path, steps: int, batch: int, max_len: int, 
                              "data.max_rejected_fraction=1.0", f"train.max_steps={steps}",
                              f"train.batch_size={max(1, batch // 2)}", "train.num_workers=2",
                              "train.cpus_per_worker=0.5", "train.tracking_uri=off", "lora.r=16", "lora.alpha=32"]
-                      + (["data.packing=true"] if packed else []))
+                      + (["data.packing.enabled=true"] if packed else []))
     init_ray(cfg)
     d = data.run(cfg.data, model_dir, work / ("data-packed" if packed else "data"))
     out = sft.run(cfg.lora, cfg.train, model_dir, d, work / ("sft-packed" if packed else "sft"))

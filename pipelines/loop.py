@@ -228,7 +228,8 @@ def run_loop(config: dict[str, Any], model, *, loss_fn: Callable, collate, count
 
     while state["step"] < train.max_steps:
         micro = [next(batches) for _ in range(train.grad_accum)]
-        tokens_here += float(sum(int(b["attention_mask"].sum()) for _, _, b in micro if "attention_mask" in b))
+        tokens_here += float(sum(int(b["num_tokens"]) if "num_tokens" in b else int(b["attention_mask"].sum())
+                                 for _, _, b in micro))
         items = _all_sum([float(sum(count_items(b) for _, _, b in micro))])[0]
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         step_sum, extra = 0.0, {}

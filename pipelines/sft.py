@@ -193,7 +193,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             Path(folder, "static.json").write_text(json.dumps(static))
             save_file({"logits": logits}, str(Path(folder, "probe_logits.safetensors")))
 
-    run_loop(config, model, loss_fn=causal_lm_loss, collate=collate_fn(pad_id), count_items=count_label_tokens,
+    run_loop(config, model, loss_fn=causal_lm_loss, collate=collate_fn(pad_id, config["dtype"]), count_items=count_label_tokens,
              save_extra=save_extra, tag="sft")
 
 
@@ -228,7 +228,7 @@ def causal_lm_loss(model, batch):
     import torch.nn.functional as F
 
     labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_tokens")}
     logits = model(**inputs).logits[:, :-1].float()
     target = labels[:, 1:]
     total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100,
@@ -240,13 +240,18 @@ def count_label_tokens(batch) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def collate_fn(pad_id: int):
+def collate_fn(pad_id: int, dtype: str = "float32"):
+    """Model inputs for padded or packed rows (pipelines.packing), plus `num_tokens`: the non-padding tokens,
+    which the loop counts for throughput and the loss function drops before the forward."""
+
     def collate(batch: dict[str, Any]) -> dict[str, Any]:
         import torch
 
-        from pipelines.formatting import pad_batch
+        from pipelines.packing import collate as pack_collate
 
-        padded = pad_batch([(list(i), list(l)) for i, l in zip(batch["input_ids"], batch["labels"])], pad_id)
-        return {k: torch.tensor(v, dtype=torch.long) for k, v in padded.items()}
+        out = pack_collate(batch, pad_id, dtype=getattr(torch, dtype))
+        out["num_tokens"] = torch.tensor(sum(len(x) for x in batch["input_ids"]) if "seq_lens" not in batch
+                                         else sum(int(v) for lens in batch["seq_lens"] for v in lens))
+        return out
 
     return collate

@@ -40,6 +40,26 @@ def data_dir(tiny_model_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def packed_data_dir(data_dir, tmp_path_factory) -> Path:
+    """The same rows packed into 256-token blocks (pipelines.packing): sequences never attend to each other."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.manifest import write_manifest
+    from pipelines.packing import pack_rows
+
+    out = tmp_path_factory.mktemp("packed")
+    for split in ("train", "validation"):
+        rows = pq.read_table(data_dir / split).to_pydict()
+        packed = pack_rows(rows, capacity=256)
+        (out / split).mkdir()
+        pq.write_table(pa.table(packed), out / split / "part-0.parquet")
+    write_manifest(out, kind="tokenized_dataset", inputs={"train": str(DEMO)}, config={},
+                   extra={"packed": True, "outputs": {"train": "train", "validation": "validation"}})
+    return out
+
+
 def _sft(ray_session, model_dir, data_dir, out, **train_kw):
     from pipelines.sft import run
     from pipelines.training import LoraSection, QuantSection, TrainSection
@@ -142,12 +162,17 @@ def _assert_reload_reproduces(model_dir, folder, four_bit: bool):
     assert (logits - expected).abs().max() < 1e-4
 
 
-def test_accumulation_equals_one_big_batch(ray_session, tiny_model_dir, data_dir, tmp_path_factory):
+def test_accumulation_equals_one_big_batch_on_packed_rows(ray_session, tiny_model_dir, packed_data_dir,
+                                                          tmp_path_factory):
     """4 micro-batches × accumulation 4 follow the same loss trajectory as one batch of 16 (1 worker, so both
-    runs see the same rows in the same order)."""
+    runs see the same rows in the same order). The rows are packed blocks, so the trainer's packed path
+    (position ids, block-diagonal mask, token-weighted loss) is what is being trained and compared."""
     runs = {}
     for accum in (1, 4):
-        manifest, _ = _sft(ray_session, tiny_model_dir, data_dir, tmp_path_factory.mktemp(f"acc{accum}"),
-                           num_workers=1, cpus_per_worker=1, batch_size=16 // accum, grad_accum=accum, max_steps=3)
-        runs[accum] = manifest["metrics"]["loss_history"]
-    assert runs[1] == pytest.approx(runs[4], abs=1e-3)
+        manifest, _ = _sft(ray_session, tiny_model_dir, packed_data_dir, tmp_path_factory.mktemp(f"acc{accum}"),
+                           num_workers=1, cpus_per_worker=1, batch_size=16 // accum, grad_accum=accum,
+                           max_steps=3)
+        runs[accum] = manifest["metrics"]
+    assert runs[1]["loss_history"] == pytest.approx(runs[4]["loss_history"], abs=1e-3)
+    assert runs[4]["loss_history"][-1] < runs[4]["loss_history"][0]
+    assert runs[1]["throughput"]["tokens"] == runs[4]["throughput"]["tokens"] > 0
