@@ -1,0 +1,280 @@
+"""Data pipeline throughput and memory: our Ray Data curate+tokenize vs `datasets.map(num_proc=2)` (issue 4).
+
+    .venv/bin/python bench/data_pipeline.py                        # 1,000 / 10,000 Alpaca rows, ~4 min on 2 cores
+    .venv/bin/python bench/data_pipeline.py --rows 1000 --scale 10 --repeats 3 --json
+
+Input: the first --rows rows of ../shared/data/sft/alpaca_5000.json (1x) and --rows x --scale rows (10x: the
+source cycled). Every row is perturbed the same way at both sizes: a replica tag ("r0", "r1", ...) is inserted
+after every second word of instruction, input and output, so each word 3-gram carries its replica's tag and
+neither exact nor MinHash near-duplicate removal collapses the copies (it makes rows ~1.5x longer than plain
+Alpaca). The files are written as JSONL under a temporary folder; nothing is copied into the repository.
+
+(a) Ours: `pipelines.data.run` (Ray Data: read, parse, validate, normalise, quality filters, exact + MinHash LSH
+    near-dedup over the whole set, seeded 80/10/10 split, Parquet; then chat-template tokenization with
+    assistant-only labels, Parquet) on a local Ray instance with num_cpus=2. Timed: `data.run` only (ray.init
+    excluded; Ray worker start-up, transformers import and tokenizer load inside the workers included).
+(b) Baseline: `datasets` in one process: load_dataset("json") → Dataset.map(num_proc=2) doing the same per-row
+    work through the same pure functions (alpaca_to_messages, normalise_record, quality_reason with the default
+    thresholds and the max_length token bound, exact_key, tokenize_messages) → filter refused rows → exact
+    de-duplication on the key (driver, first occurrence kept) → to_parquet. Timed from load_dataset to the
+    Parquet file (tokenizer loaded before the timer, in the parent; the forked map workers inherit it).
+    The baseline OMITS: MinHash near-dup detection and LSH, the split (one output file), the rejected/ quarantine
+    files, the curation report (Markdown + PNG plots), the manifests and content hash, and the per-row token
+    count that curation does before tokenizing. It therefore does less work than (a).
+
+Each measurement runs in a fresh Python subprocess (its own Ray instance for (a)), so one run's memory does not
+leak into the next. Peak RSS: the subprocess and all its descendants (Ray's GCS, raylet and workers for (a); the
+map workers for (b)), summed, sampled with psutil every 0.2 s. Ray's object store is shared memory: psutil
+counts the pages each process has touched in its RSS, so shared pages may count more than once, and pages
+nobody maps at the sample instant are missed. Figures are medians over --repeats (default 1, for time: a single
+run's numbers are noisy on a 2-core machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+ALPACA = REPO.parent / "shared" / "data" / "sft" / "alpaca_5000.json"
+_WORDS = re.compile(r"(\S+)")
+
+
+class PeakRSS:
+    """Peak resident memory of this process and all its children (Ray workers included) while active."""
+
+    def __enter__(self):
+        import psutil
+
+        self.peak, self._stop = 0, threading.Event()
+
+        def sample():
+            me = psutil.Process()
+            while not self._stop.is_set():
+                total = 0
+                for p in [me] + me.children(recursive=True):
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+                self.peak = max(self.peak, total)
+                time.sleep(0.2)
+
+        self._t = threading.Thread(target=sample, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def _tag(text: str, tag: str) -> str:
+    """Insert `tag` after every second word (layout kept), so every word 3-gram contains the tag."""
+    parts = _WORDS.split(text)  # [sep, word, sep, word, ..., sep]
+    out, n = [], 0
+    for i, p in enumerate(parts):
+        out.append(p)
+        if i % 2 == 1:
+            n += 1
+            if n % 2 == 0:
+                out.append(" " + tag)
+    return "".join(out)
+
+
+def write_input(n: int, out: Path) -> Path:
+    """n perturbed Alpaca rows as JSONL (the source cycled; replica k tagged 'r<k>')."""
+    src = json.loads(ALPACA.read_text())
+    with open(out, "w") as fh:
+        for i in range(n):
+            k, r = divmod(i, len(src))
+            row = src[r]
+            tag = f"r{k}"
+            fh.write(json.dumps({f: _tag(row.get(f) or "", tag) if isinstance(row.get(f), str) else row.get(f)
+                                 for f in ("instruction", "input", "output")}) + "\n")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- children
+
+
+def child_ray(args) -> dict:
+    from cluster import runner
+    from cluster.config import load_config
+    from pipelines import data
+    from pipelines.manifest import read_manifest
+
+    cfg = load_config(None, ["ray.num_cpus=2", f"model.name={args.model}", f"data.train_path={args.input}",
+                             "data.format=alpaca", f"data.max_length={args.max_length}"])
+    runner.init_ray(cfg)
+    try:
+        with PeakRSS() as rss:
+            t0 = time.perf_counter()
+            out = data.run(cfg.data, args.model_dir, Path(args.work) / "ray_out")
+            secs = time.perf_counter() - t0
+    finally:
+        runner.finish()
+    m = read_manifest(out, kind="tokenized_dataset")["metrics"]
+    return {"seconds": secs, "peak_rss": rss.peak, "rows_in": m["rows_in"], "rows_kept": m["rows_kept"],
+            "rejected_by_reason": m["rejected_by_reason"]}
+
+
+_TOK = {}
+
+
+def _baseline_row(row, model_dir: str, max_length: int) -> dict:
+    from pipelines.curate_config import FilterSection
+    from pipelines.filters import Thresholds, exact_key, full_text, normalise_record, quality_reason
+    from pipelines.formatting import RowError, alpaca_to_messages, tokenize_messages
+
+    if model_dir not in _TOK:
+        from transformers import AutoTokenizer
+
+        f = FilterSection()
+        _TOK[model_dir] = (AutoTokenizer.from_pretrained(model_dir),
+                           Thresholds(f.max_chars, f.min_answer_chars, f.max_repeated_ngram_ratio, f.max_symbol_ratio))
+    tok, th = _TOK[model_dir]
+    res = {"input_ids": [], "labels": [], "reason": "", "key": ""}
+    try:
+        rec = normalise_record("sft", {"messages": alpaca_to_messages(row)})
+        reason = quality_reason("sft", rec, th)
+        if reason:
+            raise RowError(reason, "")
+        t = tokenize_messages(tok, rec["messages"], max_length)  # too_long refused here (the token bound)
+        res.update(input_ids=t.input_ids, labels=t.labels, key=exact_key(full_text("sft", rec)))
+    except RowError as e:
+        res["reason"] = e.reason
+    return res
+
+
+def child_datasets(args) -> dict:
+    os.environ["HF_DATASETS_CACHE"] = str(Path(args.work) / "hf_cache")
+    import datasets
+
+    datasets.disable_progress_bars()
+    _baseline_row({"instruction": "warm", "output": "up"}, args.model_dir, args.max_length)  # tokenizer loaded
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        ds = datasets.load_dataset("json", data_files=args.input, split="train",
+                                   cache_dir=str(Path(args.work) / "hf_cache"))
+        n_in = len(ds)
+        ds = ds.map(_baseline_row, fn_kwargs={"model_dir": args.model_dir, "max_length": args.max_length},
+                    num_proc=2, remove_columns=ds.column_names, load_from_cache_file=False)
+        reasons = ds["reason"]
+        keys = ds["key"]
+        seen, keep = set(), []
+        for i, (r, k) in enumerate(zip(reasons, keys)):
+            if not r and k not in seen:
+                seen.add(k)
+                keep.append(i)
+        ds.select(keep).remove_columns(["reason", "key"]).to_parquet(str(Path(args.work) / "baseline.parquet"))
+        secs = time.perf_counter() - t0
+    by_reason: dict[str, int] = {}
+    for r in reasons:
+        if r:
+            by_reason[r] = by_reason.get(r, 0) + 1
+    by_reason["exact_duplicate"] = n_in - len(keep) - sum(by_reason.values())
+    return {"seconds": secs, "peak_rss": rss.peak, "rows_in": n_in, "rows_kept": len(keep),
+            "rejected_by_reason": by_reason}
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def run_child(kind: str, jsonl: Path, model_dir: str, args, work: Path) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, __file__, "--child", kind, "--input", str(jsonl), "--model-dir", model_dir,
+           "--model", args.model, "--max-length", str(args.max_length), "--work", str(work)]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", RAY_DEDUP_LOGS="1")
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode or not lines:
+        raise RuntimeError(f"{kind} child failed (rc {p.returncode}):\n{p.stderr[-4000:]}")
+    return json.loads(lines[-1])
+
+
+def median_of(runs: list[dict]) -> dict:
+    out = dict(runs[0])
+    for k in ("seconds", "peak_rss"):
+        out[k] = statistics.median(r[k] for r in runs)
+    out["rows_per_s"] = out["rows_in"] / out["seconds"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, default=1000, help="rows at 1x (default 1000)")
+    ap.add_argument("--scale", type=int, default=10, help="the large size is this many times --rows (default 10)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per measurement; medians reported (default 1)")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="tokenizer: a built-in name or HF folder")
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--json", action="store_true", help="also print the figures as one JSON object, last line")
+    ap.add_argument("--child", choices=["ray", "datasets"], help=argparse.SUPPRESS)
+    ap.add_argument("--input", help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.child:
+        res = (child_ray if args.child == "ray" else child_datasets)(args)
+        print(json.dumps(res), flush=True)
+        return
+
+    from pipelines.models import ModelConfig, resolve_model
+
+    model_dir = resolve_model(ModelConfig(name=args.model))
+    n1, n10 = args.rows, args.rows * args.scale
+    with tempfile.TemporaryDirectory(prefix="lf-bench-data-") as tmp:
+        tmp = Path(tmp)
+        small, big = write_input(n1, tmp / "in_1x.jsonl"), write_input(n10, tmp / "in_big.jsonl")
+        res: dict[str, list] = {"ray_1x": [], "ds_1x": [], "ray_big": []}
+        for rep in range(args.repeats):
+            for name, kind, src in (("ds_1x", "datasets", small), ("ray_1x", "ray", small), ("ray_big", "ray", big)):
+                t = time.time()
+                print(f"[{name} run {rep + 1}/{args.repeats}] ...", end=" ", file=sys.stderr, flush=True)
+                res[name].append(run_child(kind, src, model_dir, args, tmp / f"{name}_{rep}"))
+                print(f"{time.time() - t:.0f} s", file=sys.stderr, flush=True)
+    r1, d1, rb = (median_of(res[k]) for k in ("ray_1x", "ds_1x", "ray_big"))
+    mib = 1024 ** 2
+    figures = {
+        "rows_1x": n1, "rows_big": n10, "scale": args.scale, "repeats": args.repeats, "model": args.model,
+        "ray_rows_per_s": round(r1["rows_per_s"], 1), "datasets_rows_per_s": round(d1["rows_per_s"], 1),
+        "rows_per_s_ratio": round(r1["rows_per_s"] / d1["rows_per_s"], 3),
+        "ray_seconds_1x": round(r1["seconds"], 1), "datasets_seconds_1x": round(d1["seconds"], 1),
+        "ray_rows_per_s_big": round(rb["rows_per_s"], 1), "ray_seconds_big": round(rb["seconds"], 1),
+        "ray_rows_kept_1x": r1["rows_kept"], "datasets_rows_kept_1x": d1["rows_kept"],
+        "ray_rows_kept_big": rb["rows_kept"],
+        "ray_rejected_by_reason_1x": r1["rejected_by_reason"], "datasets_rejected_by_reason_1x": d1["rejected_by_reason"],
+        "ray_rejected_by_reason_big": rb["rejected_by_reason"],
+        "peak_rss_mib_1x": round(r1["peak_rss"] / mib, 1), "peak_rss_mib_big": round(rb["peak_rss"] / mib, 1),
+        "datasets_peak_rss_mib_1x": round(d1["peak_rss"] / mib, 1),
+        "rss_10x_over_1x": round(rb["peak_rss"] / r1["peak_rss"], 3),
+    }
+    w = 34
+    print(f"\nData pipeline, curate + tokenize ({args.model}, max_length {args.max_length}, "
+          f"median of {args.repeats} run{'s' if args.repeats > 1 else ''}, 2 CPUs)")
+    print(f"{'':{w}} {'rows in':>9} {'kept':>7} {'seconds':>8} {'rows/s':>8} {'peak RSS MiB':>13}")
+    for label, r in (("datasets.map(num_proc=2), 1x", d1), ("Ray Data (ours), 1x", r1),
+                     (f"Ray Data (ours), {args.scale}x", rb)):
+        print(f"{label:{w}} {r['rows_in']:>9} {r['rows_kept']:>7} {r['seconds']:>8.1f} {r['rows_per_s']:>8.1f} "
+              f"{r['peak_rss'] / mib:>13.0f}")
+    print(f"rows/s ratio, Ray Data over datasets.map at 1x: {figures['rows_per_s_ratio']:.2f}")
+    print(f"peak RSS (process tree, psutil; object store shm counted as mapped), {args.scale}x over 1x: "
+          f"{figures['rss_10x_over_1x']:.2f} (streaming target <= 1.2)")
+    print("baseline omits MinHash near-dedup, split, quarantine files, report and manifests (see docstring)")
+    if args.json:
+        print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
