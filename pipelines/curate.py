@@ -1,6 +1,6 @@
 """Curation stage: raw files → validated, normalised, filtered, de-duplicated, balanced, mixed, split rows.
 
-    loraforge curate configs/curate-alpaca-gsm8k.yaml       # alone; prints its output folder last
+    loraforge curate configs/curate-alpaca-gsm8k-cpu.yaml       # alone; prints its output folder last
 
 Three passes, each streaming: (1) Ray Data reads every file and parses, validates, normalises, filters and
 MinHash-signs each row, writing all rows (refused ones with their reason) to `_work/parsed/`; (2) the driver scans

@@ -1,6 +1,6 @@
 """Data stage: curate (pipelines.curate) then tokenize, both streaming on Ray Data.
 
-    loraforge curate configs/curate-alpaca-gsm8k.yaml    # curation alone → <run>/curated/
+    loraforge curate configs/curate-alpaca-gsm8k-cpu.yaml    # curation alone → <run>/curated/
     loraforge tokenize configs/quickstart-cpu.yaml       # curate + tokenize → <run>/data/; prints the folder last
 
 Output folder of `run`: `curated/` (the curation stage's own artifact and report), `train/`, `validation/`,
