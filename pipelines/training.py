@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipelines.schema import Section
 
@@ -76,6 +76,11 @@ class TrainSection(Section):
     log_every: int = Field(5, ge=1, description="Print a progress line every N steps.")
     tracking_uri: str | None = Field(None, description=(
         "MLflow tracking URI; default a sqlite store in the stage's output folder. 'off' disables tracking."))
+
+    @field_validator("tracking_uri", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):
+        return "off" if v is False else v  # YAML reads a bare `off` as false
 
     @model_validator(mode="after")
     def _check(self) -> "TrainSection":

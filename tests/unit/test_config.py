@@ -115,3 +115,7 @@ def test_deepspeed_auto_fields_filled_from_run_config():
     assert deepspeed_config(TrainSection(), "float32") is None
     with pytest.raises(ValueError, match="early_stopping_patience needs eval_every"):
         TrainSection(early_stopping_patience=2)
+
+
+def test_tracking_off_survives_yaml():
+    assert load_config(None, ["train.tracking_uri=off"]).train.tracking_uri == "off"
