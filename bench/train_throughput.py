@@ -5,7 +5,7 @@
 
 Tokens/s counts non-padding input tokens over the training loop only (model loading and Ray start excluded for
 both sides). (a) TRL in one process with all cores, padded batches; (b) ours, 2 Ray Train workers, padded;
-(c) ours with packing (needs the data stage's packing; reported as null if the data stage cannot pack).
+(c) ours with packing: blocks of --max-length tokens, one block per worker per step for --batch 8.
 Peak RSS: the whole process tree of each run (psutil, sampled every 0.2 s).
 """
 
@@ -84,7 +84,10 @@ def run_ours(model_dir: str, jsonl: Path, steps: int, batch: int, max_len: int, 
 
     cfg = load_config(None, [f"data.train_path={jsonl}", f"data.max_length={max_len}",
                              "data.max_rejected_fraction=1.0", f"train.max_steps={steps}",
-                             f"train.batch_size={max(1, batch // 2)}", "train.num_workers=2",
+                             # a packed row is a whole block (~max_length tokens, several rows): per-worker
+                             # batches then hold about as many real tokens as the unpacked ones
+                             f"train.batch_size={max(1, batch // 8) if packed else max(1, batch // 2)}",
+                             "train.num_workers=2",
                              "train.cpus_per_worker=0.5", "train.tracking_uri=off", "lora.r=16", "lora.alpha=32"]
                       + (["data.packing.enabled=true"] if packed else []))
     init_ray(cfg)
