@@ -32,18 +32,11 @@ class Generator:
                            seed=0, enforce_eager=True)
         else:
             import torch
-            from peft import PeftModel
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+            from transformers import AutoTokenizer
 
             torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
             self.tok = AutoTokenizer.from_pretrained(base_model, padding_side="left")
-            model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
-            names = list(adapters)
-            if names:
-                model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
-                for name in names[1:]:
-                    model.load_adapter(adapters[name], adapter_name=name)
-            self.model = model.eval()
+            self.model = load_with_adapters(base_model, adapters)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         variants, prompts = list(batch["variant"]), list(batch["prompt"])
@@ -97,3 +90,18 @@ def generate(rows: list[dict[str, str]], backend: str, base_model: str, adapters
                                                    max_new_tokens=max_new_tokens, max_lora_rank=max_lora_rank))
     out = sorted(ds.take_all(), key=lambda r: r["row"])
     return [str(r["prediction"]) for r in out]
+
+
+def load_with_adapters(base_model: str, adapters: dict[str, str]):
+    """The base in float32 with every adapter loaded under its own name (switch with set_adapter), in eval mode."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    names = list(adapters)
+    if names:
+        model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
+        for name in names[1:]:
+            model.load_adapter(adapters[name], adapter_name=name)
+    return model.eval()

@@ -121,18 +121,10 @@ class _Scorer:
     """Log-likelihood scoring in the driver (transformers + PEFT, float32): perplexity, MMLU, general NLL."""
 
     def __init__(self, base_model: str, adapters: dict[str, str]):
-        import torch
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
+        from pipelines.eval_generate import load_with_adapters
 
         self.tok = _tokenizer(base_model)
-        model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
-        names = list(adapters)
-        if names:
-            model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
-            for n in names[1:]:
-                model.load_adapter(adapters[n], adapter_name=n)
-        self.model = model.eval()
+        self.model = load_with_adapters(base_model, adapters)
 
     def nll(self, contexts: list[str], continuations: list[str], adapter: str | None) -> tuple[float, int]:
         """Summed NLL (nats) of each continuation's tokens given its context, and the token count."""

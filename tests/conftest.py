@@ -52,6 +52,18 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def wmt17(shared_data):
+    """The WMT17 en-de systems and the corpus scores sacrebleu 2.6.0 recorded for them."""
+    import gzip
+    import json
+
+    folder = shared_data / "metrics" / "sacrebleu"
+    with gzip.open(folder / "wmt17_en_de_systems.json.gz", "rt") as f:
+        systems = json.load(f)
+    return systems, json.loads((folder / "wmt17_en_de_reference_scores.json").read_text())
+
+
 def pytest_collection_modifyitems(config, items):
     """`gpu` tests run only where CUDA is present (the lent device), and are skipped elsewhere."""
     try:

@@ -7,22 +7,12 @@ No Ray here; it is in integration only because it is slow (TER alone is ~13 s pe
 
 from __future__ import annotations
 
-import gzip
-import json
 
 import pytest
 
 from pipelines import metrics
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def wmt17(shared_data):
-    folder = shared_data / "metrics" / "sacrebleu"
-    with gzip.open(folder / "wmt17_en_de_systems.json.gz", "rt") as f:
-        systems = json.load(f)
-    return systems, json.loads((folder / "wmt17_en_de_reference_scores.json").read_text())
 
 
 def test_corpus_bleu_equals_recorded_scores_on_all_16_systems(wmt17):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 
 import pytest
@@ -14,14 +13,6 @@ from pipelines import metrics
 def rouge_expected(shared_data):
     folder = shared_data / "metrics" / "rouge"
     return folder, json.loads((folder / "rouge155_expected.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def wmt17(shared_data):
-    folder = shared_data / "metrics" / "sacrebleu"
-    with gzip.open(folder / "wmt17_en_de_systems.json.gz", "rt") as f:
-        systems = json.load(f)
-    return systems, json.loads((folder / "wmt17_en_de_reference_scores.json").read_text())
 
 
 def test_rouge_line_level_matches_rouge155_to_5_places(rouge_expected):
