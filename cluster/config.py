@@ -21,6 +21,7 @@ from pipelines.evaluate import EvalSection
 from pipelines.gate import GateSection
 from pipelines.merge import MergeSection
 from pipelines.models import ModelConfig
+from pipelines.quantize import QuantizeSection
 from pipelines.registry import RegistrySection
 from pipelines.schema import Section
 from pipelines.training import LoraSection, QuantSection, TrainSection
@@ -58,6 +59,7 @@ class RunConfig(Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     gate: GateSection = Field(default_factory=GateSection)
     merge: MergeSection = Field(default_factory=MergeSection)
+    quantize: QuantizeSection = Field(default_factory=QuantizeSection)
     registry: RegistrySection = Field(default_factory=RegistrySection)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     demo: DemoSection = Field(default_factory=DemoSection)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -117,6 +118,35 @@ def stage_dpo(cfg: RunConfig, model_dir: str, sft_dir: Path) -> Path:
     console.print(f"[bold]dpo[/]: {m['steps']} steps, loss {m['loss_first']:.3f} → {m['loss_last']:.3f}, reward "
                   f"accuracy {acc[0]:.2f} → {acc[-1]:.2f} ({time.time() - t0:.0f} s)")
     return out
+
+
+def stage_quantize(cfg: RunConfig, source: str, out: Path | None = None) -> Path:
+    """Quantize `source` in a Ray task (on a GPU node when quantize.num_gpus > 0); recovery measured inside."""
+    import ray
+
+    from pipelines import quantize
+
+    q = cfg.quantize
+    curated = cfg.stage_dir("data") / "curated"
+    calibration = q.calibration_path or (str(curated / "train") if (curated / "train").is_dir()
+                                         else cfg.data.train_path)
+    evaluation = q.eval_path or (str(curated / "test") if (curated / "test").is_dir() else cfg.data.train_path)
+    if not calibration or not evaluation:
+        raise ValueError("quantize: no rows to calibrate/evaluate on: set quantize.calibration_path and "
+                         "quantize.eval_path, or data.train_path")
+    out = Path(out or cfg.stage_dir(f"quantize-{q.method}")).resolve()
+    init_ray(cfg)
+    t0 = time.time()
+    task = ray.remote(num_cpus=1, num_gpus=q.num_gpus)(quantize.run)
+    with console.status(f"[bold]quantize[/]: {q.method} of {source}"):
+        path = ray.get(task.remote(q, source, str(out), calibration=str(Path(calibration).resolve())
+                                   if "://" not in calibration else calibration,
+                                   evaluation=str(Path(evaluation).resolve()) if "://" not in evaluation
+                                   else evaluation))
+    report = json.loads((Path(path) / "quantize.json").read_text())
+    console.print(f"[bold]quantize[/]: {report['scheme']}: perplexity x{report['perplexity_ratio']:.3f}, size "
+                  f"x{report['size_ratio']:.2f} of the source ({time.time() - t0:.0f} s)")
+    return Path(path)
 
 
 def start_serving(cfg: RunConfig, model_dir: str, adapters: dict[str, str]) -> str:

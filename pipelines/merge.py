@@ -86,6 +86,7 @@ def run(cfg: MergeSection, base_model: str, adapters: list[str], out_dir: str | 
                    inputs={"base_model": base_model, **{f"adapter{i}": a for i, a in enumerate(adapters)}},
                    config={"merge": cfg.model_dump()}, metrics={"parity": parity},
                    extra={"base_model": base_model, "adapters": [str(a) for a in adapters],
+                          "source": {"base_model": base_model, "adapters": [str(a) for a in adapters]},
                           "base_loaded_as": "float32 (unquantized), saved as " + cfg.dtype,
                           "adapters_trained_on_quantized_base": qlora})
     if out.exists():
