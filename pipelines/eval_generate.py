@@ -28,7 +28,8 @@ class Generator:
             # max_loras one above the adapters in use: vLLM applied the last slot's adapter to base requests
             # sharing a batch when every slot was full (STACK_NOTES, vllm#48421).
             self.llm = LLM(model=base_model, dtype="float32", enable_lora=bool(adapters),
-                           max_loras=len(adapters) + 1, max_lora_rank=max_lora_rank, max_model_len=max_model_len,
+                           max_loras=len(adapters) + 1, max_lora_rank=max_lora_rank,
+                           max_model_len=model_len(base_model, max_model_len),
                            seed=0, enforce_eager=True)
         else:
             import torch
@@ -90,6 +91,19 @@ def generate(rows: list[dict[str, str]], backend: str, base_model: str, adapters
                                                    max_new_tokens=max_new_tokens, max_lora_rank=max_lora_rank))
     out = sorted(ds.take_all(), key=lambda r: r["row"])
     return [str(r["prediction"]) for r in out]
+
+
+def model_len(base_model: str, cap: int) -> int:
+    """The context vLLM reserves KV cache for: the model's own limit, capped (a 128k-context model would not fit
+    a CPU's KV cache, and evaluation prompts are short)."""
+    import json
+    from pathlib import Path
+
+    try:
+        own = json.loads((Path(base_model) / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError):
+        own = None
+    return min(cap, int(own)) if own else cap
 
 
 def load_with_adapters(base_model: str, adapters: dict[str, str]):

@@ -40,8 +40,9 @@ class EvalSection(Section):
     few_shot_path: str | None = Field(None, description=(
         "Where few-shot examples come from; default: the first k rows of test_path (then left out of the test)."))
     system_prompt: str | None = Field(None, description="System turn, as in training.")
-    backend: Literal["vllm", "hf"] = Field("hf", description=(
-        "Generation engine inside the Ray Data actor: vLLM offline with LoRA, or transformers + PEFT."))
+    backend: Literal["vllm", "hf"] = Field("vllm", description=(
+        "Generation engine inside the Ray Data actor: vLLM offline with LoRA (batched, continuous batching), or "
+        "transformers + PEFT (starts in a second; for tiny models and machines without vLLM)."))
     batch_size: int = Field(16, ge=1, description="Rows per generation batch.")
     max_new_tokens: int = Field(64, ge=1, description="Greedy tokens per answer.")
     max_lora_rank: int = Field(64, ge=1, description="vLLM backend: largest adapter rank.")
