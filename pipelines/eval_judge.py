@@ -18,8 +18,9 @@ def parse_score(text: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
-def judge_scores(cfg, questions: list[str], refs: list[str], preds: list[str]) -> float:
-    """Mean judge score over up to cfg.max_samples rows (unparseable replies are skipped); nan if none parsed."""
+def judge_scores(cfg, questions: list[str], refs: list[str], preds: list[str]) -> dict[str, float | int]:
+    """Judge up to cfg.max_samples rows: {"mean": mean score of the parsed replies (nan if none), "asked",
+    "parsed"}. A reply without a score is counted, never guessed."""
     from openai import OpenAI
 
     client = OpenAI(base_url=cfg.url, api_key=os.environ.get(cfg.api_key_env) or "unused")
@@ -31,4 +32,13 @@ def judge_scores(cfg, questions: list[str], refs: list[str], preds: list[str]) -
         score = parse_score(reply.choices[0].message.content or "")
         if score is not None:
             got.append(score)
-    return sum(got) / len(got) if got else float("nan")
+    asked = min(len(questions), cfg.max_samples)
+    return {"mean": sum(got) / len(got) if got else float("nan"), "asked": asked, "parsed": len(got)}
+
+
+def caveat(info: dict) -> str:
+    """What the report says about the judge: who it was, how many replies held a score, how far to trust it."""
+    parsed = ", ".join(f"{v}: {n['parsed']}/{n['asked']}" for v, n in info["replies"].items())
+    return (f"LLM judge: model {info['model']!r} at {info['url']}; replies holding a 1-10 score: {parsed}. "
+            "Treat it as a weak signal: a small judge (e.g. our own served model on CPU) scores noisily and favours "
+            "long, fluent answers; read it beside the reference metrics, never alone.")

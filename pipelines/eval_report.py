@@ -52,6 +52,8 @@ def write(results: dict[str, Any], out: Path) -> Path:
             lines.append(f"| {v} | {_fmt(row.get('mmlu_accuracy'))} | {_fmt(row.get('mmlu_accuracy_delta'))} | "
                          f"{_fmt(row.get('general_nll'))} | {_fmt(row.get('general_nll_delta'))} |")
         lines += ["", "Small models sit at chance on MMLU; the general-text NLL delta is the signal there."]
+    if results.get("judge"):
+        lines += ["", "## LLM judge", "", results["judge"]["caveat"]]
     lines += ["", "## Plots", ""] + [f"![{m}](plot_{m}.png)" for m in metrics]
     lines += ["", "## Samples", ""]
     for s in results.get("samples", [])[:4]:

@@ -62,7 +62,7 @@ class EvalSection(Section):
 def run(cfg: EvalSection, base_model: str, adapters: dict[str, str], out_dir: str | os.PathLike) -> Path:
     """Evaluate base, few-shot base and each adapter; write eval.json, eval_report.md, plots, manifest."""
     from pipelines import eval_generate, eval_report
-    from pipelines.eval_data import few_shot_messages, load_rows, render, split_shots
+    from pipelines.eval_data import few_shot_messages, load_rows, render, split_shots, user_text
     from pipelines.manifest import write_manifest
 
     if not cfg.test_path:
@@ -84,13 +84,18 @@ def run(cfg: EvalSection, base_model: str, adapters: dict[str, str], out_dir: st
     for v in variants:
         scores[v]["perplexity"] = scorer.perplexity(prompts[v], refs, None if v in ("base", "few_shot") else v)
     forgetting = _forgetting(cfg, scorer, adapters)
+    judge = None
     if cfg.judge.url:
-        from pipelines.eval_judge import judge_scores
+        from pipelines.eval_judge import caveat, judge_scores
 
+        judge = {"url": cfg.judge.url, "model": cfg.judge.model, "replies": {}}
         for v in variants:
-            scores[v]["judge"] = judge_scores(cfg.judge, [r["instruction"] for r in test], refs, preds[v])
+            got = judge_scores(cfg.judge, [user_text(r) for r in test], refs, preds[v])
+            scores[v]["judge"] = got["mean"]
+            judge["replies"][v] = {"asked": got["asked"], "parsed": got["parsed"]}
+        judge["caveat"] = caveat(judge)
     results = {"base_model": base_model, "adapters": adapters, "n_test": len(test), "few_shot_k": len(shots),
-               "backend": cfg.backend, "variants": scores, "forgetting": forgetting,
+               "backend": cfg.backend, "variants": scores, "forgetting": forgetting, "judge": judge,
                "verdicts": eval_report.verdicts(scores, list(adapters)),
                "samples": [{"prompt": t["instruction"], "reference": refs[i], **{v: preds[v][i] for v in variants}}
                            for i, t in enumerate(test[:8])]}

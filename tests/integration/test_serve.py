@@ -367,3 +367,25 @@ def test_metrics_are_exported_per_adapter(ray_session, client):
     assert any(line.startswith("ray_loraforge_completion_tokens_total") for line in lines)
     assert any(line.startswith("ray_loraforge_request_latency_s_bucket") for line in lines)
     assert any('status="404"' in line for line in lines)
+
+
+def test_llm_judge_asks_the_served_model_and_accounts_for_every_reply(server, monkeypatch):
+    """evaluate's LLM judge against a real OpenAI-compatible endpoint (this app, with its API key): every row is
+    asked, replies without a score are counted as unparsed rather than guessed, and the caveat names the judge."""
+    from pipelines.eval_judge import caveat, judge_scores
+    from pipelines.evaluate import JudgeSection
+
+    monkeypatch.setenv("JUDGE_KEY", KEY)
+    cfg = JudgeSection(url=server, model="base", api_key_env="JUDGE_KEY", max_samples=3)
+    got = judge_scores(cfg, ["Capital of France?"] * 4, ["Paris"] * 4, ["Paris", "Lyon", "Paris.", "no idea"])
+    assert got["asked"] == 3 and 0 <= got["parsed"] <= 3
+    assert (got["parsed"] == 0) == (got["mean"] != got["mean"])  # nan exactly when nothing parsed
+    if got["parsed"]:
+        assert 1 <= got["mean"] <= 10
+    text = caveat({"url": server, "model": "base", "replies": {"tuned": got}})
+    assert f"tuned: {got['parsed']}/3" in text and "weak signal" in text
+    monkeypatch.setenv("JUDGE_KEY", "wrong")
+    import openai
+
+    with pytest.raises(openai.AuthenticationError):
+        judge_scores(cfg, ["q"], ["r"], ["p"])
