@@ -42,7 +42,7 @@ class Engine:
         if self.ds:
             import deepspeed
 
-            _skip_shm_build()
+            skip_shm_build()
             deepspeed.init_distributed(dist_backend="nccl" if train.use_gpu else "gloo")
             self.model, self.opt, _, self.sched = deepspeed.initialize(
                 model=model, optimizer=opt, lr_scheduler=sched, config=ds_config, model_parameters=params)
@@ -54,11 +54,32 @@ class Engine:
     def peft_model(self):
         return self.model.module if hasattr(self.model, "module") else self.model
 
+    def describe(self) -> dict[str, Any]:
+        """What the engine really is, read back from it (not from our config): ZeRO stage, where the optimizer
+        state lives, which optimizer steps it."""
+        if not self.ds:
+            return {"engine": "ddp", "zero_stage": 0, "offload_optimizer_device": None, "optimizer_offloaded": False,
+                    "optimizer": type(self.opt).__name__}
+        offload = self.model.zero_offload_optimizer()
+        device = getattr(offload, "device", None) if offload is not None else None
+        return {"engine": "deepspeed", "zero_stage": int(self.model.zero_optimization_stage()),
+                "offload_optimizer_device": getattr(device, "value", device),
+                # stage 1/2 call it cpu_offload, stage 3 offload_optimizer
+                "optimizer_offloaded": bool(getattr(self.opt, "cpu_offload", getattr(self.opt, "offload_optimizer",
+                                                                                    False))),
+                "zero_optimizer": type(self.opt).__name__,
+                "optimizer": type(getattr(self.opt, "optimizer", self.opt)).__name__}
+
     def backward(self, loss, last_micro: bool) -> None:
         import contextlib
 
         if self.ds:
             self.model.backward(loss, scale_wrt_gas=False)  # our loss is already weighted over the whole step
+            if not last_micro:
+                # DeepSpeed counts micro-steps in step() and updates only at its accumulation boundary: every
+                # micro-batch must pass through step(), or with grad_accum=N only every N-th optimizer step of
+                # ours would update (and the schedule would run N times slower).
+                self.model.step()
             return
         sync = contextlib.nullcontext() if last_micro or not hasattr(self.model, "no_sync") else self.model.no_sync()
         with sync:
@@ -68,6 +89,8 @@ class Engine:
         import torch
 
         if self.ds:
+            if not self.model.is_gradient_accumulation_boundary():
+                raise RuntimeError("DeepSpeed's micro-step counter is out of step with the loop's accumulation")
             self.model.step()
             return
         torch.nn.utils.clip_grad_norm_(self.params, self.train.max_grad_norm)
@@ -131,7 +154,7 @@ class Engine:
         self.sched.load_state_dict(state["scheduler"])
 
 
-def _skip_shm_build() -> None:
+def skip_shm_build() -> None:
     """DeepSpeed's CPU all-reduce kernel is a C++ extension JIT-built on first use (~150 s on 2 cores).
     gloo does the same reduction; build it only when asked (LORAFORGE_DS_SHM=1)."""
     if os.environ.get("LORAFORGE_DS_SHM") == "1":
@@ -191,7 +214,8 @@ def run_loop(config: dict[str, Any], model, *, loss_fn: Callable, collate, count
     engine = Engine(model, train, deepspeed_config(train, config["dtype"]), lambda p: make_optimizer(p, train),
                     lambda o: get_cosine_schedule_with_warmup(o, train.warmup_steps, train.max_steps))
     state = {"step": 0, "epoch": 0, "batch_in_epoch": -1, "loss_history": [], "eval_history": [],
-             "extra_history": {}, "best_eval": math.inf, "evals_since_best": 0, "zero_grad_share": None}
+             "extra_history": {}, "best_eval": math.inf, "evals_since_best": 0, "zero_grad_share": None,
+             "engine": engine.describe()}
     ckpt = ray.train.get_checkpoint()
     if ckpt:  # a restarted worker group resumes where the last checkpoint left off
         with ckpt.as_directory() as d:
