@@ -157,8 +157,9 @@ def prepare(cfg: DPOSection, model_dir: str, sft_dir: str, out_dir: str | os.Pat
 
 def run(cfg: DPOSection, train: TrainSection, model_dir: str, sft_dir: str | os.PathLike, data_dir: str | os.PathLike,
         out_dir: str | os.PathLike, *, dtype: str = "float32", quant: QuantSection | None = None,
-        model_id: str | None = None) -> Path:
-    """Train the DPO adapter from the SFT adapter on a prepared preference dataset; write it with a manifest."""
+        model_id: str | None = None, base_cache: str | os.PathLike | None = None) -> Path:
+    """Train the DPO adapter from the SFT adapter on a prepared preference dataset; write it with a manifest.
+    base_cache: where each node keeps the 4-bit base it quantized once (QLoRA); see training.load_worker_base."""
     from pipelines.manifest import read_manifest
     from pipelines.sft import export_adapter, finish_stage, fit_on_ray
 
@@ -169,7 +170,7 @@ def run(cfg: DPOSection, train: TrainSection, model_dir: str, sft_dir: str | os.
     out.mkdir(parents=True, exist_ok=True)
     loop_config = {"model_dir": model_dir, "sft_dir": str(Path(sft_dir).resolve()), "dpo": cfg.model_dump(),
                    "quant": quant.model_dump(), "train": train.model_dump(), "dtype": dtype,
-                   "storage": str(out / "ray_train")}
+                   "storage": str(out / "ray_train"), "base_cache": str(base_cache) if base_cache else None}
     result = fit_on_ray(train_loop_per_worker, loop_config, train, quant, data_dir, data_manifest, out, "dpo")
     state = export_adapter(result, out)
     data_manifest.setdefault("inputs", {}).setdefault("train", {"hash": data_manifest.get("source", {}).get("hash")})
@@ -193,15 +194,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from transformers import AutoTokenizer
 
     from pipelines.loop import run_loop
-    from pipelines.training import load_base
+    from pipelines.sft import per_rank
+    from pipelines.training import load_worker_base
 
     cfg, train = DPOSection(**config["dpo"]), TrainSection(**config["train"])
     torch.set_num_threads(max(1, int(round(train.cpus_per_worker * 2))))
     torch.manual_seed(train.seed)
     tokenizer = AutoTokenizer.from_pretrained(config["model_dir"])
-    base = load_base(config["model_dir"], config["dtype"], QuantSection(**config["quant"]),
-                     train.gradient_checkpointing)
+    base, base_info = load_worker_base(config, train.gradient_checkpointing)
     model = PeftModel.from_pretrained(base, config["sft_dir"], is_trainable=True)
+    static = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+              **per_rank(model, base_info)}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if ray.train.get_context().get_world_rank() == 0:
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -223,8 +226,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def save_extra(folder: str, rank: int) -> None:
         if rank == 0:
             tokenizer.save_pretrained(folder)
-            Path(folder, "static.json").write_text(json.dumps({"trainable_params": sum(
-                p.numel() for p in model.parameters() if p.requires_grad)}))
+            Path(folder, "static.json").write_text(json.dumps(static))
 
     run_loop(config, model, loss_fn=loss_fn, collate=_collate(pad_id), count_items=lambda b: b["ref_chosen"].shape[0],
              save_extra=save_extra, tag="dpo")

@@ -6,7 +6,9 @@ DeepSpeed ZeRO, checkpoints that resume after a worker dies, validation and earl
     loraforge sft CONFIG quant.load_in_4bit=true train.deepspeed=zero2                 # QLoRA under ZeRO-2
 
 Output folder: the PEFT adapter (adapter_config.json + adapter_model.safetensors), the tokenizer with its chat
-template, `loss.png`, and `manifest.json` (lineage, config, metrics incl. `loss_history`).
+template, `loss.png`, and `manifest.json` (lineage, config, metrics incl. `loss_history`; `ranks`: per worker, where
+its base came from — `base_load` quantized-here / prequantized-cache / zero3-partitioned / full — its parameter
+count held locally, and its frozen checksum; `engine`: ZeRO stage and optimizer offload as DeepSpeed reports them).
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "train_stat
 
 def run(lora: LoraSection, train: TrainSection, model_dir: str, data_dir: str | os.PathLike,
         out_dir: str | os.PathLike, *, dtype: str = "float32", quant: QuantSection | None = None,
-        model_id: str | None = None) -> Path:
-    """Train an adapter on the tokenized dataset in data_dir; write it with a manifest into out_dir."""
+        model_id: str | None = None, base_cache: str | os.PathLike | None = None) -> Path:
+    """Train an adapter on the tokenized dataset in data_dir; write it with a manifest into out_dir.
+    base_cache: where each node keeps the 4-bit base it quantized once (QLoRA); see training.load_worker_base."""
     from pipelines.manifest import read_manifest
 
     quant = quant or QuantSection()
@@ -34,7 +37,8 @@ def run(lora: LoraSection, train: TrainSection, model_dir: str, data_dir: str | 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     loop_config = {"model_dir": model_dir, "lora": lora.model_dump(), "quant": quant.model_dump(),
-                   "train": train.model_dump(), "dtype": dtype, "storage": str(out / "ray_train")}
+                   "train": train.model_dump(), "dtype": dtype, "storage": str(out / "ray_train"),
+                   "base_cache": str(base_cache) if base_cache else None}
     result = fit_on_ray(train_loop_per_worker, loop_config, train, quant, data_dir, data_manifest, out, "sft")
     state = export_adapter(result, out)
     finish_stage(out, kind="lora_adapter", state=state, model_dir=model_dir, model_id=model_id,
@@ -122,7 +126,7 @@ def finish_stage(out: Path, *, kind: str, state: dict, model_dir: str, model_id:
                "loss_history": state["loss_history"], "eval_history": state["eval_history"],
                "best_eval_loss": None if state["best_eval"] == float("inf") else state["best_eval"],
                "stopped_early": state.get("stopped_early", False), "throughput": state.get("throughput"),
-               "zero_grad_share": state.get("zero_grad_share"),
+               "zero_grad_share": state.get("zero_grad_share"), "engine": state.get("engine"),
                **{f"{k}_history": v for k, v in state.get("extra_history", {}).items()},
                **state.get("static", {}), **adapter_health(out, model_dir)}
     uri = config["train"].get("tracking_uri") or f"sqlite:///{out.parent / 'mlflow.db'}"  # one store per run
@@ -150,22 +154,36 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def setup_worker(config: dict[str, Any]):
     """Per-worker setup shared by SFT and DPO: threads, seed, tokenizer, (4-bit) base + LoRA, frozen checksum."""
-    import ray.train
     import torch
     from transformers import AutoTokenizer
 
-    from pipelines.training import attach_lora, checksum, load_base, weight_bytes
+    from pipelines.training import attach_lora, load_worker_base, weight_bytes
 
-    lora, quant, train = (LoraSection(**config["lora"]), QuantSection(**config["quant"]),
-                          TrainSection(**config["train"]))
+    lora, train = LoraSection(**config["lora"]), TrainSection(**config["train"])
     torch.set_num_threads(max(1, int(round(train.cpus_per_worker * 2))))
     tokenizer = AutoTokenizer.from_pretrained(config["model_dir"])
-    model = load_base(config["model_dir"], config["dtype"], quant, train.gradient_checkpointing)
+    model, base = load_worker_base(config, train.gradient_checkpointing)
     model = attach_lora(model, lora, train.seed)
     static = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-              "frozen_checksum_before": checksum(p for p in model.parameters() if not p.requires_grad),
-              **weight_bytes(model), "world_size": ray.train.get_context().get_world_size()}
+              **weight_bytes(model), **per_rank(model, base)}
     return tokenizer, model, static
+
+
+def per_rank(model, base: dict[str, Any]) -> dict[str, Any]:
+    """Where each rank's base came from, and its frozen checksum, gathered to every rank (collective); rank 0
+    writes them into the checkpoint's static.json and from there the manifest."""
+    import ray.train
+    import torch.distributed as dist
+
+    from pipelines.training import checksum, full_tensors
+
+    mine = {**base, "frozen_checksum": checksum(full_tensors([p for p in model.parameters() if not p.requires_grad]))}
+    ranks = [mine]
+    if dist.is_initialized():
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, mine)
+    return {"world_size": ray.train.get_context().get_world_size(), "frozen_checksum_before": mine["frozen_checksum"],
+            "base_load": mine["base_load"], "ranks": ranks}
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -173,7 +191,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     from pipelines.loop import run_loop
-    from pipelines.training import checksum
+    from pipelines.training import checksum, full_tensors
 
     tokenizer, model, static = setup_worker(config)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -184,7 +202,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     def save_extra(folder: str, rank: int) -> None:
         frozen = [p for p in model.parameters() if not p.requires_grad]
-        static["frozen_checksum_after"] = checksum(_gathered(frozen))
+        static["frozen_checksum_after"] = checksum(full_tensors(frozen))
         logits = probe_logits(model, tokenizer)  # a forward on every rank: collective under ZeRO-3
         if rank == 0:
             from safetensors.torch import save_file
@@ -211,16 +229,6 @@ def probe_logits(model, tokenizer):
         out = model(input_ids=ids).logits[0].float().cpu().contiguous()
     model.train(was_training)
     return out
-
-
-def _gathered(params):
-    """Frozen params as full tensors (ZeRO-3 keeps only a partition on each rank)."""
-    if params and hasattr(params[0], "ds_id"):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params):
-            return [p.detach().clone() for p in params]
-    return params
 
 
 def causal_lm_loss(model, batch):

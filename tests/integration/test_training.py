@@ -65,10 +65,11 @@ def _sft(ray_session, model_dir, data_dir, out, **train_kw):
     from pipelines.training import LoraSection, QuantSection, TrainSection
 
     quant = QuantSection(**train_kw.pop("quant", {}))
+    base_cache = train_kw.pop("base_cache", Path(out) / "base_cache")  # a fresh per-node 4-bit cache per run
     train = TrainSection(**{"num_workers": 2, "cpus_per_worker": 0.5, "max_steps": 6, "batch_size": 4,
                             "lr": 5e-3, "warmup_steps": 1, "log_every": 3, "tracking_uri": "off", **train_kw})
     lora = LoraSection(r=8, alpha=16, dropout=0.0, target_modules="all-linear")
-    folder = run(lora, train, model_dir, data_dir, out, quant=quant)
+    folder = run(lora, train, model_dir, data_dir, out, quant=quant, base_cache=base_cache)
     return json.loads((folder / "manifest.json").read_text()), folder
 
 
@@ -91,12 +92,27 @@ def _assert_trained(manifest):
     assert losses[-1] < losses[0] - 0.2, losses
     assert m["frozen_checksum_before"] == m["frozen_checksum_after"]
     assert m["delta_over_weight_max"] > 0
+    assert len(m["ranks"]) == m["world_size"]
+    assert {r["frozen_checksum"] for r in m["ranks"]} == {m["frozen_checksum_before"]}  # every rank, same base
+
+
+def _assert_partitioned(m):
+    """ZeRO-3: each rank holds only its partition of the base from the moment it is built (zero.Init),
+    not a full copy that DeepSpeed partitions later."""
+    for r in m["ranks"]:
+        assert r["base_load"] == "zero3-partitioned"
+        assert r["base_params_local"] == pytest.approx(r["base_params_total"] / len(m["ranks"]), rel=0.01)
+    assert sum(r["base_params_local"] for r in m["ranks"]) >= m["ranks"][0]["base_params_total"]
 
 
 def test_ddp_reference_trains(reference):
     manifest, folder = reference
     _assert_trained(manifest)
     assert manifest["metrics"]["world_size"] == 2
+    for r in manifest["metrics"]["ranks"]:  # DDP replicates a 16/32-bit base: the whole of it on every rank
+        assert r["base_load"] == "full" and r["base_params_local"] == r["base_params_total"]
+    assert manifest["metrics"]["engine"] == {"engine": "ddp", "zero_stage": 0, "offload_optimizer_device": None,
+                                             "optimizer_offloaded": False, "optimizer": "AdamW"}
     assert manifest["metrics"]["eval_history"] and manifest["metrics"]["best_eval_loss"] is not None
     assert (folder / "loss.png").stat().st_size > 1000
 
@@ -117,21 +133,51 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(ray_session, tiny_model_d
 def test_zero3_first_step_loss_matches_ddp_and_trains(ray_session, tiny_model_dir, data_dir, tmp_path, reference):
     manifest, folder = _sft(ray_session, tiny_model_dir, data_dir, tmp_path, grad_accum=2, deepspeed="zero3")
     _assert_trained(manifest)
+    _assert_partitioned(manifest["metrics"])
+    # not just the first step: accumulation (grad_accum=2) and the schedule must step as DDP's do
+    assert manifest["metrics"]["loss_history"] == pytest.approx(reference[0]["metrics"]["loss_history"], abs=2e-3)
+    assert manifest["metrics"]["ranks"][0]["base_params_total"] == reference[0]["metrics"]["ranks"][0][
+        "base_params_total"]
+    assert manifest["metrics"]["engine"]["zero_stage"] == 3
+    assert not manifest["metrics"]["engine"]["optimizer_offloaded"]
     assert manifest["metrics"]["loss_history"][0] == pytest.approx(
         reference[0]["metrics"]["loss_history"][0], abs=1e-4)
     _assert_reload_reproduces(tiny_model_dir, folder, four_bit=False)
 
 
+def _assert_offloaded(m, stage: int):
+    """The engine itself reports the optimizer offload (read back from DeepSpeed, not from our config); the
+    optimizer is torch AdamW (zero_force_ds_cpu_optimizer=false: DeepSpeed's cpu_adam is not JIT-built)."""
+    assert m["engine"] == {"engine": "deepspeed", "zero_stage": stage, "offload_optimizer_device": "cpu",
+                           "optimizer_offloaded": True, "optimizer": "AdamW",
+                           "zero_optimizer": "DeepSpeedZeroOptimizer_Stage3" if stage == 3 else "DeepSpeedZeroOptimizer"}
+
+
+def test_zero3_offload_matches_ddp_and_trains(ray_session, tiny_model_dir, data_dir, tmp_path, reference):
+    manifest, _ = _sft(ray_session, tiny_model_dir, data_dir, tmp_path, grad_accum=2, deepspeed="zero3-offload")
+    _assert_trained(manifest)
+    m = manifest["metrics"]
+    assert m["loss_history"] == pytest.approx(reference[0]["metrics"]["loss_history"], abs=2e-3)
+    _assert_offloaded(m, 3)
+    _assert_partitioned(m)
+
+
 def test_zero2_first_step_loss_matches_and_early_stopping(ray_session, tiny_model_dir, data_dir, tmp_path,
                                                          reference):
-    """A learning rate far too high makes validation loss worse: early stopping must end the run early."""
-    manifest, _ = _sft(ray_session, tiny_model_dir, data_dir, tmp_path, grad_accum=2, deepspeed="zero2",
-                       max_steps=20, lr=0.5, warmup_steps=0, eval_every=1, early_stopping_patience=2)
+    """A learning rate far too high (0.5, no warmup: Adam's first full steps overshoot) makes validation loss worse
+    at step 2: early stopping (patience 1) must end the run there and select the step-1 checkpoint, not the last.
+    Run under ZeRO-2 with CPU optimizer offload (plain ZeRO-2 runs in the QLoRA test): one run for both."""
+    patience = 1
+    manifest, _ = _sft(ray_session, tiny_model_dir, data_dir, tmp_path, grad_accum=2, deepspeed="zero2-offload",
+                       max_steps=20, lr=0.5, warmup_steps=0, eval_every=1, early_stopping_patience=patience)
     m = manifest["metrics"]
     assert m["loss_history"][0] == pytest.approx(reference[0]["metrics"]["loss_history"][0], abs=1e-4)
+    _assert_offloaded(m, 2)
     assert m["stopped_early"] and m["steps"] < 20
     evals = [v for _, v in m["eval_history"]]
-    assert min(evals[-2:]) >= min(evals) and m["selected_step"] == m["eval_history"][evals.index(min(evals))][0]
+    assert len(evals) == m["steps"] > patience
+    assert min(evals[-patience:]) >= min(evals[:-patience]) - 1e-6  # the last `patience` evals did not improve
+    assert m["selected_step"] == m["eval_history"][evals.index(min(evals))][0] < m["steps"]
 
 
 def test_qlora_zero2_base_stays_4bit_and_unchanged(ray_session, tiny_model_dir, data_dir, tmp_path):
@@ -139,6 +185,10 @@ def test_qlora_zero2_base_stays_4bit_and_unchanged(ray_session, tiny_model_dir, 
                             quant={"load_in_4bit": True, "compute_dtype": "float32"})
     _assert_trained(manifest)
     m = manifest["metrics"]
+    # one rank per node quantized the base and published it; the other loaded it already packed
+    assert sorted(r["base_load"] for r in m["ranks"]) == ["prequantized-cache", "quantized-here"]
+    assert len({r["frozen_checksum"] for r in m["ranks"]}) == 1  # bit-identical 4-bit base on both ranks
+    assert len(list((tmp_path / "base_cache").iterdir())) == 1
     assert m["quantized_bytes_bf16"] > 0  # the linear layers really are 4-bit
     assert m["quantized_bytes_loaded"] <= 0.26 * m["quantized_bytes_bf16"]  # 4 of 16 bits, packed
     _assert_reload_reproduces(tiny_model_dir, folder, four_bit=True)

@@ -1,0 +1,130 @@
+"""Training options checked in-process on the tiny model (no Ray): the per-node 4-bit base cache, gradient
+checkpointing, and bitsandbytes' 8-bit / paged 8-bit AdamW on the CPU backend.
+
+    .venv/bin/python -m pytest tests/unit/test_training_options.py -q
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from pipelines.training import LoraSection, QuantSection, TrainSection
+
+Q4 = QuantSection(load_in_4bit=True, compute_dtype="float32")
+LORA = LoraSection(r=16, alpha=32, dropout=0.0, target_modules="all-linear")
+
+
+def _batch(seed: int = 0, rows: int = 2, length: int = 24):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 500, (rows, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def _lora_model(model_dir: str, four_bit: bool, gradient_checkpointing: bool):
+    from pipelines.training import attach_lora, load_base
+
+    base = load_base(model_dir, "float32", Q4 if four_bit else QuantSection(), gradient_checkpointing)
+    return attach_lora(base, LORA, seed=0).train()
+
+
+def test_quantized_base_is_made_once_and_loaded_packed(tiny_model_dir, tmp_path, monkeypatch):
+    """Local rank 0 quantizes and publishes; a rank that finds the cache loads uint8 weights and quantizes
+    nothing; both hold bit-identical frozen weights; the cache is keyed by the quant settings."""
+    import bitsandbytes.functional as bnbf
+    from safetensors import safe_open
+
+    from pipelines.training import checksum, load_quantized_shared, prepare_base
+
+    quantized = []
+    real = bnbf.quantize_4bit
+    monkeypatch.setattr(bnbf, "quantize_4bit", lambda A, *a, **k: quantized.append(A.shape) or real(A, *a, **k))
+    barriers = []
+    first, source, folder = load_quantized_shared(tiny_model_dir, Q4, tmp_path, local_rank=0,
+                                                  barrier=lambda: barriers.append(1))
+    assert source == "quantized-here" and len(quantized) == 14  # 2 layers × 7 linear modules
+    assert folder.parent == tmp_path and [p.name for p in tmp_path.iterdir()] == [folder.name]  # no tmp left
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        linear = [k for k in f.keys() if k.endswith("_proj.weight")]
+        assert len(linear) == 14 and {f.get_slice(k).get_dtype() for k in linear} == {"U8"}
+
+    quantized.clear()
+    other, source, again = load_quantized_shared(tiny_model_dir, Q4, tmp_path, local_rank=1,
+                                                 barrier=lambda: barriers.append(1))
+    assert source == "prequantized-cache" and again == folder and quantized == []
+    assert type(other.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    assert checksum(first.parameters()) == checksum(other.parameters())
+    assert checksum(prepare_base(first, Q4, False).parameters()) == checksum(
+        prepare_base(other, Q4, False).parameters())
+
+    _, source, _ = load_quantized_shared(tiny_model_dir, Q4, tmp_path, local_rank=0, barrier=lambda: None)
+    assert source == "prequantized-cache" and quantized == []  # a later run on this node reuses it
+    assert barriers == [1, 1]  # every call meets the barrier exactly once, whatever it found
+
+    fp4 = QuantSection(load_in_4bit=True, compute_dtype="float32", quant_type="fp4")
+    _, source, fp4_folder = load_quantized_shared(tiny_model_dir, fp4, tmp_path, local_rank=0, barrier=lambda: None)
+    assert source == "quantized-here" and fp4_folder != folder
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["fp32-base", "nf4-base"])
+def test_gradient_checkpointing_same_loss_and_lora_grads(tiny_model_dir, four_bit):
+    """Recomputing activations changes memory, not maths; and it really recomputes: a layer's MLP forward runs
+    twice per step (forward hooks do not fire during the recompute, so the forward itself is counted)."""
+    results = {}
+    for gc in (False, True):
+        model = _lora_model(tiny_model_dir, four_bit, gc)
+        calls, mlp = [], model.base_model.model.model.layers[0].mlp
+        forward = mlp.forward
+        mlp.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+        loss = model(**_batch()).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        assert grads and all(g is not None for g in grads.values())
+        results[gc] = (loss.item(), grads, len(calls), model.base_model.model.is_gradient_checkpointing)
+    (loss0, g0, calls0, on0), (loss1, g1, calls1, on1) = results[False], results[True]
+    assert (on0, on1) == (False, True) and (calls0, calls1) == (1, 2)
+    assert abs(loss0 - loss1) < 1e-5
+    assert g0.keys() == g1.keys()
+    assert max(float((g0[k] - g1[k]).abs().max()) for k in g0) < 1e-5
+    assert max(float(g.abs().max()) for g in g0.values()) > 1e-4  # the comparison is not between zeros
+
+
+@pytest.mark.parametrize("name", ["adamw_8bit", "paged_adamw_8bit"])
+def test_8bit_adamw_keeps_uint8_state_and_lowers_loss(tiny_model_dir, name):
+    """bitsandbytes keeps 8-bit state for tensors of at least min_8bit_size (4096) elements and 32-bit state
+    for smaller ones. The paged variant warns that paging is unsupported on CPU and falls back to ordinary
+    (non-paged) uint8 buffers."""
+    import bitsandbytes as bnb
+    import torch
+
+    from pipelines.training import make_optimizer
+
+    model = _lora_model(tiny_model_dir, False, False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, TrainSection(optimizer=name, lr=5e-3))
+    assert type(opt) is (bnb.optim.PagedAdamW8bit if name.startswith("paged") else bnb.optim.AdamW8bit)
+    batch, losses = _batch(seed=1), []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(6):
+            loss = model(**batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss))
+    paged_warnings = [w for w in caught if "Paged optimizers are not supported on CPU" in str(w.message)]
+    assert len(paged_warnings) == (1 if name.startswith("paged") else 0)
+    assert opt.is_paged == name.startswith("paged")
+    big = [p for p in params if p.numel() >= 4096]
+    small = [p for p in params if p.numel() < 4096]
+    assert big and small
+    for p in big:
+        st = opt.state[p]
+        assert st["state1"].dtype == st["state2"].dtype == torch.uint8
+        assert not getattr(st["state1"], "is_paged", False)  # CPU: an ordinary tensor, not paged memory
+    for p in small:
+        assert opt.state[p]["state1"].dtype == torch.float32
+    assert losses[-1] < losses[0] - 0.1, losses
