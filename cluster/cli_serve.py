@@ -36,16 +36,44 @@ def deploy(config: Path = typer.Argument(..., help="Run config YAML (see configs
     from serve.app import start
 
     cfg = _load(config, [*(overrides or []), f"ray.address={address}"])
+    try:
+        probe_host(address, cfg.serve.host)
+    except ValueError as e:
+        typer.secho(str(e), fg="red", err=True)
+        raise typer.Exit(2) from None
     model_dir = runner.stage_model(cfg)
     sft_dir = cfg.stage_dir("sft")
     adapters = {cfg.name: str(sft_dir.resolve())} if (sft_dir / "adapter_config.json").is_file() else {}
     runner.init_ray(cfg)
-    # The proxy runs on the head: probe it there (a local 127.0.0.1 would be this machine, not the cluster).
-    head = address.removeprefix("ray://").rsplit(":", 1)[0] if address != "auto" else None
-    url = start(cfg.serve, model_dir, adapters, probe_host=head if head not in ("", "localhost") else None)
+    url = start(cfg.serve, model_dir, adapters, probe_host=probe_host(address, cfg.serve.host))
     # Serve's controller is detached: the app keeps running after this driver disconnects.
     ray.shutdown()
     print(url, flush=True)
+
+
+def probe_host(address: str, serve_host: str) -> str | None:
+    """Where this machine reaches the proxy that Serve starts on the head; refuse what cannot be reached."""
+    head = address.removeprefix("ray://").rsplit(":", 1)[0] if address != "auto" else ""
+    if not head or head == "localhost" or _is_local(head):
+        return None  # the head is this machine: serve.host itself
+    if serve_host in ("0.0.0.0", "::"):
+        return head
+    if serve_host.startswith("127.") or serve_host in ("localhost", "::1"):
+        raise ValueError(f"serve.host={serve_host} binds the proxy to the loopback of the head {head}, which this "
+                         "machine cannot reach: set serve.host=0.0.0.0 (and serve.api_key) to deploy there")
+    return serve_host
+
+
+def _is_local(host: str) -> bool:
+    """Whether `host` is an address of this machine (binding to it succeeds only then)."""
+    import socket
+
+    try:
+        with socket.socket() as s:
+            s.bind((host, 0))
+        return True
+    except OSError:
+        return False
 
 
 def chat(model: str = typer.Option(..., help="What to talk to: 'base', 'base:adapter', 'adapter@version'."),

@@ -152,18 +152,25 @@ def test_cli_quantizes_on_ray_and_registers(ray_session, trained, splits, tmp_pa
     assert (tmp_path / "runs" / "q" / "quantize-int8" / "quantize.json").is_file()
 
 
-def test_serve_app_serves_int8_base_with_adapter_like_transformers(ray_session, trained, int8_dir, tmp_path):
-    """The quantize stage's CPU artifact behind the Ray Serve app: base and LoRA answers equal to transformers +
-    torchao + PEFT (float32, greedy)."""
+def test_deploy_serves_int8_base_with_adapter_like_transformers(ray_session, trained, int8_dir, tmp_path):
+    """`loraforge deploy --address` (a separate driver joining this session's Ray cluster, then leaving) puts the
+    quantize stage's CPU artifact behind the Serve app with the run's LoRA adapter; base and adapter answers equal
+    transformers + torchao + PEFT (float32, greedy)."""
+    import shutil
+    import subprocess
+    import sys
+
     import openai
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from serve import ServeConfig, shutdown, start
+    from serve import ServeConfig, shutdown
     from tests.integration.test_serve import make_adapter
 
     adapter = make_adapter(trained, tmp_path / "ad", seed=3)
+    run_dir = tmp_path / "runs" / "city"
+    shutil.copytree(adapter, run_dir / "sft")  # deploy serves the run's sft/ adapter under the run name
     tok = AutoTokenizer.from_pretrained(int8_dir)
     prompts = ["Extract the city and the date from the sentence. Answer with JSON only.\n\nAna flies to Oslo "
                "on 4 June.", "Return the city and the date mentioned below as a JSON object.\n\nWe meet in Lima "
@@ -179,15 +186,25 @@ def test_serve_app_serves_int8_base_with_adapter_like_transformers(ray_session, 
             with model.disable_adapter():
                 expected[("base", i)] = tok.decode(model.generate(ids, **gen)[0, ids.shape[1]:],
                                                    skip_special_tokens=True)
-    cfg = ServeConfig(port=free_port(), max_model_len=256, startup_timeout_s=300, max_loras=2)
-    url = start(cfg, str(int8_dir), {"ad": adapter}, name="test-int8")
+    port = free_port()
+    config = tmp_path / "deploy.yaml"
+    config.write_text(f"name: city\noutput_dir: {tmp_path / 'runs'}\nmodel:\n  name: {int8_dir}\n"
+                      f"serve:\n  port: {port}\n  max_model_len: 256\n  max_loras: 2\n  startup_timeout_s: 300\n")
+    address = ray_session.get_runtime_context().gcs_address
+    proc = subprocess.run([sys.executable, "-m", "cluster", "deploy", str(config), "--address", address],
+                          capture_output=True, text=True, timeout=600)
     try:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        url = proc.stdout.strip().splitlines()[-1]
+        assert url == f"http://127.0.0.1:{port}/v1"
         client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
+        alias = ServeConfig().model_alias
+        assert {m.id for m in client.models.list()} >= {alias, f"{alias}:city"}
         for i, p in enumerate(prompts):
-            for who, model_name in (("base", cfg.model_alias), ("ad", f"{cfg.model_alias}:ad")):
+            for who, model_name in (("base", alias), ("ad", f"{alias}:city")):
                 r = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": p}],
                                                    max_tokens=12, temperature=0)
                 assert r.choices[0].message.content == expected[(who, i)], (who, i)
         assert expected[("ad", 0)] != expected[("base", 0)] or expected[("ad", 1)] != expected[("base", 1)]
     finally:
-        shutdown("test-int8")
+        shutdown("loraforge")

@@ -48,3 +48,14 @@ def test_base_from_the_registry(tmp_path):
         resolve_base("nope", str(tmp_path / "reg"))
     with pytest.raises(ValueError, match="no serve.registry"):
         resolve_base("nope", None)
+
+
+def test_deploy_probes_the_proxy_where_it_can_be_reached():
+    import pytest
+
+    from cluster.cli_serve import probe_host
+
+    assert probe_host("auto", "127.0.0.1") is None and probe_host("127.0.0.1:6379", "127.0.0.1") is None
+    assert probe_host("ray://203.0.113.7:10001", "0.0.0.0") == "203.0.113.7"  # TEST-NET: never this machine
+    with pytest.raises(ValueError, match="serve.host=127.0.0.1 binds the proxy to the loopback of the head 203"):
+        probe_host("203.0.113.7:6379", "127.0.0.1")
