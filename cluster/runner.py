@@ -137,7 +137,7 @@ def stage_quantize(cfg: RunConfig, source: str, out: Path | None = None) -> Path
     out = Path(out or cfg.stage_dir(f"quantize-{q.method}")).resolve()
     init_ray(cfg)
     t0 = time.time()
-    task = ray.remote(num_cpus=1, num_gpus=q.num_gpus)(quantize.run)
+    task = ray.remote(num_cpus=q.num_cpus, num_gpus=q.num_gpus)(quantize.run)
     with console.status(f"[bold]quantize[/]: {q.method} of {source}"):
         path = ray.get(task.remote(q, source, str(out), calibration=str(Path(calibration).resolve())
                                    if "://" not in calibration else calibration,

@@ -64,6 +64,8 @@ class QuantizeSection(Section):
     max_perplexity_ratio: float | None = Field(None, gt=1, description=(
         "Refuse the result when quantized / source perplexity exceeds this (default: report only)."))
     num_gpus: float = Field(0, ge=0, description="GPUs the stage's Ray task holds (AWQ on a GPU node: 1).")
+    num_cpus: float = Field(1, gt=0, description=(
+        "CPUs the stage's Ray task holds; Ray sets the task's torch/OpenMP threads to this number."))
 
 
 class RecoveryError(RuntimeError):
@@ -108,19 +110,35 @@ def awq_python(cfg: QuantizeSection) -> str:
 
 
 def run_worker(job: dict[str, Any], python: str | None = None) -> dict[str, Any]:
-    """Run one quantize_worker job in `python` (default this interpreter); its RESULT line, or its stderr tail."""
+    """Run one quantize_worker job in `python` (default this interpreter): its progress (stderr) streams through to
+    ours as it comes; returns its RESULT line, or raises with the tail of its stderr."""
+    import collections
+    import threading
+
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(job, f)
+    tail: collections.deque[str] = collections.deque(maxlen=15)
     try:
-        proc = subprocess.run([python or sys.executable, str(WORKER), f.name], capture_output=True, text=True,
-                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        proc = subprocess.Popen([python or sys.executable, str(WORKER), f.name], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+
+        def relay() -> None:
+            for line in proc.stderr:
+                tail.append(line.rstrip())
+                sys.stderr.write(line)
+
+        relay_thread = threading.Thread(target=relay, daemon=True)
+        relay_thread.start()
+        out = proc.stdout.read()
+        proc.wait()
+        relay_thread.join(5)
     finally:
         os.unlink(f.name)
-    for line in reversed(proc.stdout.splitlines()):
+    for line in reversed(out.splitlines()):
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
-    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-    raise RuntimeError(f"quantize worker {job['op']} failed (exit {proc.returncode}):\n{tail}")
+    raise RuntimeError(f"quantize worker {job['op']} failed (exit {proc.returncode}):\n" + "\n".join(tail))
 
 
 def run(cfg: QuantizeSection, model_dir: str, out_dir: str | os.PathLike, *, calibration: str,
