@@ -139,14 +139,17 @@ def stage_quantize(cfg: RunConfig, source: str, out: Path | None = None) -> Path
     t0 = time.time()
     task = ray.remote(num_cpus=q.num_cpus, num_gpus=q.num_gpus)(quantize.run)
     with console.status(f"[bold]quantize[/]: {q.method} of {source}"):
-        path = ray.get(task.remote(q, source, str(out), calibration=str(Path(calibration).resolve())
-                                   if "://" not in calibration else calibration,
-                                   evaluation=str(Path(evaluation).resolve()) if "://" not in evaluation
-                                   else evaluation))
+        path = ray.get(task.remote(q, source, str(out), calibration=_absolute(calibration),
+                                   evaluation=_absolute(evaluation)))
     report = json.loads((Path(path) / "quantize.json").read_text())
     console.print(f"[bold]quantize[/]: {report['scheme']}: perplexity x{report['perplexity_ratio']:.3f}, size "
                   f"x{report['size_ratio']:.2f} of the source ({time.time() - t0:.0f} s)")
     return Path(path)
+
+
+def _absolute(spec: str) -> str:
+    """A local path made absolute (Ray workers need not share the driver's working directory); URIs as given."""
+    return spec if "://" in spec else str(Path(spec).resolve())
 
 
 def start_serving(cfg: RunConfig, model_dir: str, adapters: dict[str, str]) -> str:

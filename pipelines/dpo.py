@@ -207,8 +207,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
               **per_rank(model, base_info)}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if ray.train.get_context().get_world_rank() == 0:
-        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"[dpo] policy = SFT adapter ({n:,} trainable parameters), reference log-probs precomputed", flush=True)
+        print(f"[dpo] policy = SFT adapter ({static['trainable_params']:,} trainable parameters), reference log-probs precomputed", flush=True)
 
     def loss_fn(m, batch):
         from pipelines.losses import dpo_loss, sequence_logps

@@ -42,8 +42,7 @@ class Engine:
         if self.ds:
             import deepspeed
 
-            skip_shm_build()
-            deepspeed.init_distributed(dist_backend="nccl" if train.use_gpu else "gloo")
+            init_deepspeed(train)
             self.model, self.opt, _, self.sched = deepspeed.initialize(
                 model=model, optimizer=opt, lr_scheduler=sched, config=ds_config, model_parameters=params)
         else:
@@ -154,7 +153,15 @@ class Engine:
         self.sched.load_state_dict(state["scheduler"])
 
 
-def skip_shm_build() -> None:
+def init_deepspeed(train) -> None:
+    """DeepSpeed's process group over the one Ray Train set up (NCCL on GPUs, gloo on CPUs); idempotent."""
+    import deepspeed
+
+    _skip_shm_build()
+    deepspeed.init_distributed(dist_backend="nccl" if train.use_gpu else "gloo")
+
+
+def _skip_shm_build() -> None:
     """DeepSpeed's CPU all-reduce kernel is a C++ extension JIT-built on first use (~150 s on 2 cores).
     gloo does the same reduction; build it only when asked (LORAFORGE_DS_SHM=1)."""
     if os.environ.get("LORAFORGE_DS_SHM") == "1":

@@ -118,12 +118,12 @@ def _load_with_adapters(cfg: MergeSection, base_model: str, adapters: list[str])
 
 def parity_report(base_logits, ref_logits, got_logits, ref_tokens, got_tokens, cfg: MergeSection) -> dict[str, Any]:
     """Pure comparison of logits and greedy tokens; 'passed' says whether the merge kept base + adapter."""
+    from pipelines.metrics import token_agreement
+
     atol = cfg.logits_atol or (1e-3 if cfg.dtype == "float32" else 0.25)
     diff = max(float((g - r).abs().max()) for g, r in zip(got_logits, ref_logits))
     effect = max(float((r - b).abs().max()) for r, b in zip(ref_logits, base_logits))
-    same = sum(sum(a == b for a, b in zip(r, g)) for r, g in zip(ref_tokens, got_tokens))
-    total = sum(max(len(r), len(g)) for r, g in zip(ref_tokens, got_tokens))
-    agreement = same / total if total else 1.0
+    agreement = token_agreement(ref_tokens, got_tokens)
     return {"max_abs_logit_diff": diff, "logits_atol": atol, "adapter_effect_max_abs_logit": effect,
             "greedy_token_agreement": agreement, "min_greedy_agreement": cfg.min_greedy_agreement,
             "greedy_identical": all(r == g for r, g in zip(ref_tokens, got_tokens)),

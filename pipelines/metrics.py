@@ -143,6 +143,14 @@ def exact_match(predictions: Sequence[str], references: Sequence[str], numeric: 
     return sum(hits) / len(hits)
 
 
+def token_agreement(reference: Sequence[Sequence[int]], candidate: Sequence[Sequence[int]]) -> float:
+    """Share of positions where two models' greedy token sequences agree (over the longer of each pair); 1.0 when
+    there are no tokens at all."""
+    same = sum(sum(a == b for a, b in zip(r, c)) for r, c in zip(reference, candidate))
+    total = sum(max(len(r), len(c)) for r, c in zip(reference, candidate))
+    return same / total if total else 1.0
+
+
 def perplexity(total_nll: float, n_tokens: int) -> float:
     """exp(mean per-token NLL); inf when there were no tokens."""
     return math.exp(total_nll / n_tokens) if n_tokens else float("inf")

@@ -154,7 +154,7 @@ def run(cfg: QuantizeSection, model_dir: str, out_dir: str | os.PathLike, *, cal
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     calib_texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in
-                   conversations(calibration, cfg.calibration_samples)]
+                   conversations(calibration, cfg.calibration_samples)] if cfg.method == "awq" else []
     job = {"model": model_dir, "out": str(tmp), "dtype": cfg.dtype}
     if cfg.method == "int8":
         made = run_worker({"op": "int8", **job})
@@ -164,8 +164,8 @@ def run(cfg: QuantizeSection, model_dir: str, out_dir: str | os.PathLike, *, cal
     recovery = measure_recovery(cfg, model_dir, str(tmp), tokenizer, conversations(evaluation, cfg.eval_samples))
     report = {"method": cfg.method, "source": str(model_dir), **made, **recovery,
               "size_bytes": {"source": _weights_bytes(model_dir), "quantized": _weights_bytes(tmp)},
-              "calibration": {"path": calibration, "rows": len(calib_texts) if cfg.method == "awq" else 0,
-                              "hash": _text_hash(calib_texts) if cfg.method == "awq" else None},
+              "calibration": {"path": calibration, "rows": len(calib_texts),
+                              "hash": _text_hash(calib_texts) if calib_texts else None},
               "evaluation": {"path": evaluation, "rows": recovery["rows"]}}
     report["size_ratio"] = report["size_bytes"]["quantized"] / max(1, report["size_bytes"]["source"])
     write_report(report, tmp)
@@ -194,7 +194,7 @@ def check_recovery(recovery: dict[str, Any], cfg: QuantizeSection) -> None:
 def measure_recovery(cfg: QuantizeSection, source: str, quantized: str, tokenizer,
                      convs: list[list[dict[str, str]]]) -> dict[str, Any]:
     """Perplexity of the reference conversations and ROUGE-L of greedy answers, source vs quantized."""
-    from pipelines.metrics import perplexity, rouge
+    from pipelines.metrics import perplexity, rouge, token_agreement
 
     rows = [c for c in convs if c[-1]["role"] == "assistant"]
     texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in rows]
@@ -205,12 +205,9 @@ def measure_recovery(cfg: QuantizeSection, source: str, quantized: str, tokenize
     got = dict(zip(("source", "quantized"), run_worker({**job, "models": [source, quantized]})["models"]))
     ppl = {k: perplexity(v["nll_sum"], v["tokens"]) for k, v in got.items()}
     rl = {k: rouge(v["answers"], refs)["rougeL"] if refs else 0.0 for k, v in got.items()}
-    same = sum(a == b for s, q in zip(got["source"]["answer_ids"], got["quantized"]["answer_ids"])
-               for a, b in zip(s, q))
-    total = sum(max(len(s), len(q)) for s, q in zip(got["source"]["answer_ids"], got["quantized"]["answer_ids"]))
     return {"rows": len(rows), "perplexity": ppl, "perplexity_ratio": ppl["quantized"] / ppl["source"],
             "rougeL": rl, "rougeL_recovery": rl["quantized"] / rl["source"] if rl["source"] > 0 else None,
-            "greedy_token_agreement": same / total if total else 1.0,
+            "greedy_token_agreement": token_agreement(got["source"]["answer_ids"], got["quantized"]["answer_ids"]),
             "weight_types": {k: v["q_proj_weight_type"] for k, v in got.items()},
             "examples": [{"prompt": c[-2]["content"] if len(c) > 1 else "", "reference": r,
                           "source": s, "quantized": q}

@@ -233,13 +233,11 @@ def load_worker_base(config: dict[str, Any], gradient_checkpointing: bool) -> tu
     elif ds is not None and ds["zero_optimization"]["stage"] == 3:
         import copy
 
-        import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
-        from pipelines.loop import skip_shm_build
+        from pipelines.loop import init_deepspeed
 
-        skip_shm_build()
-        deepspeed.init_distributed(dist_backend="nccl" if train.use_gpu else "gloo")
+        init_deepspeed(train)
         keep = HfDeepSpeedConfig(copy.deepcopy(ds))  # transformers holds only a weak reference to it
         model = load_base(config["model_dir"], config["dtype"], quant, gradient_checkpointing)
         model.hf_deepspeed_config = keep  # alive as long as the model: later ZeRO-3 checks see it too
