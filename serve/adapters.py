@@ -1,7 +1,8 @@
-"""Where adapters come from and how a replica keeps them: sources, validation, the per-replica LRU.
+"""Where adapters come from and whether they can be served: sources, resolution, validation, the slot gate.
 
-Pure (stdlib only; the registry is imported lazily): no Ray, no vLLM, so resolution, validation and the LRU's
-load-before-evict order are unit-tested in milliseconds. The replica injects vLLM's add_lora/remove_lora.
+Pure (stdlib only; the registry is imported lazily): no Ray, no vLLM, so all of it is unit-tested in
+milliseconds. The ingress resolves names with these sources; each engine replica resolves and validates again
+before vLLM loads a folder (serve.server).
 
 A source answers two questions: "which folder is `ref`?" (`resolve`) and "what can you serve?" (`list`).
 Requests name an adapter as `name`, `name@3` or `name@production`; names are checked against NAME before
@@ -14,8 +15,7 @@ import asyncio
 import json
 import re
 import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,10 +42,6 @@ class BadAdapterName(ValueError):
 
 class AdapterInvalid(ValueError):
     """The folder exists but cannot be served: wrong base, rank too large, DoRA, pickle weights (HTTP 503)."""
-
-
-class AdapterUnavailable(RuntimeError):
-    """Validation or loading failed for this adapter; other adapters keep serving (HTTP 503)."""
 
 
 @dataclass(frozen=True)
@@ -223,82 +219,24 @@ def validate_adapter(path: str, *, max_rank: int, bases: set[str] | None) -> dic
     return conf
 
 
-# ---------------------------------------------------------------- the per-replica LRU
+# ---------------------------------------------------------------- resolution with a short memory
 
 
-@dataclass
-class Loaded:
-    resolved: Resolved
-    request: Any  # vLLM LoRARequest (built by the injected factory)
+class Resolver:
+    """`source.resolve` with hits kept for `ttl_s`: an alias moved by `promote` is seen within that time, and
+    misses are never kept, so an adapter registered while serving is found on the next request."""
 
-
-class AdapterCache:
-    """Resolve -> validate -> load on first use; keep at most `capacity` adapters, evicting the least recently
-    used only after the new one loaded. Engine calls are injected, so this runs without vLLM in unit tests.
-
-    Resolutions are cached for `resolve_ttl_s` (an alias moved by `promote` is seen within that time); misses
-    are never cached, so an adapter registered while serving is found on the next request. A failed load is
-    remembered for `retry_after_s` so a broken artifact is not reloaded on every request."""
-
-    def __init__(self, source: AdapterSource, capacity: int, *, validate: Callable[[str], Any],
-                 load: Callable[[Any], Awaitable[Any]], unload: Callable[[int], Awaitable[Any]],
-                 make_request: Callable[[str, int, str], Any], resolve_ttl_s: float = 2.0,
-                 retry_after_s: float = 30.0, clock: Callable[[], float] = time.monotonic):
-        self.source, self.capacity = source, capacity
-        self._validate, self._load, self._unload, self._make = validate, load, unload, make_request
-        self.resolve_ttl_s, self.retry_after_s, self._clock = resolve_ttl_s, retry_after_s, clock
-        self.loaded: OrderedDict[str, Loaded] = OrderedDict()  # key: "id|path", most recent last
-        self._resolved: dict[str, tuple[float, Resolved]] = {}
-        self._failed: dict[str, tuple[float, str]] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._next_id = 1  # vLLM's int ids are per engine, so per replica
+    def __init__(self, source: AdapterSource, ttl_s: float = 2.0, clock: Callable[[], float] = time.monotonic):
+        self.source, self.ttl_s, self._clock = source, ttl_s, clock
+        self._hits: dict[str, tuple[float, Resolved]] = {}
 
     def resolve(self, ref: str) -> Resolved:
-        hit = self._resolved.get(ref)
-        if hit and self._clock() - hit[0] < self.resolve_ttl_s:
+        hit = self._hits.get(ref)
+        if hit and self._clock() - hit[0] < self.ttl_s:
             return hit[1]
         res = self.source.resolve(ref)  # AdapterNotFound / BadAdapterName propagate, uncached
-        self._resolved[ref] = (self._clock(), res)
+        self._hits[ref] = (self._clock(), res)
         return res
-
-    async def get(self, ref: str) -> Loaded:
-        res = self.resolve(ref)
-        key = f"{res.id}|{res.path}"  # a re-published version at a new path is a new adapter
-        if key in self.loaded:
-            self.loaded.move_to_end(key)
-            return self.loaded[key]
-        async with self._locks.setdefault(key, asyncio.Lock()):  # concurrent first requests load once
-            if key in self.loaded:
-                return self.loaded[key]
-            failed = self._failed.get(key)
-            if failed and self._clock() - failed[0] < self.retry_after_s:
-                raise AdapterUnavailable(f"adapter {res.id!r} failed to load: {failed[1]}")
-            entry = await self._admit(key, res)
-        await self._evict()
-        return entry
-
-    async def _admit(self, key: str, res: Resolved) -> Loaded:
-        try:
-            self._validate(res.path)
-            request = self._make(res.id, self._next_id, res.path)
-            self._next_id += 1
-            if await self._load(request) is False:
-                raise RuntimeError("the engine refused to load it")
-        except Exception as e:  # noqa: BLE001 - any failure makes this one adapter unavailable, not the app
-            msg = f"{type(e).__name__}: {e}" if not isinstance(e, AdapterInvalid) else str(e)
-            self._failed[key] = (self._clock(), msg)
-            raise AdapterUnavailable(f"adapter {res.id!r} cannot be served: {msg}") from e
-        self._failed.pop(key, None)
-        self.loaded[key] = entry = Loaded(res, request)
-        return entry
-
-    async def _evict(self) -> None:
-        while len(self.loaded) > self.capacity:
-            _, old = self.loaded.popitem(last=False)
-            try:
-                await self._unload(old.request.lora_int_id)
-            except Exception:  # noqa: BLE001 - already gone from the engine: nothing left to free
-                pass
 
 
 class SlotGate:
@@ -308,15 +246,15 @@ class SlotGate:
 
     def __init__(self, slots: int):
         self.slots = slots
-        self.active: dict[int, int] = {}  # lora int id -> requests in flight
+        self.active: dict[Any, int] = {}  # adapter (model id) -> requests in flight
         self._cond = asyncio.Condition()
 
-    async def acquire(self, lora_id: int) -> None:
+    async def acquire(self, lora_id: Any) -> None:
         async with self._cond:
             await self._cond.wait_for(lambda: lora_id in self.active or len(self.active) < self.slots)
             self.active[lora_id] = self.active.get(lora_id, 0) + 1
 
-    async def release(self, lora_id: int) -> None:
+    async def release(self, lora_id: Any) -> None:
         async with self._cond:
             self.active[lora_id] -= 1
             if not self.active[lora_id]:

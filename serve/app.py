@@ -1,4 +1,5 @@
-"""Driver side of the Ray Serve app: validate, build, start, stop. The replica itself is serve.server.
+"""Driver side of the Ray Serve app: validate, build, start, stop. The app is Ray's `ray.serve.llm` stack:
+an `LLMConfig`, LLMServer replicas (serve.server) behind an OpenAiIngress (serve.ingress).
 
     cd /work/main && .venv/bin/pytest tests/integration/test_serve.py -x -q -s   # tiny CPU variant, end to end
 
@@ -9,8 +10,9 @@
 
 `build_app` validates every adapter named in `adapters` in the driver (before anything starts) and returns the
 Serve application; `start` runs it and waits for GET /health; `shutdown` removes it.
-ray.serve.llm is not used: its dynamic LoRA loading accepts only s3/gs/azure URIs (local registries are
-refused) and ray[llm] pins another vLLM (STACK_NOTES); serve.server wraps vLLM's AsyncLLM directly instead.
+Ray's `dynamic_lora_loading_path` accepts only s3/gs/azure URIs, so it stays unset: adapters come through
+LLMServer's `model_downloader` injection point instead (serve.server.SourceLoader), from a local or shared
+registry alike. `ray[llm]` pins another vLLM, so `ray[serve]` plus its few imports are installed (STACK_NOTES).
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ from serve.adapters import (AdapterInvalid, AdapterSource, BadAdapterName, Chain
                             RegistrySource, StaticSource, base_identities, parse_ref, validate_adapter)
 from serve.base import check_servable, resolve_base
 from serve.config import ServeConfig
-from serve.server import LoRAServer, engine_env
 
-__all__ = ["build_app", "start", "shutdown", "validate_adapters", "make_source", "engine_env", "LoRAServer"]
+__all__ = ["build_app", "start", "shutdown", "validate_adapters", "make_source", "engine_env", "llm_config"]
+SERVER = "LoRAServer"  # the engine deployment is named "LoRAServer:<model_alias>"
 
 
 def validate_adapters(adapters: dict[str, str], cfg: ServeConfig, base_model: str | None = None) -> dict[str, str]:
@@ -63,25 +65,49 @@ def make_source(cfg: ServeConfig, adapters: dict[str, str]) -> AdapterSource:
     return sources[0] if len(sources) == 1 else ChainSource(sources)
 
 
-def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
-    """Replica count or autoscaling, and the actor's resources and engine env."""
-    actor_options: dict[str, Any] = {"num_cpus": cfg.replica_cpus, "runtime_env": {"env_vars": engine_env(cfg)}}
-    # ServeConfig has no GPU field: a replica takes one GPU exactly when the cluster has GPUs.
+def engine_env(cfg: ServeConfig) -> dict[str, str]:
+    """Env vars vLLM reads at import time, so they must reach the replica before `import vllm`."""
+    return {
+        "VLLM_HOST_IP": "127.0.0.1",  # else vLLM binds its internal queues to the external address
+        "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(cfg.kv_cache_gb))),
+    }
+
+
+def _has_gpus() -> bool:
     import ray
 
-    if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0:
-        actor_options["num_gpus"] = 1
-    options: dict[str, Any] = {"ray_actor_options": actor_options}
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def llm_config(cfg: ServeConfig, base_model: str, *, gpu: bool) -> Any:
+    """The `ray.serve.llm.LLMConfig` of the engine deployment: model, vLLM engine, LoRA, replicas."""
+    from ray.serve.llm import LLMConfig
+
+    deployment: dict[str, Any] = {
+        "max_ongoing_requests": 64, "health_check_period_s": 10, "health_check_timeout_s": 30,
+        "ray_actor_options": {"num_cpus": cfg.replica_cpus, **({"num_gpus": 1} if gpu else {})}}
     if cfg.autoscaling is None:
-        options["num_replicas"] = cfg.num_replicas
+        deployment["num_replicas"] = cfg.num_replicas
     else:
         a = cfg.autoscaling
-        options["autoscaling_config"] = {
+        deployment["autoscaling_config"] = {
             "min_replicas": a.min_replicas, "initial_replicas": a.min_replicas, "max_replicas": a.max_replicas,
             "target_ongoing_requests": a.target_ongoing_requests, "upscale_delay_s": a.upscale_delay_s,
             "downscale_delay_s": a.downscale_delay_s, "metrics_interval_s": a.metrics_interval_s,
             "look_back_period_s": a.look_back_period_s}
-    return options
+    return LLMConfig(
+        model_loading_config={"model_id": cfg.model_alias, "model_source": base_model},
+        accelerator_config={"kind": "gpu" if gpu else "cpu"},
+        engine_kwargs={
+            "dtype": cfg.dtype, "max_model_len": cfg.max_model_len, "enable_lora": True,
+            "max_lora_rank": cfg.max_lora_rank,
+            # One slot more than the gate admits (SlotGate: vLLM's full-slot bug); vLLM's CPU-side LRU holds
+            # the replica's adapters and loads a new one before it evicts.
+            "max_loras": cfg.max_loras + 1, "max_cpu_loras": max(cfg.adapter_cache_size, cfg.max_loras + 1),
+            "enforce_eager": not gpu, "gpu_memory_utilization": cfg.gpu_memory_utilization},
+        lora_config={"max_num_adapters_per_replica": cfg.adapter_cache_size},
+        runtime_env={"env_vars": engine_env(cfg)},
+        deployment_config=deployment)
 
 
 def build_app(cfg: ServeConfig, base_model: str, adapters: dict[str, str],
@@ -89,12 +115,27 @@ def build_app(cfg: ServeConfig, base_model: str, adapters: dict[str, str],
     """The Serve application for one base model and its adapters; raises ValueError naming a bad adapter.
     `base_model` is a Hugging Face folder or, with cfg.registry, a registry reference (e.g. `city-merged@3`).
     `source` overrides where adapters come from (default: `adapters`, then cfg.adapter_dir, cfg.registry)."""
+    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+    from ray.llm._internal.serve.core.server.builder import build_llm_deployment
+    from ray.serve.llm.ingress import make_fastapi_ingress
+
+    from serve.ingress import ENDPOINTS, LoRAIngress, fastapi_app
+    from serve.server import LoRAServer
+
     base = resolve_base(base_model, cfg.registry)
-    options = deployment_options(cfg)
-    check_servable(base, has_gpu="num_gpus" in options["ray_actor_options"])
+    gpu = _has_gpus()  # ServeConfig has no GPU field: a replica takes one GPU exactly when the cluster has GPUs
+    check_servable(base, has_gpu=gpu)
     checked = validate_adapters(adapters, cfg, base)
-    deployment = LoRAServer.options(**options)
-    return deployment.bind(cfg, base, source if source is not None else make_source(cfg, checked))
+    source = source if source is not None else make_source(cfg, checked)
+    llm = llm_config(cfg, base, gpu=gpu)
+    server = build_llm_deployment(llm, name_prefix=f"{SERVER}:", deployment_cls=LoRAServer,
+                                  bind_kwargs={"cfg": cfg, "source": source, "base_model": base})
+    ingress = make_fastapi_ingress(LoRAIngress, endpoint_map=ENDPOINTS, app=fastapi_app())
+    # The ingress holds no model: 0 CPUs, like Ray's own request router, so it never competes with engines.
+    return serve.deployment(ingress, name="LoRAIngress", max_ongoing_requests=1000,
+                            ray_actor_options={"num_cpus": 0}).bind(
+        llm_deployments={cfg.model_alias: server},
+        model_cards={cfg.model_alias: to_model_metadata(cfg.model_alias, llm)}, cfg=cfg, source=source)
 
 
 def start(cfg: ServeConfig, base_model: str, adapters: dict[str, str], *, name: str = "loraforge",
@@ -144,9 +185,10 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def replica_count(name: str = "loraforge", deployment: str = "LoRAServer") -> int:
-    """Running replicas of the app's deployment (for autoscaling checks and the CLI)."""
-    status = serve.status().applications[name].deployments[deployment]
+def replica_count(name: str = "loraforge") -> int:
+    """Running engine replicas of the app (for autoscaling checks and the CLI)."""
+    deployments = serve.status().applications[name].deployments
+    status = next(d for key, d in deployments.items() if key.startswith(SERVER + ":"))
     return sum(n for state, n in status.replica_states.items() if getattr(state, "value", state) == "RUNNING")
 
 

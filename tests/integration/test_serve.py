@@ -294,8 +294,8 @@ def test_request_errors(client, server, tiny_model_dir):
     with pytest.raises(openai.NotFoundError) as e:
         complete(client, "base:nope")
     assert e.value.status_code == 404 and e.value.body["type"] == "not_found_error"
-    with pytest.raises(openai.BadRequestError):
-        client.completions.create(model="base", prompt=PROMPT, max_tokens=4, n=2)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="base", prompt=PROMPT, max_tokens=4, temperature=-1)
     long_prompt = "Paris weather report. " * 200
     assert len(AutoTokenizer.from_pretrained(tiny_model_dir).encode(long_prompt)) > MAX_MODEL_LEN
     with pytest.raises(openai.BadRequestError, match="maximum context length"):

@@ -1,4 +1,4 @@
-"""Adapter sources, validation and the per-replica LRU, with a fake engine: no Ray, no vLLM."""
+"""Adapter sources, resolution, validation and the slot gate: no Ray, no vLLM."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from serve.adapters import (AdapterCache, AdapterInvalid, AdapterNotFound, AdapterUnavailable, BadAdapterName,
-                            ChainSource, FolderSource, SlotGate, StaticSource, base_identities, parse_ref,
-                            validate_adapter)
+from serve.adapters import (AdapterInvalid, AdapterNotFound, BadAdapterName, ChainSource, FolderSource, Resolver,
+                            SlotGate, StaticSource, base_identities, parse_ref, validate_adapter)
 
 BASE = "/models/tiny"
 
@@ -85,85 +84,36 @@ def test_base_identities_include_the_manifest_origin(tmp_path):
     assert {str(base.resolve()), BASE} <= base_identities(str(base))
 
 
-class FakeEngine:
-    def __init__(self, fail: set[str] = frozenset()):
-        self.loaded: dict[int, str] = {}
-        self.events: list[str] = []
-        self.fail = fail
+class CountingSource(StaticSource):
+    def __init__(self, adapters):
+        super().__init__(adapters)
+        self.calls = 0
 
-    async def load(self, req):
-        if req.lora_name in self.fail:
-            raise RuntimeError("corrupt safetensors")
-        self.loaded[req.lora_int_id] = req.lora_name
-        self.events.append(f"+{req.lora_name}")
-        return True
-
-    async def unload(self, int_id):
-        self.events.append(f"-{self.loaded.pop(int_id)}")
+    def resolve(self, ref):
+        self.calls += 1
+        return super().resolve(ref)
 
 
-def make_cache(source, engine, capacity=2, clock=None, validate=lambda p: None):
-    return AdapterCache(source, capacity, validate=validate, load=engine.load, unload=engine.unload,
-                        make_request=lambda n, i, p: SimpleNamespace(lora_name=n, lora_int_id=i, lora_path=p),
-                        clock=clock or (lambda: 0.0))
-
-
-def test_lru_loads_the_new_adapter_before_evicting_the_oldest():
-    engine = FakeEngine()
-    cache = make_cache(StaticSource({n: f"/a/{n}" for n in "abc"}), engine)
-
-    async def go():
-        await cache.get("a")
-        await cache.get("b")
-        await cache.get("a")  # a is now the most recent
-        await cache.get("c")
-    asyncio.run(go())
-    assert engine.events == ["+a", "+b", "+c", "-b"]
-    assert sorted(engine.loaded.values()) == ["a", "c"]
-
-
-def test_concurrent_first_requests_load_once():
-    engine = FakeEngine()
-    cache = make_cache(StaticSource({"a": "/a"}), engine)
-
-    async def go():
-        return await asyncio.gather(*(cache.get("a") for _ in range(5)))
-    results = asyncio.run(go())
-    assert engine.events == ["+a"] and len({id(r) for r in results}) == 1
-
-
-def test_failures_are_per_adapter_and_retried_after_a_while():
+def test_resolver_keeps_hits_for_its_ttl_then_asks_again():
     now = [0.0]
-    engine = FakeEngine(fail={"bad"})
-    cache = make_cache(StaticSource({"bad": "/bad", "good": "/good"}), engine, clock=lambda: now[0])
-    with pytest.raises(AdapterUnavailable, match="corrupt safetensors"):
-        asyncio.run(cache.get("bad"))
-    assert asyncio.run(cache.get("good")).resolved.id == "good"
-    engine.fail = set()
-    with pytest.raises(AdapterUnavailable):  # remembered: not reloaded on every request
-        asyncio.run(cache.get("bad"))
-    now[0] = 31.0
-    assert asyncio.run(cache.get("bad")).resolved.id == "bad"
+    source = CountingSource({"a": "/a"})
+    resolver = Resolver(source, ttl_s=2.0, clock=lambda: now[0])
+    assert resolver.resolve("a").path == "/a"
+    source.adapters["a"] = "/a2"  # e.g. an alias promoted to another version
+    now[0] = 1.9
+    assert resolver.resolve("a").path == "/a" and source.calls == 1
+    now[0] = 2.1
+    assert resolver.resolve("a").path == "/a2" and source.calls == 2
 
 
-def test_invalid_adapters_are_never_loaded():
-    engine = FakeEngine()
-
-    def validate(path):
-        raise AdapterInvalid("rank 128 exceeds serve.max_lora_rank=64")
-    cache = make_cache(StaticSource({"big": "/big"}), engine, validate=validate)
-    with pytest.raises(AdapterUnavailable, match="rank 128"):
-        asyncio.run(cache.get("big"))
-    assert engine.events == []
-
-
-def test_misses_are_not_cached_so_new_adapters_appear(tmp_path):
-    engine = FakeEngine()
-    cache = make_cache(FolderSource(str(tmp_path)), engine)
+def test_resolver_never_keeps_misses_so_new_adapters_appear(tmp_path):
+    resolver = Resolver(FolderSource(str(tmp_path)), ttl_s=60)
     with pytest.raises(AdapterNotFound):
-        asyncio.run(cache.get("late"))
+        resolver.resolve("late")
     adapter(tmp_path / "late")
-    assert asyncio.run(cache.get("late")).resolved.id == "late"
+    assert resolver.resolve("late").id == "late"
+    with pytest.raises(BadAdapterName):
+        resolver.resolve("../late")
 
 
 def test_slot_gate_admits_at_most_n_distinct_adapters():

@@ -1,0 +1,222 @@
+"""The HTTP front: Ray's `ray.serve.llm` OpenAiIngress, extended with what it lacks for many adapters.
+
+Ray's ingress parses OpenAI requests, picks the LLMServer deployment by base model and passes `base:adapter`
+as Serve's multiplexed model id, so an adapter's requests go to replicas that already hold it. Added here:
+- API keys (`Authorization: Bearer`), /health open for probes.
+- Adapter names: `base:x`, `x`, `x@3`, `x@alias`, validated (no traversal) and resolved to one version in the
+  source (an alias moves within `resolve_ttl_s`); unknown -> 404 here, without a hop to an engine replica.
+- A/B splits, sticky per caller; `x-loraforge-adapter` names the version that answered, `x-loraforge-replica`
+  the engine replica (non-streaming responses).
+- Per-adapter, per-version metrics (requests, tokens, latency, status) through Ray's Prometheus export.
+- /v1/models lists the base, every adapter the source can serve and every split; OpenAI error bodies with
+  the right status (400 for any malformed request, where FastAPI says 422).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from ray.llm._internal.serve.core.configs.openai_api_models import ErrorResponse
+from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, init, router_request_timeout
+from ray.llm._internal.serve.core.ingress.utils import (NON_STREAMING_RESPONSE_TYPES, _openai_json_wrapper,
+                                                        _peek_at_generator)
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from serve.adapters import AdapterNotFound, AdapterSource, BadAdapterName, Resolver
+from serve.config import ServeConfig
+from serve.metrics import RequestMetrics, tags_for
+from serve.openai_protocol import APIError, error_body, model_card
+from serve.routing import adapter_part, caller_key, route
+from serve.server import REPLICA_FIELD
+
+ADAPTER_HEADER = "x-loraforge-adapter"  # the artifact that answered: "base" or e.g. "city@4"
+REPLICA_HEADER = "x-loraforge-replica"  # which engine replica answered (non-streaming responses)
+ROUTER_TIMEOUT_S = 600
+
+# The routes served: OpenAI text generation, the model list and a health probe. Ray's ingress also routes
+# embeddings, audio, score and tokenize; a LoRA text-generation app leaves those out.
+ENDPOINTS = {
+    "models": lambda app: app.get("/v1/models"),
+    "model_data": lambda app: app.get("/v1/models/{model:path}"),
+    "completions": lambda app: app.post("/v1/completions"),
+    "chat": lambda app: app.post("/v1/chat/completions"),
+    "health": lambda app: app.get("/health"),
+}
+
+
+def fastapi_app() -> FastAPI:
+    """Ray's ingress app (request ids, CORS, HTTP metrics) with OpenAI-shaped 4xx bodies for bad requests."""
+    app = init()
+
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in e.errors():
+            if err.get("type") == "json_invalid":
+                parts.append(f"request body is not valid JSON ({err.get('ctx', {}).get('error', 'decode error')})")
+            else:
+                where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
+                parts.append(f"{where}: {err.get('msg')}")
+        return JSONResponse(error_body(400, "; ".join(parts) or "invalid request"), status_code=400)
+
+    app.add_exception_handler(RequestValidationError, invalid)  # replaces Ray's, whose body has no numeric code
+    return app
+
+
+@dataclass
+class Target:
+    """What one request runs on: the model id sent to the engine deployment, its header and metric tags."""
+
+    model_id: str
+    served: str = "base"
+    tags: dict[str, str] = field(default_factory=lambda: tags_for("", None, None))
+
+
+def status_and_message(e: BaseException) -> tuple[int, str]:
+    """The status and message of an error raised here, by Ray's ingress or by an engine replica."""
+    if isinstance(e, APIError):
+        return e.status, e.message
+    status = getattr(e, "status_code", None) or getattr(e, "status", None)
+    message = getattr(e, "detail", None) or getattr(e, "message", None)
+    cause = getattr(e, "cause", None)  # a replica's HTTPException arrives wrapped in a RayTaskError
+    if status is None and cause is not None:
+        return status_and_message(cause)
+    if isinstance(status, int) and message:
+        return status, str(message)
+    return 500, f"internal error: {type(e).__name__}: {e}"
+
+
+class LoRAIngress(OpenAiIngress):
+    """OpenAiIngress for one base model and its adapters; `cfg` and `source` are the app's."""
+
+    def __init__(self, llm_deployments: dict[str, Any], model_cards: dict[str, Any], *, cfg: ServeConfig,
+                 source: AdapterSource, **kwargs: Any):
+        super().__init__(llm_deployments, model_cards, **kwargs)
+        self.cfg, self.source, self.created, self._metrics = cfg, source, int(time.time()), None
+        self.resolver = Resolver(source, cfg.resolve_ttl_s)
+
+    async def health(self) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    async def models(self, request: Request) -> Response:  # type: ignore[override]
+        try:
+            self._authorize(request)
+            names = set(self.source.list()) | set(self.cfg.splits)
+        except APIError as e:
+            return JSONResponse(error_body(e.status, e.message), status_code=e.status)
+        except Exception as e:  # noqa: BLE001 - a broken registry must not hide the base model
+            return JSONResponse(error_body(503, f"adapter source unavailable: {e}"), status_code=503)
+        alias = self.cfg.model_alias
+        cards = [model_card(alias, self.created)]
+        cards += [model_card(f"{alias}:{n}", self.created, parent=alias) for n in sorted(names)]
+        return JSONResponse({"object": "list", "data": cards})
+
+    async def model_data(self, model: str, request: Request) -> Response:  # type: ignore[override]
+        listed = json.loads((await self.models(request)).body)
+        if "error" in listed:
+            return JSONResponse(listed, status_code=listed["error"]["code"])
+        card = next((c for c in listed["data"] if c["id"] in (model, f"{self.cfg.model_alias}:{model}")), None)
+        if card is None:
+            return JSONResponse(error_body(404, f"The model {model!r} does not exist"), status_code=404)
+        return JSONResponse(card)
+
+    # -------------------------------------------------------------- requests
+
+    def _authorize(self, request: Request | None) -> str | None:
+        """The caller's API key (None without one); 401 unless it matches serve.api_key when that is set."""
+        header = request.headers.get("authorization", "") if request is not None else ""
+        given = header.removeprefix("Bearer ").strip() or None
+        if self.cfg.api_key is not None and not hmac.compare_digest((given or "").encode(), self.cfg.api_key.encode()):
+            raise APIError(401, "Invalid or missing API key (send 'Authorization: Bearer <key>')")
+        return given
+
+    def _target(self, model: str, caller: str) -> Target:
+        """404 unknown, 400 malformed name; the version is pinned here so every replica runs the same one."""
+        alias = self.cfg.model_alias
+        name = adapter_part(model, alias)
+        if name is None:
+            return Target(alias, tags=tags_for(alias, None, None))
+        ref = route(name, self.cfg.splits, caller)
+        try:
+            res = self.resolver.resolve(ref)
+        except BadAdapterName as e:
+            raise APIError(400, str(e)) from e
+        except AdapterNotFound as e:
+            raise APIError(404, f"The model {model!r} does not exist (no adapter {ref!r}); GET /v1/models "
+                                f"lists what is served") from e
+        return Target(f"{alias}:{res.id}", res.id, tags_for(name, res.name, res.version))
+
+    def _record(self, tags: dict[str, str], status: int, t0: float, prompt: int = 0, completion: int = 0) -> None:
+        if self._metrics is None:
+            self._metrics = RequestMetrics.create()
+        self._metrics.record(tags, status, time.monotonic() - t0, prompt, completion)
+
+    async def _process_llm_request(self, body: Any, call_method: str, raw_request: Request | None = None) -> Response:
+        t0, target = time.monotonic(), Target(self.cfg.model_alias)
+        try:
+            key = self._authorize(raw_request)
+            if not body.model:
+                raise APIError(400, "model: field required (the base model's name or '<base>:<adapter>')")
+            host = raw_request.client.host if raw_request is not None and raw_request.client else None
+            target = self._target(body.model, caller_key(getattr(body, "user", None), key, host))
+            body.model = target.model_id
+            wants_usage = bool(body.stream_options and body.stream_options.include_usage) if body.stream else True
+            if body.stream and not wants_usage:  # usage feeds the token metrics; stripped again below
+                from vllm.entrypoints.generate.base.protocol import StreamOptions
+
+                body.stream_options = StreamOptions(include_usage=True)
+            async with router_request_timeout(ROUTER_TIMEOUT_S):
+                first, gen = await _peek_at_generator(
+                    self._get_response(body=body, call_method=call_method, raw_request=raw_request))
+        except Exception as e:  # noqa: BLE001 - every failure becomes an OpenAI error body with its status
+            status, message = status_and_message(e)
+            self._record(target.tags, status, t0)
+            return JSONResponse(error_body(status, message), status_code=status)
+        head = first[0] if isinstance(first, list) else first
+        if isinstance(head, ErrorResponse):
+            status = int(head.error.code) if str(head.error.code).isdigit() else 400
+            self._record(target.tags, status, t0)
+            return JSONResponse(error_body(status, head.error.message), status_code=status)
+        headers = {ADAPTER_HEADER: target.served}
+        if isinstance(head, NON_STREAMING_RESPONSE_TYPES):
+            content = head.model_dump()
+            if replica := content.pop(REPLICA_FIELD, None):
+                headers[REPLICA_HEADER] = replica
+            usage = content.get("usage") or {}
+            self._record(target.tags, 200, t0, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+            return JSONResponse(content=content, headers=headers)
+        events = self._metered(_openai_json_wrapper(gen), target, t0, keep_usage=wants_usage)
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+
+    async def _metered(self, events: AsyncIterator[str], target: Target, t0: float,
+                       keep_usage: bool) -> AsyncIterator[str]:
+        """SSE text as the engine replica sends it, minus a usage chunk the client did not ask for; its token
+        counts (and the stream's outcome) go to the metrics when the stream ends."""
+        usage: dict[str, int] = {}
+        status = 200
+        try:
+            async for text in events:
+                if '"usage":{' in text and '"choices":[]' in text:
+                    kept = []
+                    for event in text.split("\n\n"):
+                        if event.startswith("data: {") and '"choices":[]' in event and '"usage":{' in event:
+                            usage = json.loads(event[6:]).get("usage") or usage
+                            if not keep_usage:
+                                continue
+                        kept.append(event)
+                    text = "\n\n".join(kept)
+                if '"error"' in text and text.startswith("data: {\"error\""):
+                    status = 500
+                if text:
+                    yield text
+        except BaseException:
+            status = 499 if status == 200 else status  # client went away (or the stream broke)
+            raise
+        finally:
+            self._record(target.tags, status, t0, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
