@@ -83,9 +83,12 @@ def llm_config(cfg: ServeConfig, base_model: str, *, gpu: bool) -> Any:
     """The `ray.serve.llm.LLMConfig` of the engine deployment: model, vLLM engine, LoRA, replicas."""
     from ray.serve.llm import LLMConfig
 
+    # Ray places the replica actor in the first bundle of the engine's placement group and adds their
+    # resources. On CPU the engine is a subprocess of the replica, so the whole replica_cpus goes in the bundle
+    # and the actor adds nothing; on GPU Ray's default bundle holds the GPU and the actor takes the CPUs.
     deployment: dict[str, Any] = {
-        "max_ongoing_requests": 64, "health_check_period_s": 10, "health_check_timeout_s": 30,
-        "ray_actor_options": {"num_cpus": cfg.replica_cpus, **({"num_gpus": 1} if gpu else {})}}
+        "max_ongoing_requests": cfg.max_ongoing_requests, "health_check_period_s": 10, "health_check_timeout_s": 30,
+        "ray_actor_options": {"num_cpus": cfg.replica_cpus if gpu else 0}}
     if cfg.autoscaling is None:
         deployment["num_replicas"] = cfg.num_replicas
     else:
@@ -106,6 +109,7 @@ def llm_config(cfg: ServeConfig, base_model: str, *, gpu: bool) -> Any:
             "max_loras": cfg.max_loras + 1, "max_cpu_loras": max(cfg.adapter_cache_size, cfg.max_loras + 1),
             "enforce_eager": not gpu, "gpu_memory_utilization": cfg.gpu_memory_utilization},
         lora_config={"max_num_adapters_per_replica": cfg.adapter_cache_size},
+        placement_group_config=None if gpu else {"bundles": [{"CPU": cfg.replica_cpus}]},
         runtime_env={"env_vars": engine_env(cfg)},
         deployment_config=deployment)
 

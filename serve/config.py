@@ -55,7 +55,10 @@ class ServeConfig(Section):
     gpu_memory_utilization: float = Field(
         0.85, gt=0, le=1, description="Fraction of GPU memory vLLM may take (GPU only; ignored on CPU).")
     num_replicas: int = Field(1, ge=1, description="Engine replicas; each loads the base model and every adapter.")
-    replica_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves for each replica actor.")
+    replica_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves for each engine replica.")
+    max_ongoing_requests: int = Field(64, ge=1, description=(
+        "Requests one engine replica takes at once; Serve queues the rest. Requests for an adapter go to the "
+        "replicas that hold it until those are this full, then spill to another replica, which loads it."))
     api_key: str | None = Field(None, description=(
         "When set, /v1 requests need 'Authorization: Bearer <api_key>' (401 otherwise); /health stays open."))
     startup_timeout_s: float = Field(600, gt=0, description="How long start() waits for GET /health to answer 200.")
