@@ -18,6 +18,7 @@ recently used one; Serve's multiplex LRU above it only caches resolutions and st
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncGenerator
 from functools import partial
@@ -65,7 +66,7 @@ class LoRAServer(LLMServer):
 
     async def __init__(self, llm_config: LLMConfig, *, cfg: ServeConfig, source: AdapterSource,
                        base_model: str):
-        self.cfg, self.gate, self._failed = cfg, SlotGate(cfg.max_loras), {}
+        self.cfg, self.gate, self._failed, self._locks = cfg, SlotGate(cfg.max_loras), {}, {}
         self.replica = serve.get_replica_context().replica_id.unique_id
         bases = base_identities(base_model, cfg.base_model_names)
         await super().__init__(llm_config, model_downloader=partial(SourceLoader, source, cfg, bases))
@@ -75,21 +76,24 @@ class LoRAServer(LLMServer):
             await self._resolve(f"{cfg.model_alias}:{name}")
 
     async def _resolve(self, model_id: str) -> None:
-        """Validate and load one adapter into the engine; a failure is remembered and answered with 503."""
-        failed = self._failed.get(model_id)
-        if failed and time.monotonic() - failed[0] < self.cfg.retry_failed_s:
-            raise HTTPException(503, failed[1])
-        try:
-            await self.engine.resolve_lora(await self._load_model(model_id))
-        except HTTPException as e:
-            if e.status_code == 503:
-                self._failed[model_id] = (time.monotonic(), str(e.detail))
-            raise
-        except Exception as e:  # noqa: BLE001 - vLLM refused the weights: this adapter only is unavailable
-            message = f"adapter {model_id.split(':', 1)[-1]!r} cannot be served: {e}"
-            self._failed[model_id] = (time.monotonic(), message)
-            raise HTTPException(503, message) from e
-        self._failed.pop(model_id, None)
+        """Validate and load one adapter into the engine; a failure is remembered and answered with 503.
+        One load per adapter at a time: LLMServer checks "already loaded?" before an await, so concurrent first
+        requests would each ask vLLM to load it, and vLLM refuses the second as a duplicate."""
+        async with self._locks.setdefault(model_id, asyncio.Lock()):
+            failed = self._failed.get(model_id)
+            if failed and time.monotonic() - failed[0] < self.cfg.retry_failed_s:
+                raise HTTPException(503, failed[1])
+            try:
+                await self.engine.resolve_lora(await self._load_model(model_id))
+            except HTTPException as e:
+                if e.status_code == 503:
+                    self._failed[model_id] = (time.monotonic(), str(e.detail))
+                raise
+            except Exception as e:  # noqa: BLE001 - vLLM refused the weights: this adapter only is unavailable
+                message = f"adapter {model_id.split(':', 1)[-1]!r} cannot be served: {e}"
+                self._failed[model_id] = (time.monotonic(), message)
+                raise HTTPException(503, message) from e
+            self._failed.pop(model_id, None)
 
     async def _maybe_resolve_lora_from_multiplex(self) -> None:
         if model_id := serve.get_multiplexed_model_id():

@@ -217,7 +217,8 @@ def test_adapter_registered_while_serving_is_served_and_lru_evicts(client, tiny_
     assert "base:gamma" in {m.id for m in client.models.list().data}
     shutil.copytree(hot_dir / "gamma", tmp_path / "delta-staged")  # same weights, a fourth name
     os.rename(tmp_path / "delta-staged", hot_dir / "delta")
-    assert complete(client, "delta") == gamma
+    with ThreadPoolExecutor(8) as pool:  # concurrent first requests: one load, every request answered
+        assert list(pool.map(lambda _: complete(client, "delta"), range(8))) == [gamma] * 8
     # 4 adapters through a cache of 3: one was unloaded and must reload with the same outputs
     assert {m: complete(client, m) for m in before} == before
     assert complete(client, "gamma") == gamma
