@@ -70,7 +70,13 @@ def engine_env(cfg: ServeConfig) -> dict[str, str]:
     return {
         "VLLM_HOST_IP": "127.0.0.1",  # else vLLM binds its internal queues to the external address
         "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(cfg.kv_cache_gb))),
+        **SERVE_REPLICA_ENV,
     }
+
+
+# Serve runs user code on a second event loop thread by default; both replicas here only await (vLLM's engine
+# runs in its own process), so the hop between loops is pure overhead on every request and stream chunk.
+SERVE_REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
 def _has_gpus() -> bool:
@@ -137,7 +143,7 @@ def build_app(cfg: ServeConfig, base_model: str, adapters: dict[str, str],
     ingress = make_fastapi_ingress(LoRAIngress, endpoint_map=ENDPOINTS, app=fastapi_app())
     # The ingress holds no model: 0 CPUs, like Ray's own request router, so it never competes with engines.
     return serve.deployment(ingress, name="LoRAIngress", max_ongoing_requests=1000,
-                            ray_actor_options={"num_cpus": 0}).bind(
+                            ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": SERVE_REPLICA_ENV}}).bind(
         llm_deployments={cfg.model_alias: server},
         model_cards={cfg.model_alias: to_model_metadata(cfg.model_alias, llm)}, cfg=cfg, source=source)
 
