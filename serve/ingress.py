@@ -211,7 +211,7 @@ class LoRAIngress(OpenAiIngress):
                                 continue
                         kept.append(event)
                     text = "\n\n".join(kept)
-                if '"error"' in text and text.startswith("data: {\"error\""):
+                if text.startswith('data: {"error"'):  # the engine failed after the headers were sent
                     status = 500
                 if text:
                     yield text
