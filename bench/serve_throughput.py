@@ -34,6 +34,13 @@ PROMPT = "The weather in Paris today is"
 APP_MAX_LORAS, APP_CACHE = 8, 32  # the app's adapter slots and per-replica cache in (b)/(c); (a') mirrors them
 
 
+def app_config(**overrides):
+    """The app's serve config in (b)/(c); (a') runs bare vLLM with the engine settings it derives."""
+    from serve import ServeConfig
+
+    return ServeConfig(max_loras=APP_MAX_LORAS, adapter_cache_size=APP_CACHE, **overrides)
+
+
 def free_port() -> int:
     import socket
 
@@ -89,16 +96,17 @@ def bare_vllm(base: str, levels: list[int], max_tokens: int, rounds: int, max_mo
     start; measured on the base and on the 8-adapter mix, so (b)/(a') is the cost of our serving layer alone."""
     import httpx
 
-    from serve import ServeConfig
+    from serve.app import llm_config
 
     port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", base, "--host", "127.0.0.1",
            "--port", str(port), "--dtype", "float32", "--max-model-len", str(max_model_len),
            "--served-model-name", "base", "--enforce-eager", "--disable-log-stats"]
     if lora:
-        app = ServeConfig()
-        cmd += ["--enable-lora", "--max-loras", str(APP_MAX_LORAS + 1), "--max-lora-rank", str(app.max_lora_rank),
-                "--max-cpu-loras", str(APP_CACHE + 1), "--lora-modules", *(f"{n}={p}" for n, p in lora.items())]
+        engine = llm_config(app_config(), base, gpu=False).engine_kwargs  # the app's own engine settings
+        cmd += ["--enable-lora", *(f"--{k.replace('_', '-')}={engine[k]}" for k in
+                                   ("max_loras", "max_lora_rank", "max_cpu_loras")),
+                "--lora-modules", *(f"{n}={p}" for n, p in lora.items())]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 600
@@ -153,13 +161,12 @@ def our_app(base: str, pool: dict[str, str], hot: Path, args: argparse.Namespace
     import httpx
     import ray
 
-    from serve import ServeConfig, shutdown, start
+    from serve import shutdown, start
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"VLLM_HOST_IP": "127.0.0.1", "TOKENIZERS_PARALLELISM": "false"}})
-    cfg = ServeConfig(port=free_port(), max_model_len=args.max_model_len, max_loras=APP_MAX_LORAS,
-                      adapter_cache_size=APP_CACHE,
-                      adapter_dir=str(hot), startup_timeout_s=900)
+    cfg = app_config(port=free_port(), max_model_len=args.max_model_len, adapter_dir=str(hot),
+                     startup_timeout_s=900)
     url = start(cfg, base, {}, name="bench")
     try:
         res: dict = {"base": measure(url, ["base"], args.levels, args.max_tokens, args.rounds)}

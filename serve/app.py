@@ -32,6 +32,9 @@ from serve.config import ServeConfig
 
 __all__ = ["build_app", "start", "shutdown", "validate_adapters", "make_source", "engine_env", "llm_config"]
 SERVER = "LoRAServer"  # the engine deployment is named "LoRAServer:<model_alias>"
+# Serve runs user code on a second event loop thread by default; both replicas here only await (vLLM's engine
+# runs in its own process), so the hop between loops is pure overhead on every request and stream chunk.
+SERVE_REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
 def validate_adapters(adapters: dict[str, str], cfg: ServeConfig, base_model: str | None = None) -> dict[str, str]:
@@ -73,10 +76,6 @@ def engine_env(cfg: ServeConfig) -> dict[str, str]:
         **SERVE_REPLICA_ENV,
     }
 
-
-# Serve runs user code on a second event loop thread by default; both replicas here only await (vLLM's engine
-# runs in its own process), so the hop between loops is pure overhead on every request and stream chunk.
-SERVE_REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
 def _has_gpus() -> bool:

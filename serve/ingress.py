@@ -104,24 +104,30 @@ class LoRAIngress(OpenAiIngress):
     async def health(self) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
+    def _cards(self, request: Request) -> list[dict[str, Any]]:
+        """The base, every adapter the source can serve and every split; 401 without the key, 503 when the
+        source cannot be read (a broken registry must not look like an empty one)."""
+        self._authorize(request)
+        try:
+            names = set(self.source.list()) | set(self.cfg.splits)
+        except Exception as e:  # noqa: BLE001 - whatever the source raised, the client sees a 503
+            raise APIError(503, f"adapter source unavailable: {e}") from e
+        alias = self.cfg.model_alias
+        return [model_card(alias, self.created),
+                *(model_card(f"{alias}:{n}", self.created, parent=alias) for n in sorted(names))]
+
     async def models(self, request: Request) -> Response:  # type: ignore[override]
         try:
-            self._authorize(request)
-            names = set(self.source.list()) | set(self.cfg.splits)
+            return JSONResponse({"object": "list", "data": self._cards(request)})
         except APIError as e:
             return JSONResponse(error_body(e.status, e.message), status_code=e.status)
-        except Exception as e:  # noqa: BLE001 - a broken registry must not hide the base model
-            return JSONResponse(error_body(503, f"adapter source unavailable: {e}"), status_code=503)
-        alias = self.cfg.model_alias
-        cards = [model_card(alias, self.created)]
-        cards += [model_card(f"{alias}:{n}", self.created, parent=alias) for n in sorted(names)]
-        return JSONResponse({"object": "list", "data": cards})
 
     async def model_data(self, model: str, request: Request) -> Response:  # type: ignore[override]
-        listed = json.loads((await self.models(request)).body)
-        if "error" in listed:
-            return JSONResponse(listed, status_code=listed["error"]["code"])
-        card = next((c for c in listed["data"] if c["id"] in (model, f"{self.cfg.model_alias}:{model}")), None)
+        try:
+            cards = self._cards(request)
+        except APIError as e:
+            return JSONResponse(error_body(e.status, e.message), status_code=e.status)
+        card = next((c for c in cards if c["id"] in (model, f"{self.cfg.model_alias}:{model}")), None)
         if card is None:
             return JSONResponse(error_body(404, f"The model {model!r} does not exist"), status_code=404)
         return JSONResponse(card)

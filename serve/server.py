@@ -118,7 +118,7 @@ class LoRAServer(LLMServer):
         """Pass the engine's output through; name this replica on a whole response; free the slot at the end."""
         try:
             async for item in stream:
-                if getattr(item, "usage", None) is not None and not isinstance(item, list):
+                if getattr(item, "usage", None) is not None:  # a whole response (stream chunks come as lists)
                     setattr(item, REPLICA_FIELD, self.replica)  # vLLM's response models allow extra fields
                 yield item
         finally:

@@ -124,6 +124,11 @@ def test_models_lists_base_adapters_and_splits(client):
     assert set(cards) == {"base", "base:alpha", "base:beta", "base:ab"}
     assert all(m.owned_by == "loraforge" and m.object == "model" for m in cards.values())
     assert cards["base:alpha"].model_extra["parent"] == "base"
+    assert client.models.retrieve("alpha").id == "base:alpha"  # GET /v1/models/{id}, either spelling
+    import openai
+
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("base:nope")
 
 
 def test_completions_and_chat_for_base_and_adapters(client):
