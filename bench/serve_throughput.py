@@ -1,6 +1,7 @@
 """Serving throughput on this machine: bare vLLM vs our Ray Serve app vs transformers + PEFT switching.
 
-    cd /work/main && .venv/bin/python bench/serve_throughput.py            # tiny random Llama, ~10-15 min on 2 cores
+    cd /work/main && .venv/bin/python bench/serve_throughput.py            # SmolLM2-135M-Instruct, ~15 min on 2 cores
+    .venv/bin/python bench/serve_throughput.py --model tiny-llama          # tiny random Llama: serving overhead only
     .venv/bin/python bench/serve_throughput.py --json --load-seconds 60    # + the 64-client load test, JSON last line
 
 Measures tokens/s and p50/p99 latency at 16 and 48 concurrent requests for (a) bare `vllm serve` on the base
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -194,6 +196,8 @@ def our_app(base: str, pool: dict[str, str], hot: Path, args: argparse.Namespace
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help="base: a built-in name (smollm2-135m-instruct, tiny-llama, tiny-qwen2) or an HF folder")
     p.add_argument("--levels", type=int, nargs="+", default=[16, 48], help="concurrent requests")
     p.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 32], help="adapter mixes for (c)")
     p.add_argument("--max-tokens", type=int, default=32)
@@ -205,12 +209,14 @@ def main() -> None:
     p.add_argument("--skip-vllm", action="store_true", help="skip (a), the bare vLLM server")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     args = p.parse_args()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
 
-    from pipelines.models import build_tiny_model
+    from pipelines.models import ModelConfig, resolve_model
     from tests.integration.test_serve import make_adapter
 
     work = Path(tempfile.mkdtemp(prefix="loraforge-bench-"))
-    base = build_tiny_model(work / "tiny-llama", arch="llama", seed=0)
+    base = resolve_model(ModelConfig(name=args.model))
+    print(f"base model: {args.model} ({base})", flush=True)
     pool = {f"a{i:02d}": make_adapter(base, work / "pool" / f"a{i:02d}", seed=i) for i in range(max(args.adapters))}
     hot = work / "hot"
     hot.mkdir()
@@ -256,7 +262,7 @@ def report(out: dict, args: argparse.Namespace) -> None:
         print(f"load: {args.load_clients} clients x {args.load_seconds:.0f} s: {r['requests']} requests, "
               f"{r['errors_5xx']} 5xx, p50 {r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s, {r['tok_s']:.0f} tok/s")
     if args.json:
-        print(json.dumps({**ratios, **out}))
+        print(json.dumps({"model": args.model, **ratios, **out}))
 
 
 if __name__ == "__main__":
