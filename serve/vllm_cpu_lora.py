@@ -1,0 +1,197 @@
+"""A vLLM plugin: grouped multi-LoRA ops for vLLM's CPU platform (entry point `vllm.general_plugins`).
+
+vLLM runs LoRA on CPUs through pure-PyTorch ops (`vllm/lora/ops/torch_ops/lora_ops.py`, used by
+`PunicaWrapperCPU`). Two problems with them in vLLM 0.32, both fixed here by replacing the three `bgmv_*` ops
+(the `sgmv_*` prefill ops delegate to them):
+
+- **Speed.** Each op gathers one full, rank-padded weight matrix *per token* (`weights[indices]`, a
+  [tokens, out, in] copy) before an einsum, in every LoRA layer of every step. The cost grows with
+  `max_lora_rank` and the batch, even for requests without an adapter: on SmolLM2-135M, 48 concurrent requests,
+  enabling LoRA at max_lora_rank=64 cut vLLM's base-model throughput from 170 to 51 tokens/s (bench/). These
+  ops instead run one matmul per adapter present in the batch, on that adapter's rows.
+- **Correctness** (vllm-project/vllm#48421, open upstream): tokens without an adapter carry index -1, which the
+  GPU kernels skip; the CPU ops index `weights[-1]`, so a base request batched next to adapter requests gets
+  the last slot's adapter once every slot is filled. These ops give such rows no LoRA delta, as the GPU
+  kernels do.
+
+vLLM loads general plugins in every process it starts (API server, engine core, workers), which is the only
+way to reach the worker that runs the model. The plugin changes nothing unless the platform is CPU and the
+vLLM version is the one it was tested against; `LORAFORGE_VLLM_CPU_LORA=0` (or vLLM's own `VLLM_PLUGINS`
+allow-list) turns it off. This module imports nothing of loraforge: it runs inside vLLM's processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+
+import torch
+
+log = logging.getLogger(__name__)
+
+TESTED_VLLM = ("0.32.",)  # the ops' signatures and call sites were read in this release line
+_OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
+
+
+class _Plans:
+    """Rows grouped by adapter slot, computed once per distinct index tensor (vLLM passes the same token indices
+    to every LoRA layer of a step) and matched by content, so a reused buffer can never return a stale plan."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size, self.entries = size, []
+
+    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int, int]], bool]:
+        for key, plan in self.entries:
+            if key.shape == indices.shape and torch.equal(key, indices):
+                return plan
+        order = torch.argsort(indices, stable=True)
+        slots, counts = torch.unique_consecutive(indices[order], return_counts=True)
+        segments, start, first = [], 0, None
+        for slot, count in zip(slots.tolist(), counts.tolist()):
+            if slot >= 0:  # -1 (no adapter) sorts first and is left out
+                first = start if first is None else first
+                segments.append((slot, start - first, start - first + count))
+            start += count
+        rows = order[first:] if first is not None else order[:0]
+        plan = (rows, segments, rows.numel() == indices.numel())
+        self.entries = [(indices.clone(), plan), *self.entries][: self.size]
+        return plan
+
+
+class _LiveSlots:
+    """Which slots of a stacked weight tensor hold non-zero weights (an adapter that targets this layer).
+
+    vLLM wraps every supported linear layer, also those no loaded adapter targets, and zero-fills empty slots;
+    multiplying by zeros is skipped. Cached per tensor object (vLLM passes the same stacked tensors every step)
+    and its version counter, which every in-place write (an adapter loaded into or cleared from a slot) bumps;
+    a tensor without one (an inference tensor) is never cached and all its slots count as live.
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[int, tuple[weakref.ref, int, set[int]]] = {}
+
+    def get(self, weights: torch.Tensor) -> set[int] | None:
+        try:
+            version = weights._version
+        except RuntimeError:
+            return None
+        hit = self.entries.get(id(weights))
+        if hit is None or hit[0]() is not weights or hit[1] != version:
+            live = weights.reshape(weights.shape[0], -1).abs().amax(dim=1) > 0
+            hit = (weakref.ref(weights), version, set(torch.nonzero(live).flatten().tolist()))
+            self.entries[id(weights)] = hit
+        return hit[2]
+
+
+_plans, _live = _Plans(), _LiveSlots()
+
+
+def lora_delta(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+               dtype: torch.dtype) -> torch.Tensor | None:
+    """Row t is inputs[t] @ weights[indices[t]].T; rows whose index is negative, or whose slot holds only zeros,
+    are zero. None means every row is zero.
+
+    `weights` is vLLM's stacked layout, [slots, out, in] or [slots, 1, out, in]. Rows are grouped by slot and
+    each group is one matmul, instead of vLLM's per-token gather of a whole weight matrix.
+    """
+    live = _live.get(weights)
+    if weights.dim() == 4:
+        weights = weights.squeeze(1)
+    rows, segments, every_row = _plans.get(indices)
+    if live is not None:
+        segments = [seg for seg in segments if seg[0] in live]
+    if not segments:
+        return None
+    x = inputs.to(dtype)
+    if every_row and len(segments) == 1:  # the whole batch on one adapter
+        return x @ weights[segments[0][0]].to(dtype).t()
+    picked = x.index_select(0, rows)
+    grouped = torch.zeros(rows.numel(), weights.shape[1], dtype=dtype)
+    for slot, begin, end in segments:
+        torch.mm(picked[begin:end], weights[slot].to(dtype).t(), out=grouped[begin:end])
+    out = x.new_zeros(x.shape[0], weights.shape[1])
+    return out.index_copy_(0, rows, grouped)
+
+
+def _rows_match(inputs: torch.Tensor, indices: torch.Tensor) -> bool:
+    return inputs.dim() == 2 and indices.dim() == 1 and inputs.shape[0] == indices.shape[0]
+
+
+def make_ops(original: dict):
+    """The three replacement ops; shapes they were not written for go to vLLM's originals (`original`)."""
+
+    def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling=1.0):
+        if not _rows_match(inputs, lora_indices_tensor):
+            return original["bgmv_shrink"](inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling)
+        outputs = lora_delta(inputs, lora_a_weights, lora_indices_tensor, output_tensor.dtype)
+        width = lora_a_weights.shape[-2]
+        if outputs is None:
+            output_tensor[:, :width] = 0
+        else:
+            output_tensor[:, :width] = scaling * outputs
+
+    def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs=True):
+        if not _rows_match(inputs, lora_indices_tensor):
+            return original["bgmv_expand"](inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs)
+        outputs = lora_delta(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+        if outputs is None:
+            if not add_inputs:
+                output_tensor[:, : lora_b_weights.shape[-2]] = 0
+            return
+        limit = output_tensor.shape[0]
+        if outputs.shape[0] == 1 and output_tensor.shape[0] != 1:
+            limit = 1
+        common = min(outputs.shape[1], output_tensor.shape[1])  # adapter and model may pad differently
+        if add_inputs:
+            output_tensor[:, :common] += outputs[:limit, :common]
+        else:
+            output_tensor[:, :common] = outputs[:limit, :common]
+
+    def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset, slice_size,
+                          add_inputs=True):
+        if not _rows_match(inputs, lora_indices_tensor):
+            return original["bgmv_expand_slice"](inputs, lora_b_weights, output_tensor, lora_indices_tensor,
+                                                 slice_offset, slice_size, add_inputs)
+        outputs = lora_delta(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+        if outputs is None:
+            if not add_inputs:
+                output_tensor[:, slice_offset: slice_offset + slice_size] = 0
+            return
+        if add_inputs:
+            output_tensor[:, slice_offset: slice_offset + slice_size] += outputs
+        else:
+            output_tensor[:, slice_offset: slice_offset + slice_size] = outputs
+
+    return {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand, "bgmv_expand_slice": bgmv_expand_slice}
+
+
+def register() -> bool:
+    """vLLM's plugin hook (called once per process). Returns whether the ops were replaced."""
+    if os.environ.get("LORAFORGE_VLLM_CPU_LORA", "1") == "0":
+        return False
+    import vllm
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return False
+    if not vllm.__version__.startswith(TESTED_VLLM):
+        log.warning("loraforge: vLLM %s is not a release its CPU LoRA ops were checked against %s; leaving "
+                    "vLLM's own ops in place", vllm.__version__, TESTED_VLLM)
+        return False
+    import vllm.lora.ops.torch_ops as package
+    import vllm.lora.ops.torch_ops.lora_ops as lora_ops
+    import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+
+    if getattr(lora_ops, "_loraforge_grouped", False):
+        return True
+    ops = make_ops({name: getattr(lora_ops, name) for name in _OPS})
+    # lora_ops: its sgmv_* ops call these through the module's globals; the other two imported them by name.
+    for module in (lora_ops, package, punica_cpu):
+        for name, fn in ops.items():
+            if hasattr(module, name):
+                setattr(module, name, fn)
+    lora_ops._loraforge_grouped = True
+    log.info("loraforge: vLLM CPU LoRA ops replaced by grouped ones (one matmul per adapter; no-adapter rows "
+             "skipped, vllm#48421)")
+    return True
