@@ -47,8 +47,8 @@ class ServeConfig(Section):
         "full-slot bug (base requests batched with a full set of adapters get one of them)."))
     max_lora_rank: int = Field(16, description=(
         "Largest adapter rank the engine accepts (one of vLLM's ranks; 16 is vLLM's default and the trainers'); "
-        "larger adapters are refused with a message. Every slot is padded to this rank, so set it to the largest "
-        "rank you serve: on CPU, 64 instead of 16 cost 16 % of 8-adapter throughput (bench/serve_throughput.py)."))
+        "larger adapters are refused with a message. Every slot is padded to this rank, and the padding is "
+        "computed on: keep it at the largest rank you serve."))
     max_model_len: int = Field(1024, ge=16, description="Context length (prompt + completion) in tokens.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Engine dtype. float32 on CPUs without bf16: faster there, and exact vs transformers.")
