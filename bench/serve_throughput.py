@@ -228,17 +228,17 @@ def main() -> None:
     pool = {f"a{i:02d}": make_adapter(base, work / "pool" / f"a{i:02d}", seed=i) for i in range(max(args.adapters))}
     hot = work / "hot"
     hot.mkdir()
+    eight = {n: pool[n] for n in sorted(pool)[:8]}  # the 8-adapter mix of (a'), (a'') and (d)
     out: dict = {"vllm": None if args.skip_vllm else bare_vllm(base, args.levels, args.max_tokens, args.rounds,
                                                                  args.max_model_len)}
     out["vllm_lora"] = None if args.skip_vllm else bare_vllm(
-        base, args.levels, args.max_tokens, args.rounds, args.max_model_len, {n: pool[n] for n in sorted(pool)[:8]})
+        base, args.levels, args.max_tokens, args.rounds, args.max_model_len, eight)
     if args.stock_lora:
         out["vllm_lora_stock"] = bare_vllm(base, args.levels, args.max_tokens, args.rounds, args.max_model_len,
-                                           {n: pool[n] for n in sorted(pool)[:8]}, stock=True)
+                                           eight, stock=True)
     if not args.vllm_only:
         out.update(our_app(base, pool, hot, args))
-        out["peft"] = peft_switching(base, {n: pool[n] for n in sorted(pool)[:8]}, args.peft_requests,
-                                     args.max_tokens)
+        out["peft"] = peft_switching(base, eight, args.peft_requests, args.max_tokens)
     report(out, args)
 
 

@@ -118,6 +118,18 @@ def _rows_match(inputs: torch.Tensor, indices: torch.Tensor) -> bool:
     return inputs.dim() == 2 and indices.dim() == 1 and inputs.shape[0] == indices.shape[0]
 
 
+def _store(target: torch.Tensor, outputs: torch.Tensor | None, add: bool) -> None:
+    """Write (or, with `add`, add) an op's outputs into its slice of vLLM's output tensor; no outputs means a
+    zero delta: nothing to add, zeros to write."""
+    if outputs is None:
+        if not add:
+            target.zero_()
+    elif add:
+        target += outputs
+    else:
+        target.copy_(outputs)
+
+
 def make_ops(original: dict):
     """The three replacement ops; shapes they were not written for go to vLLM's originals (`original`)."""
 
@@ -125,28 +137,17 @@ def make_ops(original: dict):
         if not _rows_match(inputs, lora_indices_tensor):
             return original["bgmv_shrink"](inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling)
         outputs = lora_delta(inputs, lora_a_weights, lora_indices_tensor, output_tensor.dtype)
-        width = lora_a_weights.shape[-2]
-        if outputs is None:
-            output_tensor[:, :width] = 0
-        else:
-            output_tensor[:, :width] = scaling * outputs
+        _store(output_tensor[:, : lora_a_weights.shape[-2]], None if outputs is None else scaling * outputs, False)
 
     def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs=True):
         if not _rows_match(inputs, lora_indices_tensor):
             return original["bgmv_expand"](inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs)
         outputs = lora_delta(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
-        if outputs is None:
-            if not add_inputs:
-                output_tensor[:, : lora_b_weights.shape[-2]] = 0
-            return
-        limit = output_tensor.shape[0]
-        if outputs.shape[0] == 1 and output_tensor.shape[0] != 1:
-            limit = 1
-        common = min(outputs.shape[1], output_tensor.shape[1])  # adapter and model may pad differently
-        if add_inputs:
-            output_tensor[:, :common] += outputs[:limit, :common]
-        else:
-            output_tensor[:, :common] = outputs[:limit, :common]
+        common = min(lora_b_weights.shape[-2], output_tensor.shape[1])  # adapter and model may pad differently
+        if outputs is not None:
+            limit = 1 if outputs.shape[0] == 1 and output_tensor.shape[0] != 1 else output_tensor.shape[0]
+            outputs = outputs[:limit, :common]
+        _store(output_tensor[:, :common], outputs, add_inputs)
 
     def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset, slice_size,
                           add_inputs=True):
@@ -154,14 +155,7 @@ def make_ops(original: dict):
             return original["bgmv_expand_slice"](inputs, lora_b_weights, output_tensor, lora_indices_tensor,
                                                  slice_offset, slice_size, add_inputs)
         outputs = lora_delta(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
-        if outputs is None:
-            if not add_inputs:
-                output_tensor[:, slice_offset: slice_offset + slice_size] = 0
-            return
-        if add_inputs:
-            output_tensor[:, slice_offset: slice_offset + slice_size] += outputs
-        else:
-            output_tensor[:, slice_offset: slice_offset + slice_size] = outputs
+        _store(output_tensor[:, slice_offset: slice_offset + slice_size], outputs, add_inputs)
 
     return {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand, "bgmv_expand_slice": bgmv_expand_slice}
 
