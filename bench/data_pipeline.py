@@ -48,6 +48,17 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from common import ALPACA, PeakRSS  # noqa: E402
+
+from cluster import runner
+from cluster.config import load_config
+from pipelines.artifacts.manifest import read_manifest
+from pipelines.artifacts.models import ModelConfig, resolve_model
+from pipelines.data import tokenize as data
+from pipelines.data.chat import tokenize_messages
+from pipelines.data.config import FilterSection
+from pipelines.data.filters import Thresholds, exact_key, full_text, normalise_record, quality_reason
+from pipelines.data.rowformats import RowError, alpaca_to_messages
+
 _WORDS = re.compile(r"(\S+)")
 
 
@@ -81,10 +92,6 @@ def write_input(n: int, out: Path) -> Path:
 
 
 def child_ray(args) -> dict:
-    from cluster import runner
-    from cluster.config import load_config
-    from pipelines import data
-    from pipelines.manifest import read_manifest
 
     cfg = load_config(None, ["ray.num_cpus=2", f"model.name={args.model}", f"data.train_path={args.input}",
                              "data.format=alpaca", f"data.max_length={args.max_length}"])
@@ -105,9 +112,6 @@ _TOK = {}
 
 
 def _baseline_row(row, model_dir: str, max_length: int) -> dict:
-    from pipelines.curate_config import FilterSection
-    from pipelines.filters import Thresholds, exact_key, full_text, normalise_record, quality_reason
-    from pipelines.formatting import RowError, alpaca_to_messages, tokenize_messages
 
     if model_dir not in _TOK:
         from transformers import AutoTokenizer
@@ -202,7 +206,6 @@ def main() -> None:
         print(json.dumps(res), flush=True)
         return
 
-    from pipelines.models import ModelConfig, resolve_model
 
     model_dir = resolve_model(ModelConfig(name=args.model))
     n1, n10 = args.rows, args.rows * args.scale

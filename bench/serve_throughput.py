@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipelines.artifacts.models import ModelConfig, resolve_model
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -219,7 +221,6 @@ def main() -> None:
     args = p.parse_args()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
 
-    from pipelines.models import ModelConfig, resolve_model
     from tests.integration.test_serve import make_adapter
 
     work = Path(tempfile.mkdtemp(prefix="loraforge-bench-"))

@@ -25,6 +25,13 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from common import ALPACA, PeakRSS  # noqa: E402
 
+from cluster.config import load_config
+from cluster.runner import init_ray
+from pipelines.artifacts.models import ModelConfig, resolve_model
+from pipelines.data import tokenize as data
+from pipelines.data.rowformats import alpaca_to_messages
+from pipelines.train import sft
+
 
 def alpaca_jsonl(n: int, out: Path) -> Path:
     rows = json.loads(ALPACA.read_text())[:n]
@@ -41,7 +48,6 @@ def run_trl(model_dir: str, jsonl: Path, steps: int, batch: int, max_len: int) -
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from pipelines.formatting import alpaca_to_messages
 
     torch.set_num_threads(os.cpu_count() or 2)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -78,9 +84,6 @@ def run_trl(model_dir: str, jsonl: Path, steps: int, batch: int, max_len: int) -
 
 
 def run_ours(model_dir: str, jsonl: Path, steps: int, batch: int, max_len: int, packed: bool, work: Path) -> dict:
-    from cluster.config import load_config
-    from cluster.runner import init_ray
-    from pipelines import data, sft
 
     cfg = load_config(None, [f"data.train_path={jsonl}", f"data.max_length={max_len}",
                              "data.max_rejected_fraction=1.0", f"train.max_steps={steps}",
@@ -106,7 +109,6 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    from pipelines.models import ModelConfig, resolve_model
 
     model_dir = resolve_model(ModelConfig(name=args.model))
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))

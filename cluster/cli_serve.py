@@ -1,51 +1,58 @@
-"""CLI commands of the serve area, added to the `loraforge` app by cluster.cli. Heavy imports stay inside commands.
+"""The serving commands. Ray Serve and vLLM load inside the commands that start them.
 
+    loraforge serve configs/quickstart-cpu.yaml                               # foreground, until Ctrl-C
     loraforge deploy configs/quickstart-cpu.yaml --address ray://head:10001    # leaves the app running there
     loraforge chat --model base:quickstart                                     # interactive, streams answers
     loraforge chat --model base:city --prompt "Where is the meetup?" --user ann   # one answer, then exit
-
-(`loraforge serve CONFIG`, the foreground server, is in cluster.cli.)
 """
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-
-def register(app: typer.Typer) -> None:
-    """Add this area's commands to the app."""
-    app.command()(deploy)
-    app.command()(chat)
+from cluster import runner
+from cluster.cli_common import CONFIG, OVERRIDES, done, load
+from cluster.config import ConfigError
 
 
-def deploy(config: Path = typer.Argument(..., help="Run config YAML (see configs/)."),
+def serve(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:
+    """Serve the base model and this run's adapter (if trained) until Ctrl-C or SIGTERM."""
+    from serve.app import shutdown
+
+    cfg = load(config, overrides, ("model",))
+    model_dir = runner.stage_model(cfg)
+    url = runner.start_serving(cfg, model_dir, runner.run_adapters(cfg))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    runner.console.print(f"serving on {url} — Ctrl-C to stop")
+    stop.wait()
+    shutdown()
+    done(cfg.stage_dir("sft"))
+
+
+def deploy(config: Path = CONFIG,
            address: str = typer.Option(..., help="Ray cluster address: ray://head:10001, head:6379 or 'auto'."),
-           overrides: Optional[list[str]] = typer.Argument(None, help="dotted.key=value overrides")) -> None:
+           overrides: Optional[list[str]] = OVERRIDES) -> None:
     """Start the serve app on a running Ray cluster and return, leaving it running there.
 
     The base model folder, adapter folders and serve.registry must be paths the cluster's nodes can read
     (shared storage); set serve.host=0.0.0.0 to reach the proxy from outside the head. Remove the app later with `serve shutdown --address ...` (Ray's CLI) or a redeploy."""
     import ray
 
-    from cluster import runner
-    from cluster.cli import _load
     from serve.app import start
 
-    cfg = _load(config, [*(overrides or []), f"ray.address={address}"])
-    try:
-        probe_host(address, cfg.serve.host)
-    except ValueError as e:
-        typer.secho(str(e), fg="red", err=True)
-        raise typer.Exit(2) from None
+    cfg = load(config, [*(overrides or []), f"ray.address={address}"], ("model",))
+    host = probe_host(address, cfg.serve.host)
     model_dir = runner.stage_model(cfg)
-    sft_dir = cfg.stage_dir("sft")
-    adapters = {cfg.name: str(sft_dir.resolve())} if (sft_dir / "adapter_config.json").is_file() else {}
     runner.init_ray(cfg)
-    url = start(cfg.serve, model_dir, adapters, probe_host=probe_host(address, cfg.serve.host))
+    url = start(cfg.serve, model_dir, runner.run_adapters(cfg), probe_host=host)
     # Serve's controller is detached: the app keeps running after this driver disconnects.
     ray.shutdown()
     print(url, flush=True)
@@ -59,7 +66,7 @@ def probe_host(address: str, serve_host: str) -> str | None:
     if serve_host in ("0.0.0.0", "::"):
         return head
     if serve_host.startswith("127.") or serve_host in ("localhost", "::1"):
-        raise ValueError(f"serve.host={serve_host} binds the proxy to the loopback of the head {head}, which this "
+        raise ConfigError(f"serve.host={serve_host} binds the proxy to the loopback of the head {head}, which this "
                          "machine cannot reach: set serve.host=0.0.0.0 (and serve.api_key) to deploy there")
     return serve_host
 

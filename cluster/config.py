@@ -13,18 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
-from pipelines.data import DataConfig
-from pipelines.dpo import DPOSection
-from pipelines.evaluate import EvalSection
-from pipelines.gate import GateSection
-from pipelines.merge import MergeSection
-from pipelines.models import ModelConfig
-from pipelines.quantize import QuantizeSection
-from pipelines.registry import RegistrySection
-from pipelines.schema import Section
-from pipelines.training import LoraSection, QuantSection, TrainSection
+from pipelines.artifacts.models import BUILTIN, ModelConfig
+from pipelines.artifacts.registry import RegistrySection
+from pipelines.data.config import DataConfig
+from pipelines.data.readers import expand_paths
+from pipelines.eval.evaluate import EvalSection
+from pipelines.eval.gate import GateSection
+from pipelines.export.merge import MergeSection
+from pipelines.export.quantize import QuantizeSection
+from pipelines.schema import DataError, MissingInput, Section, UserError
+from pipelines.train.config import LoraSection, QuantSection, TrainSection, check_combination
+from pipelines.train.dpo import DPOSection
 from serve.config import ServeConfig
 
 
@@ -64,11 +65,92 @@ class RunConfig(Section):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     demo: DemoSection = Field(default_factory=DemoSection)
 
+    @model_validator(mode="after")
+    def _combinations(self) -> "RunConfig":
+        """What no single section can see: refused here, before any Ray work, not after workers started."""
+        check_combination(self.quant, self.train)
+        return self
+
     def stage_dir(self, stage: str) -> Path:
         return Path(self.output_dir) / self.name / stage
 
 
-class ConfigError(ValueError):
+def preflight(cfg: RunConfig, stages: tuple[str, ...] | list[str], source: str = "<config>") -> None:
+    """Check what the named stages will read, before any Ray work: local input files exist and hold rows, the
+    model folder is one, a served adapter fits serve's slots. Raises MissingInput / DataError / ConfigError.
+
+    stages: "model", "data" (data.train_path), "dpo" (dpo.train_path, when set), "sft_adapter" (this run's SFT
+    output), "tokenized" (this run's data output), "eval" (eval.test_path), "quantize" (its row files), "serve".
+    URIs (s3://...) are left to the stage: checking them here would need credentials and a round trip."""
+    want = set(stages)
+    if "model" in want:
+        _check_model(cfg.model.name, source)
+    if "data" in want:
+        _check_rows(cfg.data.train_path, "data.train_path", source)
+    if "dpo" in want and cfg.dpo.train_path:
+        _check_rows(cfg.dpo.train_path, "dpo.train_path", source)
+    if "eval" in want and cfg.eval.test_path:
+        _check_rows(cfg.eval.test_path, "eval.test_path", source)
+    if "quantize" in want:
+        for key in ("calibration_path", "eval_path"):
+            if getattr(cfg.quantize, key):
+                _check_rows(getattr(cfg.quantize, key), f"quantize.{key}", source)
+    if "sft_adapter" in want and not (cfg.stage_dir("sft") / "adapter_config.json").is_file():
+        raise MissingInput(f"{source}: {cfg.stage_dir('sft')} holds no adapter: run `loraforge sft {source}` first")
+    if "tokenized" in want and not (cfg.stage_dir("data") / "manifest.json").is_file():
+        raise MissingInput(f"{source}: {cfg.stage_dir('data')} holds no tokenized data: run `loraforge tokenize "
+                           f"{source}` first")
+    if "serve" in want:
+        if cfg.lora.dora:
+            raise ConfigError(f"{source}: lora.dora=true with serving: vLLM cannot serve DoRA adapters; train "
+                              "without DoRA, or merge the adapter (`loraforge merge`) and serve the merged model")
+        if cfg.lora.r > cfg.serve.max_lora_rank:
+            raise ConfigError(f"{source}: lora.r={cfg.lora.r} > serve.max_lora_rank={cfg.serve.max_lora_rank}: the "
+                              "served adapter would not fit vLLM's LoRA slots; raise serve.max_lora_rank (one of "
+                              "8, 16, 32, 64, 128, 256, 320, 512) or lower lora.r")
+
+
+def _check_model(name: str, source: str) -> None:
+    """A built-in name, an existing Hugging Face folder, or a hub id; a path that is none of these is refused.
+    A name counts as a local path when it starts with . / ~ or its first component is a local folder."""
+    if name in BUILTIN:
+        return
+    folder = Path(name).expanduser()
+    local = name.startswith((".", "/", "~")) or folder.is_dir() or Path(name.split("/")[0]).is_dir()
+    if not local:
+        return  # a hub id: resolved (downloaded once) by the model stage
+    if not folder.is_dir():
+        raise MissingInput(f"{source}: model.name={name!r}: no such folder; give a Hugging Face model folder, a hub "
+                           f"id, or one of {', '.join(BUILTIN)}")
+    if not (folder / "config.json").is_file():
+        raise MissingInput(f"{source}: model.name={name!r}: {folder} has no config.json, so it is not a Hugging Face "
+                           "model folder")
+
+
+def _check_rows(spec: str, key: str, source: str) -> None:
+    """A local file, folder or glob that exists and whose files are not all empty."""
+    if "://" in spec:
+        return
+    try:
+        files = expand_paths(spec)
+    except MissingInput as e:
+        raise MissingInput(f"{source}: {key}={spec!r}: {str(e).split(': ', 1)[-1]}") from None
+    if all(_blank(f) for f in files):
+        where = files[0] if len(files) == 1 else f"all {len(files)} files of {spec!r}"
+        raise DataError(f"{source}: {key}: {where} has no rows (the file is empty); point {key} at a file "
+                        "with data")
+
+
+def _blank(path: str) -> bool:
+    """No non-whitespace byte in the file (read in 64 KiB pieces; stops at the first byte of data)."""
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
+
+
+class ConfigError(UserError, ValueError):
     """A config that does not validate; the message names the file, the key path and the reason."""
 
 
@@ -107,7 +189,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         return RunConfig.model_validate(doc)
     except ValidationError as e:
-        lines = [f"{source}: {'.'.join(str(x) for x in err['loc'])}: {err['msg']}"
+        lines = [f"{source}: {'.'.join(str(x) for x in err['loc']) or '(run config)'}: "
+                 f"{err['msg'].removeprefix('Value error, ')}"
                  + (f" (got {err['input']!r})" if err["type"] != "extra_forbidden" and "input" in err
                     and not isinstance(err["input"], dict) else "")
                  for err in e.errors()]

@@ -1,4 +1,6 @@
-"""The job graph: which stage runs on whose output, on which Ray instance."""
+"""The job graph: which stage runs on whose output, on which Ray instance, and every hand-off between stages
+(this run's adapter, evaluate → gate → registry, publishing a stage's output). The CLI only parses arguments.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +12,17 @@ from pathlib import Path
 from rich.console import Console
 
 from cluster.config import RunConfig
+from pipelines.artifacts.manifest import read_manifest
+from pipelines.artifacts.models import resolve_model
+from pipelines.artifacts.registry import Registry, lineage_from_manifest
+from pipelines.data import curate
+from pipelines.data import tokenize as data
+from pipelines.eval import evaluate
+from pipelines.eval import gate as _gate
+from pipelines.eval.gate import GateDecision
+from pipelines.export import merge, quantize
+from pipelines.schema import MissingInput
+from pipelines.train import dpo, sft
 
 console = Console(stderr=True)
 
@@ -62,7 +75,6 @@ def _has_cuda() -> bool:
 
 
 def stage_model(cfg: RunConfig) -> str:
-    from pipelines.models import resolve_model
 
     with console.status(f"[bold]model[/]: resolving {cfg.model.name}"):
         t0 = time.time()
@@ -72,12 +84,10 @@ def stage_model(cfg: RunConfig) -> str:
 
 
 def stage_data(cfg: RunConfig, model_dir: str) -> Path:
-    from pipelines import data
 
     init_ray(cfg)
     t0 = time.time()
     out = data.run(cfg.data, model_dir, cfg.stage_dir("data"))
-    from pipelines.manifest import read_manifest
 
     m = read_manifest(out)["metrics"]
     console.print(f"[bold]data[/]: {m['rows_in']} rows in, {m['rows_kept']} kept, {m['rows_rejected']} rejected "
@@ -85,14 +95,22 @@ def stage_data(cfg: RunConfig, model_dir: str) -> Path:
     return out
 
 
+def stage_curate(cfg: RunConfig, model_dir: str) -> Path:
+    init_ray(cfg)
+    t0 = time.time()
+    out = curate.run(cfg.data, cfg.stage_dir("curated"), model_dir=model_dir)
+    m = read_manifest(out)["metrics"]
+    console.print(f"[bold]curate[/]: {m['rows_in']} rows in, {m['rows_kept']} kept, {m['rows_rejected']} rejected "
+                  f"({time.time() - t0:.0f} s)")
+    return out
+
+
 def stage_sft(cfg: RunConfig, model_dir: str, data_dir: Path) -> Path:
-    from pipelines import sft
 
     init_ray(cfg)
     t0 = time.time()
     out = sft.run(cfg.lora, cfg.train, model_dir, data_dir, cfg.stage_dir("sft"), dtype=cfg.model.dtype,
                   quant=cfg.quant, model_id=cfg.model.name)
-    from pipelines.manifest import read_manifest
 
     m = read_manifest(out)["metrics"]
     console.print(f"[bold]sft[/]: {m['steps']} steps, loss {m['loss_first']:.3f} → {m['loss_last']:.3f}, "
@@ -101,8 +119,6 @@ def stage_sft(cfg: RunConfig, model_dir: str, data_dir: Path) -> Path:
 
 
 def stage_dpo(cfg: RunConfig, model_dir: str, sft_dir: Path) -> Path:
-    from pipelines import dpo
-    from pipelines.manifest import read_manifest
 
     init_ray(cfg)
     t0 = time.time()
@@ -124,7 +140,6 @@ def stage_quantize(cfg: RunConfig, source: str, out: Path | None = None) -> Path
     """Quantize `source` in a Ray task (on a GPU node when quantize.num_gpus > 0); recovery measured inside."""
     import ray
 
-    from pipelines import quantize
 
     q = cfg.quantize
     curated = cfg.stage_dir("data") / "curated"
@@ -145,6 +160,74 @@ def stage_quantize(cfg: RunConfig, source: str, out: Path | None = None) -> Path
     console.print(f"[bold]quantize[/]: {report['scheme']}: perplexity x{report['perplexity_ratio']:.3f}, size "
                   f"x{report['size_ratio']:.2f} of the source ({time.time() - t0:.0f} s)")
     return Path(path)
+
+
+def stage_evaluate(cfg: RunConfig, model_dir: str, adapters: dict[str, str], *, gate: bool = False,
+                   force: bool = False) -> tuple[Path, GateDecision | None]:
+    """Evaluate base, few-shot base and adapters; with `gate`, apply it to the first adapter, which publishes
+    it to the registry and moves the gate's alias when it passes (or is forced)."""
+    init_ray(cfg)
+    out = evaluate.run(cfg.eval, model_dir, adapters, cfg.stage_dir("evaluate"))
+    if not gate:
+        return out, None
+    results = json.loads((out / "eval.json").read_text())
+    first = next(iter(adapters))
+    decision = _gate.apply(results, first, adapters[first], cfg.gate, cfg.registry.root,
+                           cfg.registry.name or cfg.name, force=force)
+    return out, decision
+
+
+def stage_merge(cfg: RunConfig, model_dir: str, adapters: list[str], out: Path | None = None) -> Path:
+    return merge.run(cfg.merge, model_dir, adapters, out or cfg.stage_dir("merge"))
+
+
+def publish(cfg: RunConfig, folder: Path, name: str, kind: str) -> str:
+    """Publish a stage's output folder as the next version of `name` in the run's registry."""
+    version = Registry(cfg.registry.root).publish(name, folder, kind, lineage_from_manifest(folder))
+    return f"registry: {name}@{version} ({kind}) in {cfg.registry.root}"
+
+
+def run_adapters(cfg: RunConfig) -> dict[str, str]:
+    """This run's adapter, {run name: its sft/ folder}, once SFT has written one; else {}."""
+    sft_dir = cfg.stage_dir("sft")
+    return {cfg.name: str(sft_dir.resolve())} if (sft_dir / "adapter_config.json").is_file() else {}
+
+
+def adapters_from(specs: list[str] | None, cfg: RunConfig) -> dict[str, str]:
+    """`NAME=FOLDER` / `FOLDER` specs as {name: folder}; none given: this run's adapter (or MissingInput)."""
+    if not specs:
+        found = run_adapters(cfg)
+        if not found:
+            raise MissingInput(f"no --adapter given and {cfg.stage_dir('sft')} holds no adapter: run `loraforge "
+                               "sft` first or pass --adapter FOLDER")
+        return found
+    out = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep:
+            name, folder = Path(spec).resolve().name, spec
+        if not (Path(folder) / "adapter_config.json").is_file():
+            raise MissingInput(f"--adapter {spec}: {folder} holds no adapter (no adapter_config.json)")
+        out[name] = str(Path(folder).resolve())
+    return out
+
+
+def run_pipeline(cfg: RunConfig) -> Path:
+    """model → data → sft → (dpo) → serve → demo answers → the endpoint shut down. Returns the SFT folder."""
+    from serve.app import shutdown
+
+    model_dir = stage_model(cfg)
+    data_dir = stage_data(cfg, model_dir)
+    sft_dir = stage_sft(cfg, model_dir, data_dir)
+    adapters = {cfg.name: str(sft_dir)}
+    if cfg.dpo.train_path:
+        adapters[f"{cfg.name}-dpo"] = str(stage_dpo(cfg, model_dir, sft_dir))
+    url = start_serving(cfg, model_dir, adapters)
+    try:
+        demo(cfg, url, cfg.name)
+    finally:
+        shutdown()
+    return sft_dir
 
 
 def _absolute(spec: str) -> str:

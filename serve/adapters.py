@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from pipelines.artifacts.registry import Registry
+
 NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 ADAPTER_NAME = re.compile(rf"^{NAME}$")
 ADAPTER_REF = re.compile(rf"^(?P<name>{NAME})(?:@(?P<tag>{NAME}))?$")
@@ -110,7 +112,7 @@ class FolderSource:
 
 
 class RegistrySource:
-    """Adapters from pipelines.registry (versions and aliases); imported on first use, not at import time."""
+    """Adapters from pipelines.artifacts.registry (versions and aliases); imported on first use, not at import time."""
 
     def __init__(self, root: str):
         self.root = str(Path(root).expanduser().resolve())
@@ -118,7 +120,6 @@ class RegistrySource:
 
     def _reg(self) -> Any:
         if self._registry is None:
-            from pipelines.registry import Registry
 
             self._registry = Registry(self.root)
         return self._registry

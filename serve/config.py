@@ -67,7 +67,7 @@ class ServeConfig(Section):
     autoscaling: AutoscalingConfig | None = Field(None, description=(
         "Autoscale between min and max replicas on ongoing requests; when unset, num_replicas fixed replicas."))
     registry: str | None = Field(None, description=(
-        "Registry folder (pipelines.registry) adapters are resolved from on first use, by name, name@version or "
+        "Registry folder (pipelines.artifacts.registry) adapters are resolved from on first use, by name, name@version or "
         "name@alias; an adapter registered while serving is servable without a restart."))
     adapter_dir: str | None = Field(None, description=(
         "A folder whose sub-folders are adapters (<dir>/<name>/adapter_config.json), read on first use; for "

@@ -25,8 +25,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from ray.llm._internal.serve.core.configs.openai_api_models import ErrorResponse
 from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, init, router_request_timeout
-from ray.llm._internal.serve.core.ingress.utils import (NON_STREAMING_RESPONSE_TYPES, _openai_json_wrapper,
-                                                        _peek_at_generator)
+from ray.llm._internal.serve.core.ingress.utils import (
+    NON_STREAMING_RESPONSE_TYPES,
+    _openai_json_wrapper,
+    _peek_at_generator,
+)
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from serve.adapters import AdapterNotFound, AdapterSource, BadAdapterName, Resolver

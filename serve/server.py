@@ -31,8 +31,16 @@ from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
 from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
 from ray.serve.llm import LLMConfig, LLMServer
 
-from serve.adapters import (AdapterInvalid, AdapterNotFound, AdapterSource, BadAdapterName, SlotGate,
-                            StaticSource, base_identities, validate_adapter)
+from serve.adapters import (
+    AdapterInvalid,
+    AdapterNotFound,
+    AdapterSource,
+    BadAdapterName,
+    SlotGate,
+    StaticSource,
+    base_identities,
+    validate_adapter,
+)
 from serve.config import ServeConfig
 
 REPLICA_FIELD = "loraforge_replica"  # stamped on non-streaming responses; the ingress moves it to a header

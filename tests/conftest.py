@@ -40,7 +40,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A tiny random Llama + locally trained ChatML tokenizer, as an HF safetensors folder."""
-    from pipelines.models import build_tiny_model
+    from pipelines.artifacts.models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama", seed=0)
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.dedup import jaccard, shingles
-from pipelines.filters import dedup_text
+from pipelines.data.dedup import jaccard, shingles
+from pipelines.data.filters import dedup_text
 
 pytestmark = pytest.mark.integration
 
@@ -67,7 +67,7 @@ def corpus(shared_data, tmp_path_factory):
 
 
 def _cfg(src, seed=0, **kw):
-    from pipelines.data import DataConfig
+    from pipelines.data.config import DataConfig
 
     return DataConfig(train_path=str(src), format="auto", max_length=1024, max_rejected_fraction=0.5,
                       filters={"min_answer_chars": 2, "max_repeated_ngram_ratio": 0.6, "max_symbol_ratio": 0.5},
@@ -76,7 +76,7 @@ def _cfg(src, seed=0, **kw):
 
 @pytest.fixture(scope="module")
 def curated(ray_session, corpus, tiny_model_dir):
-    from pipelines import curate
+    from pipelines.data import curate
 
     out = curate.run(_cfg(corpus["src"]), corpus["root"] / "seed0", model_dir=tiny_model_dir)
     return {"out": out, "rejected": [json.loads(l) for f in (out / "rejected").glob("*.jsonl")
@@ -149,7 +149,7 @@ def test_no_near_duplicate_pair_spans_train_and_test(curated):
 
 
 def test_same_seed_identical_bytes_other_seed_differs(curated, corpus, tiny_model_dir):
-    from pipelines import curate
+    from pipelines.data import curate
 
     again = curate.run(_cfg(corpus["src"]), corpus["root"] / "seed0b", model_dir=tiny_model_dir)
     other = curate.run(_cfg(corpus["src"], seed=1), corpus["root"] / "seed1", model_dir=tiny_model_dir)
@@ -163,9 +163,9 @@ def test_same_seed_identical_bytes_other_seed_differs(curated, corpus, tiny_mode
 def test_tokenized_labels_only_on_assistant_tokens(ray_session, tmp_path, tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from pipelines import data
+    from pipelines.data import tokenize as data
 
-    demo = Path(__file__).resolve().parents[2] / "pipelines" / "demo_data" / "city_date.jsonl"
+    demo = Path(__file__).resolve().parents[2] / "pipelines" / "demo" / "city_date.jsonl"
     src = tmp_path / "d.jsonl"
     src.write_text("\n".join(demo.read_text().splitlines()[:60]) + "\n")
     plain = data.run(_cfg(src), tiny_model_dir, tmp_path / "plain")

@@ -20,7 +20,7 @@ def sft_adapter(tiny_model_dir, tmp_path_factory) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from pipelines.manifest import write_manifest
+    from pipelines.artifacts.manifest import write_manifest
 
     torch.manual_seed(1)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
@@ -38,9 +38,9 @@ def sft_adapter(tiny_model_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def dpo_run(ray_session, tiny_model_dir, sft_adapter, shared_data, tmp_path_factory):
-    from pipelines import dpo
-    from pipelines.manifest import hash_path
-    from pipelines.training import TrainSection
+    from pipelines.artifacts.manifest import hash_path
+    from pipelines.train import dpo
+    from pipelines.train.config import TrainSection
 
     cfg = dpo.DPOSection(train_path=str(shared_data / "preference" / "qa_feedback_pairs.jsonl"), beta=0.1,
                          max_length=1024, max_pairs=64, validation_fraction=0.15)
@@ -79,7 +79,7 @@ def test_reference_is_the_frozen_sft_model(dpo_run, tiny_model_dir, sft_adapter)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from pipelines.losses import sequence_logps
+    from pipelines.train.losses import sequence_logps
 
     assert dpo_run["sft_hash_before"] == dpo_run["sft_hash_after"]
     rows = pq.read_table(dpo_run["data"] / "train").slice(0, 3).to_pylist()
@@ -99,7 +99,7 @@ def test_loss_matches_trl(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from pipelines.losses import dpo_loss, sequence_logps
+    from pipelines.train.losses import dpo_loss, sequence_logps
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     pairs = Dataset.from_list([

@@ -16,7 +16,7 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-DEMO = Path(__file__).resolve().parents[2] / "pipelines" / "demo_data" / "city_date.jsonl"
+DEMO = Path(__file__).resolve().parents[2] / "pipelines" / "demo" / "city_date.jsonl"
 
 
 def train_adapter(base_dir: str, rows: list[dict], out: Path, *, steps: int, data_file: Path) -> Path:
@@ -25,8 +25,9 @@ def train_adapter(base_dir: str, rows: list[dict], out: Path, *, steps: int, dat
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipelines.formatting import alpaca_to_messages, pad_batch, tokenize_messages
-    from pipelines.manifest import write_manifest
+    from pipelines.artifacts.manifest import write_manifest
+    from pipelines.data.chat import pad_batch, tokenize_messages
+    from pipelines.data.rowformats import alpaca_to_messages
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(base_dir)
@@ -53,7 +54,7 @@ def train_adapter(base_dir: str, rows: list[dict], out: Path, *, steps: int, dat
 
 @pytest.fixture(scope="module")
 def evaluated(ray_session, tiny_model_dir, shared_data, tmp_path_factory):
-    from pipelines.evaluate import EvalSection, run
+    from pipelines.eval.evaluate import EvalSection, run
 
     root = tmp_path_factory.mktemp("eval")
     rows = [json.loads(x) for x in DEMO.read_text().splitlines()]
@@ -101,8 +102,8 @@ def test_report_states_the_few_shot_verdict_and_has_plots(evaluated):
 
 
 def test_gate_promotes_the_trained_adapter_and_refuses_the_zero_one(evaluated, tmp_path):
-    from pipelines.gate import GateSection, apply
-    from pipelines.registry import Registry
+    from pipelines.artifacts.registry import Registry
+    from pipelines.eval.gate import GateSection, apply
 
     results, reg_root = evaluated["results"], tmp_path / "registry"
     gate = GateSection(min_rougeL_gain_over_base=0.1, min_rougeL_gain_over_few_shot=0.05,
@@ -132,11 +133,11 @@ def test_gate_promotes_the_trained_adapter_and_refuses_the_zero_one(evaluated, t
 def test_vllm_backend_answers_like_transformers(ray_session, tiny_model_dir, evaluated):
     """eval.backend=vllm (the default): the same rows through Ray Data and a vLLM LoRA engine give the same greedy
     answers as transformers + PEFT, for the base and the adapter (float32)."""
-    from pipelines.eval_data import load_rows, render, user_text
-    from pipelines.eval_generate import generate
-    from pipelines.evaluate import EvalSection
-
     from transformers import AutoTokenizer
+
+    from pipelines.eval.data import load_rows, render, user_text
+    from pipelines.eval.evaluate import EvalSection
+    from pipelines.eval.generate import generate
 
     assert EvalSection().backend == "vllm"
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)

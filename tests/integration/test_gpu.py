@@ -20,10 +20,11 @@ def test_cuda_qlora_zero2_trains(ray_session, tiny_model_dir, tmp_path):
     import torch
     from transformers import AutoTokenizer
 
-    from pipelines.formatting import alpaca_to_messages, tokenize_messages
-    from pipelines.manifest import write_manifest
-    from pipelines.sft import run
-    from pipelines.training import LoraSection, QuantSection, TrainSection
+    from pipelines.artifacts.manifest import write_manifest
+    from pipelines.data.chat import tokenize_messages
+    from pipelines.data.rowformats import alpaca_to_messages
+    from pipelines.train.config import LoraSection, QuantSection, TrainSection
+    from pipelines.train.sft import run
     from tests.integration.test_training import DEMO
 
     n_gpu = torch.cuda.device_count()
@@ -52,7 +53,7 @@ def test_cuda_serves_awq_base_with_lora(ray_session, tiny_model_dir, tmp_path):
     import openai
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipelines.quantize import QuantizeSection, run
+    from pipelines.export.quantize import QuantizeSection, run
     from serve import ServeConfig, shutdown, start
     from tests.conftest import free_port
     from tests.integration.test_quantize import DEMO

@@ -48,7 +48,7 @@ def test_merge_float32_is_exact_and_changes_the_base(tiny_model_dir, adapters, t
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipelines.merge import MergeSection, run
+    from pipelines.export.merge import MergeSection, run
 
     out = run(MergeSection(dtype="float32"), tiny_model_dir, [str(adapters[0])], tmp_path / "merged")
     m = json.loads((out / "manifest.json").read_text())
@@ -69,7 +69,7 @@ def test_qlora_adapter_merges_through_the_unquantized_base_in_bf16(tiny_model_di
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipelines.merge import MergeSection, run
+    from pipelines.export.merge import MergeSection, run
 
     adapter = make_adapter(tiny_model_dir, tmp_path / "qlora", seed=3, four_bit=True)
     out = run(MergeSection(dtype="bfloat16"), tiny_model_dir, [str(adapter)], tmp_path / "merged")
@@ -84,7 +84,7 @@ def test_qlora_adapter_merges_through_the_unquantized_base_in_bf16(tiny_model_di
 
 
 def test_multi_adapter_ties_merge(tiny_model_dir, adapters, tmp_path):
-    from pipelines.merge import MergeSection, run
+    from pipelines.export.merge import MergeSection, run
 
     cfg = MergeSection(dtype="float32", combination="ties", weights=[0.7, 0.3], density=0.5)
     out = run(cfg, tiny_model_dir, [str(a) for a in adapters], tmp_path / "ties")
@@ -96,7 +96,7 @@ def test_multi_adapter_ties_merge(tiny_model_dir, adapters, tmp_path):
 def test_a_merge_that_drops_the_fine_tune_fails_parity(tiny_model_dir, adapters, tmp_path, monkeypatch):
     from peft.tuners.tuners_utils import BaseTuner
 
-    from pipelines.merge import MergeSection, ParityError, run
+    from pipelines.export.merge import MergeSection, ParityError, run
 
     # A merge that returns the untouched base: logits match the base, not base + adapter.
     monkeypatch.setattr(BaseTuner, "merge_and_unload", lambda self, *a, **k: self.unload())

@@ -7,10 +7,9 @@ No Ray here; it is in integration only because it is slow (TER alone is ~13 s pe
 
 from __future__ import annotations
 
-
 import pytest
 
-from pipelines import metrics
+from pipelines.eval import metrics
 
 pytestmark = pytest.mark.integration
 

@@ -34,7 +34,7 @@ def run_result(ray_session, tiny_model_dir, tmp_path_factory):
     from cluster.cli import app
 
     root = tmp_path_factory.mktemp("run")
-    demo = Path(__file__).resolve().parents[2] / "pipelines" / "demo_data" / "city_date.jsonl"
+    demo = Path(__file__).resolve().parents[2] / "pipelines" / "demo" / "city_date.jsonl"
     data = root / "train.jsonl"
     good = demo.read_text().splitlines()[:200]
     data.write_text("\n".join(good[:100] + [row for row, _ in BAD_ROWS] + good[100:]) + "\n")

@@ -16,7 +16,7 @@ from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
 
-DEMO = Path(__file__).resolve().parents[2] / "pipelines" / "demo_data" / "city_date.jsonl"
+DEMO = Path(__file__).resolve().parents[2] / "pipelines" / "demo" / "city_date.jsonl"
 AWQ_PYTHON = Path(__file__).resolve().parents[2] / ".venv-awq" / "bin" / "python"
 
 
@@ -37,7 +37,7 @@ def trained(tiny_model_dir, splits, tmp_path_factory) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipelines.quantize import conversations
+    from pipelines.export.quantize import conversations
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -63,7 +63,7 @@ def trained(tiny_model_dir, splits, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def int8_dir(trained, splits, tmp_path_factory) -> Path:
-    from pipelines.quantize import QuantizeSection, run
+    from pipelines.export.quantize import QuantizeSection, run
 
     cfg = QuantizeSection(method="int8", eval_samples=12, max_new_tokens=16)
     return run(cfg, trained, tmp_path_factory.mktemp("q") / "int8", calibration=splits["train"],
@@ -96,7 +96,7 @@ def test_awq_w4a16_loads_with_transformers_and_reports_recovery(trained, splits,
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipelines.quantize import QuantizeSection, run
+    from pipelines.export.quantize import QuantizeSection, run
 
     cfg = QuantizeSection(method="awq", calibration_samples=32, max_length=128, eval_samples=12, max_new_tokens=16)
     out = run(cfg, trained, tmp_path / "awq", calibration=splits["train"], evaluation=splits["test"])
@@ -120,7 +120,7 @@ def test_awq_w4a16_loads_with_transformers_and_reports_recovery(trained, splits,
 
 
 def test_refusals(trained, int8_dir, tmp_path):
-    from pipelines.quantize import QuantizeSection, RecoveryError, awq_python, check_recovery, run
+    from pipelines.export.quantize import QuantizeSection, RecoveryError, awq_python, check_recovery, run
 
     with pytest.raises(ValueError, match="already quantized"):
         run(QuantizeSection(), str(int8_dir), tmp_path / "again", calibration=str(DEMO), evaluation=str(DEMO))
@@ -136,7 +136,7 @@ def test_cli_quantizes_on_ray_and_registers(ray_session, trained, splits, tmp_pa
     from typer.testing import CliRunner
 
     from cluster.cli import app
-    from pipelines.registry import Registry
+    from pipelines.artifacts.registry import Registry
 
     config = tmp_path / "run.yaml"
     config.write_text(f"name: q\noutput_dir: {tmp_path / 'runs'}\nregistry:\n  root: {tmp_path / 'reg'}\n")

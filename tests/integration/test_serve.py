@@ -63,7 +63,7 @@ def hot_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def registry_dir(tmp_path_factory) -> Path:
-    """An empty pipelines.registry the app reads; tests publish and promote into it while it runs."""
+    """An empty pipelines.artifacts.registry the app reads; tests publish and promote into it while it runs."""
     return tmp_path_factory.mktemp("registry")
 
 
@@ -230,7 +230,7 @@ def test_adapter_registered_while_serving_is_served_and_lru_evicts(client, tiny_
 
 
 def test_registry_versions_and_aliases_are_served_as_published(client, adapters, registry_dir, tiny_model_dir):
-    from pipelines.registry import Registry
+    from pipelines.artifacts.registry import Registry
 
     reg = Registry(registry_dir)
     lineage = {"base_model": tiny_model_dir, "base_model_hash": "sha256:t", "dataset_hash": "sha256:d",
@@ -378,8 +378,8 @@ def test_metrics_are_exported_per_adapter(ray_session, client):
 def test_llm_judge_asks_the_served_model_and_accounts_for_every_reply(server, monkeypatch):
     """evaluate's LLM judge against a real OpenAI-compatible endpoint (this app, with its API key): every row is
     asked, replies without a score are counted as unparsed rather than guessed, and the caveat names the judge."""
-    from pipelines.eval_judge import caveat, judge_scores
-    from pipelines.evaluate import JudgeSection
+    from pipelines.eval.evaluate import JudgeSection
+    from pipelines.eval.judge import caveat, judge_scores
 
     monkeypatch.setenv("JUDGE_KEY", KEY)
     cfg = JudgeSection(url=server, model="base", api_key_env="JUDGE_KEY", max_samples=3)

@@ -14,7 +14,7 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-DEMO = Path(__file__).resolve().parents[2] / "pipelines" / "demo_data" / "city_date.jsonl"
+DEMO = Path(__file__).resolve().parents[2] / "pipelines" / "demo" / "city_date.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,9 @@ def data_dir(tiny_model_dir, tmp_path_factory) -> Path:
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
-    from pipelines.formatting import alpaca_to_messages, tokenize_messages
-    from pipelines.manifest import write_manifest
+    from pipelines.artifacts.manifest import write_manifest
+    from pipelines.data.chat import tokenize_messages
+    from pipelines.data.rowformats import alpaca_to_messages
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows = [json.loads(line) for line in DEMO.read_text().splitlines()[:320]]
@@ -42,12 +43,12 @@ def data_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def packed_data_dir(data_dir, tmp_path_factory) -> Path:
-    """The same rows packed into 256-token blocks (pipelines.packing): sequences never attend to each other."""
+    """The same rows packed into 256-token blocks (pipelines.data.packing): sequences never attend to each other."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines.manifest import write_manifest
-    from pipelines.packing import pack_rows
+    from pipelines.artifacts.manifest import write_manifest
+    from pipelines.data.packing import pack_rows
 
     out = tmp_path_factory.mktemp("packed")
     for split in ("train", "validation"):
@@ -61,8 +62,8 @@ def packed_data_dir(data_dir, tmp_path_factory) -> Path:
 
 
 def _sft(ray_session, model_dir, data_dir, out, **train_kw):
-    from pipelines.sft import run
-    from pipelines.training import LoraSection, QuantSection, TrainSection
+    from pipelines.train.config import LoraSection, QuantSection, TrainSection
+    from pipelines.train.sft import run
 
     quant = QuantSection(**train_kw.pop("quant", {}))
     base_cache = train_kw.pop("base_cache", Path(out) / "base_cache")  # a fresh per-node 4-bit cache per run
@@ -200,8 +201,9 @@ def _assert_reload_reproduces(model_dir, folder, four_bit: bool):
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from pipelines.sft import PROBE
-    from pipelines.training import QuantSection, load_base
+    from pipelines.train.base import load_base
+    from pipelines.train.config import QuantSection
+    from pipelines.train.sft import PROBE
 
     quant = QuantSection(load_in_4bit=four_bit, compute_dtype="float32")
     model = PeftModel.from_pretrained(load_base(model_dir, "float32", quant, False), str(folder)).eval()

@@ -97,7 +97,7 @@ def test_cli_typo_fails_before_ray_starts(tmp_path):
 
 
 def test_qlora_with_zero3_is_refused_with_reason():
-    from pipelines.training import QuantSection, TrainSection, check_combination
+    from pipelines.train.config import QuantSection, TrainSection, check_combination
 
     with pytest.raises(ValueError, match="ZeRO-3 partitions every parameter"):
         check_combination(QuantSection(load_in_4bit=True), TrainSection(deepspeed="zero3"))
@@ -105,7 +105,7 @@ def test_qlora_with_zero3_is_refused_with_reason():
 
 
 def test_deepspeed_auto_fields_filled_from_run_config():
-    from pipelines.training import TrainSection, deepspeed_config
+    from pipelines.train.config import TrainSection, deepspeed_config
 
     cfg = deepspeed_config(TrainSection(deepspeed="zero3", batch_size=4, grad_accum=2, num_workers=2), "float32")
     assert cfg["zero_optimization"]["stage"] == 3

@@ -4,11 +4,26 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipelines.dedup import (assign_split, candidate_pairs, category_quotas, clusters, jaccard, optimal_bands,
-                             shingles, signatures)
-from pipelines.filters import (Thresholds, dedup_text, exact_key, normalise_text, quality_reason,
-                               repeated_ngram_ratio, symbol_ratio)
-from pipelines.tokenizing import drop_oldest_exchange
+from pipelines.data.chat import drop_oldest_exchange
+from pipelines.data.dedup import (
+    assign_split,
+    candidate_pairs,
+    category_quotas,
+    clusters,
+    jaccard,
+    optimal_bands,
+    shingles,
+    signatures,
+)
+from pipelines.data.filters import (
+    Thresholds,
+    dedup_text,
+    exact_key,
+    normalise_text,
+    quality_reason,
+    repeated_ngram_ratio,
+    symbol_ratio,
+)
 
 
 def test_normalise_keeps_layout_and_nfc():

@@ -6,14 +6,15 @@ import json
 
 import pytest
 
-from pipelines.formatting import IGNORE_INDEX, RowError, alpaca_to_messages, pad_batch, tokenize_messages
-from pipelines.manifest import hash_path, read_manifest, write_manifest
+from pipelines.artifacts.manifest import hash_path, read_manifest, write_manifest
+from pipelines.data.chat import IGNORE_INDEX, pad_batch, tokenize_messages
+from pipelines.data.rowformats import RowError, alpaca_to_messages
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from pipelines.demo_data import tokenizer_corpus
-    from pipelines.models import build_tokenizer
+    from pipelines.artifacts.models import build_tokenizer
+    from pipelines.demo.generator import tokenizer_corpus
 
     return build_tokenizer(tokenizer_corpus())
 

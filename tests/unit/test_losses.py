@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pipelines.losses import dpo_loss, sequence_logps
+from pipelines.train.losses import dpo_loss, sequence_logps
 
 
 def test_sigmoid_dpo_by_hand():

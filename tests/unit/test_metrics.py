@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipelines import metrics
+from pipelines.eval import metrics
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_metrics_import_without_ray_or_vllm():
     import subprocess
     import sys
 
-    code = ("import sys, pipelines.metrics; bad=[m for m in ('ray','vllm','torch') if m in sys.modules]; "
+    code = ("import sys, pipelines.eval.metrics; bad=[m for m in ('ray','vllm','torch') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.packing import IGNORE_INDEX, collate, first_fit_decreasing, pack_rows
+from pipelines.data.packing import IGNORE_INDEX, collate, first_fit_decreasing, pack_rows
 
 
 def test_first_fit_decreasing_fills_and_respects_capacity():

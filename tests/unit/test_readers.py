@@ -6,9 +6,8 @@ import json
 
 import pytest
 
-from pipelines.formatting import RowError
-from pipelines.readers import expand_paths, iter_records, parse_location
-from pipelines.rowformats import check_decodable, parse_raw, to_canonical
+from pipelines.data.readers import expand_paths, iter_records, parse_location
+from pipelines.data.rowformats import RowError, check_decodable, parse_raw, to_canonical
 
 
 def test_parse_location_local_glob_and_s3():

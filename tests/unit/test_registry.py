@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.registry import Registry, RegistryError, lineage_from_manifest, parse_ref
+from pipelines.artifacts.registry import Registry, RegistryError, lineage_from_manifest, parse_ref
 
 LINEAGE = {"base_model": "/models/tiny", "base_model_hash": "sha256:aa", "dataset_hash": "sha256:bb",
            "config": {"lora": {"r": 8}}, "eval_scores": {"rougeL": 0.5}}
@@ -131,7 +131,7 @@ def test_crash_during_the_copy_leaves_no_trace(reg, tmp_path, monkeypatch):
 
 
 def test_lineage_from_manifest_and_variants(reg, tmp_path):
-    from pipelines.manifest import write_manifest
+    from pipelines.artifacts.manifest import write_manifest
 
     base = tmp_path / "base"
     base.mkdir()
@@ -184,7 +184,7 @@ def _results(tuned_rougeL: float, few_shot: float = 0.2, nll_delta: float = 0.0)
 
 
 def test_gate_check_lists_every_reason():
-    from pipelines.gate import GateSection, check
+    from pipelines.eval.gate import GateSection, check
 
     cfg = GateSection(min_rougeL_gain_over_base=0.05, min_rougeL_gain_over_few_shot=0.0,
                       max_general_nll_increase=0.2, max_mmlu_drop=0.05, min_exact_match=0.9)
@@ -195,8 +195,8 @@ def test_gate_check_lists_every_reason():
 
 
 def test_few_shot_verdict_is_plain():
-    from pipelines.eval_judge import parse_score
-    from pipelines.eval_report import verdicts
+    from pipelines.eval.judge import parse_score
+    from pipelines.eval.report import verdicts
 
     scores = _results(0.15, few_shot=0.3)["variants"]
     assert verdicts(scores, ["a"])["a"].startswith("The few-shot base wins")

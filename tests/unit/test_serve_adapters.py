@@ -5,12 +5,22 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from serve.adapters import (AdapterInvalid, AdapterNotFound, BadAdapterName, ChainSource, FolderSource, Resolver,
-                            SlotGate, StaticSource, base_identities, parse_ref, validate_adapter)
+from serve.adapters import (
+    AdapterInvalid,
+    AdapterNotFound,
+    BadAdapterName,
+    ChainSource,
+    FolderSource,
+    Resolver,
+    SlotGate,
+    StaticSource,
+    base_identities,
+    parse_ref,
+    validate_adapter,
+)
 
 BASE = "/models/tiny"
 
@@ -132,8 +142,7 @@ def test_slot_gate_admits_at_most_n_distinct_adapters():
 
 
 def test_registry_source_resolves_versions_and_aliases(tmp_path):
-    from pipelines.registry import Registry
-
+    from pipelines.artifacts.registry import Registry
     from serve.adapters import RegistrySource
 
     reg = Registry(tmp_path / "registry")

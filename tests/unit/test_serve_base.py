@@ -36,7 +36,7 @@ def test_float_and_int8_bases_are_servable_on_cpu(tmp_path):
 
 
 def test_base_from_the_registry(tmp_path):
-    from pipelines.registry import Registry
+    from pipelines.artifacts.registry import Registry
 
     reg = Registry(tmp_path / "reg")
     merged = base(tmp_path, "merged")

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 
-from pipelines.training import LoraSection, QuantSection, TrainSection
+from pipelines.train.config import LoraSection, QuantSection, TrainSection
 
 Q4 = QuantSection(load_in_4bit=True, compute_dtype="float32")
 LORA = LoraSection(r=16, alpha=32, dropout=0.0, target_modules="all-linear")
@@ -25,7 +25,7 @@ def _batch(seed: int = 0, rows: int = 2, length: int = 24):
 
 
 def _lora_model(model_dir: str, four_bit: bool, gradient_checkpointing: bool):
-    from pipelines.training import attach_lora, load_base
+    from pipelines.train.base import attach_lora, load_base
 
     base = load_base(model_dir, "float32", Q4 if four_bit else QuantSection(), gradient_checkpointing)
     return attach_lora(base, LORA, seed=0).train()
@@ -37,7 +37,7 @@ def test_quantized_base_is_made_once_and_loaded_packed(tiny_model_dir, tmp_path,
     import bitsandbytes.functional as bnbf
     from safetensors import safe_open
 
-    from pipelines.training import checksum, load_quantized_shared, prepare_base
+    from pipelines.train.base import checksum, load_quantized_shared, prepare_base
 
     quantized = []
     real = bnbf.quantize_4bit
@@ -100,7 +100,7 @@ def test_8bit_adamw_keeps_uint8_state_and_lowers_loss(tiny_model_dir, name):
     import bitsandbytes as bnb
     import torch
 
-    from pipelines.training import make_optimizer
+    from pipelines.train.engine import make_optimizer
 
     model = _lora_model(tiny_model_dir, False, False)
     params = [p for p in model.parameters() if p.requires_grad]

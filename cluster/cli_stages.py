@@ -1,0 +1,154 @@
+"""The stage commands: each parses its arguments, loads the config and calls the job graph (cluster.runner).
+
+    loraforge run configs/quickstart-cpu.yaml                     # data → sft → (dpo) → serve → demo answers → exit
+    loraforge tokenize CONFIG | curate CONFIG | sft CONFIG | dpo CONFIG
+    loraforge evaluate CONFIG --adapter runs/x/sft [--gate] [--force]
+    loraforge merge CONFIG --adapter runs/x/sft [--out DIR] [--register NAME]
+    loraforge quantize CONFIG [--model runs/x/merge] [quantize.method=int8|awq] [--register NAME]
+    loraforge score preds.jsonl --prediction-field prediction --reference-field reference --json
+    loraforge validate CONFIG [overrides]                         # the config resolved, its inputs checked
+
+Every stage command prints its output folder as the last line of its output.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cluster import runner
+from cluster.cli_common import CONFIG, OVERRIDES, REGISTER, done, fail, load
+from cluster.config import json_schema
+from pipelines.eval.metrics import exact_match, text_metrics
+from pipelines.schema import DataError, MissingInput
+
+ADAPTER = typer.Option(None, "--adapter", help="NAME=FOLDER or FOLDER; repeatable. Default: this run's sft/ folder.")
+
+
+def run(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:
+    """Run data → sft (→ dpo) → serve, print base vs adapter answers through the OpenAI API, shut down, exit 0."""
+    cfg = load(config, overrides, ("model", "data", "train", "dpo"))
+    sft_dir = runner.run_pipeline(cfg)
+    done(sft_dir)
+
+
+def tokenize(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:
+    """Data stage alone: raw rows → curated rows → token ids with assistant-only labels (Ray Data)."""
+    cfg = load(config, overrides, ("model", "data"))
+    done(runner.stage_data(cfg, runner.stage_model(cfg)))
+
+
+def curate(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:
+    """Curation alone: raw rows → validated, filtered, de-duplicated, split rows + report (Ray Data)."""
+    cfg = load(config, overrides, ("model", "data"))
+    done(runner.stage_curate(cfg, runner.stage_model(cfg)))
+
+
+def sft(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:
+    """SFT stage alone, on the data stage's output folder of the same run."""
+    cfg = load(config, overrides, ("model", "train"))
+    done(runner.stage_sft(cfg, runner.stage_model(cfg), cfg.stage_dir("data")))
+
+
+def dpo(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:
+    """DPO alone: preference pairs (dpo.train_path) on top of this run's SFT adapter."""
+    cfg = load(config, overrides, ("model", "dpo", "sft_adapter"))
+    done(runner.stage_dpo(cfg, runner.stage_model(cfg), cfg.stage_dir("sft")))
+
+
+def evaluate(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
+             adapter: Optional[list[str]] = ADAPTER,
+             test: Optional[str] = typer.Option(None, help="Test split JSONL (overrides eval.test_path)."),
+             gate: bool = typer.Option(False, "--gate", help="Apply the gate to the first adapter afterwards."),
+             force: bool = typer.Option(False, "--force", help="Promote even if the gate fails (audited).")) -> None:
+    """Base vs few-shot base vs adapters: metrics, forgetting, report; optionally gate + promote."""
+    cfg = load(config, [*(overrides or []), *([f"eval.test_path={test}"] if test else [])], ("model", "eval"))
+    adapters = runner.adapters_from(adapter, cfg)
+    out, decision = runner.stage_evaluate(cfg, runner.stage_model(cfg), adapters, gate=gate, force=force)
+    if decision is not None:
+        for reason in decision.reasons:
+            typer.secho(f"gate: {reason}", fg="red", err=True)
+        if not decision.passed and not force:
+            fail("gate: refused (use --force to override; it is recorded)", code=1)
+        typer.echo(f"gate: {'FORCED' if decision.forced else 'passed'}: {decision.name}@{decision.version}")
+    done(out)
+
+
+def merge(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
+          adapter: Optional[list[str]] = typer.Option(None, "--adapter", help="Adapter folder; repeatable."),
+          out: Optional[Path] = typer.Option(None, help="Output folder; default <run>/merge."),
+          register: Optional[str] = REGISTER) -> None:
+    """Merge adapter(s) into an unquantized copy of the base; parity-check; save an HF folder."""
+    cfg = load(config, overrides, ("model",))
+    folders = list(runner.adapters_from(adapter, cfg).values())
+    path = runner.stage_merge(cfg, runner.stage_model(cfg), folders, out)
+    if register:
+        typer.echo(runner.publish(cfg, path, register, "merged_model"))
+    done(path)
+
+
+def quantize(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
+             model: Optional[Path] = typer.Option(None, help="Full-precision model folder; default <run>/merge."),
+             out: Optional[Path] = typer.Option(None, help="Output folder; default <run>/quantize-<method>."),
+             register: Optional[str] = REGISTER) -> None:
+    """Quantize a merged model (int8 weight-only or AWQ W4A16); measure its recovery against the source."""
+    cfg = load(config, overrides, ("quantize",))
+    source = model or cfg.stage_dir("merge")
+    if not (source / "config.json").is_file():
+        raise MissingInput(f"{source}: not a model folder (no config.json); run `loraforge merge` first or pass "
+                           "--model")
+    path = runner.stage_quantize(cfg, str(source.resolve()), out)
+    if register:
+        typer.echo(runner.publish(cfg, path, register, "quantized_model"))
+    typer.echo((path / "quantize_report.md").read_text())
+    done(path)
+
+
+def score(file: Path = typer.Argument(..., help="JSONL with one prediction and one reference per row."),
+          prediction_field: str = typer.Option("prediction", help="Field holding the model's answer."),
+          reference_field: str = typer.Option("reference", help="Field holding the reference answer."),
+          as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object on the last line."),
+          bertscore: bool = typer.Option(True, help="Compute BERTScore F1 (local MiniLM; a few seconds)."),
+          bertscore_model: Optional[str] = typer.Option(None, help="Encoder folder for BERTScore."),
+          use_stemmer: bool = typer.Option(False, help="Porter stemming in ROUGE.")) -> None:
+    """Score predictions against references: ROUGE-1/2/L F means, corpus BLEU and chrF, BERTScore F1."""
+    preds, refs = [], []
+    try:
+        lines = file.read_text().splitlines()
+    except OSError as e:
+        raise MissingInput(f"{file}: {e.strerror or e}") from None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            p, r = row[prediction_field], row[reference_field]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(f"{file}:{i}: needs fields {prediction_field!r} and {reference_field!r} "
+                            f"({type(e).__name__}: {e})") from None
+        preds.append("" if p is None else str(p))
+        refs.append("" if r is None else str(r))
+    if not preds:
+        raise DataError(f"{file}: no rows")
+    figures = text_metrics(preds, refs, bertscore=bertscore, bertscore_model=bertscore_model, use_stemmer=use_stemmer)
+    figures["exact_match"] = exact_match(preds, refs)
+    figures["n"] = len(preds)
+    for key, value in figures.items():
+        typer.echo(f"{key:>14}  {value:.4f}" if isinstance(value, float) else f"{key:>14}  {value}")
+    if as_json:
+        print(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in figures.items()}))
+
+
+def validate(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:
+    """Validate a config (with overrides) and its local inputs; print it resolved, without running anything."""
+    cfg = load(config, overrides, ("model", "data", "train", "dpo", "eval", "quantize"))
+    print(cfg.model_dump_json(indent=2))
+
+
+def config_schema() -> None:
+    """Print the JSON Schema of the run config."""
+    print(json_schema())

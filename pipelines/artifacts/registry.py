@@ -1,0 +1,324 @@
+"""The model registry: named adapters and models, immutable numbered versions, lineage, aliases, an audit log.
+
+    loraforge registry list --root registry
+    loraforge registry promote city 3 production --root registry
+    Registry("registry").resolve("city@production").path   # what serve/ loads
+
+A file registry (not MLflow's): serving must turn `name@alias` into a local safetensors folder in
+microseconds, with no tracking server and no sqlite, and the artifact must be the folder vLLM loads as is.
+Layout under root:
+
+    index.json                 the truth: versions (lineage, kind, hash), aliases and their history
+    audit.jsonl                append-only: who did what, when, with which reason, whether --force was used
+    models/<name>/<version>/   the artifact (read-only files) + registry.json (its lineage)
+    .staging/                  publishes in progress; anything here after a crash is garbage
+
+Publishing copies into .staging, renames the folder into models/ (atomic), then replaces index.json
+(atomic). A crash before the index is written leaves an orphan folder that no reader sees (readers go by the
+index) and that the next writer deletes. A committed version is never changed or renumbered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import getpass
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from pydantic import Field
+
+from pipelines.artifacts.manifest import MANIFEST, hash_path, read_manifest
+from pipelines.schema import Section, UserError
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ALIAS = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+KINDS = ("lora_adapter", "merged_model", "quantized_model")
+PICKLES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# What each kind must say about where it came from (the rest of Lineage is optional).
+REQUIRED_LINEAGE = {"lora_adapter": ("base_model", "base_model_hash", "dataset_hash", "config"),
+                    "merged_model": ("base_model", "base_model_hash", "source"),
+                    "quantized_model": ("source", "config")}
+
+
+class RegistrySection(Section):
+    """Where the registry lives and what the gate promotes to."""
+
+    root: str = Field("registry", description="Registry folder (index.json, audit.jsonl, models/).")
+    name: str | None = Field(None, description="Registered name for this run's adapter; default: the run name.")
+    alias: str = Field("candidate", description="Alias a passing gate moves to the new version.")
+
+
+class RegistryError(UserError, ValueError):
+    """A refused registry operation; the message says why."""
+
+
+@dataclass(frozen=True)
+class ResolvedArtifact:
+    name: str
+    version: int
+    path: Path
+    kind: str
+    manifest: dict[str, Any]
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME.match(name) or ".." in name:
+        raise RegistryError(f"name {name!r}: must match {NAME.pattern} (no '/', no '..')")
+    return name
+
+
+def check_alias(alias: str) -> str:
+    if not ALIAS.match(alias or "") or alias.isdigit():
+        raise RegistryError(f"alias {alias!r}: must match {ALIAS.pattern}")
+    return alias
+
+
+def parse_ref(ref: str) -> tuple[str, str | None]:
+    """'name' | 'name@3' | 'name@production' -> (name, selector or None)."""
+    name, _, sel = ref.partition("@")
+    check_name(name)
+    if _ and not sel:
+        raise RegistryError(f"reference {ref!r}: nothing after '@'")
+    return name, sel or None
+
+
+def check_artifact(src: Path, kind: str) -> None:
+    """Safetensors only: a pickle checkpoint runs code when loaded, so a folder holding one is refused."""
+    if kind not in KINDS:
+        raise RegistryError(f"kind {kind!r}: expected one of {KINDS}")
+    if not src.is_dir():
+        raise RegistryError(f"{src}: not a folder")
+    pickles = [p.name for p in src.rglob("*") if p.suffix in PICKLES]
+    if pickles:
+        raise RegistryError(f"{src}: pickle files {sorted(pickles)} refused; save with safe_serialization=True")
+    if not list(src.rglob("*.safetensors")):
+        raise RegistryError(f"{src}: no .safetensors file")
+    if kind == "lora_adapter" and not (src / "adapter_config.json").is_file():
+        raise RegistryError(f"{src}: a lora_adapter needs adapter_config.json")
+    if kind != "lora_adapter" and not (src / "config.json").is_file():
+        raise RegistryError(f"{src}: a {kind} needs config.json (a Hugging Face model folder)")
+
+
+class Registry:
+    """Reader and writer of one registry folder. Readers take no lock; writers serialise on `.lock`."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().resolve()
+
+    # ------------------------------------------------------------------ reading
+    def _index(self) -> dict[str, Any]:
+        path = self.root / "index.json"
+        return json.loads(path.read_text()) if path.is_file() else {"format": 1, "models": {}}
+
+    def list(self) -> list[dict[str, Any]]:
+        """One row per name: kind of the latest version, versions, aliases."""
+        rows = []
+        for name, entry in sorted(self._index()["models"].items()):
+            versions = sorted(int(v) for v in entry["versions"])
+            rows.append({"name": name, "kind": entry["versions"][str(versions[-1])]["kind"],
+                         "versions": versions, "latest": versions[-1], "aliases": dict(entry["aliases"])})
+        return rows
+
+    def show(self, name: str) -> dict[str, Any]:
+        """Everything the index knows about a name, plus the variants derived from each version."""
+        index = self._index()
+        entry = index["models"].get(check_name(name))
+        if entry is None:
+            raise RegistryError(f"{name!r} is not registered")
+        entry = json.loads(json.dumps(entry))
+        for v, info in entry["versions"].items():
+            info["variants"] = [f"{n}@{w}" for n, e in index["models"].items() for w, i in e["versions"].items()
+                                if i["lineage"].get("source") == f"{name}@{v}"]
+        return entry
+
+    def resolve(self, ref: str) -> ResolvedArtifact:
+        """'name' (latest), 'name@3' or 'name@alias' -> the version's folder. Raises RegistryError if unknown."""
+        name, sel = parse_ref(ref)
+        entry = self._index()["models"].get(name)
+        if entry is None:
+            raise RegistryError(f"{ref!r}: {name!r} is not registered")
+        if sel is None:
+            version = max(int(v) for v in entry["versions"])
+        elif sel.isdigit():
+            version = int(sel)
+        elif sel in entry["aliases"]:
+            version = int(entry["aliases"][sel])
+        else:
+            raise RegistryError(f"{ref!r}: no alias {sel!r} (aliases: {sorted(entry['aliases'])})")
+        info = entry["versions"].get(str(version))
+        if info is None:
+            raise RegistryError(f"{ref!r}: no version {version} (versions: {sorted(map(int, entry['versions']))})")
+        path = self.root / "models" / name / str(version)
+        manifest_path = path / MANIFEST
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+        return ResolvedArtifact(name, version, path, info["kind"], manifest)
+
+    def verify(self, ref: str) -> bool:
+        """Recompute a version's content hash and compare it with the one recorded at publish time."""
+        art = self.resolve(ref)
+        recorded = self._index()["models"][art.name]["versions"][str(art.version)]["hash"]
+        return hash_path(art.path, skip=(MANIFEST, "registry.json")) == recorded
+
+    def audit(self) -> list[dict[str, Any]]:
+        path = self.root / "audit.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+    # ------------------------------------------------------------------ writing
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
+        """Hold the writer lock, clean up after crashed writers, yield (index, audit records) to fill in, then
+        commit the index atomically and only then append the audit records (an aborted change logs nothing)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            index, records = self._index(), []
+            self._collect_garbage(index)
+            yield index, records
+            self._write_index(index)
+            for record in records:
+                self._log(**record)
+
+    def _write_index(self, index: dict[str, Any]) -> None:
+        tmp = self.root / f"index.json.tmp{os.getpid()}"
+        with open(tmp, "w") as fh:
+            fh.write(json.dumps(index, indent=2, sort_keys=True))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.root / "index.json")  # readers see the old index or the new one, never half
+
+    def _collect_garbage(self, index: dict[str, Any]) -> None:
+        shutil.rmtree(self.root / ".staging", ignore_errors=True)
+        for folder in (self.root / "models").glob("*/*"):
+            if folder.name not in index["models"].get(folder.parent.name, {}).get("versions", {}):
+                _make_writable(folder)
+                shutil.rmtree(folder, ignore_errors=True)  # a publish that crashed before its index write
+
+    def _log(self, action: str, **fields: Any) -> None:
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "user": _user(),
+                  "action": action, **fields}
+        with open(self.root / "audit.jsonl", "a") as fh:
+            fh.write(json.dumps(record, default=str) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def publish(self, name: str, src_folder: str | os.PathLike, kind: str, lineage: dict[str, Any],
+                *, note: str = "") -> int:
+        """Copy a safetensors folder in as the next version of `name`; returns the version number."""
+        check_name(name)
+        src = Path(src_folder).expanduser().resolve()
+        check_artifact(src, kind)
+        missing = [k for k in REQUIRED_LINEAGE[kind] if lineage.get(k) in (None, "", {})]
+        if missing:
+            raise RegistryError(f"publish {name!r}: lineage lacks {missing} (required for {kind})")
+        with self._locked() as (index, log):
+            entry = index["models"].setdefault(name, {"versions": {}, "aliases": {}, "alias_history": {},
+                                                      "next_version": 1})
+            if entry["versions"] and entry["versions"][max(entry["versions"], key=int)]["kind"] != kind:
+                raise RegistryError(f"publish {name!r}: registered as another kind; use another name")
+            version = entry["next_version"]
+            staging = self.root / ".staging" / uuid.uuid4().hex
+            shutil.copytree(src, staging, ignore=shutil.ignore_patterns("*.tmp*", "ray_train"))
+            content_hash = hash_path(staging, skip=(MANIFEST, "registry.json"))
+            record = {"name": name, "version": version, "kind": kind, "lineage": lineage, "hash": content_hash,
+                      "source_path": str(src), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            (staging / "registry.json").write_text(json.dumps(record, indent=2, default=str))
+            _make_read_only(staging)
+            dest = self.root / "models" / name / str(version)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging, dest)  # the folder appears whole or not at all
+            entry["versions"][str(version)] = {k: v for k, v in record.items() if k not in ("name", "version")}
+            entry["next_version"] = version + 1
+            log.append(dict(action="publish", name=name, version=version, kind=kind, hash=content_hash, note=note))
+        return version
+
+    def promote(self, name: str, version: int, alias: str, *, reason: str = "", force: bool = False) -> None:
+        """Point `alias` at `version` (remembering where it pointed, for rollback)."""
+        check_alias(alias)
+        with self._locked() as (index, log):
+            entry = self._entry(index, name)
+            if str(int(version)) not in entry["versions"]:
+                raise RegistryError(f"promote {name}@{version}: no such version")
+            previous = entry["aliases"].get(alias)
+            entry["alias_history"].setdefault(alias, []).append(int(version))
+            entry["aliases"][alias] = int(version)
+            log.append(dict(action="promote", name=name, version=int(version), alias=alias, previous=previous,
+                            reason=reason, force=force))
+
+    def rollback(self, name: str, alias: str, *, reason: str = "") -> int:
+        """Move `alias` back to the version it pointed at before the last promote; returns that version."""
+        check_alias(alias)
+        with self._locked() as (index, log):
+            entry = self._entry(index, name)
+            history = entry["alias_history"].get(alias, [])
+            if len(history) < 2:
+                raise RegistryError(f"rollback {name}@{alias}: no earlier version to roll back to")
+            current = history.pop()
+            entry["aliases"][alias] = history[-1]
+            log.append(dict(action="rollback", name=name, alias=alias, version=history[-1], previous=current,
+                            reason=reason))
+        return history[-1]
+
+    def record(self, action: str, **fields: Any) -> None:
+        """Append a decision that changed nothing (e.g. a refused gate) to the audit log."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._log(action=action, **fields)
+
+    @staticmethod
+    def _entry(index: dict[str, Any], name: str) -> dict[str, Any]:
+        entry = index["models"].get(check_name(name))
+        if entry is None:
+            raise RegistryError(f"{name!r} is not registered")
+        return entry
+
+
+def lineage_from_manifest(folder: str | os.PathLike, **extra: Any) -> dict[str, Any]:
+    """Lineage of a stage's output from its manifest.json: base model + hash, dataset hash, config, metrics."""
+
+    m = read_manifest(folder)
+    inputs = m.get("inputs", {})
+    recorded = m.get("lineage") or {}  # what the SFT/DPO stages record themselves wins over what is derived here
+    lineage = {
+        "base_model": m.get("base_model") or inputs.get("base_model", {}).get("path"),
+        "base_model_hash": inputs.get("base_model", {}).get("hash"),
+        "dataset_hash": m.get("data_hash") or inputs.get("data", {}).get("hash"),
+        "config": m.get("config"),
+        "stage_kind": m.get("kind"),
+        "code_version": m.get("code_version"),
+        "source": m.get("source"),
+        "parent": m.get("parent_adapter"),
+        "eval_scores": {},
+    }
+    lineage.update({k: v for k, v in recorded.items() if v is not None})
+    if recorded.get("data_hash") and not m.get("data_hash"):
+        lineage["dataset_hash"] = recorded["data_hash"]
+    lineage.update(extra)
+    return lineage
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def _make_read_only(folder: Path) -> None:
+    for p in folder.rglob("*"):
+        if p.is_file():
+            p.chmod(0o444)
+
+
+def _make_writable(folder: Path) -> None:
+    for p in [folder, *folder.rglob("*")]:
+        with contextlib.suppress(OSError):
+            p.chmod(0o755 if p.is_dir() else 0o644)

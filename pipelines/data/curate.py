@@ -1,0 +1,308 @@
+"""Curation stage: raw files → validated, normalised, filtered, de-duplicated, balanced, mixed, split rows.
+
+    loraforge curate configs/curate-alpaca-gsm8k-cpu.yaml       # alone; prints its output folder last
+
+Three passes, each streaming: (1) Ray Data reads every file and parses, validates, normalises, filters and
+MinHash-signs each row, writing all rows (refused ones with their reason) to `_work/parsed/`; (2) the driver scans
+only the small columns (ids, keys, signatures, categories) of that, and decides duplicates, category caps, mixing
+and splits over the whole dataset at once; (3) Ray Data joins the decisions back on, writes `rejected/` (JSONL:
+reason, detail, source, line, row) and the kept rows, sorted by row id, into `train/ validation/ test/`
+(Parquet). Output: also `curation_report.{json,md}`, plots, and `manifest.json` (kind "curated_dataset").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.artifacts.manifest import hash_path, write_manifest
+from pipelines.data.config import CURATION_REASONS, FAULT_REASONS
+from pipelines.data.curate_rows import parse_batch, read_files
+from pipelines.data.dedup import (
+    SPLITS,
+    assign_split,
+    candidate_pairs,
+    category_quotas,
+    clusters,
+    estimated_jaccard,
+    jaccard,
+    optimal_bands,
+    shingles,
+    unit_hash,
+)
+from pipelines.data.readers import expand_paths
+from pipelines.data.report import write_report
+from pipelines.data.split_writer import SplitWriter
+
+DECISION_REASONS = list(CURATION_REASONS)
+
+
+def run(cfg, out_dir: str | os.PathLike, model_dir: str | None = None) -> Path:
+    """Curate cfg.train_path (+ cfg.mix.path) into out_dir; returns out_dir. cfg is a pipelines.data.DataConfig."""
+
+
+    out = Path(out_dir).resolve()
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    work = out / "_work"
+    main_files = expand_paths(cfg.train_path)
+    mix_files = expand_paths(cfg.mix.path) if cfg.mix.path else []
+    files = main_files + [f for f in mix_files if f not in main_files]
+    mix_fids = list(range(len(main_files), len(files)))
+    parse_args = (cfg.format, cfg.system_prompt, cfg.filters.model_dump(), cfg.dedup.num_perm, cfg.category_field,
+                  mix_fids, model_dir, cfg.max_length if cfg.truncation == "reject" else None)
+    _parse_pass(files, parse_args, work / "parsed", cfg)
+    dec = decide(work / "parsed", cfg)
+    counts = dec["counts"]
+    _check_accounting(counts, counts)
+    n_rejected, n_kept = write_outputs(work / "parsed", out, dec)
+    _check_accounting(counts, {"rows_rejected": n_rejected, "rows_kept": n_kept})
+    _check_ceiling(cfg, counts, out)
+    if not os.environ.get("LORAFORGE_KEEP_WORK"):
+        shutil.rmtree(work, ignore_errors=True)
+    return _finish(cfg, out, files, dec, model_dir)
+
+
+def _parse_pass(files: list[str], parse_args: tuple, dest: Path, cfg) -> None:
+    import ray
+
+
+    # Order preserved so the parsed files hold rows in (file, line) order: the split files can then be written
+    # sorted by row id in one streaming pass, without a shuffle (checked while writing).
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    items = [{"path": p, "fid": i} for i, p in enumerate(files)]
+    ds = ray.data.from_items(items, override_num_blocks=min(len(items), cfg.num_blocks or len(items)))
+    ds = ds.map_batches(read_files, batch_size=1, batch_format="numpy", num_cpus=cfg.task_cpus)
+    ds = ds.map_batches(parse_batch, fn_args=parse_args, batch_size=512, batch_format="numpy",
+                        num_cpus=cfg.task_cpus)
+    ds.write_parquet(str(dest))
+
+
+def _scan(parsed: Path, columns: list[str], filt=None):
+    import pyarrow.dataset as pads
+
+    return pads.dataset(str(parsed), format="parquet").to_batches(columns=columns, filter=filt, batch_size=65536)
+
+
+def decide(parsed: Path, cfg) -> dict[str, Any]:
+    """Whole-dataset decisions from the small columns: exact/near duplicates, balance, mix quota, split."""
+    cols: dict[str, list] = {k: [] for k in ("row_id", "reason", "exact_key", "category", "origin", "kind", "sig",
+                                             "n_tokens")}
+    for b in _scan(parsed, list(cols)):
+        for k in cols:
+            cols[k].extend(b.column(k).to_pylist()) if k != "sig" else cols[k].append(b.column(k))
+    ids = np.asarray(cols["row_id"], dtype=np.int64)
+    order = np.argsort(ids, kind="stable")
+    reasons = np.asarray(cols["reason"], dtype=object)[order]
+    ids = ids[order]
+    by_reason: dict[str, int] = {}
+    for r in reasons[reasons != ""]:
+        by_reason[r] = by_reason.get(r, 0) + 1
+    valid = np.flatnonzero(reasons == "")
+    keys = np.asarray(cols["exact_key"], dtype=object)[order][valid]
+    kinds = set(np.asarray(cols["kind"], dtype=object)[order][valid])
+    if len(kinds) > 1:
+        raise ValueError(f"data.train_path={cfg.train_path!r} mixes row kinds {sorted(kinds)}; curate them apart")
+    codes = np.full(len(valid), -1, dtype=np.int16)  # per valid row: split index, or len(SPLITS)+reason index
+    dup_of = np.full(len(valid), -1, dtype=np.int64)
+    info = _dedup(parsed, cfg, ids[valid], keys, codes, dup_of, _sig_matrix(cols["sig"], order, valid))
+    cats = np.asarray(cols["category"], dtype=object)[order][valid]
+    origin = np.asarray(cols["origin"], dtype=object)[order][valid]
+    _balance_and_mix(cfg, keys, cats, origin, codes)
+    roots = info.pop("roots")
+    for i in np.flatnonzero(codes < 0):
+        codes[i] = _split_code(keys[roots[i]], cfg)
+    ntok = np.asarray(cols["n_tokens"], dtype=np.int64)[order][valid]
+    return _summarise(ids[valid], codes, dup_of, by_reason, len(ids), cats, origin, ntok, kinds, info)
+
+
+def _sig_matrix(chunks: list, order: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    import pyarrow as pa
+
+    col = pa.chunked_array(chunks) if chunks else pa.chunked_array([], pa.binary())
+    raw = col.to_pylist()
+    raw = [raw[i] for i in order[valid]]
+    if not raw:
+        return np.zeros((0, 1), dtype=np.uint32)
+    return np.frombuffer(b"".join(raw), dtype=np.uint32).reshape(len(raw), -1)
+
+
+def _split_code(key: str, cfg) -> int:
+
+    return assign_split(key, cfg.split.seed, cfg.split.fractions())
+
+
+def _dedup(parsed: Path, cfg, ids: np.ndarray, keys: np.ndarray, codes: np.ndarray, dup_of: np.ndarray,
+           sig: np.ndarray) -> dict[str, Any]:
+    """Mark exact then near duplicates in codes/dup_of; returns roots (cluster representative per row) and
+    example clusters for the report."""
+
+    n, ex_code, nd_code = len(ids), len(SPLITS), len(SPLITS) + 1
+    roots = np.arange(n)
+    first: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        j = first.setdefault(k, i)
+        if j != i and cfg.dedup.exact:
+            codes[i], dup_of[i], roots[i] = ex_code, ids[j], j
+    alive = np.flatnonzero(codes < 0)
+    pairs, bands = np.zeros((0, 2), dtype=np.int64), (0, 0)
+    if cfg.dedup.near and len(alive) > 1:
+        bands = optimal_bands(cfg.dedup.threshold, sig.shape[1])
+        cand = alive[candidate_pairs(sig[alive], *bands)]
+        cand = cand[estimated_jaccard(sig, cand) >= cfg.dedup.threshold - 0.15]
+        texts = _texts(parsed, ids[np.unique(cand)])
+        sh = {i: shingles(texts[i]) for i in ids[np.unique(cand)]}
+        ok = [jaccard(sh[ids[a]], sh[ids[b]]) >= cfg.dedup.threshold for a, b in cand]
+        pairs = cand[np.asarray(ok, dtype=bool)] if len(cand) else pairs
+        comp = clusters(n, pairs)
+        for i in alive:
+            if comp[i] != i:
+                roots[i] = comp[i]
+                if cfg.dedup.action == "drop":
+                    codes[i], dup_of[i] = nd_code, ids[comp[i]]
+    return {"roots": roots, "near_pairs": int(len(pairs)), "lsh_bands": list(bands),
+            "examples": _examples(parsed, ids, roots, codes)}
+
+
+def _texts(parsed: Path, want: np.ndarray) -> dict[int, str]:
+    import pyarrow.dataset as pads
+
+    if not len(want):
+        return {}
+    out: dict[int, str] = {}
+    for b in _scan(parsed, ["row_id", "dtext"], pads.field("row_id").isin(want.tolist())):
+        out.update(zip(b.column("row_id").to_pylist(), b.column("dtext").to_pylist()))
+    return out
+
+
+def _examples(parsed: Path, ids: np.ndarray, roots: np.ndarray, codes: np.ndarray, k: int = 5) -> list[dict]:
+    """The k largest duplicate clusters, with a snippet of each member, for the report."""
+    dup = np.flatnonzero(roots != np.arange(len(roots)))
+    if not len(dup):
+        return []
+    r, counts = np.unique(roots[dup], return_counts=True)
+    top = r[np.argsort(-counts, kind="stable")[:k]]
+    members = {int(t): [int(t)] + [int(i) for i in dup if roots[i] == t][:3] for t in top}
+    texts = _texts(parsed, ids[[i for m in members.values() for i in m]])
+    return [{"size": int(1 + (roots[dup] == t).sum()),
+             "rows": [{"row_id": int(ids[i]), "kept": bool(i == t), "text": texts.get(int(ids[i]), "")[:160]}
+                      for i in m]} for t, m in members.items()]
+
+
+def _balance_and_mix(cfg, keys: np.ndarray, cats: np.ndarray, origin: np.ndarray, codes: np.ndarray) -> None:
+    """Category caps / temperature, then the mixing quota; the rows kept are chosen by a seeded hash rank."""
+
+    cap_code, mix_code = len(SPLITS) + 2, len(SPLITS) + 3
+    rank = np.array([unit_hash(k, cfg.split.seed, "sample") for k in keys])
+    alive = np.flatnonzero(codes < 0)
+    if cfg.balance.max_per_category or cfg.balance.temperature:
+        main = alive[origin[alive] == "main"]
+        counts: dict[str, int] = {}
+        for c in cats[main]:
+            counts[c] = counts.get(c, 0) + 1
+        quotas = category_quotas(counts, cfg.balance.max_per_category, cfg.balance.temperature)
+        for c, q in quotas.items():
+            rows = main[cats[main] == c]
+            codes[rows[np.argsort(rank[rows], kind="stable")[q:]]] = cap_code
+    if cfg.mix.path:
+        alive = np.flatnonzero(codes < 0)
+        mix = alive[origin[alive] == "mix"]
+        n_main = len(alive) - len(mix)
+        quota = int(round(cfg.mix.share / (1 - cfg.mix.share) * n_main))
+        codes[mix[np.argsort(rank[mix], kind="stable")[quota:]]] = mix_code
+
+
+def _summarise(ids, codes, dup_of, by_reason, rows_in, cats, origin, ntok, kinds, info) -> dict[str, Any]:
+    for c in range(len(SPLITS), len(SPLITS) + len(DECISION_REASONS)):
+        n = int((codes == c).sum())
+        if n:
+            by_reason[DECISION_REASONS[c - len(SPLITS)]] = n
+    kept = codes < len(SPLITS)
+    per_split = {s: int((codes == i).sum()) for i, s in enumerate(SPLITS)}
+    cat_counts: dict[str, int] = {}
+    for c in cats[kept]:
+        cat_counts[c] = cat_counts.get(c, 0) + 1
+    rows_rejected = sum(by_reason.values())
+    counts = {"rows_in": rows_in, "rows_kept": int(kept.sum()), "rows_rejected": rows_rejected,
+              "rejected_by_reason": dict(sorted(by_reason.items())), "split_rows": per_split,
+              "rows_faulty": sum(v for k, v in by_reason.items() if k in FAULT_REASONS),
+              "kept_by_category": dict(sorted(cat_counts.items())),
+              "kept_from_mix": int((origin[kept] == "mix").sum())}
+    counts["split_rows"] = per_split
+    return {"ids": ids, "codes": codes, "dup_of": dup_of, "counts": counts, "kind": (sorted(kinds) or ["sft"])[0],
+            "lengths": ntok[kept], "dedup": info}
+
+
+def _check_accounting(counts: dict[str, Any], written: dict[str, Any]) -> None:
+    """The promise of this stage: no row vanishes. Decided and written counts must both add up."""
+    c = counts
+    if c["rows_in"] != c["rows_kept"] + c["rows_rejected"] or c["rows_kept"] != sum(c["split_rows"].values()):
+        raise RuntimeError(f"row accounting broke: in={c['rows_in']} kept={c['rows_kept']} "
+                           f"rejected={c['rows_rejected']} splits={c['split_rows']}")
+    if (written["rows_rejected"], written["rows_kept"]) != (c["rows_rejected"], c["rows_kept"]):
+        raise RuntimeError(f"row accounting broke: decided {c['rows_kept']} kept / {c['rows_rejected']} rejected, "
+                           f"wrote {written['rows_kept']} / {written['rows_rejected']}")
+
+
+def _check_ceiling(cfg, counts: dict[str, Any], out: Path) -> None:
+    if counts["rows_in"] == 0:
+        raise ValueError(f"data.train_path={cfg.train_path!r}: no rows read")
+    faulty = counts["rows_faulty"]
+    if faulty / counts["rows_in"] > cfg.max_rejected_fraction:
+        faults = {k: v for k, v in counts["rejected_by_reason"].items() if k in FAULT_REASONS}
+        raise ValueError(f"data.train_path={cfg.train_path!r}: {faulty}/{counts['rows_in']} rows are broken or "
+                         f"fail quality filters (> data.max_rejected_fraction={cfg.max_rejected_fraction}); "
+                         f"reasons {faults}; see {out / 'rejected'} (duplicates, caps and mixing do not count)")
+
+
+def write_outputs(parsed: Path, out: Path, dec: dict[str, Any]) -> tuple[int, int]:
+    """Join the decisions onto the parsed rows in one streaming scan: refused rows → rejected/ (JSONL), kept rows
+    → train/ validation/ test/ sorted by row id in deterministic files (same data + seed → identical bytes)."""
+
+    names = list(SPLITS) + DECISION_REASONS
+    writer = SplitWriter(out, dec["kind"], rows_per_file=50_000)
+    (out / "rejected").mkdir()
+    n_rejected, last = 0, -1
+    with open(out / "rejected" / "part-00000.jsonl", "w") as rej:
+        for b in _scan(parsed, ["row_id", "source", "line", "origin", "category", "kind", "reason", "detail", "raw",
+                                "record", "n_tokens"]):
+            rows = b.to_pylist()
+            ids = np.asarray([r["row_id"] for r in rows], dtype=np.int64)
+            if len(ids) and (ids[0] <= last or np.any(np.diff(ids) <= 0)):
+                raise RuntimeError(f"{parsed}: rows are not in row-id order; the parse pass must preserve order")
+            last = int(ids[-1]) if len(ids) else last
+            pos = np.searchsorted(dec["ids"], ids).clip(0, max(len(dec["ids"]) - 1, 0))
+            for r, p in zip(rows, pos):
+                code = int(dec["codes"][p]) if not r["reason"] and dec["ids"][p] == r["row_id"] else -1
+                if code < 0 or code >= len(SPLITS):
+                    reason = r["reason"] or names[code]
+                    dup = int(dec["dup_of"][p]) if code >= len(SPLITS) else -1
+                    rej.write(json.dumps({"reason": reason, "detail": r["detail"], "source": r["source"],
+                                          "line": r["line"], "row": r["raw"] or r["record"], "dup_of": dup},
+                                         ensure_ascii=False) + "\n")
+                    n_rejected += 1
+                else:
+                    r["split"] = SPLITS[code]
+            writer.add_rows([r for r in rows if "split" in r])
+    return n_rejected, writer.close()
+
+
+def _finish(cfg, out: Path, files: list[str], dec: dict[str, Any], model_dir: str | None) -> Path:
+
+    counts = dec["counts"]
+    content = {s: hash_path(out / s) for s in SPLITS}
+    report = {**counts, "kind": dec["kind"], "dedup": dec["dedup"], "inputs": files, "content_hash": content}
+    write_report(out, report, dec["lengths"], cfg)
+    local = [f for f in files if "://" not in f]
+    inputs = {"train": local[0]} if len(local) == 1 else {f"input_{i}": f for i, f in enumerate(local)}
+    metrics = {k: counts[k] for k in ("rows_in", "rows_kept", "rows_rejected", "rejected_by_reason",
+                                      "split_rows", "rows_faulty", "kept_by_category", "kept_from_mix")}
+    write_manifest(out, kind="curated_dataset", inputs=inputs, config=cfg.model_dump(), metrics=metrics,
+                   extra={"data_kind": dec["kind"], "content_hash": content, "source_files": files,
+                          "outputs": {**{s: s for s in SPLITS}, "rejected": "rejected"}})
+    return out

@@ -1,0 +1,205 @@
+"""Row formats → one normalised form per kind. Pure: no Ray, no torch.
+
+kind "sft":        {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}  (from Alpaca,
+                   OpenAI role/content, ShareGPT from/value)
+kind "text":       {"text": str}                                                              (raw text)
+kind "preference": {"prompt": [messages], "chosen": str, "rejected": str}                     (prompt/chosen/
+                   rejected pairs, and dialogue pairs whose chosen/rejected hold the whole conversation)
+
+Every refusal is a `RowError` with a short reason that the curation report counts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Literal
+
+
+class RowError(ValueError):
+    """A row that cannot be used, with a short machine-readable reason (counted in the stage report)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def alpaca_to_messages(row: dict[str, Any], system_prompt: str | None = None) -> list[dict[str, str]]:
+    """instruction (+ input) → user turn, output → assistant turn. Raises RowError naming the bad field."""
+    for field in ("instruction", "output"):
+        if field not in row or row[field] is None:
+            raise RowError("missing_field", f"field {field!r} is missing")
+        if not isinstance(row[field], str):
+            raise RowError("wrong_type", f"field {field!r} is {type(row[field]).__name__}, expected string")
+    extra = row.get("input") or ""
+    if not isinstance(extra, str):
+        raise RowError("wrong_type", f"field 'input' is {type(extra).__name__}, expected string")
+    instruction, output = row["instruction"].strip(), row["output"].strip()
+    if not instruction:
+        raise RowError("empty_turn", "field 'instruction' is empty")
+    if not output:
+        raise RowError("empty_turn", "field 'output' is empty")
+    user = instruction + ("\n\n" + extra.strip() if extra.strip() else "")
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+Format = Literal["auto", "alpaca", "messages", "preference", "dialogue", "text"]
+KIND = {"alpaca": "sft", "messages": "sft", "text": "text", "preference": "preference", "dialogue": "preference"}
+_ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+          "model": "assistant", "bot": "assistant"}
+# Anthropic HH style: one string holding the whole dialogue ("\n\nHuman: ...\n\nAssistant: ...").
+_HH_TURN = re.compile(r"\n\n(Human|Assistant|System):[ ]?")
+
+
+def parse_raw(raw: str) -> dict[str, Any]:
+    """JSON text → object; RowError broken_json / not_an_object."""
+    try:
+        row = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise RowError("broken_json", f"{e.msg} at column {e.colno}") from None
+    if not isinstance(row, dict):
+        raise RowError("not_an_object", f"a JSON {type(row).__name__}, expected an object")
+    return row
+
+
+def detect_format(row: dict[str, Any]) -> str:
+    if "messages" in row or "conversations" in row:
+        return "messages"
+    if "chosen" in row and "rejected" in row:
+        conv = isinstance(row["chosen"], list) or (isinstance(row["chosen"], str) and _HH_TURN.search(row["chosen"]))
+        return "dialogue" if conv and "prompt" not in row else "preference"
+    if "instruction" in row:
+        return "alpaca"
+    if "text" in row:
+        return "text"
+    raise RowError("missing_field", f"no known format fits the fields {sorted(row)[:8]}")
+
+
+def to_canonical(row: dict[str, Any], fmt: str, system_prompt: str | None = None) -> tuple[str, dict[str, Any]]:
+    """A parsed row in format `fmt` ('auto' detects) → (kind, normalised record). Raises RowError."""
+    fmt = detect_format(row) if fmt == "auto" else fmt
+    if fmt == "alpaca":
+        return "sft", {"messages": alpaca_to_messages(row, system_prompt)}
+    if fmt == "messages":
+        msgs = messages_of(row.get("messages", row.get("conversations")), "messages")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise RowError("missing_field", "the conversation has no assistant turn")
+        if system_prompt and msgs[0]["role"] != "system":
+            msgs = [{"role": "system", "content": system_prompt}] + msgs
+        return "sft", {"messages": msgs}
+    if fmt == "text":
+        return "text", {"text": _text(row, "text")}
+    if fmt == "preference":
+        prompt = row.get("prompt")
+        msgs = messages_of(prompt, "prompt") if isinstance(prompt, list) else [
+            {"role": "user", "content": _text(row, "prompt")}]
+        return "preference", {"prompt": msgs, "chosen": _answer(row, "chosen"), "rejected": _answer(row, "rejected")}
+    if fmt == "dialogue":
+        return "preference", dialogue_pair(row)
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+def messages_of(value: Any, field: str) -> list[dict[str, str]]:
+    """OpenAI role/content or ShareGPT from/value turns → [{'role', 'content'}]; RowError on any bad turn."""
+    if value is None:
+        raise RowError("missing_field", f"field {field!r} is missing")
+    if not isinstance(value, list):
+        raise RowError("wrong_type", f"field {field!r} is {type(value).__name__}, expected a list of turns")
+    if not value:
+        raise RowError("empty_turn", f"field {field!r} has no turns")
+    out = []
+    for i, turn in enumerate(value):
+        if not isinstance(turn, dict):
+            raise RowError("wrong_type", f"{field}[{i}] is {type(turn).__name__}, expected an object")
+        role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        if role is None or content is None:
+            raise RowError("missing_field", f"{field}[{i}] needs role/content (or from/value)")
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise RowError("wrong_type", f"{field}[{i}] role and content must be strings")
+        if role.lower() not in _ROLES:
+            raise RowError("wrong_type", f"{field}[{i}] has unknown role {role!r}")
+        if not content.strip():
+            raise RowError("empty_turn", f"{field}[{i}] ({role}) is empty")
+        out.append({"role": _ROLES[role.lower()], "content": content})
+    return out
+
+
+def dialogue_pair(row: dict[str, Any]) -> dict[str, Any]:
+    """chosen/rejected each hold a whole conversation: split both at their last assistant turn.
+
+    The prompt is taken from `chosen` (the two prompts may differ slightly, e.g. in whitespace; that is allowed).
+    """
+    sides = {}
+    for side in ("chosen", "rejected"):
+        v = row.get(side)
+        if v is None:
+            raise RowError("missing_field", f"field {side!r} is missing")
+        msgs = messages_of(v, side) if isinstance(v, list) else _hh_messages(v, side)
+        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+        if last is None or last == 0:
+            raise RowError("missing_field", f"{side!r} has no assistant turn after a prompt")
+        sides[side] = (msgs[:last], msgs[last]["content"])
+    return {"prompt": sides["chosen"][0], "chosen": sides["chosen"][1], "rejected": sides["rejected"][1]}
+
+
+def _hh_messages(value: Any, side: str) -> list[dict[str, str]]:
+    if not isinstance(value, str):
+        raise RowError("wrong_type", f"field {side!r} is {type(value).__name__}, expected a conversation")
+    parts = _HH_TURN.split(value if value.startswith("\n\n") else "\n\n" + value)
+    turns = [{"role": _ROLES[r.lower()], "content": c.strip()}
+             for r, c in zip(parts[1::2], parts[2::2])]
+    if not turns:
+        raise RowError("wrong_type", f"field {side!r} is not a Human:/Assistant: dialogue")
+    for i, t in enumerate(turns):
+        if not t["content"] and i != len(turns) - 1:
+            raise RowError("empty_turn", f"{side}: turn {i} ({t['role']}) is empty")
+    if not turns[-1]["content"]:
+        raise RowError("empty_turn", f"{side}: the last turn is empty")
+    return turns
+
+
+def _text(row: dict[str, Any], field: str) -> str:
+    v = row.get(field)
+    if v is None:
+        raise RowError("missing_field", f"field {field!r} is missing")
+    if not isinstance(v, str):
+        raise RowError("wrong_type", f"field {field!r} is {type(v).__name__}, expected string")
+    if not v.strip():
+        raise RowError("empty_turn", f"field {field!r} is empty")
+    return v
+
+
+def _answer(row: dict[str, Any], field: str) -> str:
+    v = row.get(field)
+    if isinstance(v, list):  # a single assistant turn given as messages
+        msgs = messages_of(v, field)
+        if msgs[-1]["role"] != "assistant":
+            raise RowError("wrong_type", f"field {field!r} does not end with an assistant turn")
+        return msgs[-1]["content"]
+    return _text(row, field)
+
+
+def check_decodable(record: dict[str, Any]) -> None:
+    """Text that cannot be encoded (lone surrogates from bad \\u escapes) or carries U+FFFD (text decoded with
+    errors upstream) is refused as undecodable."""
+    for s in iter_strings(record):
+        if "\ufffd" in s:
+            raise RowError("undecodable", "contains U+FFFD (text was decoded with errors upstream)")
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RowError("undecodable", f"{e.reason} at character {e.start}") from None
+
+
+def iter_strings(v: Any):
+    if isinstance(v, str):
+        yield v
+    elif isinstance(v, dict):
+        for x in v.values():
+            yield from iter_strings(x)
+    elif isinstance(v, list):
+        for x in v:
+            yield from iter_strings(x)

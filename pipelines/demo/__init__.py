@@ -1,0 +1,1 @@
+"""The demo task (city + date as strict JSON): its generator and rows."""

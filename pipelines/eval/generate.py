@@ -1,0 +1,120 @@
+"""Batched generation for evaluation: a Ray Data `map_batches` actor that holds one engine for the base model
+and every adapter, and answers each row with the row's variant (base, few-shot base, or an adapter).
+
+Two engines behind one interface: vLLM offline (`vllm.LLM`, enable_lora, greedy; the default for real models)
+and transformers + PEFT (left-padded batched `generate`; starts in a second, which is what the tiny-model tests
+use). float32 greedy output of the two matched exactly on this CPU (STACK_NOTES).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+class Generator:
+    """Ray Data callable class: rows {variant, prompt} -> + {prediction}. One engine per actor."""
+
+    def __init__(self, backend: str, base_model: str, adapters: dict[str, str], max_new_tokens: int,
+                 max_lora_rank: int = 64, max_model_len: int = 2048):
+        self.backend, self.adapters, self.max_new_tokens = backend, adapters, max_new_tokens
+        if backend == "vllm":
+            os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            from vllm import LLM
+
+            # max_loras one above the adapters in use: vLLM applied the last slot's adapter to base requests
+            # sharing a batch when every slot was full (STACK_NOTES, vllm#48421).
+            self.llm = LLM(model=base_model, dtype="float32", enable_lora=bool(adapters),
+                           max_loras=len(adapters) + 1, max_lora_rank=max_lora_rank,
+                           max_model_len=model_len(base_model, max_model_len),
+                           seed=0, enforce_eager=True)
+        else:
+            import torch
+            from transformers import AutoTokenizer
+
+            torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+            self.tok = AutoTokenizer.from_pretrained(base_model, padding_side="left")
+            self.model = load_with_adapters(base_model, adapters)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        variants, prompts = list(batch["variant"]), list(batch["prompt"])
+        preds = [""] * len(prompts)
+        for variant in dict.fromkeys(variants):
+            idx = [i for i, v in enumerate(variants) if v == variant]
+            outs = self._generate([prompts[i] for i in idx], variant if variant in self.adapters else None)
+            for i, text in zip(idx, outs):
+                preds[i] = text
+        return {**batch, "prediction": np.array(preds, dtype=object)}
+
+    def _generate(self, prompts: list[str], adapter: str | None) -> list[str]:
+        if self.backend == "vllm":
+            from vllm import SamplingParams
+            from vllm.lora.request import LoRARequest
+
+            lora = None
+            if adapter:
+                lora = LoRARequest(adapter, list(self.adapters).index(adapter) + 1, self.adapters[adapter])
+            outs = self.llm.generate(prompts, SamplingParams(temperature=0, max_tokens=self.max_new_tokens),
+                                     lora_request=lora, use_tqdm=False)
+            return [o.outputs[0].text for o in outs]
+        return self._hf_generate(prompts, adapter)
+
+    def _hf_generate(self, prompts: list[str], adapter: str | None) -> list[str]:
+        import contextlib
+
+        import torch
+
+        enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        ctx = contextlib.nullcontext()
+        if hasattr(self.model, "disable_adapter"):
+            if adapter:
+                self.model.set_adapter(adapter)
+            else:
+                ctx = self.model.disable_adapter()
+        with torch.no_grad(), ctx:
+            out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                      pad_token_id=self.tok.pad_token_id)
+        return self.tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def generate(rows: list[dict[str, str]], backend: str, base_model: str, adapters: dict[str, str],
+             max_new_tokens: int, batch_size: int = 16, max_lora_rank: int = 64) -> list[str]:
+    """Answers for rows {variant, prompt}, in order, generated in batches by one Ray Data actor."""
+    import ray.data
+
+    ds = ray.data.from_items([{**r, "row": i} for i, r in enumerate(rows)])
+    ds = ds.map_batches(Generator, batch_size=batch_size, concurrency=1, num_cpus=1,
+                        fn_constructor_kwargs=dict(backend=backend, base_model=base_model, adapters=adapters,
+                                                   max_new_tokens=max_new_tokens, max_lora_rank=max_lora_rank))
+    out = sorted(ds.take_all(), key=lambda r: r["row"])
+    return [str(r["prediction"]) for r in out]
+
+
+def model_len(base_model: str, cap: int) -> int:
+    """The context vLLM reserves KV cache for: the model's own limit, capped (a 128k-context model would not fit
+    a CPU's KV cache, and evaluation prompts are short)."""
+    import json
+    from pathlib import Path
+
+    try:
+        own = json.loads((Path(base_model) / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError):
+        own = None
+    return min(cap, int(own)) if own else cap
+
+
+def load_with_adapters(base_model: str, adapters: dict[str, str]):
+    """The base in float32 with every adapter loaded under its own name (switch with set_adapter), in eval mode."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    names = list(adapters)
+    if names:
+        model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
+        for name in names[1:]:
+            model.load_adapter(adapters[name], adapter_name=name)
+    return model.eval()

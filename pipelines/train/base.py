@@ -1,0 +1,213 @@
+"""The frozen base on a Ray Train worker: loading (full precision, NF4 once per node, ZeRO-3 partitioned),
+LoRA attachment, frozen-weight checksums and where each rank's base came from. Torch/PEFT load inside functions.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pipelines.artifacts.models import cache_root
+from pipelines.train.config import LoraSection, QuantSection, TrainSection, deepspeed_config
+from pipelines.train.engine import init_deepspeed
+
+
+def _from_pretrained(model_dir: str | os.PathLike, dtype: str, quant: QuantSection, quantize: bool = True):
+    """The bare model, no training preparation. quantize=False loads a folder that is already 4-bit (its
+    config.json carries the quantization config) in the same dtype and device as quantizing would have."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
+    if quant.load_in_4bit:
+        if quantize:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type, bnb_4bit_use_double_quant=quant.double_quant,
+                bnb_4bit_compute_dtype=getattr(torch, quant.compute_dtype))
+        kwargs["dtype"] = getattr(torch, quant.compute_dtype)
+        if not torch.cuda.is_available():
+            kwargs["device_map"] = {"": "cpu"}
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+
+
+def prepare_base(model, quant: QuantSection, gradient_checkpointing: bool):
+    """Freeze and prepare a loaded base for LoRA training (k-bit preparation under QLoRA)."""
+    if quant.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                               gradient_checkpointing_kwargs={"use_reentrant": False})
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
+def load_base(model_dir: str, dtype: str, quant: QuantSection, gradient_checkpointing: bool):
+    """The frozen base: full precision, or NF4 through bitsandbytes (prepared for k-bit training)."""
+    return prepare_base(_from_pretrained(model_dir, dtype, quant), quant, gradient_checkpointing)
+
+
+def base_cache_key(model_dir: str | os.PathLike, quant: QuantSection) -> str:
+    """Identity of a quantized base: the model folder's config.json bytes, each weight file's name, size and
+    mtime (hashing the weights themselves would read the whole model on every start), the quant settings and
+    the transformers/bitsandbytes versions (their serialization format)."""
+    import hashlib
+    from importlib.metadata import version
+
+    folder = Path(model_dir)
+    h = hashlib.sha256((folder / "config.json").read_bytes())
+    for f in sorted([*folder.glob("*.safetensors"), *folder.glob("*.bin")]):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    h.update(quant.model_dump_json().encode())
+    h.update(f"transformers=={version('transformers')};bitsandbytes=={version('bitsandbytes')}".encode())
+    return h.hexdigest()[:20]
+
+
+def load_quantized_shared(model_dir: str, quant: QuantSection, cache_dir: str | os.PathLike, *, local_rank: int,
+                          barrier) -> tuple[Any, str, Path]:
+    """A 4-bit base that one process per node quantizes and the others load already packed.
+
+    Local rank 0 quantizes (unless the cache holds this base already) and saves the packed 4-bit model
+    (bitsandbytes serialization, safetensors) under cache_dir/<name>-<key>; every rank then meets at `barrier`
+    (called exactly once on every rank, so no rank can skip it), and the other ranks load that folder: its
+    linear weights are uint8 on disk, so they never materialise them in full precision. The folder is
+    published by an atomic rename, so a crash or a second node on a shared filesystem never leaves half a model.
+    Returns (unprepared model, "quantized-here" | "prequantized-cache", folder)."""
+    import shutil
+    import socket
+
+    folder = Path(cache_dir) / f"{Path(model_dir).name}-{base_cache_key(model_dir, quant)}"
+    model, source = None, "prequantized-cache"
+    if local_rank == 0 and not folder.is_dir():
+        model, source = _from_pretrained(model_dir, quant.compute_dtype, quant), "quantized-here"
+        tmp = folder.with_name(f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+        model.save_pretrained(tmp, safe_serialization=True)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another node sharing this filesystem published the same base first
+            shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    if model is None:
+        model = _from_pretrained(folder, quant.compute_dtype, quant, quantize=False)
+    return model, source, folder
+
+
+def load_worker_base(config: dict[str, Any], gradient_checkpointing: bool) -> tuple[Any, dict[str, Any]]:
+    """The frozen base inside a Ray Train worker, holding as few full-precision copies per node as the setup allows:
+
+    - QLoRA: quantized once per node (`load_quantized_shared`), cache folder `config["base_cache"]`, default
+      $LORAFORGE_CACHE/quantized-bases (else ~/.cache/loraforge/quantized-bases), resolved on each node;
+    - ZeRO-3 with a 16/32-bit base: built inside `deepspeed.zero.Init` (transformers does that while an
+      `HfDeepSpeedConfig` is alive), so each rank only ever holds its partition of the weights;
+    - DDP or ZeRO-2 with a 16/32-bit base: every worker holds a full replica; that is logged.
+
+    Returns the prepared model and {"base_load", "base_params_total", "base_params_local"}."""
+    import ray.train
+    import torch.distributed as dist
+
+    quant, train = QuantSection(**config["quant"]), TrainSection(**config["train"])
+    ctx = ray.train.get_context()
+    ds = deepspeed_config(train, config["dtype"])
+    if quant.load_in_4bit:
+
+        cache = Path(config.get("base_cache") or cache_root() / "quantized-bases")
+        cache.mkdir(parents=True, exist_ok=True)
+        model, source, _ = load_quantized_shared(
+            config["model_dir"], quant, cache, local_rank=ctx.get_local_rank(),
+            barrier=dist.barrier if dist.is_initialized() else (lambda: None))
+        model = prepare_base(model, quant, gradient_checkpointing)
+    elif ds is not None and ds["zero_optimization"]["stage"] == 3:
+        import copy
+
+        from transformers.integrations import HfDeepSpeedConfig
+
+
+        init_deepspeed(train)
+        keep = HfDeepSpeedConfig(copy.deepcopy(ds))  # transformers holds only a weak reference to it
+        model = load_base(config["model_dir"], config["dtype"], quant, gradient_checkpointing)
+        model.hf_deepspeed_config = keep  # alive as long as the model: later ZeRO-3 checks see it too
+        source = "zero3-partitioned"
+    else:
+        model, source = load_base(config["model_dir"], config["dtype"], quant, gradient_checkpointing), "full"
+        if ctx.get_world_rank() == 0 and ctx.get_world_size() > 1:
+            print(f"[base] each of the {ctx.get_world_size()} workers holds a full-precision replica of the base "
+                  f"({'DDP' if ds is None else 'ZeRO-' + str(ds['zero_optimization']['stage'])} replicates "
+                  "parameters); train.deepspeed=zero3 partitions it, quant.load_in_4bit=true stores it in 4 bits",
+                  flush=True)
+    params = list(model.parameters())
+    return model, {"base_load": source, "base_params_total": sum(getattr(p, "ds_numel", p.numel()) for p in params),
+                   "base_params_local": sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+                                            for p in params)}
+
+
+def full_tensors(params):
+    """Each parameter as a full tensor, one at a time: ZeRO-3 keeps only a partition on each rank, and
+    gathering one parameter at a time never rebuilds the whole model. Collective under ZeRO-3: all ranks
+    must consume the generator in full."""
+    for p in params:
+        if hasattr(p, "ds_id"):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p]):
+                yield p.detach()
+        else:
+            yield p.detach()
+
+
+def attach_lora(model, lora: LoraSection, seed: int):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                            target_modules=lora.modules(), use_rslora=lora.rslora,
+                                            use_dora=lora.dora, task_type="CAUSAL_LM"))
+
+
+def weight_bytes(model) -> dict[str, int]:
+    """Bytes of the frozen base weights as loaded and in bf16, overall and for the 4-bit-quantized ones alone
+    (embeddings and norms stay in full precision under QLoRA, and dominate a tiny model)."""
+    out = {"base_bytes_loaded": 0, "base_bytes_bf16": 0, "quantized_bytes_loaded": 0, "quantized_bytes_bf16": 0}
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            continue
+        qs = getattr(p, "quant_state", None)
+        full = getattr(p, "ds_numel", p.numel())  # ZeRO-3: the whole parameter, not this rank's partition
+        n = int(qs.shape.numel()) if qs is not None else full
+        out["base_bytes_loaded"] += full * p.element_size()
+        out["base_bytes_bf16"] += n * 2
+        if qs is not None:
+            out["quantized_bytes_loaded"] += p.numel() * p.element_size()
+            out["quantized_bytes_bf16"] += n * 2
+    return out
+
+
+def checksum(tensors) -> str:
+    """sha256 of the exact bytes: equal before/after proves training left the frozen weights alone."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def per_rank(model, base: dict[str, Any]) -> dict[str, Any]:
+    """Where each rank's base came from, and its frozen checksum, gathered to every rank (collective); rank 0
+    writes them into the checkpoint's static.json and from there the manifest."""
+    import ray.train
+    import torch.distributed as dist
+
+
+    mine = {**base, "frozen_checksum": checksum(full_tensors([p for p in model.parameters() if not p.requires_grad]))}
+    ranks = [mine]
+    if dist.is_initialized():
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, mine)
+    return {"world_size": ray.train.get_context().get_world_size(), "frozen_checksum_before": mine["frozen_checksum"],
+            "base_load": mine["base_load"], "ranks": ranks}

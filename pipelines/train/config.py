@@ -1,0 +1,146 @@
+"""What SFT and DPO share: the adapter, quantization and loop config sections, model setup, DeepSpeed config,
+checkpoints, adapter health. Importing this module imports neither torch nor Ray; functions import what they use.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from pipelines.schema import Section
+
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ALL_LINEAR = ATTENTION + ["gate_proj", "up_proj", "down_proj"]
+DEEPSPEED_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
+
+
+class LoraSection(Section):
+    """The adapter's shape."""
+
+    r: int = Field(16, ge=1, le=256, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rslora).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: Literal["attention", "all-linear"] | list[str] = Field(
+        "all-linear", description="'attention', 'all-linear' or an explicit list of module names.")
+    rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
+    dora: bool = Field(False, description="Weight-decomposed LoRA. Trains, but vLLM cannot serve it: serve refuses.")
+
+    def modules(self) -> list[str]:
+        if isinstance(self.target_modules, list):
+            return self.target_modules
+        return ATTENTION if self.target_modules == "attention" else ALL_LINEAR
+
+
+class QuantSection(Section):
+    """QLoRA: the frozen base in 4-bit NF4 through bitsandbytes (CPU backend here, CUDA on clusters)."""
+
+    load_in_4bit: bool = Field(False, description="Load the frozen base in 4-bit (QLoRA).")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="Dtype of the 4-bit matmuls. bfloat16 on GPUs; float32 is faster on CPUs without bf16.")
+
+
+class TrainSection(Section):
+    """The optimisation loop and how many Ray Train workers run it."""
+
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
+    cpus_per_worker: float = Field(0.5, gt=0, description=(
+        "CPUs reserved per worker. Fractional on small machines so Ray Data keeps room to feed them."))
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    max_steps: int = Field(60, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(8, ge=1, description="Rows per worker per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate (cosine decay after warmup).")
+    warmup_steps: int = Field(5, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw", description="torch AdamW, or bitsandbytes 8-bit / paged 8-bit AdamW.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    deepspeed: Literal["none", "zero2", "zero3", "zero2-offload", "zero3-offload"] | str = Field(
+        "none", description="DeepSpeed ZeRO config: a name from configs/deepspeed/ or a JSON path; 'none' = DDP.")
+    eval_every: int = Field(0, ge=0, description="Validation loss every N steps (0: only at the end, if any).")
+    eval_max_batches: int = Field(8, ge=1, description="Validation micro-batches per evaluation, per worker.")
+    early_stopping_patience: int = Field(0, ge=0, description="Stop after N evaluations without improvement (0: off).")
+    checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (the best by validation loss among them).")
+    max_failures: int = Field(2, ge=0, description="Worker-group restarts Ray Train attempts, from the last checkpoint.")
+    fail_once_at_step: int | None = Field(None, ge=1, description=(
+        "Fault drill: raise once at this step (marker in the storage folder), to exercise recovery."))
+    seed: int = Field(0, description="Seed for LoRA init and data order.")
+    log_every: int = Field(5, ge=1, description="Print a progress line every N steps.")
+    tracking_uri: str | None = Field(None, description=(
+        "MLflow tracking URI; default a sqlite store in the stage's output folder. 'off' disables tracking."))
+
+    @field_validator("tracking_uri", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):
+        return "off" if v is False else v  # YAML reads a bare `off` as false
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed_exists(cls, v: str) -> str:
+        if v != "none":
+            load_deepspeed_json(v)
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainSection":
+        if self.early_stopping_patience and not self.eval_every:
+            raise ValueError("early_stopping_patience needs eval_every > 0")
+        return self
+
+
+def deepspeed_path(name: str) -> Path:
+    """A ZeRO config: a name from configs/deepspeed/ (zero2, zero3, ...) or a JSON file's path."""
+    path = Path(name).expanduser()
+    return DEEPSPEED_DIR / f"{name}.json" if not path.suffix else path
+
+
+def load_deepspeed_json(name: str) -> dict[str, Any]:
+    """The ZeRO config as a dict; ValueError naming what exists when the name or file is wrong."""
+    path = deepspeed_path(name)
+    if not path.is_file():
+        names = sorted(f.stem for f in DEEPSPEED_DIR.glob("*.json"))
+        raise ValueError(f"{name!r} is neither a config in configs/deepspeed/ ({', '.join(names)}, or 'none') nor "
+                         f"a JSON file ({path} does not exist)")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("zero_optimization"), dict):
+        raise ValueError(f"{path}: a DeepSpeed config needs a zero_optimization section")
+    return cfg
+
+
+def check_combination(quant: QuantSection, train: TrainSection) -> None:
+    """Refuse what does not work, before any worker starts."""
+    if quant.load_in_4bit and "zero3" in train.deepspeed:
+        raise ValueError(
+            "train.deepspeed=zero3 with quant.load_in_4bit: ZeRO-3 partitions every parameter, and bitsandbytes' "
+            "packed 4-bit weights (with their per-block quantization state) cannot be sharded and re-gathered on "
+            "this stack. Use zero2 for QLoRA (the 4-bit base is small enough to replicate), or zero3 with a "
+            "16/32-bit base.")
+    if quant.load_in_4bit and train.optimizer != "adamw" and train.deepspeed != "none":
+        raise ValueError("bitsandbytes 8-bit optimizers cannot be combined with DeepSpeed ZeRO; use optimizer=adamw")
+
+
+def deepspeed_config(train: TrainSection, dtype: str) -> dict[str, Any] | None:
+    """Load a ZeRO JSON and fill its "auto" fields from the run config."""
+    if train.deepspeed == "none":
+        return None
+    cfg = load_deepspeed_json(train.deepspeed)
+    fill = {"train_micro_batch_size_per_gpu": train.batch_size, "gradient_accumulation_steps": train.grad_accum,
+            "gradient_clipping": train.max_grad_norm}
+    for key, value in fill.items():
+        if cfg.get(key) == "auto":
+            cfg[key] = value
+    cfg["train_batch_size"] = train.batch_size * train.grad_accum * train.num_workers
+    for key, on in (("bf16", dtype == "bfloat16"), ("fp16", dtype == "float16")):
+        if isinstance(cfg.get(key), dict) and cfg[key].get("enabled") == "auto":
+            cfg[key]["enabled"] = on
+    return cfg

@@ -1,0 +1,241 @@
+"""DPO stage: preference pairs → the SFT adapter, trained further by Ray Train workers against itself frozen.
+
+    loraforge dpo CONFIG                                   # on this run's SFT adapter and dpo.train_path
+    loraforge dpo CONFIG dpo.loss_type=ipo dpo.beta=0.5
+
+Reference model = the SFT model (base + SFT adapter), frozen. Its log-probs are computed ONCE, in a Ray Data pass
+before training (`prepare`), and stored beside the tokens: the workers then hold only the policy (half the
+memory of a second model or adapter), the reference costs one forward per pair instead of one per pair per
+epoch, and it provably cannot drift during training (it is data). The policy starts from the SFT adapter.
+
+Output folder: the DPO adapter, `loss.png` (loss and reward accuracy), `manifest.json` with lineage (parent adapter)
+and `metrics.reward_accuracy_history`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from pipelines.artifacts.manifest import hash_path, read_manifest, write_manifest
+from pipelines.data.chat import pad_batch, tokenize_messages
+from pipelines.data.rowformats import RowError, parse_raw, to_canonical
+from pipelines.schema import Section
+from pipelines.train.base import load_base, load_worker_base, per_rank
+from pipelines.train.config import QuantSection, TrainSection
+from pipelines.train.driver import export_adapter, finish_stage, fit_on_ray
+from pipelines.train.loop import run_loop
+from pipelines.train.losses import dpo_loss, sequence_logps
+
+
+class DPOSection(Section):
+    """Preference optimisation on top of the SFT adapter."""
+
+    train_path: str | None = Field(None, description="Preference JSONL (prompt, chosen, rejected): file or glob.")
+    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference (DPO β / IPO τ).")
+    loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid DPO, or IPO.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO: assumed share of flipped labels (sigmoid).")
+    max_length: int = Field(512, ge=16, description="Longest prompt+answer in tokens; longer pairs are rejected.")
+    max_pairs: int | None = Field(None, ge=1, description="Use only the first N valid pairs.")
+    validation_fraction: float = Field(0.1, ge=0, lt=1, description="Held-out pairs (by prompt hash) for eval.")
+
+
+class _PrepareBatch:
+    """Ray Data callable class: tokenize pairs and score them under the frozen reference (base + SFT adapter)."""
+
+    def __init__(self, model_dir: str, sft_dir: str, cfg: dict, dtype: str, quant: dict):
+        import torch
+        from peft import PeftModel
+        from transformers import AutoTokenizer
+
+
+        torch.set_num_threads(1)
+        self.cfg = DPOSection(**cfg)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = PeftModel.from_pretrained(load_base(model_dir, dtype, QuantSection(**quant), False),
+                                               sft_dir).eval()
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+
+        out: dict[str, list] = {k: [] for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids",
+                                                "rejected_labels", "ref_chosen", "ref_rejected", "reason",
+                                                "split", "raw")}
+        for line in batch["text"]:
+            reason, pair = "", None
+            try:
+                pair = _parse_pair(line)
+                prompt = pair["prompt"]
+                ch = tokenize_messages(self.tokenizer, prompt + [{"role": "assistant", "content": pair["chosen"]}],
+                                       self.cfg.max_length)
+                rj = tokenize_messages(self.tokenizer, prompt + [{"role": "assistant", "content": pair["rejected"]}],
+                                       self.cfg.max_length)
+            except RowError as e:
+                reason = str(e)
+            out["reason"].append(reason)
+            out["raw"].append(line if reason else "")
+            if reason:
+                for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"):
+                    out[k].append([])
+                out["ref_chosen"].append(0.0)
+                out["ref_rejected"].append(0.0)
+                out["split"].append("")
+                continue
+            with torch.no_grad():
+                logps = [float(sequence_logps(self.model(input_ids=torch.tensor([t.input_ids])).logits,
+                                              torch.tensor([t.labels]))[0][0]) for t in (ch, rj)]
+            out["chosen_input_ids"].append(ch.input_ids)
+            out["chosen_labels"].append(ch.labels)
+            out["rejected_input_ids"].append(rj.input_ids)
+            out["rejected_labels"].append(rj.labels)
+            out["ref_chosen"].append(logps[0])
+            out["ref_rejected"].append(logps[1])
+            key = json.dumps(pair["prompt"], sort_keys=True).encode()  # pairs of one prompt share a split
+            bucket = int(hashlib.sha256(key).hexdigest()[:8], 16) / 0xFFFFFFFF
+            out["split"].append("validation" if bucket < self.cfg.validation_fraction else "train")
+        return out
+
+
+def _parse_pair(line: str) -> dict[str, Any]:
+    """A preference row (prompt/chosen/rejected, or a dialogue pair) in its normalised form; RowError if not."""
+
+    kind, pair = to_canonical(parse_raw(line), "auto")
+    if kind != "preference":
+        raise RowError("not_a_pair", f"a {kind} row, expected prompt/chosen/rejected")
+    if pair["chosen"].strip() == pair["rejected"].strip():
+        raise RowError("identical_pair", "chosen and rejected are the same text")
+    return pair
+
+
+def prepare(cfg: DPOSection, model_dir: str, sft_dir: str, out_dir: str | os.PathLike, *, dtype: str = "float32",
+            quant: QuantSection | None = None) -> Path:
+    """Tokenize preference pairs and precompute reference log-probs (Ray Data); counts add up, rejects kept."""
+    import ray
+
+
+    if not cfg.train_path:
+        raise ValueError("dpo.train_path is not set: point it at a preference JSONL (prompt, chosen, rejected)")
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    ds = ray.data.read_text(cfg.train_path)
+    if cfg.max_pairs:
+        ds = ds.limit(cfg.max_pairs)
+    ds = ds.map_batches(_PrepareBatch, fn_constructor_args=(model_dir, str(sft_dir), cfg.model_dump(), dtype,
+                                                            (quant or QuantSection()).model_dump()),
+                        concurrency=(1, 2), batch_size=32, batch_format="numpy").materialize()
+    rows_in = ds.count()
+    rejected = ds.filter(expr="reason != ''").select_columns(["reason", "raw"]).take_all()
+    cols = ["chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels", "ref_chosen",
+            "ref_rejected"]
+    counts = {}
+    for split in ("train", "validation"):
+        part = ds.filter(expr=f"split == '{split}'").select_columns(cols)
+        counts[split] = part.count()
+        if counts[split]:
+            part.write_parquet(str(out / split))
+    if rows_in != counts["train"] + counts["validation"] + len(rejected):
+        raise RuntimeError(f"row accounting broke: in={rows_in} kept={counts} rejected={len(rejected)}")
+    with open(out / "rejected.jsonl", "w") as fh:
+        for r in rejected:
+            fh.write(json.dumps({"reason": r["reason"], "source": cfg.train_path, "row": r["raw"]}) + "\n")
+    by_reason: dict[str, int] = {}
+    for r in rejected:
+        by_reason[r["reason"].split(":")[0]] = by_reason.get(r["reason"].split(":")[0], 0) + 1
+    write_manifest(out, kind="preference_dataset", inputs={"reference_adapter": str(sft_dir)}, config=cfg.model_dump(),
+                   metrics={"rows_in": rows_in, "rows_kept": counts["train"] + counts["validation"],
+                            "rows_rejected": len(rejected), "rejected_by_reason": by_reason, **counts},
+                   extra={"outputs": {s: s for s in counts if counts[s]},
+                          "source": {"path": cfg.train_path, "hash": hash_path(cfg.train_path)
+                                     if Path(cfg.train_path).is_file() else None}})
+    return out
+
+
+def run(cfg: DPOSection, train: TrainSection, model_dir: str, sft_dir: str | os.PathLike, data_dir: str | os.PathLike,
+        out_dir: str | os.PathLike, *, dtype: str = "float32", quant: QuantSection | None = None,
+        model_id: str | None = None, base_cache: str | os.PathLike | None = None) -> Path:
+    """Train the DPO adapter from the SFT adapter on a prepared preference dataset; write it with a manifest.
+    base_cache: where each node keeps the 4-bit base it quantized once (QLoRA); see training.load_worker_base."""
+
+    quant = quant or QuantSection()
+    data_manifest = read_manifest(data_dir, kind="preference_dataset")
+    sft_manifest = read_manifest(sft_dir, kind="lora_adapter")
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    loop_config = {"model_dir": model_dir, "sft_dir": str(Path(sft_dir).resolve()), "dpo": cfg.model_dump(),
+                   "quant": quant.model_dump(), "train": train.model_dump(), "dtype": dtype,
+                   "storage": str(out / "ray_train"), "base_cache": str(base_cache) if base_cache else None}
+    result = fit_on_ray(train_loop_per_worker, loop_config, train, quant, data_dir, data_manifest, out, "dpo")
+    state = export_adapter(result, out)
+    data_manifest.setdefault("inputs", {}).setdefault("train", {"hash": data_manifest.get("source", {}).get("hash")})
+    finish_stage(out, kind="lora_adapter", state=state, model_dir=model_dir, model_id=model_id, data_dir=data_dir,
+                 data_manifest=data_manifest, title="DPO",
+                 config={"dpo": cfg.model_dump(), "quant": quant.model_dump(), "train": train.model_dump(),
+                         "dtype": dtype, "parent_adapter": str(sft_dir)},
+                 extra_series={"reward accuracy": state.get("extra_history", {}).get("reward_accuracy", [])})
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["lineage"]["parent_adapter"] = {"path": str(sft_dir), "lineage": sft_manifest.get("lineage")}
+    manifest["metrics"]["eval_extra_history"] = state.get("eval_extra_history", {})
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    return out
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """What each Ray Train worker runs for DPO: the policy is the SFT adapter, trainable; the reference is data."""
+    import ray.train
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+
+    cfg, train = DPOSection(**config["dpo"]), TrainSection(**config["train"])
+    torch.set_num_threads(max(1, int(round(train.cpus_per_worker * 2))))
+    torch.manual_seed(train.seed)
+    tokenizer = AutoTokenizer.from_pretrained(config["model_dir"])
+    base, base_info = load_worker_base(config, train.gradient_checkpointing)
+    model = PeftModel.from_pretrained(base, config["sft_dir"], is_trainable=True)
+    static = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+              **per_rank(model, base_info)}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if ray.train.get_context().get_world_rank() == 0:
+        print(f"[dpo] policy = SFT adapter ({static['trainable_params']:,} trainable parameters), reference log-probs precomputed", flush=True)
+
+    def loss_fn(m, batch):
+
+        logps, ntok = sequence_logps(m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                     batch["labels"])
+        b = batch["ref_chosen"].shape[0]
+        out = dpo_loss(logps[:b], logps[b:], batch["ref_chosen"], batch["ref_rejected"], beta=cfg.beta,
+                       loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+                       chosen_tokens=ntok[:b], rejected_tokens=ntok[b:])
+        extras = {"reward_accuracy": out["accuracy"].sum(), "rewards_chosen": out["chosen_rewards"].sum(),
+                  "rewards_rejected": out["rejected_rewards"].sum(), "reward_margin": out["margins"].sum()}
+        return out["losses"].sum(), b, extras
+
+    def save_extra(folder: str, rank: int) -> None:
+        if rank == 0:
+            tokenizer.save_pretrained(folder)
+            Path(folder, "static.json").write_text(json.dumps(static))
+
+    run_loop(config, model, loss_fn=loss_fn, collate=_collate(pad_id), count_items=lambda b: b["ref_chosen"].shape[0],
+             save_extra=save_extra, tag="dpo")
+
+
+def _collate(pad_id: int):
+    def collate(batch: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+
+        rows = [(list(i), list(l)) for i, l in zip(batch["chosen_input_ids"], batch["chosen_labels"])]
+        rows += [(list(i), list(l)) for i, l in zip(batch["rejected_input_ids"], batch["rejected_labels"])]
+        padded = {k: torch.tensor(v, dtype=torch.long) for k, v in pad_batch(rows, pad_id).items()}
+        padded["ref_chosen"] = torch.tensor(batch["ref_chosen"], dtype=torch.float32)
+        padded["ref_rejected"] = torch.tensor(batch["ref_rejected"], dtype=torch.float32)
+        return padded
+
+    return collate

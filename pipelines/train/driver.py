@@ -1,0 +1,185 @@
+"""The driver half SFT and DPO share: build and fit the TorchTrainer over the data stage's splits, export the
+best checkpoint's adapter, and finish the stage (loss plot, adapter health, MLflow run, manifest).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipelines.artifacts.manifest import hash_path, write_manifest
+from pipelines.train.config import QuantSection, TrainSection, check_combination
+
+
+def adapter_health(adapter_dir: str | os.PathLike, model_dir: str) -> dict[str, Any]:
+    """Per-layer ||scale·B·A|| / ||W|| from the saved adapter and the base weights (safetensors only)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    conf = json.loads(Path(adapter_dir, "adapter_config.json").read_text())
+    r, alpha = conf["r"], conf["lora_alpha"]
+    scale = alpha / (r ** 0.5) if conf.get("use_rslora") else alpha / r
+    lora = load_file(str(Path(adapter_dir, "adapter_model.safetensors")))
+    wanted = {}
+    for key, a in lora.items():
+        if ".lora_A." in key:
+            module = key.split("base_model.model.", 1)[-1].split(".lora_A.")[0]
+            wanted[module + ".weight"] = (module, a, lora[key.replace(".lora_A.", ".lora_B.")])
+    ratios = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            for wkey in set(fh.keys()) & set(wanted):
+                module, a, b = wanted[wkey]
+                w = fh.get_tensor(wkey).float()
+                ratios[module] = float((scale * (b.float() @ a.float())).norm() / (w.norm() + 1e-12))
+    vals = list(ratios.values()) or [0.0]
+    return {"delta_over_weight": ratios, "delta_over_weight_mean": sum(vals) / len(vals),
+            "delta_over_weight_max": max(vals)}
+
+
+def plot_curves(series: dict[str, list[float]], path: Path, title: str) -> None:
+    """One PNG with one line per named series (x = step)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, ys in series.items():
+        if ys:
+            xs = [x for x, _ in ys] if isinstance(ys[0], (list, tuple)) else range(1, len(ys) + 1)
+            ax.plot(list(xs), [y[1] if isinstance(y, (list, tuple)) else y for y in ys], label=name)
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def log_to_mlflow(uri: str, experiment: str, params: dict[str, Any], history: dict[str, list],
+                  artifacts: Path) -> str:
+    """Params, per-step metrics (from the recorded history) and the adapter folder, as one MLflow run."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(experiment) is None:  # artifacts beside the store, not in the CWD
+        mlflow.create_experiment(experiment, artifact_location=str(artifacts.parent / "mlartifacts"))
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run() as run:
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        for name, values in history.items():
+            for i, v in enumerate(values):
+                step, value = (v[0], v[1]) if isinstance(v, (list, tuple)) else (i + 1, v)
+                mlflow.log_metric(name, float(value), step=int(step))
+        mlflow.log_artifacts(str(artifacts), artifact_path="adapter")
+        return run.info.run_id
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "train_state.json", "README.md",
+                 "probe_logits.safetensors")
+
+
+def fit_on_ray(loop, loop_config: dict, train: TrainSection, quant: QuantSection, data_dir, data_manifest: dict,
+               out: Path, name: str):
+    """Build the TorchTrainer over the data stage's splits and run it; shared by SFT and DPO."""
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+
+    check_combination(quant, train)
+    # A fresh stage run starts from scratch: Ray Train would otherwise resume an older run found under the same
+    # storage path and name. Resumption after a worker dies happens inside this fit (FailureConfig).
+    shutil.rmtree(loop_config["storage"], ignore_errors=True)
+    Path(loop_config["storage"]).mkdir(parents=True, exist_ok=True)
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig
+
+    datasets = {}
+    for split in ("train", "validation"):
+        rel = data_manifest.get("outputs", {}).get(split)
+        if rel:
+            # num_cpus=0: the trainer workers hold the CPUs, and a read task waiting for a whole one would
+            # deadlock the stream feeding them (STACK_NOTES); the reads overlap the workers instead.
+            datasets[split] = ray.data.read_parquet(str(Path(data_dir) / rel), num_cpus=0)
+    has_val = "validation" in datasets
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
+                                     resources_per_worker={"CPU": train.cpus_per_worker}),
+        datasets=datasets,
+        # preserve_order: the same data gives the same batches run after run (reproducible losses, exact resume)
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        run_config=RunConfig(
+            name=name, storage_path=loop_config["storage"],
+            failure_config=FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=train.keep_checkpoints,
+                checkpoint_score_attribute="eval_loss" if has_val else None,
+                checkpoint_score_order="min")),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{name} finished without a checkpoint: {result.error}")
+    return result
+
+
+def export_adapter(result, out: Path) -> dict[str, Any]:
+    """Copy the best checkpoint's adapter (lowest validation loss, else the last) into out; return the last
+    checkpoint's training state, which holds the whole history."""
+    with result.checkpoint.as_directory() as last:
+        state = json.loads((Path(last) / "train_state.json").read_text())
+        state["static"] = json.loads((Path(last) / "static.json").read_text())
+    best = result.checkpoint
+    if result.best_checkpoints and any("eval_loss" in m for _, m in result.best_checkpoints):
+        best = min(result.best_checkpoints, key=lambda cm: cm[1].get("eval_loss", float("inf")))[0]
+    with best.as_directory() as d:
+        best_state = json.loads((Path(d) / "train_state.json").read_text())
+        for f in Path(d).iterdir():
+            if f.name in ADAPTER_FILES or f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+                shutil.copy2(f, out / f.name)
+    state["selected_step"] = best_state["step"]
+    return state
+
+
+def finish_stage(out: Path, *, kind: str, state: dict, model_dir: str, model_id: str | None, data_dir,
+                 data_manifest: dict, title: str, config: dict, extra_series: dict | None = None) -> None:
+    """Plot, health, MLflow, manifest: the same ending for SFT and DPO."""
+
+    series = {"train loss": state["loss_history"], "validation loss": state["eval_history"]}
+    plot_curves({**series, **(extra_series or {})}, out / "loss.png", f"{title} loss")
+    metrics = {"steps": state["step"], "selected_step": state.get("selected_step"),
+               "loss_first": state["loss_history"][0], "loss_last": state["loss_history"][-1],
+               "loss_history": state["loss_history"], "eval_history": state["eval_history"],
+               "best_eval_loss": None if state["best_eval"] == float("inf") else state["best_eval"],
+               "stopped_early": state.get("stopped_early", False), "throughput": state.get("throughput"),
+               "zero_grad_share": state.get("zero_grad_share"), "engine": state.get("engine"),
+               **{f"{k}_history": v for k, v in state.get("extra_history", {}).items()},
+               **state.get("static", {}), **adapter_health(out, model_dir)}
+    uri = config["train"].get("tracking_uri") or f"sqlite:///{out.parent / 'mlflow.db'}"  # one store per run
+    run_id = None
+    if uri != "off":
+        run_id = log_to_mlflow(uri, f"loraforge-{kind}", {**_flat(config)},
+                               {"loss": state["loss_history"], "eval_loss": state["eval_history"],
+                                **state.get("extra_history", {})}, out)
+    write_manifest(out, kind=kind, inputs={"data": str(data_dir), "base_model": model_dir}, config=config,
+                   metrics=metrics,
+                   extra={"lineage": {"base_model": model_id or model_dir, "base_model_hash": hash_path(model_dir),
+                                      "data_hash": data_manifest["inputs"]["train"]["hash"],
+                                      "mlflow": {"tracking_uri": uri, "run_id": run_id}}})
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -1,0 +1,169 @@
+"""The training loop SFT and DPO both run inside Ray Train workers: DDP or DeepSpeed ZeRO, accumulation,
+token-weighted loss, validation, early stopping, checkpoints that resume mid-run. The stage supplies the loss.
+
+`loss_fn(model, batch) -> (sum_of_item_losses, n_items, extra_sums)`: SFT counts label tokens, DPO pairs. Every
+step's loss is sum / (items in the whole step, over all micro-batches and ranks), so 4 micro-batches × accumulation
+4 is the same step as one batch of 16, and ranks with unequal token counts are weighted correctly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from pipelines.train.config import TrainSection, deepspeed_config
+from pipelines.train.engine import Engine, all_sum, make_optimizer
+
+STATE = "train_state.json"
+
+
+def micro_batches(shard, batch_size: int, collate, skip: int, epoch: int) -> Iterator[tuple[int, int, Any]]:
+    """Endless (epoch, index-in-epoch, batch) over a dataset shard; the first `skip` batches of `epoch` are
+    passed over (resuming mid-epoch lands on the batch after the checkpoint's)."""
+    while True:
+        for i, batch in enumerate(shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate,
+                                                           drop_last=True)):
+            if i < skip:
+                continue
+            yield epoch, i, batch
+        skip, epoch = 0, epoch + 1
+
+
+def evaluate(engine: Engine, shard, batch_size: int, collate, loss_fn, max_batches: int
+             ) -> tuple[float, dict[str, float]]:
+    """Validation loss (item-weighted over all ranks) and the loss function's extra figures, e.g. DPO accuracy."""
+    import torch
+
+    engine.model.eval()
+    total = items = 0.0
+    extra: dict[str, float] = {}
+    with torch.no_grad():
+        for i, batch in enumerate(shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate)):
+            if i >= max_batches:
+                break
+            s, n, ex = loss_fn(engine.model, batch)
+            total, items = total + float(s), items + float(n)
+            for k, v in ex.items():
+                extra[k] = extra.get(k, 0.0) + float(v)
+    engine.model.train()
+    sums = all_sum([total, items] + list(extra.values()))
+    if not sums[1]:
+        return float("nan"), {}
+    return sums[0] / sums[1], {k: v / sums[1] for k, v in zip(extra, sums[2:])}
+
+
+def run_loop(config: dict[str, Any], model, *, loss_fn: Callable, collate, count_items: Callable,
+             save_extra: Callable[[str, int], None], tag: str) -> None:
+    """The loop each worker runs. Reports checkpoints (adapter + optimizer + step + data position + history)."""
+    import ray.train
+    import torch
+    from ray.train import Checkpoint
+    from transformers import get_cosine_schedule_with_warmup
+
+
+    train = TrainSection(**config["train"])
+    rank = ray.train.get_context().get_world_rank()
+    engine = Engine(model, train, deepspeed_config(train, config["dtype"]), lambda p: make_optimizer(p, train),
+                    lambda o: get_cosine_schedule_with_warmup(o, train.warmup_steps, train.max_steps))
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": -1, "loss_history": [], "eval_history": [],
+             "extra_history": {}, "best_eval": math.inf, "evals_since_best": 0, "zero_grad_share": None,
+             "engine": engine.describe()}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:  # a restarted worker group resumes where the last checkpoint left off
+        with ckpt.as_directory() as d:
+            state = json.loads((Path(d) / STATE).read_text())
+            engine.load(d)
+            torch.set_rng_state(torch.load(Path(d) / f"rng{rank}.pt", weights_only=True)
+                                if (Path(d) / f"rng{rank}.pt").exists() else torch.get_rng_state())
+        if rank == 0:
+            print(f"[{tag}] resumed from step {state['step']} (epoch {state['epoch']})", flush=True)
+    shard = ray.train.get_dataset_shard("train")
+    try:
+        val = ray.train.get_dataset_shard("validation")
+    except KeyError:
+        val = None
+    batches = micro_batches(shard, train.batch_size, collate, state["batch_in_epoch"] + 1, state["epoch"])
+    engine.model.train()
+    import time
+
+    t_start, tokens_here = time.perf_counter(), 0.0
+
+    def checkpoint(final: bool = False) -> None:
+        metrics = {"step": state["step"], "loss": state["loss_history"][-1] if state["loss_history"] else None}
+        if val is not None:
+            metrics["eval_loss"] = state["eval_history"][-1][1] if state["eval_history"] else math.inf
+        lora = engine.lora_state()  # collective under ZeRO-3
+        with tempfile.TemporaryDirectory() as tmp:
+            engine.save(tmp, rank)
+            torch.save(torch.get_rng_state(), Path(tmp) / f"rng{rank}.pt")
+            save_extra(tmp, rank)  # on every rank: it may gather ZeRO-3 partitions; it writes on rank 0 only
+            if rank == 0:
+                engine.peft_model.save_pretrained(tmp, state_dict=lora, safe_serialization=True)
+                (Path(tmp) / STATE).write_text(json.dumps({**state, "final": final}))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+    while state["step"] < train.max_steps:
+        micro = [next(batches) for _ in range(train.grad_accum)]
+        tokens_here += float(sum(int(b["num_tokens"]) if "num_tokens" in b else int(b["attention_mask"].sum())
+                                 for _, _, b in micro))
+        items = all_sum([float(sum(count_items(b) for _, _, b in micro))])[0]
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        step_sum, extra = 0.0, {}
+        for j, (_, _, batch) in enumerate(micro):
+            s, _, ex = loss_fn(engine.model, batch)
+            engine.backward(s * world / items, last_micro=j == len(micro) - 1)
+            step_sum += float(s.detach())
+            for k, v in ex.items():
+                extra[k] = extra.get(k, 0.0) + float(v)
+        if state["step"] + 1 == train.max_steps:  # DeepSpeed frees gradients in step(): measure before it
+            state["zero_grad_share"] = engine.zero_grad_share()
+        engine.step()
+        state["step"] += 1
+        state["epoch"], state["batch_in_epoch"] = micro[-1][0], micro[-1][1]
+        engine.zero_grad()
+        totals = all_sum([step_sum] + list(extra.values()))
+        state["loss_history"].append(round(totals[0] / items, 6))
+        for k, v in zip(extra, totals[1:]):
+            state["extra_history"].setdefault(k, []).append(round(v / items, 6))
+        step = state["step"]
+        if rank == 0 and (step % train.log_every == 0 or step in (1, train.max_steps)):
+            extras = " ".join(f"{k} {v[-1]:.3f}" for k, v in state["extra_history"].items())
+            print(f"[{tag}] step {step}/{train.max_steps} loss {state['loss_history'][-1]:.4f} "
+                  f"lr {engine.lr():.2e} {extras}", flush=True)
+        if train.fail_once_at_step == step:
+            marker = Path(config["storage"]) / f"fault_drill_step{step}"
+            if not marker.exists():
+                if rank == 0:
+                    marker.write_text("done")
+                    raise RuntimeError(f"fault drill: worker killed at step {step}")
+        stop = False
+        evaluating = val is not None and ((train.eval_every and step % train.eval_every == 0)
+                                          or step == train.max_steps)
+        if evaluating:
+            ev, ev_extra = evaluate(engine, val, train.batch_size, collate, loss_fn, train.eval_max_batches)
+            state["eval_history"].append([step, round(ev, 6)])
+            for k, v in ev_extra.items():
+                state.setdefault("eval_extra_history", {}).setdefault(k, []).append([step, round(v, 6)])
+            if rank == 0:
+                print(f"[{tag}] step {step} eval_loss {ev:.4f}", flush=True)
+            if ev < state["best_eval"] - 1e-6:
+                state["best_eval"], state["evals_since_best"] = ev, 0
+            else:
+                state["evals_since_best"] += 1
+            stop = bool(train.early_stopping_patience) and state["evals_since_best"] >= train.early_stopping_patience
+        if step == train.max_steps or stop:  # throughput of this attempt: non-padding tokens over loop time
+            seconds, tokens = all_sum([time.perf_counter() - t_start, tokens_here])
+            world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+            state["throughput"] = {"tokens": tokens, "seconds": seconds / world,
+                                   "tokens_per_s": tokens / (seconds / world) if seconds else None}
+        if stop or step == train.max_steps or evaluating or (train.checkpoint_every and step % train.checkpoint_every == 0):
+            state["stopped_early"] = stop
+            checkpoint(final=stop or step == train.max_steps)
+        if stop:
+            if rank == 0:
+                print(f"[{tag}] early stop at step {step}: no improvement in {train.early_stopping_patience} evals",
+                      flush=True)
+            break

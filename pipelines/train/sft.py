@@ -1,0 +1,140 @@
+"""SFT stage: (Q)LoRA on a frozen base, trained by Ray Train `TorchTrainer` workers fed by Ray Data, with DDP or
+DeepSpeed ZeRO, checkpoints that resume after a worker dies, validation and early stopping.
+
+    loraforge sft configs/quickstart-cpu.yaml             # alone, on the data stage's output
+    loraforge sft configs/quickstart-cpu.yaml train.max_steps=5 train.num_workers=1   # tiny CPU variant
+    loraforge sft CONFIG quant.load_in_4bit=true train.deepspeed=zero2                 # QLoRA under ZeRO-2
+
+Output folder: the PEFT adapter (adapter_config.json + adapter_model.safetensors), the tokenizer with its chat
+template, `loss.png`, and `manifest.json` (lineage, config, metrics incl. `loss_history`; `ranks`: per worker, where
+its base came from — `base_load` quantized-here / prequantized-cache / zero3-partitioned / full — its parameter
+count held locally, and its frozen checksum; `engine`: ZeRO stage and optimizer offload as DeepSpeed reports them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pipelines.artifacts.manifest import read_manifest
+from pipelines.data.packing import collate as pack_collate
+from pipelines.train.base import attach_lora, checksum, full_tensors, load_worker_base, per_rank, weight_bytes
+from pipelines.train.config import LoraSection, QuantSection, TrainSection
+from pipelines.train.driver import export_adapter, finish_stage, fit_on_ray
+from pipelines.train.loop import run_loop
+
+
+def run(lora: LoraSection, train: TrainSection, model_dir: str, data_dir: str | os.PathLike,
+        out_dir: str | os.PathLike, *, dtype: str = "float32", quant: QuantSection | None = None,
+        model_id: str | None = None, base_cache: str | os.PathLike | None = None) -> Path:
+    """Train an adapter on the tokenized dataset in data_dir; write it with a manifest into out_dir.
+    base_cache: where each node keeps the 4-bit base it quantized once (QLoRA); see training.load_worker_base."""
+
+    quant = quant or QuantSection()
+    data_manifest = read_manifest(data_dir, kind="tokenized_dataset")
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    loop_config = {"model_dir": model_dir, "lora": lora.model_dump(), "quant": quant.model_dump(),
+                   "train": train.model_dump(), "dtype": dtype, "storage": str(out / "ray_train"),
+                   "base_cache": str(base_cache) if base_cache else None}
+    result = fit_on_ray(train_loop_per_worker, loop_config, train, quant, data_dir, data_manifest, out, "sft")
+    state = export_adapter(result, out)
+    finish_stage(out, kind="lora_adapter", state=state, model_dir=model_dir, model_id=model_id,
+                 data_dir=data_dir, data_manifest=data_manifest, title="SFT",
+                 config={"lora": lora.model_dump(), "quant": quant.model_dump(), "train": train.model_dump(),
+                         "dtype": dtype})
+    return out
+
+
+def setup_worker(config: dict[str, Any]):
+    """Per-worker setup shared by SFT and DPO: threads, seed, tokenizer, (4-bit) base + LoRA, frozen checksum."""
+    import torch
+    from transformers import AutoTokenizer
+
+
+    lora, train = LoraSection(**config["lora"]), TrainSection(**config["train"])
+    torch.set_num_threads(max(1, int(round(train.cpus_per_worker * 2))))
+    tokenizer = AutoTokenizer.from_pretrained(config["model_dir"])
+    model, base = load_worker_base(config, train.gradient_checkpointing)
+    model = attach_lora(model, lora, train.seed)
+    static = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+              **weight_bytes(model), **per_rank(model, base)}
+    return tokenizer, model, static
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """What each Ray Train worker runs for SFT: token-weighted causal-LM loss on assistant tokens."""
+    import ray.train
+
+
+    tokenizer, model, static = setup_worker(config)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if ray.train.get_context().get_world_rank() == 0:
+        print(f"[sft] {static['trainable_params']:,} trainable LoRA parameters; base weights "
+              f"{static['base_bytes_loaded'] / 2**20:.1f} MiB as loaded vs {static['base_bytes_bf16'] / 2**20:.1f}"
+              f" MiB in bf16", flush=True)
+
+    def save_extra(folder: str, rank: int) -> None:
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        static["frozen_checksum_after"] = checksum(full_tensors(frozen))
+        logits = probe_logits(model, tokenizer)  # a forward on every rank: collective under ZeRO-3
+        if rank == 0:
+            from safetensors.torch import save_file
+
+            tokenizer.save_pretrained(folder)
+            Path(folder, "static.json").write_text(json.dumps(static))
+            save_file({"logits": logits}, str(Path(folder, "probe_logits.safetensors")))
+
+    run_loop(config, model, loss_fn=causal_lm_loss, collate=collate_fn(pad_id, config["dtype"]), count_items=count_label_tokens,
+             save_extra=save_extra, tag="sft")
+
+
+PROBE = "Extract the city and the date: Ana flies to Oslo on 4 June."
+
+
+def probe_logits(model, tokenizer):
+    """Logits of the trained model on a fixed prompt, saved with the adapter: a reload must reproduce them."""
+    import torch
+
+    ids = torch.tensor([tokenizer(PROBE)["input_ids"]])
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=ids).logits[0].float().cpu().contiguous()
+    model.train(was_training)
+    return out
+
+
+def causal_lm_loss(model, batch):
+    """Sum of next-token cross-entropy over label tokens, and their count (the loop divides)."""
+    import torch.nn.functional as F
+
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_tokens")}
+    logits = model(**inputs).logits[:, :-1].float()
+    target = labels[:, 1:]
+    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100,
+                            reduction="sum")
+    return total, int((target != -100).sum()), {}
+
+
+def count_label_tokens(batch) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def collate_fn(pad_id: int, dtype: str = "float32"):
+    """Model inputs for padded or packed rows (pipelines.data.packing), plus `num_tokens`: the non-padding tokens,
+    which the loop counts for throughput and the loss function drops before the forward."""
+
+    def collate(batch: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+
+        out = pack_collate(batch, pad_id, dtype=getattr(torch, dtype))
+        out["num_tokens"] = torch.tensor(sum(len(x) for x in batch["input_ids"]) if "seq_lens" not in batch
+                                         else sum(int(v) for lens in batch["seq_lens"] for v in lens))
+        return out
+
+    return collate
