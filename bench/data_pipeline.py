@@ -56,7 +56,7 @@ from pipelines.artifacts.models import ModelConfig, resolve_model
 from pipelines.data import tokenize as data
 from pipelines.data.chat import tokenize_messages
 from pipelines.data.config import FilterSection
-from pipelines.data.filters import Thresholds, exact_key, full_text, normalise_record, quality_reason
+from pipelines.data.filters import exact_key, full_text, normalise_record, quality_reason
 from pipelines.data.rowformats import RowError, alpaca_to_messages
 
 _WORDS = re.compile(r"(\S+)")
@@ -118,7 +118,7 @@ def _baseline_row(row, model_dir: str, max_length: int) -> dict:
 
         f = FilterSection()
         _TOK[model_dir] = (AutoTokenizer.from_pretrained(model_dir),
-                           Thresholds(f.max_chars, f.min_answer_chars, f.max_repeated_ngram_ratio, f.max_symbol_ratio))
+                           f)
     tok, th = _TOK[model_dir]
     res = {"input_ids": [], "labels": [], "reason": "", "key": ""}
     try:

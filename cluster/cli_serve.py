@@ -25,7 +25,7 @@ def serve(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> 
     """Serve the base model and this run's adapter (if trained) until Ctrl-C or SIGTERM."""
     from serve.app import shutdown
 
-    cfg = load(config, overrides, ("model",))
+    cfg = load(config, overrides, ("model", "serve"))
     model_dir = runner.stage_model(cfg)
     url = runner.start_serving(cfg, model_dir, runner.run_adapters(cfg))
     stop = threading.Event()
@@ -48,7 +48,7 @@ def deploy(config: Path = CONFIG,
 
     from serve.app import start
 
-    cfg = load(config, [*(overrides or []), f"ray.address={address}"], ("model",))
+    cfg = load(config, [*(overrides or []), f"ray.address={address}"], ("model", "serve"))
     host = probe_host(address, cfg.serve.host)
     model_dir = runner.stage_model(cfg)
     runner.init_ray(cfg)

@@ -31,7 +31,7 @@ ADAPTER = typer.Option(None, "--adapter", help="NAME=FOLDER or FOLDER; repeatabl
 
 def run(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:
     """Run data → sft (→ dpo) → serve, print base vs adapter answers through the OpenAI API, shut down, exit 0."""
-    cfg = load(config, overrides, ("model", "data", "train", "dpo"))
+    cfg = load(config, overrides, ("model", "data", "dpo", "serve"))
     sft_dir = runner.run_pipeline(cfg)
     done(sft_dir)
 
@@ -50,7 +50,7 @@ def curate(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) ->
 
 def sft(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:
     """SFT stage alone, on the data stage's output folder of the same run."""
-    cfg = load(config, overrides, ("model", "train"))
+    cfg = load(config, overrides, ("model", "tokenized"))
     done(runner.stage_sft(cfg, runner.stage_model(cfg), cfg.stage_dir("data")))
 
 
@@ -145,7 +145,7 @@ def score(file: Path = typer.Argument(..., help="JSONL with one prediction and o
 
 def validate(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:
     """Validate a config (with overrides) and its local inputs; print it resolved, without running anything."""
-    cfg = load(config, overrides, ("model", "data", "train", "dpo", "eval", "quantize"))
+    cfg = load(config, overrides, ("model", "data", "dpo", "eval", "quantize", "serve"))
     print(cfg.model_dump_json(indent=2))
 
 

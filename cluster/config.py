@@ -24,8 +24,7 @@ from pipelines.eval.gate import GateSection
 from pipelines.export.merge import MergeSection
 from pipelines.export.quantize import QuantizeSection
 from pipelines.schema import DataError, MissingInput, Section, UserError
-from pipelines.train.config import LoraSection, QuantSection, TrainSection, check_combination
-from pipelines.train.dpo import DPOSection
+from pipelines.train.config import DPOSection, LoraSection, QuantSection, TrainSection, check_combination
 from serve.config import ServeConfig
 
 

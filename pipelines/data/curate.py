@@ -54,7 +54,7 @@ def run(cfg, out_dir: str | os.PathLike, model_dir: str | None = None) -> Path:
     mix_files = expand_paths(cfg.mix.path) if cfg.mix.path else []
     files = main_files + [f for f in mix_files if f not in main_files]
     mix_fids = list(range(len(main_files), len(files)))
-    parse_args = (cfg.format, cfg.system_prompt, cfg.filters.model_dump(), cfg.dedup.num_perm, cfg.category_field,
+    parse_args = (cfg.format, cfg.system_prompt, cfg.filters, cfg.dedup.num_perm, cfg.category_field,
                   mix_fids, model_dir, cfg.max_length if cfg.truncation == "reject" else None)
     _parse_pass(files, parse_args, work / "parsed", cfg)
     dec = decide(work / "parsed", cfg)

@@ -13,7 +13,7 @@ import numpy as np
 
 from pipelines.data.config import FilterSection
 from pipelines.data.dedup import signatures
-from pipelines.data.filters import Thresholds, dedup_text, exact_key, full_text, normalise_record, quality_reason
+from pipelines.data.filters import dedup_text, exact_key, full_text, normalise_record, quality_reason
 from pipelines.data.readers import record_batches
 from pipelines.data.rowformats import RowError, check_decodable, parse_raw, to_canonical
 
@@ -47,13 +47,11 @@ def parse_batch(batch: dict[str, Any], *args) -> dict[str, Any]:
 class ParseRows:
     """raw record → kind, normalised record JSON, reason, dedup text/key, MinHash signature, token count."""
 
-    def __init__(self, fmt: str, system_prompt: str | None, filters: dict[str, Any], num_perm: int,
+    def __init__(self, fmt: str, system_prompt: str | None, filters: FilterSection, num_perm: int,
                  category_field: str | None, mix_fids: list[int], model_dir: str | None = None,
                  max_tokens: int | None = None):
-
-        f = FilterSection(**filters)
         self.fmt, self.system_prompt, self.num_perm = fmt, system_prompt, num_perm
-        self.thresholds = Thresholds(f.max_chars, f.min_answer_chars, f.max_repeated_ngram_ratio, f.max_symbol_ratio)
+        self.thresholds = filters
         self.category_field, self.mix_fids, self.max_tokens = category_field, set(mix_fids), max_tokens
         self.tokenizer = None
         if model_dir:

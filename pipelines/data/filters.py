@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-from dataclasses import dataclass
 from typing import Any
 
+from pipelines.data.config import FilterSection
 from pipelines.data.rowformats import RowError
 
 _ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
@@ -86,17 +86,7 @@ def symbol_ratio(text: str) -> float:
     return sum(1 for c in chars if not c.isalnum() and c not in ".,;:!?'\"()-") / len(chars)
 
 
-@dataclass(frozen=True)
-class Thresholds:
-    """Quality-filter bounds (a bound of None is off). Mirrors DataConfig.filters."""
-
-    max_chars: int | None = None
-    min_answer_chars: int = 1
-    max_repeated_ngram_ratio: float | None = None
-    max_symbol_ratio: float | None = None
-
-
-def quality_reason(kind: str, rec: dict[str, Any], t: Thresholds, n_tokens: int | None = None,
+def quality_reason(kind: str, rec: dict[str, Any], t: FilterSection, n_tokens: int | None = None,
                    max_tokens: int | None = None) -> str:
     """'' if the record passes, else the first failing filter's reason (length first, then content)."""
     text = full_text(kind, rec)

@@ -32,11 +32,11 @@ from pipelines.data.rowformats import RowError
 class _TokenizeRows:
     """Curated rows → tokens; one instance per worker process (the tokenizer is loaded once)."""
 
-    def __init__(self, model_dir: str, cfg: dict[str, Any]):
+    def __init__(self, model_dir: str, cfg: DataConfig):
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.cfg = DataConfig(**cfg)
+        self.cfg = cfg
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
 
@@ -59,7 +59,7 @@ class _TokenizeRows:
         return out
 
 
-def _tokenize_batch(batch: dict[str, Any], model_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
+def _tokenize_batch(batch: dict[str, Any], model_dir: str, cfg: DataConfig) -> dict[str, Any]:
     """Ray Data task UDF: the tokenizer is loaded once per worker process (see curate_rows.cached)."""
 
     return cached(_TokenizeRows, model_dir, cfg)(batch)
@@ -132,7 +132,7 @@ def _tokenize_splits(cfg: DataConfig, model_dir: str, srcs: list[Path], out: Pat
     work = out / "_work" / "tokens"
     ds = ray.data.read_parquet([str(s) for s in srcs], num_cpus=cfg.task_cpus, include_paths=True,
                                override_num_blocks=sum(_blocks(s) for s in srcs))
-    ds.map_batches(_tokenize_batch, fn_args=(model_dir, cfg.model_dump()), batch_size=256, batch_format="numpy",
+    ds.map_batches(_tokenize_batch, fn_args=(model_dir, cfg), batch_size=256, batch_format="numpy",
                    num_cpus=cfg.task_cpus).write_parquet(str(work))
     n_kept = _account(work, out / "rejected" / "tokenize.jsonl", stats)
     if n_kept:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.artifacts.models import cache_root
-from pipelines.train.config import LoraSection, QuantSection, TrainSection, deepspeed_config
+from pipelines.train.config import LoraSection, QuantSection, WorkerJob, deepspeed_config
 from pipelines.train.engine import init_deepspeed
 
 
@@ -95,10 +95,10 @@ def load_quantized_shared(model_dir: str, quant: QuantSection, cache_dir: str | 
     return model, source, folder
 
 
-def load_worker_base(config: dict[str, Any], gradient_checkpointing: bool) -> tuple[Any, dict[str, Any]]:
+def load_worker_base(job: WorkerJob) -> tuple[Any, dict[str, Any]]:
     """The frozen base inside a Ray Train worker, holding as few full-precision copies per node as the setup allows:
 
-    - QLoRA: quantized once per node (`load_quantized_shared`), cache folder `config["base_cache"]`, default
+    - QLoRA: quantized once per node (`load_quantized_shared`), cache folder `job.base_cache`, default
       $LORAFORGE_CACHE/quantized-bases (else ~/.cache/loraforge/quantized-bases), resolved on each node;
     - ZeRO-3 with a 16/32-bit base: built inside `deepspeed.zero.Init` (transformers does that while an
       `HfDeepSpeedConfig` is alive), so each rank only ever holds its partition of the weights;
@@ -108,15 +108,15 @@ def load_worker_base(config: dict[str, Any], gradient_checkpointing: bool) -> tu
     import ray.train
     import torch.distributed as dist
 
-    quant, train = QuantSection(**config["quant"]), TrainSection(**config["train"])
+    quant, train, gradient_checkpointing = job.quant, job.train, job.train.gradient_checkpointing
     ctx = ray.train.get_context()
-    ds = deepspeed_config(train, config["dtype"])
+    ds = deepspeed_config(train, job.dtype)
     if quant.load_in_4bit:
 
-        cache = Path(config.get("base_cache") or cache_root() / "quantized-bases")
+        cache = Path(job.base_cache or cache_root() / "quantized-bases")
         cache.mkdir(parents=True, exist_ok=True)
         model, source, _ = load_quantized_shared(
-            config["model_dir"], quant, cache, local_rank=ctx.get_local_rank(),
+            job.model_dir, quant, cache, local_rank=ctx.get_local_rank(),
             barrier=dist.barrier if dist.is_initialized() else (lambda: None))
         model = prepare_base(model, quant, gradient_checkpointing)
     elif ds is not None and ds["zero_optimization"]["stage"] == 3:
@@ -127,11 +127,11 @@ def load_worker_base(config: dict[str, Any], gradient_checkpointing: bool) -> tu
 
         init_deepspeed(train)
         keep = HfDeepSpeedConfig(copy.deepcopy(ds))  # transformers holds only a weak reference to it
-        model = load_base(config["model_dir"], config["dtype"], quant, gradient_checkpointing)
+        model = load_base(job.model_dir, job.dtype, quant, gradient_checkpointing)
         model.hf_deepspeed_config = keep  # alive as long as the model: later ZeRO-3 checks see it too
         source = "zero3-partitioned"
     else:
-        model, source = load_base(config["model_dir"], config["dtype"], quant, gradient_checkpointing), "full"
+        model, source = load_base(job.model_dir, job.dtype, quant, gradient_checkpointing), "full"
         if ctx.get_world_rank() == 0 and ctx.get_world_size() > 1:
             print(f"[base] each of the {ctx.get_world_size()} workers holds a full-precision replica of the base "
                   f"({'DDP' if ds is None else 'ZeRO-' + str(ds['zero_optimization']['stage'])} replicates "

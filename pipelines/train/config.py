@@ -1,5 +1,6 @@
-"""What SFT and DPO share: the adapter, quantization and loop config sections, model setup, DeepSpeed config,
-checkpoints, adapter health. Importing this module imports neither torch nor Ray; functions import what they use.
+"""The training config: the adapter (LoRA), quantization (QLoRA), loop (Train) and DPO sections, the checks on
+their combinations, the DeepSpeed ZeRO config they select, and `WorkerJob`, the one typed object a Ray Train worker
+receives. Pure pydantic: importing it imports neither torch nor Ray.
 """
 
 from __future__ import annotations
@@ -144,3 +145,42 @@ def deepspeed_config(train: TrainSection, dtype: str) -> dict[str, Any] | None:
         if isinstance(cfg.get(key), dict) and cfg[key].get("enabled") == "auto":
             cfg[key]["enabled"] = on
     return cfg
+
+
+class DPOSection(Section):
+    """Preference optimisation on top of the SFT adapter."""
+
+    train_path: str | None = Field(None, description="Preference JSONL (prompt, chosen, rejected): file or glob.")
+    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference (DPO β / IPO τ).")
+    loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid DPO, or IPO.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO: assumed share of flipped labels (sigmoid).")
+    max_length: int = Field(512, ge=16, description="Longest prompt+answer in tokens; longer pairs are rejected.")
+    max_pairs: int | None = Field(None, ge=1, description="Use only the first N valid pairs.")
+    validation_fraction: float = Field(0.1, ge=0, lt=1, description="Held-out pairs (by prompt hash) for eval.")
+    # DPO's own optimisation: unset, each takes train.<same name> (what a DPO run used before it had its own).
+    max_steps: int | None = Field(None, ge=1, description="DPO optimizer steps; default train.max_steps.")
+    lr: float | None = Field(None, gt=0, description=(
+        "DPO peak learning rate; default train.lr. DPO usually wants a lower one than SFT (e.g. 5e-6 to 5e-5)."))
+    warmup_steps: int | None = Field(None, ge=0, description="DPO linear warmup steps; default train.warmup_steps.")
+    batch_size: int | None = Field(None, ge=1, description="Pairs per worker per micro-batch; default train.batch_size.")
+
+    def optimisation(self, train: TrainSection) -> TrainSection:
+        """The loop settings DPO runs with: train's, with this section's own values where they are set."""
+        own = {k: getattr(self, k) for k in ("max_steps", "lr", "warmup_steps", "batch_size")
+               if getattr(self, k) is not None}
+        return TrainSection.model_validate({**train.model_dump(), **own})
+
+
+class WorkerJob(Section):
+    """What every Ray Train worker of a stage receives, validated once on the driver and passed as this object
+    (`train_loop_config={"job": job}`): sections stay typed across the process boundary, never rebuilt from dicts."""
+
+    model_dir: str = Field(description="Local Hugging Face folder of the base model.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(description="Compute dtype (model.dtype).")
+    quant: QuantSection
+    train: TrainSection = Field(description="The loop settings this stage runs with (DPO: dpo.optimisation(train)).")
+    storage: str = Field(description="Ray Train storage folder of this stage's run.")
+    base_cache: str | None = Field(None, description="Where each node keeps the 4-bit base it quantized once.")
+    lora: LoraSection | None = Field(None, description="SFT: the adapter to attach to the frozen base.")
+    dpo: DPOSection | None = Field(None, description="DPO: the preference loss settings.")
+    sft_dir: str | None = Field(None, description="DPO: the SFT adapter the policy starts from.")

@@ -18,46 +18,32 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import Field
+from typing import Any
 
 from pipelines.artifacts.manifest import hash_path, read_manifest, write_manifest
 from pipelines.data.chat import pad_batch, tokenize_messages
 from pipelines.data.rowformats import RowError, parse_raw, to_canonical
-from pipelines.schema import Section
+from pipelines.schema import MissingInput
 from pipelines.train.base import load_base, load_worker_base, per_rank
-from pipelines.train.config import QuantSection, TrainSection
-from pipelines.train.driver import export_adapter, finish_stage, fit_on_ray
+from pipelines.train.config import DPOSection, QuantSection, TrainSection, WorkerJob
+from pipelines.train.driver import run_stage
 from pipelines.train.loop import run_loop
 from pipelines.train.losses import dpo_loss, sequence_logps
-
-
-class DPOSection(Section):
-    """Preference optimisation on top of the SFT adapter."""
-
-    train_path: str | None = Field(None, description="Preference JSONL (prompt, chosen, rejected): file or glob.")
-    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference (DPO β / IPO τ).")
-    loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid DPO, or IPO.")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO: assumed share of flipped labels (sigmoid).")
-    max_length: int = Field(512, ge=16, description="Longest prompt+answer in tokens; longer pairs are rejected.")
-    max_pairs: int | None = Field(None, ge=1, description="Use only the first N valid pairs.")
-    validation_fraction: float = Field(0.1, ge=0, lt=1, description="Held-out pairs (by prompt hash) for eval.")
 
 
 class _PrepareBatch:
     """Ray Data callable class: tokenize pairs and score them under the frozen reference (base + SFT adapter)."""
 
-    def __init__(self, model_dir: str, sft_dir: str, cfg: dict, dtype: str, quant: dict):
+    def __init__(self, model_dir: str, sft_dir: str, cfg: DPOSection, dtype: str, quant: QuantSection):
         import torch
         from peft import PeftModel
         from transformers import AutoTokenizer
 
 
         torch.set_num_threads(1)
-        self.cfg = DPOSection(**cfg)
+        self.cfg = cfg
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = PeftModel.from_pretrained(load_base(model_dir, dtype, QuantSection(**quant), False),
+        self.model = PeftModel.from_pretrained(load_base(model_dir, dtype, quant, False),
                                                sft_dir).eval()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -120,14 +106,13 @@ def prepare(cfg: DPOSection, model_dir: str, sft_dir: str, out_dir: str | os.Pat
 
 
     if not cfg.train_path:
-        raise ValueError("dpo.train_path is not set: point it at a preference JSONL (prompt, chosen, rejected)")
+        raise MissingInput("dpo.train_path is not set: point it at a preference JSONL (prompt, chosen, rejected)")
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     ds = ray.data.read_text(cfg.train_path)
     if cfg.max_pairs:
         ds = ds.limit(cfg.max_pairs)
-    ds = ds.map_batches(_PrepareBatch, fn_constructor_args=(model_dir, str(sft_dir), cfg.model_dump(), dtype,
-                                                            (quant or QuantSection()).model_dump()),
+    ds = ds.map_batches(_PrepareBatch, fn_constructor_args=(model_dir, str(sft_dir), cfg, dtype, quant or QuantSection()),
                         concurrency=(1, 2), batch_size=32, batch_format="numpy").materialize()
     rows_in = ds.count()
     rejected = ds.filter(expr="reason != ''").select_columns(["reason", "raw"]).take_all()
@@ -160,29 +145,22 @@ def run(cfg: DPOSection, train: TrainSection, model_dir: str, sft_dir: str | os.
         out_dir: str | os.PathLike, *, dtype: str = "float32", quant: QuantSection | None = None,
         model_id: str | None = None, base_cache: str | os.PathLike | None = None) -> Path:
     """Train the DPO adapter from the SFT adapter on a prepared preference dataset; write it with a manifest.
-    base_cache: where each node keeps the 4-bit base it quantized once (QLoRA); see training.load_worker_base."""
-
+    The loop runs with `cfg.optimisation(train)`: train's settings, with DPO's own steps / lr / warmup / batch size
+    where set. base_cache: where each node keeps the 4-bit base it quantized once (QLoRA)."""
     quant = quant or QuantSection()
-    data_manifest = read_manifest(data_dir, kind="preference_dataset")
     sft_manifest = read_manifest(sft_dir, kind="lora_adapter")
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    loop_config = {"model_dir": model_dir, "sft_dir": str(Path(sft_dir).resolve()), "dpo": cfg.model_dump(),
-                   "quant": quant.model_dump(), "train": train.model_dump(), "dtype": dtype,
-                   "storage": str(out / "ray_train"), "base_cache": str(base_cache) if base_cache else None}
-    result = fit_on_ray(train_loop_per_worker, loop_config, train, quant, data_dir, data_manifest, out, "dpo")
-    state = export_adapter(result, out)
-    data_manifest.setdefault("inputs", {}).setdefault("train", {"hash": data_manifest.get("source", {}).get("hash")})
-    finish_stage(out, kind="lora_adapter", state=state, model_dir=model_dir, model_id=model_id, data_dir=data_dir,
-                 data_manifest=data_manifest, title="DPO",
-                 config={"dpo": cfg.model_dump(), "quant": quant.model_dump(), "train": train.model_dump(),
-                         "dtype": dtype, "parent_adapter": str(sft_dir)},
-                 extra_series={"reward accuracy": state.get("extra_history", {}).get("reward_accuracy", [])})
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest["lineage"]["parent_adapter"] = {"path": str(sft_dir), "lineage": sft_manifest.get("lineage")}
-    manifest["metrics"]["eval_extra_history"] = state.get("eval_extra_history", {})
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-    return out
+    loop = cfg.optimisation(train)
+    job = WorkerJob(model_dir=model_dir, dtype=dtype, quant=quant, train=loop, dpo=cfg,
+                    sft_dir=str(Path(sft_dir).resolve()), storage=str(out / "ray_train"),
+                    base_cache=str(base_cache) if base_cache else None)
+    return run_stage(train_loop_per_worker, job, name="dpo", title="DPO", data_dir=data_dir,
+                     data_kind="preference_dataset", out=out, model_id=model_id,
+                     config={"dpo": cfg.model_dump(), "quant": quant.model_dump(), "train": loop.model_dump(),
+                             "dtype": dtype, "parent_adapter": str(sft_dir)},
+                     extra_series={"reward accuracy": "reward_accuracy"},
+                     lineage={"parent_adapter": {"path": str(sft_dir), "lineage": sft_manifest.get("lineage")}})
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -193,12 +171,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from transformers import AutoTokenizer
 
 
-    cfg, train = DPOSection(**config["dpo"]), TrainSection(**config["train"])
+    job: WorkerJob = config["job"]
+    cfg, train = job.dpo, job.train
     torch.set_num_threads(max(1, int(round(train.cpus_per_worker * 2))))
     torch.manual_seed(train.seed)
-    tokenizer = AutoTokenizer.from_pretrained(config["model_dir"])
-    base, base_info = load_worker_base(config, train.gradient_checkpointing)
-    model = PeftModel.from_pretrained(base, config["sft_dir"], is_trainable=True)
+    tokenizer = AutoTokenizer.from_pretrained(job.model_dir)
+    base, base_info = load_worker_base(job)
+    model = PeftModel.from_pretrained(base, job.sft_dir, is_trainable=True)
     static = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
               **per_rank(model, base_info)}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -222,7 +201,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             tokenizer.save_pretrained(folder)
             Path(folder, "static.json").write_text(json.dumps(static))
 
-    run_loop(config, model, loss_fn=loss_fn, collate=_collate(pad_id), count_items=lambda b: b["ref_chosen"].shape[0],
+    run_loop(job, model, loss_fn=loss_fn, collate=_collate(pad_id), count_items=lambda b: b["ref_chosen"].shape[0],
              save_extra=save_extra, tag="dpo")
 
 

@@ -10,8 +10,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipelines.artifacts.manifest import hash_path, write_manifest
-from pipelines.train.config import QuantSection, TrainSection, check_combination
+from pipelines.artifacts.manifest import hash_path, read_manifest, write_manifest
+from pipelines.train.config import WorkerJob, check_combination
 
 
 def adapter_health(adapter_dir: str | os.PathLike, model_dir: str) -> dict[str, Any]:
@@ -84,21 +84,36 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "train_stat
                  "probe_logits.safetensors")
 
 
-def fit_on_ray(loop, loop_config: dict, train: TrainSection, quant: QuantSection, data_dir, data_manifest: dict,
-               out: Path, name: str):
-    """Build the TorchTrainer over the data stage's splits and run it; shared by SFT and DPO."""
+def run_stage(loop, job: WorkerJob, *, name: str, title: str, data_dir: str | os.PathLike, data_kind: str,
+              out: Path, model_id: str | None, config: dict[str, Any], extra_series: dict[str, str] | None = None,
+              lineage: dict[str, Any] | None = None) -> Path:
+    """The driver half of a training stage, the same for SFT and DPO: fit `loop` on Ray Train workers over the
+    data stage's splits, export the best checkpoint's adapter into `out`, and finish the stage (plot, health,
+    MLflow, manifest). extra_series: plot label → key of the loop's extra history (DPO's reward accuracy);
+    lineage: entries added to the manifest's lineage (DPO's parent adapter)."""
+    data_manifest = read_manifest(data_dir, kind=data_kind)
+    result = fit_on_ray(loop, job, data_dir, data_manifest, name)
+    state = export_adapter(result, out)
+    finish_stage(out, job, kind="lora_adapter", state=state, model_id=model_id, data_dir=data_dir,
+                 data_manifest=data_manifest, title=title, config=config,
+                 extra_series={label: state.get("extra_history", {}).get(key, [])
+                               for label, key in (extra_series or {}).items()}, lineage=lineage)
+    return out
+
+
+def fit_on_ray(loop, job: WorkerJob, data_dir, data_manifest: dict, name: str):
+    """Build the TorchTrainer over the data stage's splits and run it; each worker gets `{"job": job}`."""
     import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-
-    check_combination(quant, train)
+    train = job.train
+    check_combination(job.quant, train)
     # A fresh stage run starts from scratch: Ray Train would otherwise resume an older run found under the same
     # storage path and name. Resumption after a worker dies happens inside this fit (FailureConfig).
-    shutil.rmtree(loop_config["storage"], ignore_errors=True)
-    Path(loop_config["storage"]).mkdir(parents=True, exist_ok=True)
-    from ray.data import ExecutionOptions
-    from ray.train import DataConfig
+    shutil.rmtree(job.storage, ignore_errors=True)
+    Path(job.storage).mkdir(parents=True, exist_ok=True)
 
     datasets = {}
     for split in ("train", "validation"):
@@ -110,14 +125,14 @@ def fit_on_ray(loop, loop_config: dict, train: TrainSection, quant: QuantSection
     has_val = "validation" in datasets
     trainer = TorchTrainer(
         loop,
-        train_loop_config=loop_config,
+        train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                      resources_per_worker={"CPU": train.cpus_per_worker}),
         datasets=datasets,
         # preserve_order: the same data gives the same batches run after run (reproducible losses, exact resume)
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
         run_config=RunConfig(
-            name=name, storage_path=loop_config["storage"],
+            name=name, storage_path=job.storage,
             failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=train.keep_checkpoints,
@@ -148,9 +163,11 @@ def export_adapter(result, out: Path) -> dict[str, Any]:
     return state
 
 
-def finish_stage(out: Path, *, kind: str, state: dict, model_dir: str, model_id: str | None, data_dir,
-                 data_manifest: dict, title: str, config: dict, extra_series: dict | None = None) -> None:
+def finish_stage(out: Path, job: WorkerJob, *, kind: str, state: dict, model_id: str | None, data_dir,
+                 data_manifest: dict, title: str, config: dict, extra_series: dict | None = None,
+                 lineage: dict[str, Any] | None = None) -> None:
     """Plot, health, MLflow, manifest: the same ending for SFT and DPO."""
+    model_dir = job.model_dir
 
     series = {"train loss": state["loss_history"], "validation loss": state["eval_history"]}
     plot_curves({**series, **(extra_series or {})}, out / "loss.png", f"{title} loss")
@@ -161,8 +178,9 @@ def finish_stage(out: Path, *, kind: str, state: dict, model_dir: str, model_id:
                "stopped_early": state.get("stopped_early", False), "throughput": state.get("throughput"),
                "zero_grad_share": state.get("zero_grad_share"), "engine": state.get("engine"),
                **{f"{k}_history": v for k, v in state.get("extra_history", {}).items()},
+               "eval_extra_history": state.get("eval_extra_history", {}),
                **state.get("static", {}), **adapter_health(out, model_dir)}
-    uri = config["train"].get("tracking_uri") or f"sqlite:///{out.parent / 'mlflow.db'}"  # one store per run
+    uri = job.train.tracking_uri or f"sqlite:///{out.parent / 'mlflow.db'}"  # one store per run
     run_id = None
     if uri != "off":
         run_id = log_to_mlflow(uri, f"loraforge-{kind}", {**_flat(config)},
@@ -171,8 +189,9 @@ def finish_stage(out: Path, *, kind: str, state: dict, model_dir: str, model_id:
     write_manifest(out, kind=kind, inputs={"data": str(data_dir), "base_model": model_dir}, config=config,
                    metrics=metrics,
                    extra={"lineage": {"base_model": model_id or model_dir, "base_model_hash": hash_path(model_dir),
-                                      "data_hash": data_manifest["inputs"]["train"]["hash"],
-                                      "mlflow": {"tracking_uri": uri, "run_id": run_id}}})
+                                      "data_hash": data_manifest.get("inputs", {}).get("train", {}).get("hash")
+                                      or data_manifest.get("source", {}).get("hash"),
+                                      "mlflow": {"tracking_uri": uri, "run_id": run_id}, **(lineage or {})}})
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:

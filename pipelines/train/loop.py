@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from pipelines.train.config import TrainSection, deepspeed_config
+from pipelines.train.config import WorkerJob, deepspeed_config
 from pipelines.train.engine import Engine, all_sum, make_optimizer
 
 STATE = "train_state.json"
@@ -55,7 +55,7 @@ def evaluate(engine: Engine, shard, batch_size: int, collate, loss_fn, max_batch
     return sums[0] / sums[1], {k: v / sums[1] for k, v in zip(extra, sums[2:])}
 
 
-def run_loop(config: dict[str, Any], model, *, loss_fn: Callable, collate, count_items: Callable,
+def run_loop(job: WorkerJob, model, *, loss_fn: Callable, collate, count_items: Callable,
              save_extra: Callable[[str, int], None], tag: str) -> None:
     """The loop each worker runs. Reports checkpoints (adapter + optimizer + step + data position + history)."""
     import ray.train
@@ -64,9 +64,9 @@ def run_loop(config: dict[str, Any], model, *, loss_fn: Callable, collate, count
     from transformers import get_cosine_schedule_with_warmup
 
 
-    train = TrainSection(**config["train"])
+    train = job.train
     rank = ray.train.get_context().get_world_rank()
-    engine = Engine(model, train, deepspeed_config(train, config["dtype"]), lambda p: make_optimizer(p, train),
+    engine = Engine(model, train, deepspeed_config(train, job.dtype), lambda p: make_optimizer(p, train),
                     lambda o: get_cosine_schedule_with_warmup(o, train.warmup_steps, train.max_steps))
     state = {"step": 0, "epoch": 0, "batch_in_epoch": -1, "loss_history": [], "eval_history": [],
              "extra_history": {}, "best_eval": math.inf, "evals_since_best": 0, "zero_grad_share": None,
@@ -134,7 +134,7 @@ def run_loop(config: dict[str, Any], model, *, loss_fn: Callable, collate, count
             print(f"[{tag}] step {step}/{train.max_steps} loss {state['loss_history'][-1]:.4f} "
                   f"lr {engine.lr():.2e} {extras}", flush=True)
         if train.fail_once_at_step == step:
-            marker = Path(config["storage"]) / f"fault_drill_step{step}"
+            marker = Path(job.storage) / f"fault_drill_step{step}"
             if not marker.exists():
                 if rank == 0:
                     marker.write_text("done")

@@ -18,11 +18,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipelines.artifacts.manifest import read_manifest
 from pipelines.data.packing import collate as pack_collate
 from pipelines.train.base import attach_lora, checksum, full_tensors, load_worker_base, per_rank, weight_bytes
-from pipelines.train.config import LoraSection, QuantSection, TrainSection
-from pipelines.train.driver import export_adapter, finish_stage, fit_on_ray
+from pipelines.train.config import LoraSection, QuantSection, TrainSection, WorkerJob
+from pipelines.train.driver import run_stage
 from pipelines.train.loop import run_loop
 
 
@@ -30,35 +29,28 @@ def run(lora: LoraSection, train: TrainSection, model_dir: str, data_dir: str | 
         out_dir: str | os.PathLike, *, dtype: str = "float32", quant: QuantSection | None = None,
         model_id: str | None = None, base_cache: str | os.PathLike | None = None) -> Path:
     """Train an adapter on the tokenized dataset in data_dir; write it with a manifest into out_dir.
-    base_cache: where each node keeps the 4-bit base it quantized once (QLoRA); see training.load_worker_base."""
-
+    base_cache: where each node keeps the 4-bit base it quantized once (QLoRA); see base.load_worker_base."""
     quant = quant or QuantSection()
-    data_manifest = read_manifest(data_dir, kind="tokenized_dataset")
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    loop_config = {"model_dir": model_dir, "lora": lora.model_dump(), "quant": quant.model_dump(),
-                   "train": train.model_dump(), "dtype": dtype, "storage": str(out / "ray_train"),
-                   "base_cache": str(base_cache) if base_cache else None}
-    result = fit_on_ray(train_loop_per_worker, loop_config, train, quant, data_dir, data_manifest, out, "sft")
-    state = export_adapter(result, out)
-    finish_stage(out, kind="lora_adapter", state=state, model_dir=model_dir, model_id=model_id,
-                 data_dir=data_dir, data_manifest=data_manifest, title="SFT",
-                 config={"lora": lora.model_dump(), "quant": quant.model_dump(), "train": train.model_dump(),
-                         "dtype": dtype})
-    return out
+    job = WorkerJob(model_dir=model_dir, dtype=dtype, quant=quant, train=train, lora=lora,
+                    storage=str(out / "ray_train"), base_cache=str(base_cache) if base_cache else None)
+    return run_stage(train_loop_per_worker, job, name="sft", title="SFT", data_dir=data_dir,
+                     data_kind="tokenized_dataset", out=out, model_id=model_id,
+                     config={"lora": lora.model_dump(), "quant": quant.model_dump(), "train": train.model_dump(),
+                             "dtype": dtype})
 
 
-def setup_worker(config: dict[str, Any]):
-    """Per-worker setup shared by SFT and DPO: threads, seed, tokenizer, (4-bit) base + LoRA, frozen checksum."""
+def setup_worker(job: WorkerJob):
+    """Per-worker setup: threads, tokenizer, (4-bit) base + a fresh LoRA adapter, frozen checksum."""
     import torch
     from transformers import AutoTokenizer
 
-
-    lora, train = LoraSection(**config["lora"]), TrainSection(**config["train"])
+    train = job.train
     torch.set_num_threads(max(1, int(round(train.cpus_per_worker * 2))))
-    tokenizer = AutoTokenizer.from_pretrained(config["model_dir"])
-    model, base = load_worker_base(config, train.gradient_checkpointing)
-    model = attach_lora(model, lora, train.seed)
+    tokenizer = AutoTokenizer.from_pretrained(job.model_dir)
+    model, base = load_worker_base(job)
+    model = attach_lora(model, job.lora, train.seed)
     static = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
               **weight_bytes(model), **per_rank(model, base)}
     return tokenizer, model, static
@@ -68,8 +60,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """What each Ray Train worker runs for SFT: token-weighted causal-LM loss on assistant tokens."""
     import ray.train
 
-
-    tokenizer, model, static = setup_worker(config)
+    job: WorkerJob = config["job"]
+    tokenizer, model, static = setup_worker(job)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if ray.train.get_context().get_world_rank() == 0:
         print(f"[sft] {static['trainable_params']:,} trainable LoRA parameters; base weights "
@@ -87,8 +79,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             Path(folder, "static.json").write_text(json.dumps(static))
             save_file({"logits": logits}, str(Path(folder, "probe_logits.safetensors")))
 
-    run_loop(config, model, loss_fn=causal_lm_loss, collate=collate_fn(pad_id, config["dtype"]), count_items=count_label_tokens,
-             save_extra=save_extra, tag="sft")
+    run_loop(job, model, loss_fn=causal_lm_loss, collate=collate_fn(pad_id, job.dtype),
+             count_items=count_label_tokens, save_extra=save_extra, tag="sft")
 
 
 PROBE = "Extract the city and the date: Ana flies to Oslo on 4 June."

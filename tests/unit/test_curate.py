@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipelines.data.chat import drop_oldest_exchange
+from pipelines.data.config import FilterSection
 from pipelines.data.dedup import (
     assign_split,
     candidate_pairs,
@@ -16,7 +17,6 @@ from pipelines.data.dedup import (
     signatures,
 )
 from pipelines.data.filters import (
-    Thresholds,
     dedup_text,
     exact_key,
     normalise_text,
@@ -33,7 +33,7 @@ def test_normalise_keeps_layout_and_nfc():
 
 
 def test_filters_have_reasons():
-    t = Thresholds(max_chars=100, min_answer_chars=3, max_repeated_ngram_ratio=0.5, max_symbol_ratio=0.3)
+    t = FilterSection(max_chars=100, min_answer_chars=3, max_repeated_ngram_ratio=0.5, max_symbol_ratio=0.3)
     sft = lambda q, a: {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
     assert quality_reason("sft", sft("q", "fine answer"), t) == ""
     assert quality_reason("sft", sft("q" * 200, "fine"), t) == "too_long"
