@@ -23,9 +23,8 @@ from cluster.config import ConfigError
 
 def serve(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:
     """Serve the base model and this run's adapter (if trained) until Ctrl-C or SIGTERM."""
-    from serve.app import shutdown
-
     cfg = load(config, overrides, ("model", "serve"))
+    from serve.app import shutdown  # Ray Serve + vLLM: loaded once the config is known to be good
     model_dir = runner.stage_model(cfg)
     url = runner.start_serving(cfg, model_dir, runner.run_adapters(cfg))
     stop = threading.Event()
@@ -44,11 +43,10 @@ def deploy(config: Path = CONFIG,
 
     The base model folder, adapter folders and serve.registry must be paths the cluster's nodes can read
     (shared storage); set serve.host=0.0.0.0 to reach the proxy from outside the head. Remove the app later with `serve shutdown --address ...` (Ray's CLI) or a redeploy."""
+    cfg = load(config, [*(overrides or []), f"ray.address={address}"], ("model", "serve"))
     import ray
 
     from serve.app import start
-
-    cfg = load(config, [*(overrides or []), f"ray.address={address}"], ("model", "serve"))
     host = probe_host(address, cfg.serve.host)
     model_dir = runner.stage_model(cfg)
     runner.init_ray(cfg)

@@ -38,6 +38,7 @@ from pipelines.data.dedup import (
 from pipelines.data.readers import expand_paths
 from pipelines.data.report import write_report
 from pipelines.data.split_writer import SplitWriter
+from pipelines.schema import DataError
 
 DECISION_REASONS = list(CURATION_REASONS)
 
@@ -57,6 +58,9 @@ def run(cfg, out_dir: str | os.PathLike, model_dir: str | None = None) -> Path:
     parse_args = (cfg.format, cfg.system_prompt, cfg.filters, cfg.dedup.num_perm, cfg.category_field,
                   mix_fids, model_dir, cfg.max_length if cfg.truncation == "reject" else None)
     _parse_pass(files, parse_args, work / "parsed", cfg)
+    if not any((work / "parsed").glob("*.parquet")):  # every file was empty (or held only blank lines)
+        raise DataError(f"data.train_path={cfg.train_path!r}: no rows read from {len(files)} file(s); point it at "
+                        "a file with data")
     dec = decide(work / "parsed", cfg)
     counts = dec["counts"]
     _check_accounting(counts, counts)
@@ -107,7 +111,7 @@ def decide(parsed: Path, cfg) -> dict[str, Any]:
     keys = np.asarray(cols["exact_key"], dtype=object)[order][valid]
     kinds = set(np.asarray(cols["kind"], dtype=object)[order][valid])
     if len(kinds) > 1:
-        raise ValueError(f"data.train_path={cfg.train_path!r} mixes row kinds {sorted(kinds)}; curate them apart")
+        raise DataError(f"data.train_path={cfg.train_path!r} mixes row kinds {sorted(kinds)}; curate them apart")
     codes = np.full(len(valid), -1, dtype=np.int16)  # per valid row: split index, or len(SPLITS)+reason index
     dup_of = np.full(len(valid), -1, dtype=np.int64)
     info = _dedup(parsed, cfg, ids[valid], keys, codes, dup_of, _sig_matrix(cols["sig"], order, valid))
@@ -251,11 +255,11 @@ def _check_accounting(counts: dict[str, Any], written: dict[str, Any]) -> None:
 
 def _check_ceiling(cfg, counts: dict[str, Any], out: Path) -> None:
     if counts["rows_in"] == 0:
-        raise ValueError(f"data.train_path={cfg.train_path!r}: no rows read")
+        raise DataError(f"data.train_path={cfg.train_path!r}: no rows read")
     faulty = counts["rows_faulty"]
     if faulty / counts["rows_in"] > cfg.max_rejected_fraction:
         faults = {k: v for k, v in counts["rejected_by_reason"].items() if k in FAULT_REASONS}
-        raise ValueError(f"data.train_path={cfg.train_path!r}: {faulty}/{counts['rows_in']} rows are broken or "
+        raise DataError(f"data.train_path={cfg.train_path!r}: {faulty}/{counts['rows_in']} rows are broken or "
                          f"fail quality filters (> data.max_rejected_fraction={cfg.max_rejected_fraction}); "
                          f"reasons {faults}; see {out / 'rejected'} (duplicates, caps and mixing do not count)")
 

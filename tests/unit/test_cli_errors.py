@@ -1,0 +1,159 @@
+"""What a new user sees when they get something wrong: every stage command, as a real process, exits 2 with one
+line naming the file, key or folder and what to do, before Ray starts (well under 10 s), with no traceback;
+LORAFORGE_DEBUG=1 adds the traceback. No Ray, no model: these fail in the config/preflight checks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "pipelines" / "demo" / "city_date.jsonl"
+
+
+@pytest.fixture()
+def config(tmp_path):
+    """A valid run config on the demo rows and a local model folder (a config.json is all preflight reads)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+
+    def write(**sections) -> Path:
+        doc = {"name": "ux", "output_dir": str(tmp_path / "runs"), "model": {"name": str(model)},
+               "data": {"train_path": str(DEMO)}}
+        for key, value in sections.items():
+            doc.setdefault(key, {}).update(value) if isinstance(value, dict) else doc.update({key: value})
+        path = tmp_path / "run.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        return path
+
+    return write
+
+
+def loraforge(*args: str, debug: bool = False) -> tuple[int, str, float]:
+    env = {**os.environ, "LORAFORGE_DEBUG": "1" if debug else "0"}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "cluster", *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=60)
+    return proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - t0
+
+
+def assert_user_error(rc: int, out: str, seconds: float, *needles: str) -> None:
+    assert rc == 2, out
+    assert "Traceback" not in out, out
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1, out  # one message, nothing else: Ray never started, so no Ray log either
+    for needle in needles:
+        assert needle in out, out
+    assert seconds < 10, f"{seconds:.1f} s"
+
+
+def test_missing_train_file(config, tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    rc, out, s = loraforge("curate", str(config()), f"data.train_path={missing}")
+    assert_user_error(rc, out, s, "data.train_path", "nope.jsonl", "no such file")
+
+
+def test_empty_train_file(config, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n  \n")
+    rc, out, s = loraforge("tokenize", str(config()), f"data.train_path={empty}")
+    assert_user_error(rc, out, s, "data.train_path", "empty.jsonl", "no rows")
+
+
+def test_missing_model_folder(config, tmp_path):
+    rc, out, s = loraforge("sft", str(config()), f"model.name={tmp_path / 'no-such-model'}")
+    assert_user_error(rc, out, s, "model.name", "no such folder")
+
+
+def test_folder_that_is_not_a_model(config, tmp_path):
+    (tmp_path / "notamodel").mkdir()
+    rc, out, s = loraforge("merge", str(config()), f"model.name={tmp_path / 'notamodel'}")
+    assert_user_error(rc, out, s, "model.name", "config.json")
+
+
+def test_unknown_deepspeed_config(config):
+    rc, out, s = loraforge("validate", str(config()), "train.deepspeed=zero9")
+    assert_user_error(rc, out, s, "train.deepspeed", "zero9", "zero2")
+
+
+def test_qlora_with_zero3(config):
+    rc, out, s = loraforge("sft", str(config()), "quant.load_in_4bit=true", "train.deepspeed=zero3")
+    assert_user_error(rc, out, s, "zero3", "load_in_4bit", "zero2")
+
+
+def test_unknown_key_names_file_and_key(config):
+    rc, out, s = loraforge("validate", str(config()), "train.max_stepz=3")
+    assert_user_error(rc, out, s, "run.yaml", "train.max_stepz")
+
+
+def test_bad_split_shares(config):
+    rc, out, s = loraforge("curate", str(config()), "data.split.train=0.9")
+    assert_user_error(rc, out, s, "data.split", "add up to 1")
+
+
+def test_rank_above_served_slots(config):
+    rc, out, s = loraforge("serve", str(config()), "lora.r=32", "serve.max_lora_rank=16")
+    assert_user_error(rc, out, s, "lora.r=32", "serve.max_lora_rank=16")
+
+
+def test_dora_with_serving(config):
+    rc, out, s = loraforge("run", str(config()), "lora.dora=true")
+    assert_user_error(rc, out, s, "lora.dora", "merge")
+
+
+def test_sft_before_tokenize(config):
+    rc, out, s = loraforge("sft", str(config()))
+    assert_user_error(rc, out, s, "loraforge tokenize")
+
+
+def test_dpo_before_sft(config, tmp_path):
+    rc, out, s = loraforge("dpo", str(config(dpo={"train_path": str(DEMO)})))
+    assert_user_error(rc, out, s, "loraforge sft")
+
+
+def test_dpo_missing_pairs_file(config, tmp_path):
+    rc, out, s = loraforge("dpo", str(config(dpo={"train_path": str(tmp_path / "pairs.jsonl")})))
+    assert_user_error(rc, out, s, "dpo.train_path", "pairs.jsonl")
+
+
+def test_evaluate_without_an_adapter(config):
+    rc, out, s = loraforge("evaluate", str(config()))
+    assert_user_error(rc, out, s, "--adapter", "loraforge sft")
+
+
+def test_evaluate_missing_test_file(config, tmp_path):
+    rc, out, s = loraforge("evaluate", str(config()), "--test", str(tmp_path / "test.jsonl"))
+    assert_user_error(rc, out, s, "eval.test_path", "test.jsonl")
+
+
+def test_merge_adapter_folder_without_adapter(config, tmp_path):
+    rc, out, s = loraforge("merge", str(config()), "--adapter", str(tmp_path))
+    assert_user_error(rc, out, s, "--adapter", "adapter_config.json")
+
+
+def test_quantize_without_a_merged_model(config):
+    rc, out, s = loraforge("quantize", str(config()))
+    assert_user_error(rc, out, s, "loraforge merge", "--model")
+
+
+def test_missing_config_file(tmp_path):
+    rc, out, s = loraforge("validate", str(tmp_path / "absent.yaml"))
+    assert_user_error(rc, out, s, "absent.yaml", "no such config file")
+
+
+def test_debug_shows_the_traceback(config, tmp_path):
+    rc, out, _ = loraforge("curate", str(config()), f"data.train_path={tmp_path / 'nope.jsonl'}", debug=True)
+    assert rc == 2 and "Traceback" in out and "MissingInput" in out, out
+
+
+def test_validate_prints_the_resolved_config(config):
+    rc, out, _ = loraforge("validate", str(config()), "train.max_steps=7")
+    assert rc == 0, out
+    assert '"max_steps": 7' in out
