@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -62,6 +64,42 @@ def write_manifest(out_dir: str | os.PathLike, *, kind: str, inputs: dict[str, s
     tmp.write_text(json.dumps(doc, indent=2, default=str))
     os.replace(tmp, out / MANIFEST)  # atomic: a reader never sees half a manifest
     return out / MANIFEST
+
+
+def staging_folder(out: str | os.PathLike) -> Path:
+    """An empty sibling of `out` to build a folder in before `publish_folder` moves it into place: same
+    filesystem (so the move is a rename), named per host and process (two writers never share one)."""
+    out = Path(out)
+    tmp = out.with_name(f"{out.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    return tmp
+
+
+def publish_folder(tmp: str | os.PathLike, out: str | os.PathLike, *, replace: bool = True) -> bool:
+    """Move a finished folder into place atomically: a reader sees the old folder or the new one, never half of
+    one, and a crash leaves only a staging folder behind. This is the one publish every stage, the model cache,
+    the 4-bit base cache and the registry use.
+
+    replace=True: an existing `out` is replaced (a rerun of a stage). replace=False: an existing `out` wins (it was
+    published first, e.g. by another node on a shared filesystem, or it is an immutable registry version); `tmp`
+    is discarded and False returned."""
+    tmp, out = Path(tmp), Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if replace and out.exists():
+        old = out.with_name(f"{out.name}.old-{socket.gethostname()}-{os.getpid()}")
+        os.replace(out, old)  # a rename cannot replace a non-empty folder: move the old one aside first
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+        return True
+    try:
+        os.rename(tmp, out)  # fails if out exists and is not empty (POSIX), so the first publisher wins
+    except OSError:
+        if not out.exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    return True
 
 
 def read_manifest(folder: str | os.PathLike, *, kind: str | None = None) -> dict[str, Any]:

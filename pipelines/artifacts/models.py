@@ -10,12 +10,12 @@ because that is the one format transformers, PEFT, bitsandbytes and vLLM all loa
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
+from pipelines.artifacts.manifest import publish_folder, staging_folder
 from pipelines.demo.generator import tokenizer_corpus
 from pipelines.schema import Section
 
@@ -70,14 +70,6 @@ def resolve_model(cfg: ModelConfig) -> str:
     return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Move a finished build into place atomically so a crash never leaves a half model in the cache."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-
-
 def build_tokenizer(corpus: list[str], vocab_size: int = 1024):
     """A byte-level BPE tokenizer trained here, with ChatML specials and template (no downloads)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -115,10 +107,10 @@ def build_tiny_model(out: str | os.PathLike, arch: Literal["llama", "qwen2"] = "
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp = staging_folder(out)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
-    _publish(tmp, out)
+    publish_folder(tmp, out)
     return str(out)
 
 
@@ -152,10 +144,10 @@ def convert_smollm2_gguf(out: str | os.PathLike) -> str:
         tok.chat_template = CHATML_TEMPLATE
     if tok.pad_token is None:
         tok.pad_token = "<|endoftext|>"
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp = staging_folder(out)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
-    _publish(tmp, out)
+    publish_folder(tmp, out)
     return str(out)
 
 

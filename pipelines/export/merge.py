@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
 
-from pipelines.artifacts.manifest import write_manifest
+from pipelines.artifacts.manifest import publish_folder, staging_folder, write_manifest
 from pipelines.eval.metrics import token_agreement
 from pipelines.schema import Section, UserError
 
@@ -79,8 +78,7 @@ def run(cfg: MergeSection, base_model: str, adapters: list[str], out_dir: str | 
     if not parity["passed"]:
         raise ParityError(f"merge parity failed: {json.dumps(parity)}")
     out = Path(out_dir).resolve()
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging_folder(out)
     merged.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     write_manifest(tmp, kind="merged_model",
@@ -90,9 +88,7 @@ def run(cfg: MergeSection, base_model: str, adapters: list[str], out_dir: str | 
                           "source": {"base_model": base_model, "adapters": [str(a) for a in adapters]},
                           "base_loaded_as": "float32 (unquantized), saved as " + cfg.dtype,
                           "adapters_trained_on_quantized_base": qlora})
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    publish_folder(tmp, out)
     return out
 
 

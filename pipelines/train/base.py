@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pipelines.artifacts.manifest import publish_folder, staging_folder
 from pipelines.artifacts.models import cache_root
 from pipelines.train.config import LoraSection, QuantSection, WorkerJob, deepspeed_config
 from pipelines.train.engine import init_deepspeed
@@ -76,19 +77,14 @@ def load_quantized_shared(model_dir: str, quant: QuantSection, cache_dir: str | 
     linear weights are uint8 on disk, so they never materialise them in full precision. The folder is
     published by an atomic rename, so a crash or a second node on a shared filesystem never leaves half a model.
     Returns (unprepared model, "quantized-here" | "prequantized-cache", folder)."""
-    import shutil
-    import socket
 
     folder = Path(cache_dir) / f"{Path(model_dir).name}-{base_cache_key(model_dir, quant)}"
     model, source = None, "prequantized-cache"
     if local_rank == 0 and not folder.is_dir():
         model, source = _from_pretrained(model_dir, quant.compute_dtype, quant), "quantized-here"
-        tmp = folder.with_name(f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+        tmp = staging_folder(folder)
         model.save_pretrained(tmp, safe_serialization=True)
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another node sharing this filesystem published the same base first
-            shutil.rmtree(tmp, ignore_errors=True)
+        publish_folder(tmp, folder, replace=False)  # another node sharing this filesystem may have been first
     barrier()
     if model is None:
         model = _from_pretrained(folder, quant.compute_dtype, quant, quantize=False)

@@ -1,0 +1,99 @@
+"""The stage commands end to end through the real CLI on the shared Ray instance and the tiny model:
+curate (all rows rejected → exit 2 with the reasons, rows kept with their reasons), tokenize → sft → dpo (with its
+own step count and learning rate) → merge → evaluate. Each command prints its output folder as its last line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+DEMO = Path(__file__).resolve().parents[2] / "pipelines" / "demo" / "city_date.jsonl"
+
+
+@pytest.fixture(scope="module")
+def cli(ray_session, tiny_model_dir, tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+
+    root = tmp_path_factory.mktemp("cli")
+    rows = [json.loads(line) for line in DEMO.read_text().splitlines()[:160]]
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows[:120]))
+    test = root / "test.jsonl"
+    test.write_text("".join(json.dumps(r) + "\n" for r in rows[120:140]))
+    pairs = root / "pairs.jsonl"  # chosen: the row's answer; rejected: another row's answer
+    pairs.write_text("".join(json.dumps({"prompt": f"{r['instruction']}\n\n{r['input']}", "chosen": r["output"],
+                                         "rejected": rows[(i + 7) % 40]["output"]}) + "\n"
+                             for i, r in enumerate(rows[:40])))
+    cfg = {"name": "cli", "output_dir": str(root / "runs"), "model": {"name": tiny_model_dir},
+           "data": {"train_path": str(data), "max_length": 256},
+           "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+           "train": {"num_workers": 1, "cpus_per_worker": 1, "max_steps": 4, "batch_size": 8, "lr": 5e-3,
+                     "warmup_steps": 0, "log_every": 2, "tracking_uri": "off"},
+           "dpo": {"train_path": str(pairs), "max_steps": 2, "lr": 1e-3, "batch_size": 4, "max_length": 256},
+           "eval": {"test_path": str(test), "max_samples": 8, "few_shot_k": 2, "backend": "hf",
+                    "max_new_tokens": 8, "bertscore": False},
+           "serve": {"max_lora_rank": 8}}
+    path = root / "cli.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+
+    def invoke(*args: str):
+        result = CliRunner().invoke(app, [args[0], str(path), *args[1:]])
+        return result
+
+    return {"invoke": invoke, "root": root, "runs": root / "runs" / "cli", "cfg": cfg}
+
+
+def last_line(output: str) -> Path:
+    return Path(output.strip().splitlines()[-1])
+
+
+def test_curate_with_every_row_rejected_exits_2_with_reasons(cli):
+    bad = cli["root"] / "all_bad.jsonl"
+    bad.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(30)))
+    result = cli["invoke"]("curate", f"data.train_path={bad}", "data.format=alpaca")
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert "30/30 rows" in result.output and "missing_field" in result.output, result.output
+    rejected = [json.loads(line) for f in (cli["runs"] / "curated" / "rejected").glob("*.jsonl")
+                for line in f.read_text().splitlines()]
+    assert len(rejected) == 30 and {r["reason"] for r in rejected} == {"missing_field"}  # nothing lost
+
+
+def test_tokenize_sft_dpo_merge_evaluate(cli):
+    out = cli["invoke"]("tokenize")
+    assert out.exit_code == 0, out.output
+    data = last_line(out.stdout)
+    assert data == (cli["runs"] / "data").resolve()
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert manifest["metrics"]["rows_in"] == 120 == manifest["metrics"]["rows_kept"] + manifest["metrics"]["rows_rejected"]
+
+    out = cli["invoke"]("sft")
+    assert out.exit_code == 0, out.output
+    sft = last_line(out.stdout)
+    sft_manifest = json.loads((sft / "manifest.json").read_text())
+    assert sft_manifest["metrics"]["steps"] == 4 and (sft / "adapter_model.safetensors").is_file()
+
+    out = cli["invoke"]("dpo")
+    assert out.exit_code == 0, out.output
+    dpo = last_line(out.stdout)
+    m = json.loads((dpo / "manifest.json").read_text())
+    # DPO's own optimisation settings, not SFT's
+    assert m["metrics"]["steps"] == 2 and m["config"]["train"]["lr"] == 1e-3 and m["config"]["train"]["batch_size"] == 4
+    assert m["config"]["dpo"]["max_steps"] == 2
+    assert m["lineage"]["parent_adapter"]["path"] == str(sft)
+    assert "reward_accuracy_history" in m["metrics"] and "eval_extra_history" in m["metrics"]
+
+    out = cli["invoke"]("merge")
+    assert out.exit_code == 0, out.output
+    merged = last_line(out.stdout)
+    assert (merged / "config.json").is_file() and any(merged.glob("*.safetensors"))
+
+    out = cli["invoke"]("evaluate", "--adapter", f"cli={sft}")
+    assert out.exit_code == 0, out.output
+    report = json.loads((last_line(out.stdout) / "eval.json").read_text())
+    assert {"base", "cli"} <= set(report["variants"])
