@@ -13,6 +13,14 @@ vLLM runs LoRA on CPUs through pure-PyTorch ops (`vllm/lora/ops/torch_ops/lora_o
   GPU kernels skip; the CPU ops index `weights[-1]`, so a base request batched next to adapter requests gets
   the last slot's adapter once every slot is filled. These ops give such rows no LoRA delta, as the GPU
   kernels do.
+- **Prompt log-probs** (`echo` + `logprobs`, `prompt_logprobs`: how evaluation harnesses score multiple choice):
+  vLLM computes them with one `compute_logits` per request over that request's prompt rows, but the LoRA logits
+  path (`PunicaWrapperCPU.add_lora_logits`) maps rows to adapters with `sampler_indices`, one entry per request
+  in the batch. With several such requests in a batch the row counts differ and vLLM's op raised (`einsum():
+  subscript b has size 3 for operand 1 which does not broadcast with previously seen size 51`), killing the
+  engine. `add_lora_logits` here takes each prompt row's adapter from the batch's per-token indices instead: the
+  prompt rows are a slice of the step's hidden states, whose position the model runner's prompt-logprob pass
+  (wrapped to note its hidden states) and the slice's storage offset give.
 
 vLLM loads general plugins in every process it starts (API server, engine core, workers), which is the only
 way to reach the worker that runs the model. The plugin changes nothing unless the platform is CPU and the
@@ -87,6 +95,7 @@ class _LiveSlots:
 
 
 _plans, _live = _Plans(), _LiveSlots()
+_prompt_pass: list[torch.Tensor] = []  # the hidden states of the prompt-logprob pass running now, if any
 
 
 def lora_delta(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
@@ -160,6 +169,57 @@ def make_ops(original: dict):
     return {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand, "bgmv_expand_slice": bgmv_expand_slice}
 
 
+def logits_indices(x: torch.Tensor, sampler: torch.Tensor, tokens: torch.Tensor,
+                   hidden: torch.Tensor | None) -> torch.Tensor:
+    """The adapter slot of each row of `x`, the input of the LoRA logits op.
+
+    Sampling passes one row per sampled token, matching `sampler` (vLLM's sampler_indices). The prompt-logprob
+    pass passes one request's prompt rows, `hidden[offset:offset + n]`, a view of the step's hidden states whose
+    rows match `tokens` (token_lora_indices): their slots are `tokens[offset:offset + n]`."""
+    n = x.shape[0]
+    if n == sampler.shape[0]:
+        return sampler
+    if hidden is not None and hidden.dim() == 2 and x.dim() == 2 and n and hidden.shape[0] <= tokens.shape[0] and (
+            x.untyped_storage().data_ptr() == hidden.untyped_storage().data_ptr()) and x.stride() == hidden.stride():
+        start, rem = divmod(x.storage_offset() - hidden.storage_offset(), hidden.stride(0))
+        if rem == 0 and 0 <= start and start + n <= hidden.shape[0]:
+            return tokens[start:start + n]
+    raise RuntimeError(f"LoRA logits: {n} rows but {sampler.shape[0]} sampled rows, and the rows are not a slice of "
+                       "the prompt-logprob pass's hidden states; cannot tell which adapter each row belongs to")
+
+
+def make_add_lora_logits(shrink, expand):
+    """PunicaWrapperCPU.add_lora_logits over the grouped ops, with rows mapped by `logits_indices`."""
+
+    def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):
+        if not _live.get(lora_a_stacked):  # no loaded adapter trains the LM head (the usual case): no delta
+            return y
+        flat_y, flat_x = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
+        indices = logits_indices(flat_x, self.sampler_indices, self.token_lora_indices,
+                                 _prompt_pass[-1] if _prompt_pass else None)
+        if buffer is None:  # float32, as vLLM's own op and the triton kernels keep it
+            buffer = torch.zeros((flat_x.size(0), lora_b_stacked.size(-1)), dtype=torch.float32, device=x.device)
+        shrink(flat_x, lora_a_stacked, buffer, indices, scale)
+        expand(buffer, lora_b_stacked, flat_y, indices, add_inputs=True)  # in place, into y
+        return y
+
+    return add_lora_logits
+
+
+def _note_prompt_pass(original):
+    """Wrap the model runner's prompt-logprob pass so add_lora_logits can find its rows' positions."""
+
+    def _get_prompt_logprobs_dict(self, hidden_states, *args, **kwargs):
+        _prompt_pass.append(hidden_states)
+        try:
+            return original(self, hidden_states, *args, **kwargs)
+        finally:
+            _prompt_pass.pop()
+
+    _get_prompt_logprobs_dict._loraforge = True
+    return _get_prompt_logprobs_dict
+
+
 def register() -> bool:
     """vLLM's plugin hook (called once per process). Returns whether the ops were replaced."""
     if os.environ.get("LORAFORGE_VLLM_CPU_LORA", "1") == "0":
@@ -185,6 +245,15 @@ def register() -> bool:
         for name, fn in ops.items():
             if hasattr(module, name):
                 setattr(module, name, fn)
+    try:  # the model runner (the CPU runner subclasses it), where the prompt-logprob pass runs
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+        if not getattr(GPUModelRunner._get_prompt_logprobs_dict, "_loraforge", False):
+            GPUModelRunner._get_prompt_logprobs_dict = _note_prompt_pass(GPUModelRunner._get_prompt_logprobs_dict)
+        punica_cpu.PunicaWrapperCPU.add_lora_logits = make_add_lora_logits(ops["bgmv_shrink"], ops["bgmv_expand"])
+    except (ImportError, AttributeError) as e:  # another layout of vLLM's worker: keep its own logits op
+        log.warning("loraforge: vLLM's model runner has no prompt-logprob pass to wrap (%s); its own LoRA logits "
+                    "op stays in place (batched prompt log-probs may fail)", e)
     lora_ops._loraforge_grouped = True
     log.info("loraforge: vLLM CPU LoRA ops replaced by grouped ones (one matmul per adapter; no-adapter rows "
              "skipped, vllm#48421)")

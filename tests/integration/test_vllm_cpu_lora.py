@@ -51,3 +51,68 @@ def test_base_rows_unaffected_by_a_full_slot_and_adapters_apply(tiny_model_dir, 
     assert got["alone_lora"] != got["alone_base"], "the adapter should change the greedy tokens"
     assert got["mixed"][:2] == got["alone_base"], "base requests batched with a full adapter slot got the adapter"
     assert got["mixed"][2:] == got["alone_lora"]
+
+
+PROMPT_LOGPROBS = textwrap.dedent("""
+    import json, sys
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+    base, a, b = sys.argv[1:4]
+    llm = LLM(model=base, dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=8, max_model_len=128,
+              enforce_eager=True, seed=0)
+    texts = ["The weather in Paris is mild in spring and", "Once upon a time there was a", "Abc def ghi jkl",
+             "The quick brown fox jumps over the lazy dog", "One two three four five six", "Red green blue",
+             "A long sentence about trains, stations and the people who wait for them", "Hello world"]
+    loras = [None, LoRARequest("a", 1, a), LoRARequest("b", 2, b), None, LoRARequest("a", 1, a),
+             LoRARequest("b", 2, b), LoRARequest("a", 1, a), None]
+    echo = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1)  # what /v1/completions echo+logprobs asks
+    gen = SamplingParams(temperature=0, max_tokens=6)
+    # 8 prompt-logprob requests and 2 plain generations in one batch, base and two adapters mixed
+    outs = llm.generate(texts + texts[:2], [echo] * 8 + [gen] * 2, lora_request=loras + [loras[1], None])
+    rows = []
+    for text, lora, out in zip(texts, loras, outs[:8]):
+        ids = list(out.prompt_token_ids)
+        lps = [None if d is None else d[t].logprob for d, t in zip(out.prompt_logprobs, ids)]
+        rows.append({"adapter": lora.lora_name if lora else None, "ids": ids, "logprobs": lps})
+    print("RESULT " + json.dumps({"rows": rows, "generated": [list(o.outputs[0].token_ids) for o in outs[8:]]}))
+""")
+
+
+def test_batched_prompt_logprobs_match_transformers_peft(tiny_model_dir, tmp_path):
+    """lm-eval's loglikelihood requests (echo + logprobs) several at once, on the base and on adapters mixed with
+    generation: vLLM's CPU LoRA logits op crashed the engine core on them; the plugin answers them, and each
+    prompt log-prob equals transformers + PEFT's (float32)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapters = {"a": make_adapter(tiny_model_dir, tmp_path / "a", seed=3),
+                "b": make_adapter(tiny_model_dir, tmp_path / "b", seed=4)}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("VLLM_PLUGINS", None)
+    proc = subprocess.run([sys.executable, "-c", PROMPT_LOGPROBS, tiny_model_dir, adapters["a"], adapters["b"]],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
+    assert all(len(g) == 6 for g in got["generated"])
+
+    def reference(model, ids):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+        return torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    models = {None: base}
+    for name, folder in adapters.items():
+        models[name] = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
+            tiny_model_dir, dtype=torch.float32), folder).eval()
+    worst = 0.0
+    for row in got["rows"]:
+        assert row["logprobs"][0] is None and len(row["logprobs"]) == len(row["ids"])
+        want = reference(models[row["adapter"]], row["ids"])
+        diff = (torch.tensor(row["logprobs"][1:]) - want).abs().max().item()
+        worst = max(worst, diff)
+        assert diff < 1e-3, (row["adapter"], diff)
+    # the adapters really change the prompt log-probs (else the check above could not tell them apart)
+    a_row = next(r for r in got["rows"] if r["adapter"] == "a")
+    assert (reference(base, a_row["ids"]) - torch.tensor(a_row["logprobs"][1:])).abs().max() > 1e-2

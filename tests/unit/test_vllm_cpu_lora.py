@@ -102,3 +102,70 @@ def test_registered_as_a_vllm_plugin():
 
     plugins = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
     assert plugins.get("loraforge_cpu_lora") == "serve.vllm_cpu_lora:register"
+
+
+class _Wrapper:
+    """The two index tensors of vLLM's PunicaWrapperCPU that add_lora_logits reads (one request per row of
+    `sampler_indices`, one step token per row of `token_lora_indices`)."""
+
+    def __init__(self, sampler, tokens):
+        self.sampler_indices, self.token_lora_indices = torch.tensor(sampler), torch.tensor(tokens)
+
+
+def _logits_stacks(vocab: int = 40, hidden: int = 16, rank: int = 4, live: tuple[int, ...] = (0, 2)):
+    torch.manual_seed(1)
+    a, b = torch.zeros(3, 1, rank, hidden), torch.zeros(3, 1, vocab, rank)
+    for slot in live:  # an adapter that trains the LM head
+        a[slot].normal_(), b[slot].normal_()
+    return a, b
+
+
+def test_prompt_logprob_rows_take_their_request_adapter(ops):
+    """The shapes that killed the engine: a step of 3 requests (tokens 20 + 51 + 9), prompt log-probs for the
+    second one, so the logits op gets 51 rows while sampler_indices has 3 (vLLM's op: einsum size 3 vs 51)."""
+    a, b = _logits_stacks()
+    tokens = [0] * 20 + [2] * 51 + [-1] * 9
+    hidden = torch.randn(80, a.shape[-1])
+    rows = hidden[20:71]
+    add = vllm_cpu_lora.make_add_lora_logits(ops["bgmv_shrink"], ops["bgmv_expand"])
+    vllm_cpu_lora._prompt_pass.append(hidden)
+    try:
+        y = torch.zeros(51, b.shape[2])
+        add(_Wrapper([0, 2, -1], tokens), y, rows, a, b, 1.0)
+    finally:
+        vllm_cpu_lora._prompt_pass.clear()
+    want = reference(reference(rows, a, torch.full((51,), 2)), b, torch.full((51,), 2))
+    assert torch.allclose(y, want, atol=1e-4)
+
+
+def test_sampled_rows_use_sampler_indices(ops):
+    a, b = _logits_stacks()
+    x = torch.randn(3, a.shape[-1])
+    y = torch.zeros(3, b.shape[2])
+    add = vllm_cpu_lora.make_add_lora_logits(ops["bgmv_shrink"], ops["bgmv_expand"])
+    add(_Wrapper([0, -1, 2], [0] * 5 + [-1] * 4 + [2] * 7), y, x, a, b, 1.0)
+    idx = torch.tensor([0, -1, 2])
+    assert torch.allclose(y, reference(reference(x, a, idx), b, idx), atol=1e-4) and not y[1].any()
+
+
+def test_untrained_head_adds_nothing_whatever_the_rows():
+    """Adapters that leave the LM head alone (the usual case): no delta, no row mapping needed."""
+    a, b = _logits_stacks(live=())
+    y = torch.randn(51, b.shape[2])
+    before = y.clone()
+
+    def unused(*args, **kwargs):
+        raise AssertionError("no op should run for an all-zero head")
+
+    add = vllm_cpu_lora.make_add_lora_logits(unused, unused)
+    add(_Wrapper([0, 1, -1], [0] * 80), y, torch.randn(51, a.shape[-1]), a, b, 1.0)
+    assert torch.equal(y, before)
+
+
+def test_rows_that_are_not_a_slice_of_the_prompt_pass_are_refused():
+    hidden = torch.randn(10, 4)
+    with pytest.raises(RuntimeError, match="which adapter"):
+        vllm_cpu_lora.logits_indices(torch.randn(5, 4), torch.tensor([0, 1]), torch.zeros(10, dtype=torch.long),
+                                     hidden)
+    got = vllm_cpu_lora.logits_indices(hidden[2:7], torch.tensor([0, 1]), torch.arange(10), hidden)
+    assert got.tolist() == [2, 3, 4, 5, 6]
