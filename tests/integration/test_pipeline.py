@@ -51,11 +51,24 @@ def run_result(ray_session, tiny_model_dir, tmp_path_factory):
     }
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    result = CliRunner().invoke(app, ["run", str(path)])
+    from cluster import runner
+
+    demos = []  # what `run`'s demo got back through the OpenAI client: [{"url", "adapter", "rows"}]
+    real_demo = runner.demo
+
+    def recording_demo(run_cfg, url, adapter):
+        rows = real_demo(run_cfg, url, adapter)
+        demos.append({"url": url, "adapter": adapter, "rows": rows})
+        return rows
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner, "demo", recording_demo)
+        result = CliRunner().invoke(app, ["run", str(path)])
     if result.exception:
         raise result.exception
     assert result.exit_code == 0, result.output
-    return {"root": root / "runs" / "tiny", "output": result.output, "stdout": result.stdout, "cfg": cfg, "model": tiny_model_dir}
+    return {"root": root / "runs" / "tiny", "output": result.output, "stdout": result.stdout, "cfg": cfg,
+            "model": tiny_model_dir, "demos": demos}
 
 
 def test_last_line_is_the_output_folder(run_result):
@@ -121,6 +134,15 @@ def test_adapter_reloads_from_safetensors_and_changes_the_output(run_result):
 
 
 def test_served_base_and_adapter_answered(run_result):
-    out = run_result["output"]
-    assert "base vs adapter 'tiny'" in out
-    assert "serve: http://127.0.0.1:" in out or "serve" in out
+    """`run` served base + adapter 'tiny' on the configured port, asked both the demo prompt and printed both."""
+    out, cfg = run_result["output"], run_result["cfg"]
+    url = f"http://127.0.0.1:{cfg['serve']['port']}/v1"
+    assert f"serve: {url} up in" in out and "models: base, base:tiny" in out, out
+    [demo] = run_result["demos"]  # one demo, against that endpoint, for that adapter
+    assert demo["url"] == url and demo["adapter"] == "tiny"
+    [row] = demo["rows"]
+    assert set(row) == {"prompt", "base", "adapter"} and row["prompt"] == cfg["demo"]["prompts"][0]
+    print(f"\nbase: {row['base']!r}\nadapter: {row['adapter']!r}")
+    assert row["adapter"].strip() and row["base"].strip(), row  # both answers came back, neither empty
+    assert row["adapter"] != row["base"], row  # base:tiny answered with the adapter, not as the base
+    assert f"base vs adapter 'tiny' (greedy, via {url})" in out

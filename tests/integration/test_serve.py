@@ -376,22 +376,51 @@ def test_metrics_are_exported_per_adapter(ray_session, client):
 
 
 def test_llm_judge_asks_the_served_model_and_accounts_for_every_reply(server, monkeypatch):
-    """evaluate's LLM judge against a real OpenAI-compatible endpoint (this app, with its API key): every row is
-    asked, replies without a score are counted as unparsed rather than guessed, and the caveat names the judge."""
+    """evaluate's LLM judge against a real OpenAI-compatible endpoint (this app, with its API key): the first
+    max_samples rows are asked, each reply's score is counted exactly (a reply without one is unparsed, not
+    guessed), and the caveat names the judge."""
+    import re
+
+    import openai
+
     from pipelines.eval.evaluate import JudgeSection
     from pipelines.eval.judge import caveat, judge_scores
 
+    calls: list[tuple[dict, str]] = []  # (request, reply text) as the endpoint answered them
+
+    class RecordingOpenAI(openai.OpenAI):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            create = self.chat.completions.create
+
+            def recorded(**request):
+                reply = create(**request)
+                calls.append((request, reply.choices[0].message.content or ""))
+                return reply
+
+            self.chat.completions.create = recorded
+
+    def first_score(text: str) -> float | None:  # independent of parse_score: the first whole word "1".."10"
+        return next((float(w) for w in re.split(r"\W+", text) if w in {str(i) for i in range(1, 11)}), None)
+
+    monkeypatch.setattr(openai, "OpenAI", RecordingOpenAI)
     monkeypatch.setenv("JUDGE_KEY", KEY)
     cfg = JudgeSection(url=server, model="base", api_key_env="JUDGE_KEY", max_samples=3)
-    got = judge_scores(cfg, ["Capital of France?"] * 4, ["Paris"] * 4, ["Paris", "Lyon", "Paris.", "no idea"])
-    assert got["asked"] == 3 and 0 <= got["parsed"] <= 3
-    assert (got["parsed"] == 0) == (got["mean"] != got["mean"])  # nan exactly when nothing parsed
-    if got["parsed"]:
-        assert 1 <= got["mean"] <= 10
+    preds = ["Paris", "Lyon", "Paris, France", "no idea"]
+    got = judge_scores(cfg, ["Capital of France?"] * 4, ["Paris"] * 4, preds)
+    print("\njudge replies:", [reply for _, reply in calls])
+    assert [(r["model"], r["temperature"]) for r, _ in calls] == [("base", 0)] * 3
+    contents = [r["messages"][0]["content"] for r, _ in calls]
+    assert ["Lyon" in c for c in contents] == [False, True, False] and "Paris, France" in contents[2]
+    assert not any("no idea" in c for c in contents)  # the 4th row is past max_samples
+    scores = [s for s in (first_score(reply) for _, reply in calls) if s is not None]
+    assert got["asked"] == 3 and got["parsed"] == len(scores), (got, calls)
+    if scores:
+        assert got["mean"] == pytest.approx(sum(scores) / len(scores))
+    else:
+        assert got["mean"] != got["mean"]  # nan exactly when nothing parsed
     text = caveat({"url": server, "model": "base", "replies": {"tuned": got}})
-    assert f"tuned: {got['parsed']}/3" in text and "weak signal" in text
+    assert f"tuned: {len(scores)}/3" in text and "weak signal" in text and server in text
     monkeypatch.setenv("JUDGE_KEY", "wrong")
-    import openai
-
     with pytest.raises(openai.AuthenticationError):
         judge_scores(cfg, ["q"], ["r"], ["p"])

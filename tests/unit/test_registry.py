@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -36,7 +36,15 @@ def test_publish_resolve_and_versions_are_immutable(reg, tmp_path):
     v1 = reg.resolve("city@1")
     assert (v1.path / "adapter_model.safetensors").read_bytes() == b"weights-1"  # ...v1 does not
     assert reg.verify("city@1") and reg.verify("city@2")
-    assert not os.access(v1.path / "adapter_model.safetensors", os.W_OK) or os.geteuid() == 0
+    published = sorted(f for f in v1.path.rglob("*") if f.is_file())
+    assert {f.name for f in published} == {"adapter_config.json", "adapter_model.safetensors", "manifest.json",
+                                           "registry.json"}
+    # read-only by mode bits (root ignores them, so os.access would prove nothing there): r--r--r-- everywhere
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in published} == {f.name: 0o444 for f in published}
+    weights = v1.path / "adapter_model.safetensors"  # whoever changes a published file anyway is caught by verify
+    weights.chmod(0o644)
+    weights.write_bytes(b"weights-X")
+    assert not reg.verify("city@1") and reg.verify("city@2")
     assert reg.resolve("city").version == 2 and reg.resolve("city@2").kind == "lora_adapter"
     assert v1.manifest == {"kind": "lora_adapter"} and v1.name == "city"
     assert [r["versions"] for r in reg.list()] == [[1, 2]]
