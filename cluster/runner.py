@@ -143,12 +143,24 @@ def stage_quantize(cfg: RunConfig, source: str, out: Path | None = None) -> Path
 
     q = cfg.quantize
     curated = cfg.stage_dir("data") / "curated"
+    # Calibration rows are meant to be training-like (QuantizeSection.calibration_path), so training data is the
+    # default there; recovery must be measured on held-out rows and never falls back to training rows.
     calibration = q.calibration_path or (str(curated / "train") if (curated / "train").is_dir()
                                          else cfg.data.train_path)
-    evaluation = q.eval_path or (str(curated / "test") if (curated / "test").is_dir() else cfg.data.train_path)
-    if not calibration or not evaluation:
-        raise ValueError("quantize: no rows to calibrate/evaluate on: set quantize.calibration_path and "
-                         "quantize.eval_path, or data.train_path")
+    if not calibration:
+        raise MissingInput("quantize: no calibration rows: set quantize.calibration_path or data.train_path")
+    evaluation = q.eval_path
+    if not evaluation:
+        test_rows = None
+        if (curated / "manifest.json").is_file():
+            test_rows = int(read_manifest(curated).get("metrics", {}).get("split_rows", {}).get("test") or 0)
+        if not test_rows:
+            found = f"{curated / 'test'} holds no rows" if test_rows == 0 else f"no finished data stage in {curated}"
+            raise MissingInput(
+                f"quantize: no held-out rows to measure recovery on ({found}). Set quantize.eval_path=FILE, or "
+                "produce a test split (data.split.test > 0, then `loraforge tokenize`). Training rows are not "
+                "used: they would measure memorisation, not what quantization kept")
+        evaluation = str(curated / "test")
     out = Path(out or cfg.stage_dir(f"quantize-{q.method}")).resolve()
     init_ray(cfg)
     t0 = time.time()

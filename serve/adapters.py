@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from pipelines.artifacts.registry import Registry
+from pipelines.artifacts.registry import Registry, RegistryCorrupt, RegistryError
 
 NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 ADAPTER_NAME = re.compile(rf"^{NAME}$")
@@ -44,6 +44,17 @@ class BadAdapterName(ValueError):
 
 class AdapterInvalid(ValueError):
     """The folder exists but cannot be served: wrong base, rank too large, DoRA, pickle weights (HTTP 503)."""
+
+
+class AdapterSourceUnavailable(RuntimeError):
+    """The source itself cannot be read (e.g. a corrupt registry index): a server problem, never "no such adapter".
+    `status` and `message` are what the ingress answers with (serve.ingress.status_and_message): HTTP 503."""
+
+    status = 503
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
 
 
 @dataclass(frozen=True)
@@ -128,7 +139,9 @@ class RegistrySource:
         parse_ref(ref)
         try:
             art = self._reg().resolve(ref)
-        except (LookupError, FileNotFoundError, ValueError) as e:  # the registry's "no such name/version"
+        except RegistryCorrupt as e:  # a broken registry must not look like an unknown name (404)
+            raise AdapterSourceUnavailable(f"adapter registry unavailable: {e}") from e
+        except RegistryError as e:  # the registry's "no such name/version/alias"
             raise AdapterNotFound(ref) from e
         if "adapter" not in str(getattr(art, "kind", "adapter")):
             raise AdapterNotFound(f"{ref} is a {art.kind} artifact, not an adapter")

@@ -17,6 +17,7 @@ registry alike. `ray[llm]` pins another vLLM, so `ray[serve]` plus its few impor
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import urllib.request
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from serve.adapters import (
     AdapterInvalid,
@@ -43,6 +45,7 @@ from serve.ingress import ENDPOINTS, LoRAIngress, fastapi_app
 from serve.server import LoRAServer
 
 __all__ = ["build_app", "start", "shutdown", "validate_adapters", "make_source", "engine_env", "llm_config"]
+log = logging.getLogger(__name__)
 SERVER = "LoRAServer"  # the engine deployment is named "LoRAServer:<model_alias>"
 # Serve runs user code on a second event loop thread by default; both replicas here only await (vLLM's engine
 # runs in its own process), so the hop between loops is pure overhead on every request and stream chunk.
@@ -212,9 +215,15 @@ def replica_count(name: str = "loraforge") -> int:
 
 
 def shutdown(name: str = "loraforge") -> None:
-    """Delete the app (its replicas shut their engines down) and stop Serve's controller and proxies."""
+    """Delete the app (its replicas shut their engines down) and stop Serve's controller and proxies.
+
+    Safe when Serve never started: `serve.delete` then raises RayServeException ("There is no Serve instance
+    running on this Ray cluster"), the one case passed over, and `serve.shutdown` does nothing. Deleting an app
+    that is already gone succeeds in Serve itself. Any other failure (a delete that times out, a dead controller)
+    propagates, after Serve is still shut down."""
     try:
         serve.delete(name)
-    except Exception:  # noqa: BLE001 - Serve not running or app already gone: nothing to delete
-        pass
-    serve.shutdown()
+    except RayServeException as e:  # no Serve instance on this cluster: nothing to delete
+        log.info("serve app %r: nothing to delete (%s)", name, e)
+    finally:
+        serve.shutdown()

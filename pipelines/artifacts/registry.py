@@ -49,15 +49,20 @@ REQUIRED_LINEAGE = {"lora_adapter": ("base_model", "base_model_hash", "dataset_h
 
 
 class RegistrySection(Section):
-    """Where the registry lives and what the gate promotes to."""
+    """Where the registry lives and the name this run's adapter is registered under (the alias a passing gate
+    moves is gate.alias)."""
 
     root: str = Field("registry", description="Registry folder (index.json, audit.jsonl, models/).")
     name: str | None = Field(None, description="Registered name for this run's adapter; default: the run name.")
-    alias: str = Field("candidate", description="Alias a passing gate moves to the new version.")
 
 
 class RegistryError(UserError, ValueError):
     """A refused registry operation; the message says why."""
+
+
+class RegistryCorrupt(RegistryError):
+    """index.json cannot be read as a registry (invalid JSON, or not the shape writers make). Not the same as
+    "no such name": serving answers it as its own failure (503), never as an unknown model (404)."""
 
 
 @dataclass(frozen=True)
@@ -115,8 +120,20 @@ class Registry:
 
     # ------------------------------------------------------------------ reading
     def _index(self) -> dict[str, Any]:
+        """The index (an empty one when the registry has none yet); RegistryCorrupt naming the file and what is
+        wrong when it is not valid JSON or not shaped like one."""
         path = self.root / "index.json"
-        return json.loads(path.read_text()) if path.is_file() else {"format": 1, "models": {}}
+        if not path.is_file():
+            return {"format": 1, "models": {}}
+        try:
+            index = json.loads(path.read_text())
+        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+            raise RegistryCorrupt(f"{path}: not valid JSON ({e}); fix or restore it (audit.jsonl records every "
+                                  "change)") from None
+        problem = _index_problem(index)
+        if problem:
+            raise RegistryCorrupt(f"{path}: {problem}; fix or restore it (audit.jsonl records every change)")
+        return index
 
     def list(self) -> list[dict[str, Any]]:
         """One row per name: kind of the latest version, versions, aliases."""
@@ -279,6 +296,34 @@ class Registry:
         if entry is None:
             raise RegistryError(f"{name!r} is not registered")
         return entry
+
+
+def _index_problem(index: Any) -> str | None:
+    """What keeps `index` from being a registry index (the shape `publish` writes), or None."""
+    if not isinstance(index, dict):
+        return f"the top level is a JSON {type(index).__name__}, expected an object"
+    models = index.get("models")
+    if not isinstance(models, dict):
+        return "'models' is missing or not an object" if models is None else \
+            f"'models' is a JSON {type(models).__name__}, expected an object"
+    for name, entry in models.items():
+        if not isinstance(entry, dict):
+            return f"models[{name!r}] is a JSON {type(entry).__name__}, expected an object"
+        versions, aliases = entry.get("versions"), entry.get("aliases")
+        if not isinstance(versions, dict) or not versions:
+            return f"models[{name!r}].versions is missing, empty or not an object"
+        for v, info in versions.items():
+            if not str(v).isdigit() or not isinstance(info, dict) or not isinstance(info.get("kind"), str):
+                return f"models[{name!r}].versions[{v!r}] is not a version record (a number -> object with 'kind')"
+        if not isinstance(aliases, dict):
+            return f"models[{name!r}].aliases is missing or not an object"
+        for alias, v in aliases.items():
+            if not str(v).isdigit():
+                return f"models[{name!r}].aliases[{alias!r}] is {v!r}, expected a version number"
+        for key, kind in (("alias_history", dict), ("next_version", int)):
+            if key in entry and not isinstance(entry[key], kind):
+                return f"models[{name!r}].{key} is a JSON {type(entry[key]).__name__}, expected {kind.__name__}"
+    return None
 
 
 def lineage_from_manifest(folder: str | os.PathLike, **extra: Any) -> dict[str, Any]:

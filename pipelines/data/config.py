@@ -99,7 +99,9 @@ class DataConfig(Section):
     category_field: str | None = Field(None, description="Row field naming its category; default the file name.")
     task_cpus: float = Field(1.0, ge=0, description=(
         "CPUs per Ray Data task. 0 lets data work overlap trainer workers that hold every CPU (STACK_NOTES)."))
-    parse_actors: int = Field(2, ge=1, description="Most parallel parse/tokenize actors.")
+    parse_actors: int | None = Field(None, ge=1, description=(
+        "Most Ray Data tasks running the parse pass (curation) and the tokenize pass at once; default: no cap "
+        "(as many as the CPUs and blocks allow). A cap leaves CPUs free for other work on a shared cluster."))
     filters: FilterSection = Field(default_factory=FilterSection)
     dedup: DedupSection = Field(default_factory=DedupSection)
     balance: BalanceSection = Field(default_factory=BalanceSection)

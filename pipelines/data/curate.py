@@ -83,8 +83,16 @@ def _parse_pass(files: list[str], parse_args: tuple, dest: Path, cfg) -> None:
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), cfg.num_blocks or len(items)))
     ds = ds.map_batches(read_files, batch_size=1, batch_format="numpy", num_cpus=cfg.task_cpus)
     ds = ds.map_batches(parse_batch, fn_args=parse_args, batch_size=512, batch_format="numpy",
-                        num_cpus=cfg.task_cpus)
+                        num_cpus=cfg.task_cpus, compute=parse_compute(cfg))
     ds.write_parquet(str(dest))
+
+
+def parse_compute(cfg):
+    """The compute strategy of the parse and tokenize passes: at most data.parse_actors tasks, or Ray Data's
+    default (None) when that is unset."""
+    import ray
+
+    return ray.data.TaskPoolStrategy(size=cfg.parse_actors) if cfg.parse_actors else None
 
 
 def _scan(parsed: Path, columns: list[str], filt=None):

@@ -133,7 +133,7 @@ def _tokenize_splits(cfg: DataConfig, model_dir: str, srcs: list[Path], out: Pat
     ds = ray.data.read_parquet([str(s) for s in srcs], num_cpus=cfg.task_cpus, include_paths=True,
                                override_num_blocks=sum(_blocks(s) for s in srcs))
     ds.map_batches(_tokenize_batch, fn_args=(model_dir, cfg), batch_size=256, batch_format="numpy",
-                   num_cpus=cfg.task_cpus).write_parquet(str(work))
+                   num_cpus=cfg.task_cpus, compute=curate.parse_compute(cfg)).write_parquet(str(work))
     n_kept = _account(work, out / "rejected" / "tokenize.jsonl", stats)
     if n_kept:
         kept = ray.data.read_parquet(str(work), num_cpus=cfg.task_cpus, override_num_blocks=_blocks(work))

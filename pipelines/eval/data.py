@@ -4,16 +4,80 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines.data.rowformats import RowError, alpaca_to_messages
+from pipelines.schema import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RowsRead:
+    """What one row file gave: the usable rows and every refused one with its reason (rows_in = kept + rejected)."""
+
+    path: str
+    rows: list[dict[str, Any]]
+    rejected: list[dict[str, Any]] = field(default_factory=list)  # {"line" or "row", "reason", "detail", "record"}
+
+    @property
+    def by_reason(self) -> dict[str, int]:
+        return dict(sorted(Counter(r["reason"] for r in self.rejected).items()))
+
+    def counts(self) -> dict[str, Any]:
+        """rows_in / rows_kept / rows_rejected / rejected_by_reason, as the other stages report them."""
+        return {"path": self.path, "rows_in": len(self.rows) + len(self.rejected), "rows_kept": len(self.rows),
+                "rows_rejected": len(self.rejected), "rejected_by_reason": self.by_reason}
+
+
+def read_rows(path: str) -> RowsRead:
+    """Alpaca-style rows from JSONL or a JSON list. A row that cannot be evaluated (broken JSON, not an object,
+    instruction/output missing, not strings or empty) is refused with a RowError reason, not dropped; a file
+    with no usable row at all is a DataError naming the file and the first reasons."""
+    text = Path(path).read_text()
+    if text.lstrip().startswith("["):
+        try:
+            items = list(enumerate(json.loads(text), start=1))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        where = "row"
+    else:
+        items = [(i, line) for i, line in enumerate(text.splitlines(), start=1) if line.strip()]
+        where = "line"
+    got = RowsRead(path, [])
+    for n, item in items:
+        try:
+            if where == "line":  # a JSONL line, still text
+                try:
+                    item = json.loads(item)
+                except json.JSONDecodeError as e:
+                    raise RowError("broken_json", f"{e.msg} at column {e.colno}") from None
+            if not isinstance(item, dict):
+                raise RowError("not_an_object", f"a JSON {type(item).__name__}, expected an object")
+            alpaca_to_messages(item)  # the checks curation makes on an Alpaca row
+        except RowError as e:
+            got.rejected.append({where: n, "reason": e.reason, "detail": e.detail, "record": item})
+            continue
+        got.rows.append(item)
+    if not got.rows:
+        first = "; ".join(f"{where} {r[where]}: {r['reason']} ({r['detail']})" for r in got.rejected[:3])
+        raise DataError(f"{path}: no usable row (instruction + output) among {len(got.rejected)}"
+                        + (f": {first}" if first else ""))
+    return got
+
 
 def load_rows(path: str) -> list[dict[str, Any]]:
-    """Alpaca-style rows from JSONL or a JSON list; rows without instruction/output are skipped."""
-    text = Path(path).read_text()
-    rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
-    return [r for r in rows if isinstance(r, dict) and str(r.get("instruction") or "").strip()
-            and str(r.get("output") or "").strip()]
+    """The usable rows of `read_rows(path)`; the refused ones are logged with their count by reason (callers that
+    report on their data use read_rows, which keeps them)."""
+    got = read_rows(path)
+    if got.rejected:
+        log.warning("%s: %d of %d rows refused %s", path, len(got.rejected), len(got.rejected) + len(got.rows),
+                    got.by_reason)
+    return got.rows
 
 
 def split_shots(rows: list[dict], cfg, pool: list[dict] | None = None) -> tuple[list[dict], list[dict]]:

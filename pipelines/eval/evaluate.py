@@ -20,7 +20,7 @@ from pydantic import Field
 from pipelines.artifacts.manifest import write_manifest
 from pipelines.eval import generate as eval_generate
 from pipelines.eval import report as eval_report
-from pipelines.eval.data import few_shot_messages, general_texts, load_rows, mmlu_items, render, split_shots, user_text
+from pipelines.eval.data import few_shot_messages, general_texts, mmlu_items, read_rows, render, split_shots, user_text
 from pipelines.eval.generate import load_with_adapters
 from pipelines.eval.judge import caveat, judge_scores
 from pipelines.eval.metrics import exact_match, perplexity, text_metrics
@@ -71,8 +71,10 @@ def run(cfg: EvalSection, base_model: str, adapters: dict[str, str], out_dir: st
 
     if not cfg.test_path:
         raise ValueError("eval.test_path is not set: evaluation needs a test split")
-    rows = load_rows(cfg.test_path)
-    shots, test = split_shots(rows, cfg, load_rows(cfg.few_shot_path) if cfg.few_shot_path else None)
+    read = {"test": read_rows(cfg.test_path)}
+    if cfg.few_shot_path:
+        read["few_shot"] = read_rows(cfg.few_shot_path)
+    shots, test = split_shots(read["test"].rows, cfg, read["few_shot"].rows if cfg.few_shot_path else None)
     test = test[: cfg.max_samples]
     variants = ["base"] + (["few_shot"] if shots else []) + list(adapters)
     tok = _tokenizer(base_model)
@@ -97,7 +99,10 @@ def run(cfg: EvalSection, base_model: str, adapters: dict[str, str], out_dir: st
             scores[v]["judge"] = got["mean"]
             judge["replies"][v] = {"asked": got["asked"], "parsed": got["parsed"]}
         judge["caveat"] = caveat(judge)
+    data = {k: r.counts() for k, r in read.items()}  # refused rows counted by reason, listed in rejected.jsonl
     results = {"base_model": base_model, "adapters": adapters, "n_test": len(test), "few_shot_k": len(shots),
+               "rows_in": data["test"]["rows_in"], "rows_rejected": data["test"]["rows_rejected"],
+               "rejected_by_reason": data["test"]["rejected_by_reason"], "data": data,
                "backend": cfg.backend, "variants": scores, "forgetting": forgetting, "judge": judge,
                "verdicts": eval_report.verdicts(scores, list(adapters)),
                "samples": [{"prompt": t["instruction"], "reference": refs[i], **{v: preds[v][i] for v in variants}}
@@ -105,10 +110,17 @@ def run(cfg: EvalSection, base_model: str, adapters: dict[str, str], out_dir: st
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(results, indent=2))
+    with open(out / "rejected.jsonl", "w") as fh:
+        for k, r in read.items():
+            for row in r.rejected:
+                fh.write(json.dumps({"file": r.path, "split": k, **row}, ensure_ascii=False, default=str) + "\n")
     eval_report.write(results, out)
     write_manifest(out, kind="eval_report", inputs={"test": cfg.test_path, "base_model": base_model,
                                                     **{f"adapter:{n}": p for n, p in adapters.items()}},
-                   config={"eval": cfg.model_dump()}, metrics={"variants": scores, "forgetting": forgetting})
+                   config={"eval": cfg.model_dump()},
+                   metrics={"variants": scores, "forgetting": forgetting, "rows_in": results["rows_in"],
+                            "rows_rejected": results["rows_rejected"],
+                            "rejected_by_reason": results["rejected_by_reason"], "data": data})
     return out
 
 

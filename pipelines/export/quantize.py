@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,7 +39,7 @@ from pipelines.artifacts.manifest import write_manifest
 from pipelines.data.readers import expand_paths, iter_records
 from pipelines.data.rowformats import RowError, parse_raw, to_canonical
 from pipelines.eval.metrics import perplexity, rouge, token_agreement
-from pipelines.schema import Section, UserError
+from pipelines.schema import DataError, Section, UserError
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "quantize_worker.py"
@@ -53,8 +54,10 @@ class QuantizeSection(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description=(
         "dtype of the unquantized parts and of activations. float32 on CPUs without bf16; bfloat16 on GPUs."))
     calibration_path: str | None = Field(None, description=(
-        "AWQ calibration rows (JSONL/JSON/Parquet, file/folder/glob; chat, Alpaca or text rows); default the "
-        "run's curated train split."))
+        "AWQ calibration rows (JSONL/JSON/Parquet, file/folder/glob; chat, Alpaca or preference rows); default "
+        "the run's curated train split, else data.train_path. Training rows are the intended default here: AWQ "
+        "fits its scales to the activations the model sees in use, so calibration rows should look like the "
+        "training data (they are never scored). Refused rows are counted in quantize.json."))
     calibration_samples: int = Field(64, ge=1, description="Calibration rows used by AWQ.")
     max_length: int = Field(512, ge=8, description="Tokens per calibration / evaluation text.")
     group_size: int | None = Field(None, ge=8, description=(
@@ -62,7 +65,10 @@ class QuantizeSection(Section):
     awq_python: str | None = Field(None, description=(
         "Interpreter with llm-compressor installed (`make awq-env`); default $LORAFORGE_AWQ_PYTHON or "
         ".venv-awq/bin/python in the checkout."))
-    eval_path: str | None = Field(None, description="Rows for recovery; default the run's curated test split.")
+    eval_path: str | None = Field(None, description=(
+        "Held-out rows for recovery; default the run's curated test split. Without either the stage refuses to "
+        "run (it never falls back to training rows, which would measure memorisation); refused rows are counted "
+        "in quantize.json."))
     eval_samples: int = Field(16, ge=1, description="Rows used for recovery (perplexity and greedy answers).")
     max_new_tokens: int = Field(32, ge=1, description="Greedy tokens per answer in the recovery check.")
     max_perplexity_ratio: float | None = Field(None, gt=1, description=(
@@ -76,28 +82,59 @@ class RecoveryError(UserError, RuntimeError):
     """The quantized model lost more than quantize.max_perplexity_ratio allows."""
 
 
-def conversations(spec: str, limit: int) -> list[list[dict[str, str]]]:
-    """Up to `limit` chat conversations from any row format the data stage reads (rows that do not parse are
-    skipped here: this is sampling, not curation)."""
+def sample_conversations(spec: str, limit: int, *, answer_last: bool = False
+                         ) -> tuple[list[list[dict[str, str]]], dict[str, Any]]:
+    """Up to `limit` chat conversations from any row format the data stage reads, and the account of the rows
+    read to get them: {"rows_read", "rows_kept", "rows_rejected", "rejected_by_reason", "rejected_examples"}
+    (reading stops at `limit` kept rows, so rows_read = rows_kept + rows_rejected counts only what was read).
+    Refused: rows that do not parse (their RowError reason), raw-text rows (`text_row`: no conversation) and,
+    with `answer_last`, conversations whose last turn is not the assistant's (`no_final_answer`: nothing to
+    score). No usable row at all is a DataError naming the data and the first reasons."""
 
     out: list[list[dict[str, str]]] = []
+    rejected: list[dict[str, Any]] = []
+
+    def refuse(path: str, line: int, reason: str, detail: str) -> None:
+        rejected.append({"source": path, "line": line, "reason": reason, "detail": detail})
+
     for path in expand_paths(spec):
         for rec in iter_records(path):
-            if rec.raw is None:
+            if rec.raw is None or rec.error:
+                reason, _, detail = (rec.error or "undecodable: no text").partition(": ")
+                refuse(path, rec.line, reason, detail)
                 continue
             try:
                 kind, row = to_canonical(parse_raw(rec.raw), "auto")
-            except RowError:
+            except RowError as e:
+                refuse(path, rec.line, e.reason, e.detail)
                 continue
             if kind == "sft":
-                out.append(row["messages"])
+                conv = row["messages"]
             elif kind == "preference":
-                out.append(row["prompt"] + [{"role": "assistant", "content": row["chosen"]}])
+                conv = row["prompt"] + [{"role": "assistant", "content": row["chosen"]}]
+            else:
+                refuse(path, rec.line, "text_row", "a raw-text row, not a conversation")
+                continue
+            if answer_last and conv[-1]["role"] != "assistant":
+                refuse(path, rec.line, "no_final_answer", f"the last turn is the {conv[-1]['role']}'s")
+                continue
+            out.append(conv)
             if len(out) >= limit:
-                return out
+                break
+        if len(out) >= limit:
+            break
+    by_reason = dict(sorted(Counter(r["reason"] for r in rejected).items()))
     if not out:
-        raise ValueError(f"{spec}: no usable conversation rows")
-    return out
+        first = "; ".join(f"{r['source']}:{r['line']}: {r['reason']} ({r['detail']})" for r in rejected[:3])
+        raise DataError(f"{spec}: no usable conversation row among {len(rejected)} read {by_reason}"
+                        + (f": {first}" if first else ""))
+    return out, {"rows_read": len(out) + len(rejected), "rows_kept": len(out), "rows_rejected": len(rejected),
+                 "rejected_by_reason": by_reason, "rejected_examples": rejected[:5]}
+
+
+def conversations(spec: str, limit: int) -> list[list[dict[str, str]]]:
+    """The conversations of `sample_conversations` (which also counts the refused rows)."""
+    return sample_conversations(spec, limit)[0]
 
 
 def awq_python(cfg: QuantizeSection) -> str:
@@ -153,24 +190,29 @@ def run(cfg: QuantizeSection, model_dir: str, out_dir: str | os.PathLike, *, cal
     out = Path(out_dir).resolve()
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    calib_texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in
-                   conversations(calibration, cfg.calibration_samples)] if cfg.method == "awq" else []
+    calib_texts, calib_rows = [], {}
+    if cfg.method == "awq":
+        calib, calib_rows = sample_conversations(calibration, cfg.calibration_samples)
+        calib_texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in calib]
+    evals, eval_rows = sample_conversations(evaluation, cfg.eval_samples, answer_last=True)
     job = {"model": model_dir, "out": str(tmp), "dtype": cfg.dtype}
     if cfg.method == "int8":
         made = run_worker({"op": "int8", **job})
     else:
         made = run_worker({"op": "awq", **job, "group_size": cfg.group_size, "max_length": cfg.max_length,
                            "texts": calib_texts}, awq_python(cfg))
-    recovery = measure_recovery(cfg, model_dir, str(tmp), tokenizer, conversations(evaluation, cfg.eval_samples))
+    recovery = measure_recovery(cfg, model_dir, str(tmp), tokenizer, evals)
     report = {"method": cfg.method, "source": str(model_dir), **made, **recovery,
               "size_bytes": {"source": _weights_bytes(model_dir), "quantized": _weights_bytes(tmp)},
               "calibration": {"path": calibration, "rows": len(calib_texts),
-                              "hash": _text_hash(calib_texts) if calib_texts else None},
-              "evaluation": {"path": evaluation, "rows": recovery["rows"]}}
+                              "hash": _text_hash(calib_texts) if calib_texts else None, **calib_rows},
+              "evaluation": {"path": evaluation, "rows": recovery["rows"], **eval_rows}}
     report["size_ratio"] = report["size_bytes"]["quantized"] / max(1, report["size_bytes"]["source"])
     write_report(report, tmp)
     write_manifest(tmp, kind="quantized_model", inputs={"source": model_dir},
-                   config={"quantize": cfg.model_dump()}, metrics={"recovery": recovery},
+                   config={"quantize": cfg.model_dump()},
+                   metrics={"recovery": recovery, "rows_rejected": {k: report[k].get("rows_rejected", 0) for k in
+                                                                    ("calibration", "evaluation")}},
                    extra={"source": str(model_dir), "method": cfg.method, "scheme": made["scheme"],
                           "servable_on_cpu": cfg.method == "int8"})
     try:
@@ -242,7 +284,13 @@ def write_report(report: dict[str, Any], folder: Path) -> None:
              f"| weights on disk (bytes) | {report['size_bytes']['source']:,} | {report['size_bytes']['quantized']:,}"
              f" | {report['size_ratio']:.3f} |", "",
              f"Greedy tokens identical to the source's: {report['greedy_token_agreement']:.1%}. "
-             f"Quantized in {report['seconds']:.1f} s.", "", "![recovery](quantize.png)", ""]
+             f"Quantized in {report['seconds']:.1f} s.", ""]
+    for part in ("calibration", "evaluation"):
+        if report[part].get("rows_rejected"):
+            lines += [f"Rows refused while reading the {part} rows: {report[part]['rows_rejected']} of "
+                      f"{report[part]['rows_read']} {report[part]['rejected_by_reason']} (examples in quantize.json).",
+                      ""]
+    lines += ["![recovery](quantize.png)", ""]
     (folder / "quantize_report.md").write_text("\n".join(lines))
 
 

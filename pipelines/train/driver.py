@@ -15,7 +15,12 @@ from pipelines.train.config import WorkerJob, check_combination
 
 
 def adapter_health(adapter_dir: str | os.PathLike, model_dir: str) -> dict[str, Any]:
-    """Per-layer ||scale·B·A|| / ||W|| from the saved adapter and the base weights (safetensors only)."""
+    """Per-layer ||scale·B·A|| / ||W|| from the saved adapter and the base weights (safetensors only).
+
+    Mean and max are over the modules whose base weight was found (`matched_modules` of `adapter_modules`); when
+    none is found (base weights not in safetensors, or saved under other names) they are None: not measured,
+    rather than a 0.0 that reads as "the adapter did not move". Training already applied the adapter to this base,
+    so no match means the names differ, not that the adapter belongs elsewhere; it is reported, not raised."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -35,9 +40,10 @@ def adapter_health(adapter_dir: str | os.PathLike, model_dir: str) -> dict[str, 
                 module, a, b = wanted[wkey]
                 w = fh.get_tensor(wkey).float()
                 ratios[module] = float((scale * (b.float() @ a.float())).norm() / (w.norm() + 1e-12))
-    vals = list(ratios.values()) or [0.0]
-    return {"delta_over_weight": ratios, "delta_over_weight_mean": sum(vals) / len(vals),
-            "delta_over_weight_max": max(vals)}
+    vals = list(ratios.values())
+    return {"delta_over_weight": ratios, "delta_over_weight_mean": sum(vals) / len(vals) if vals else None,
+            "delta_over_weight_max": max(vals) if vals else None, "matched_modules": len(ratios),
+            "adapter_modules": len(wanted)}
 
 
 def plot_curves(series: dict[str, list[float]], path: Path, title: str) -> None:

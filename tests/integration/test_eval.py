@@ -60,7 +60,8 @@ def evaluated(ray_session, tiny_model_dir, shared_data, tmp_path_factory):
     rows = [json.loads(x) for x in DEMO.read_text().splitlines()]
     train_file, test_file = root / "train.jsonl", root / "test.jsonl"
     train_file.write_text("\n".join(json.dumps(r) for r in rows[:300]))
-    test_file.write_text("\n".join(json.dumps(r) for r in rows[-19:]))
+    # two rows evaluation cannot use: counted and kept with their reasons, never silently dropped
+    test_file.write_text("\n".join([*(json.dumps(r) for r in rows[-19:]), "{broken", json.dumps({"input": "x"})]))
     tuned = train_adapter(tiny_model_dir, rows[:300], root / "tuned", steps=50, data_file=train_file)
     zero = train_adapter(tiny_model_dir, rows[:300], root / "zero", steps=0, data_file=train_file)  # B = 0
     cfg = EvalSection(test_path=str(test_file), max_samples=16, few_shot_k=3, backend="hf", batch_size=32,
@@ -87,6 +88,14 @@ def test_trained_adapter_beats_base_and_few_shot_on_rougeL(evaluated):
     assert s["zero"]["bertscore_f1"] == pytest.approx(s["base"]["bertscore_f1"], abs=1e-6)
     assert s["tuned"]["bertscore_f1"] > s["base"]["bertscore_f1"], s
     assert "The fine-tune helped" in evaluated["results"]["verdicts"]["tuned"]
+
+
+def test_unusable_test_rows_are_counted_and_kept(evaluated):
+    r = evaluated["results"]
+    assert r["rows_in"] == 21 and r["rows_rejected"] == 2
+    assert r["rejected_by_reason"] == {"broken_json": 1, "missing_field": 1}
+    kept = [json.loads(x) for x in (evaluated["out"] / "rejected.jsonl").read_text().splitlines()]
+    assert sorted(k["reason"] for k in kept) == ["broken_json", "missing_field"]
 
 
 def test_forgetting_is_measured_against_base(evaluated):

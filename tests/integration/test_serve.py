@@ -191,6 +191,30 @@ def test_base_is_not_polluted_by_concurrent_adapter_requests(client):
     assert together == [alone[m] for m in models]
 
 
+def test_concurrent_echo_logprobs_like_an_eval_harness(client):
+    """lm-eval's loglikelihood requests (echo + logprobs, max_tokens 1), several at once on the base and on
+    adapters: they used to kill the engine core (HTTP 500 for everything in flight). Each is answered, equal to
+    the same request sent alone, and the endpoint keeps generating afterwards."""
+    prompts = [PROMPT, "Once upon a time there was", "Red green blue yellow", PROMPT + " again"]
+    models = ["base", "alpha", "beta", "base", "alpha", "beta", "base", "alpha"]
+
+    def echo(job):
+        model, prompt = job
+        r = client.completions.create(model=model, prompt=prompt, max_tokens=1, echo=True, logprobs=1, temperature=0)
+        return r.choices[0].logprobs.token_logprobs
+
+    jobs = [(m, prompts[i % len(prompts)]) for i, m in enumerate(models)]
+    alone = [echo(job) for job in jobs[:3]]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(echo, jobs))
+    for got in together:
+        assert got[0] is None and all(isinstance(v, float) for v in got[1:])
+    for want, got in zip(alone, together[:3]):
+        assert len(got) == len(want) and max(abs(a - b) for a, b in zip(want[1:], got[1:])) < 1e-4
+    assert jobs[0][1] == jobs[4][1] and together[0] != together[4]  # base vs alpha, same prompt
+    assert complete(client, "alpha")  # still serving
+
+
 def test_ab_split_is_sticky_and_names_the_served_version(client):
     from serve.routing import caller_key, route
 
