@@ -41,7 +41,7 @@ from pipelines.data.rowformats import RowError, parse_raw, to_canonical
 from pipelines.eval.metrics import perplexity, rouge, token_agreement
 from pipelines.schema import DataError, Section, UserError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).resolve().parent / "quantize_worker.py"
 
 
