@@ -29,7 +29,27 @@ def _from_pretrained(model_dir: str | os.PathLike, dtype: str, quant: QuantSecti
         kwargs["dtype"] = getattr(torch, quant.compute_dtype)
         if not torch.cuda.is_available():
             kwargs["device_map"] = {"": "cpu"}
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    if quant.load_in_4bit:
+        standard_4bit_layout(model)
+    return model
+
+
+def standard_4bit_layout(model) -> int:
+    """Keep every bitsandbytes 4-bit layer in its standard layout; returns how many layers were set.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit weight on its first inference forward (eval,
+    no grad) into a CPU-specific layout and undoes that, lossily ("best-effort restore", re-quantizing absmax),
+    when the model is saved. The frozen base then depended on the order of eval passes and saves: a 4-bit base
+    saved once per node (`load_quantized_shared`) and every later eval differed from a fresh quantization by
+    4e-3 in the logits (0.37 without double quantization), so an adapter's probe logits did not reproduce on
+    reload. The standard layout computes the same on every machine, as on AVX2 CPUs and GPUs."""
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
 
 
 def prepare_base(model, quant: QuantSection, gradient_checkpointing: bool):

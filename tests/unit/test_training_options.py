@@ -69,6 +69,27 @@ def test_quantized_base_is_made_once_and_loaded_packed(tiny_model_dir, tmp_path,
     assert source == "quantized-here" and fp4_folder != folder
 
 
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_4bit_base_computes_the_same_after_eval_and_save(tiny_model_dir, tmp_path, double_quant):
+    """A 4-bit base gives the same logits fresh, after an eval pass and a save, and loaded back from that save:
+    bitsandbytes' AVX512-BF16 CPU repacking (lossy when a model is saved) stays off (train.base)."""
+    import torch
+
+    from pipelines.train.base import _from_pretrained
+
+    q = QuantSection(load_in_4bit=True, compute_dtype="float32", double_quant=double_quant)
+    ids = torch.arange(5, 40)[None]
+    model = _from_pretrained(tiny_model_dir, "float32", q).eval()
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert len(layers) == 14 and not any(m.support_avx512bf16_for_cpu for m in layers)
+    with torch.no_grad():
+        fresh = model(input_ids=ids).logits
+        model.save_pretrained(tmp_path / "q", safe_serialization=True)
+        after_save = model(input_ids=ids).logits
+        loaded = _from_pretrained(tmp_path / "q", "float32", q, quantize=False).eval()(input_ids=ids).logits
+    assert torch.equal(fresh, after_save) and torch.equal(fresh, loaded)
+
+
 @pytest.mark.parametrize("four_bit", [False, True], ids=["fp32-base", "nf4-base"])
 def test_gradient_checkpointing_same_loss_and_lora_grads(tiny_model_dir, four_bit):
     """Recomputing activations changes memory, not maths; and it really recomputes: a layer's MLP forward runs
