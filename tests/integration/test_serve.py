@@ -448,3 +448,86 @@ def test_llm_judge_asks_the_served_model_and_accounts_for_every_reply(server, mo
     monkeypatch.setenv("JUDGE_KEY", "wrong")
     with pytest.raises(openai.AuthenticationError):
         judge_scores(cfg, ["q"], ["r"], ["p"])
+
+
+LM_EVAL_MC = """task: loraforge_city_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Sentence: {{{{sentence}}}}\\nCity:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+"""
+LM_EVAL_GEN = """task: loraforge_city_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "Sentence: {{{{sentence}}}}\\nCity:"
+doc_to_target: "{{{{city}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 8
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+
+
+def test_lm_eval_harness_scores_base_and_adapter(server, tiny_model_dir, adapters, tmp_path, monkeypatch, caplog):
+    """EleutherAI's lm-eval (local-completions, 4 requests at once) runs a multiple-choice task (loglikelihood:
+    echo + logprobs, what used to kill the engine) and a generation task against the endpoint, on the base and
+    on an adapter, with no request errors; each choice's log-likelihood equals transformers + PEFT's."""
+    import torch
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    demo = [json.loads(line) for line in (Path(__file__).resolve().parents[2] / "pipelines" / "demo"
+                                          / "city_date.jsonl").read_text().splitlines()[:12]]
+    cities = [json.loads(r["output"])["city"] for r in demo]
+    docs = [{"sentence": r["input"], "city": c, "choices": [c, cities[(i + 3) % 12], cities[(i + 7) % 12]],
+             "answer": 0} for i, (r, c) in enumerate(zip(demo, cities))]
+    data = tmp_path / "city.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "mc.yaml").write_text(LM_EVAL_MC.format(data=data))
+    (tmp_path / "gen.yaml").write_text(LM_EVAL_GEN.format(data=data))
+    tasks = TaskManager(include_path=str(tmp_path))
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)  # how lm-eval's local-completions sends a key
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    reference = {"base": AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()}
+    reference["base:alpha"] = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=torch.float32), adapters["alpha"]).eval()
+    lls = {}
+    for model in ("base", "base:alpha"):
+        out = simple_evaluate(
+            model="local-completions", tasks=["loraforge_city_mc", "loraforge_city_gen"], task_manager=tasks,
+            model_args={"model": model, "base_url": f"{server}/completions", "tokenizer": tiny_model_dir,
+                        "tokenizer_backend": "huggingface", "num_concurrent": 4, "max_retries": 1,
+                        "max_length": MAX_MODEL_LEN},
+            log_samples=True, apply_chat_template=False)
+        assert {"loraforge_city_mc", "loraforge_city_gen"} <= set(out["results"]), out["results"]
+        samples = out["samples"]["loraforge_city_mc"]
+        assert len(samples) == 12 and len(out["samples"]["loraforge_city_gen"]) == 12
+        lls[model] = [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
+        for s in samples[:3]:  # each choice's log-likelihood, recomputed with transformers (+ PEFT)
+            for (context, continuation), (ll, _) in zip(s["arguments"], s["filtered_resps"]):
+                whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
+                n_ctx = len(tok(context, add_special_tokens=False)["input_ids"])
+                with torch.no_grad():
+                    logp = torch.log_softmax(reference[model](input_ids=torch.tensor([whole])).logits[0].float(), -1)
+                want = sum(float(logp[i - 1, whole[i]]) for i in range(n_ctx, len(whole)))
+                assert abs(float(ll) - want) < 1e-3, (model, context, continuation, ll, want)
+        print(model, {t: {k: v for k, v in r.items() if not k.endswith("stderr,none")} for t, r in out["results"].items()})
+    assert lls["base"] != lls["base:alpha"]  # the adapter scores the choices differently
+    failed = [r.getMessage() for r in caplog.records if "request failed" in r.getMessage() or "retrying" in
+              r.getMessage()]
+    assert not failed, failed[:3]  # lm-eval retries quietly: zero request errors means none logged
