@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.data.rowformats import RowError, alpaca_to_messages
+from pipelines.data.rowformats import RowError, alpaca_to_messages, parse_raw
 from pipelines.schema import DataError
 
 log = logging.getLogger(__name__)
@@ -51,12 +51,9 @@ def read_rows(path: str) -> RowsRead:
     got = RowsRead(path, [])
     for n, item in items:
         try:
-            if where == "line":  # a JSONL line, still text
-                try:
-                    item = json.loads(item)
-                except json.JSONDecodeError as e:
-                    raise RowError("broken_json", f"{e.msg} at column {e.colno}") from None
-            if not isinstance(item, dict):
+            if where == "line":  # a JSONL line, still text: the same parse (and reasons) as curation's
+                item = parse_raw(item)
+            elif not isinstance(item, dict):
                 raise RowError("not_an_object", f"a JSON {type(item).__name__}, expected an object")
             alpaca_to_messages(item)  # the checks curation makes on an Alpaca row
         except RowError as e:
