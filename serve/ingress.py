@@ -208,9 +208,12 @@ class LoRAIngress(OpenAiIngress):
         """SSE text as the engine replica sends it, minus a usage chunk the client did not ask for; its token
         counts (and the stream's outcome) go to the metrics when the stream ends."""
         usage: dict[str, int] = {}
-        status = 200
+        status, first, last = 200, None, None
         try:
             async for text in events:
+                if '"choices":[{' in text:  # a chunk carrying generated text (not the usage-only chunk)
+                    last = time.monotonic()
+                    first = first or last
                 if '"usage":{' in text and '"choices":[]' in text:
                     kept = []
                     for event in text.split("\n\n"):
@@ -229,3 +232,6 @@ class LoRAIngress(OpenAiIngress):
             raise
         finally:
             self._record(target.tags, status, t0, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+            n = usage.get("completion_tokens", 0)
+            self._metrics.record_tokens(target.tags, status, None if first is None else first - t0,
+                                        (last - first) / (n - 1) if first is not None and n > 1 else None)

@@ -11,6 +11,7 @@ from typing import Any
 
 TAGS = ("model", "adapter", "version", "status")
 LATENCY_BOUNDS_S = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64]
+TOKEN_BOUNDS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5]
 
 
 @dataclass
@@ -19,6 +20,8 @@ class RequestMetrics:
     prompt_tokens: Any
     completion_tokens: Any
     latency: Any
+    ttft: Any
+    tpot: Any
 
     @classmethod
     def create(cls) -> RequestMetrics:
@@ -30,7 +33,12 @@ class RequestMetrics:
             prompt_tokens=Counter("loraforge_prompt_tokens_total", "Prompt tokens processed.", tag_keys=TAGS),
             completion_tokens=Counter("loraforge_completion_tokens_total", "Tokens generated.", tag_keys=TAGS),
             latency=Histogram("loraforge_request_latency_s", "Request wall time in seconds (to last token).",
-                              boundaries=LATENCY_BOUNDS_S, tag_keys=TAGS))
+                              boundaries=LATENCY_BOUNDS_S, tag_keys=TAGS),
+            ttft=Histogram("loraforge_time_to_first_token_s", "Streamed requests: seconds from arrival at the "
+                           "ingress to the first generated token.", boundaries=LATENCY_BOUNDS_S, tag_keys=TAGS),
+            tpot=Histogram("loraforge_time_per_output_token_s", "Streamed requests: seconds per generated token "
+                           "after the first ((last - first) / (tokens - 1)).", boundaries=TOKEN_BOUNDS_S,
+                           tag_keys=TAGS))
 
     def record(self, tags: dict[str, str], status: int, latency_s: float, prompt: int = 0,
                completion: int = 0) -> None:
@@ -41,6 +49,14 @@ class RequestMetrics:
         if completion:
             self.completion_tokens.inc(completion, tags=t)
         self.latency.observe(latency_s, tags=t)
+
+    def record_tokens(self, tags: dict[str, str], status: int, ttft_s: float | None, tpot_s: float | None) -> None:
+        """Token timing of a streamed request (a non-streaming answer arrives whole: no first-token time)."""
+        t = {**tags, "status": str(status)}
+        if ttft_s is not None:
+            self.ttft.observe(ttft_s, tags=t)
+        if tpot_s is not None:
+            self.tpot.observe(tpot_s, tags=t)
 
 
 def tags_for(model: str, adapter: str | None, version: str | None) -> dict[str, str]:

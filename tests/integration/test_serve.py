@@ -380,7 +380,13 @@ def test_load_64_concurrent_clients_no_5xx(server):
 def test_metrics_are_exported_per_adapter(ray_session, client):
     import httpx
 
+    import openai
+
     complete(client, "alpha")
+    with pytest.raises(openai.NotFoundError):  # a 404, counted too
+        complete(client, "base:nope")
+    stream = client.completions.create(model="alpha", prompt=PROMPT, max_tokens=8, temperature=0, stream=True)
+    assert len([c for c in stream if c.choices and c.choices[0].text]) >= 2
     node = ray_session._private.worker.global_worker.node
     url = f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
     deadline, text = time.monotonic() + 40, ""
@@ -389,7 +395,7 @@ def test_metrics_are_exported_per_adapter(ray_session, client):
             text = httpx.get(url, timeout=10).text
         except httpx.HTTPError:
             text = ""
-        if 'loraforge_requests_total' in text and 'adapter="alpha"' in text:
+        if 'loraforge_requests_total' in text and 'adapter="alpha"' in text and "time_per_output_token" in text:
             break
         time.sleep(2)
     lines = [line for line in text.splitlines() if line.startswith("ray_loraforge_")]
@@ -397,6 +403,12 @@ def test_metrics_are_exported_per_adapter(ray_session, client):
     assert any(line.startswith("ray_loraforge_completion_tokens_total") for line in lines)
     assert any(line.startswith("ray_loraforge_request_latency_s_bucket") for line in lines)
     assert any('status="404"' in line for line in lines)
+
+    def count(name: str) -> float:  # observations of a streamed alpha request's token timing
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines
+                   if line.startswith(f"ray_{name}_count") and 'adapter="alpha"' in line)
+
+    assert count("loraforge_time_to_first_token_s") >= 1 and count("loraforge_time_per_output_token_s") >= 1
 
 
 def test_llm_judge_asks_the_served_model_and_accounts_for_every_reply(server, monkeypatch):
