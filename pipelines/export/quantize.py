@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from pipelines.artifacts.manifest import write_manifest
+from pipelines.artifacts.manifest import publish_folder, staging_folder, write_manifest
 from pipelines.data.readers import expand_paths, iter_records
 from pipelines.data.rowformats import RowError, parse_raw, to_canonical
 from pipelines.eval.metrics import perplexity, rouge, token_agreement
@@ -188,8 +188,7 @@ def run(cfg: QuantizeSection, model_dir: str, out_dir: str | os.PathLike, *, cal
     _refuse_quantized(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     out = Path(out_dir).resolve()
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging_folder(out)
     calib_texts, calib_rows = [], {}
     if cfg.method == "awq":
         calib, calib_rows = sample_conversations(calibration, cfg.calibration_samples)
@@ -220,9 +219,7 @@ def run(cfg: QuantizeSection, model_dir: str, out_dir: str | os.PathLike, *, cal
     except RecoveryError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    publish_folder(tmp, out)
     return out
 
 
