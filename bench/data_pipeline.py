@@ -92,7 +92,6 @@ def write_input(n: int, out: Path) -> Path:
 
 
 def child_ray(args) -> dict:
-
     cfg = load_config(None, ["ray.num_cpus=2", f"model.name={args.model}", f"data.train_path={args.input}",
                              "data.format=alpaca", f"data.max_length={args.max_length}"])
     runner.init_ray(cfg)
@@ -112,7 +111,6 @@ _TOK = {}
 
 
 def _baseline_row(row, model_dir: str, max_length: int) -> dict:
-
     if model_dir not in _TOK:
         from transformers import AutoTokenizer
 
@@ -205,7 +203,6 @@ def main() -> None:
         res = (child_ray if args.child == "ray" else child_datasets)(args)
         print(json.dumps(res), flush=True)
         return
-
 
     model_dir = resolve_model(ModelConfig(name=args.model))
     n1, n10 = args.rows, args.rows * args.scale

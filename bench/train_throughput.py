@@ -48,7 +48,6 @@ def run_trl(model_dir: str, jsonl: Path, steps: int, batch: int, max_len: int) -
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-
     torch.set_num_threads(os.cpu_count() or 2)
     tok = AutoTokenizer.from_pretrained(model_dir)
     ds = load_dataset("json", data_files=str(jsonl), split="train")
@@ -84,7 +83,6 @@ def run_trl(model_dir: str, jsonl: Path, steps: int, batch: int, max_len: int) -
 
 
 def run_ours(model_dir: str, jsonl: Path, steps: int, batch: int, max_len: int, packed: bool, work: Path) -> dict:
-
     cfg = load_config(None, [f"data.train_path={jsonl}", f"data.max_length={max_len}",
                              "data.max_rejected_fraction=1.0", f"train.max_steps={steps}",
                              # a packed row is a whole block (~max_length tokens, several rows): per-worker
@@ -108,7 +106,6 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-
 
     model_dir = resolve_model(ModelConfig(name=args.model))
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))

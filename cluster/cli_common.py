@@ -70,9 +70,7 @@ def guarded(command: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except UserError as e:  # the common case, before Ray starts
-            _user_exit(e)
-        except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
+        except (typer.Exit, typer.Abort):
             raise
         except Exception as e:
             err = user_error(e)
@@ -89,6 +87,4 @@ def _user_exit(err: UserError) -> NoReturn:
         import traceback
 
         traceback.print_exception(err)
-    typer.secho(f"error: {err}" if not str(err).startswith(("error", "config error")) else str(err), fg="red",
-                err=True)
-    raise typer.Exit(2)
+    fail(f"error: {err}")

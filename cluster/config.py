@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from pipelines.artifacts.models import BUILTIN, ModelConfig
+from pipelines.artifacts.models import ModelConfig, local_folder
 from pipelines.artifacts.registry import RegistrySection
 from pipelines.data.config import DataConfig
 from pipelines.data.readers import expand_paths
@@ -83,7 +83,10 @@ def preflight(cfg: RunConfig, stages: tuple[str, ...] | list[str], source: str =
     URIs (s3://...) are left to the stage: checking them here would need credentials and a round trip."""
     want = set(stages)
     if "model" in want:
-        _check_model(cfg.model.name, source)
+        try:
+            local_folder(cfg.model.name)
+        except MissingInput as e:
+            raise MissingInput(f"{source}: {e}") from None
     if "data" in want:
         _check_rows(cfg.data.train_path, "data.train_path", source)
     if "dpo" in want and cfg.dpo.train_path:
@@ -107,23 +110,6 @@ def preflight(cfg: RunConfig, stages: tuple[str, ...] | list[str], source: str =
             raise ConfigError(f"{source}: lora.r={cfg.lora.r} > serve.max_lora_rank={cfg.serve.max_lora_rank}: the "
                               "served adapter would not fit vLLM's LoRA slots; raise serve.max_lora_rank (one of "
                               "8, 16, 32, 64, 128, 256, 320, 512) or lower lora.r")
-
-
-def _check_model(name: str, source: str) -> None:
-    """A built-in name, an existing Hugging Face folder, or a hub id; a path that is none of these is refused.
-    A name counts as a local path when it starts with . / ~ or its first component is a local folder."""
-    if name in BUILTIN:
-        return
-    folder = Path(name).expanduser()
-    local = name.startswith((".", "/", "~")) or folder.is_dir() or Path(name.split("/")[0]).is_dir()
-    if not local:
-        return  # a hub id: resolved (downloaded once) by the model stage
-    if not folder.is_dir():
-        raise MissingInput(f"{source}: model.name={name!r}: no such folder; give a Hugging Face model folder, a hub "
-                           f"id, or one of {', '.join(BUILTIN)}")
-    if not (folder / "config.json").is_file():
-        raise MissingInput(f"{source}: model.name={name!r}: {folder} has no config.json, so it is not a Hugging Face "
-                           "model folder")
 
 
 def _check_rows(spec: str, key: str, source: str) -> None:

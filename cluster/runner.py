@@ -75,7 +75,6 @@ def _has_cuda() -> bool:
 
 
 def stage_model(cfg: RunConfig) -> str:
-
     with console.status(f"[bold]model[/]: resolving {cfg.model.name}"):
         t0 = time.time()
         path = resolve_model(cfg.model)
@@ -84,7 +83,6 @@ def stage_model(cfg: RunConfig) -> str:
 
 
 def stage_data(cfg: RunConfig, model_dir: str) -> Path:
-
     init_ray(cfg)
     t0 = time.time()
     out = data.run(cfg.data, model_dir, cfg.stage_dir("data"))
@@ -106,7 +104,6 @@ def stage_curate(cfg: RunConfig, model_dir: str) -> Path:
 
 
 def stage_sft(cfg: RunConfig, model_dir: str, data_dir: Path) -> Path:
-
     init_ray(cfg)
     t0 = time.time()
     out = sft.run(cfg.lora, cfg.train, model_dir, data_dir, cfg.stage_dir("sft"), dtype=cfg.model.dtype,
@@ -119,7 +116,6 @@ def stage_sft(cfg: RunConfig, model_dir: str, data_dir: Path) -> Path:
 
 
 def stage_dpo(cfg: RunConfig, model_dir: str, sft_dir: Path) -> Path:
-
     init_ray(cfg)
     t0 = time.time()
     data = dpo.prepare(cfg.dpo, model_dir, str(sft_dir), cfg.stage_dir("dpo_data"), dtype=cfg.model.dtype,
@@ -139,7 +135,6 @@ def stage_dpo(cfg: RunConfig, model_dir: str, sft_dir: Path) -> Path:
 def stage_quantize(cfg: RunConfig, source: str, out: Path | None = None) -> Path:
     """Quantize `source` in a Ray task (on a GPU node when quantize.num_gpus > 0); recovery measured inside."""
     import ray
-
 
     q = cfg.quantize
     curated = cfg.stage_dir("data") / "curated"

@@ -69,7 +69,6 @@ class Resolved:
 
 class AdapterSource(Protocol):
     def resolve(self, ref: str) -> Resolved: ...
-
     def list(self) -> list[str]: ...
 
 
@@ -123,7 +122,7 @@ class FolderSource:
 
 
 class RegistrySource:
-    """Adapters from pipelines.artifacts.registry (versions and aliases); imported on first use, not at import time."""
+    """Adapters from pipelines.artifacts.registry (versions and aliases)."""
 
     def __init__(self, root: str):
         self.root = str(Path(root).expanduser().resolve())

@@ -143,7 +143,6 @@ def build_app(cfg: ServeConfig, base_model: str, adapters: dict[str, str],
     from ray.llm._internal.serve.core.server.builder import build_llm_deployment
     from ray.serve.llm.ingress import make_fastapi_ingress
 
-
     base = resolve_base(base_model, cfg.registry)
     gpu = _has_gpus()  # ServeConfig has no GPU field: a replica takes one GPU exactly when the cluster has GPUs
     check_servable(base, has_gpu=gpu)

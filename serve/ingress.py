@@ -161,10 +161,11 @@ class LoRAIngress(OpenAiIngress):
                                 f"lists what is served") from e
         return Target(f"{alias}:{res.id}", res.id, tags_for(name, res.name, res.version))
 
-    def _record(self, tags: dict[str, str], status: int, t0: float, prompt: int = 0, completion: int = 0) -> None:
+    def _record(self, tags: dict[str, str], status: int, t0: float, prompt: int = 0, completion: int = 0,
+                **token_times: float | None) -> None:
         if self._metrics is None:
             self._metrics = RequestMetrics.create()
-        self._metrics.record(tags, status, time.monotonic() - t0, prompt, completion)
+        self._metrics.record(tags, status, time.monotonic() - t0, prompt, completion, **token_times)
 
     async def _process_llm_request(self, body: Any, call_method: str, raw_request: Request | None = None) -> Response:
         t0, target = time.monotonic(), Target(self.cfg.model_alias)
@@ -231,7 +232,7 @@ class LoRAIngress(OpenAiIngress):
             status = 499 if status == 200 else status  # client went away (or the stream broke)
             raise
         finally:
-            self._record(target.tags, status, t0, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
             n = usage.get("completion_tokens", 0)
-            self._metrics.record_tokens(target.tags, status, None if first is None else first - t0,
-                                        (last - first) / (n - 1) if first is not None and n > 1 else None)
+            self._record(target.tags, status, t0, usage.get("prompt_tokens", 0), n,
+                         ttft_s=None if first is None else first - t0,
+                         tpot_s=(last - first) / (n - 1) if first is not None and n > 1 else None)

@@ -40,8 +40,10 @@ class RequestMetrics:
                            "after the first ((last - first) / (tokens - 1)).", boundaries=TOKEN_BOUNDS_S,
                            tag_keys=TAGS))
 
-    def record(self, tags: dict[str, str], status: int, latency_s: float, prompt: int = 0,
-               completion: int = 0) -> None:
+    def record(self, tags: dict[str, str], status: int, latency_s: float, prompt: int = 0, completion: int = 0,
+               ttft_s: float | None = None, tpot_s: float | None = None) -> None:
+        """One answered request; ttft_s / tpot_s only for streamed ones (a non-streaming answer arrives whole at
+        the ingress: it has no first-token time there)."""
         t = {**tags, "status": str(status)}
         self.requests.inc(1, tags=t)
         if prompt:
@@ -49,10 +51,6 @@ class RequestMetrics:
         if completion:
             self.completion_tokens.inc(completion, tags=t)
         self.latency.observe(latency_s, tags=t)
-
-    def record_tokens(self, tags: dict[str, str], status: int, ttft_s: float | None, tpot_s: float | None) -> None:
-        """Token timing of a streamed request (a non-streaming answer arrives whole: no first-token time)."""
-        t = {**tags, "status": str(status)}
         if ttft_s is not None:
             self.ttft.observe(ttft_s, tags=t)
         if tpot_s is not None:

@@ -78,11 +78,11 @@ def staging_folder(out: str | os.PathLike) -> Path:
 
 def publish_folder(tmp: str | os.PathLike, out: str | os.PathLike, *, replace: bool = True) -> bool:
     """Move a finished folder into place atomically: a reader sees the old folder or the new one, never half of
-    one, and a crash leaves only a staging folder behind. This is the one publish every stage, the model cache,
-    the 4-bit base cache and the registry use.
+    one, and a crash leaves only a staging folder behind. This is the one publish the stages (merge, quantize),
+    the model cache and the 4-bit base cache use; the registry keeps its own (staging under its writer lock).
 
     replace=True: an existing `out` is replaced (a rerun of a stage). replace=False: an existing `out` wins (it was
-    published first, e.g. by another node on a shared filesystem, or it is an immutable registry version); `tmp`
+    published first, e.g. by another node on a shared filesystem); `tmp`
     is discarded and False returned."""
     tmp, out = Path(tmp), Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

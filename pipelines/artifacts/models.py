@@ -17,7 +17,7 @@ from pydantic import Field
 
 from pipelines.artifacts.manifest import publish_folder, staging_folder
 from pipelines.demo.generator import tokenizer_corpus
-from pipelines.schema import Section
+from pipelines.schema import MissingInput, Section
 
 # ChatML, as SmolLM2 and Qwen2 use it. Written out here so the tiny model's tokenizer has the same template
 # shape as the real model's: labels are derived by rendering prefixes of a conversation (see formatting.py).
@@ -58,16 +58,30 @@ def resolve_model(cfg: ModelConfig) -> str:
             else:
                 build_tiny_model(out, arch="qwen2" if name == "tiny-qwen2" else "llama")
         return str(out)
-    if Path(name).expanduser().is_dir():
-        folder = Path(name).expanduser().resolve()
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"model.name={name!r}: folder has no config.json; not a Hugging Face model folder")
+    folder = local_folder(name)
+    if folder is not None:
         return str(folder)
-    if name.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"model.name={name!r}: no such folder")
     from huggingface_hub import snapshot_download  # a hub id: one local snapshot that every stage shares
 
     return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+
+
+def local_folder(name: str) -> Path | None:
+    """The local Hugging Face folder `model.name` names, or None for a built-in name or a hub id. A name is a
+    local path when it starts with . / ~, is a folder, or its first component is a local folder; one that is
+    not a model folder (missing, or without config.json) is refused with MissingInput."""
+    if name in BUILTIN:
+        return None
+    folder = Path(name).expanduser()
+    if not (name.startswith((".", "/", "~")) or folder.is_dir() or Path(name.split("/")[0]).is_dir()):
+        return None
+    if not folder.is_dir():
+        raise MissingInput(f"model.name={name!r}: no such folder; give a Hugging Face model folder, a hub id, or "
+                           f"one of {', '.join(BUILTIN)}")
+    if not (folder / "config.json").is_file():
+        raise MissingInput(f"model.name={name!r}: {folder} has no config.json, so it is not a Hugging Face model "
+                           "folder")
+    return folder.resolve()
 
 
 def build_tokenizer(corpus: list[str], vocab_size: int = 1024):
@@ -94,7 +108,6 @@ def build_tiny_model(out: str | os.PathLike, arch: Literal["llama", "qwen2"] = "
     """
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
-
 
     out = Path(out)
     tok = build_tokenizer(tokenizer_corpus())

@@ -44,8 +44,7 @@ DECISION_REASONS = list(CURATION_REASONS)
 
 
 def run(cfg, out_dir: str | os.PathLike, model_dir: str | None = None) -> Path:
-    """Curate cfg.train_path (+ cfg.mix.path) into out_dir; returns out_dir. cfg is a pipelines.data.DataConfig."""
-
+    """Curate cfg.train_path (+ cfg.mix.path) into out_dir; returns out_dir. cfg is a pipelines.data.config.DataConfig."""
 
     out = Path(out_dir).resolve()
     shutil.rmtree(out, ignore_errors=True)
@@ -74,7 +73,6 @@ def run(cfg, out_dir: str | os.PathLike, model_dir: str | None = None) -> Path:
 
 def _parse_pass(files: list[str], parse_args: tuple, dest: Path, cfg) -> None:
     import ray
-
 
     # Order preserved so the parsed files hold rows in (file, line) order: the split files can then be written
     # sorted by row id in one streaming pass, without a shuffle (checked while writing).
@@ -145,7 +143,6 @@ def _sig_matrix(chunks: list, order: np.ndarray, valid: np.ndarray) -> np.ndarra
 
 
 def _split_code(key: str, cfg) -> int:
-
     return assign_split(key, cfg.split.seed, cfg.split.fractions())
 
 
@@ -305,7 +302,6 @@ def write_outputs(parsed: Path, out: Path, dec: dict[str, Any]) -> tuple[int, in
 
 
 def _finish(cfg, out: Path, files: list[str], dec: dict[str, Any], model_dir: str | None) -> Path:
-
     counts = dec["counts"]
     content = {s: hash_path(out / s) for s in SPLITS}
     report = {**counts, "kind": dec["kind"], "dedup": dec["dedup"], "inputs": files, "content_hash": content}

@@ -60,7 +60,6 @@ class ParseRows:
             self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-
         out: dict[str, list] = {k: [] for k in PARSED_COLUMNS if k != "sig"}
         for source, line, raw, error, row_id in zip(batch["source"], batch["line"], batch["raw"], batch["error"],
                                                     batch["row_id"]):
@@ -79,7 +78,6 @@ class ParseRows:
         return out
 
     def row(self, source: str, raw: str, error: str) -> dict[str, Any]:
-
         res = {"kind": "", "category": "", "reason": "", "detail": "", "raw": raw, "record": "", "dtext": "",
                "exact_key": "", "n_tokens": 0}
         try:

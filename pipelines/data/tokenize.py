@@ -39,7 +39,6 @@ class _TokenizeRows:
         self.cfg = cfg
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-
         out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "n_tokens", "truncated", "reason", "detail",
                                                 "source", "line", "row", "split")}
         body = "messages" if "messages" in batch else "text"
@@ -140,7 +139,6 @@ def _tokenize_splits(cfg: DataConfig, model_dir: str, srcs: list[Path], out: Pat
         kept = kept.filter(expr="reason == ''").select_columns(["split", "input_ids", "labels", "n_tokens"])
         if cfg.packing.enabled:
             from functools import partial
-
 
             kept = kept.map_batches(partial(pack_rows, capacity=cfg.packing.block_size or cfg.max_length),
                                     batch_size=cfg.packing.window, batch_format="numpy", num_cpus=cfg.task_cpus)

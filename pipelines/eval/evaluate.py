@@ -131,7 +131,6 @@ def _tokenizer(base_model: str):
 
 
 def _text_scores(cfg: EvalSection, preds: list[str], refs: list[str]) -> dict[str, float]:
-
     out = text_metrics(preds, refs, bertscore=cfg.bertscore, bertscore_model=cfg.bertscore_model)
     out["exact_match"] = exact_match(preds, refs)
     return out
@@ -141,7 +140,6 @@ class _Scorer:
     """Log-likelihood scoring in the driver (transformers + PEFT, float32): perplexity, MMLU, general NLL."""
 
     def __init__(self, base_model: str, adapters: dict[str, str]):
-
         self.tok = _tokenizer(base_model)
         self.model = load_with_adapters(base_model, adapters)
 
@@ -170,7 +168,6 @@ class _Scorer:
         return total, count
 
     def perplexity(self, prompts: list[str], refs: list[str], adapter: str | None) -> float:
-
         end = self.tok.eos_token or ""  # the answer's end-of-turn token counts: the model must learn to stop
         return perplexity(*self.nll(prompts, [r + end for r in refs], adapter))
 

@@ -56,7 +56,6 @@ def run(cfg: MergeSection, base_model: str, adapters: list[str], out_dir: str | 
     import torch
     from transformers import AutoTokenizer
 
-
     if not adapters:
         raise ValueError("merge: no adapter given")
     _refuse_quantized_base(base_model)

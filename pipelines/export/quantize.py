@@ -184,7 +184,6 @@ def run(cfg: QuantizeSection, model_dir: str, out_dir: str | os.PathLike, *, cal
     """Quantize `model_dir`, measure recovery, write the folder + report into out_dir (atomically)."""
     from transformers import AutoTokenizer
 
-
     _refuse_quantized(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     out = Path(out_dir).resolve()

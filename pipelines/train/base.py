@@ -140,7 +140,6 @@ def load_worker_base(job: WorkerJob) -> tuple[Any, dict[str, Any]]:
 
         from transformers.integrations import HfDeepSpeedConfig
 
-
         init_deepspeed(train)
         keep = HfDeepSpeedConfig(copy.deepcopy(ds))  # transformers holds only a weak reference to it
         model = load_base(job.model_dir, job.dtype, quant, gradient_checkpointing)
@@ -218,7 +217,6 @@ def per_rank(model, base: dict[str, Any]) -> dict[str, Any]:
     writes them into the checkpoint's static.json and from there the manifest."""
     import ray.train
     import torch.distributed as dist
-
 
     mine = {**base, "frozen_checksum": checksum(full_tensors([p for p in model.parameters() if not p.requires_grad]))}
     ranks = [mine]

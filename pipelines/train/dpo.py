@@ -39,7 +39,6 @@ class _PrepareBatch:
         from peft import PeftModel
         from transformers import AutoTokenizer
 
-
         torch.set_num_threads(1)
         self.cfg = cfg
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -48,7 +47,6 @@ class _PrepareBatch:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import torch
-
 
         out: dict[str, list] = {k: [] for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids",
                                                 "rejected_labels", "ref_chosen", "ref_rejected", "reason",
@@ -103,7 +101,6 @@ def prepare(cfg: DPOSection, model_dir: str, sft_dir: str, out_dir: str | os.Pat
             quant: QuantSection | None = None) -> Path:
     """Tokenize preference pairs and precompute reference log-probs (Ray Data); counts add up, rejects kept."""
     import ray
-
 
     if not cfg.train_path:
         raise MissingInput("dpo.train_path is not set: point it at a preference JSONL (prompt, chosen, rejected)")
@@ -170,7 +167,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-
     job: WorkerJob = config["job"]
     cfg, train = job.dpo, job.train
     torch.set_num_threads(max(1, int(round(train.cpus_per_worker * 2))))
@@ -185,7 +181,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         print(f"[dpo] policy = SFT adapter ({static['trainable_params']:,} trainable parameters), reference log-probs precomputed", flush=True)
 
     def loss_fn(m, batch):
-
         logps, ntok = sequence_logps(m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                                      batch["labels"])
         b = batch["ref_chosen"].shape[0]
@@ -208,7 +203,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def _collate(pad_id: int):
     def collate(batch: dict[str, Any]) -> dict[str, Any]:
         import torch
-
 
         rows = [(list(i), list(l)) for i, l in zip(batch["chosen_input_ids"], batch["chosen_labels"])]
         rows += [(list(i), list(l)) for i, l in zip(batch["rejected_input_ids"], batch["rejected_labels"])]

@@ -63,7 +63,6 @@ def run_loop(job: WorkerJob, model, *, loss_fn: Callable, collate, count_items: 
     from ray.train import Checkpoint
     from transformers import get_cosine_schedule_with_warmup
 
-
     train = job.train
     rank = ray.train.get_context().get_world_rank()
     engine = Engine(model, train, deepspeed_config(train, job.dtype), lambda p: make_optimizer(p, train),

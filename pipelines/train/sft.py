@@ -123,7 +123,6 @@ def collate_fn(pad_id: int, dtype: str = "float32"):
     def collate(batch: dict[str, Any]) -> dict[str, Any]:
         import torch
 
-
         out = pack_collate(batch, pad_id, dtype=getattr(torch, dtype))
         out["num_tokens"] = torch.tensor(sum(len(x) for x in batch["input_ids"]) if "seq_lens" not in batch
                                          else sum(int(v) for lens in batch["seq_lens"] for v in lens))

@@ -379,7 +379,6 @@ def test_load_64_concurrent_clients_no_5xx(server):
 
 def test_metrics_are_exported_per_adapter(ray_session, client):
     import httpx
-
     import openai
 
     complete(client, "alpha")
