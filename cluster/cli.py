@@ -24,6 +24,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 COMMANDS = {
     "run": cli_stages.run, "tokenize": cli_stages.tokenize, "curate": cli_stages.curate, "sft": cli_stages.sft,
+    "tune": cli_stages.tune,
     "dpo": cli_stages.dpo, "evaluate": cli_stages.evaluate, "merge": cli_stages.merge,
     "quantize": cli_stages.quantize, "score": cli_stages.score, "validate": cli_stages.validate,
     "config-schema": cli_stages.config_schema,

@@ -2,6 +2,7 @@
 
     loraforge run configs/quickstart-cpu.yaml                     # data → sft → (dpo) → serve → demo answers → exit
     loraforge tokenize CONFIG | curate CONFIG | sft CONFIG | dpo CONFIG
+    loraforge tune CONFIG [--register NAME]                       # Ray Tune sweep with ASHA; winner in <run>/tune/winner
     loraforge evaluate CONFIG --adapter runs/x/sft [--gate] [--force]
     loraforge merge CONFIG --adapter runs/x/sft [--out DIR] [--register NAME]
     loraforge quantize CONFIG [--model runs/x/merge] [quantize.method=int8|awq] [--register NAME]
@@ -58,6 +59,22 @@ def dpo(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> No
     """DPO alone: preference pairs (dpo.train_path) on top of this run's SFT adapter."""
     cfg = load(config, overrides, ("model", "dpo", "sft_adapter"))
     done(runner.stage_dpo(cfg, runner.stage_model(cfg), cfg.stage_dir("sft")))
+
+
+def tune(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
+         register: Optional[str] = REGISTER) -> None:
+    """Ray Tune sweep (tune: section) over the SFT trainer with ASHA; the winner is exported to <run>/tune/winner.
+    Tokenizes first when this run has no data stage output; rerun after an interruption to resume the sweep."""
+    cfg = load(config, overrides, ("model", "data", "tune"))
+    model_dir = runner.stage_model(cfg)
+    data_dir = cfg.stage_dir("data")
+    runner.init_ray(cfg, dashboard=True)  # before any stage starts Ray: the sweep needs the State API
+    if not (data_dir / "manifest.json").is_file():
+        data_dir = runner.stage_data(cfg, model_dir)
+    out = runner.stage_tune(cfg, model_dir, data_dir)
+    if register:
+        typer.echo(runner.publish(cfg, out / "winner", register, "lora_adapter"))
+    done(out)
 
 
 def evaluate(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,

@@ -26,6 +26,7 @@ from pipelines.export.quantize import QuantizeSection
 from pipelines.schema import DataError, MissingInput, Section, UserError
 from pipelines.train.config import DPOSection, LoraSection, QuantSection, TrainSection, check_combination
 from serve.config import ServeConfig
+from tune.space import TuneSection
 
 
 class RaySection(Section):
@@ -56,6 +57,7 @@ class RunConfig(Section):
     quant: QuantSection = Field(default_factory=QuantSection)
     train: TrainSection = Field(default_factory=TrainSection)
     dpo: DPOSection = Field(default_factory=DPOSection)
+    tune: TuneSection | None = Field(None, description="A Ray Tune sweep over the SFT trainer (`loraforge tune`).")
     eval: EvalSection = Field(default_factory=EvalSection)
     gate: GateSection = Field(default_factory=GateSection)
     merge: MergeSection = Field(default_factory=MergeSection)
@@ -68,6 +70,13 @@ class RunConfig(Section):
     def _combinations(self) -> "RunConfig":
         """What no single section can see: refused here, before any Ray work, not after workers started."""
         check_combination(self.quant, self.train)
+        if self.tune and self.tune.space.r and max(self.tune.space.r) > self.serve.max_lora_rank:
+            raise ValueError(f"tune.space.r goes up to {max(self.tune.space.r)} > serve.max_lora_rank="
+                             f"{self.serve.max_lora_rank}: the sweep's winner might not fit vLLM's LoRA slots; raise "
+                             "serve.max_lora_rank (8, 16, 32, 64, 128, 256, 320, 512) or drop the larger ranks")
+        if self.tune and self.data.split.validation <= 0:
+            raise ValueError("tune: a sweep ranks trials on eval_loss and needs a validation split; set "
+                             "data.split.validation > 0")
         return self
 
     def stage_dir(self, stage: str) -> Path:
@@ -97,6 +106,8 @@ def preflight(cfg: RunConfig, stages: tuple[str, ...] | list[str], source: str =
         for key in ("calibration_path", "eval_path"):
             if getattr(cfg.quantize, key):
                 _check_rows(getattr(cfg.quantize, key), f"quantize.{key}", source)
+    if "tune" in want and cfg.tune is None:
+        raise ConfigError(f"{source}: no tune: section: add one to sweep (see configs/tune-tiny-cpu.yaml)")
     if "sft_adapter" in want and not (cfg.stage_dir("sft") / "adapter_config.json").is_file():
         raise MissingInput(f"{source}: {cfg.stage_dir('sft')} holds no adapter: run `loraforge sft {source}` first")
     if "tokenized" in want and not (cfg.stage_dir("data") / "manifest.json").is_file():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from cluster.config import RunConfig
+from cluster.config import ConfigError, RunConfig
 from pipelines.artifacts.manifest import read_manifest
 from pipelines.artifacts.models import resolve_model
 from pipelines.artifacts.registry import Registry, lineage_from_manifest
@@ -23,19 +23,22 @@ from pipelines.eval.gate import GateDecision
 from pipelines.export import merge, quantize
 from pipelines.schema import MissingInput
 from pipelines.train import dpo, sft
+from tune import sweep
 
 console = Console(stderr=True)
 
 # Environment every Ray worker and Serve replica gets. vLLM binds its internal queues to the machine's external
 # address unless told otherwise (STACK_NOTES); tokenizers' own thread pool fights Ray's workers for 2 cores.
-WORKER_ENV = {"VLLM_HOST_IP": "127.0.0.1", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}
+WORKER_ENV = {"VLLM_HOST_IP": "127.0.0.1", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu",
+              "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 
 
 _started_here = False
 
 
-def init_ray(cfg: RunConfig) -> None:
-    """Join the configured or submitting cluster, or start a local instance."""
+def init_ray(cfg: RunConfig, *, dashboard: bool = False) -> None:
+    """Join the configured or submitting cluster, or start a local instance (with the dashboard when asked:
+    a sweep needs its State API)."""
     global _started_here
     import ray
 
@@ -51,7 +54,7 @@ def init_ray(cfg: RunConfig) -> None:
     if address:  # under `ray job submit`, RAY_ADDRESS points at the cluster the job runs on
         ray.init(address=address, runtime_env={"env_vars": env})
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard or dashboard,
                  runtime_env={"env_vars": env})
 
 
@@ -129,6 +132,23 @@ def stage_dpo(cfg: RunConfig, model_dir: str, sft_dir: Path) -> Path:
     acc = m.get("reward_accuracy_history") or [float("nan")]
     console.print(f"[bold]dpo[/]: {m['steps']} steps, loss {m['loss_first']:.3f} → {m['loss_last']:.3f}, reward "
                   f"accuracy {acc[0]:.2f} → {acc[-1]:.2f} ({time.time() - t0:.0f} s)")
+    return out
+
+
+def stage_tune(cfg: RunConfig, model_dir: str, data_dir: Path) -> Path:
+    """The sweep (tune: section) over this run's tokenized data; its winner lands in <run>/tune."""
+    if cfg.tune is None:
+        raise ConfigError("this config has no tune: section; add one (see configs/tune-tiny-cpu.yaml)")
+    init_ray(cfg, dashboard=True)
+    t0 = time.time()
+    out = sweep.run(cfg.tune, cfg.lora, cfg.train, model_dir, data_dir, cfg.stage_dir("tune"),
+                    dtype=cfg.model.dtype, quant=cfg.quant, model_id=cfg.model.name)
+    winner = read_manifest(out / "winner")["lineage"]["sweep"]
+    trials = winner["trials"]
+    console.print(f"[bold]tune[/]: {len(trials)} trials, {sum(t['status'] == 'stopped early' for t in trials)} "
+                  f"stopped early; winner {winner['winner']['label']} eval_loss {winner['winner']['eval_loss']:.4f} "
+                  f"at step {winner['winner']['step']} ({time.time() - t0:.0f} s); report in "
+                  f"{out / 'sweep_report.md'}")
     return out
 
 

@@ -107,8 +107,11 @@ def run_stage(loop, job: WorkerJob, *, name: str, title: str, data_dir: str | os
     return out
 
 
-def fit_on_ray(loop, job: WorkerJob, data_dir, data_manifest: dict, name: str):
-    """Build the TorchTrainer over the data stage's splits and run it; each worker gets `{"job": job}`."""
+def fit_on_ray(loop, job: WorkerJob, data_dir, data_manifest: dict, name: str, *, callbacks: list | None = None,
+               fresh: bool = True):
+    """Build the TorchTrainer over the data stage's splits and run it; each worker gets `{"job": job}`.
+    callbacks: Ray Train callbacks (a sweep trial's TuneReportCallback); fresh=False keeps an earlier run under
+    the same storage and name, which Ray Train then resumes from its last checkpoint (a restored sweep trial)."""
     import ray.data
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -118,16 +121,24 @@ def fit_on_ray(loop, job: WorkerJob, data_dir, data_manifest: dict, name: str):
     check_combination(job.quant, train)
     # A fresh stage run starts from scratch: Ray Train would otherwise resume an older run found under the same
     # storage path and name. Resumption after a worker dies happens inside this fit (FailureConfig).
-    shutil.rmtree(job.storage, ignore_errors=True)
+    if fresh:
+        shutil.rmtree(job.storage, ignore_errors=True)
     Path(job.storage).mkdir(parents=True, exist_ok=True)
 
     datasets = {}
-    for split in ("train", "validation"):
-        rel = data_manifest.get("outputs", {}).get(split)
-        if rel:
-            # num_cpus=0: the trainer workers hold the CPUs, and a read task waiting for a whole one would
-            # deadlock the stream feeding them (STACK_NOTES); the reads overlap the workers instead.
-            datasets[split] = ray.data.read_parquet(str(Path(data_dir) / rel), num_cpus=0)
+    # num_cpus=0: the trainer workers hold the CPUs, and a read task waiting for a whole one would deadlock the
+    # stream feeding them (STACK_NOTES); the reads overlap the workers instead. Ray Data's V2 parquet source adds a
+    # file-listing task that always asks for 1 CPU and takes no remote args, so the workers can starve it (two
+    # 1-CPU sweep trials on 2 CPUs hung); the V1 source reads with no listing task.
+    context = ray.data.DataContext.get_current()
+    v2, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        for split in ("train", "validation"):
+            rel = data_manifest.get("outputs", {}).get(split)
+            if rel:
+                datasets[split] = ray.data.read_parquet(str(Path(data_dir) / rel), num_cpus=0)
+    finally:
+        context.use_datasource_v2 = v2
     has_val = "validation" in datasets
     trainer = TorchTrainer(
         loop,
@@ -138,7 +149,7 @@ def fit_on_ray(loop, job: WorkerJob, data_dir, data_manifest: dict, name: str):
         # preserve_order: the same data gives the same batches run after run (reproducible losses, exact resume)
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
         run_config=RunConfig(
-            name=name, storage_path=job.storage,
+            name=name, storage_path=job.storage, callbacks=callbacks or None,
             failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=train.keep_checkpoints,
@@ -161,11 +172,19 @@ def export_adapter(result, out: Path) -> dict[str, Any]:
     if result.best_checkpoints and any("eval_loss" in m for _, m in result.best_checkpoints):
         best = min(result.best_checkpoints, key=lambda cm: cm[1].get("eval_loss", float("inf")))[0]
     with best.as_directory() as d:
-        best_state = json.loads((Path(d) / "train_state.json").read_text())
-        for f in Path(d).iterdir():
-            if f.name in ADAPTER_FILES or f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
-                shutil.copy2(f, out / f.name)
-    state["selected_step"] = best_state["step"]
+        state["selected_step"] = copy_adapter(Path(d), out)["step"]
+    return state
+
+
+def copy_adapter(checkpoint_dir: Path, out: Path) -> dict[str, Any]:
+    """Copy a training checkpoint's adapter and tokenizer files into out; return that checkpoint's state."""
+    for f in checkpoint_dir.iterdir():
+        if f.name in ADAPTER_FILES or f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            shutil.copy2(f, out / f.name)
+    state = json.loads((checkpoint_dir / "train_state.json").read_text())
+    static = checkpoint_dir / "static.json"
+    if static.is_file():
+        state["static"] = json.loads(static.read_text())
     return state
 
 
