@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from cluster.config import ConfigError, RunConfig
+from cluster.config import RunConfig
 from pipelines.artifacts.manifest import read_manifest
 from pipelines.artifacts.models import resolve_model
 from pipelines.artifacts.registry import Registry, lineage_from_manifest
@@ -136,9 +136,8 @@ def stage_dpo(cfg: RunConfig, model_dir: str, sft_dir: Path) -> Path:
 
 
 def stage_tune(cfg: RunConfig, model_dir: str, data_dir: Path) -> Path:
-    """The sweep (tune: section) over this run's tokenized data; its winner lands in <run>/tune."""
-    if cfg.tune is None:
-        raise ConfigError("this config has no tune: section; add one (see configs/tune-tiny-cpu.yaml)")
+    """The sweep (tune: section, checked by preflight's "tune") over this run's tokenized data; its winner lands
+    in <run>/tune/winner."""
     init_ray(cfg, dashboard=True)
     t0 = time.time()
     out = sweep.run(cfg.tune, cfg.lora, cfg.train, model_dir, data_dir, cfg.stage_dir("tune"),

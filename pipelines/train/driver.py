@@ -166,8 +166,7 @@ def export_adapter(result, out: Path) -> dict[str, Any]:
     """Copy the best checkpoint's adapter (lowest validation loss, else the last) into out; return the last
     checkpoint's training state, which holds the whole history."""
     with result.checkpoint.as_directory() as last:
-        state = json.loads((Path(last) / "train_state.json").read_text())
-        state["static"] = json.loads((Path(last) / "static.json").read_text())
+        state = checkpoint_state(Path(last))
     best = result.checkpoint
     if result.best_checkpoints and any("eval_loss" in m for _, m in result.best_checkpoints):
         best = min(result.best_checkpoints, key=lambda cm: cm[1].get("eval_loss", float("inf")))[0]
@@ -181,10 +180,13 @@ def copy_adapter(checkpoint_dir: Path, out: Path) -> dict[str, Any]:
     for f in checkpoint_dir.iterdir():
         if f.name in ADAPTER_FILES or f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
             shutil.copy2(f, out / f.name)
+    return checkpoint_state(checkpoint_dir)
+
+
+def checkpoint_state(checkpoint_dir: Path) -> dict[str, Any]:
+    """A checkpoint's training state (step, histories) with the worker's static facts under "static"."""
     state = json.loads((checkpoint_dir / "train_state.json").read_text())
-    static = checkpoint_dir / "static.json"
-    if static.is_file():
-        state["static"] = json.loads(static.read_text())
+    state["static"] = json.loads((checkpoint_dir / "static.json").read_text())
     return state
 
 
