@@ -10,6 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
+DEMO = REPO / "pipelines" / "demo" / "city_date.jsonl"
 
 # vLLM binds its internal queues to the machine's external address unless told otherwise; tests stay local.
 os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
@@ -26,11 +27,12 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """The one local Ray instance of this test session."""
+    """The one local Ray instance of this test session. With the dashboard: Ray's State API, which Ray Tune over
+    Ray Train V2 needs to free the resources of stopped trials (STACK_NOTES) and Ray Train's cleaner queries."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True,
+        ray.init(num_cpus=2, include_dashboard=True, log_to_driver=True,
                  runtime_env={"env_vars": {k: os.environ[k] for k in
                                            ("VLLM_HOST_IP", "VLLM_CPU_KVCACHE_SPACE", "TOKENIZERS_PARALLELISM")}})
     yield ray
@@ -43,6 +45,33 @@ def tiny_model_dir(tmp_path_factory) -> str:
     from pipelines.artifacts.models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tokenized_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A tokenized dataset (train + validation Parquet + manifest) written directly from 320 demo rows, for the
+    trainer and sweep tests."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from pipelines.artifacts.manifest import write_manifest
+    from pipelines.data.chat import tokenize_messages
+    from pipelines.data.rowformats import alpaca_to_messages
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [json.loads(line) for line in DEMO.read_text().splitlines()[:320]]
+    out = tmp_path_factory.mktemp("tokenized")
+    for split, part in (("train", rows[:256]), ("validation", rows[256:])):
+        toks = [tokenize_messages(tok, alpaca_to_messages(r), 256) for r in part]
+        (out / split).mkdir()
+        pq.write_table(pa.table({"input_ids": [t.input_ids for t in toks], "labels": [t.labels for t in toks]}),
+                       out / split / "part-0.parquet")
+    write_manifest(out, kind="tokenized_dataset", inputs={"train": str(DEMO)}, config={},
+                   extra={"outputs": {"train": "train", "validation": "validation"}})
+    return out
 
 
 def require_shared_data(*parts: str) -> Path:

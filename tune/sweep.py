@@ -11,7 +11,7 @@ cluster up front.
 
 Output folder: `winner/`, an ordinary adapter folder (the best checkpoint by eval_loss over every report of every
 trial) whose `manifest.json` lineage names the sweep, the trial, its config and every trial's metrics;
-`sweep_results.csv`, `sweep_report.md`, `sweep_curves.png`, `sweep_rank_lr.png`, and `experiments/` (Tune's own
+`sweep_results.csv`, `sweep_trials.json` (every report of every trial), `sweep_report.md`, `sweep_curves.png`, `sweep_rank_lr.png`, and `experiments/` (Tune's own
 state: rerunning the same sweep restores it and does not rerun finished trials) and `trials/` (each trial's Ray
 Train run and checkpoints).
 
@@ -46,6 +46,10 @@ TRIAL_DRIVER_CPU = 0.01  # the trial function only waits on its trainer; 0 is re
 
 class ClusterNotReady(UserError, RuntimeError):
     """The Ray cluster lacks what a sweep needs (the State API)."""
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """The sweep driver was interrupted (Ctrl+C): Tune saved its state; rerunning the same sweep resumes it."""
 
 
 class TrialContext(Section):
@@ -96,6 +100,15 @@ def run(tune_cfg: TuneSection, lora: LoraSection, train: TrainSection, model_dir
                                                      callbacks=callbacks))
     grid = tuner.fit()
     wall = time.time() - t0
+    expected = tune_cfg.num_samples * (grid_size(tune_cfg.space) if tune_cfg.searcher == "grid" else 1)
+    # Tune returns normally after a SIGINT, marking the trials it cut short TERMINATED too; a trial that really
+    # ended (ran to max_t, or was stopped by ASHA) has done=True in its last result, a failed one an error.
+    finished = sum(1 for r in grid if r.error or (r.metrics or {}).get("done"))
+    if finished < expected:
+        print(f"[tune] interrupted: {finished} of {expected} trials finished; the sweep's state is saved in "
+              f"{experiments / name}. Run the same command again to resume it (finished trials are not rerun)",
+              flush=True)
+        raise SweepInterrupted(f"sweep {name} interrupted after {finished} of {expected} trials")
     trials = trial_table(grid, tune_cfg.steps(train))
     if not any(t["best_eval_loss"] is not None for t in trials):
         errors = "; ".join(f"{t['trial_id']}: {t['error']}" for t in trials if t["error"])
@@ -257,8 +270,9 @@ def export_winner(trials: list[dict], ctx: TrialContext, out: Path, name: str, d
 
 def write_report(trials: list[dict], winner: dict, cfg: TuneSection, train: TrainSection, out: Path, name: str,
                  wall: float) -> None:
-    """sweep_results.csv, sweep_report.md and the two plots."""
+    """sweep_results.csv, sweep_trials.json (every trial's reports), sweep_report.md and the two plots."""
     max_t = cfg.steps(train)
+    (out / "sweep_trials.json").write_text(json.dumps({"name": name, "winner": winner, "trials": trials}, indent=1))
     keys = ["trial_id", "label", "status", "steps", "final_eval_loss", "best_eval_loss", "best_step", "error"]
     axes = sorted({k for t in trials for k in t["config"]})
     with open(out / "sweep_results.csv", "w", newline="") as fh:

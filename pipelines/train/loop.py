@@ -32,7 +32,25 @@ def micro_batches(shard, batch_size: int, collate, skip: int, epoch: int) -> Ite
         skip, epoch = 0, epoch + 1
 
 
-def evaluate(engine: Engine, shard, batch_size: int, collate, loss_fn, max_batches: int
+class ValidationBatches:
+    """This rank's first `max_batches` validation batches, read from its shard once and kept: every validation
+    scores the same rows, without a new pass of the streaming split (several seconds of actor and task start-up
+    per validation on a small machine). A few batches of token ids: small next to the model."""
+
+    def __init__(self, shard):
+        self.shard, self.cached = shard, None
+
+    def batches(self, batch_size: int, collate, max_batches: int) -> list:
+        if self.cached is None:
+            self.cached = []
+            for i, batch in enumerate(self.shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate)):
+                if i >= max_batches:
+                    break
+                self.cached.append(batch)
+        return self.cached
+
+
+def evaluate(engine: Engine, shard: ValidationBatches, batch_size: int, collate, loss_fn, max_batches: int
              ) -> tuple[float, dict[str, float]]:
     """Validation loss (item-weighted over all ranks) and the loss function's extra figures, e.g. DPO accuracy."""
     import torch
@@ -41,9 +59,7 @@ def evaluate(engine: Engine, shard, batch_size: int, collate, loss_fn, max_batch
     total = items = 0.0
     extra: dict[str, float] = {}
     with torch.no_grad():
-        for i, batch in enumerate(shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate)):
-            if i >= max_batches:
-                break
+        for batch in shard.batches(batch_size, collate, max_batches):
             s, n, ex = loss_fn(engine.model, batch)
             total, items = total + float(s), items + float(n)
             for k, v in ex.items():
@@ -81,7 +97,7 @@ def run_loop(job: WorkerJob, model, *, loss_fn: Callable, collate, count_items: 
             print(f"[{tag}] resumed from step {state['step']} (epoch {state['epoch']})", flush=True)
     shard = ray.train.get_dataset_shard("train")
     try:
-        val = ray.train.get_dataset_shard("validation")
+        val = ValidationBatches(ray.train.get_dataset_shard("validation"))
     except KeyError:
         val = None
     batches = micro_batches(shard, train.batch_size, collate, state["batch_in_epoch"] + 1, state["epoch"])

@@ -18,27 +18,8 @@ DEMO = Path(__file__).resolve().parents[2] / "pipelines" / "demo" / "city_date.j
 
 
 @pytest.fixture(scope="module")
-def data_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """A tokenized dataset (train + validation Parquet + manifest), written directly from the demo rows."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from transformers import AutoTokenizer
-
-    from pipelines.artifacts.manifest import write_manifest
-    from pipelines.data.chat import tokenize_messages
-    from pipelines.data.rowformats import alpaca_to_messages
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    rows = [json.loads(line) for line in DEMO.read_text().splitlines()[:320]]
-    out = tmp_path_factory.mktemp("tokenized")
-    for split, part in (("train", rows[:256]), ("validation", rows[256:])):
-        toks = [tokenize_messages(tok, alpaca_to_messages(r), 256) for r in part]
-        (out / split).mkdir()
-        pq.write_table(pa.table({"input_ids": [t.input_ids for t in toks], "labels": [t.labels for t in toks]}),
-                       out / split / "part-0.parquet")
-    write_manifest(out, kind="tokenized_dataset", inputs={"train": str(DEMO)}, config={},
-                   extra={"outputs": {"train": "train", "validation": "validation"}})
-    return out
+def data_dir(tokenized_dir) -> Path:
+    return tokenized_dir
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,200 @@
+"""Sweeps: real Ray Tune over real Ray Train (V2) trials of the SFT loop, PEFT on the tiny model.
+
+    .venv/bin/pytest tests/integration/test_tune.py -q
+
+The in-process sweep: 4 trials with ASHA, each trial's worker failing once (the fault drill), on the session's
+2 CPUs. The CLI sweep: `loraforge tune` joining the session's cluster, interrupted with SIGINT once a trial has
+finished, then run again: it restores and does not rerun the finished trial.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DEMO, REPO
+
+pytestmark = pytest.mark.integration
+
+
+def _trial_starts(folder: Path) -> list[str]:
+    return [json.loads(line)["trial_id"] for line in (folder / "trial_starts.log").read_text().splitlines()]
+
+
+def _validation_loss(model_dir: str, adapter: Path, rows: dict) -> float:
+    """Token-mean next-token cross-entropy of the adapter over the validation rows, one row at a time (no padding),
+    with transformers + PEFT: what the trainer's eval_loss claims to be."""
+    import torch
+    import torch.nn.functional as F
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32),
+                                      str(adapter)).eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for ids, labels in zip(rows["input_ids"], rows["labels"]):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+            target = torch.tensor(labels[1:])
+            total += float(F.cross_entropy(logits, target, ignore_index=-100, reduction="sum"))
+            count += int((target != -100).sum())
+    return total / count
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_session, tiny_model_dir, tokenized_dir, tmp_path_factory):
+    from pipelines.train.config import LoraSection, TrainSection
+    from tune import sweep as sweep_mod
+    from tune.space import TuneSection
+
+    cfg = TuneSection.model_validate({
+        "space": {"r": [4, 16], "alpha": "ratio", "lr": {"low": 1e-4, "high": 3e-2}}, "searcher": "random",
+        "num_samples": 4, "seed": 0, "asha": {"grace_period": 2, "reduction_factor": 2, "max_t": 4},
+        "eval_every": 2, "max_concurrent_trials": 2})
+    train = TrainSection(num_workers=1, cpus_per_worker=0.95, batch_size=8, warmup_steps=1, eval_max_batches=100,
+                         log_every=100, fail_once_at_step=3)
+    lora = LoraSection(r=8, dropout=0.0, target_modules="all-linear")
+    out = tmp_path_factory.mktemp("sweep")
+    t0 = time.time()
+    folder = sweep_mod.run(cfg, lora, train, tiny_model_dir, tokenized_dir, out, model_id="tiny-llama")
+    return folder, time.time() - t0
+
+
+def test_asha_stops_trials_and_frees_their_resources(ray_session, sweep):
+    folder, wall = sweep
+    manifest = json.loads((folder / "winner" / "manifest.json").read_text())
+    trials = manifest["lineage"]["sweep"]["trials"]
+    assert len(trials) == 4 and not any(t["status"] == "error" for t in trials), trials
+    stopped = [t for t in trials if t["status"] == "stopped early"]
+    assert stopped and all(t["steps"] < 4 for t in stopped), trials
+    assert sum(t["status"] == "completed" for t in trials) >= 1
+    # each trial started once (no worker-failure restart of the trial itself) and all four ran on 2 CPUs: the
+    # trials ASHA stopped gave their CPUs back (without the State API the later ones would never start)
+    assert sorted(set(_trial_starts(folder))) == sorted(t["trial_id"] for t in trials)
+    deadline = time.time() + 60
+    while ray_session.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
+        time.sleep(1)
+    assert ray_session.available_resources().get("CPU", 0) == pytest.approx(2)
+    print(f"sweep of 4 trials: {wall:.0f} s")
+
+
+def test_fault_drill_fired_in_trials_that_passed_step_3_and_they_finished(sweep):
+    folder, _ = sweep
+    trials = json.loads((folder / "winner" / "manifest.json").read_text())["lineage"]["sweep"]["trials"]
+    for t in trials:
+        fired = (folder / "trials" / t["trial_id"] / "fault_drill_step3").exists()
+        assert fired == (t["steps"] >= 3), t  # the drill raised in every trial that got past step 3 ...
+        if t["status"] == "completed":
+            assert t["steps"] == 4  # ... and Ray Train resumed it from its step-2 checkpoint to the end
+
+
+def test_winner_is_the_best_report_and_its_loss_is_real(sweep, tiny_model_dir, tokenized_dir):
+    import pyarrow.parquet as pq
+
+    folder, _ = sweep
+    manifest = json.loads((folder / "winner" / "manifest.json").read_text())
+    lineage = manifest["lineage"]["sweep"]
+    best = min(t["best_eval_loss"] for t in lineage["trials"])
+    assert lineage["winner"]["eval_loss"] == best == lineage["winner"]["best_reported_eval_loss"]
+    winner_trial = next(t for t in lineage["trials"] if t["trial_id"] == lineage["winner"]["trial_id"])
+    assert winner_trial["best_step"] == lineage["winner"]["step"]
+    assert manifest["kind"] == "lora_adapter" and manifest["lineage"]["trial"]["id"] == winner_trial["trial_id"]
+    assert manifest["config"]["lora"]["r"] == winner_trial["config"]["r"]
+    assert manifest["config"]["lora"]["alpha"] == 2 * winner_trial["config"]["r"]  # alpha tied to rank
+    assert manifest["config"]["train"]["lr"] == pytest.approx(winner_trial["config"]["lr"])
+    rows = pq.read_table(tokenized_dir / "validation").to_pydict()
+    recomputed = _validation_loss(tiny_model_dir, folder / "winner", rows)
+    assert recomputed == pytest.approx(best, abs=2e-4), (recomputed, best)
+
+
+def test_report_csv_and_plots(sweep):
+    import csv
+
+    folder, _ = sweep
+    rows = list(csv.DictReader(open(folder / "sweep_results.csv")))
+    assert len(rows) == 4 and {"trial_id", "status", "best_eval_loss", "r", "lr"} <= set(rows[0])
+    report = (folder / "sweep_report.md").read_text()
+    assert "Winner: trial" in report and "stopped early" in report
+    for png in ("sweep_curves.png", "sweep_rank_lr.png"):
+        assert (folder / png).stat().st_size > 5000
+
+
+def test_each_trial_logs_to_mlflow_under_the_sweep_parent(sweep):
+    import mlflow
+
+    folder, _ = sweep
+    client = mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    parent = json.loads((folder / "winner" / "manifest.json").read_text())["lineage"]["sweep"]["mlflow_parent_run"]
+    experiment = client.get_experiment_by_name("loraforge-sweep")
+    children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert len(children) == 4
+    assert all(math.isfinite(r.data.metrics["eval_loss"]) for r in children)
+
+
+def test_cli_sweep_interrupted_then_resumed_without_rerunning_finished_trials(ray_session, tiny_model_dir,
+                                                                              tmp_path):
+    """Two trials one at a time, no ASHA: SIGINT once the second has started, exit 130 with a resume hint; the
+    same command again restores the experiment, resumes the second trial (not the first), registers the winner."""
+    address = ray_session.get_runtime_context().gcs_address
+    config = tmp_path / "tune.yaml"
+    config.write_text(f"""name: cli-sweep
+output_dir: {tmp_path / 'runs'}
+model: {{name: {tiny_model_dir}, dtype: float32}}
+data:
+  train_path: {DEMO}
+  max_length: 128
+  split: {{train: 0.85, validation: 0.15, test: 0.0}}
+lora: {{r: 8, dropout: 0.0, target_modules: all-linear}}
+train: {{num_workers: 1, cpus_per_worker: 0.95, batch_size: 8, warmup_steps: 1, eval_max_batches: 2,
+         log_every: 100, tracking_uri: "off"}}
+tune:
+  space: {{r: [4, 16], lr: [1.0e-3]}}
+  searcher: grid
+  num_samples: 1
+  asha: null
+  max_t: 4
+  eval_every: 2
+  max_concurrent_trials: 1
+serve: {{max_lora_rank: 16}}
+registry: {{root: {tmp_path / 'registry'}}}
+ray: {{address: "{address}"}}
+""")
+    cmd = [sys.executable, "-m", "cluster", "tune", str(config)]
+    sweep_dir = tmp_path / "runs" / "cli-sweep" / "tune"
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, finished = [], None
+    deadline = time.time() + 420
+    for line in proc.stdout:
+        lines.append(line)
+        if finished is None and " finished" in line and line.startswith("[tune]"):
+            finished = line.split()[1]
+        if finished and (sweep_dir / "trial_starts.log").is_file() and len(_trial_starts(sweep_dir)) >= 2:
+            proc.send_signal(signal.SIGINT)
+            break
+        assert time.time() < deadline, "".join(lines[-40:])
+    rest, _ = proc.communicate(timeout=300)
+    out = "".join(lines) + rest
+    assert finished, out[-4000:]
+    assert proc.returncode == 130, out[-4000:]
+    assert "interrupted: 1 of 2 trials finished" in out and "Run the same command again" in out, out[-3000:]
+    assert not (sweep_dir / "winner").exists()
+
+    again = subprocess.run(cmd + ["--register", "tiny-sweep"], cwd=REPO, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert "restoring sweep-" in again.stdout
+    assert again.stdout.strip().splitlines()[-1] == str(sweep_dir.resolve())
+    starts = _trial_starts(sweep_dir)
+    assert starts.count(finished) == 1, starts  # the finished trial was not rerun
+    assert len(set(starts)) == 2 and len(starts) == 3, starts  # the interrupted one started again
+    lineage = json.loads((sweep_dir / "winner" / "manifest.json").read_text())["lineage"]["sweep"]
+    assert sorted(t["config"]["r"] for t in lineage["trials"]) == [4, 16]
+    assert all(t["status"] == "completed" and t["steps"] == 4 for t in lineage["trials"]), lineage["trials"]
+    assert "registry: tiny-sweep@1 (lora_adapter)" in again.stdout
