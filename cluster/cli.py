@@ -1,6 +1,7 @@
 """The `loraforge` command (also `python -m cluster`): one table of every command, each behind the one error path.
 
-    loraforge run configs/quickstart-cpu.yaml                     # data → sft → serve → demo answers → exit
+    loraforge run configs/quickstart-cpu.yaml                     # the job graph (cluster.graph) → demo answers
+    loraforge run configs/quickstart-cpu.yaml --dry-run           # each stage run / cached / off, and why
     loraforge run configs/quickstart-cpu.yaml train.max_steps=20 lora.r=8
     loraforge tokenize CONFIG | sft CONFIG | serve CONFIG         # one stage alone, on the previous one's output
     loraforge config-schema                                       # JSON Schema of the run config

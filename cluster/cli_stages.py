@@ -1,6 +1,6 @@
 """The stage commands: each parses its arguments, loads the config and calls the job graph (cluster.runner).
 
-    loraforge run configs/quickstart-cpu.yaml                     # data → sft → (dpo) → serve → demo answers → exit
+    loraforge run configs/quickstart-cpu.yaml [--dry-run] [--force S] [--from S] [--until S]  # the job graph
     loraforge tokenize CONFIG | curate CONFIG | sft CONFIG | dpo CONFIG
     loraforge tune CONFIG [--register NAME]                       # Ray Tune sweep with ASHA; winner in <run>/tune/winner
     loraforge evaluate CONFIG --adapter runs/x/sft [--gate] [--force]
@@ -21,7 +21,7 @@ from typing import Optional
 
 import typer
 
-from cluster import runner
+from cluster import graph, runner
 from cluster.cli_common import CONFIG, OVERRIDES, REGISTER, done, fail, load
 from cluster.config import json_schema
 from pipelines.eval.metrics import exact_match, text_metrics
@@ -30,11 +30,34 @@ from pipelines.schema import DataError, MissingInput
 ADAPTER = typer.Option(None, "--adapter", help="NAME=FOLDER or FOLDER; repeatable. Default: this run's sft/ folder.")
 
 
-def run(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:
-    """Run data → sft (→ dpo) → serve, print base vs adapter answers through the OpenAI API, shut down, exit 0."""
-    cfg = load(config, overrides, ("model", "data", "dpo", "serve"))
-    sft_dir = runner.run_pipeline(cfg)
-    done(sft_dir)
+def run(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print the graph, each stage's run/cached and why; "
+                                                              "run nothing."),
+        force: Optional[list[str]] = typer.Option(None, "--force", help="Rerun this stage; repeatable."),
+        start: Optional[str] = typer.Option(None, "--from", help="Rerun this stage and every stage after it."),
+        until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage.")) -> None:
+    """The job graph: data → sft → [dpo] → [tune] → [evaluate → gate] → [merge → quantize] → serve → demo; a stage
+    whose inputs, config sections and code are unchanged since it last finished is skipped (cluster.graph).
+    Exit 3 when the gate refuses the adapter."""
+    cfg = load(config, overrides, ("model", "data", "dpo", "eval", "serve"))
+    g = graph.Graph(cfg, force=tuple(force or ()), start=start, until=until)
+    if dry_run:
+        typer.echo(g.plan().table())
+        return
+    from serve.app import shutdown
+
+    try:
+        folders = g.run(log=lambda line: typer.secho(line, err=True, fg="cyan"))
+    except graph.GateRefused as e:
+        runner.finish()
+        for reason in e.reasons:
+            typer.secho(f"gate: {reason}", fg="red", err=True)
+        fail(f"gate: refused; nothing after the gate ran (outputs so far are in {cfg.stage_dir('gate').parent})",
+             code=3)
+    finally:
+        if "serve" in g.folders:
+            shutdown(only_app=True)  # this run's app only: other apps on a shared cluster keep running
+    done(next((folders[s] for s in ("dpo", "sft") if s in folders), cfg.stage_dir("sft")))
 
 
 def tokenize(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:

@@ -1,5 +1,6 @@
-"""The job graph: which stage runs on whose output, on which Ray instance, and every hand-off between stages
-(this run's adapter, evaluate → gate → registry, publishing a stage's output). The CLI only parses arguments.
+"""Each stage's call: on which Ray instance, on whose output, and every hand-off between stages (this run's
+adapter, evaluate → gate → registry, publishing a stage's output). cluster.graph orders them for `run`; the CLI
+only parses arguments.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ console = Console(stderr=True)
 
 # Environment every Ray worker and Serve replica gets. vLLM binds its internal queues to the machine's external
 # address unless told otherwise (STACK_NOTES); tokenizers' own thread pool fights Ray's workers for 2 cores.
-WORKER_ENV = {"VLLM_HOST_IP": "127.0.0.1", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu",
-              "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+# No DS_ACCELERATOR here: each training worker picks DeepSpeed's accelerator from the resources it holds
+# (pipelines.train.engine.select_accelerator), so one CPU setting cannot leak onto GPU workers.
+WORKER_ENV = {"VLLM_HOST_IP": "127.0.0.1", "TOKENIZERS_PARALLELISM": "false", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 
 
 _started_here = False
@@ -106,11 +108,12 @@ def stage_curate(cfg: RunConfig, model_dir: str) -> Path:
     return out
 
 
-def stage_sft(cfg: RunConfig, model_dir: str, data_dir: Path) -> Path:
+def stage_sft(cfg: RunConfig, model_dir: str, data_dir: Path, *, resume: bool = False) -> Path:
+    """SFT on this run's tokenized data; resume=True continues an interrupted run from its last checkpoint."""
     init_ray(cfg)
     t0 = time.time()
     out = sft.run(cfg.lora, cfg.train, model_dir, data_dir, cfg.stage_dir("sft"), dtype=cfg.model.dtype,
-                  quant=cfg.quant, model_id=cfg.model.name)
+                  quant=cfg.quant, model_id=cfg.model.name, resume=resume)
 
     m = read_manifest(out)["metrics"]
     console.print(f"[bold]sft[/]: {m['steps']} steps, loss {m['loss_first']:.3f} → {m['loss_last']:.3f}, "
@@ -118,7 +121,7 @@ def stage_sft(cfg: RunConfig, model_dir: str, data_dir: Path) -> Path:
     return out
 
 
-def stage_dpo(cfg: RunConfig, model_dir: str, sft_dir: Path) -> Path:
+def stage_dpo(cfg: RunConfig, model_dir: str, sft_dir: Path, *, resume: bool = False) -> Path:
     init_ray(cfg)
     t0 = time.time()
     data = dpo.prepare(cfg.dpo, model_dir, str(sft_dir), cfg.stage_dir("dpo_data"), dtype=cfg.model.dtype,
@@ -127,7 +130,7 @@ def stage_dpo(cfg: RunConfig, model_dir: str, sft_dir: Path) -> Path:
     console.print(f"[bold]dpo data[/]: {m['rows_in']} pairs in, {m['train']} train, {m['validation']} held out, "
                   f"{m['rows_rejected']} rejected {m['rejected_by_reason'] or ''}")
     out = dpo.run(cfg.dpo, cfg.train, model_dir, sft_dir, data, cfg.stage_dir("dpo"), dtype=cfg.model.dtype,
-                  quant=cfg.quant, model_id=cfg.model.name)
+                  quant=cfg.quant, model_id=cfg.model.name, resume=resume)
     m = read_manifest(out)["metrics"]
     acc = m.get("reward_accuracy_history") or [float("nan")]
     console.print(f"[bold]dpo[/]: {m['steps']} steps, loss {m['loss_first']:.3f} → {m['loss_last']:.3f}, reward "
@@ -194,13 +197,20 @@ def stage_evaluate(cfg: RunConfig, model_dir: str, adapters: dict[str, str], *, 
     it to the registry and moves the gate's alias when it passes (or is forced)."""
     init_ray(cfg)
     out = evaluate.run(cfg.eval, model_dir, adapters, cfg.stage_dir("evaluate"))
-    if not gate:
-        return out, None
-    results = json.loads((out / "eval.json").read_text())
+    return out, (stage_gate(cfg, adapters, force=force) if gate else None)
+
+
+def stage_gate(cfg: RunConfig, adapters: dict[str, str], *, force: bool = False) -> GateDecision:
+    """The gate over this run's evaluation, for the first adapter: a pass (or force) publishes it to the registry
+    under registry.name (default the run name) and moves gate.alias."""
+    results = json.loads((cfg.stage_dir("evaluate") / "eval.json").read_text())
     first = next(iter(adapters))
     decision = _gate.apply(results, first, adapters[first], cfg.gate, cfg.registry.root,
                            cfg.registry.name or cfg.name, force=force)
-    return out, decision
+    console.print(f"[bold]gate[/]: {'passed' if decision.passed else 'FORCED' if decision.forced else 'refused'} "
+                  f"for {first}" + (f": {cfg.registry.name or cfg.name}@{decision.version}" if decision.version
+                                    else "") + "".join(f"\n  {r}" for r in decision.reasons))
+    return decision
 
 
 def stage_merge(cfg: RunConfig, model_dir: str, adapters: list[str], out: Path | None = None) -> Path:
@@ -236,24 +246,6 @@ def adapters_from(specs: list[str] | None, cfg: RunConfig) -> dict[str, str]:
             raise MissingInput(f"--adapter {spec}: {folder} holds no adapter (no adapter_config.json)")
         out[name] = str(Path(folder).resolve())
     return out
-
-
-def run_pipeline(cfg: RunConfig) -> Path:
-    """model → data → sft → (dpo) → serve → demo answers → the endpoint shut down. Returns the SFT folder."""
-    from serve.app import shutdown
-
-    model_dir = stage_model(cfg)
-    data_dir = stage_data(cfg, model_dir)
-    sft_dir = stage_sft(cfg, model_dir, data_dir)
-    adapters = {cfg.name: str(sft_dir)}
-    if cfg.dpo.train_path:
-        adapters[f"{cfg.name}-dpo"] = str(stage_dpo(cfg, model_dir, sft_dir))
-    url = start_serving(cfg, model_dir, adapters)
-    try:
-        demo(cfg, url, cfg.name)
-    finally:
-        shutdown()
-    return sft_dir
 
 
 def _absolute(spec: str) -> str:

@@ -213,8 +213,10 @@ def replica_count(name: str = "loraforge") -> int:
     return sum(n for state, n in status.replica_states.items() if getattr(state, "value", state) == "RUNNING")
 
 
-def shutdown(name: str = "loraforge") -> None:
-    """Delete the app (its replicas shut their engines down) and stop Serve's controller and proxies.
+def shutdown(name: str = "loraforge", *, only_app: bool = False) -> None:
+    """Delete the app (its replicas shut their engines down) and stop Serve's controller and proxies; with
+    only_app, Serve itself is stopped only when no other app is left on the cluster (a shared cluster keeps
+    everyone else's endpoints).
 
     Safe when Serve never started: `serve.delete` then raises RayServeException ("There is no Serve instance
     running on this Ray cluster"), the one case passed over, and `serve.shutdown` does nothing. Deleting an app
@@ -224,5 +226,9 @@ def shutdown(name: str = "loraforge") -> None:
         serve.delete(name)
     except RayServeException as e:  # no Serve instance on this cluster: nothing to delete
         log.info("serve app %r: nothing to delete (%s)", name, e)
+        return
     finally:
+        if not only_app:
+            serve.shutdown()
+    if only_app and not serve.status().applications:
         serve.shutdown()

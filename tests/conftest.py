@@ -30,6 +30,8 @@ def ray_session():
     """The one local Ray instance of this test session. With the dashboard: Ray's State API, which Ray Tune over
     Ray Train V2 needs to free the resources of stopped trials (STACK_NOTES) and Ray Train's cleaner queries."""
     import ray
+    import ray.data  # noqa: F401  Ray Data binds its console log handler to sys.stderr at import: here, not
+    # inside a CliRunner invocation, whose captured stream is closed after it (later logs: "Logging error")
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=True, log_to_driver=True,

@@ -39,6 +39,7 @@ from pipelines.schema import Section, UserError
 from pipelines.train import sft
 from pipelines.train.config import LoraSection, QuantSection, TrainSection, WorkerJob
 from pipelines.train.driver import copy_adapter, finish_stage, fit_on_ray
+from pipelines.train.loop import NO_EVAL
 from tune.space import LogRange, TuneSection, apply_trial, grid_size, trial_label
 
 TRIAL_DRIVER_CPU = 0.01  # the trial function only waits on its trainer; 0 is refused by Tune (STACK_NOTES)
@@ -218,7 +219,8 @@ def trial_table(grid, max_t: int) -> list[dict[str, Any]]:
         df = result.metrics_dataframe
         reports = [] if df is None or "eval_loss" not in df else [
             {"step": int(r["step"]), "eval_loss": float(r["eval_loss"]), "checkpoint_path": r.get("checkpoint_path")}
-            for r in df.to_dict("records") if r.get("eval_loss") is not None and math.isfinite(r["eval_loss"])]
+            for r in df.to_dict("records") if r.get("eval_loss") is not None and math.isfinite(r["eval_loss"])
+            and r["eval_loss"] < NO_EVAL]
         steps = max((r["step"] for r in reports), default=0)
         best = min(reports, key=lambda r: r["eval_loss"], default=None)
         status = ("error" if result.error else "completed" if steps >= max_t else "stopped early")

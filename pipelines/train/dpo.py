@@ -27,6 +27,7 @@ from pipelines.schema import MissingInput
 from pipelines.train.base import load_base, load_worker_base, per_rank
 from pipelines.train.config import DPOSection, QuantSection, TrainSection, WorkerJob
 from pipelines.train.driver import run_stage
+from pipelines.train.engine import select_accelerator
 from pipelines.train.loop import run_loop
 from pipelines.train.losses import dpo_loss, sequence_logps
 
@@ -140,7 +141,8 @@ def prepare(cfg: DPOSection, model_dir: str, sft_dir: str, out_dir: str | os.Pat
 
 def run(cfg: DPOSection, train: TrainSection, model_dir: str, sft_dir: str | os.PathLike, data_dir: str | os.PathLike,
         out_dir: str | os.PathLike, *, dtype: str = "float32", quant: QuantSection | None = None,
-        model_id: str | None = None, base_cache: str | os.PathLike | None = None) -> Path:
+        model_id: str | None = None, base_cache: str | os.PathLike | None = None,
+        resume: bool = False) -> Path:
     """Train the DPO adapter from the SFT adapter on a prepared preference dataset; write it with a manifest.
     The loop runs with `cfg.optimisation(train)`: train's settings, with DPO's own steps / lr / warmup / batch size
     where set. base_cache: where each node keeps the 4-bit base it quantized once (QLoRA)."""
@@ -153,7 +155,7 @@ def run(cfg: DPOSection, train: TrainSection, model_dir: str, sft_dir: str | os.
                     sft_dir=str(Path(sft_dir).resolve()), storage=str(out / "ray_train"),
                     base_cache=str(base_cache) if base_cache else None)
     return run_stage(train_loop_per_worker, job, name="dpo", title="DPO", data_dir=data_dir,
-                     data_kind="preference_dataset", out=out, model_id=model_id,
+                     data_kind="preference_dataset", out=out, model_id=model_id, resume=resume,
                      config={"dpo": cfg.model_dump(), "quant": quant.model_dump(), "train": loop.model_dump(),
                              "dtype": dtype, "parent_adapter": str(sft_dir)},
                      extra_series={"reward accuracy": "reward_accuracy"},
@@ -163,6 +165,8 @@ def run(cfg: DPOSection, train: TrainSection, model_dir: str, sft_dir: str | os.
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """What each Ray Train worker runs for DPO: the policy is the SFT adapter, trainable; the reference is data."""
     import ray.train
+
+    select_accelerator()  # before anything below can import DeepSpeed
     import torch
     from peft import PeftModel
     from transformers import AutoTokenizer

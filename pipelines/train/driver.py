@@ -92,13 +92,14 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "train_stat
 
 def run_stage(loop, job: WorkerJob, *, name: str, title: str, data_dir: str | os.PathLike, data_kind: str,
               out: Path, model_id: str | None, config: dict[str, Any], extra_series: dict[str, str] | None = None,
-              lineage: dict[str, Any] | None = None) -> Path:
+              lineage: dict[str, Any] | None = None, resume: bool = False) -> Path:
     """The driver half of a training stage, the same for SFT and DPO: fit `loop` on Ray Train workers over the
     data stage's splits, export the best checkpoint's adapter into `out`, and finish the stage (plot, health,
     MLflow, manifest). extra_series: plot label → key of the loop's extra history (DPO's reward accuracy);
-    lineage: entries added to the manifest's lineage (DPO's parent adapter)."""
+    lineage: entries added to the manifest's lineage (DPO's parent adapter); resume: continue the Ray Train run an
+    interrupted attempt left under the same storage from its last checkpoint, instead of starting afresh."""
     data_manifest = read_manifest(data_dir, kind=data_kind)
-    result = fit_on_ray(loop, job, data_dir, data_manifest, name)
+    result = fit_on_ray(loop, job, data_dir, data_manifest, name, fresh=not resume)
     state = export_adapter(result, out)
     finish_stage(out, job, kind="lora_adapter", state=state, model_id=model_id, data_dir=data_dir,
                  data_manifest=data_manifest, title=title, config=config,

@@ -11,6 +11,24 @@ from typing import Any
 from pipelines.train.config import TrainSection
 
 
+def accelerator_for(gpu_ids: list, cuda_available: bool) -> str:
+    """DeepSpeed's accelerator for a worker: cuda when Ray gave it a GPU that torch can see, else cpu."""
+    return "cuda" if gpu_ids and cuda_available else "cpu"
+
+
+def select_accelerator() -> str:
+    """Set DS_ACCELERATOR for this worker process from the resources it holds (not one value for the whole
+    cluster), before DeepSpeed is imported: it reads the variable once, at import. A value set by the user wins."""
+    if os.environ.get("DS_ACCELERATOR"):
+        return os.environ["DS_ACCELERATOR"]
+    import ray
+    import torch
+
+    os.environ["DS_ACCELERATOR"] = accelerator_for(ray.get_gpu_ids() if ray.is_initialized() else [],
+                                                   torch.cuda.is_available())
+    return os.environ["DS_ACCELERATOR"]
+
+
 def make_optimizer(params, train: TrainSection):
     import torch
 

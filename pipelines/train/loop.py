@@ -32,6 +32,12 @@ def micro_batches(shard, batch_size: int, collate, skip: int, epoch: int) -> Ite
         skip, epoch = 0, epoch + 1
 
 
+# eval_loss of a checkpoint taken before the first validation: the worst score, and finite, because Ray Train's
+# run snapshot stores inf as null, and a driver restarted on that snapshot then fails to rank it ("unsupported
+# operand type(s) for *: 'float' and 'NoneType'").
+NO_EVAL = 1e30
+
+
 class ValidationBatches:
     """This rank's first `max_batches` validation batches, read from its shard once and kept: every validation
     scores the same rows, without a new pass of the streaming split (several seconds of actor and task start-up
@@ -109,7 +115,7 @@ def run_loop(job: WorkerJob, model, *, loss_fn: Callable, collate, count_items: 
     def checkpoint(final: bool = False) -> None:
         metrics = {"step": state["step"], "loss": state["loss_history"][-1] if state["loss_history"] else None}
         if val is not None:
-            metrics["eval_loss"] = state["eval_history"][-1][1] if state["eval_history"] else math.inf
+            metrics["eval_loss"] = state["eval_history"][-1][1] if state["eval_history"] else NO_EVAL
         lora = engine.lora_state()  # collective under ZeRO-3
         with tempfile.TemporaryDirectory() as tmp:
             engine.save(tmp, rank)

@@ -22,12 +22,14 @@ from pipelines.data.packing import collate as pack_collate
 from pipelines.train.base import attach_lora, checksum, full_tensors, load_worker_base, per_rank, weight_bytes
 from pipelines.train.config import LoraSection, QuantSection, TrainSection, WorkerJob
 from pipelines.train.driver import run_stage
+from pipelines.train.engine import select_accelerator
 from pipelines.train.loop import run_loop
 
 
 def run(lora: LoraSection, train: TrainSection, model_dir: str, data_dir: str | os.PathLike,
         out_dir: str | os.PathLike, *, dtype: str = "float32", quant: QuantSection | None = None,
-        model_id: str | None = None, base_cache: str | os.PathLike | None = None) -> Path:
+        model_id: str | None = None, base_cache: str | os.PathLike | None = None,
+        resume: bool = False) -> Path:
     """Train an adapter on the tokenized dataset in data_dir; write it with a manifest into out_dir.
     base_cache: where each node keeps the 4-bit base it quantized once (QLoRA); see base.load_worker_base."""
     quant = quant or QuantSection()
@@ -36,7 +38,7 @@ def run(lora: LoraSection, train: TrainSection, model_dir: str, data_dir: str | 
     job = WorkerJob(model_dir=model_dir, dtype=dtype, quant=quant, train=train, lora=lora,
                     storage=str(out / "ray_train"), base_cache=str(base_cache) if base_cache else None)
     return run_stage(train_loop_per_worker, job, name="sft", title="SFT", data_dir=data_dir,
-                     data_kind="tokenized_dataset", out=out, model_id=model_id,
+                     data_kind="tokenized_dataset", out=out, model_id=model_id, resume=resume,
                      config={"lora": lora.model_dump(), "quant": quant.model_dump(), "train": train.model_dump(),
                              "dtype": dtype})
 
@@ -60,6 +62,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """What each Ray Train worker runs for SFT: token-weighted causal-LM loss on assistant tokens."""
     import ray.train
 
+    select_accelerator()
     job: WorkerJob = config["job"]
     tokenizer, model, static = setup_worker(job)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -97,3 +97,39 @@ def test_tokenize_sft_dpo_merge_evaluate(cli):
     assert out.exit_code == 0, out.output
     report = json.loads((last_line(out.stdout) / "eval.json").read_text())
     assert {"base", "cli"} <= set(report["variants"])
+
+
+def test_driver_killed_during_sft_then_run_again_skips_data_and_resumes_sft(cli, ray_session):
+    """SIGKILL of `loraforge run` (a separate driver on this session's cluster) once SFT has checkpointed; the same
+    command again finds the data stage cached and the SFT stage interrupted under the same key, and resumes it
+    from its last checkpoint: the adapter's loss history covers every step once."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    address = ray_session.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "cluster", "run", str(cli["root"] / "cli.yaml"), "--until", "sft", "name=killed",
+           "train.max_steps=10", "train.checkpoint_every=2", "train.log_every=1", "dpo.train_path=null",
+           "eval.test_path=null", f"ray.address={address}"]
+    run_dir = cli["root"] / "runs" / "killed"
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    # a checkpoint counts once Ray Train's snapshot names it (the folder alone may still be uploading)
+    while not list((run_dir / "sft" / "ray_train").glob("*/checkpoint_manager_snapshot.json")):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert json.loads((run_dir / "sft" / "stage.json").read_text())["status"] == "running"
+    assert not (run_dir / "sft" / "manifest.json").exists()  # SFT had not finished
+
+    again = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=600)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-3000:]
+    assert "[graph] data: cached" in out and "[graph] sft: resume" in out, out[-3000:]
+    assert "[sft] resumed from step" in out, out[-3000:]
+    m = json.loads((run_dir / "sft" / "manifest.json").read_text())["metrics"]
+    assert m["steps"] == 10 and len(m["loss_history"]) == 10
+    assert json.loads((run_dir / "sft" / "stage.json").read_text())["status"] == "done"

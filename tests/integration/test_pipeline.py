@@ -146,3 +146,31 @@ def test_served_base_and_adapter_answered(run_result):
     assert row["adapter"].strip() and row["base"].strip(), row  # both answers came back, neither empty
     assert row["adapter"] != row["base"], row  # base:tiny answered with the adapter, not as the base
     assert f"base vs adapter 'tiny' (greedy, via {url})" in out
+
+
+def test_rerun_skips_finished_stages_and_dry_run_says_why(run_result):
+    """The job graph's records: `--dry-run` shows data and sft cached; an override shows what it reruns; a real
+    rerun up to sft runs nothing and leaves the adapter as it was."""
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+
+    config = run_result["root"].parents[1] / "tiny.yaml"
+    sft = run_result["root"] / "sft"
+    before = (sft / "adapter_model.safetensors").stat().st_mtime_ns
+
+    def plan(*args):
+        r = CliRunner().invoke(app, ["run", str(config), *args, "--dry-run"])
+        assert r.exit_code == 0, r.output
+        return {line.split()[0]: line for line in r.stdout.strip().splitlines()[1:]}
+
+    rows = plan()
+    assert "cached" in rows["data"] and "cached" in rows["sft"], rows
+    assert "off" in rows["dpo"] and "always runs" in rows["serve"]
+    assert "train section changed" in plan("train.lr=1e-3")["sft"]
+    r = CliRunner().invoke(app, ["run", str(config), "--until", "sft"])
+    assert r.exit_code == 0, r.output
+    assert "[graph] data: cached" in r.output and "[graph] sft: cached" in r.output
+    assert "serve" not in r.output.split("[graph] sft: cached", 1)[1]
+    assert (sft / "adapter_model.safetensors").stat().st_mtime_ns == before
+    assert r.stdout.strip().splitlines()[-1] == str(sft.resolve())

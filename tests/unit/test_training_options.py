@@ -149,3 +149,19 @@ def test_8bit_adamw_keeps_uint8_state_and_lowers_loss(tiny_model_dir, name):
     for p in small:
         assert opt.state[p]["state1"].dtype == torch.float32
     assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_deepspeed_accelerator_follows_the_workers_resources(monkeypatch):
+    """Per worker, from what Ray gave it: no GPU (or none torch can see) is cpu; a user's DS_ACCELERATOR wins."""
+    from pipelines.train.engine import accelerator_for, select_accelerator
+
+    assert accelerator_for([], cuda_available=True) == "cpu"
+    assert accelerator_for(["0"], cuda_available=False) == "cpu"
+    assert accelerator_for(["0", "1"], cuda_available=True) == "cuda"
+    monkeypatch.setenv("DS_ACCELERATOR", "xpu")
+    assert select_accelerator() == "xpu"
+    monkeypatch.delenv("DS_ACCELERATOR")
+    assert select_accelerator() == "cpu"  # this machine: Ray not started here, no CUDA
+    import os
+
+    assert os.environ["DS_ACCELERATOR"] == "cpu"

@@ -1,0 +1,343 @@
+"""The job graph of `loraforge run`: every stage declared once, run in order, skipped when its result is current.
+
+    data → sft → [dpo] → [tune] → [evaluate → gate (→ registry)] → [merge → [quantize]] → serve → demo
+
+A stage's key covers the config sections it depends on, the recorded outputs of its upstream stages and the code
+(a hash of the package sources). When a stage finishes, `<run>/<stage>/stage.json` records its key and the hash
+of what it wrote. On the next run a stage whose record has the same key, and whose output still hashes to what
+was recorded, is `cached`: not run again. A stage that started under the same key and never finished (its
+driver was killed) runs again and resumes: SFT and DPO from their last Ray Train checkpoint, the sweep from
+Tune's saved state. `--force STAGE` reruns one stage, `--from STAGE` it and every stage after it, `--until STAGE`
+stops after it; downstream stages rerun when an upstream output changed. Outputs of other runs are never touched.
+
+Optional stages run when their section says so: dpo with `dpo.train_path`, tune with a `tune:` section, evaluate
+and gate with `eval.test_path` (the gate publishes a passing adapter to the registry and moves its alias; a
+refusal ends the run with exit 3 and the reasons, before anything is served), merge with a `merge:` section,
+quantize with a `quantize:` section (after merge). serve and demo always run: they are not cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from cluster import runner
+from cluster.config import RunConfig
+from pipelines.artifacts.manifest import hash_path
+from pipelines.artifacts.registry import Registry
+from pipelines.schema import UserError
+
+RECORD = "stage.json"
+PACKAGES = ("pipelines", "cluster", "serve", "tune")
+
+
+class GateRefused(Exception):
+    """The gate refused the run's adapter: the run ends with exit 3, nothing after the gate runs."""
+
+    def __init__(self, reasons: list[str]):
+        super().__init__("gate refused: " + "; ".join(reasons))
+        self.reasons = reasons
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    upstream: tuple[str, ...]
+    sections: tuple[str, ...]
+    enabled: Callable[[RunConfig], str | None] = lambda cfg: None  # None: runs; else why it is left out
+    cached: bool = True  # serve and demo always run
+
+
+def _dpo(cfg: RunConfig) -> str | None:
+    return None if cfg.dpo.train_path else "dpo.train_path is not set"
+
+
+def _tune(cfg: RunConfig) -> str | None:
+    return None if cfg.tune else "no tune: section"
+
+
+def _evaluate(cfg: RunConfig) -> str | None:
+    return None if cfg.eval.test_path else "eval.test_path is not set"
+
+
+def _merge(cfg: RunConfig) -> str | None:
+    return None if "merge" in cfg.model_fields_set else "no merge: section"
+
+
+def _quantize(cfg: RunConfig) -> str | None:
+    if "quantize" not in cfg.model_fields_set:
+        return "no quantize: section"
+    return None if _merge(cfg) is None else "quantize needs merge (add a merge: section)"
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("data", (), ("model", "data")),
+    Stage("sft", ("data",), ("model", "lora", "quant", "train")),
+    Stage("dpo", ("sft",), ("model", "quant", "train", "dpo"), _dpo),
+    Stage("tune", ("data",), ("model", "lora", "quant", "train", "tune"), _tune),
+    Stage("evaluate", ("sft", "dpo", "tune"), ("model", "eval"), _evaluate),
+    Stage("gate", ("evaluate",), ("gate", "registry"), _evaluate),
+    Stage("merge", ("sft", "dpo", "tune", "gate"), ("model", "merge"), _merge),
+    Stage("quantize", ("merge",), ("quantize",), _quantize),
+    Stage("serve", ("sft", "dpo", "tune", "gate"), ("model", "serve"), cached=False),
+    Stage("demo", ("serve",), ("demo",), cached=False),
+)
+NAMES = tuple(s.name for s in STAGES)
+
+
+def source_hash() -> str:
+    """The code version a stage ran with: sha256 over the package sources (works without git, e.g. in a job's
+    working_dir)."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for pkg in PACKAGES:
+        for f in sorted((root / pkg).rglob("*.py")):
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _digest(doc: Any) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Plan:
+    """What a run will do, stage by stage: run / cached / resume / off / stop, and why."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def table(self) -> str:
+        width = max(len(n) for n in NAMES)
+        lines = [f"{'stage':<{width}}  {'upstream':<22}  {'status':<7}  why"]
+        for r in self.rows:
+            lines.append(f"{r['stage']:<{width}}  {','.join(r['upstream']) or '-':<22}  {r['status']:<7}  {r['why']}")
+        return "\n".join(lines)
+
+
+class Graph:
+    """One run's stages over one config: plan (dry run) and execute."""
+
+    def __init__(self, cfg: RunConfig, *, force: tuple[str, ...] = (), start: str | None = None,
+                 until: str | None = None, runners: dict[str, Callable[..., Path]] | None = None):
+        for name in (*force, *(x for x in (start, until) if x)):
+            if name not in NAMES:
+                raise UserError(f"unknown stage {name!r}: the stages are {', '.join(NAMES)}")
+        self.cfg = cfg
+        self.force = set(force) | (set(NAMES[NAMES.index(start):]) if start else set())
+        self.until = until
+        self.code = source_hash()
+        self.outputs: dict[str, str] = {}  # stage → hash of its output, for the keys of downstream stages
+        self.folders: dict[str, Path] = {}
+        self.runners = runners or RUNNERS  # stage name → fn(ctx, resume=bool) -> output folder
+
+    # -- keys and records ------------------------------------------------------------------------------------
+    def folder(self, stage: Stage) -> Path:
+        return self.cfg.stage_dir(stage.name)
+
+    def parts(self, stage: Stage, upstream_hashes: dict[str, str]) -> dict[str, Any]:
+        return {"config": {s: _digest(getattr(self.cfg, s).model_dump(mode="json")
+                                      if getattr(self.cfg, s) is not None else None) for s in stage.sections},
+                "upstream": upstream_hashes, "code": self.code}
+
+    def record(self, stage: Stage) -> dict[str, Any] | None:
+        path = self.folder(stage) / RECORD
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _write_record(self, stage: Stage, doc: dict[str, Any]) -> None:
+        path = self.folder(stage) / RECORD
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, path)
+
+    def output_hash(self, stage: Stage) -> str:
+        return hash_path(self.folder(stage), skip=(RECORD, RECORD.replace(".json", ".tmp")))
+
+    # -- planning --------------------------------------------------------------------------------------------
+    def decide(self, stage: Stage, will_run: set[str]) -> tuple[str, str, dict[str, Any] | None]:
+        """(status, why, key parts) for a stage, given which upstream stages will run before it."""
+        off = stage.enabled(self.cfg)
+        if off:
+            return "off", off, None
+        if self.until and NAMES.index(stage.name) > NAMES.index(self.until):
+            return "stop", f"after --until {self.until}", None
+        if not stage.cached:
+            return "run", "always runs", None
+        ups = [u for u in stage.upstream if u in self.outputs or u in will_run]
+        changed = [u for u in ups if u in will_run]
+        parts = self.parts(stage, {u: self.outputs.get(u) for u in ups})
+        rec = self.record(stage)
+        if stage.name in self.force:
+            return "run", "forced (--force / --from)", parts
+        if changed:
+            return "run", f"upstream {', '.join(changed)} will run", parts
+        if rec is None:
+            return "run", "no record: never ran here", parts
+        if rec.get("status") != "done":
+            same = rec.get("key") == _digest(parts)
+            return ("resume" if same else "run"), ("interrupted earlier under the same key: resumes from its last "
+                                                   "checkpoint" if same else "interrupted earlier, and its inputs "
+                                                   "changed since"), parts
+        if rec.get("key") == _digest(parts):
+            if self.output_hash(stage) != rec.get("output"):
+                return "run", "its output changed since it was recorded", parts
+            return "cached", f"key {rec['key'][:8]} matches (finished {rec.get('finished', '?')})", parts
+        old = rec.get("parts", {})
+        why = [f"{s} section changed" for s, h in parts["config"].items() if old.get("config", {}).get(s) != h]
+        why += [f"upstream {u} output changed" for u, h in parts["upstream"].items()
+                if old.get("upstream", {}).get(u) != h]
+        if old.get("code") != parts["code"]:
+            why.append("code changed")
+        return "run", "; ".join(why) or "key changed", parts
+
+    def plan(self) -> Plan:
+        plan, will_run = Plan(), set()
+        saved = dict(self.outputs)
+        for stage in STAGES:
+            status, why, _ = self.decide(stage, will_run)
+            if status in ("run", "resume"):
+                will_run.add(stage.name)
+            elif status == "cached":
+                self.outputs[stage.name] = self.record(stage)["output"]
+            plan.rows.append({"stage": stage.name, "upstream": [u for u in stage.upstream
+                                                                if STAGE[u].enabled(self.cfg) is None],
+                              "status": status, "why": why})
+        self.outputs = saved
+        return plan
+
+    # -- running ---------------------------------------------------------------------------------------------
+    def run(self, log: Callable[[str], None] = print) -> dict[str, Path]:
+        """Run every stage the plan says to, in order; returns stage → output folder of the stages that ran or
+        were cached. Raises GateRefused when the gate refuses."""
+        ctx = Context(self.cfg)
+        for stage in STAGES:
+            status, why, parts = self.decide(stage, set())
+            if status in ("off", "stop"):
+                continue
+            if status == "cached":
+                self.outputs[stage.name] = self.record(stage)["output"]
+                self.folders[stage.name] = self.folder(stage)
+                log(f"[graph] {stage.name}: cached ({why})")
+                ctx.cached(stage.name, self.folder(stage))
+                continue
+            log(f"[graph] {stage.name}: {status} ({why})")
+            key = _digest(parts) if parts else None
+            if stage.cached:
+                self._write_record(stage, {"stage": stage.name, "status": "running", "key": key, "parts": parts,
+                                           "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            t0 = time.time()
+            out = self.runners[stage.name](ctx, resume=status == "resume")
+            self.folders[stage.name] = out
+            if stage.cached:
+                self.outputs[stage.name] = self.output_hash(stage)
+                self._write_record(stage, {"stage": stage.name, "status": "done", "key": key, "parts": parts,
+                                           "output": self.outputs[stage.name], "seconds": round(time.time() - t0, 1),
+                                           "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            ctx.cached(stage.name, out)  # a refusing gate raises here, its record written
+        return self.folders
+
+
+STAGE = {s.name: s for s in STAGES}
+
+
+class Context:
+    """What the stages hand each other within one run: the model folder, the adapters, the serving URL."""
+
+    PRIORITY = ("dpo", "tune", "sft")  # the candidate (evaluated first, gated, merged, served) is the first present
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self._model_dir: str | None = None
+        self.roles: dict[str, str] = {}  # "sft" / "dpo" / "tune" → adapter folder
+        self.url: str | None = None
+
+    @property
+    def model_dir(self) -> str:
+        if self._model_dir is None:
+            self._model_dir = runner.stage_model(self.cfg)
+        return self._model_dir
+
+    @property
+    def adapters(self) -> dict[str, str]:
+        """name → folder, the candidate first: `<run>-dpo`, `<run>-sweep`, `<run>` (the SFT adapter)."""
+        suffix = {"dpo": "-dpo", "tune": "-sweep", "sft": ""}
+        return {f"{self.cfg.name}{suffix[r]}": self.roles[r] for r in self.PRIORITY if r in self.roles}
+
+    def cached(self, stage: str, folder: Path) -> None:
+        """Take up what a stage (run now, or cached) hands on."""
+        if stage in ("sft", "dpo"):
+            self.roles[stage] = str(folder.resolve())
+        elif stage == "tune":
+            self.roles["tune"] = str((folder / "winner").resolve())
+        elif stage == "gate":
+            decision = json.loads((folder / "gate.json").read_text())
+            if not decision["passed"]:
+                raise GateRefused(decision["reasons"])
+            # after a passing gate the candidate is served from its registry version: nothing unpromoted is
+            art = Registry(self.cfg.registry.root).resolve(f"{decision['name']}@{decision['version']}")
+            role = next(r for r in self.PRIORITY if r in self.roles)
+            self.roles[role] = str(art.path.resolve())
+
+
+def _data(ctx: Context, resume: bool) -> Path:
+    return runner.stage_data(ctx.cfg, ctx.model_dir)
+
+
+def _sft(ctx: Context, resume: bool) -> Path:
+    return runner.stage_sft(ctx.cfg, ctx.model_dir, ctx.cfg.stage_dir("data"), resume=resume)
+
+
+def _dpo_run(ctx: Context, resume: bool) -> Path:
+    return runner.stage_dpo(ctx.cfg, ctx.model_dir, ctx.cfg.stage_dir("sft"), resume=resume)
+
+
+def _tune_run(ctx: Context, resume: bool) -> Path:
+    runner.init_ray(ctx.cfg, dashboard=True)
+    return runner.stage_tune(ctx.cfg, ctx.model_dir, ctx.cfg.stage_dir("data"))
+
+
+def _evaluate_run(ctx: Context, resume: bool) -> Path:
+    out, _ = runner.stage_evaluate(ctx.cfg, ctx.model_dir, ctx.adapters)
+    return out
+
+
+def _gate_run(ctx: Context, resume: bool) -> Path:
+    decision = runner.stage_gate(ctx.cfg, ctx.adapters)
+    out = ctx.cfg.stage_dir("gate")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gate.json").write_text(json.dumps({"passed": decision.passed, "reasons": decision.reasons,
+                                               "name": decision.name, "version": decision.version,
+                                               "adapter": decision.adapter}, indent=1))
+    return out
+
+
+def _merge_run(ctx: Context, resume: bool) -> Path:
+    return runner.stage_merge(ctx.cfg, ctx.model_dir, [next(iter(ctx.adapters.values()))])
+
+
+def _quantize_run(ctx: Context, resume: bool) -> Path:
+    return runner.stage_quantize(ctx.cfg, str(ctx.cfg.stage_dir("merge").resolve()), ctx.cfg.stage_dir("quantize"))
+
+
+def _serve_run(ctx: Context, resume: bool) -> Path:
+    ctx.url = runner.start_serving(ctx.cfg, ctx.model_dir, ctx.adapters)
+    return ctx.cfg.stage_dir("serve")
+
+
+def _demo_run(ctx: Context, resume: bool) -> Path:
+    runner.demo(ctx.cfg, ctx.url, next(iter(ctx.adapters)))
+    return ctx.cfg.stage_dir("demo")
+
+
+RUNNERS: dict[str, Callable[..., Path]] = {
+    "data": _data, "sft": _sft, "dpo": _dpo_run, "tune": _tune_run, "evaluate": _evaluate_run, "gate": _gate_run,
+    "merge": _merge_run, "quantize": _quantize_run, "serve": _serve_run, "demo": _demo_run}

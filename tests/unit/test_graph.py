@@ -1,0 +1,121 @@
+"""The job graph's bookkeeping (cluster.graph): which stages run, which are cached and why, resume, the gate's stop.
+
+The stages here are stand-ins that write a file into their folder: what is under test is the graph's decisions
+over real records on disk; the real stages run in tests/integration/test_pipeline.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cluster import graph
+from cluster.config import load_config
+from pipelines.schema import UserError
+
+
+def config(tmp_path, *overrides):
+    return load_config(None, [f"output_dir={tmp_path}", "name=g", *overrides])
+
+
+class Stand:
+    """Runner stand-ins: each writes <stage>/out.txt (its content is what downstream keys hash) and logs calls."""
+
+    def __init__(self, content: str = "v1", gate_passes: bool = True):
+        self.calls: list[tuple[str, bool]] = []
+        self.content, self.gate_passes = content, gate_passes
+
+    def runners(self):
+        def make(name):
+            def run(ctx, resume):
+                self.calls.append((name, resume))
+                out = ctx.cfg.stage_dir(name)
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "out.txt").write_text(f"{name} {self.content}")
+                if name == "gate":
+                    (out / "gate.json").write_text(json.dumps({"passed": self.gate_passes, "reasons": (
+                        [] if self.gate_passes else ["rougeL gain 0.01 < 0.05"]), "name": "g", "version": None}))
+                return out
+            return run
+
+        return {name: make(name) for name in graph.NAMES}
+
+    def ran(self):
+        return [n for n, _ in self.calls]
+
+
+def statuses(g: graph.Graph) -> dict[str, tuple[str, str]]:
+    return {r["stage"]: (r["status"], r["why"]) for r in g.plan().rows}
+
+
+def test_first_plan_runs_what_is_enabled_and_says_why_the_rest_is_off(tmp_path):
+    plan = statuses(graph.Graph(config(tmp_path)))
+    assert plan["data"] == ("run", "no record: never ran here")
+    assert plan["sft"] == ("run", "upstream data will run")
+    assert plan["dpo"] == ("off", "dpo.train_path is not set")
+    assert plan["tune"] == ("off", "no tune: section")
+    assert plan["evaluate"][0] == plan["gate"][0] == "off"
+    assert plan["merge"] == ("off", "no merge: section") and plan["quantize"][0] == "off"
+    assert plan["serve"] == ("run", "always runs") and plan["demo"][0] == "run"
+
+
+def test_second_run_is_cached_and_a_changed_section_reruns_only_its_stage(tmp_path):
+    stand = Stand()
+    graph.Graph(config(tmp_path), runners=stand.runners()).run(log=lambda _: None)
+    assert stand.ran() == ["data", "sft", "serve", "demo"]
+    record = json.loads((tmp_path / "g" / "sft" / "stage.json").read_text())
+    assert record["status"] == "done" and record["output"].startswith("sha256:")
+
+    again = Stand()
+    graph.Graph(config(tmp_path), runners=again.runners()).run(log=lambda _: None)
+    assert again.ran() == ["serve", "demo"]  # data and sft cached
+
+    plan = statuses(graph.Graph(config(tmp_path, "train.lr=3e-4")))
+    assert plan["data"][0] == "cached" and plan["sft"] == ("run", "train section changed")
+    plan = statuses(graph.Graph(config(tmp_path, "data.max_length=64")))
+    assert plan["data"] == ("run", "data section changed") and plan["sft"] == ("run", "upstream data will run")
+
+
+def test_force_from_until_and_a_changed_output(tmp_path):
+    graph.Graph(config(tmp_path), runners=Stand().runners()).run(log=lambda _: None)
+    plan = statuses(graph.Graph(config(tmp_path), force=("data",)))
+    assert plan["data"] == ("run", "forced (--force / --from)") and plan["sft"][1] == "upstream data will run"
+    plan = statuses(graph.Graph(config(tmp_path), start="sft", until="sft"))
+    assert plan["data"][0] == "cached" and plan["sft"][0] == "run"
+    assert plan["serve"] == ("stop", "after --until sft") and plan["demo"][0] == "stop"
+    (tmp_path / "g" / "sft" / "out.txt").write_text("edited by hand")
+    assert statuses(graph.Graph(config(tmp_path)))["sft"] == ("run", "its output changed since it was recorded")
+    with pytest.raises(UserError, match="unknown stage 'sfft'"):
+        graph.Graph(config(tmp_path), force=("sfft",))
+
+
+def test_a_stage_interrupted_under_the_same_key_resumes(tmp_path):
+    graph.Graph(config(tmp_path), runners=Stand().runners()).run(log=lambda _: None)
+    rec_path = tmp_path / "g" / "sft" / "stage.json"
+    rec = json.loads(rec_path.read_text())
+    rec_path.write_text(json.dumps({**rec, "status": "running"}))  # what a killed driver leaves behind
+    stand = Stand()
+    graph.Graph(config(tmp_path), runners=stand.runners(), until="sft").run(log=lambda _: None)
+    assert stand.calls == [("sft", True)]
+    rec_path.write_text(json.dumps({**rec, "status": "running", "key": "something-else"}))
+    assert statuses(graph.Graph(config(tmp_path)))["sft"] == ("run", "interrupted earlier, and its inputs changed "
+                                                                     "since")
+
+
+def test_a_refusing_gate_stops_the_run_before_serving_and_stays_refused(tmp_path):
+    rows = tmp_path / "test.jsonl"
+    rows.write_text('{"instruction": "a", "output": "b"}\n')
+    stand = Stand(gate_passes=False)
+    with pytest.raises(graph.GateRefused) as e:
+        graph.Graph(config(tmp_path, f"eval.test_path={rows}"), runners=stand.runners()).run(log=lambda _: None)
+    assert e.value.reasons == ["rougeL gain 0.01 < 0.05"]
+    assert stand.ran() == ["data", "sft", "evaluate", "gate"]  # nothing served
+    again = Stand(gate_passes=False)
+    with pytest.raises(graph.GateRefused):
+        graph.Graph(config(tmp_path, f"eval.test_path={rows}"), runners=again.runners()).run(log=lambda _: None)
+    assert again.ran() == []  # the refusal is a cached result, not re-evaluated
+
+
+def test_code_version_is_a_hash_of_the_sources():
+    assert len(graph.source_hash()) == 16 and graph.source_hash() == graph.source_hash()
