@@ -39,13 +39,20 @@ def tokenized(model_dir: str, rows: int, max_length: int, out: Path) -> Path:
 
     from pipelines.artifacts.manifest import write_manifest
     from pipelines.data.chat import tokenize_messages
-    from pipelines.data.rowformats import alpaca_to_messages
+    from pipelines.data.rowformats import RowError, alpaca_to_messages
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    data = json.loads(ALPACA.read_text())[:rows]
+    data, too_long = [], 0
+    for r in json.loads(ALPACA.read_text()):
+        try:
+            data.append(tokenize_messages(tok, alpaca_to_messages(r), max_length))
+        except RowError:  # longer than max_length: left out (and counted), as the data stage would reject it
+            too_long += 1
+        if len(data) == rows:
+            break
+    print(f"data: {len(data)} Alpaca rows of at most {max_length} tokens ({too_long} longer ones left out)")
     cut = int(len(data) * 0.9)
-    for split, part in (("train", data[:cut]), ("validation", data[cut:])):
-        toks = [tokenize_messages(tok, alpaca_to_messages(r), max_length) for r in part]
+    for split, toks in (("train", data[:cut]), ("validation", data[cut:])):
         (out / split).mkdir(parents=True)
         pq.write_table(pa.table({"input_ids": [t.input_ids for t in toks], "labels": [t.labels for t in toks]}),
                        out / split / "part-0.parquet")
