@@ -91,7 +91,6 @@ def tune(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
     cfg = load(config, overrides, ("model", "data", "tune"))
     model_dir = runner.stage_model(cfg)
     data_dir = cfg.stage_dir("data")
-    runner.init_ray(cfg, dashboard=True)  # before any stage starts Ray: the sweep needs the State API
     if not (data_dir / "manifest.json").is_file():
         data_dir = runner.stage_data(cfg, model_dir)
     out = runner.stage_tune(cfg, model_dir, data_dir)

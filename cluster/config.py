@@ -35,7 +35,8 @@ class RaySection(Section):
     address: str | None = Field(None, description=(
         "Ray address; None starts a local instance (or joins the one `ray job submit` runs under)."))
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started instance; default all.")
-    include_dashboard: bool = Field(False, description="Start the dashboard with a local instance.")
+    include_dashboard: bool = Field(False, description=(
+        "Start the dashboard with a local instance (always, when the config has a tune: section: the State API)."))
 
 
 class DemoSection(Section):

@@ -301,7 +301,6 @@ def _dpo_run(ctx: Context, resume: bool) -> Path:
 
 
 def _tune_run(ctx: Context, resume: bool) -> Path:
-    runner.init_ray(ctx.cfg, dashboard=True)
     return runner.stage_tune(ctx.cfg, ctx.model_dir, ctx.cfg.stage_dir("data"))
 
 

@@ -38,9 +38,10 @@ WORKER_ENV = {"VLLM_HOST_IP": "127.0.0.1", "TOKENIZERS_PARALLELISM": "false", "R
 _started_here = False
 
 
-def init_ray(cfg: RunConfig, *, dashboard: bool = False) -> None:
-    """Join the configured or submitting cluster, or start a local instance (with the dashboard when asked:
-    a sweep needs its State API)."""
+def init_ray(cfg: RunConfig) -> None:
+    """Join the configured or submitting cluster, or start a local instance: with the dashboard when
+    ray.include_dashboard is set or the config has a tune: section (a sweep needs the State API, and whichever
+    stage starts Ray first decides)."""
     global _started_here
     import ray
 
@@ -56,7 +57,7 @@ def init_ray(cfg: RunConfig, *, dashboard: bool = False) -> None:
     if address:  # under `ray job submit`, RAY_ADDRESS points at the cluster the job runs on
         ray.init(address=address, runtime_env={"env_vars": env})
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard or dashboard,
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard or cfg.tune is not None,
                  runtime_env={"env_vars": env})
 
 
@@ -141,7 +142,7 @@ def stage_dpo(cfg: RunConfig, model_dir: str, sft_dir: Path, *, resume: bool = F
 def stage_tune(cfg: RunConfig, model_dir: str, data_dir: Path) -> Path:
     """The sweep (tune: section, checked by preflight's "tune") over this run's tokenized data; its winner lands
     in <run>/tune/winner."""
-    init_ray(cfg, dashboard=True)
+    init_ray(cfg)
     t0 = time.time()
     out = sweep.run(cfg.tune, cfg.lora, cfg.train, model_dir, data_dir, cfg.stage_dir("tune"),
                     dtype=cfg.model.dtype, quant=cfg.quant, model_id=cfg.model.name)

@@ -11,9 +11,9 @@ cluster up front.
 
 Output folder: `winner/`, an ordinary adapter folder (the best checkpoint by eval_loss over every report of every
 trial) whose `manifest.json` lineage names the sweep, the trial, its config and every trial's metrics;
-`sweep_results.csv`, `sweep_trials.json` (every report of every trial), `sweep_report.md`, `sweep_curves.png`, `sweep_rank_lr.png`, and `experiments/` (Tune's own
-state: rerunning the same sweep restores it and does not rerun finished trials) and `trials/` (each trial's Ray
-Train run and checkpoints).
+`sweep_results.csv`, `sweep_trials.json` (every report of every trial), `sweep_report.md`, `sweep_curves.png`,
+`sweep_rank_lr.png`, and `experiments/` (Tune's own state: rerunning the same sweep restores it and does not rerun
+finished trials) and `trials/` (each trial's Ray Train run and checkpoints).
 
 What a restore keeps: finished and ASHA-stopped trials stay as they were, and the searcher's state (Optuna's
 history) is restored; ASHA's rung records are not (Tune does not save the scheduler), so the trials resumed after a
