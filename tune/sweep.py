@@ -86,7 +86,8 @@ def run(tune_cfg: TuneSection, lora: LoraSection, train: TrainSection, model_dir
     name, experiments = f"sweep-{key}", out / "experiments"
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"cpu": TRIAL_DRIVER_CPU})
     parent_run = mlflow_parent(train, out, name)
-    callbacks = [progress_callback(tune_cfg.steps(train))] + mlflow_callbacks(train, out, parent_run)
+    ledger = out / "trials_finished.jsonl"
+    callbacks = [progress_callback(tune_cfg.steps(train), ledger)] + mlflow_callbacks(train, out, parent_run)
     t0 = time.time()
     if tune.Tuner.can_restore(str(experiments / name)):
         print(f"[tune] restoring {name}: finished trials are kept, unfinished ones resume", flush=True)
@@ -103,8 +104,12 @@ def run(tune_cfg: TuneSection, lora: LoraSection, train: TrainSection, model_dir
     wall = time.time() - t0
     expected = tune_cfg.num_samples * (grid_size(tune_cfg.space) if tune_cfg.searcher == "grid" else 1)
     # Tune returns normally after a SIGINT, marking the trials it cut short TERMINATED too; a trial that really
-    # ended (ran to max_t, or was stopped by ASHA) has done=True in its last result, a failed one an error.
-    finished = sum(1 for r in grid if r.error or (r.metrics or {}).get("done"))
+    # ended (ran to max_t, or was stopped by ASHA) has done=True in its last result, a failed one an error. A trial
+    # restored from an earlier run may have lost its done flag (Tune restores the last logged result), so the
+    # progress callback also keeps a ledger of the trials that ended for real.
+    ended = {json.loads(line)["trial_id"] for line in ledger.read_text().splitlines()} if ledger.is_file() else set()
+    finished = sum(1 for r in grid if r.error or (r.metrics or {}).get("done")
+                   or Path(r.path).name.split("_")[1] in ended or (r.metrics or {}).get("trial_id") in ended)
     if finished < expected:
         print(f"[tune] interrupted: {finished} of {expected} trials finished; the sweep's state is saved in "
               f"{experiments / name}. Run the same command again to resume it (finished trials are not rerun)",
@@ -380,8 +385,9 @@ def mlflow_callbacks(train: TrainSection, out: Path, parent_run: str | None) -> 
                                  experiment_name="loraforge-sweep", tags={"mlflow.parentRunId": parent_run})]
 
 
-def progress_callback(max_t: int):
-    """One line per report and per finished trial, instead of Tune's tables."""
+def progress_callback(max_t: int, ledger: Path):
+    """One line per report and per finished trial, instead of Tune's tables; trials that ended for real (not cut
+    short by an interrupt) are appended to the ledger."""
     from ray.tune import Callback
 
     class Progress(Callback):
@@ -393,6 +399,9 @@ def progress_callback(max_t: int):
             step = (trial.last_result or {}).get("step", 0)
             why = "finished" if step >= max_t else f"stopped by ASHA at step {step}"
             print(f"[tune] {trial.trial_id} {why}", flush=True)
+            if (trial.last_result or {}).get("done"):
+                with open(ledger, "a") as f:
+                    f.write(json.dumps({"trial_id": trial.trial_id, "step": step}) + "\n")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             print(f"[tune] {trial.trial_id} failed (Tune retries it up to tune.max_failures times)", flush=True)

@@ -2,8 +2,9 @@
 
     .venv/bin/pytest tests/integration/test_tune.py -q
 
-The in-process sweep: 4 trials with ASHA, each trial's worker failing once (the fault drill), on the session's
-2 CPUs. The CLI sweep: `loraforge tune` joining the session's cluster, interrupted with SIGINT once a trial has
+The in-process sweep: 3 grid trials with ASHA, one at a time (so the order ASHA sees them in is fixed: the
+rung is set by lr 1e-3, lr 1e-6 must be stopped there, lr 2e-2 must run on), each trial's worker
+failing once at step 3 (the fault drill). The CLI sweep: `loraforge tune` joining the session's cluster, interrupted with SIGINT once a trial has
 finished, then run again: it restores and does not rerun the finished trial.
 """
 
@@ -55,9 +56,9 @@ def sweep(ray_session, tiny_model_dir, tokenized_dir, tmp_path_factory):
     from tune.space import TuneSection
 
     cfg = TuneSection.model_validate({
-        "space": {"r": [4, 16], "alpha": "ratio", "lr": {"low": 1e-4, "high": 3e-2}}, "searcher": "random",
-        "num_samples": 4, "seed": 0, "asha": {"grace_period": 2, "reduction_factor": 2, "max_t": 4},
-        "eval_every": 2, "max_concurrent_trials": 2})
+        "space": {"r": [4], "alpha": "ratio", "lr": [1e-3, 1e-6, 2e-2]}, "searcher": "grid",
+        "num_samples": 1, "seed": 0, "asha": {"grace_period": 2, "reduction_factor": 2, "max_t": 4},
+        "eval_every": 2, "max_concurrent_trials": 1})
     train = TrainSection(num_workers=1, cpus_per_worker=0.95, batch_size=8, warmup_steps=1, eval_max_batches=100,
                          log_every=100, fail_once_at_step=3)
     lora = LoraSection(r=8, dropout=0.0, target_modules="all-linear")
@@ -71,18 +72,20 @@ def test_asha_stops_trials_and_frees_their_resources(ray_session, sweep):
     folder, wall = sweep
     manifest = json.loads((folder / "winner" / "manifest.json").read_text())
     trials = manifest["lineage"]["sweep"]["trials"]
-    assert len(trials) == 4 and not any(t["status"] == "error" for t in trials), trials
+    assert len(trials) == 3 and not any(t["status"] == "error" for t in trials), trials
     stopped = [t for t in trials if t["status"] == "stopped early"]
-    assert stopped and all(t["steps"] < 4 for t in stopped), trials
-    assert sum(t["status"] == "completed" for t in trials) >= 1
-    # each trial started once (no worker-failure restart of the trial itself) and all four ran on 2 CPUs: the
+    # the first trial (lr 1e-3) sets the rung; lr 1e-6 barely learns, falls below it at step 2 and stops there;
+    # lr 2e-2 beats the rung's median and runs to max_t
+    assert [(t["config"]["lr"], t["steps"]) for t in stopped] == [(1e-6, 2)], trials
+    assert sorted(t["config"]["lr"] for t in trials if t["status"] == "completed") == [1e-3, 2e-2], trials
+    # each trial started once (no worker-failure restart of the trial itself) and all three ran on 2 CPUs: the
     # trials ASHA stopped gave their CPUs back (without the State API the later ones would never start)
     assert sorted(set(_trial_starts(folder))) == sorted(t["trial_id"] for t in trials)
     deadline = time.time() + 60
     while ray_session.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
         time.sleep(1)
     assert ray_session.available_resources().get("CPU", 0) == pytest.approx(2)
-    print(f"sweep of 4 trials: {wall:.0f} s")
+    print(f"sweep of 3 trials: {wall:.0f} s")
 
 
 def test_fault_drill_fired_in_trials_that_passed_step_3_and_they_finished(sweep):
@@ -119,7 +122,7 @@ def test_report_csv_and_plots(sweep):
 
     folder, _ = sweep
     rows = list(csv.DictReader(open(folder / "sweep_results.csv")))
-    assert len(rows) == 4 and {"trial_id", "status", "best_eval_loss", "r", "lr"} <= set(rows[0])
+    assert len(rows) == 3 and {"trial_id", "status", "best_eval_loss", "r", "lr"} <= set(rows[0])
     report = (folder / "sweep_report.md").read_text()
     assert "Winner: trial" in report and "stopped early" in report
     for png in ("sweep_curves.png", "sweep_rank_lr.png"):
@@ -134,7 +137,7 @@ def test_each_trial_logs_to_mlflow_under_the_sweep_parent(sweep):
     parent = json.loads((folder / "winner" / "manifest.json").read_text())["lineage"]["sweep"]["mlflow_parent_run"]
     experiment = client.get_experiment_by_name("loraforge-sweep")
     children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
-    assert len(children) == 4
+    assert len(children) == 3
     assert all(math.isfinite(r.data.metrics["eval_loss"]) for r in children)
 
 
