@@ -108,8 +108,7 @@ def run(tune_cfg: TuneSection, lora: LoraSection, train: TrainSection, model_dir
     # restored from an earlier run may have lost its done flag (Tune restores the last logged result), so the
     # progress callback also keeps a ledger of the trials that ended for real.
     ended = {json.loads(line)["trial_id"] for line in ledger.read_text().splitlines()} if ledger.is_file() else set()
-    finished = sum(1 for r in grid if r.error or (r.metrics or {}).get("done")
-                   or Path(r.path).name.split("_")[1] in ended or (r.metrics or {}).get("trial_id") in ended)
+    finished = sum(1 for r in grid if r.error or (r.metrics or {}).get("done") or result_trial_id(r) in ended)
     if finished < expected:
         print(f"[tune] interrupted: {finished} of {expected} trials finished; the sweep's state is saved in "
               f"{experiments / name}. Run the same command again to resume it (finished trials are not rerun)",
@@ -217,6 +216,11 @@ def run_trial(point: dict[str, Any], ctx: TrialContext) -> None:
                callbacks=[TuneReportCallback()], fresh=False)
 
 
+def result_trial_id(result) -> str:
+    """A Tune Result's trial id: from its last metrics, or from its folder name (<trainable>_<trial id>_...)."""
+    return (result.metrics or {}).get("trial_id") or Path(result.path).name.split("_")[1]
+
+
 def trial_table(grid, max_t: int) -> list[dict[str, Any]]:
     """One row per trial from every report it made (Tune's metric history, not only the last report)."""
     rows = []
@@ -229,7 +233,7 @@ def trial_table(grid, max_t: int) -> list[dict[str, Any]]:
         steps = max((r["step"] for r in reports), default=0)
         best = min(reports, key=lambda r: r["eval_loss"], default=None)
         status = ("error" if result.error else "completed" if steps >= max_t else "stopped early")
-        rows.append({"trial_id": (result.metrics or {}).get("trial_id") or Path(result.path).name.split("_")[1],
+        rows.append({"trial_id": result_trial_id(result),
                      "config": dict(result.config), "label": trial_label(result.config), "status": status,
                      "steps": steps, "final_eval_loss": reports[-1]["eval_loss"] if reports else None,
                      "best_eval_loss": best["eval_loss"] if best else None, "best_step": best["step"] if best else None,
