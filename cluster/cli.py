@@ -4,11 +4,13 @@
     loraforge run configs/quickstart-cpu.yaml --dry-run           # each stage run / cached / off, and why
     loraforge run configs/quickstart-cpu.yaml train.max_steps=20 lora.r=8
     loraforge tokenize CONFIG | sft CONFIG | serve CONFIG         # one stage alone, on the previous one's output
+    loraforge submit configs/quickstart-cpu.yaml --address http://HEAD:8265 [--wait]   # the graph as a Ray job
+    loraforge jobs status|logs|stop ID
     loraforge config-schema                                       # JSON Schema of the run config
 
-The commands live in cli_stages (the stages), cli_serve (serve, deploy, chat) and cli_registry; this module only
-names them. A user error exits 2 with one message (cluster.cli_common); every stage command prints its output
-folder as the last line of its output.
+The commands live in cli_stages (the stages), cli_serve (serve, deploy, chat), cli_jobs (submit, jobs) and
+cli_registry; this module only names them. A user error exits 2 with one message (cluster.cli_common); every
+stage command prints its output folder as the last line of its output.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 
 import typer
 
-from cluster import cli_registry, cli_serve, cli_stages
+from cluster import cli_jobs, cli_registry, cli_serve, cli_stages
 from cluster.cli_common import guarded
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -29,16 +31,21 @@ COMMANDS = {
     "dpo": cli_stages.dpo, "evaluate": cli_stages.evaluate, "merge": cli_stages.merge,
     "quantize": cli_stages.quantize, "score": cli_stages.score, "validate": cli_stages.validate,
     "config-schema": cli_stages.config_schema,
-    "serve": cli_serve.serve, "deploy": cli_serve.deploy, "chat": cli_serve.chat,
+    "serve": cli_serve.serve, "deploy": cli_serve.deploy, "chat": cli_serve.chat, "submit": cli_jobs.submit,
 }
 REGISTRY = {"list": cli_registry.registry_list, "show": cli_registry.registry_show,
             "promote": cli_registry.registry_promote, "rollback": cli_registry.registry_rollback}
+JOBS = {"status": cli_jobs.jobs_status, "logs": cli_jobs.jobs_logs, "stop": cli_jobs.jobs_stop,
+        "list": cli_jobs.jobs_list}
 
 for _name, _command in COMMANDS.items():
     app.command(_name)(guarded(_command))
 for _name, _command in REGISTRY.items():
     cli_registry.registry_app.command(_name)(guarded(_command))
+for _name, _command in JOBS.items():
+    cli_jobs.jobs_app.command(_name)(guarded(_command))
 app.add_typer(cli_registry.registry_app, name="registry")
+app.add_typer(cli_jobs.jobs_app, name="jobs")
 
 
 def main() -> None:

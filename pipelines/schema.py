@@ -1,7 +1,16 @@
-"""The base every config section derives from (unknown keys are errors, not silently ignored), and the user-error
-classes every stage raises for what a user can fix."""
+"""The base every config section derives from (unknown keys are errors, not silently ignored), the user-error
+classes every stage raises for what a user can fix, and the one rule for what a GPU-using Ray actor asks for
+(evaluation's generator, DPO's reference scorer, serve replicas; quantize has its own `num_gpus`), decided from
+the config and the cluster the stage runs on, never from a process-wide setting:
+
+    actor_gpus(cfg.eval.num_gpus, cluster_gpus())   # None: one GPU when the cluster has any, else none
+    torch_device(num_gpus)                          # "cuda" inside an actor that holds a GPU, else "cpu"
+    accelerator_kind(cfg.serve.accelerator, cluster_gpus())
+"""
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -24,3 +33,33 @@ class MissingInput(UserError, FileNotFoundError):
 
 class DataError(UserError, ValueError):
     """Input that exists but cannot be used: no rows, too many rejected rows, rows of mixed kinds."""
+
+
+def cluster_gpus() -> float:
+    """GPUs the connected Ray cluster has now (0 without Ray: a local CPU run)."""
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
+
+
+def actor_gpus(requested: float | None, available: float) -> float:
+    """An actor's GPUs: as configured; unset, one when the cluster has GPUs (the stage then runs where they are),
+    none on a CPU cluster."""
+    if requested is not None:
+        if requested < 0:
+            raise ValueError(f"num_gpus must be >= 0, got {requested}")
+        return float(requested)
+    return 1.0 if available > 0 else 0.0
+
+
+def torch_device(num_gpus: float) -> str:
+    """Where an actor that holds `num_gpus` puts its model: Ray sets CUDA_VISIBLE_DEVICES to its GPUs."""
+    return "cuda" if num_gpus > 0 else "cpu"
+
+
+def accelerator_kind(requested: Literal["auto", "cpu", "gpu"], available: float) -> Literal["cpu", "gpu"]:
+    """A serve replica's kind: as configured; `auto`, GPU when the cluster has GPUs. `gpu` on a cluster with none
+    now is kept: an autoscaling cluster starts a GPU node for the replica."""
+    if requested == "auto":
+        return "gpu" if available > 0 else "cpu"
+    return requested

@@ -27,6 +27,7 @@ from typing import Any
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
+from pipelines.schema import accelerator_kind, cluster_gpus
 from serve.adapters import (
     AdapterInvalid,
     AdapterSource,
@@ -93,12 +94,6 @@ def engine_env(cfg: ServeConfig) -> dict[str, str]:
 
 
 
-def _has_gpus() -> bool:
-    import ray
-
-    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
-
-
 def llm_config(cfg: ServeConfig, base_model: str, *, gpu: bool) -> Any:
     """The `ray.serve.llm.LLMConfig` of the engine deployment: model, vLLM engine, LoRA, replicas."""
     from ray.serve.llm import LLMConfig
@@ -144,7 +139,7 @@ def build_app(cfg: ServeConfig, base_model: str, adapters: dict[str, str],
     from ray.serve.llm.ingress import make_fastapi_ingress
 
     base = resolve_base(base_model, cfg.registry)
-    gpu = _has_gpus()  # ServeConfig has no GPU field: a replica takes one GPU exactly when the cluster has GPUs
+    gpu = accelerator_kind(cfg.accelerator, cluster_gpus()) == "gpu"
     check_servable(base, has_gpu=gpu)
     checked = validate_adapters(adapters, cfg, base)
     source = source if source is not None else make_source(cfg, checked)

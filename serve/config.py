@@ -40,6 +40,8 @@ class ServeConfig(Section):
 
     host: str = Field("127.0.0.1", description="Address the Serve HTTP proxy binds to.")
     port: int = Field(8000, ge=1, le=65535, description="Port the Serve HTTP proxy listens on.")
+    accelerator: Literal["auto", "cpu", "gpu"] = Field("auto", description=(
+        "Engine replicas on GPUs (one each) or CPUs; auto: GPUs when the cluster has any when the app is built."))
     model_alias: str = Field("base", pattern=r"^[^:\s]+$", description=(
         "Name the base model answers to; adapters are addressed as '<model_alias>:<adapter>' or '<adapter>'."))
     max_loras: int = Field(4, ge=1, description=(

@@ -101,15 +101,27 @@ def check_artifact(src: Path, kind: str) -> None:
         raise RegistryError(f"kind {kind!r}: expected one of {KINDS}")
     if not src.is_dir():
         raise RegistryError(f"{src}: not a folder")
-    pickles = [p.name for p in src.rglob("*") if p.suffix in PICKLES]
+    files = [p for p in src.rglob("*") if not _not_copied(p.relative_to(src))]
+    pickles = [p.name for p in files if p.suffix in PICKLES]
     if pickles:
         raise RegistryError(f"{src}: pickle files {sorted(pickles)} refused; save with safe_serialization=True")
-    if not list(src.rglob("*.safetensors")):
+    if not any(p.suffix == ".safetensors" for p in files):
         raise RegistryError(f"{src}: no .safetensors file")
     if kind == "lora_adapter" and not (src / "adapter_config.json").is_file():
         raise RegistryError(f"{src}: a lora_adapter needs adapter_config.json")
     if kind != "lora_adapter" and not (src / "config.json").is_file():
         raise RegistryError(f"{src}: a {kind} needs config.json (a Hugging Face model folder)")
+
+
+# What a published folder leaves behind: temporary files, and the training run's own state (Ray Train's
+# checkpoints, with torch optimizer/RNG state, kept beside the adapter for resuming; not part of the artifact).
+NOT_COPIED = ("*.tmp*", "ray_train")
+
+
+def _not_copied(rel: Path) -> bool:
+    import fnmatch
+
+    return any(fnmatch.fnmatch(part, pat) for part in rel.parts for pat in NOT_COPIED)
 
 
 class Registry:
@@ -242,7 +254,7 @@ class Registry:
                 raise RegistryError(f"publish {name!r}: registered as another kind; use another name")
             version = entry["next_version"]
             staging = self.root / ".staging" / uuid.uuid4().hex
-            shutil.copytree(src, staging, ignore=shutil.ignore_patterns("*.tmp*", "ray_train"))
+            shutil.copytree(src, staging, ignore=shutil.ignore_patterns(*NOT_COPIED))
             content_hash = hash_path(staging, skip=(MANIFEST, "registry.json"))
             record = {"name": name, "version": version, "kind": kind, "lineage": lineage, "hash": content_hash,
                       "source_path": str(src), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

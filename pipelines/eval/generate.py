@@ -12,13 +12,15 @@ import os
 
 import numpy as np
 
+from pipelines.schema import torch_device
+
 
 class Generator:
     """Ray Data callable class: rows {variant, prompt} -> + {prediction}. One engine per actor."""
 
     def __init__(self, backend: str, base_model: str, adapters: dict[str, str], max_new_tokens: int,
-                 max_lora_rank: int = 64, max_model_len: int = 2048):
-        self.backend, self.adapters, self.max_new_tokens = backend, adapters, max_new_tokens
+                 max_lora_rank: int = 64, max_model_len: int = 2048, device: str = "cpu"):
+        self.backend, self.adapters, self.max_new_tokens, self.device = backend, adapters, max_new_tokens, device
         if backend == "vllm":
             os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -36,7 +38,7 @@ class Generator:
 
             torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
             self.tok = AutoTokenizer.from_pretrained(base_model, padding_side="left")
-            self.model = load_with_adapters(base_model, adapters)
+            self.model = load_with_adapters(base_model, adapters).to(device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         variants, prompts = list(batch["variant"]), list(batch["prompt"])
@@ -66,7 +68,7 @@ class Generator:
 
         import torch
 
-        enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         ctx = contextlib.nullcontext()
         if hasattr(self.model, "disable_adapter"):
             if adapter:
@@ -79,15 +81,22 @@ class Generator:
         return self.tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def actor_options(num_gpus: float) -> dict[str, float]:
+    """What the generator actor asks Ray for: one CPU, and its GPUs (pipelines.schema.actor_gpus)."""
+    return {"num_cpus": 1, "num_gpus": num_gpus}
+
+
 def generate(rows: list[dict[str, str]], backend: str, base_model: str, adapters: dict[str, str],
-             max_new_tokens: int, batch_size: int = 16, max_lora_rank: int = 64) -> list[str]:
-    """Answers for rows {variant, prompt}, in order, generated in batches by one Ray Data actor."""
+             max_new_tokens: int, batch_size: int = 16, max_lora_rank: int = 64, num_gpus: float = 0.0) -> list[str]:
+    """Answers for rows {variant, prompt}, in order, generated in batches by one Ray Data actor that holds
+    `num_gpus` GPUs (0: a CPU actor)."""
     import ray.data
 
     ds = ray.data.from_items([{**r, "row": i} for i, r in enumerate(rows)])
-    ds = ds.map_batches(Generator, batch_size=batch_size, concurrency=1, num_cpus=1,
+    ds = ds.map_batches(Generator, batch_size=batch_size, concurrency=1, **actor_options(num_gpus),
                         fn_constructor_kwargs=dict(backend=backend, base_model=base_model, adapters=adapters,
-                                                   max_new_tokens=max_new_tokens, max_lora_rank=max_lora_rank))
+                                                   max_new_tokens=max_new_tokens, max_lora_rank=max_lora_rank,
+                                                   device=torch_device(num_gpus)))
     out = sorted(ds.take_all(), key=lambda r: r["row"])
     return [str(r["prediction"]) for r in out]
 

@@ -111,6 +111,21 @@ def load_quantized_shared(model_dir: str, quant: QuantSection, cache_dir: str | 
     return model, source, folder
 
 
+def cache_leader(cache: Path) -> bool:
+    """Whether this rank quantizes for its node: the lowest world rank among the ranks on the same Ray node with
+    the same cache folder (collective when distributed). Ray Train's local rank groups workers by IP address,
+    which two Ray nodes on one machine share; the node id and the folder are what decide who can see the file."""
+    import ray
+    import torch.distributed as dist
+
+    mine = (ray.get_runtime_context().get_node_id(), str(cache.resolve()))
+    if not dist.is_initialized():
+        return True
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone.index(mine) == dist.get_rank()
+
+
 def load_worker_base(job: WorkerJob) -> tuple[Any, dict[str, Any]]:
     """The frozen base inside a Ray Train worker, holding as few full-precision copies per node as the setup allows:
 
@@ -128,11 +143,10 @@ def load_worker_base(job: WorkerJob) -> tuple[Any, dict[str, Any]]:
     ctx = ray.train.get_context()
     ds = deepspeed_config(train, job.dtype)
     if quant.load_in_4bit:
-
         cache = Path(job.base_cache or cache_root() / "quantized-bases")
         cache.mkdir(parents=True, exist_ok=True)
         model, source, _ = load_quantized_shared(
-            job.model_dir, quant, cache, local_rank=ctx.get_local_rank(),
+            job.model_dir, quant, cache, local_rank=0 if cache_leader(cache) else 1,
             barrier=dist.barrier if dist.is_initialized() else (lambda: None))
         model = prepare_base(model, quant, gradient_checkpointing)
     elif ds is not None and ds["zero_optimization"]["stage"] == 3:
@@ -215,10 +229,12 @@ def checksum(tensors) -> str:
 def per_rank(model, base: dict[str, Any]) -> dict[str, Any]:
     """Where each rank's base came from, and its frozen checksum, gathered to every rank (collective); rank 0
     writes them into the checkpoint's static.json and from there the manifest."""
+    import ray
     import ray.train
     import torch.distributed as dist
 
-    mine = {**base, "frozen_checksum": checksum(full_tensors([p for p in model.parameters() if not p.requires_grad]))}
+    mine = {**base, "node_id": ray.get_runtime_context().get_node_id(),
+            "frozen_checksum": checksum(full_tensors([p for p in model.parameters() if not p.requires_grad]))}
     ranks = [mine]
     if dist.is_initialized():
         ranks = [None] * dist.get_world_size()

@@ -52,6 +52,9 @@ class TrainSection(Section):
     cpus_per_worker: float = Field(0.5, gt=0, description=(
         "CPUs reserved per worker. Fractional on small machines so Ray Data keeps room to feed them."))
     use_gpu: bool = Field(False, description="One GPU per worker.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK", description=(
+        "How Ray places the workers' bundles: PACK fills a node first; STRICT_SPREAD puts each worker on its own "
+        "node (Ray placement-group strategies)."))
     max_steps: int = Field(60, ge=1, description="Optimizer steps.")
     batch_size: int = Field(8, ge=1, description="Rows per worker per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
@@ -157,6 +160,8 @@ class DPOSection(Section):
     max_length: int = Field(512, ge=16, description="Longest prompt+answer in tokens; longer pairs are rejected.")
     max_pairs: int | None = Field(None, ge=1, description="Use only the first N valid pairs.")
     validation_fraction: float = Field(0.1, ge=0, lt=1, description="Held-out pairs (by prompt hash) for eval.")
+    reference_num_gpus: float | None = Field(None, ge=0, description=(
+        "GPUs each reference-scoring actor holds; None: one when the cluster has GPUs, else none."))
     # DPO's own optimisation: unset, each takes train.<same name> (what a DPO run used before it had its own).
     max_steps: int | None = Field(None, ge=1, description="DPO optimizer steps; default train.max_steps.")
     lr: float | None = Field(None, gt=0, description=(

@@ -23,7 +23,7 @@ from typing import Any
 from pipelines.artifacts.manifest import hash_path, read_manifest, write_manifest
 from pipelines.data.chat import pad_batch, tokenize_messages
 from pipelines.data.rowformats import RowError, parse_raw, to_canonical
-from pipelines.schema import MissingInput
+from pipelines.schema import MissingInput, actor_gpus, cluster_gpus, torch_device
 from pipelines.train.base import load_base, load_worker_base, per_rank
 from pipelines.train.config import DPOSection, QuantSection, TrainSection, WorkerJob
 from pipelines.train.driver import run_stage
@@ -35,7 +35,8 @@ from pipelines.train.losses import dpo_loss, sequence_logps
 class _PrepareBatch:
     """Ray Data callable class: tokenize pairs and score them under the frozen reference (base + SFT adapter)."""
 
-    def __init__(self, model_dir: str, sft_dir: str, cfg: DPOSection, dtype: str, quant: QuantSection):
+    def __init__(self, model_dir: str, sft_dir: str, cfg: DPOSection, dtype: str, quant: QuantSection,
+                 device: str = "cpu"):
         import torch
         from peft import PeftModel
         from transformers import AutoTokenizer
@@ -43,8 +44,11 @@ class _PrepareBatch:
         torch.set_num_threads(1)
         self.cfg = cfg
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.device = device
         self.model = PeftModel.from_pretrained(load_base(model_dir, dtype, quant, False),
                                                sft_dir).eval()
+        if not quant.load_in_4bit:  # a 4-bit base is placed by bitsandbytes where it loads
+            self.model.to(device)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import torch
@@ -73,8 +77,10 @@ class _PrepareBatch:
                 out["split"].append("")
                 continue
             with torch.no_grad():
-                logps = [float(sequence_logps(self.model(input_ids=torch.tensor([t.input_ids])).logits,
-                                              torch.tensor([t.labels]))[0][0]) for t in (ch, rj)]
+                logps = [float(sequence_logps(self.model(input_ids=torch.tensor([t.input_ids],
+                                                                     device=self.model.device)).logits,
+                                              torch.tensor([t.labels], device=self.model.device))[0][0])
+                         for t in (ch, rj)]
             out["chosen_input_ids"].append(ch.input_ids)
             out["chosen_labels"].append(ch.labels)
             out["rejected_input_ids"].append(rj.input_ids)
@@ -85,6 +91,11 @@ class _PrepareBatch:
             bucket = int(hashlib.sha256(key).hexdigest()[:8], 16) / 0xFFFFFFFF
             out["split"].append("validation" if bucket < self.cfg.validation_fraction else "train")
         return out
+
+
+def reference_options(cfg: DPOSection, available: float) -> dict[str, float]:
+    """What each reference-scoring actor asks Ray for: dpo.reference_num_gpus, else one GPU on a GPU cluster."""
+    return {"num_gpus": actor_gpus(cfg.reference_num_gpus, available)}
 
 
 def _parse_pair(line: str) -> dict[str, Any]:
@@ -110,8 +121,10 @@ def prepare(cfg: DPOSection, model_dir: str, sft_dir: str, out_dir: str | os.Pat
     ds = ray.data.read_text(cfg.train_path)
     if cfg.max_pairs:
         ds = ds.limit(cfg.max_pairs)
-    ds = ds.map_batches(_PrepareBatch, fn_constructor_args=(model_dir, str(sft_dir), cfg, dtype, quant or QuantSection()),
-                        concurrency=(1, 2), batch_size=32, batch_format="numpy").materialize()
+    options = reference_options(cfg, cluster_gpus())
+    ds = ds.map_batches(_PrepareBatch, fn_constructor_args=(model_dir, str(sft_dir), cfg, dtype, quant or QuantSection(),
+                                                            torch_device(options["num_gpus"])),
+                        concurrency=(1, 2), batch_size=32, batch_format="numpy", **options).materialize()
     rows_in = ds.count()
     rejected = ds.filter(expr="reason != ''").select_columns(["reason", "raw"]).take_all()
     cols = ["chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels", "ref_chosen",

@@ -145,7 +145,8 @@ def fit_on_ray(loop, job: WorkerJob, data_dir, data_manifest: dict, name: str, *
         loop,
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
-                                     resources_per_worker={"CPU": train.cpus_per_worker}),
+                                     resources_per_worker={"CPU": train.cpus_per_worker},
+                                     placement_strategy=train.placement_strategy),
         datasets=datasets,
         # preserve_order: the same data gives the same batches run after run (reproducible losses, exact resume)
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),

@@ -41,7 +41,8 @@ def bundles(path: Path) -> list[dict[str, float]]:
     cfg = load_config(path)
     worker = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
     out = [worker, {"CPU": cfg.quantize.num_cpus, **({"GPU": cfg.quantize.num_gpus} if cfg.quantize.num_gpus else {})},
-           {"CPU": cfg.serve.replica_cpus}]
+           {"CPU": cfg.serve.replica_cpus, **({"GPU": 1} if cfg.serve.accelerator == "gpu" else {})},
+           {"CPU": 1, **({"GPU": cfg.eval.num_gpus} if cfg.eval.num_gpus else {})}]
     return out
 
 

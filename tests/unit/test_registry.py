@@ -95,6 +95,20 @@ def test_pickles_and_incomplete_lineage_are_refused(reg, tmp_path):
     assert reg.list() == []
 
 
+def test_training_state_beside_an_adapter_is_left_behind_not_refused(reg, tmp_path):
+    """The SFT stage keeps Ray Train's checkpoints (torch optimizer/RNG state) in ray_train/ beside the adapter
+    for resuming: publishing the adapter leaves that folder out instead of refusing the pickles in it."""
+    src = make_adapter(tmp_path / "a")
+    (src / "ray_train" / "checkpoint_000001").mkdir(parents=True)
+    (src / "ray_train" / "checkpoint_000001" / "optimizer.pt").write_bytes(b"pickle")
+    version = reg.publish("city", src, "lora_adapter", LINEAGE)
+    copied = reg.resolve(f"city@{version}").path
+    assert (copied / "adapter_config.json").is_file() and not (copied / "ray_train").exists()
+    (src / "rng0.pt").write_bytes(b"pickle")  # outside ray_train/: still refused
+    with pytest.raises(RegistryError, match=r"pickle files \['rng0.pt'\]"):
+        reg.publish("city", src, "lora_adapter", LINEAGE)
+
+
 def test_crash_after_the_folder_move_leaves_previous_state_intact(reg, tmp_path, monkeypatch):
     reg.publish("city", make_adapter(tmp_path / "a", b"one"), "lora_adapter", LINEAGE)
     reg.promote("city", 1, "production")
