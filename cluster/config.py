@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from pipelines.artifacts import storage
 from pipelines.artifacts.models import ModelConfig, local_folder
 from pipelines.artifacts.registry import RegistrySection
 from pipelines.data.config import DataConfig
@@ -50,7 +51,11 @@ class RunConfig(Section):
     """A whole run: data → sft (→ dpo when dpo.train_path is set) → serve."""
 
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="Run name (folder name).")
-    output_dir: str = Field("runs", description="Parent folder of run folders: <output_dir>/<name>/<stage>/.")
+    output_dir: str = Field("runs", description=(
+        "Parent folder of run folders: <output_dir>/<name>/<stage>/. A local path, or an object-store URI "
+        "(s3://bucket/prefix; S3-compatible stores through AWS_ENDPOINT_URL) that every node and the next driver "
+        "reach: stages work in a local mirror and push each finished stage there; Ray Train checkpoints go there "
+        "directly."))
     ray: RaySection = Field(default_factory=RaySection)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -81,7 +86,21 @@ class RunConfig(Section):
         return self
 
     def stage_dir(self, stage: str) -> Path:
-        return Path(self.output_dir) / self.name / stage
+        """A stage's folder on this machine (the local mirror when output_dir is a URI)."""
+        return self.run_dir() / stage
+
+    def run_dir(self) -> Path:
+        return (storage.mirror(self.output_dir) if storage.is_uri(self.output_dir) else Path(self.output_dir)) / self.name
+
+    def remote_run(self) -> str | None:
+        """The run folder's URI when output_dir is one, else None."""
+        return str(storage.join(self.output_dir, self.name)) if storage.is_uri(self.output_dir) else None
+
+    def train_storage(self, stage: str) -> str | None:
+        """Where Ray Train keeps a training stage's checkpoints: in the store when output_dir is a URI (a driver
+        elsewhere resumes from them), else None (the stage folder's ray_train/)."""
+        remote = self.remote_run()
+        return f"{remote}/{stage}/ray_train" if remote else None
 
 
 def preflight(cfg: RunConfig, stages: tuple[str, ...] | list[str], source: str = "<config>") -> None:

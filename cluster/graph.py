@@ -14,6 +14,11 @@ Optional stages run when their section says so: dpo with `dpo.train_path`, tune 
 and gate with `eval.test_path` (the gate publishes a passing adapter to the registry and moves its alias; a
 refusal ends the run with exit 3 and the reasons, before anything is served), merge with a `merge:` section,
 quantize with a `quantize:` section (after merge). serve and demo always run: they are not cached.
+
+With `output_dir` an object-store URI (s3://...), the graph pulls the run's records and outputs into a local
+mirror first (pipelines.artifacts.storage), pushes each record as it is written and each finished stage's folder
+before its `done` record, and Ray Train writes checkpoints to the store itself: a driver on another machine sees
+what ran and resumes from there.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any, Callable
 
 from cluster import runner
 from cluster.config import RunConfig
+from pipelines.artifacts import storage
 from pipelines.artifacts.manifest import hash_path
 from pipelines.artifacts.registry import Registry
 from pipelines.schema import UserError
@@ -135,6 +141,9 @@ class Graph:
         self.outputs: dict[str, str] = {}  # stage → hash of its output, for the keys of downstream stages
         self.folders: dict[str, Path] = {}
         self.runners = runners or RUNNERS  # stage name → fn(ctx, resume=bool) -> output folder
+        self.remote = cfg.remote_run()  # output_dir in an object store: this machine works in a mirror of it
+        if self.remote:  # what earlier drivers (anywhere) recorded and wrote; Ray Train checkpoints stay there
+            storage.pull(self.remote, cfg.run_dir(), skip=("ray_train",))
 
     # -- keys and records ------------------------------------------------------------------------------------
     def folder(self, stage: Stage) -> Path:
@@ -158,6 +167,14 @@ class Graph:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc, indent=1))
         os.replace(tmp, path)
+        if self.remote:
+            storage.push(path, f"{self.remote}/{stage.name}/{RECORD}")
+
+    def _push(self, stage: Stage) -> None:
+        """A finished stage's folder to the store (its ray_train/ is there already), the record last: a record
+        in the store always describes outputs that are there."""
+        if self.remote:
+            storage.push(self.folder(stage), f"{self.remote}/{stage.name}", skip=("ray_train", RECORD))
 
     def output_hash(self, stage: Stage) -> str:
         return hash_path(self.folder(stage), skip=(RECORD, RECORD.replace(".json", ".tmp")))
@@ -239,6 +256,7 @@ class Graph:
             self.folders[stage.name] = out
             if stage.cached:
                 self.outputs[stage.name] = self.output_hash(stage)
+                self._push(stage)
                 self._write_record(stage, {"stage": stage.name, "status": "done", "key": key, "parts": parts,
                                            "output": self.outputs[stage.name], "seconds": round(time.time() - t0, 1),
                                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})

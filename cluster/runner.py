@@ -114,7 +114,7 @@ def stage_sft(cfg: RunConfig, model_dir: str, data_dir: Path, *, resume: bool = 
     init_ray(cfg)
     t0 = time.time()
     out = sft.run(cfg.lora, cfg.train, model_dir, data_dir, cfg.stage_dir("sft"), dtype=cfg.model.dtype,
-                  quant=cfg.quant, model_id=cfg.model.name, resume=resume)
+                  quant=cfg.quant, model_id=cfg.model.name, resume=resume, storage=cfg.train_storage("sft"))
 
     m = read_manifest(out)["metrics"]
     console.print(f"[bold]sft[/]: {m['steps']} steps, loss {m['loss_first']:.3f} → {m['loss_last']:.3f}, "
@@ -131,7 +131,7 @@ def stage_dpo(cfg: RunConfig, model_dir: str, sft_dir: Path, *, resume: bool = F
     console.print(f"[bold]dpo data[/]: {m['rows_in']} pairs in, {m['train']} train, {m['validation']} held out, "
                   f"{m['rows_rejected']} rejected {m['rejected_by_reason'] or ''}")
     out = dpo.run(cfg.dpo, cfg.train, model_dir, sft_dir, data, cfg.stage_dir("dpo"), dtype=cfg.model.dtype,
-                  quant=cfg.quant, model_id=cfg.model.name, resume=resume)
+                  quant=cfg.quant, model_id=cfg.model.name, resume=resume, storage=cfg.train_storage("dpo"))
     m = read_manifest(out)["metrics"]
     acc = m.get("reward_accuracy_history") or [float("nan")]
     console.print(f"[bold]dpo[/]: {m['steps']} steps, loss {m['loss_first']:.3f} → {m['loss_last']:.3f}, reward "

@@ -35,6 +35,7 @@ from typing import Any, Iterator
 
 from pydantic import Field
 
+from pipelines.artifacts import storage
 from pipelines.artifacts.manifest import MANIFEST, hash_path, read_manifest
 from pipelines.schema import Section, UserError
 
@@ -52,7 +53,9 @@ class RegistrySection(Section):
     """Where the registry lives and the name this run's adapter is registered under (the alias a passing gate
     moves is gate.alias)."""
 
-    root: str = Field("registry", description="Registry folder (index.json, audit.jsonl, models/).")
+    root: str = Field("registry", description=(
+        "Registry folder (index.json, audit.jsonl, models/), or an object-store URI (s3://bucket/prefix) worked on "
+        "through a local mirror."))
     name: str | None = Field(None, description="Registered name for this run's adapter; default: the run name.")
 
 
@@ -128,13 +131,19 @@ class Registry:
     """Reader and writer of one registry folder. Readers take no lock; writers serialise on `.lock`."""
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root).expanduser().resolve()
+        """root: a folder, or an object-store URI (s3://bucket/prefix), worked on through a local mirror: the
+        index and audit log are pulled when read and pushed after each change, a version folder is pulled when
+        resolved. Writers on different machines serialise only on their own mirror's lock (last index wins)."""
+        self.remote = str(root) if storage.is_uri(root) else None
+        self.root = storage.mirror(self.remote) if self.remote else Path(root).expanduser().resolve()
 
     # ------------------------------------------------------------------ reading
     def _index(self) -> dict[str, Any]:
         """The index (an empty one when the registry has none yet); RegistryCorrupt naming the file and what is
         wrong when it is not valid JSON or not shaped like one."""
         path = self.root / "index.json"
+        if self.remote:
+            storage.pull(f"{self.remote}/index.json", self.root)
         if not path.is_file():
             return {"format": 1, "models": {}}
         try:
@@ -186,6 +195,8 @@ class Registry:
         if info is None:
             raise RegistryError(f"{ref!r}: no version {version} (versions: {sorted(map(int, entry['versions']))})")
         path = self.root / "models" / name / str(version)
+        if self.remote and not (path / "registry.json").is_file():
+            storage.pull(f"{self.remote}/models/{name}/{version}", path)
         manifest_path = path / MANIFEST
         manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
         return ResolvedArtifact(name, version, path, info["kind"], manifest)
@@ -198,6 +209,8 @@ class Registry:
 
     def audit(self) -> list[dict[str, Any]]:
         path = self.root / "audit.jsonl"
+        if self.remote:
+            storage.pull(f"{self.remote}/audit.jsonl", self.root)
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
     # ------------------------------------------------------------------ writing
@@ -208,12 +221,28 @@ class Registry:
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.remote:  # the store's audit log, so that this change appends to it rather than replacing it
+                storage.pull(f"{self.remote}/audit.jsonl", self.root)
             index, records = self._index(), []
             self._collect_garbage(index)
             yield index, records
             self._write_index(index)
             for record in records:
                 self._log(**record)
+            self._push_changes(records)
+
+    def _push_changes(self, records: list[dict[str, Any]]) -> None:
+        """To the store: new version folders, then the index, then the audit log (a reader of the store never
+        sees an index naming a folder that is not there)."""
+        if not self.remote:
+            return
+        for r in records:
+            if r["action"] == "publish":
+                rel = f"models/{r['name']}/{r['version']}"
+                storage.push(self.root / rel, f"{self.remote}/{rel}")
+        for name in ("index.json", "audit.jsonl"):
+            if (self.root / name).is_file():
+                storage.push(self.root / name, f"{self.remote}/{name}")
 
     def _write_index(self, index: dict[str, Any]) -> None:
         tmp = self.root / f"index.json.tmp{os.getpid()}"
@@ -300,7 +329,10 @@ class Registry:
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.remote:
+                storage.pull(f"{self.remote}/audit.jsonl", self.root)
             self._log(action=action, **fields)
+            self._push_changes([])
 
     @staticmethod
     def _entry(index: dict[str, Any], name: str) -> dict[str, Any]:

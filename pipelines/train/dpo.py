@@ -155,17 +155,18 @@ def prepare(cfg: DPOSection, model_dir: str, sft_dir: str, out_dir: str | os.Pat
 def run(cfg: DPOSection, train: TrainSection, model_dir: str, sft_dir: str | os.PathLike, data_dir: str | os.PathLike,
         out_dir: str | os.PathLike, *, dtype: str = "float32", quant: QuantSection | None = None,
         model_id: str | None = None, base_cache: str | os.PathLike | None = None,
-        resume: bool = False) -> Path:
+        resume: bool = False, storage: str | None = None) -> Path:
     """Train the DPO adapter from the SFT adapter on a prepared preference dataset; write it with a manifest.
     The loop runs with `cfg.optimisation(train)`: train's settings, with DPO's own steps / lr / warmup / batch size
-    where set. base_cache: where each node keeps the 4-bit base it quantized once (QLoRA)."""
+    where set. base_cache: where each node keeps the 4-bit base it quantized once (QLoRA); storage: where Ray Train
+    keeps checkpoints (a folder or an s3:// URI; default out_dir/ray_train)."""
     quant = quant or QuantSection()
     sft_manifest = read_manifest(sft_dir, kind="lora_adapter")
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     loop = cfg.optimisation(train)
     job = WorkerJob(model_dir=model_dir, dtype=dtype, quant=quant, train=loop, dpo=cfg,
-                    sft_dir=str(Path(sft_dir).resolve()), storage=str(out / "ray_train"),
+                    sft_dir=str(Path(sft_dir).resolve()), storage=storage or str(out / "ray_train"),
                     base_cache=str(base_cache) if base_cache else None)
     return run_stage(train_loop_per_worker, job, name="dpo", title="DPO", data_dir=data_dir,
                      data_kind="preference_dataset", out=out, model_id=model_id, resume=resume,

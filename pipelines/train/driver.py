@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from pipelines.artifacts import storage
 from pipelines.artifacts.manifest import hash_path, read_manifest, write_manifest
 from pipelines.train.config import WorkerJob, check_combination
 
@@ -122,9 +123,15 @@ def fit_on_ray(loop, job: WorkerJob, data_dir, data_manifest: dict, name: str, *
     check_combination(job.quant, train)
     # A fresh stage run starts from scratch: Ray Train would otherwise resume an older run found under the same
     # storage path and name. Resumption after a worker dies happens inside this fit (FailureConfig).
-    if fresh:
-        shutil.rmtree(job.storage, ignore_errors=True)
-    Path(job.storage).mkdir(parents=True, exist_ok=True)
+    storage_fs, storage_path = None, job.storage
+    if storage.is_uri(job.storage):  # an object store (s3://...): Ray Train writes its checkpoints there directly
+        if fresh:
+            storage.delete(job.storage)
+        storage_fs, storage_path = storage.filesystem(job.storage)
+    else:
+        if fresh:
+            shutil.rmtree(job.storage, ignore_errors=True)
+        Path(job.storage).mkdir(parents=True, exist_ok=True)
 
     datasets = {}
     # num_cpus=0: the trainer workers hold the CPUs, and a read task waiting for a whole one would deadlock the
@@ -151,7 +158,7 @@ def fit_on_ray(loop, job: WorkerJob, data_dir, data_manifest: dict, name: str, *
         # preserve_order: the same data gives the same batches run after run (reproducible losses, exact resume)
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
         run_config=RunConfig(
-            name=name, storage_path=job.storage, callbacks=callbacks or None,
+            name=name, storage_path=storage_path, storage_filesystem=storage_fs, callbacks=callbacks or None,
             failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=train.keep_checkpoints,

@@ -1,0 +1,149 @@
+"""Where runs and the registry live: a local folder, or an object-store URI (`s3://bucket/prefix`, any filesystem
+pyarrow knows) that every node and the next driver can reach.
+
+A URI is worked on through a local mirror, `$LORAFORGE_CACHE/mirror/<scheme>/<bucket>/<prefix>` (stages write
+local files, as the libraries they call expect): `pull` fills the mirror from the store, `push` writes a finished
+folder back. Ray Train writes its checkpoints to the store directly (`train_storage`), so a driver on another
+machine resumes from them. S3-compatible stores (MinIO, Ceph, moto) are reached through `AWS_ENDPOINT_URL`
+(or `AWS_ENDPOINT_URL_S3`), the variable the AWS SDKs read; credentials come from the usual AWS variables.
+
+    fs, path = filesystem("s3://bucket/runs")
+    push(Path("runs/x/sft"), "s3://bucket/runs/x/sft"); pull("s3://bucket/runs/x", mirror("s3://bucket/runs/x"))
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pipelines.artifacts.models import cache_root
+from pipelines.schema import UserError
+
+
+class StorageError(UserError):
+    """A store URI that cannot be reached or used: the message names it and what to set."""
+
+
+def is_uri(path: str | os.PathLike | None) -> bool:
+    return path is not None and "://" in str(path)
+
+
+def join(base: str | os.PathLike, *parts: str) -> str | Path:
+    """base/parts, kept a URI string when base is one (pathlib would fold `s3://` into `s3:/`)."""
+    if is_uri(base):
+        return "/".join([str(base).rstrip("/"), *parts])
+    return Path(base).joinpath(*parts)
+
+
+def filesystem(uri: str):
+    """(pyarrow filesystem, path inside it) for a URI; s3 honours AWS_ENDPOINT_URL(_S3) and AWS_DEFAULT_REGION,
+    and carries the credentials of this process's environment (Ray workers that get the filesystem object need
+    no AWS variables of their own)."""
+    import pyarrow.fs as pafs
+
+    scheme, _, rest = str(uri).partition("://")
+    if scheme == "s3":
+        kwargs: dict = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+            kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
+        if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+            kwargs.update(access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
+                          session_token=os.environ.get("AWS_SESSION_TOKEN"))
+        return pafs.S3FileSystem(**kwargs), rest.rstrip("/")
+    try:
+        return pafs.FileSystem.from_uri(str(uri))
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError for unknown schemes
+        raise StorageError(f"{uri}: not a storage URI pyarrow can open ({e}); use a local path or s3://bucket/prefix")
+
+
+def mirror(uri: str) -> Path:
+    """The local mirror folder of a URI."""
+    scheme, _, rest = str(uri).partition("://")
+    parts = [p for p in rest.split("/") if p]
+    if any(p in (".", "..") for p in parts):
+        raise StorageError(f"{uri}: '.' and '..' are not allowed in a storage URI")
+    return cache_root() / "mirror" / scheme / Path(*parts)
+
+
+def _files(fs, path: str):
+    import pyarrow.fs as pafs
+
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return []
+    if info.type == pafs.FileType.File:
+        return [info]
+    return [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.type == pafs.FileType.File]
+
+
+def pull(uri: str, local: Path, skip: tuple[str, ...] = ()) -> int:
+    """Copy what the store holds under `uri` into `local` (files missing here, or changed in the store since they
+    were pulled: size or modification time differ); the top-level
+    names in `skip` (at any depth) are left out. Returns the number of files copied; 0 when the store has nothing there."""
+    import pyarrow.fs as pafs
+
+    fs, root = _checked(uri)
+    copied = 0
+    for info in _files(fs, root):
+        rel = info.path[len(root):].lstrip("/") or Path(info.path).name
+        if any(part in skip for part in rel.split("/")):
+            continue
+        dest = Path(local) / rel
+        mtime = info.mtime.timestamp() if info.mtime else None
+        if dest.is_file() and dest.stat().st_size == info.size and mtime is not None and \
+                int(dest.stat().st_mtime) == int(mtime):
+            continue  # pulled before and unchanged since
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".pulling")
+        pafs.copy_files(info.path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        if mtime is not None:
+            os.utime(tmp, (mtime, mtime))
+        os.replace(tmp, dest)
+        copied += 1
+    return copied
+
+
+def push(local: Path, uri: str, skip: tuple[str, ...] = ()) -> int:
+    """Copy a local file or folder to the store under `uri` (folders or files named in `skip`, at any depth, left out); returns the
+    number of files written."""
+    import pyarrow.fs as pafs
+
+    fs, root = _checked(uri)
+    local = Path(local)
+    files = [local] if local.is_file() else [p for p in sorted(local.rglob("*")) if p.is_file()]
+    written = 0
+    for f in files:
+        rel = f.name if f == local else f.relative_to(local).as_posix()
+        if f != local and any(part in skip for part in rel.split("/")):
+            continue
+        dest = root if f == local else f"{root}/{rel}"
+        pafs.copy_files(str(f), dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        written += 1
+    return written
+
+
+def delete(uri: str) -> None:
+    """Remove everything under `uri` (nothing there: nothing to do)."""
+    import pyarrow.fs as pafs
+
+    fs, root = _checked(uri)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(root)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(root)
+
+
+def _checked(uri: str):
+    """filesystem(uri), with a store that does not answer turned into a StorageError naming it."""
+    fs, root = filesystem(uri)
+    try:
+        fs.get_file_info(root.split("/")[0])
+    except OSError as e:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS"
+        raise StorageError(f"{uri}: the store does not answer ({endpoint}: {str(e).splitlines()[0][:200]}); check "
+                           "the bucket, AWS_ENDPOINT_URL and the AWS credentials") from None
+    return fs, root

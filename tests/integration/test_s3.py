@@ -1,0 +1,156 @@
+"""Runs and the registry in an object store: a real S3 API on localhost (`moto` in server mode, started and stopped
+here), reached the way an S3-compatible store is (AWS_ENDPOINT_URL + credentials). The tiny graph runs with
+`output_dir` and `registry.root` as s3:// URIs; a second driver with an empty local mirror finds every stage
+cached from what the store holds; Ray Train's checkpoints are in the store; the registry entry resolves from
+another machine's (empty) mirror."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "pipelines" / "demo" / "city_date.jsonl"
+BUCKET = "loraforge-test"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": endpoint}
+    saved = {k: os.environ.get(k) for k in env}
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, Path(log.name).read_text()[-2000:]
+                time.sleep(0.5)
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                     aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)
+        os.environ.update(env)
+        yield {"env": env, "endpoint": endpoint}
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def keys(prefix: str) -> list[str]:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="us-east-1")
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+def test_push_pull_round_trip_and_an_unreachable_store(s3, tmp_path, monkeypatch):
+    from pipelines.artifacts import storage
+
+    src = tmp_path / "src"
+    (src / "a" / "ray_train").mkdir(parents=True)
+    (src / "a" / "f.txt").write_text("one")
+    (src / "a" / "ray_train" / "optimizer.pt").write_bytes(b"state")
+    (src / "top.json").write_text("{}")
+    uri = f"s3://{BUCKET}/roundtrip"
+    assert storage.push(src, uri, skip=("ray_train",)) == 2
+    assert keys("roundtrip/") == ["roundtrip/a/f.txt", "roundtrip/top.json"]
+    dst = tmp_path / "dst"
+    assert storage.pull(uri, dst) == 2 and (dst / "a" / "f.txt").read_text() == "one"
+    assert storage.pull(uri, dst) == 0  # unchanged: nothing copied again
+    (src / "a" / "f.txt").write_text("two!")
+    storage.push(src / "a" / "f.txt", f"{uri}/a/f.txt")
+    assert storage.pull(uri, dst) == 1 and (dst / "a" / "f.txt").read_text() == "two!"
+    assert storage.pull(f"s3://{BUCKET}/nothing-here", tmp_path / "none") == 0
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(storage.StorageError, match="the store does not answer"):
+        storage.pull(uri, dst)
+
+
+def test_registry_in_the_store_resolves_from_another_mirror(s3, tiny_model_dir, tmp_path, monkeypatch):
+    """Published through one machine's mirror, resolved (files pulled) and promoted through another's."""
+    from pipelines.artifacts.registry import Registry
+    from tests.unit.test_registry import LINEAGE, make_adapter
+
+    root = f"s3://{BUCKET}/registry-unit"
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "machine-a"))
+    version = Registry(root).publish("city", make_adapter(tmp_path / "a"), "lora_adapter", LINEAGE)
+    assert f"registry-unit/models/city/{version}/adapter_model.safetensors" in keys("registry-unit/")
+
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "machine-b"))
+    other = Registry(root)
+    art = other.resolve("city")
+    assert art.version == version and str(art.path).startswith(str(tmp_path / "machine-b"))
+    assert (art.path / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
+    other.promote("city", version, "production", reason="test")
+
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "machine-a"))
+    assert Registry(root).resolve("city@production").version == version  # the alias reached machine a
+    assert [r["action"] for r in Registry(root).audit()] == ["publish", "promote"]
+
+
+def test_graph_with_s3_output_and_registry_resumes_from_the_store(s3, ray_session, tiny_model_dir, tmp_path):
+    rows = [json.loads(line) for line in DEMO.read_text().splitlines()[:140]]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:120]))
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[120:]))
+    cfg = {"name": "s3run", "output_dir": f"s3://{BUCKET}/runs", "model": {"name": tiny_model_dir},
+           "data": {"train_path": str(tmp_path / "train.jsonl"), "max_length": 256},
+           "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+           "train": {"num_workers": 1, "cpus_per_worker": 1, "max_steps": 4, "batch_size": 8, "lr": 5e-3,
+                     "warmup_steps": 0, "log_every": 2, "tracking_uri": "off"},
+           "eval": {"test_path": str(tmp_path / "test.jsonl"), "max_samples": 4, "few_shot_k": 0, "backend": "hf",
+                    "max_new_tokens": 8, "bertscore": False},
+           "gate": {"min_rougeL_gain_over_base": -1.0, "min_rougeL_gain_over_few_shot": -1.0,
+                    "max_general_nll_increase": None},
+           "registry": {"root": f"s3://{BUCKET}/registry"}}
+    config = tmp_path / "s3.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    address = ray_session.get_runtime_context().gcs_address
+
+    def run(machine: str, *extra: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, **s3["env"], "LORAFORGE_CACHE": str(tmp_path / machine)}
+        return subprocess.run([sys.executable, "-m", "cluster", "run", str(config), "--until", "gate",
+                               f"ray.address={address}", *extra], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=900)
+
+    first = run("machine-a")
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    stored = keys("runs/s3run/")
+    for key in ("data/stage.json", "sft/stage.json", "sft/adapter_model.safetensors", "sft/manifest.json",
+                "evaluate/eval.json", "gate/gate.json"):
+        assert f"runs/s3run/{key}" in stored, (key, stored)
+    assert any(k.startswith("runs/s3run/sft/ray_train/") and "checkpoint" in k for k in stored), stored
+    assert not (tmp_path / "machine-a" / "mirror" / "s3" / BUCKET / "runs" / "s3run" / "sft" / "ray_train").exists()
+    assert "registry/models/s3run/1/adapter_model.safetensors" in keys("registry/")
+    assert not Path("s3:").exists() and not (REPO / "s3:").exists()  # nothing written to a folder named "s3:"
+
+    second = run("machine-b", "--dry-run")  # another machine: an empty mirror, the store's records
+    assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
+    plan = {line.split()[0]: line.split()[2] for line in second.stdout.splitlines()[1:] if line.strip()}
+    assert {plan[s] for s in ("data", "sft", "evaluate", "gate")} == {"cached"}, second.stdout
