@@ -13,6 +13,7 @@ from pathlib import Path
 from rich.console import Console
 
 from cluster.config import RunConfig
+from pipelines.artifacts import storage
 from pipelines.artifacts.manifest import read_manifest
 from pipelines.artifacts.models import resolve_model
 from pipelines.artifacts.registry import Registry, lineage_from_manifest
@@ -114,12 +115,20 @@ def stage_sft(cfg: RunConfig, model_dir: str, data_dir: Path, *, resume: bool = 
     init_ray(cfg)
     t0 = time.time()
     out = sft.run(cfg.lora, cfg.train, model_dir, data_dir, cfg.stage_dir("sft"), dtype=cfg.model.dtype,
-                  quant=cfg.quant, model_id=cfg.model.name, resume=resume, storage=cfg.train_storage("sft"))
+                  quant=cfg.quant, model_id=cfg.model.name, resume=resume, storage=cfg.train_storage("sft"),
+                  data_uri=_in_store(cfg, "data"))
 
     m = read_manifest(out)["metrics"]
     console.print(f"[bold]sft[/]: {m['steps']} steps, loss {m['loss_first']:.3f} → {m['loss_last']:.3f}, "
                   f"{m['trainable_params']:,} LoRA parameters ({time.time() - t0:.0f} s); curve in {out / 'loss.png'}")
     return out
+
+
+def _in_store(cfg: RunConfig, stage: str) -> str | None:
+    """A stage's folder in the object store, when output_dir is one and the graph pushed that stage there (a stage
+    command run alone works in the mirror only)."""
+    remote = cfg.remote_run()
+    return f"{remote}/{stage}" if remote and storage.exists(f"{remote}/{stage}/manifest.json") else None
 
 
 def stage_dpo(cfg: RunConfig, model_dir: str, sft_dir: Path, *, resume: bool = False) -> Path:

@@ -125,6 +125,14 @@ def push(local: Path, uri: str, skip: tuple[str, ...] = ()) -> int:
     return written
 
 
+def exists(uri: str) -> bool:
+    """Whether the store holds a file or folder at `uri`."""
+    import pyarrow.fs as pafs
+
+    fs, root = _checked(uri)
+    return fs.get_file_info(root).type != pafs.FileType.NotFound
+
+
 def delete(uri: str) -> None:
     """Remove everything under `uri` (nothing there: nothing to do)."""
     import pyarrow.fs as pafs

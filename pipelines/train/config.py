@@ -184,7 +184,10 @@ class WorkerJob(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(description="Compute dtype (model.dtype).")
     quant: QuantSection
     train: TrainSection = Field(description="The loop settings this stage runs with (DPO: dpo.optimisation(train)).")
-    storage: str = Field(description="Ray Train storage folder of this stage's run.")
+    storage: str = Field(description="Ray Train storage folder (or object-store URI) of this stage's run.")
+    data_uri: str | None = Field(None, description=(
+        "Where Ray Data reads the data stage's splits from when it is in an object store (every node reads "
+        "it there); None: the data folder the driver was given."))
     base_cache: str | None = Field(None, description="Where each node keeps the 4-bit base it quantized once.")
     lora: LoraSection | None = Field(None, description="SFT: the adapter to attach to the frozen base.")
     dpo: DPOSection | None = Field(None, description="DPO: the preference loss settings.")

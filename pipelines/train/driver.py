@@ -140,11 +140,12 @@ def fit_on_ray(loop, job: WorkerJob, data_dir, data_manifest: dict, name: str, *
     # 1-CPU sweep trials on 2 CPUs hung); the V1 source reads with no listing task.
     context = ray.data.DataContext.get_current()
     v2, context.use_datasource_v2 = context.use_datasource_v2, False
+    read_fs, read_root = (storage.filesystem(job.data_uri) if job.data_uri else (None, str(Path(data_dir))))
     try:
         for split in ("train", "validation"):
             rel = data_manifest.get("outputs", {}).get(split)
             if rel:
-                datasets[split] = ray.data.read_parquet(str(Path(data_dir) / rel), num_cpus=0)
+                datasets[split] = ray.data.read_parquet(f"{read_root}/{rel}", filesystem=read_fs, num_cpus=0)
     finally:
         context.use_datasource_v2 = v2
     has_val = "validation" in datasets

@@ -29,15 +29,17 @@ from pipelines.train.loop import run_loop
 def run(lora: LoraSection, train: TrainSection, model_dir: str, data_dir: str | os.PathLike,
         out_dir: str | os.PathLike, *, dtype: str = "float32", quant: QuantSection | None = None,
         model_id: str | None = None, base_cache: str | os.PathLike | None = None,
-        resume: bool = False, storage: str | None = None) -> Path:
+        resume: bool = False, storage: str | None = None, data_uri: str | None = None) -> Path:
     """Train an adapter on the tokenized dataset in data_dir; write it with a manifest into out_dir.
     base_cache: where each node keeps the 4-bit base it quantized once (QLoRA); see base.load_worker_base.
-    storage: where Ray Train keeps checkpoints (a folder or an s3:// URI); default out_dir/ray_train."""
+    storage: where Ray Train keeps checkpoints (a folder or an s3:// URI); default out_dir/ray_train.
+    data_uri: the data stage's folder in an object store, which the workers' Ray Data reads then come from."""
     quant = quant or QuantSection()
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     job = WorkerJob(model_dir=model_dir, dtype=dtype, quant=quant, train=train, lora=lora,
-                    storage=storage or str(out / "ray_train"), base_cache=str(base_cache) if base_cache else None)
+                    storage=storage or str(out / "ray_train"), base_cache=str(base_cache) if base_cache else None,
+                    data_uri=data_uri)
     return run_stage(train_loop_per_worker, job, name="sft", title="SFT", data_dir=data_dir,
                      data_kind="tokenized_dataset", out=out, model_id=model_id, resume=resume,
                      config={"lora": lora.model_dump(), "quant": quant.model_dump(), "train": train.model_dump(),
