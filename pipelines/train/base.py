@@ -103,7 +103,15 @@ def load_quantized_shared(model_dir: str, quant: QuantSection, cache_dir: str | 
     if local_rank == 0 and not folder.is_dir():
         model, source = _from_pretrained(model_dir, quant.compute_dtype, quant), "quantized-here"
         tmp = staging_folder(folder)
-        model.save_pretrained(tmp, safe_serialization=True)
+        # transformers writes files only on torch.distributed rank 0 (should_save_on_this_rank), whatever
+        # is_main_process says: the quantizing rank of a second node is rank >= 1, and got an empty folder
+        model.should_save_on_this_rank = lambda is_main_process: True
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            del model.should_save_on_this_rank
+        if not list(tmp.glob("*.safetensors")):
+            raise RuntimeError(f"{tmp}: saving the 4-bit base wrote no weights")
         publish_folder(tmp, folder, replace=False)  # another node sharing this filesystem may have been first
     barrier()
     if model is None:
