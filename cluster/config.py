@@ -90,11 +90,12 @@ class RunConfig(Section):
         return self.run_dir() / stage
 
     def run_dir(self) -> Path:
-        return (storage.mirror(self.output_dir) if storage.is_uri(self.output_dir) else Path(self.output_dir)) / self.name
+        base = storage.mirror(self.output_dir) if storage.is_uri(self.output_dir) else Path(self.output_dir)
+        return base / self.name
 
     def remote_run(self) -> str | None:
         """The run folder's URI when output_dir is one, else None."""
-        return str(storage.join(self.output_dir, self.name)) if storage.is_uri(self.output_dir) else None
+        return f"{self.output_dir.rstrip('/')}/{self.name}" if storage.is_uri(self.output_dir) else None
 
     def train_storage(self, stage: str) -> str | None:
         """Where Ray Train keeps a training stage's checkpoints: in the store when output_dir is a URI (a driver

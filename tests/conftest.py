@@ -76,6 +76,27 @@ def tokenized_dir(tiny_model_dir, tmp_path_factory) -> Path:
     return out
 
 
+def tiny_graph_config(name: str, folder: Path, model_dir: str, output_dir: str, registry: str) -> dict:
+    """A run config for the whole tiny graph: 120 demo rows to train on and 20 held out (written into `folder`),
+    4 SFT steps, an HF-backend evaluation of 4 rows and a gate set to pass (the point is the hand-offs, not the
+    score)."""
+    import json
+
+    rows = [json.loads(line) for line in DEMO.read_text().splitlines()[:140]]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:120]))
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[120:]))
+    return {"name": name, "output_dir": output_dir, "model": {"name": model_dir},
+            "data": {"train_path": str(folder / "train.jsonl"), "max_length": 256},
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "train": {"num_workers": 1, "cpus_per_worker": 1, "max_steps": 4, "batch_size": 8, "lr": 5e-3,
+                      "warmup_steps": 0, "log_every": 2, "tracking_uri": "off"},
+            "eval": {"test_path": str(folder / "test.jsonl"), "max_samples": 4, "few_shot_k": 0, "backend": "hf",
+                     "max_new_tokens": 8, "bertscore": False},
+            "gate": {"min_rougeL_gain_over_base": -1.0, "min_rougeL_gain_over_few_shot": -1.0,
+                     "max_general_nll_increase": None},
+            "registry": {"root": registry}}
+
+
 def require_shared_data(*parts: str) -> Path:
     """`../shared/data/<parts>`, or, when it is missing: a loud failure under CI=true, a skip elsewhere."""
     path = SHARED_DATA.joinpath(*parts)

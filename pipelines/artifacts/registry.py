@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import fnmatch
 import getpass
 import json
 import os
@@ -122,8 +123,6 @@ NOT_COPIED = ("*.tmp*", "ray_train")
 
 
 def _not_copied(rel: Path) -> bool:
-    import fnmatch
-
     return any(fnmatch.fnmatch(part, pat) for part in rel.parts for pat in NOT_COPIED)
 
 

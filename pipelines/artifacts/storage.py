@@ -29,13 +29,6 @@ def is_uri(path: str | os.PathLike | None) -> bool:
     return path is not None and "://" in str(path)
 
 
-def join(base: str | os.PathLike, *parts: str) -> str | Path:
-    """base/parts, kept a URI string when base is one (pathlib would fold `s3://` into `s3:/`)."""
-    if is_uri(base):
-        return "/".join([str(base).rstrip("/"), *parts])
-    return Path(base).joinpath(*parts)
-
-
 def filesystem(uri: str):
     """(pyarrow filesystem, path inside it) for a URI; s3 honours AWS_ENDPOINT_URL(_S3) and AWS_DEFAULT_REGION,
     and carries the credentials of this process's environment (Ray workers that get the filesystem object need
@@ -81,15 +74,15 @@ def _files(fs, path: str):
 
 def pull(uri: str, local: Path, skip: tuple[str, ...] = ()) -> int:
     """Copy what the store holds under `uri` into `local` (files missing here, or changed in the store since they
-    were pulled: size or modification time differ); the top-level
-    names in `skip` (at any depth) are left out. Returns the number of files copied; 0 when the store has nothing there."""
+    were pulled: size or modification time differ); files and folders named in `skip`, at any depth, are left
+    out. Returns the number of files copied; 0 when the store has nothing there."""
     import pyarrow.fs as pafs
 
     fs, root = _checked(uri)
     copied = 0
     for info in _files(fs, root):
         rel = info.path[len(root):].lstrip("/") or Path(info.path).name
-        if any(part in skip for part in rel.split("/")):
+        if _skipped(rel, skip):
             continue
         dest = Path(local) / rel
         mtime = info.mtime.timestamp() if info.mtime else None
@@ -107,8 +100,8 @@ def pull(uri: str, local: Path, skip: tuple[str, ...] = ()) -> int:
 
 
 def push(local: Path, uri: str, skip: tuple[str, ...] = ()) -> int:
-    """Copy a local file or folder to the store under `uri` (folders or files named in `skip`, at any depth, left out); returns the
-    number of files written."""
+    """Copy a local file or folder to the store under `uri` (files and folders named in `skip`, at any depth, left
+    out); returns the number of files written."""
     import pyarrow.fs as pafs
 
     fs, root = _checked(uri)
@@ -117,7 +110,7 @@ def push(local: Path, uri: str, skip: tuple[str, ...] = ()) -> int:
     written = 0
     for f in files:
         rel = f.name if f == local else f.relative_to(local).as_posix()
-        if f != local and any(part in skip for part in rel.split("/")):
+        if f != local and _skipped(rel, skip):
             continue
         dest = root if f == local else f"{root}/{rel}"
         pafs.copy_files(str(f), dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
@@ -145,13 +138,25 @@ def delete(uri: str) -> None:
         fs.delete_file(root)
 
 
+def _skipped(rel: str, skip: tuple[str, ...]) -> bool:
+    return any(part in skip for part in rel.split("/"))
+
+
+_ANSWERED: set[tuple[str, str]] = set()  # (endpoint, bucket) that answered once in this process
+
+
 def _checked(uri: str):
-    """filesystem(uri), with a store that does not answer turned into a StorageError naming it."""
+    """filesystem(uri), with a store that does not answer turned into a StorageError naming it. The check costs
+    a request, so it is made once per endpoint and bucket per process, not before every pull and push."""
     fs, root = filesystem(uri)
+    key = (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "", root.split("/")[0])
+    if key in _ANSWERED:
+        return fs, root
     try:
-        fs.get_file_info(root.split("/")[0])
+        fs.get_file_info(key[1])
     except OSError as e:
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS"
         raise StorageError(f"{uri}: the store does not answer ({endpoint}: {str(e).splitlines()[0][:200]}); check "
                            "the bucket, AWS_ENDPOINT_URL and the AWS credentials") from None
+    _ANSWERED.add(key)
     return fs, root

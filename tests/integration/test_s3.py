@@ -6,7 +6,6 @@ another machine's (empty) mirror."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -17,10 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import free_port
+from tests.conftest import free_port, tiny_graph_config
 
 REPO = Path(__file__).resolve().parents[2]
-DEMO = REPO / "pipelines" / "demo" / "city_date.jsonl"
 BUCKET = "loraforge-test"
 
 
@@ -116,19 +114,7 @@ def test_registry_in_the_store_resolves_from_another_mirror(s3, tiny_model_dir, 
 
 
 def test_graph_with_s3_output_and_registry_resumes_from_the_store(s3, ray_session, tiny_model_dir, tmp_path):
-    rows = [json.loads(line) for line in DEMO.read_text().splitlines()[:140]]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:120]))
-    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[120:]))
-    cfg = {"name": "s3run", "output_dir": f"s3://{BUCKET}/runs", "model": {"name": tiny_model_dir},
-           "data": {"train_path": str(tmp_path / "train.jsonl"), "max_length": 256},
-           "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-           "train": {"num_workers": 1, "cpus_per_worker": 1, "max_steps": 4, "batch_size": 8, "lr": 5e-3,
-                     "warmup_steps": 0, "log_every": 2, "tracking_uri": "off"},
-           "eval": {"test_path": str(tmp_path / "test.jsonl"), "max_samples": 4, "few_shot_k": 0, "backend": "hf",
-                    "max_new_tokens": 8, "bertscore": False},
-           "gate": {"min_rougeL_gain_over_base": -1.0, "min_rougeL_gain_over_few_shot": -1.0,
-                    "max_general_nll_increase": None},
-           "registry": {"root": f"s3://{BUCKET}/registry"}}
+    cfg = tiny_graph_config("s3run", tmp_path, tiny_model_dir, f"s3://{BUCKET}/runs", f"s3://{BUCKET}/registry")
     config = tmp_path / "s3.yaml"
     config.write_text(yaml.safe_dump(cfg))
     address = ray_session.get_runtime_context().gcs_address

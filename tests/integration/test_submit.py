@@ -20,10 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import free_port
+from tests.conftest import free_port, tiny_graph_config
 
 REPO = Path(__file__).resolve().parents[2]
-DEMO = REPO / "pipelines" / "demo" / "city_date.jsonl"
 BIN = Path(sys.executable).parent
 
 
@@ -96,19 +95,7 @@ def job_config(tiny_model_dir, tmp_path_factory):
     not the score) → registry → serve → demo. The config lies inside the repository (the job's working_dir); data,
     outputs and registry live outside it (one machine: the job sees the same paths)."""
     root = tmp_path_factory.mktemp("submit")
-    rows = [json.loads(line) for line in DEMO.read_text().splitlines()[:140]]
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:120]))
-    (root / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[120:]))
-    cfg = {"name": "job", "output_dir": str(root / "runs"), "model": {"name": tiny_model_dir},
-           "data": {"train_path": str(root / "train.jsonl"), "max_length": 256},
-           "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-           "train": {"num_workers": 1, "cpus_per_worker": 1, "max_steps": 4, "batch_size": 8, "lr": 5e-3,
-                     "warmup_steps": 0, "log_every": 2, "tracking_uri": "off"},
-           "eval": {"test_path": str(root / "test.jsonl"), "max_samples": 4, "few_shot_k": 0, "backend": "hf",
-                    "max_new_tokens": 8, "bertscore": False},
-           "gate": {"min_rougeL_gain_over_base": -1.0, "min_rougeL_gain_over_few_shot": -1.0,
-                    "max_general_nll_increase": None},
-           "registry": {"root": str(root / "registry")},
+    cfg = {**tiny_graph_config("job", root, tiny_model_dir, str(root / "runs"), str(root / "registry")),
            "serve": {"max_lora_rank": 8, "port": free_port(), "max_model_len": 512},
            "demo": {"prompts": ["What is the capital of France?"], "max_tokens": 8}}
     path = REPO / "tests" / "integration" / f"_submit_{os.getpid()}.yaml"  # uploaded with the working_dir
