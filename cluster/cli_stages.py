@@ -21,7 +21,7 @@ from typing import Optional
 
 import typer
 
-from cluster import graph, runner
+from cluster import graph, runner, terminal
 from cluster.cli_common import CONFIG, OVERRIDES, REGISTER, done, fail, load
 from cluster.config import json_schema
 from pipelines.eval.metrics import exact_match, text_metrics
@@ -40,23 +40,26 @@ def run(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
     whose inputs, config sections and code are unchanged since it last finished is skipped (cluster.graph).
     Exit 3 when the gate refuses the adapter."""
     cfg = load(config, overrides, ("model", "data", "dpo", "eval", "serve"))
-    g = graph.Graph(cfg, force=tuple(force or ()), start=start, until=until)
     if dry_run:
-        typer.echo(g.plan().table())
+        typer.echo(graph.Graph(cfg, force=tuple(force or ()), start=start, until=until).plan().table())
         return
-    from serve.app import shutdown
-
+    log = terminal.log_path(cfg.run_dir())
     try:
-        folders = g.run(log=lambda line: typer.secho(line, err=True, fg="cyan"))
+        with terminal.quiet(log, runner.console):  # library noise to the run's log file, our lines on the terminal
+            from serve.app import shutdown  # imports vLLM (and its libraries' import-time warnings)
+
+            g = graph.Graph(cfg, force=tuple(force or ()), start=start, until=until)
+            try:
+                folders = g.run(log=lambda line: runner.console.print(line, style="cyan", markup=False))
+            finally:
+                if "serve" in g.folders:
+                    shutdown(only_app=True)  # this run's app only: other apps on a shared cluster keep running
+                runner.finish()
     except graph.GateRefused as e:
-        runner.finish()
         for reason in e.reasons:
             typer.secho(f"gate: {reason}", fg="red", err=True)
-        fail(f"gate: refused; nothing after the gate ran (outputs so far are in {cfg.stage_dir('gate').parent})",
-             code=3)
-    finally:
-        if "serve" in g.folders:
-            shutdown(only_app=True)  # this run's app only: other apps on a shared cluster keep running
+        fail(f"gate: refused; nothing after the gate ran (outputs so far are in {cfg.stage_dir('gate').parent}; "
+             f"full log {log})", code=3)
     done(next((folders[s] for s in ("dpo", "sft") if s in folders), cfg.stage_dir("sft")))
 
 

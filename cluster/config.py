@@ -36,8 +36,10 @@ class RaySection(Section):
     address: str | None = Field(None, description=(
         "Ray address; None starts a local instance (or joins the one `ray job submit` runs under)."))
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started instance; default all.")
-    include_dashboard: bool = Field(False, description=(
-        "Start the dashboard with a local instance (always, when the config has a tune: section: the State API)."))
+    include_dashboard: bool = Field(True, description=(
+        "Start the dashboard with a local instance: it serves Ray's State API, which Ray Train's placement-group "
+        "cleaner and Tune's stopped trials need (without it they warn every second and leave resources held). "
+        "Always on when the config has a tune: section."))
 
 
 class DemoSection(Section):

@@ -27,7 +27,7 @@ from pipelines.schema import MissingInput
 from pipelines.train import dpo, sft
 from tune import sweep
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # a path is never broken over two lines
 
 # Environment every Ray worker and Serve replica gets. vLLM binds its internal queues to the machine's external
 # address unless told otherwise (STACK_NOTES); tokenizers' own thread pool fights Ray's workers for 2 cores.
@@ -40,9 +40,9 @@ _started_here = False
 
 
 def init_ray(cfg: RunConfig) -> None:
-    """Join the configured or submitting cluster, or start a local instance: with the dashboard when
-    ray.include_dashboard is set or the config has a tune: section (a sweep needs the State API, and whichever
-    stage starts Ray first decides)."""
+    """Join the configured or submitting cluster, or start a local instance: with the dashboard (Ray's State
+    API) unless ray.include_dashboard is false, and always when the config has a tune: section (a sweep needs
+    the State API, and whichever stage starts Ray first decides)."""
     global _started_here
     import ray
 
@@ -206,7 +206,14 @@ def stage_evaluate(cfg: RunConfig, model_dir: str, adapters: dict[str, str], *, 
     """Evaluate base, few-shot base and adapters; with `gate`, apply it to the first adapter, which publishes
     it to the registry and moves the gate's alias when it passes (or is forced)."""
     init_ray(cfg)
-    out = evaluate.run(cfg.eval, model_dir, adapters, cfg.stage_dir("evaluate"))
+    t0 = time.time()
+    with console.status(f"[bold]evaluate[/]: base, few-shot base and {len(adapters)} adapter(s) on "
+                        f"{cfg.eval.max_samples} held-out rows ({cfg.eval.backend})"):
+        out = evaluate.run(cfg.eval, model_dir, adapters, cfg.stage_dir("evaluate"))
+    variants = json.loads((Path(out) / "eval.json").read_text())["variants"]
+    console.print("[bold]evaluate[/]: " + ", ".join(f"{v} ROUGE-L {s['rougeL']:.3f} exact {s['exact_match']:.2f}"
+                                                     for v, s in variants.items())
+                  + f" ({time.time() - t0:.0f} s); report in {Path(out) / 'eval_report.md'}")
     return out, (stage_gate(cfg, adapters, force=force) if gate else None)
 
 
@@ -295,5 +302,5 @@ def demo(cfg: RunConfig, url: str, adapter: str) -> list[dict[str, str]]:
         table.add_column(col, overflow="fold")
     for r in rows:
         table.add_row(r["prompt"], r["base"], r["adapter"])
-    Console().print(table)
+    console.print(table)
     return rows

@@ -93,6 +93,9 @@ def engine_env(cfg: ServeConfig) -> dict[str, str]:
     }
 
 
+# A replica whose engine died fails every health check; Serve replaces it after 3 failed checks in a row.
+HEALTH_CHECK_PERIOD_S = 2
+
 
 def llm_config(cfg: ServeConfig, base_model: str, *, gpu: bool) -> Any:
     """The `ray.serve.llm.LLMConfig` of the engine deployment: model, vLLM engine, LoRA, replicas."""
@@ -102,7 +105,8 @@ def llm_config(cfg: ServeConfig, base_model: str, *, gpu: bool) -> Any:
     # resources. On CPU the engine is a subprocess of the replica, so the whole replica_cpus goes in the bundle
     # and the actor adds nothing; on GPU Ray's default bundle holds the GPU and the actor takes the CPUs.
     deployment: dict[str, Any] = {
-        "max_ongoing_requests": cfg.max_ongoing_requests, "health_check_period_s": 10, "health_check_timeout_s": 30,
+        "max_ongoing_requests": cfg.max_ongoing_requests, "health_check_period_s": HEALTH_CHECK_PERIOD_S,
+        "health_check_timeout_s": 30,
         "ray_actor_options": {"num_cpus": cfg.replica_cpus if gpu else 0}}
     if cfg.autoscaling is None:
         deployment["num_replicas"] = cfg.num_replicas
@@ -126,7 +130,9 @@ def llm_config(cfg: ServeConfig, base_model: str, *, gpu: bool) -> Any:
         lora_config={"max_num_adapters_per_replica": cfg.adapter_cache_size},
         placement_group_config=None if gpu else {"bundles": [{"CPU": cfg.replica_cpus}]},
         runtime_env={"env_vars": engine_env(cfg)},
+        callback_config={"callback_class": "serve.server:LocalModelCallback"},
         deployment_config=deployment)
+
 
 
 def build_app(cfg: ServeConfig, base_model: str, adapters: dict[str, str],

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -37,11 +38,12 @@ from serve.config import ServeConfig
 from serve.metrics import RequestMetrics, tags_for
 from serve.openai_protocol import APIError, error_body, model_card
 from serve.routing import adapter_part, caller_key, route
-from serve.server import REPLICA_FIELD
+from serve.server import ENGINE_DEAD, REPLICA_FIELD, RETRY_AFTER_S
 
 ADAPTER_HEADER = "x-loraforge-adapter"  # the artifact that answered: "base" or e.g. "city@4"
 REPLICA_HEADER = "x-loraforge-replica"  # which engine replica answered (non-streaming responses)
 ROUTER_TIMEOUT_S = 600
+logger = logging.getLogger("loraforge.serve")
 
 # The routes served: OpenAI text generation, the model list and a health probe. Ray's ingress also routes
 # embeddings, audio, score and tokenize; a LoRA text-generation app leaves those out.
@@ -82,9 +84,16 @@ class Target:
 
 
 def status_and_message(e: BaseException) -> tuple[int, str]:
-    """The status and message of an error raised here, by Ray's ingress or by an engine replica."""
+    """The status and message of an error raised here, by Ray's ingress or by an engine replica. A replica that
+    died or is being replaced is a 503 (the client retries), not a 500."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
     if isinstance(e, APIError):
         return e.status, e.message
+    if isinstance(e, (ActorDiedError, ActorUnavailableError, RayActorError, BackPressureError,
+                      DeploymentUnavailableError)):
+        return 503, f"engine replica unavailable ({type(e).__name__}): retry"
     status = getattr(e, "status_code", None) or getattr(e, "status", None)
     message = getattr(e, "detail", None) or getattr(e, "message", None)
     cause = getattr(e, "cause", None)  # a replica's HTTPException arrives wrapped in a RayTaskError
@@ -103,6 +112,7 @@ class LoRAIngress(OpenAiIngress):
         super().__init__(llm_deployments, model_cards, **kwargs)
         self.cfg, self.source, self.created, self._metrics = cfg, source, int(time.time()), None
         self.resolver = Resolver(source, cfg.resolve_ttl_s)
+        self._outage_since: float | None = None  # first engine-unavailable 503 of an ongoing outage
 
     async def health(self) -> JSONResponse:
         return JSONResponse({"status": "ok"})
@@ -185,14 +195,12 @@ class LoRAIngress(OpenAiIngress):
                 first, gen = await _peek_at_generator(
                     self._get_response(body=body, call_method=call_method, raw_request=raw_request))
         except Exception as e:  # noqa: BLE001 - every failure becomes an OpenAI error body with its status
-            status, message = status_and_message(e)
-            self._record(target.tags, status, t0)
-            return JSONResponse(error_body(status, message), status_code=status)
+            return self._error(target, t0, *status_and_message(e))
         head = first[0] if isinstance(first, list) else first
         if isinstance(head, ErrorResponse):
-            status = int(head.error.code) if str(head.error.code).isdigit() else 400
-            self._record(target.tags, status, t0)
-            return JSONResponse(error_body(status, head.error.message), status_code=status)
+            return self._error(target, t0, int(head.error.code) if str(head.error.code).isdigit() else 400,
+                               head.error.message)
+        self._recovered()
         headers = {ADAPTER_HEADER: target.served}
         if isinstance(head, NON_STREAMING_RESPONSE_TYPES):
             content = head.model_dump()
@@ -203,6 +211,23 @@ class LoRAIngress(OpenAiIngress):
             return JSONResponse(content=content, headers=headers)
         events = self._metered(_openai_json_wrapper(gen), target, t0, keep_usage=wants_usage)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+
+    def _error(self, target: Target, t0: float, status: int, message: str) -> JSONResponse:
+        """An OpenAI error body; a 503 says when to retry, and the first one of an outage is logged."""
+        self._record(target.tags, status, t0)
+        headers = {}
+        if status == 503:
+            headers["Retry-After"] = str(RETRY_AFTER_S)
+            if self._outage_since is None and (ENGINE_DEAD in message or "replica unavailable" in message):
+                self._outage_since = time.monotonic()
+                logger.warning("loraforge: engine replica unavailable (%s); answering 503 until it is back", message)
+        return JSONResponse(error_body(status, message), status_code=status, headers=headers)
+
+    def _recovered(self) -> None:
+        if self._outage_since is not None:
+            logger.warning("loraforge: endpoint recovered %.1f s after its first engine-unavailable 503",
+                           time.monotonic() - self._outage_since)
+            self._outage_since = None
 
     async def _metered(self, events: AsyncIterator[str], target: Target, t0: float,
                        keep_usage: bool) -> AsyncIterator[str]:

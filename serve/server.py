@@ -19,13 +19,17 @@ recently used one; Serve's multiplex LRU above it only caches resolutions and st
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import time
 from collections.abc import AsyncGenerator
 from functools import partial
 from typing import Any
 
+import ray
 from fastapi import HTTPException
 from ray import serve
+from ray.llm._internal.common.callbacks.base import CallbackBase
 from ray.llm._internal.common.models import global_id_manager
 from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
 from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
@@ -43,7 +47,24 @@ from serve.adapters import (
 )
 from serve.config import ServeConfig
 
+logger = logging.getLogger("loraforge.serve")
+ENGINE_DEAD = "the engine of this replica died; Serve is replacing the replica: retry"
+RETRY_AFTER_S = 5  # what a 503 tells the client to wait; a new CPU replica takes about a minute to load
 REPLICA_FIELD = "loraforge_replica"  # stamped on non-streaming responses; the ingress moves it to a header
+
+
+class LocalModelCallback(CallbackBase):
+    """Skips ray.serve.llm's node initialization (a Ray task per node that "downloads" the model: ~13 s on 2
+    cores, for a new worker process) when the model is a folder on this replica's node and the engine's
+    placement group lies on this node only: there is nothing to download."""
+
+    async def on_before_node_init(self) -> None:
+        source = self.llm_config.model_loading_config.model_source
+        here = ray.get_runtime_context().get_node_id()
+        pg = self.ctx.placement_group
+        nodes = set(ray.util.placement_group_table(pg)["bundles_to_node_id"].values()) if pg else {here}
+        if isinstance(source, str) and os.path.isdir(source) and nodes == {here}:
+            self.ctx.run_init_node = False
 
 
 class SourceLoader(LoraModelLoader):
@@ -75,6 +96,7 @@ class LoRAServer(LLMServer):
     async def __init__(self, llm_config: LLMConfig, *, cfg: ServeConfig, source: AdapterSource,
                        base_model: str):
         self.cfg, self.gate, self._failed, self._locks = cfg, SlotGate(cfg.max_loras), {}, {}
+        self._dead_since: float | None = None
         self.replica = serve.get_replica_context().replica_id.unique_id
         bases = base_identities(base_model, cfg.base_model_names)
         await super().__init__(llm_config, model_downloader=partial(SourceLoader, source, cfg, bases))
@@ -103,12 +125,31 @@ class LoRAServer(LLMServer):
                 raise HTTPException(503, message) from e
             self._failed.pop(model_id, None)
 
+    # -- an engine death is a 503, not a 500, and fails the health check at once ----------------------------------
+    def _engine_dead(self) -> bool:
+        """vLLM's engine core (a subprocess of this replica) is gone: AsyncLLM marks itself errored."""
+        if self._dead_since is None and getattr(getattr(self.engine, "_engine_client", None), "errored", False):
+            self._dead_since = time.monotonic()
+            logger.error("loraforge: engine core of replica %s died; answering 503 (Retry-After %d s) until Serve "
+                         "replaces the replica", self.replica, RETRY_AFTER_S)
+        return self._dead_since is not None
+
+    def _unavailable(self) -> HTTPException:
+        return HTTPException(503, ENGINE_DEAD, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    async def check_health(self) -> None:
+        if self._engine_dead():
+            raise RuntimeError(f"engine core died {time.monotonic() - self._dead_since:.0f} s ago")
+        await super().check_health()
+
     async def _maybe_resolve_lora_from_multiplex(self) -> None:
         if model_id := serve.get_multiplexed_model_id():
             await self._resolve(model_id)
 
     async def _run_request(self, request: Any, *, engine_method: str, batch_output_stream: bool = False,
                            raw_request_info: Any = None) -> AsyncGenerator[Any, None]:
+        if self._engine_dead():
+            raise self._unavailable()
         model_id = serve.get_multiplexed_model_id()
         if model_id:
             await self.gate.acquire(model_id)
@@ -116,9 +157,11 @@ class LoRAServer(LLMServer):
             stream = await super()._run_request(request, engine_method=engine_method,
                                                 batch_output_stream=batch_output_stream,
                                                 raw_request_info=raw_request_info)
-        except BaseException:
+        except BaseException as e:
             if model_id:
                 await self.gate.release(model_id)
+            if self._engine_dead():
+                raise self._unavailable() from e
             raise
         return self._stamped(stream, model_id)
 
@@ -128,7 +171,15 @@ class LoRAServer(LLMServer):
             async for item in stream:
                 if getattr(item, "usage", None) is not None:  # a whole response (stream chunks come as lists)
                     setattr(item, REPLICA_FIELD, self.replica)  # vLLM's response models allow extra fields
+                elif getattr(item, "error", None) is not None and self._engine_dead():
+                    raise self._unavailable()  # vLLM's 500 "EngineCore encountered an issue"
                 yield item
+        except HTTPException:
+            raise
+        except Exception as e:
+            if self._engine_dead():
+                raise self._unavailable() from e
+            raise
         finally:
             if model_id:
                 await self.gate.release(model_id)

@@ -3,7 +3,10 @@
 Small models answer this loosely (prose, wrong keys, extra words); a few minutes of LoRA make them answer
 `{"city": "...", "date": "..."}` and nothing else, which is easy to see and to check exactly.
 
-    python -m pipelines.demo.generator           # rewrites pipelines/demo/city_date.jsonl (deterministic)
+    python -m pipelines.demo.generator           # rewrites city_date.jsonl and city_date_test.jsonl (deterministic)
+
+city_date_test.jsonl is the held-out split the quickstart evaluates and gates on: other seed, and no sentence
+that is in the training file.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import random
 from pathlib import Path
 
 DEMO_FILE = Path(__file__).parent / "city_date.jsonl"
+TEST_FILE = Path(__file__).parent / "city_date_test.jsonl"
 
 CITIES = ["Lisbon", "Oslo", "Nairobi", "Lima", "Hanoi", "Toronto", "Krakow", "Osaka", "Denver", "Seville",
           "Tunis", "Perth", "Bergen", "Quito", "Dublin", "Manila", "Porto", "Ghent", "Austin", "Cairo",
@@ -64,13 +68,20 @@ def tokenizer_corpus() -> list[str]:
     return [f"{r['instruction']} {r['input']} {r['output']}" for r in rows] + [extra] * 20
 
 
-def write(path: Path = DEMO_FILE, n: int = 600, seed: int = 0) -> Path:
+def held_out(n: int = 40, seed: int = 1000, train_n: int = 600, train_seed: int = 0) -> list[dict[str, str]]:
+    """n rows from another seed whose sentence is not in the training rows."""
+    seen = {r["input"] for r in generate(train_n, train_seed)}
+    return [r for r in generate(n * 2, seed) if r["input"] not in seen][:n]
+
+
+def write(path: Path = DEMO_FILE, n: int = 600, seed: int = 0, rows: list[dict[str, str]] | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
-        for row in generate(n, seed):
+        for row in rows if rows is not None else generate(n, seed):
             fh.write(json.dumps(row) + "\n")
     return path
 
 
 if __name__ == "__main__":
     print(write())
+    print(write(TEST_FILE, rows=held_out()))

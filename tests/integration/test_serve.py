@@ -542,3 +542,75 @@ def test_lm_eval_harness_scores_base_and_adapter(server, tiny_model_dir, adapter
     failed = [r.getMessage() for r in caplog.records if "request failed" in r.getMessage() or "retrying" in
               r.getMessage()]
     assert not failed, failed[:3]  # lm-eval retries quietly: zero request errors means none logged
+
+
+def engine_cores(replica_pid: int) -> list:
+    """vLLM's engine-core processes under a replica actor (vLLM titles them `VLLM::EngineCore`)."""
+    import psutil
+
+    return [p for p in psutil.Process(replica_pid).children(recursive=True)
+            if "EngineCore" in " ".join(p.cmdline())]
+
+
+def test_engine_core_death_is_a_503_with_retry_after_and_the_replica_is_replaced(server, ray_session):
+    """Last in this module (it replaces the app's engine replica). SIGKILL of the replica's vLLM engine-core
+    process while 6 clients send requests: every answer is a 200 or a 503 with Retry-After (never a 500, none
+    past its timeout), the replica fails its health check and Serve replaces it, and the endpoint answers 200
+    again. Prints the requests, the 503s and the seconds from the kill to the first 200 after it."""
+    import signal
+    import threading
+
+    import httpx
+    from ray.util.state import list_actors
+
+    def replicas():
+        return {a.actor_id: a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10000)
+                if a.class_name.startswith("ServeReplica:test-serve:LoRAServer")}
+
+    before = replicas()
+    assert len(before) == 1, before
+    (old_id, old_pid), = before.items()
+    cores = engine_cores(old_pid)
+    assert len(cores) == 1, cores
+    results, stop, killed_at = [], threading.Event(), []
+    body = {"model": "base", "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+
+    def client_loop():
+        with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {KEY}"}, timeout=240) as http:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    r = http.post("/completions", json=body)
+                    results.append((t0, time.monotonic(), r.status_code, r.headers.get("retry-after"), r.text[:200]))
+                except httpx.HTTPError as e:  # a timeout or a dropped connection: counted as a failure
+                    results.append((t0, time.monotonic(), type(e).__name__, None, str(e)[:200]))
+                if results[-1][2] == 503:
+                    time.sleep(float(results[-1][3] or 1) / 5)  # clients back off (less than asked, to probe)
+
+    threads = [threading.Thread(target=client_loop) for _ in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    killed_at.append(time.monotonic())
+    cores[0].send_signal(signal.SIGKILL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # until a new replica answers
+        if any(r[0] > killed_at[0] and r[2] == 200 for r in results) and set(replicas()) - {old_id}:
+            break
+        time.sleep(1)
+    time.sleep(2)
+    stop.set()
+    for t in threads:
+        t.join(timeout=300)
+    statuses = [r[2] for r in results]
+    after = [r for r in results if r[0] > killed_at[0]]
+    recovered = min((r[1] for r in after if r[2] == 200), default=None)
+    print(f"\nengine kill: {len(results)} requests, {statuses.count(200)} x 200, {statuses.count(503)} x 503, "
+          f"other {[s for s in statuses if s not in (200, 503)]}; first 200 after the kill "
+          f"{recovered - killed_at[0]:.1f} s after it" if recovered else "no 200 after the kill")
+    assert set(statuses) <= {200, 503}, [r for r in results if r[2] not in (200, 503)][:5]
+    assert all(r[3] for r in results if r[2] == 503), [r for r in results if r[2] == 503][:3]
+    assert statuses.count(503) >= 1  # the requests in flight at the kill, and new ones until the replacement
+    assert recovered is not None, "the endpoint did not answer 200 after the engine died"
+    new = replicas()
+    assert old_id not in new and len(new) == 1, (old_id, new)
