@@ -74,7 +74,8 @@ class TrainSection(Section):
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (the best by validation loss among them).")
     max_failures: int = Field(2, ge=0, description="Worker-group restarts Ray Train attempts, from the last checkpoint.")
     fail_once_at_step: int | None = Field(None, ge=1, description=(
-        "Fault drill: raise once at this step (marker in the storage folder), to exercise recovery."))
+        "Fault drill: the rank-0 worker process kills itself (SIGKILL) once at this step (marker in the storage "
+        "folder), to exercise recovery from a dead worker."))
     seed: int = Field(0, description="Seed for LoRA init and data order.")
     log_every: int = Field(5, ge=1, description="Print a progress line every N steps.")
     tracking_uri: str | None = Field(None, description=(

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -157,9 +159,11 @@ def run_loop(job: WorkerJob, model, *, loss_fn: Callable, collate, count_items: 
         if train.fail_once_at_step == step:
             marker = Path(job.storage) / f"fault_drill_step{step}"
             if not marker.exists():
-                if rank == 0:
+                if rank == 0:  # a dead process, not an exception: Ray Train restarts the group from the checkpoint
                     marker.write_text("done")
-                    raise RuntimeError(f"fault drill: worker killed at step {step}")
+                    print(f"[{tag}] fault drill: SIGKILL of this worker (pid {os.getpid()}) at step {step}",
+                          flush=True)
+                    os.kill(os.getpid(), signal.SIGKILL)
         stop = False
         evaluating = val is not None and ((train.eval_every and step % train.eval_every == 0)
                                           or step == train.max_steps)

@@ -94,7 +94,7 @@ def test_fault_drill_fired_in_trials_that_passed_step_3_and_they_finished(sweep)
     trials = json.loads((folder / "winner" / "manifest.json").read_text())["lineage"]["sweep"]["trials"]
     for t in trials:
         fired = (folder / "trials" / t["trial_id"] / "fault_drill_step3").exists()
-        if t["status"] == "completed":  # the drill raised in every trial that ran past step 3 ...
+        if t["status"] == "completed":  # the drill killed a worker of every trial that ran past step 3 ...
             assert fired and t["steps"] == 4, t  # ... and Ray Train resumed it from its step-2 checkpoint to the end
         else:  # a stopped trial may run a step or two past its last report before ASHA's stop reaches it
             assert t["steps"] < 3, t

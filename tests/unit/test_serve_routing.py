@@ -52,3 +52,21 @@ def test_adapter_part():
     with pytest.raises(APIError) as e:
         adapter_part("other-base:city", "base")
     assert e.value.status == 404
+
+
+def test_a_dead_or_replaced_replica_is_a_503_and_errors_keep_their_status():
+    """The ingress's error mapping: Ray's actor and back-pressure errors (a replica that died or is being
+    replaced) are 503 (retry), a replica's HTTPException keeps its status through Ray's wrapping, the rest 500."""
+    from fastapi import HTTPException
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
+    from ray.serve.exceptions import BackPressureError
+
+    from serve.ingress import status_and_message
+
+    assert status_and_message(ActorDiedError())[0] == 503
+    assert status_and_message(ActorUnavailableError("gone", b"x" * 16))[0] == 503
+    assert status_and_message(BackPressureError(num_queued_requests=3, max_queued_requests=2))[0] == 503
+    wrapped = RayTaskError("f", "tb", HTTPException(503, "the engine died"))
+    assert status_and_message(wrapped) == (503, "the engine died")
+    assert status_and_message(APIError(404, "no adapter 'x'")) == (404, "no adapter 'x'")
+    assert status_and_message(ValueError("boom"))[0] == 500
