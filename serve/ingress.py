@@ -83,6 +83,13 @@ class Target:
     tags: dict[str, str] = field(default_factory=lambda: tags_for("", None, None))
 
 
+def replica_gone(e: BaseException) -> bool:
+    """The engine replica died (its actor, or its engine core) before answering: the request can go elsewhere."""
+    from ray.exceptions import RayActorError
+
+    return isinstance(e, RayActorError) or status_and_message(e) == (503, ENGINE_DEAD)
+
+
 def status_and_message(e: BaseException) -> tuple[int, str]:
     """The status and message of an error raised here, by Ray's ingress or by an engine replica. A replica that
     died or is being replaced is a 503 (the client retries), not a 500."""
@@ -191,9 +198,17 @@ class LoRAIngress(OpenAiIngress):
                 from vllm.entrypoints.generate.base.protocol import StreamOptions
 
                 body.stream_options = StreamOptions(include_usage=True)
-            async with router_request_timeout(ROUTER_TIMEOUT_S):
-                first, gen = await _peek_at_generator(
-                    self._get_response(body=body, call_method=call_method, raw_request=raw_request))
+            for attempt in (1, 2):  # a replica that died under the request, before any byte was sent: once more
+                try:
+                    async with router_request_timeout(ROUTER_TIMEOUT_S):
+                        first, gen = await _peek_at_generator(
+                            self._get_response(body=body, call_method=call_method, raw_request=raw_request))
+                    break
+                except Exception as e:  # noqa: BLE001 - retried only when the replica is gone
+                    if attempt == 2 or not replica_gone(e):
+                        raise
+                    logger.warning("loraforge: engine replica gone under a request (%s); sent again once",
+                                   type(e).__name__)
         except Exception as e:  # noqa: BLE001 - every failure becomes an OpenAI error body with its status
             return self._error(target, t0, *status_and_message(e))
         head = first[0] if isinstance(first, list) else first
