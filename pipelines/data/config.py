@@ -12,7 +12,7 @@ from pipelines.schema import Section
 # choices (duplicates, category caps, mixing quota) do not: real data legitimately loses many rows to them.
 FAULT_REASONS = ("broken_json", "not_an_object", "missing_field", "wrong_type", "empty_turn", "undecodable",
                  "too_long", "too_short_answer", "repeated_ngrams", "symbol_ratio", "no_assistant_tokens",
-                 "mixed_kind")
+                 "mixed_kind", "unsupported_format")
 CURATION_REASONS = ("exact_duplicate", "near_duplicate", "category_cap", "mix_quota")
 
 
@@ -83,10 +83,12 @@ class DataConfig(Section):
     """Where the training rows come from, how they are curated, and how they become tokens."""
 
     train_path: str = Field("pipelines/demo/city_date.jsonl", description=(
-        "JSONL, JSON array, Parquet or CSV: a file, folder or glob; local or s3://."))
-    format: Literal["auto", "alpaca", "messages", "preference", "dialogue", "text"] = Field("alpaca", description=(
-        "Row format of train_path; 'auto' detects it per row (Alpaca, messages/ShareGPT, preference, dialogue "
-        "pairs, raw text)."))
+        "JSONL, JSON array, Parquet or CSV (JSONL/JSON/CSV also .gz/.zst/.bz2, streamed): a file, folder or glob; "
+        "local or s3://."))
+    format: Literal["auto", "alpaca", "messages", "prompt_completion", "preference", "dialogue", "text"] = Field(
+        "alpaca", description=(
+            "Row format of train_path; 'auto' detects it per row (Alpaca, messages/ShareGPT, TRL prompt/completion, "
+            "preference, dialogue pairs, raw text)."))
     system_prompt: str | None = Field(None, description="Optional system turn prepended to every conversation.")
     max_length: int = Field(512, ge=16, description="Longest conversation in tokens; longer rows are rejected.")
     truncation: Literal["reject", "drop_oldest_turns"] = Field("reject", description=(

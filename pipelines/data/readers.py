@@ -15,7 +15,9 @@ from typing import Any, Iterator
 
 from pipelines.schema import MissingInput
 
-SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+KINDS = (".jsonl", ".json", ".parquet", ".csv")
+COMPRESSED = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2"}  # streamed by pyarrow, never unpacked to disk
+SUFFIXES = KINDS + tuple(k + c for k in (".jsonl", ".json", ".csv") for c in COMPRESSED)
 _GLOB_CHARS = "*?["
 
 
@@ -85,9 +87,19 @@ def expand_paths(spec: str | list[str]) -> list[str]:
 
 
 def file_kind(path: str) -> str:
-    for suffix in SUFFIXES:
-        if path.lower().endswith(suffix):
-            return suffix[1:]
+    """jsonl / json / parquet / csv, from the name, a compression suffix (.gz, .zst, .bz2) looked through."""
+    return file_format(path)[0]
+
+
+def file_format(path: str) -> tuple[str, str | None]:
+    """(kind, compression or None) from the file name."""
+    name = path.lower()
+    compression = next((c for suffix, c in COMPRESSED.items() if name.endswith(suffix)), None)
+    if compression:
+        name = name.rsplit(".", 1)[0]
+    for suffix in KINDS:
+        if name.endswith(suffix) and not (compression and suffix == ".parquet"):
+            return suffix[1:], compression
     raise ValueError(f"{path}: unknown file type (expected one of {', '.join(SUFFIXES)})")
 
 
@@ -104,12 +116,12 @@ def iter_records(path: str) -> Iterator[RawRecord]:
     """Every record of one file, with its 1-based line number (for JSON arrays: the line the element starts on)."""
     loc = parse_location(path)
     fs = filesystem(loc)
-    kind = file_kind(path)
+    kind, compression = file_format(path)
     if kind == "parquet":  # Parquet needs random access (its footer comes first)
         with fs.open_input_file(loc.path) as f:
             yield from _parquet(f)
         return
-    with fs.open_input_stream(loc.path) as f:
+    with fs.open_input_stream(loc.path, compression=compression) as f:
         if kind == "jsonl":
             yield from _jsonl(f)
         elif kind == "json":

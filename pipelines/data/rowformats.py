@@ -1,7 +1,7 @@
 """Row formats → one normalised form per kind. Pure: no Ray, no torch.
 
 kind "sft":        {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}  (from Alpaca,
-                   OpenAI role/content, ShareGPT from/value)
+                   OpenAI role/content, ShareGPT from/value, TRL prompt/completion: strings or turn lists)
 kind "text":       {"text": str}                                                              (raw text)
 kind "preference": {"prompt": [messages], "chosen": str, "rejected": str}                     (prompt/chosen/
                    rejected pairs, and dialogue pairs whose chosen/rejected hold the whole conversation)
@@ -45,8 +45,12 @@ def alpaca_to_messages(row: dict[str, Any], system_prompt: str | None = None) ->
     return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
 
-Format = Literal["auto", "alpaca", "messages", "preference", "dialogue", "text"]
-KIND = {"alpaca": "sft", "messages": "sft", "text": "text", "preference": "preference", "dialogue": "preference"}
+Format = Literal["auto", "alpaca", "messages", "prompt_completion", "preference", "dialogue", "text"]
+KIND = {"alpaca": "sft", "messages": "sft", "prompt_completion": "sft", "text": "text", "preference": "preference",
+        "dialogue": "preference"}
+SUPPORTED = ("alpaca (instruction/input/output), messages or conversations (role/content, from/value), "
+             "prompt + completion (strings or turn lists), prompt + chosen + rejected, chosen + rejected holding "
+             "whole dialogues, text")
 _ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
           "model": "assistant", "bot": "assistant"}
 # Anthropic HH style: one string holding the whole dialogue ("\n\nHuman: ...\n\nAssistant: ...").
@@ -70,10 +74,18 @@ def detect_format(row: dict[str, Any]) -> str:
     if "chosen" in row and "rejected" in row:
         conv = isinstance(row["chosen"], list) or (isinstance(row["chosen"], str) and _HH_TURN.search(row["chosen"]))
         return "dialogue" if conv and "prompt" not in row else "preference"
+    if "completion" in row and "label" in row:
+        raise RowError("unsupported_format", "unpaired preference rows (prompt/completion/label, for KTO) are not "
+                                             f"supported; supported: {SUPPORTED}")
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
     if "instruction" in row:
         return "alpaca"
     if "text" in row:
         return "text"
+    if "prompt" in row:
+        raise RowError("unsupported_format", "prompt-only rows have no answer to learn; give each a completion "
+                                             "(or chosen/rejected for DPO)")
     raise RowError("missing_field", f"no known format fits the fields {sorted(row)[:8]}")
 
 
@@ -81,7 +93,17 @@ def to_canonical(row: dict[str, Any], fmt: str, system_prompt: str | None = None
     """A parsed row in format `fmt` ('auto' detects) → (kind, normalised record). Raises RowError."""
     fmt = detect_format(row) if fmt == "auto" else fmt
     if fmt == "alpaca":
-        return "sft", {"messages": alpaca_to_messages(row, system_prompt)}
+        try:
+            return "sft", {"messages": alpaca_to_messages(row, system_prompt)}
+        except RowError as e:
+            if e.reason == "missing_field" and "instruction" not in row:
+                try:
+                    seen = detect_format(row)
+                except RowError:
+                    raise e from None
+                raise RowError(e.reason, f"{e.detail}; the row looks like format {seen!r}: set data.format=auto "
+                                         f"(or {seen})") from None
+            raise
     if fmt == "messages":
         msgs = messages_of(row.get("messages", row.get("conversations")), "messages")
         if not any(m["role"] == "assistant" for m in msgs):
@@ -89,6 +111,8 @@ def to_canonical(row: dict[str, Any], fmt: str, system_prompt: str | None = None
         if system_prompt and msgs[0]["role"] != "system":
             msgs = [{"role": "system", "content": system_prompt}] + msgs
         return "sft", {"messages": msgs}
+    if fmt == "prompt_completion":
+        return "sft", {"messages": prompt_completion_messages(row, system_prompt)}
     if fmt == "text":
         return "text", {"text": _text(row, "text")}
     if fmt == "preference":
@@ -99,6 +123,24 @@ def to_canonical(row: dict[str, Any], fmt: str, system_prompt: str | None = None
     if fmt == "dialogue":
         return "preference", dialogue_pair(row)
     raise ValueError(f"unknown format {fmt!r}")
+
+
+def prompt_completion_messages(row: dict[str, Any], system_prompt: str | None = None) -> list[dict[str, str]]:
+    """TRL's prompt-completion type: strings (standard) or turn lists (conversational) → one conversation whose
+    completion is the assistant's part."""
+    if isinstance(row.get("prompt"), list):
+        msgs = messages_of(row["prompt"], "prompt")
+    else:
+        msgs = [{"role": "user", "content": _text(row, "prompt")}]
+    if isinstance(row.get("completion"), list):
+        answer = messages_of(row["completion"], "completion")
+        if any(m["role"] != "assistant" for m in answer):
+            raise RowError("wrong_type", "field 'completion' may hold assistant turns only")
+    else:
+        answer = [{"role": "assistant", "content": _text(row, "completion")}]
+    if system_prompt and msgs[0]["role"] != "system":
+        msgs = [{"role": "system", "content": system_prompt}] + msgs
+    return msgs + answer
 
 
 def messages_of(value: Any, field: str) -> list[dict[str, str]]:

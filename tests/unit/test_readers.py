@@ -79,6 +79,11 @@ def test_csv_and_parquet(tmp_path):
     ({"chosen": "\n\nHuman: Q\n\nAssistant: good", "rejected": "\n\nHuman: Q\n\nAssistant: bad"}, "preference",
      lambda r: r["prompt"] == [{"role": "user", "content": "Q"}] and r["rejected"] == "bad"),
     ({"text": "plain words"}, "text", lambda r: r == {"text": "plain words"}),
+    ({"prompt": "Q?", "completion": "A."}, "sft",  # TRL prompt-completion, standard
+     lambda r: r["messages"] == [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]),
+    ({"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q?"}],  # conversational
+      "completion": [{"role": "assistant", "content": "A."}]}, "sft",
+     lambda r: [m["role"] for m in r["messages"]] == ["system", "user", "assistant"]),
 ])
 def test_formats_detected_and_normalised(row, kind, check):
     k, rec = to_canonical(row, "auto")
@@ -91,6 +96,9 @@ def test_formats_detected_and_normalised(row, kind, check):
     ('{"messages": [{"role": "user", "content": "q"}]}', "missing_field"),
     ('{"messages": [{"role": "alien", "content": "q"}]}', "wrong_type"),
     ('{"prompt": "q", "chosen": 3, "rejected": "b"}', "wrong_type"),
+    ('{"prompt": "q", "completion": "a", "label": true}', "unsupported_format"),  # unpaired preference (KTO)
+    ('{"prompt": "q"}', "unsupported_format"),  # prompt-only: nothing to learn
+    ('{"prompt": "q", "completion": [{"role": "user", "content": "a"}]}', "wrong_type"),
 ])
 def test_bad_rows_have_reasons(raw, reason):
     with pytest.raises(RowError) as e:
@@ -104,3 +112,35 @@ def test_undecodable_text():
     with pytest.raises(RowError, match="undecodable"):
         check_decodable({"text": "mojibake \ufffd"})
     check_decodable({"text": "fine ünïcode"})
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".json.gz", ".jsonl.zst", ".csv.bz2"])
+def test_compressed_files_are_streamed_with_their_line_numbers(tmp_path, suffix):
+    import pyarrow as pa
+
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(3)]
+    if suffix.startswith(".jsonl"):
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+    elif suffix.startswith(".json"):
+        text = "[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n"
+    else:
+        text = "instruction,output\n" + "".join(f"{r['instruction']},{r['output']}\n" for r in rows)
+    path = tmp_path / f"rows{suffix}"
+    codec = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2"}[path.suffix]
+    with pa.output_stream(str(path), compression=codec) as out:
+        out.write(text.encode())
+    assert expand_paths(str(tmp_path)) == [str(path)]
+    recs = list(iter_records(str(path)))
+    assert [json.loads(r.raw) for r in recs] == rows
+    assert [r.line for r in recs] == ([1, 2, 3] if suffix.startswith(".jsonl") else
+                                      [2, 3, 4])
+
+
+def test_alpaca_default_on_another_format_says_which_format_to_set():
+    with pytest.raises(RowError, match=r"looks like format 'prompt_completion': set data.format=auto"):
+        to_canonical({"prompt": "q", "completion": "a"}, "alpaca")
+    with pytest.raises(RowError, match=r"looks like format 'dialogue'"):
+        to_canonical({"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant: b"}, "alpaca")
+    with pytest.raises(RowError) as e:
+        to_canonical({"foo": 1}, "alpaca")
+    assert "looks like" not in str(e.value)
