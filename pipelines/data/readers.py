@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from pipelines.data.rowformats import RowError, parse_raw, to_canonical
 from pipelines.schema import MissingInput
 
 KINDS = (".jsonl", ".json", ".parquet", ".csv")
@@ -225,3 +226,53 @@ def record_batches(paths: list[str], file_ids: list[int], chunk: int = 2048) -> 
                 out = {k: [] for k in out}
     if out["raw"]:
         yield out
+
+
+@dataclass
+class Conversation:
+    """One usable row as a chat conversation, with where it came from."""
+
+    source: str
+    line: int
+    messages: list[dict[str, str]]
+
+
+def read_conversations(spec: str | list[str], limit: int | None = None, *, answer_last: bool = False
+                       ) -> tuple[list[Conversation], list[dict[str, Any]]]:
+    """Chat conversations from any row format (rowformats, detected per row) and file type the data stage reads
+    (a file, folder or glob; local or s3://; compressed), in order, and every refused row as {"source", "line",
+    "reason", "detail", "record"}. Refused: rows that do not parse (their RowError reason), raw-text rows
+    (`text_row`: no conversation) and, with `answer_last`, conversations whose last turn is not the assistant's
+    (`no_final_answer`: nothing to score). A preference row is its prompt and the chosen answer. Reading stops at
+    `limit` kept rows."""
+    out: list[Conversation] = []
+    rejected: list[dict[str, Any]] = []
+
+    def refuse(path: str, rec: RawRecord, reason: str, detail: str) -> None:
+        rejected.append({"source": path, "line": rec.line, "reason": reason, "detail": detail, "record": rec.raw})
+
+    for path in expand_paths(spec):
+        for rec in iter_records(path):
+            if rec.raw is None or rec.error:
+                reason, _, detail = (rec.error or "undecodable: no text").partition(": ")
+                refuse(path, rec, reason, detail)
+                continue
+            try:
+                kind, row = to_canonical(parse_raw(rec.raw), "auto")
+            except RowError as e:
+                refuse(path, rec, e.reason, e.detail)
+                continue
+            if kind == "sft":
+                conv = row["messages"]
+            elif kind == "preference":
+                conv = row["prompt"] + [{"role": "assistant", "content": row["chosen"]}]
+            else:
+                refuse(path, rec, "text_row", "a raw-text row, not a conversation")
+                continue
+            if answer_last and conv[-1]["role"] != "assistant":
+                refuse(path, rec, "no_final_answer", f"the last turn is the {conv[-1]['role']}'s")
+                continue
+            out.append(Conversation(path, rec.line, conv))
+            if limit is not None and len(out) >= limit:
+                return out, rejected
+    return out, rejected

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.data.rowformats import RowError, alpaca_to_messages, parse_raw
+from pipelines.data.readers import read_conversations
 from pipelines.schema import DataError
 
 log = logging.getLogger(__name__)
@@ -35,34 +35,19 @@ class RowsRead:
 
 
 def read_rows(path: str) -> RowsRead:
-    """Alpaca-style rows from JSONL or a JSON list. A row that cannot be evaluated (broken JSON, not an object,
-    instruction/output missing, not strings or empty) is refused with a RowError reason, not dropped; a file
-    with no usable row at all is a DataError naming the file and the first reasons."""
-    text = Path(path).read_text()
-    if text.lstrip().startswith("["):
-        try:
-            items = list(enumerate(json.loads(text), start=1))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-        where = "row"
-    else:
-        items = [(i, line) for i, line in enumerate(text.splitlines(), start=1) if line.strip()]
-        where = "line"
-    got = RowsRead(path, [])
-    for n, item in items:
-        try:
-            if where == "line":  # a JSONL line, still text: the same parse (and reasons) as curation's
-                item = parse_raw(item)
-            elif not isinstance(item, dict):
-                raise RowError("not_an_object", f"a JSON {type(item).__name__}, expected an object")
-            alpaca_to_messages(item)  # the checks curation makes on an Alpaca row
-        except RowError as e:
-            got.rejected.append({where: n, "reason": e.reason, "detail": e.detail, "record": item})
-            continue
-        got.rows.append(item)
+    """Test rows from any row format and file type the data stage reads (pipelines.data.readers): Alpaca
+    JSONL, TRL prompt/completion, messages, preference pairs (prompt + chosen), JSON arrays, Parquet (the curated
+    split folder curate writes, e.g. `runs/x/data/curated/test`), compressed files; a folder or glob. Each row is
+    {"context": the turns before the last answer, "output": that answer, "source", "line"}. A row that cannot be
+    evaluated (broken, no final assistant answer, raw text) is refused with its reason, not dropped; no usable row
+    at all is a DataError naming the data and the first reasons."""
+    found, rejected = read_conversations(path, answer_last=True)
+    got = RowsRead(path, [{"context": c.messages[:-1], "output": c.messages[-1]["content"].strip(),
+                           "source": c.source, "line": c.line} for c in found], rejected)
     if not got.rows:
-        first = "; ".join(f"{where} {r[where]}: {r['reason']} ({r['detail']})" for r in got.rejected[:3])
-        raise DataError(f"{path}: no usable row (instruction + output) among {len(got.rejected)}"
+        first = "; ".join(f"{Path(r['source']).name} line {r['line']}: {r['reason']} ({r['detail']})"
+                          for r in got.rejected[:3])
+        raise DataError(f"{path}: no usable row (a prompt and its answer) among {len(got.rejected)}"
                         + (f": {first}" if first else ""))
     return got
 
@@ -86,16 +71,22 @@ def split_shots(rows: list[dict], cfg, pool: list[dict] | None = None) -> tuple[
 
 
 def user_text(row: dict) -> str:
-    extra = str(row.get("input") or "").strip()
-    return row["instruction"].strip() + ("\n\n" + extra if extra else "")
+    """The question of a test row: its last user turn."""
+    return next(m["content"] for m in reversed(row["context"]) if m["role"] == "user").strip()
+
+
+def _turns(row: dict) -> list[dict[str, str]]:
+    return [m for m in row["context"] if m["role"] != "system"]
 
 
 def few_shot_messages(row: dict, shots: list[dict], system_prompt: str | None = None) -> list[dict[str, str]]:
-    """The conversation for one test row: k solved examples as earlier turns, then the question."""
-    msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    """The conversation for one test row: its own system turn (else `system_prompt`), k solved examples as
+    earlier turns, then the row's turns up to its answer."""
+    own = [m for m in row["context"][:1] if m["role"] == "system"]
+    msgs = own or ([{"role": "system", "content": system_prompt}] if system_prompt else [])
     for s in shots:
-        msgs += [{"role": "user", "content": user_text(s)}, {"role": "assistant", "content": s["output"].strip()}]
-    return msgs + [{"role": "user", "content": user_text(row)}]
+        msgs += _turns(s) + [{"role": "assistant", "content": s["output"]}]
+    return msgs + _turns(row)
 
 
 def render(tokenizer, messages: list[dict[str, str]]) -> str:

@@ -41,7 +41,9 @@ class JudgeSection(Section):
 class EvalSection(Section):
     """What the evaluate stage measures, on which data, with which engine."""
 
-    test_path: str | None = Field(None, description="Alpaca-style JSONL test split (instruction, input, output).")
+    test_path: str | None = Field(None, description=(
+        "Test rows in any format and file type the data stage reads (Alpaca, prompt/completion, messages, ...; "
+        "JSONL, JSON, Parquet, compressed), a file, folder or glob: e.g. a run's data/curated/test folder."))
     max_samples: int = Field(64, ge=1, description="Test rows evaluated (the first N after the few-shot pool).")
     few_shot_k: int = Field(3, ge=0, description="Examples put in the few-shot base's prompt; 0 disables it.")
     few_shot_path: str | None = Field(None, description=(
@@ -108,7 +110,7 @@ def run(cfg: EvalSection, base_model: str, adapters: dict[str, str], out_dir: st
                "rejected_by_reason": data["test"]["rejected_by_reason"], "data": data,
                "backend": cfg.backend, "variants": scores, "forgetting": forgetting, "judge": judge,
                "verdicts": eval_report.verdicts(scores, list(adapters)),
-               "samples": [{"prompt": t["instruction"], "reference": refs[i], **{v: preds[v][i] for v in variants}}
+               "samples": [{"prompt": user_text(t), "reference": refs[i], **{v: preds[v][i] for v in variants}}
                            for i, t in enumerate(test[:8])]}
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)

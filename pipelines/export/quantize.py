@@ -36,8 +36,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from pipelines.artifacts.manifest import publish_folder, staging_folder, write_manifest
-from pipelines.data.readers import expand_paths, iter_records
-from pipelines.data.rowformats import RowError, parse_raw, to_canonical
+from pipelines.data.readers import read_conversations
 from pipelines.eval.metrics import perplexity, rouge, token_agreement
 from pipelines.schema import DataError, Section, UserError
 
@@ -91,38 +90,9 @@ def sample_conversations(spec: str, limit: int, *, answer_last: bool = False
     with `answer_last`, conversations whose last turn is not the assistant's (`no_final_answer`: nothing to
     score). No usable row at all is a DataError naming the data and the first reasons."""
 
-    out: list[list[dict[str, str]]] = []
-    rejected: list[dict[str, Any]] = []
-
-    def refuse(path: str, line: int, reason: str, detail: str) -> None:
-        rejected.append({"source": path, "line": line, "reason": reason, "detail": detail})
-
-    for path in expand_paths(spec):
-        for rec in iter_records(path):
-            if rec.raw is None or rec.error:
-                reason, _, detail = (rec.error or "undecodable: no text").partition(": ")
-                refuse(path, rec.line, reason, detail)
-                continue
-            try:
-                kind, row = to_canonical(parse_raw(rec.raw), "auto")
-            except RowError as e:
-                refuse(path, rec.line, e.reason, e.detail)
-                continue
-            if kind == "sft":
-                conv = row["messages"]
-            elif kind == "preference":
-                conv = row["prompt"] + [{"role": "assistant", "content": row["chosen"]}]
-            else:
-                refuse(path, rec.line, "text_row", "a raw-text row, not a conversation")
-                continue
-            if answer_last and conv[-1]["role"] != "assistant":
-                refuse(path, rec.line, "no_final_answer", f"the last turn is the {conv[-1]['role']}'s")
-                continue
-            out.append(conv)
-            if len(out) >= limit:
-                break
-        if len(out) >= limit:
-            break
+    found, rejected = read_conversations(spec, limit, answer_last=answer_last)
+    out = [c.messages for c in found]
+    rejected = [{k: r[k] for k in ("source", "line", "reason", "detail")} for r in rejected]
     by_reason = dict(sorted(Counter(r["reason"] for r in rejected).items()))
     if not out:
         first = "; ".join(f"{r['source']}:{r['line']}: {r['reason']} ({r['detail']})" for r in rejected[:3])

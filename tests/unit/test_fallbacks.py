@@ -44,8 +44,41 @@ def test_eval_rows_all_bad_is_a_data_error_naming_the_file(tmp_path):
     with pytest.raises(DataError, match=r"test\.jsonl.*line 1: missing_field.*line 2: broken_json"):
         read_rows(path)
     (tmp_path / "list.json").write_text(json.dumps([{"output": "a"}]))
-    with pytest.raises(DataError, match=r"list\.json.*row 1: missing_field"):
+    with pytest.raises(DataError, match=r"list\.json.*line 1: missing_field"):
         read_rows(str(tmp_path / "list.json"))
+
+
+def test_eval_reads_what_curate_writes_and_other_formats(tmp_path):
+    """A curated split folder (Parquet with messages), TRL prompt/completion JSONL (gzip) and preference pairs
+    all become test rows; the prompt an Alpaca row makes is the one it made before (instruction + input)."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.eval.data import few_shot_messages, read_rows, user_text
+
+    folder = tmp_path / "curated" / "test"
+    folder.mkdir(parents=True)
+    msgs = [[{"role": "system", "content": "Be exact."}, {"role": "user", "content": f"q{i}"},
+             {"role": "assistant", "content": f"a{i}"}] for i in range(3)]
+    pq.write_table(pa.table({"row_id": [0, 1, 2], "messages": msgs}), folder / "part-00000.parquet")
+    got = read_rows(str(folder))
+    assert [r["output"] for r in got.rows] == ["a0", "a1", "a2"] and [user_text(r) for r in got.rows][0] == "q0"
+    assert few_shot_messages(got.rows[2], got.rows[:1]) == [
+        {"role": "system", "content": "Be exact."}, {"role": "user", "content": "q0"},
+        {"role": "assistant", "content": "a0"}, {"role": "user", "content": "q2"}]
+    with gzip.open(tmp_path / "pc.jsonl.gz", "wt") as fh:
+        fh.write(json.dumps({"prompt": "Capital of Peru?", "completion": " Lima "}) + "\n")
+        fh.write(json.dumps({"prompt": "Q?", "chosen": "good", "rejected": "bad"}) + "\n")
+        fh.write(json.dumps({"text": "raw text"}) + "\n")
+    got = read_rows(str(tmp_path / "pc.jsonl.gz"))
+    assert [(user_text(r), r["output"]) for r in got.rows] == [("Capital of Peru?", "Lima"), ("Q?", "good")]
+    assert got.by_reason == {"text_row": 1} and got.rejected[0]["line"] == 3
+    alpaca = read_rows(write_lines(tmp_path / "a.jsonl", [json.dumps({**GOOD, "input": "Ana flies to Oslo."})]))
+    assert few_shot_messages(alpaca.rows[0], [], "sys") == [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": GOOD["instruction"].strip() + "\n\nAna flies to Oslo."}]
 
 
 # ----------------------------------------------------------------------------- 2. quantize's rows
