@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from pipelines.data.rowformats import check_columns
 from pipelines.schema import Section
 
 # Reasons that mean "this row is broken or low quality" count towards data.max_rejected_fraction. Curation
@@ -89,6 +90,11 @@ class DataConfig(Section):
         "alpaca", description=(
             "Row format of train_path; 'auto' detects it per row (Alpaca, messages/ShareGPT, TRL prompt/completion, "
             "preference, dialogue pairs, raw text)."))
+    columns: dict[str, str] = Field(default_factory=dict, description=(
+        "Our roles -> the file's fields, when the names differ: e.g. {prompt: question, completion: answer} or "
+        "{instruction: instruction, input: instances[0].input, output: instances[0].output} (dots between names, "
+        "[i] for the i-th list element). Roles: instruction, input, output, prompt, completion, chosen, rejected, "
+        "messages, text."))
     system_prompt: str | None = Field(None, description="Optional system turn prepended to every conversation.")
     max_length: int = Field(512, ge=16, description="Longest conversation in tokens; longer rows are rejected.")
     truncation: Literal["reject", "drop_oldest_turns"] = Field("reject", description=(
@@ -106,6 +112,13 @@ class DataConfig(Section):
         "(as many as the CPUs and blocks allow). A cap leaves CPUs free for other work on a shared cluster."))
     filters: FilterSection = Field(default_factory=FilterSection)
     dedup: DedupSection = Field(default_factory=DedupSection)
+
+    @field_validator("columns")
+    @classmethod
+    def _columns(cls, v: dict[str, str]) -> dict[str, str]:
+        check_columns(v)
+        return v
+
     balance: BalanceSection = Field(default_factory=BalanceSection)
     mix: MixSection = Field(default_factory=MixSection)
     split: SplitSection = Field(default_factory=SplitSection)

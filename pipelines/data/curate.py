@@ -55,7 +55,7 @@ def run(cfg, out_dir: str | os.PathLike, model_dir: str | None = None) -> Path:
     files = main_files + [f for f in mix_files if f not in main_files]
     mix_fids = list(range(len(main_files), len(files)))
     parse_args = (cfg.format, cfg.system_prompt, cfg.filters, cfg.dedup.num_perm, cfg.category_field,
-                  mix_fids, model_dir, cfg.max_length if cfg.truncation == "reject" else None)
+                  mix_fids, model_dir, cfg.max_length if cfg.truncation == "reject" else None, cfg.columns)
     _parse_pass(files, parse_args, work / "parsed", cfg)
     if not any((work / "parsed").glob("*.parquet")):  # every file was empty (or held only blank lines)
         raise DataError(f"data.train_path={cfg.train_path!r}: no rows read from {len(files)} file(s); point it at "

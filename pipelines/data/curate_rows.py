@@ -15,7 +15,7 @@ from pipelines.data.config import FilterSection
 from pipelines.data.dedup import signatures
 from pipelines.data.filters import dedup_text, exact_key, full_text, normalise_record, quality_reason
 from pipelines.data.readers import record_batches
-from pipelines.data.rowformats import RowError, check_decodable, parse_raw, to_canonical
+from pipelines.data.rowformats import RowError, apply_columns, check_decodable, parse_raw, to_canonical
 
 PARSED_COLUMNS = ("row_id", "source", "line", "origin", "kind", "category", "reason", "detail", "raw", "record",
                   "dtext", "exact_key", "sig", "n_tokens")
@@ -49,8 +49,8 @@ class ParseRows:
 
     def __init__(self, fmt: str, system_prompt: str | None, filters: FilterSection, num_perm: int,
                  category_field: str | None, mix_fids: list[int], model_dir: str | None = None,
-                 max_tokens: int | None = None):
-        self.fmt, self.system_prompt, self.num_perm = fmt, system_prompt, num_perm
+                 max_tokens: int | None = None, columns: dict[str, str] | None = None):
+        self.fmt, self.system_prompt, self.num_perm, self.columns = fmt, system_prompt, num_perm, columns or {}
         self.thresholds = filters
         self.category_field, self.mix_fids, self.max_tokens = category_field, set(mix_fids), max_tokens
         self.tokenizer = None
@@ -84,7 +84,7 @@ class ParseRows:
             if error:
                 reason, _, detail = error.partition(": ")
                 raise RowError(reason, detail)
-            row = parse_raw(raw)
+            row = apply_columns(parse_raw(raw), self.columns)
             kind, rec = to_canonical(row, self.fmt, self.system_prompt)
             check_decodable(rec)
             rec = normalise_record(kind, rec)

@@ -57,6 +57,40 @@ _ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "ass
 _HH_TURN = re.compile(r"\n\n(Human|Assistant|System):[ ]?")
 
 
+# data.columns: our roles -> a path into the file's row: `field`, `a.b`, `instances[0].input` (dots between
+# names, [i] to take the i-th element of a list).
+ROLES = ("instruction", "input", "output", "prompt", "completion", "chosen", "rejected", "messages", "text")
+_PATH = re.compile(r"[A-Za-z_][\w-]*(?:\[\d+\])*(?:\.[A-Za-z_][\w-]*(?:\[\d+\])*)*")
+_STEP = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def check_columns(columns: dict[str, str]) -> None:
+    """ValueError naming the first unknown role or malformed path of a data.columns mapping."""
+    for role, path in columns.items():
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}: the roles are {', '.join(ROLES)}")
+        if not isinstance(path, str) or not _PATH.fullmatch(path):
+            raise ValueError(f"{role}: {path!r} is not a field path (write e.g. question, a.b or instances[0].input)")
+
+
+def apply_columns(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
+    """The row with each mapped role set from its path (the row's other fields kept); RowError missing_field
+    naming the role and path when the row lacks it."""
+    if not columns:
+        return row
+    out = dict(row)
+    for role, path in columns.items():
+        value: Any = row
+        for name, index in _STEP.findall(path):
+            try:
+                value = value[name] if name else value[int(index)]
+            except (KeyError, IndexError, TypeError):
+                raise RowError("missing_field", f"data.columns.{role}: {path!r} is not in the row (fields "
+                                                f"{sorted(row)[:8]})") from None
+        out[role] = value
+    return out
+
+
 def parse_raw(raw: str) -> dict[str, Any]:
     """JSON text → object; RowError broken_json / not_an_object."""
     try:

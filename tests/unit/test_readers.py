@@ -144,3 +144,30 @@ def test_alpaca_default_on_another_format_says_which_format_to_set():
     with pytest.raises(RowError) as e:
         to_canonical({"foo": 1}, "alpaca")
     assert "looks like" not in str(e.value)
+
+
+def test_columns_map_a_files_fields_to_our_roles():
+    from pipelines.data.rowformats import apply_columns
+
+    dolly = {"prompt": "Below is an instruction.\n\nName a city.", "answer": "Oslo", "category": "qa"}
+    k, rec = to_canonical(apply_columns(dolly, {"completion": "answer"}), "auto")
+    assert k == "sft" and rec["messages"][-1] == {"role": "assistant", "content": "Oslo"}
+    self_instruct = {"instruction": "Add the numbers.", "instances": [{"input": "2 3", "output": "5"}]}
+    mapped = apply_columns(self_instruct, {"input": "instances[0].input", "output": "instances[0].output"})
+    k, rec = to_canonical(mapped, "alpaca")
+    assert rec["messages"] == [{"role": "user", "content": "Add the numbers.\n\n2 3"},
+                               {"role": "assistant", "content": "5"}]
+    with pytest.raises(RowError, match=r"data.columns.output: 'instances\[1\].output' is not in the row") as e:
+        apply_columns(self_instruct, {"output": "instances[1].output"})
+    assert e.value.reason == "missing_field"
+
+
+def test_columns_are_validated_with_the_config():
+    from pipelines.data.config import DataConfig
+
+    assert DataConfig(columns={"prompt": "q.text", "completion": "a[0]"}).columns == {"prompt": "q.text",
+                                                                                       "completion": "a[0]"}
+    with pytest.raises(ValueError, match="unknown role 'answer'"):
+        DataConfig(columns={"answer": "x"})
+    with pytest.raises(ValueError, match="is not a field path"):
+        DataConfig(columns={"prompt": "a..b"})
