@@ -87,9 +87,9 @@ class DataConfig(Section):
         "JSONL, JSON array, Parquet or CSV (JSONL/JSON/CSV also .gz/.zst/.bz2, streamed): a file, folder or glob; "
         "local or s3://."))
     format: Literal["auto", "alpaca", "messages", "prompt_completion", "preference", "dialogue", "text"] = Field(
-        "alpaca", description=(
-            "Row format of train_path; 'auto' detects it per row (Alpaca, messages/ShareGPT, TRL prompt/completion, "
-            "preference, dialogue pairs, raw text)."))
+        "auto", description=(
+            "Row format of train_path; 'auto' (the default) detects it per row (Alpaca, messages/ShareGPT, TRL "
+            "prompt/completion, preference, dialogue pairs, raw text); a named format refuses rows in any other."))
     columns: dict[str, str] = Field(default_factory=dict, description=(
         "Our roles -> the file's fields, when the names differ: e.g. {prompt: question, completion: answer} or "
         "{instruction: instruction, input: instances[0].input, output: instances[0].output} (dots between names, "
