@@ -84,8 +84,8 @@ class DataConfig(Section):
     """Where the training rows come from, how they are curated, and how they become tokens."""
 
     train_path: str = Field("pipelines/demo/city_date.jsonl", description=(
-        "JSONL, JSON array, Parquet or CSV (JSONL/JSON/CSV also .gz/.zst/.bz2, streamed): a file, folder or glob; "
-        "local or s3://."))
+        "JSONL, JSON array, Parquet or CSV (JSONL/JSON/CSV also .gz/.zst/.bz2, streamed), or a Hugging Face "
+        "datasets folder written by save_to_disk: a file, folder or glob; local or s3://."))
     format: Literal["auto", "alpaca", "messages", "prompt_completion", "preference", "dialogue", "text"] = Field(
         "auto", description=(
             "Row format of train_path; 'auto' (the default) detects it per row (Alpaca, messages/ShareGPT, TRL "

@@ -16,7 +16,8 @@ from typing import Any, Iterator
 from pipelines.data.rowformats import RowError, parse_raw, to_canonical
 from pipelines.schema import MissingInput
 
-KINDS = (".jsonl", ".json", ".parquet", ".csv")
+KINDS = (".jsonl", ".json", ".parquet", ".csv", ".arrow")  # .arrow: a Hugging Face `save_to_disk` folder's shards
+HF_METADATA = ("state.json", "dataset_info.json", "dataset_dict.json")
 COMPRESSED = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2"}  # streamed by pyarrow, never unpacked to disk
 SUFFIXES = KINDS + tuple(k + c for k in (".jsonl", ".json", ".csv") for c in COMPRESSED)
 _GLOB_CHARS = "*?["
@@ -80,6 +81,8 @@ def expand_paths(spec: str | list[str]) -> list[str]:
         found = fs.get_file_info(pafs.FileSelector(base, recursive=not loc.pattern))
         files = sorted(f.path for f in found if f.type == pafs.FileType.File and f.path.endswith(SUFFIXES)
                        and (not loc.pattern or fnmatch.fnmatch(f.base_name, loc.pattern)))
+        shards = {str(Path(f).parent) for f in files if f.endswith(".arrow")}  # Hugging Face save_to_disk folders:
+        files = [f for f in files if not (Path(f).name in HF_METADATA and str(Path(f).parent) in shards)]  # data only
     else:
         files = []
     if not files:
@@ -99,7 +102,7 @@ def file_format(path: str) -> tuple[str, str | None]:
     if compression:
         name = name.rsplit(".", 1)[0]
     for suffix in KINDS:
-        if name.endswith(suffix) and not (compression and suffix == ".parquet"):
+        if name.endswith(suffix) and not (compression and suffix in (".parquet", ".arrow")):
             return suffix[1:], compression
     raise ValueError(f"{path}: unknown file type (expected one of {', '.join(SUFFIXES)})")
 
@@ -123,7 +126,9 @@ def iter_records(path: str) -> Iterator[RawRecord]:
             yield from _parquet(f)
         return
     with fs.open_input_stream(loc.path, compression=compression) as f:
-        if kind == "jsonl":
+        if kind == "arrow":
+            yield from _arrow_stream(f)
+        elif kind == "jsonl":
             yield from _jsonl(f)
         elif kind == "json":
             yield from _json_array(f.read())
@@ -183,6 +188,17 @@ def _parquet(f) -> Iterator[RawRecord]:
 
     line = 0
     for batch in pq.ParquetFile(f).iter_batches(batch_size=2048):
+        for row in batch.to_pylist():
+            line += 1
+            yield RawRecord(line, json.dumps(_jsonable(row), ensure_ascii=False))
+
+
+def _arrow_stream(f) -> Iterator[RawRecord]:
+    """An Arrow IPC stream, as `datasets.Dataset.save_to_disk` writes its data-*.arrow shards."""
+    import pyarrow as pa
+
+    line = 0
+    for batch in pa.ipc.open_stream(f):
         for row in batch.to_pylist():
             line += 1
             yield RawRecord(line, json.dumps(_jsonable(row), ensure_ascii=False))

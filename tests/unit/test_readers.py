@@ -171,3 +171,15 @@ def test_columns_are_validated_with_the_config():
         DataConfig(columns={"answer": "x"})
     with pytest.raises(ValueError, match="is not a field path"):
         DataConfig(columns={"prompt": "a..b"})
+
+
+def test_a_hugging_face_save_to_disk_folder_is_read(tmp_path):
+    """`datasets.Dataset.save_to_disk` writes Arrow IPC shards next to its JSON metadata: the folder is data."""
+    from datasets import Dataset
+
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(5)]
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"))
+    files = expand_paths(str(tmp_path / "hf"))
+    assert len(files) == 1 and files[0].endswith(".arrow")  # state.json / dataset_info.json are not rows
+    assert [json.loads(r.raw) for r in iter_records(files[0])] == rows
+    assert to_canonical(json.loads(next(iter_records(files[0])).raw), "auto")[0] == "sft"
