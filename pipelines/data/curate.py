@@ -12,6 +12,7 @@ reason, detail, source, line, row) and the kept rows, sorted by row id, into `tr
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -35,8 +36,9 @@ from pipelines.data.dedup import (
     shingles,
     unit_hash,
 )
-from pipelines.data.readers import expand_paths
+from pipelines.data.readers import expand_paths, iter_records
 from pipelines.data.report import write_report
+from pipelines.data.rowformats import RowError, format_hint, parse_raw
 from pipelines.data.split_writer import SplitWriter
 from pipelines.schema import DataError
 
@@ -264,9 +266,23 @@ def _check_ceiling(cfg, counts: dict[str, Any], out: Path) -> None:
     faulty = counts["rows_faulty"]
     if faulty / counts["rows_in"] > cfg.max_rejected_fraction:
         faults = {k: v for k, v in counts["rejected_by_reason"].items() if k in FAULT_REASONS}
+        shape = sum(faults.get(k, 0) for k in ("missing_field", "unsupported_format"))
+        hint = f"; {_format_hint(cfg)}" if shape > faulty / 2 else ""  # mostly rows of a shape we did not read
         raise DataError(f"data.train_path={cfg.train_path!r}: {faulty}/{counts['rows_in']} rows are broken or "
                          f"fail quality filters (> data.max_rejected_fraction={cfg.max_rejected_fraction}); "
-                         f"reasons {faults}; see {out / 'rejected'} (duplicates, caps and mixing do not count)")
+                         f"reasons {faults}; see {out / 'rejected'} (duplicates, caps and mixing do not count)"
+                         f"{hint}")
+
+
+def _format_hint(cfg, first: int = 20) -> str:
+    """The fields of the first rows of the first file, the formats tried and a data.columns line."""
+    rows = []
+    for rec in itertools.islice(iter_records(expand_paths(cfg.train_path)[0]), first):
+        try:
+            rows.append(parse_raw(rec.raw or ""))
+        except RowError:
+            continue
+    return format_hint(rows, cfg.format, cfg.columns)
 
 
 def write_outputs(parsed: Path, out: Path, dec: dict[str, Any]) -> tuple[int, int]:

@@ -91,6 +91,23 @@ def apply_columns(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any
     return out
 
 
+PROMPT_FIELDS = ("question", "query", "prompt", "problem", "instruction", "input", "context", "source")
+ANSWER_FIELDS = ("answer", "response", "completion", "output", "solution", "target", "reply", "label_text")
+
+
+def format_hint(rows: list[dict[str, Any]], fmt: str, columns: dict[str, str]) -> str:
+    """What to write when rows do not fit: the fields seen in `rows` (a file's first objects), the formats
+    tried, and a data.columns line guessed from the field names."""
+    fields = sorted({k for r in rows for k in r})
+    tried = SUPPORTED if fmt == "auto" else f"{fmt} only (data.format={fmt}; auto tries: {SUPPORTED})"
+    prompt = next((f for f in PROMPT_FIELDS if f in fields), None)
+    answer = next((f for f in ANSWER_FIELDS if f in fields and f != prompt), None)
+    line = (f"data.columns: {{prompt: {prompt}, completion: {answer}}}" if prompt and answer else
+            "data.columns: {prompt: <question field>, completion: <answer field>}")
+    mapped = f" with data.columns={columns}" if columns else ""
+    return f"fields seen {fields[:12]}; formats tried{mapped}: {tried}; to map your fields write e.g. `{line}`"
+
+
 def parse_raw(raw: str) -> dict[str, Any]:
     """JSON text → object; RowError broken_json / not_an_object."""
     try:

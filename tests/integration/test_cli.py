@@ -59,6 +59,9 @@ def test_curate_with_every_row_rejected_exits_2_with_reasons(cli):
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     assert "30/30 rows" in result.output and "missing_field" in result.output, result.output
+    # the rows' shape was not read: the message names their fields and the data.columns line to write
+    assert "fields seen ['answer', 'prompt']" in result.output, result.output
+    assert "data.columns: {prompt: prompt, completion: answer}" in result.output, result.output
     rejected = [json.loads(line) for f in (cli["runs"] / "curated" / "rejected").glob("*.jsonl")
                 for line in f.read_text().splitlines()]
     assert len(rejected) == 30 and {r["reason"] for r in rejected} == {"missing_field"}  # nothing lost

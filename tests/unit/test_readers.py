@@ -183,3 +183,13 @@ def test_a_hugging_face_save_to_disk_folder_is_read(tmp_path):
     assert len(files) == 1 and files[0].endswith(".arrow")  # state.json / dataset_info.json are not rows
     assert [json.loads(r.raw) for r in iter_records(files[0])] == rows
     assert to_canonical(json.loads(next(iter_records(files[0])).raw), "auto")[0] == "sft"
+
+
+def test_format_hint_names_the_fields_and_a_columns_line():
+    from pipelines.data.rowformats import format_hint
+
+    hint = format_hint([{"question": "q", "answer": "a", "id": 1}], "alpaca", {})
+    assert "fields seen ['answer', 'id', 'question']" in hint and "alpaca only" in hint
+    assert "`data.columns: {prompt: question, completion: answer}`" in hint
+    assert "prompt + completion" in format_hint([{"foo": 1}], "auto", {})
+    assert "<question field>" in format_hint([{"foo": 1}], "auto", {})
