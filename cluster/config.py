@@ -29,6 +29,8 @@ from pipelines.train.config import DPOSection, LoraSection, QuantSection, TrainS
 from serve.config import ServeConfig
 from tune.space import TuneSection
 
+CURATED_TEST = "curated"  # eval.test_path: this run's curated test split (the data stage's curated/test folder)
+
 
 class RaySection(Section):
     """Which Ray cluster runs the job."""
@@ -91,6 +93,12 @@ class RunConfig(Section):
         """A stage's folder on this machine (the local mirror when output_dir is a URI)."""
         return self.run_dir() / stage
 
+    def eval_section(self) -> EvalSection:
+        """eval with `test_path: curated` resolved to this run's curated test split (written by the data stage)."""
+        if self.eval.test_path != CURATED_TEST:
+            return self.eval
+        return self.eval.model_copy(update={"test_path": str(self.stage_dir("data") / "curated" / "test")})
+
     def run_dir(self) -> Path:
         base = storage.mirror(self.output_dir) if storage.is_uri(self.output_dir) else Path(self.output_dir)
         return base / self.name
@@ -123,7 +131,7 @@ def preflight(cfg: RunConfig, stages: tuple[str, ...] | list[str], source: str =
         _check_rows(cfg.data.train_path, "data.train_path", source)
     if "dpo" in want and cfg.dpo.train_path:
         _check_rows(cfg.dpo.train_path, "dpo.train_path", source)
-    if "eval" in want and cfg.eval.test_path:
+    if "eval" in want and cfg.eval.test_path and cfg.eval.test_path != CURATED_TEST:
         _check_rows(cfg.eval.test_path, "eval.test_path", source)
     if "quantize" in want:
         for key in ("calibration_path", "eval_path"):

@@ -209,7 +209,7 @@ def stage_evaluate(cfg: RunConfig, model_dir: str, adapters: dict[str, str], *, 
     t0 = time.time()
     with console.status(f"[bold]evaluate[/]: base, few-shot base and {len(adapters)} adapter(s) on "
                         f"{cfg.eval.max_samples} held-out rows ({cfg.eval.backend})"):
-        out = evaluate.run(cfg.eval, model_dir, adapters, cfg.stage_dir("evaluate"))
+        out = evaluate.run(cfg.eval_section(), model_dir, adapters, cfg.stage_dir("evaluate"))
     variants = json.loads((Path(out) / "eval.json").read_text())["variants"]
     console.print("[bold]evaluate[/]: " + ", ".join(f"{v} ROUGE-L {s['rougeL']:.3f} exact {s['exact_match']:.2f}"
                                                      for v, s in variants.items())

@@ -43,7 +43,8 @@ class EvalSection(Section):
 
     test_path: str | None = Field(None, description=(
         "Test rows in any format and file type the data stage reads (Alpaca, prompt/completion, messages, ...; "
-        "JSONL, JSON, Parquet, compressed), a file, folder or glob: e.g. a run's data/curated/test folder."))
+        "JSONL, JSON, Parquet, compressed), a file, folder or glob; `curated`: this run's curated test split "
+        "(rows curate held out of training)."))
     max_samples: int = Field(64, ge=1, description="Test rows evaluated (the first N after the few-shot pool).")
     few_shot_k: int = Field(3, ge=0, description="Examples put in the few-shot base's prompt; 0 disables it.")
     few_shot_path: str | None = Field(None, description=(

@@ -101,6 +101,13 @@ def test_tokenize_sft_dpo_merge_evaluate(cli):
     report = json.loads((last_line(out.stdout) / "eval.json").read_text())
     assert {"base", "cli"} <= set(report["variants"])
 
+    # on the rows curate held out of training (its Parquet test split), read as they were written
+    out = cli["invoke"]("evaluate", "--adapter", f"cli={sft}", "eval.test_path=curated", "eval.max_samples=4",
+                        "eval.few_shot_k=0")
+    assert out.exit_code == 0, out.output
+    report = json.loads((last_line(out.stdout) / "eval.json").read_text())
+    assert report["n_test"] == 4 and report["rows_rejected"] == 0, report.get("rejected_by_reason")
+
 
 def test_driver_killed_during_sft_then_run_again_skips_data_and_resumes_sft(cli, ray_session):
     """SIGKILL of `loraforge run` (a separate driver on this session's cluster) once SFT has checkpointed; the same

@@ -119,3 +119,13 @@ def test_deepspeed_auto_fields_filled_from_run_config():
 
 def test_tracking_off_survives_yaml():
     assert load_config(None, ["train.tracking_uri=off"]).train.tracking_uri == "off"
+
+
+def test_eval_on_the_runs_curated_test_split(tmp_path):
+    """eval.test_path: curated is this run's curated test split; preflight does not look for a file of that name."""
+    from cluster.config import preflight
+
+    cfg = RunConfig(name="x", output_dir=str(tmp_path), eval={"test_path": "curated"})
+    preflight(cfg, ("eval",), source="c.yaml")
+    assert cfg.eval_section().test_path == str(tmp_path / "x" / "data" / "curated" / "test")
+    assert RunConfig(eval={"test_path": "t.jsonl"}).eval_section().test_path == "t.jsonl"
