@@ -93,13 +93,12 @@ def replica_gone(e: BaseException) -> bool:
 def status_and_message(e: BaseException) -> tuple[int, str]:
     """The status and message of an error raised here, by Ray's ingress or by an engine replica. A replica that
     died or is being replaced is a 503 (the client retries), not a 500."""
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    from ray.exceptions import RayActorError  # ActorDiedError and ActorUnavailableError are RayActorErrors
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
     if isinstance(e, APIError):
         return e.status, e.message
-    if isinstance(e, (ActorDiedError, ActorUnavailableError, RayActorError, BackPressureError,
-                      DeploymentUnavailableError)):
+    if isinstance(e, (RayActorError, BackPressureError, DeploymentUnavailableError)):
         return 503, f"engine replica unavailable ({type(e).__name__}): retry"
     status = getattr(e, "status_code", None) or getattr(e, "status", None)
     message = getattr(e, "detail", None) or getattr(e, "message", None)
