@@ -1,7 +1,8 @@
-"""Data pipeline throughput and memory: our Ray Data curate+tokenize vs `datasets.map(num_proc=2)` (issue 4).
+"""Data pipeline throughput and memory: our Ray Data curate+tokenize vs `datasets.map(num_proc=2)` (issues 4, 19).
 
     .venv/bin/python bench/data_pipeline.py                        # 1,000 / 10,000 Alpaca rows, ~4 min on 2 cores
-    .venv/bin/python bench/data_pipeline.py --rows 1000 --scale 10 --repeats 3 --json
+    .venv/bin/python bench/data_pipeline.py --rows 5000 --scale 10 --repeats 3 --json   # issue 19's goals
+    .venv/bin/python bench/data_pipeline.py --scale-test 1000000   # ours alone on N synthetic rows (not in CI)
 
 Input: the first --rows rows of ../shared/data/sft/alpaca_5000.json (1x) and --rows x --scale rows (10x: the
 source cycled). Every row is perturbed the same way at both sizes: a replica tag ("r0", "r1", ...) is inserted
@@ -21,6 +22,13 @@ Alpaca). The files are written as JSONL under a temporary folder; nothing is cop
     The baseline OMITS: MinHash near-dup detection and LSH, the split (one output file), the rejected/ quarantine
     files, the curation report (Markdown + PNG plots), the manifests and content hash, and the per-row token
     count that curation does before tokenizing. It therefore does less work than (a).
+(c) Same-work baseline: (b) plus what (a) does besides: the map also MinHash-signs each kept row (datasketch,
+    the same permutations and word 3-grams), then datasketch's MinHashLSH (the bands x rows curation uses) finds
+    near-duplicate candidates, each confirmed by the exact Jaccard as curation does, a union-find keeps the
+    first of each cluster, and the seeded hash split writes train/validation/test Parquet files. Still without
+    the quarantine files, report, plots and manifests. `same_work_ratio` = ours rows/s over (c)'s.
+Ours also reports where its time went (curation_report.json `phases`, the tokenized manifest's
+`phase_seconds`): wall seconds per pass on the driver, and worker seconds per phase of the parse pass.
 
 Each measurement runs in a fresh Python subprocess (its own Ray instance for (a)), so one run's memory does not
 leak into the next. Peak RSS: the subprocess and all its descendants (Ray's GCS, raylet and workers for (a); the
@@ -55,8 +63,9 @@ from pipelines.artifacts.manifest import read_manifest
 from pipelines.artifacts.models import ModelConfig, resolve_model
 from pipelines.data import tokenize as data
 from pipelines.data.chat import tokenize_messages
-from pipelines.data.config import FilterSection
-from pipelines.data.filters import exact_key, full_text, normalise_record, quality_reason
+from pipelines.data.config import DedupSection, FilterSection, SplitSection
+from pipelines.data.dedup import SPLITS, assign_split, clusters, jaccard, optimal_bands, shingles
+from pipelines.data.filters import dedup_text, exact_key, full_text, normalise_record, quality_reason
 from pipelines.data.rowformats import RowError, alpaca_to_messages
 
 _WORDS = re.compile(r"(\S+)")
@@ -104,13 +113,13 @@ def child_ray(args) -> dict:
         runner.finish()
     m = read_manifest(out, kind="tokenized_dataset")["metrics"]
     return {"seconds": secs, "peak_rss": rss.peak, "rows_in": m["rows_in"], "rows_kept": m["rows_kept"],
-            "rejected_by_reason": m["rejected_by_reason"]}
+            "rejected_by_reason": m["rejected_by_reason"], "phases": phases_of(out)}
 
 
 _TOK = {}
 
 
-def _baseline_row(row, model_dir: str, max_length: int) -> dict:
+def _baseline_row(row, model_dir: str, max_length: int, sign: bool = False) -> dict:
     if model_dir not in _TOK:
         from transformers import AutoTokenizer
 
@@ -118,7 +127,7 @@ def _baseline_row(row, model_dir: str, max_length: int) -> dict:
         _TOK[model_dir] = (AutoTokenizer.from_pretrained(model_dir),
                            f)
     tok, th = _TOK[model_dir]
-    res = {"input_ids": [], "labels": [], "reason": "", "key": ""}
+    res = {"input_ids": [], "labels": [], "reason": "", "key": "", "sig": [], "dtext": ""}
     try:
         rec = normalise_record("sft", {"messages": alpaca_to_messages(row)})
         reason = quality_reason("sft", rec, th)
@@ -126,12 +135,19 @@ def _baseline_row(row, model_dir: str, max_length: int) -> dict:
             raise RowError(reason, "")
         t = tokenize_messages(tok, rec["messages"], max_length)  # too_long refused here (the token bound)
         res.update(input_ids=t.input_ids, labels=t.labels, key=exact_key(full_text("sft", rec)))
+        if sign:
+            from datasketch import MinHash
+
+            dtext = dedup_text(full_text("sft", rec))
+            m = MinHash(num_perm=DedupSection().num_perm, seed=1, scheme="affine32")
+            m.update_batch([x.encode() for x in shingles(dtext)])
+            res.update(sig=m.hashvalues.tolist(), dtext=dtext)
     except RowError as e:
         res["reason"] = e.reason
     return res
 
 
-def child_datasets(args) -> dict:
+def child_datasets(args, same_work: bool = False) -> dict:
     os.environ["HF_DATASETS_CACHE"] = str(Path(args.work) / "hf_cache")
     import datasets
 
@@ -142,7 +158,8 @@ def child_datasets(args) -> dict:
         ds = datasets.load_dataset("json", data_files=args.input, split="train",
                                    cache_dir=str(Path(args.work) / "hf_cache"))
         n_in = len(ds)
-        ds = ds.map(_baseline_row, fn_kwargs={"model_dir": args.model_dir, "max_length": args.max_length},
+        ds = ds.map(_baseline_row, fn_kwargs={"model_dir": args.model_dir, "max_length": args.max_length,
+                                              "sign": same_work},
                     num_proc=2, remove_columns=ds.column_names, load_from_cache_file=False)
         reasons = ds["reason"]
         keys = ds["key"]
@@ -151,15 +168,80 @@ def child_datasets(args) -> dict:
             if not r and k not in seen:
                 seen.add(k)
                 keep.append(i)
-        ds.select(keep).remove_columns(["reason", "key"]).to_parquet(str(Path(args.work) / "baseline.parquet"))
+        near = 0
+        if same_work:
+            keep, near = _near_dedup(ds, keep)
+            _split_write(ds, keep, keys, Path(args.work))
+        else:
+            ds.select(keep).remove_columns(["reason", "key", "sig", "dtext"]).to_parquet(
+                str(Path(args.work) / "baseline.parquet"))
         secs = time.perf_counter() - t0
     by_reason: dict[str, int] = {}
     for r in reasons:
         if r:
             by_reason[r] = by_reason.get(r, 0) + 1
+    if near:
+        by_reason["near_duplicate"] = near
     by_reason["exact_duplicate"] = n_in - len(keep) - sum(by_reason.values())
     return {"seconds": secs, "peak_rss": rss.peak, "rows_in": n_in, "rows_kept": len(keep),
             "rejected_by_reason": by_reason}
+
+
+def _near_dedup(ds, keep: list[int]) -> tuple[list[int], int]:
+    """datasketch MinHashLSH over the kept rows' signatures (curation's bands x rows), candidates confirmed by
+    the exact word-3-gram Jaccard, union-find clusters; the first row of each cluster stays."""
+    import numpy as np
+    from datasketch import MinHash, MinHashLSH
+
+    cfg = DedupSection()
+    sigs, texts = ds.select(keep)["sig"], ds.select(keep)["dtext"]
+    lsh = MinHashLSH(num_perm=cfg.num_perm, params=optimal_bands(cfg.threshold, cfg.num_perm))
+    ms = [MinHash(num_perm=cfg.num_perm, seed=1, hashvalues=np.asarray(s, dtype=np.uint32), scheme="affine32")
+          for s in sigs]
+    for i, m in enumerate(ms):
+        lsh.insert(i, m)
+    pairs = [(i, j) for i, m in enumerate(ms) for j in lsh.query(m)
+             if i < j and m.jaccard(ms[j]) >= cfg.threshold - 0.15
+             and jaccard(shingles(texts[i]), shingles(texts[j])) >= cfg.threshold]
+    roots = clusters(len(ms), pairs)
+    kept = [k for i, k in enumerate(keep) if roots[i] == i]
+    return kept, len(keep) - len(kept)
+
+
+def _split_write(ds, keep: list[int], keys: list[str], work: Path) -> None:
+    from collections import defaultdict
+
+    cfg = SplitSection()
+    by_split = defaultdict(list)
+    for i in keep:
+        by_split[SPLITS[assign_split(keys[i], cfg.seed, cfg.fractions())]].append(i)
+    body = ds.remove_columns(["reason", "key", "sig", "dtext"])
+    for name, rows in by_split.items():
+        body.select(rows).to_parquet(str(work / f"same_work_{name}.parquet"))
+
+
+def write_synthetic(n: int, out: Path) -> Path:
+    """n synthetic Alpaca-shaped rows, streamed to disk (never all in memory): words drawn from a fixed
+    vocabulary by a seeded generator, instruction 8-20 words, input 0-30, output 20-120."""
+    import random
+
+    rng = random.Random(0)
+    vocab = [f"{a}{b}" for a in ("ka", "lo", "mi", "nu", "pe", "ra", "si", "tu") for b in range(400)]
+    with open(out, "w") as fh:
+        for _ in range(n):
+            words = lambda lo, hi: " ".join(rng.choices(vocab, k=rng.randint(lo, hi)))  # noqa: E731
+            fh.write(json.dumps({"instruction": words(8, 20).capitalize() + "?", "input": words(0, 30),
+                                 "output": words(20, 120).capitalize() + "."}) + "\n")
+    return out
+
+
+def phases_of(out: Path) -> dict:
+    """Where ours spent its time: the curation report's phases and the tokenize stage's."""
+    rep = json.loads((out / "curation_report.json").read_text())
+    tok = read_manifest(out, kind="tokenized_dataset")["metrics"].get("phase_seconds", {})
+    return {"curate_wall": rep.get("phases", {}).get("wall_seconds", {}),
+            "curate_worker": rep.get("phases", {}).get("task_seconds", {}),
+            "lsh_cluster": rep.get("dedup", {}).get("lsh_cluster_seconds"), "tokenize_wall": tok}
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -192,58 +274,117 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="runs per measurement; medians reported (default 1)")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="tokenizer: a built-in name or HF folder")
     ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--scale-test", type=int, metavar="N", help="only ours, on N synthetic Alpaca-shaped rows")
     ap.add_argument("--json", action="store_true", help="also print the figures as one JSON object, last line")
-    ap.add_argument("--child", choices=["ray", "datasets"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["ray", "datasets", "same_work"], help=argparse.SUPPRESS)
     ap.add_argument("--input", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.child:
-        res = (child_ray if args.child == "ray" else child_datasets)(args)
+        res = {"ray": child_ray, "datasets": child_datasets,
+               "same_work": lambda a: child_datasets(a, same_work=True)}[args.child](args)
         print(json.dumps(res), flush=True)
         return
-
     model_dir = resolve_model(ModelConfig(name=args.model))
+    if args.scale_test:
+        return scale_test(args, model_dir)
+    figures = compare(args, model_dir)
+    if args.json:
+        print(json.dumps(figures))
+
+
+def timed_runs(plan: list[tuple[str, str, Path]], model_dir: str, args, tmp: Path) -> dict[str, list]:
+    res: dict[str, list] = {name: [] for name, _, _ in plan}
+    for rep in range(args.repeats):
+        for name, kind, src in plan:  # interleaved, so drift on the machine hits every contender alike
+            t = time.time()
+            print(f"[{name} run {rep + 1}/{args.repeats}] ...", end=" ", file=sys.stderr, flush=True)
+            res[name].append(run_child(kind, src, model_dir, args, tmp / f"{name}_{rep}"))
+            print(f"{time.time() - t:.0f} s", file=sys.stderr, flush=True)
+    return res
+
+
+def compare(args, model_dir: str) -> dict:
     n1, n10 = args.rows, args.rows * args.scale
     with tempfile.TemporaryDirectory(prefix="lf-bench-data-") as tmp:
         tmp = Path(tmp)
         small, big = write_input(n1, tmp / "in_1x.jsonl"), write_input(n10, tmp / "in_big.jsonl")
-        res: dict[str, list] = {"ray_1x": [], "ds_1x": [], "ray_big": []}
-        for rep in range(args.repeats):
-            for name, kind, src in (("ds_1x", "datasets", small), ("ray_1x", "ray", small), ("ray_big", "ray", big)):
-                t = time.time()
-                print(f"[{name} run {rep + 1}/{args.repeats}] ...", end=" ", file=sys.stderr, flush=True)
-                res[name].append(run_child(kind, src, model_dir, args, tmp / f"{name}_{rep}"))
-                print(f"{time.time() - t:.0f} s", file=sys.stderr, flush=True)
-    r1, d1, rb = (median_of(res[k]) for k in ("ray_1x", "ds_1x", "ray_big"))
+        res = timed_runs([("ds_1x", "datasets", small), ("same_1x", "same_work", small), ("ray_1x", "ray", small),
+                          ("ray_big", "ray", big)], model_dir, args, tmp)
+    r1, d1, s1, rb = (median_of(res[k]) for k in ("ray_1x", "ds_1x", "same_1x", "ray_big"))
     mib = 1024 ** 2
     figures = {
         "rows_1x": n1, "rows_big": n10, "scale": args.scale, "repeats": args.repeats, "model": args.model,
         "ray_rows_per_s": round(r1["rows_per_s"], 1), "datasets_rows_per_s": round(d1["rows_per_s"], 1),
+        "same_work_rows_per_s": round(s1["rows_per_s"], 1),
         "rows_per_s_ratio": round(r1["rows_per_s"] / d1["rows_per_s"], 3),
+        "same_work_ratio": round(r1["rows_per_s"] / s1["rows_per_s"], 3),
         "ray_seconds_1x": round(r1["seconds"], 1), "datasets_seconds_1x": round(d1["seconds"], 1),
+        "same_work_seconds_1x": round(s1["seconds"], 1),
         "ray_rows_per_s_big": round(rb["rows_per_s"], 1), "ray_seconds_big": round(rb["seconds"], 1),
         "ray_rows_kept_1x": r1["rows_kept"], "datasets_rows_kept_1x": d1["rows_kept"],
-        "ray_rows_kept_big": rb["rows_kept"],
-        "ray_rejected_by_reason_1x": r1["rejected_by_reason"], "datasets_rejected_by_reason_1x": d1["rejected_by_reason"],
+        "same_work_rows_kept_1x": s1["rows_kept"], "ray_rows_kept_big": rb["rows_kept"],
+        "ray_rejected_by_reason_1x": r1["rejected_by_reason"],
+        "datasets_rejected_by_reason_1x": d1["rejected_by_reason"],
+        "same_work_rejected_by_reason_1x": s1["rejected_by_reason"],
         "ray_rejected_by_reason_big": rb["rejected_by_reason"],
         "peak_rss_mib_1x": round(r1["peak_rss"] / mib, 1), "peak_rss_mib_big": round(rb["peak_rss"] / mib, 1),
         "datasets_peak_rss_mib_1x": round(d1["peak_rss"] / mib, 1),
         "rss_10x_over_1x": round(rb["peak_rss"] / r1["peak_rss"], 3),
+        "phases_1x": median_phases([r["phases"] for r in res["ray_1x"]]),
+        "phases_big": median_phases([r["phases"] for r in res["ray_big"]]),
     }
-    w = 34
+    w = 36
     print(f"\nData pipeline, curate + tokenize ({args.model}, max_length {args.max_length}, "
           f"median of {args.repeats} run{'s' if args.repeats > 1 else ''}, 2 CPUs)")
     print(f"{'':{w}} {'rows in':>9} {'kept':>7} {'seconds':>8} {'rows/s':>8} {'peak RSS MiB':>13}")
-    for label, r in (("datasets.map(num_proc=2), 1x", d1), ("Ray Data (ours), 1x", r1),
-                     (f"Ray Data (ours), {args.scale}x", rb)):
+    for label, r in (("datasets.map(num_proc=2), 1x", d1), ("same work: + MinHash LSH + split, 1x", s1),
+                     ("Ray Data (ours), 1x", r1), (f"Ray Data (ours), {args.scale}x", rb)):
         print(f"{label:{w}} {r['rows_in']:>9} {r['rows_kept']:>7} {r['seconds']:>8.1f} {r['rows_per_s']:>8.1f} "
               f"{r['peak_rss'] / mib:>13.0f}")
-    print(f"rows/s ratio, Ray Data over datasets.map at 1x: {figures['rows_per_s_ratio']:.2f}")
+    print(f"rows/s ratio, ours over datasets.map at 1x: {figures['rows_per_s_ratio']:.2f} (goal >= 1.0); "
+          f"over the same-work baseline: {figures['same_work_ratio']:.2f} (goal >= 1.5)")
     print(f"peak RSS (process tree, psutil; object store shm counted as mapped), {args.scale}x over 1x: "
           f"{figures['rss_10x_over_1x']:.2f} (streaming target <= 1.2)")
-    print("baseline omits MinHash near-dedup, split, quarantine files, report and manifests (see docstring)")
+    print_phases(figures["phases_1x"], "1x")
+    print_phases(figures["phases_big"], f"{args.scale}x")
+    return figures
+
+
+def median_phases(runs: list[dict]) -> dict:
+    """The per-phase medians over runs (same nested shape as one run's phases)."""
+    out: dict = {}
+    for group in ("curate_wall", "curate_worker", "tokenize_wall"):
+        keys = runs[0].get(group, {})
+        out[group] = {k: round(statistics.median(r[group].get(k, 0.0) for r in runs), 2) for k in keys}
+    out["lsh_cluster"] = round(statistics.median(r.get("lsh_cluster") or 0.0 for r in runs), 2)
+    return out
+
+
+def print_phases(ph: dict, label: str) -> None:
+    cells = [f"{k} {v:.1f}" for k, v in ph["curate_wall"].items()] + [f"tokenize.{k} {v:.1f}"
+                                                                      for k, v in ph["tokenize_wall"].items()]
+    print(f"ours {label}, wall s: " + ", ".join(cells) + f" (of which lsh+cluster {ph['lsh_cluster']:.1f})")
+    print(f"ours {label}, parse-pass worker s: " + ", ".join(f"{k} {v:.1f}" for k, v in ph["curate_worker"].items()))
+
+
+def scale_test(args, model_dir: str) -> None:
+    """Ours alone on --scale-test N synthetic rows written by this script: rows/s and peak RSS (must stay flat)."""
+    with tempfile.TemporaryDirectory(prefix="lf-bench-scale-") as tmp:
+        tmp = Path(tmp)
+        t = time.time()
+        src = write_synthetic(args.scale_test, tmp / "synthetic.jsonl")
+        print(f"wrote {args.scale_test} rows ({src.stat().st_size / 1024 ** 2:.0f} MiB) in {time.time() - t:.0f} s",
+              file=sys.stderr)
+        r = run_child("ray", src, model_dir, args, tmp / "ray")
+    mib = 1024 ** 2
+    figures = {"scale_test_rows": r["rows_in"], "rows_kept": r["rows_kept"], "seconds": round(r["seconds"], 1),
+               "rows_per_s": round(r["rows_in"] / r["seconds"], 1), "peak_rss_mib": round(r["peak_rss"] / mib, 1),
+               "rejected_by_reason": r["rejected_by_reason"], "phases": r["phases"]}
+    print(f"\nscale test: {r['rows_in']} rows in {r['seconds']:.0f} s = {figures['rows_per_s']:.0f} rows/s, "
+          f"peak RSS {figures['peak_rss_mib']:.0f} MiB (process tree)")
     if args.json:
         print(json.dumps(figures))
 

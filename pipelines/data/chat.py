@@ -8,7 +8,9 @@ not prefixes of each other would make that wrong, so it is checked rather than a
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pipelines.data.rowformats import RowError
@@ -26,12 +28,23 @@ class Tokenized:
         return sum(1 for t in self.labels if t != IGNORE_INDEX)
 
 
-def _render(tokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True,
-                                        return_dict=False)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):  # some tokenizers return a BatchEncoding regardless
-        ids = ids["input_ids"]
-    return list(ids)
+# Tokenizer classes that are exactly the `tokenizers` backend driven by tokenizer.json: loading them through their
+# own class skips AutoTokenizer's import of the model registry (torch, generation utils, sklearn: ~5 s of the
+# ~6 s a Ray Data worker spent before its first row here). Any other class goes through AutoTokenizer.
+_PLAIN_FAST = {"TokenizersBackend", "PreTrainedTokenizerFast"}
+
+
+def load_tokenizer(model_dir: str):
+    """The model folder's tokenizer, as AutoTokenizer would load it, importing as little as possible."""
+    cfg = Path(model_dir, "tokenizer_config.json")
+    cls = json.loads(cfg.read_text()).get("tokenizer_class") if cfg.is_file() else None
+    if cls in _PLAIN_FAST and Path(model_dir, "tokenizer.json").is_file():
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+        return TokenizersBackend.from_pretrained(model_dir)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
 
 
 def tokenize_messages(tokenizer, messages: list[dict[str, str]], max_length: int) -> Tokenized:
@@ -40,22 +53,57 @@ def tokenize_messages(tokenizer, messages: list[dict[str, str]], max_length: int
     A conversation longer than max_length is refused (RowError 'too_long'), never cut: a cut answer would teach
     the model to stop mid-sentence, and a silently dropped answer would hide data loss.
     """
-    full = _render(tokenizer, messages, generation_prompt=False)
+    res = tokenize_conversations(tokenizer, [messages], max_length)[0]
+    if isinstance(res, RowError):
+        raise res
+    return res
+
+
+def _render_text(tokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    """One fast-tokenizer call for many texts: what apply_chat_template(tokenize=True) does for one."""
+    return list(tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else []
+
+
+def count_chat_tokens(tokenizer, conversations: list[list[dict[str, str]]]) -> list[int]:
+    """Tokens of each rendered conversation (the chat template's), in one batched encode."""
+    return [len(ids) for ids in _encode(tokenizer, [_render_text(tokenizer, m, False) for m in conversations])]
+
+
+def tokenize_conversations(tokenizer, conversations: list[list[dict[str, str]]], max_length: int
+                           ) -> list[Tokenized | RowError]:
+    """tokenize_messages for many conversations: every prefix rendering of the batch is encoded in one call
+    (per-row encodes were half of the tokenize pass). Same ids, labels and refusals, one result per row."""
+    texts: list[str] = []
+    spans: list[tuple[int, list[tuple[int, int]]]] = []  # per row: index of full, (start, end) per assistant turn
+    for messages in conversations:
+        full = len(texts)
+        texts.append(_render_text(tokenizer, messages, False))
+        turns = []
+        for i, msg in enumerate(messages):
+            if msg["role"] == "assistant":
+                turns.append((len(texts), len(texts) + 1))
+                texts += [_render_text(tokenizer, messages[:i], True), _render_text(tokenizer, messages[:i + 1], False)]
+        spans.append((full, turns))
+    ids = _encode(tokenizer, texts)
+    return [_labelled(ids[full], [(ids[a], ids[b]) for a, b in turns], max_length) for full, turns in spans]
+
+
+def _labelled(full: list[int], turns: list[tuple[list[int], list[int]]], max_length: int) -> Tokenized | RowError:
     labels = [IGNORE_INDEX] * len(full)
-    for i, msg in enumerate(messages):
-        if msg["role"] != "assistant":
-            continue
-        start = _render(tokenizer, messages[:i], generation_prompt=True)
-        end = _render(tokenizer, messages[: i + 1], generation_prompt=False)
+    for start, end in turns:
         if full[: len(start)] != start or full[: len(end)] != end:
             raise ValueError("the tokenizer's chat template does not render conversations as prefixes of each "
                              "other; assistant-only labels cannot be derived from it")
         labels[len(start): len(end)] = full[len(start): len(end)]
     if not any(t != IGNORE_INDEX for t in labels):
-        raise RowError("no_assistant_tokens", "the conversation has no assistant turn to learn from")
+        return RowError("no_assistant_tokens", "the conversation has no assistant turn to learn from")
     if len(full) > max_length:
-        raise RowError("too_long", f"{len(full)} tokens > max_length {max_length}")
-    return Tokenized(full, labels)
+        return RowError("too_long", f"{len(full)} tokens > max_length {max_length}")
+    return Tokenized(list(full), labels)
 
 
 def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, list[list[int]]]:
@@ -91,6 +139,30 @@ def tokenize_record(tokenizer, body: str, rec: Any, max_length: int, truncation:
             if shorter is None:
                 raise RowError("too_long", e.detail + " (even with only the last exchange)") from None
             messages, dropped = shorter, dropped + 1
+
+
+def tokenize_records(tokenizer, body: str, recs: list[Any], max_length: int, truncation: str
+                     ) -> list[tuple[list, list, int] | RowError]:
+    """tokenize_record over a batch, the chat renderings encoded in one call; a row too long under
+    drop_oldest_turns is retried alone (rare: it needs the shorter renderings)."""
+    if body == "text":
+        out: list = []
+        for rec in recs:
+            try:
+                out.append(tokenize_record(tokenizer, body, rec, max_length, truncation))
+            except RowError as e:
+                out.append(e)
+        return out
+    convs = [[{"role": m["role"], "content": m["content"]} for m in rec] for rec in recs]
+    res: list = []
+    for conv, t in zip(convs, tokenize_conversations(tokenizer, convs, max_length)):
+        if isinstance(t, RowError) and t.reason == "too_long" and truncation == "drop_oldest_turns":
+            try:
+                t = tokenize_record(tokenizer, body, conv, max_length, truncation)
+            except RowError as e:
+                t = e
+        res.append((t.input_ids, t.labels, 0) if isinstance(t, Tokenized) else t)
+    return res
 
 
 def drop_oldest_exchange(messages: list[dict[str, str]]) -> list[dict[str, str]] | None:

@@ -12,10 +12,12 @@ reason, detail, source, line, row) and the kept rows, sorted by row id, into `tr
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ from pipelines.data.dedup import (
     shingles,
     unit_hash,
 )
-from pipelines.data.readers import expand_paths, iter_records
+from pipelines.data.readers import expand_paths, iter_records, jsonl_ranges
 from pipelines.data.report import write_report
 from pipelines.data.rowformats import RowError, format_hint, parse_raw
 from pipelines.data.split_writer import SplitWriter
@@ -58,19 +60,46 @@ def run(cfg, out_dir: str | os.PathLike, model_dir: str | None = None) -> Path:
     mix_fids = list(range(len(main_files), len(files)))
     parse_args = (cfg.format, cfg.system_prompt, cfg.filters, cfg.dedup.num_perm, cfg.category_field,
                   mix_fids, model_dir, cfg.max_length if cfg.truncation == "reject" else None, cfg.columns)
-    _parse_pass(files, parse_args, work / "parsed", cfg)
+    phases: dict[str, float] = {}
+    with timed(phases, "read_parse_sign"):
+        _parse_pass(files, parse_args, work / "parsed", cfg)
     if not any((work / "parsed").glob("*.parquet")):  # every file was empty (or held only blank lines)
         raise DataError(f"data.train_path={cfg.train_path!r}: no rows read from {len(files)} file(s); point it at "
                         "a file with data")
-    dec = decide(work / "parsed", cfg)
+    with timed(phases, "decide"):
+        dec = decide(work / "parsed", cfg)
     counts = dec["counts"]
     _check_accounting(counts, counts)
-    n_rejected, n_kept = write_outputs(work / "parsed", out, dec)
+    with timed(phases, "split_write"):
+        n_rejected, n_kept = write_outputs(work / "parsed", out, dec)
+    dec["phases"] = {"wall_seconds": phases, "task_seconds": task_seconds(work / "parsed")}
     _check_accounting(counts, {"rows_rejected": n_rejected, "rows_kept": n_kept})
     _check_ceiling(cfg, counts, out)
     if not os.environ.get("LORAFORGE_KEEP_WORK"):
         shutil.rmtree(work, ignore_errors=True)
     return _finish(cfg, out, files, dec, model_dir)
+
+
+@contextlib.contextmanager
+def timed(phases: dict[str, float], name: str):
+    """Add the block's wall seconds to phases[name] (the per-phase table of the report and the bench)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        phases[name] = round(phases.get(name, 0.0) + time.perf_counter() - t0, 3)
+
+
+def task_seconds(parsed: Path) -> dict[str, float]:
+    """Worker seconds per phase of the parse pass, summed over its tasks (each row carries its batch's share)."""
+    import pyarrow.compute as pc
+
+    cols = {"t_parse": "parse", "t_count": "count_tokens", "t_filter": "normalise_filter", "t_sign": "minhash"}
+    sums = dict.fromkeys(cols.values(), 0.0)
+    for b in _scan(parsed, list(cols)):
+        for c, name in cols.items():
+            sums[name] += pc.sum(b.column(c)).as_py() or 0.0
+    return {k: round(v, 3) for k, v in sums.items()}
 
 
 def _parse_pass(files: list[str], parse_args: tuple, dest: Path, cfg) -> None:
@@ -79,12 +108,28 @@ def _parse_pass(files: list[str], parse_args: tuple, dest: Path, cfg) -> None:
     # Order preserved so the parsed files hold rows in (file, line) order: the split files can then be written
     # sorted by row id in one streaming pass, without a shuffle (checked while writing).
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    items = [{"path": p, "fid": i} for i, p in enumerate(files)]
+    items = read_items(files, ray.cluster_resources().get("CPU", 1))
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), cfg.num_blocks or len(items)))
     ds = ds.map_batches(read_files, batch_size=1, batch_format="numpy", num_cpus=cfg.task_cpus)
     ds = ds.map_batches(parse_batch, fn_args=parse_args, batch_size=512, batch_format="numpy",
                         num_cpus=cfg.task_cpus, compute=parse_compute(cfg))
     ds.write_parquet(str(dest))
+
+
+def read_items(files: list[str], cpus: float, min_bytes: int = 1 << 20, max_bytes: int = 64 << 20) -> list[dict]:
+    """One read task per file, except plain local JSONL files, cut into slices (~2 per CPU, 1-64 MiB each) so one
+    big file is parsed by every CPU instead of one task (the usual case: a single training file)."""
+    items = []
+    total = sum(os.path.getsize(f) for f in files if _sliceable(f))
+    target = int(min(max(total / max(2 * cpus, 1), min_bytes), max_bytes))
+    for fid, path in enumerate(files):
+        ranges = jsonl_ranges(path, target) if _sliceable(path) else [(-1, -1, -1)]
+        items += [{"path": path, "fid": fid, "start": a, "end": b, "first_line": n} for a, b, n in ranges]
+    return items
+
+
+def _sliceable(path: str) -> bool:
+    return "://" not in path and path.lower().endswith(".jsonl") and os.path.isfile(path)
 
 
 def parse_compute(cfg):
@@ -122,7 +167,9 @@ def decide(parsed: Path, cfg) -> dict[str, Any]:
         raise DataError(f"data.train_path={cfg.train_path!r} mixes row kinds {sorted(kinds)}; curate them apart")
     codes = np.full(len(valid), -1, dtype=np.int16)  # per valid row: split index, or len(SPLITS)+reason index
     dup_of = np.full(len(valid), -1, dtype=np.int64)
+    t0 = time.perf_counter()
     info = _dedup(parsed, cfg, ids[valid], keys, codes, dup_of, _sig_matrix(cols["sig"], order, valid))
+    info["lsh_cluster_seconds"] = round(time.perf_counter() - t0, 3)
     cats = np.asarray(cols["category"], dtype=object)[order][valid]
     origin = np.asarray(cols["origin"], dtype=object)[order][valid]
     _balance_and_mix(cfg, keys, cats, origin, codes)
@@ -320,7 +367,8 @@ def write_outputs(parsed: Path, out: Path, dec: dict[str, Any]) -> tuple[int, in
 def _finish(cfg, out: Path, files: list[str], dec: dict[str, Any], model_dir: str | None) -> Path:
     counts = dec["counts"]
     content = {s: hash_path(out / s) for s in SPLITS}
-    report = {**counts, "kind": dec["kind"], "dedup": dec["dedup"], "inputs": files, "content_hash": content}
+    report = {**counts, "kind": dec["kind"], "dedup": dec["dedup"], "inputs": files, "content_hash": content,
+              "phases": dec["phases"]}
     write_report(out, report, dec["lengths"], cfg)
     local = [f for f in files if "://" not in f]
     inputs = {"train": local[0]} if len(local) == 1 else {f"input_{i}": f for i, f in enumerate(local)}

@@ -6,11 +6,13 @@ Pure enough to unit-test without Ray: `ParseRows()(batch)` is a plain function o
 from __future__ import annotations
 
 import json
+import time
 from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
 
+from pipelines.data.chat import count_chat_tokens, load_tokenizer
 from pipelines.data.config import FilterSection
 from pipelines.data.dedup import signatures
 from pipelines.data.filters import dedup_text, exact_key, full_text, normalise_record, quality_reason
@@ -24,7 +26,11 @@ PARSED_COLUMNS = ("row_id", "source", "line", "origin", "kind", "category", "rea
 def read_files(batch: dict[str, Any], chunk: int = 2048):
     """Ray Data generator UDF: one batch of (path, fid) rows → record batches, streamed chunk by chunk."""
 
-    yield from record_batches(list(batch["path"]), [int(f) for f in batch["fid"]], chunk)
+    ranges = None
+    if "start" in batch:
+        ranges = [None if int(s) < 0 else (int(s), int(e), int(n))
+                  for s, e, n in zip(batch["start"], batch["end"], batch["first_line"])]
+    yield from record_batches(list(batch["path"]), [int(f) for f in batch["fid"]], chunk, ranges)
 
 
 _CACHE: dict[tuple, Any] = {}
@@ -53,33 +59,39 @@ class ParseRows:
         self.fmt, self.system_prompt, self.num_perm, self.columns = fmt, system_prompt, num_perm, columns or {}
         self.thresholds = filters
         self.category_field, self.mix_fids, self.max_tokens = category_field, set(mix_fids), max_tokens
-        self.tokenizer = None
-        if model_dir:
-            from transformers import AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer = load_tokenizer(model_dir) if model_dir else None
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.perf_counter()
         out: dict[str, list] = {k: [] for k in PARSED_COLUMNS if k != "sig"}
-        for source, line, raw, error, row_id in zip(batch["source"], batch["line"], batch["raw"], batch["error"],
-                                                    batch["row_id"]):
-            r = self.row(str(source), str(raw), str(error))
+        parsed = [self.parse(str(source), str(raw), str(error)) for source, raw, error in
+                  zip(batch["source"], batch["raw"], batch["error"])]
+        t1 = time.perf_counter()
+        n_tokens = self.count_tokens([p for p in parsed if not isinstance(p, RowError)])
+        t2 = time.perf_counter()
+        for source, line, raw, row_id, p in zip(batch["source"], batch["line"], batch["raw"], batch["row_id"], parsed):
+            r = self.finish(str(source), str(raw), p, None if isinstance(p, RowError) else next(n_tokens))
             out["row_id"].append(int(row_id))
             out["source"].append(str(source))
             out["line"].append(int(line))
             out["origin"].append("mix" if (int(row_id) >> 32) in self.mix_fids else "main")
             for k, v in r.items():
                 out[k].append(v)
+        t3 = time.perf_counter()
         valid = [i for i, r in enumerate(out["reason"]) if not r]
         sig = signatures([out["dtext"][i] for i in valid], self.num_perm).astype(np.uint32)
         out["sig"] = [b""] * len(out["reason"])
         for j, i in enumerate(valid):
             out["sig"][i] = sig[j].tobytes()
+        t4 = time.perf_counter()
+        # task-seconds per phase, spread over the batch's rows (summed by the driver into the report)
+        n = max(len(parsed), 1)
+        for k, secs in (("t_parse", t1 - t0), ("t_count", t2 - t1), ("t_filter", t3 - t2), ("t_sign", t4 - t3)):
+            out[k] = [secs / n] * len(parsed)
         return out
 
-    def row(self, source: str, raw: str, error: str) -> dict[str, Any]:
-        res = {"kind": "", "category": "", "reason": "", "detail": "", "raw": raw, "record": "", "dtext": "",
-               "exact_key": "", "n_tokens": 0}
+    def parse(self, source: str, raw: str, error: str) -> tuple[str, dict, dict] | RowError:
+        """(kind, normalised record, the raw row) or the RowError that refuses it."""
         try:
             if error:
                 reason, _, detail = error.partition(": ")
@@ -87,12 +99,19 @@ class ParseRows:
             row = apply_columns(parse_raw(raw), self.columns)
             kind, rec = to_canonical(row, self.fmt, self.system_prompt)
             check_decodable(rec)
-            rec = normalise_record(kind, rec)
-            n_tokens = self.count_tokens(kind, rec)
-            reason = quality_reason(kind, rec, self.thresholds, n_tokens, self.max_tokens)
+            return kind, normalise_record(kind, rec), row
         except RowError as e:
-            res.update(reason=e.reason, detail=e.detail)
+            return e
+
+    def finish(self, source: str, raw: str, parsed: tuple[str, dict, dict] | RowError, n_tokens: int | None
+               ) -> dict[str, Any]:
+        res = {"kind": "", "category": "", "reason": "", "detail": "", "raw": raw, "record": "", "dtext": "",
+               "exact_key": "", "n_tokens": 0}
+        if isinstance(parsed, RowError):
+            res.update(reason=parsed.reason, detail=parsed.detail)
             return res
+        kind, rec, row = parsed
+        reason = quality_reason(kind, rec, self.thresholds, n_tokens, self.max_tokens)
         text = full_text(kind, rec)
         category = row.get(self.category_field) if self.category_field else None
         res.update(kind=kind, reason=reason, record=json.dumps(rec, ensure_ascii=False), n_tokens=n_tokens,
@@ -102,16 +121,24 @@ class ParseRows:
             res["raw"] = ""  # the record holds it; raw text is kept only for refused rows
         return res
 
-    def count_tokens(self, kind: str, rec: dict[str, Any]) -> int:
-        """Tokens of the rendered conversation (the chat template's), or characters/4 without a tokenizer."""
-
+    def count_tokens(self, parsed: list[tuple[str, dict, dict]]):
+        """An iterator of token counts, one per parsed row: the rendered conversation's (chat template), in one
+        batched encode per kind, or characters/4 without a tokenizer."""
         if self.tokenizer is None:
-            return len(full_text(kind, rec)) // 4
-        if kind == "sft":
-            ids = self.tokenizer.apply_chat_template(rec["messages"], tokenize=True, return_dict=False)
-            return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            return iter([len(full_text(kind, rec)) // 4 for kind, rec, _ in parsed])
+        tok = self.tokenizer
+        counts: list[int] = [0] * len(parsed)
+        sft = [i for i, (kind, _, _) in enumerate(parsed) if kind == "sft"]
+        for i, n in zip(sft, count_chat_tokens(tok, [parsed[i][1]["messages"] for i in sft])):
+            counts[i] = n
+        others = [i for i, (kind, _, _) in enumerate(parsed) if kind != "sft"]
+        texts = [self._plain_text(*parsed[i][:2]) for i in others]
+        for i, ids in zip(others, tok(texts, add_special_tokens=True)["input_ids"] if texts else []):
+            counts[i] = len(ids) + 1
+        return iter(counts)
+
+    def _plain_text(self, kind: str, rec: dict[str, Any]) -> str:
         if kind == "text":
-            return len(self.tokenizer(rec["text"])["input_ids"]) + 1
+            return rec["text"]
         prompt = self.tokenizer.apply_chat_template(rec["prompt"], tokenize=False, add_generation_prompt=True)
-        longest = max(rec["chosen"], rec["rejected"], key=len)
-        return len(self.tokenizer(prompt + longest)["input_ids"]) + 1
+        return prompt + max(rec["chosen"], rec["rejected"], key=len)

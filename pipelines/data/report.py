@@ -38,6 +38,10 @@ def markdown(r: dict[str, Any]) -> str:
     for c in d["examples"]:
         lines.append(f"- cluster of {c['size']}:")
         lines += [f"  - {'kept' if x['kept'] else 'dropped'} `{x['row_id']}`: {x['text'][:120]!r}" for x in c["rows"]]
+    if r.get("phases"):
+        lines += ["", "## Where the time went", "", "| phase | seconds |", "|---|---:|"]
+        lines += [f"| {k} (wall) | {v:.2f} |" for k, v in r["phases"]["wall_seconds"].items()]
+        lines += [f"| {k} (worker seconds, all tasks) | {v:.2f} |" for k, v in r["phases"]["task_seconds"].items()]
     lines += ["", f"![token lengths]({r['plots']['lengths']})", "",
               f"![categories]({r['plots']['categories']})", ""]
     return "\n".join(lines)

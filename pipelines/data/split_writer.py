@@ -21,6 +21,9 @@ BODY = {"sft": [("messages", MESSAGES)], "text": [("text", pa.string())],
         "preference": [("prompt", MESSAGES), ("chosen", pa.string()), ("rejected", pa.string())]}
 
 
+ROW_GROUP = 2048  # rows per Parquet row group: the unit the tokenize pass slices its tasks by
+
+
 def schema(kind: str) -> pa.Schema:
     return pa.schema(META + BODY[kind])
 
@@ -52,7 +55,7 @@ class SplitWriter:
                 name = self.out / split / f"part-{self.rows[split] // self.rows_per_file:05d}.parquet"
                 self.writers[split] = pq.ParquetWriter(name, self.schema, compression="zstd")
             cols = {f.name: [r.get(f.name) for r in head] for f in self.schema}
-            self.writers[split].write_table(pa.Table.from_pydict(cols, schema=self.schema))
+            self.writers[split].write_table(pa.Table.from_pydict(cols, schema=self.schema), row_group_size=ROW_GROUP)
             self.rows[split] += len(head)
 
     def close(self) -> int:

@@ -19,7 +19,7 @@ from typing import Any
 
 from pipelines.artifacts.manifest import read_manifest, write_manifest
 from pipelines.data import curate
-from pipelines.data.chat import tokenize_record
+from pipelines.data.chat import load_tokenizer, tokenize_records
 from pipelines.data.config import (
     DataConfig,
 )
@@ -33,54 +33,84 @@ class _TokenizeRows:
     """Curated rows → tokens; one instance per worker process (the tokenizer is loaded once)."""
 
     def __init__(self, model_dir: str, cfg: DataConfig):
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer = load_tokenizer(model_dir)
         self.cfg = cfg
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "n_tokens", "truncated", "reason", "detail",
-                                                "source", "line", "row", "split")}
-        body = "messages" if "messages" in batch else "text"
-        for i in range(len(batch[body])):
-            rec = _plain(batch[body][i])
-            ids, labels, cut, reason, detail = [], [], 0, "", ""
-            try:
-                ids, labels, cut = tokenize_record(self.tokenizer, body, rec, self.cfg.max_length,
-                                                   self.cfg.truncation)
-            except RowError as e:
-                reason, detail = e.reason, e.detail
-            for k, v in (("input_ids", ids), ("labels", labels), ("n_tokens", len(ids)), ("truncated", cut),
-                         ("reason", reason), ("detail", detail), ("source", str(batch["source"][i])),
-                         ("line", int(batch["line"][i])), ("row", json.dumps(rec) if reason else ""),
-                         ("split", Path(str(batch["path"][i])).parent.name)):
-                out[k].append(v)
+    def __call__(self, rows: list[dict[str, Any]], body: str, split: str) -> dict[str, Any]:
+        recs = [r[body] for r in rows]
+        results = tokenize_records(self.tokenizer, body, recs, self.cfg.max_length, self.cfg.truncation)
+        out: dict[str, list] = {"input_ids": [], "labels": [], "n_tokens": [], "truncated": [], "reason": [],
+                                "detail": []}
+        for res in results:
+            ids, labels, cut = ([], [], 0) if isinstance(res, RowError) else res
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["n_tokens"].append(len(ids))
+            out["truncated"].append(cut)
+            out["reason"].append(res.reason if isinstance(res, RowError) else "")
+            out["detail"].append(res.detail if isinstance(res, RowError) else "")
+        out["row"] = [json.dumps(rec) if r else "" for rec, r in zip(recs, out["reason"])]
+        out["source"] = [r["source"] for r in rows]
+        out["line"] = [r["line"] for r in rows]
+        out["split"] = [split] * len(rows)
         return out
 
 
-def _tokenize_batch(batch: dict[str, Any], model_dir: str, cfg: DataConfig) -> dict[str, Any]:
-    """Ray Data task UDF: the tokenizer is loaded once per worker process (see curate_rows.cached)."""
+def _tokenize_slices(batch: dict[str, Any], model_dir: str, cfg: DataConfig):
+    """Ray Data task UDF: each input row names a slice (file, row groups) of a curated split; the slice is read
+    with pyarrow and tokenized in one batched call. The tokenizer is loaded once per worker process
+    (curate_rows.cached)."""
+    import pyarrow.parquet as pq
 
-    return cached(_TokenizeRows, model_dir, cfg)(batch)
+    tok = cached(_TokenizeRows, model_dir, cfg)
+    for path, split, first, last in zip(batch["path"], batch["split"], batch["first"], batch["last"]):
+        pf = pq.ParquetFile(str(path))
+        body = "messages" if "messages" in pf.schema_arrow.names else "text"
+        rows = pf.read_row_groups(list(range(int(first), int(last))), columns=[body, "source", "line"]).to_pylist()
+        out = tok(rows, body, str(split))
+        yield _packed(out, cfg) if cfg.packing.enabled else {**out, "n_rows": [0 if r else 1 for r in out["reason"]]}
 
 
-def _blocks(folder: Path, rows_per_block: int = 2048) -> int:
-    """Read parallelism from the Parquet footers: ~rows_per_block rows a block (Ray Data otherwise made one
-    block per row of these small-but-wide files here, and paid a task's overhead for each)."""
-    import pyarrow.dataset as pads
+def _packed(out: dict[str, list], cfg: DataConfig) -> dict[str, list]:
+    """The slice's kept rows packed (first-fit decreasing, cfg.packing.window rows at a time), its refused rows
+    as they are. n_rows: original rows in a row (0 for a refusal); a window's truncation count rides on its
+    first packed row, so the sums the driver takes stay right."""
+    kept = [i for i, r in enumerate(out["reason"]) if not r]
+    res = {k: [v[i] for i in range(len(v)) if out["reason"][i]] for k, v in out.items()}
+    res["seq_lens"] = [[] for _ in res["reason"]]
+    res["n_rows"] = [0] * len(res["reason"])
+    capacity = cfg.packing.block_size or cfg.max_length
+    for w in range(0, len(kept), cfg.packing.window):
+        win = kept[w:w + cfg.packing.window]
+        packed = pack_rows({"input_ids": [out["input_ids"][i] for i in win],
+                            "labels": [out["labels"][i] for i in win]}, capacity)
+        for j, (ids, labels, lens, n) in enumerate(zip(packed["input_ids"], packed["labels"], packed["seq_lens"],
+                                                       packed["n_tokens"])):
+            for k, v in (("input_ids", ids), ("labels", labels), ("seq_lens", lens), ("n_tokens", n),
+                         ("n_rows", len(lens)), ("truncated", sum(out["truncated"][i] for i in win) if j == 0 else 0),
+                         ("reason", ""), ("detail", ""), ("row", ""), ("source", ""), ("line", 0),
+                         ("split", out["split"][0])):
+                res[k].append(v)
+    return res
 
-    return max(1, -(-pads.dataset(str(folder), format="parquet").count_rows() // rows_per_block))
 
+def _slices(srcs: list[Path], rows_per_slice: int = 2048) -> list[dict[str, Any]]:
+    """(file, row-group range) slices of about rows_per_slice rows over the curated split folders: the tokenize
+    tasks (Ray Data's read_parquet made one block of all rows here, and spent ~3 s listing files)."""
+    import pyarrow.parquet as pq
 
-def _plain(v: Any) -> Any:
-    """numpy/arrow values of a batch → plain Python (lists of dicts)."""
-    if hasattr(v, "tolist") and not isinstance(v, str):
-        v = v.tolist()
-    if isinstance(v, list):
-        return [_plain(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    return v
+    items = []
+    for src in srcs:
+        for f in sorted(src.glob("*.parquet")):
+            md = pq.ParquetFile(str(f)).metadata
+            first, rows = 0, 0
+            for g in range(md.num_row_groups):
+                rows += md.row_group(g).num_rows
+                if rows >= rows_per_slice or g == md.num_row_groups - 1:
+                    if rows:
+                        items.append({"path": str(f), "split": src.name, "first": first, "last": g + 1})
+                    first, rows = g + 1, 0
+    return items
 
 
 def run(cfg: DataConfig, model_dir: str, out_dir: str | os.PathLike) -> Path:
@@ -104,7 +134,7 @@ def tokenize(cfg: DataConfig, curated_dir: str | os.PathLike, model_dir: str, ou
     cm = read_manifest(curated, kind="curated_dataset")
     if cm["data_kind"] == "preference":
         raise ValueError(f"{curated}: preference rows are tokenized by the DPO stage; use `loraforge curate` alone")
-    stats = {"kept": 0, "rejected": 0, "tokens": 0, "truncated": 0, "by_reason": {}, "split": {}}
+    stats = {"kept": 0, "rejected": 0, "tokens": 0, "truncated": 0, "by_reason": {}, "split": {}, "phases": {}}
     _tokenize_splits(cfg, model_dir, [curated / cm["outputs"][s] for s in SPLITS], out, stats)
     m = cm["metrics"]
     by_reason = dict(m["rejected_by_reason"])
@@ -112,7 +142,8 @@ def tokenize(cfg: DataConfig, curated_dir: str | os.PathLike, model_dir: str, ou
         by_reason[k] = by_reason.get(k, 0) + v
     metrics = {"rows_in": m["rows_in"], "rows_kept": stats["kept"], "rows_rejected": m["rows_rejected"] + stats[
         "rejected"], "rejected_by_reason": dict(sorted(by_reason.items())), "tokens": stats["tokens"],
-               "truncated": stats["truncated"], "curated_rows": m["rows_kept"], "split_rows": {s: stats["split"].get(s, 0) for s in SPLITS}}
+               "truncated": stats["truncated"], "curated_rows": m["rows_kept"], "split_rows": {s: stats["split"].get(s, 0) for s in SPLITS},
+               "phase_seconds": stats["phases"]}
     if metrics["rows_in"] != metrics["rows_kept"] + metrics["rows_rejected"]:
         raise RuntimeError(f"row accounting broke: {metrics}")
     write_manifest(out, kind="tokenized_dataset",
@@ -124,29 +155,39 @@ def tokenize(cfg: DataConfig, curated_dir: str | os.PathLike, model_dir: str, ou
 
 
 def _tokenize_splits(cfg: DataConfig, model_dir: str, srcs: list[Path], out: Path, stats: dict) -> None:
-    """Tokenize every split in one Ray Data pass; refused rows go to rejected/, kept rows (packed if configured)
-    to out/tokens/split=<name>/ in a second pass. Two executions in all: each costs seconds of fixed overhead."""
+    """Tokenize (and pack, if configured) every split in one Ray Data pass over row-group slices; then, on the
+    driver, refused rows go to rejected/ and kept rows to out/tokens/split=<name>/ (two streaming pyarrow scans)."""
     import ray
 
     work = out / "_work" / "tokens"
-    ds = ray.data.read_parquet([str(s) for s in srcs], num_cpus=cfg.task_cpus, include_paths=True,
-                               override_num_blocks=sum(_blocks(s) for s in srcs))
-    ds.map_batches(_tokenize_batch, fn_args=(model_dir, cfg), batch_size=256, batch_format="numpy",
-                   num_cpus=cfg.task_cpus, compute=curate.parse_compute(cfg)).write_parquet(str(work))
-    n_kept = _account(work, out / "rejected" / "tokenize.jsonl", stats)
-    if n_kept:
-        kept = ray.data.read_parquet(str(work), num_cpus=cfg.task_cpus, override_num_blocks=_blocks(work))
-        kept = kept.filter(expr="reason == ''").select_columns(["split", "input_ids", "labels", "n_tokens"])
-        if cfg.packing.enabled:
-            from functools import partial
-
-            kept = kept.map_batches(partial(pack_rows, capacity=cfg.packing.block_size or cfg.max_length),
-                                    batch_size=cfg.packing.window, batch_format="numpy", num_cpus=cfg.task_cpus)
-        kept.write_parquet(str(out / "tokens"), partition_cols=["split"])
+    with curate.timed(stats["phases"], "tokenize"):
+        items = _slices(srcs)
+        if items:
+            ds = ray.data.from_items(items, override_num_blocks=len(items))
+            ds.map_batches(_tokenize_slices, fn_args=(model_dir, cfg), batch_size=1, batch_format="numpy",
+                           num_cpus=cfg.task_cpus, compute=curate.parse_compute(cfg)).write_parquet(str(work))
+    with curate.timed(stats["phases"], "account"):
+        n_kept = _account(work, out / "rejected" / "tokenize.jsonl", stats)
+    with curate.timed(stats["phases"], "write"):
+        _write_kept(cfg, work, out, n_kept)
     for s in SPLITS:
         if not (out / "tokens" / f"split={s}").is_dir():
             _empty_split(out / "tokens" / f"split={s}")
     shutil.rmtree(out / "_work", ignore_errors=True)
+
+
+def _write_kept(cfg: DataConfig, work: Path, out: Path, n_kept: int) -> None:
+    """Kept (and, when configured, already packed) rows → tokens/split=<name>/, by a streaming pyarrow
+    scan-filter-write on the driver: one C++ pass (a Ray Data pass cost ~4 s of fixed overhead for it here)."""
+    import pyarrow.dataset as pads
+
+    if not n_kept:
+        return
+    cols = ["split", "input_ids", "labels", "n_tokens"] + (["seq_lens"] if cfg.packing.enabled else [])
+    scan = pads.dataset(str(work), format="parquet").scanner(columns=cols, filter=pads.field("reason") == "")
+    pads.write_dataset(scan, str(out / "tokens"), format="parquet", partitioning=["split"],
+                       partitioning_flavor="hive", existing_data_behavior="overwrite_or_ignore",
+                       basename_template="part-{i}.parquet", max_rows_per_file=50_000, max_rows_per_group=10_000)
 
 
 def _account(work: Path, rejected: Path, stats: dict) -> int:
@@ -155,17 +196,19 @@ def _account(work: Path, rejected: Path, stats: dict) -> int:
 
     n_kept = 0
     rejected.parent.mkdir(parents=True, exist_ok=True)
-    cols = ["reason", "detail", "source", "line", "row", "n_tokens", "truncated", "split"]
+    cols = ["reason", "detail", "source", "line", "row", "n_tokens", "truncated", "split", "n_rows"]
+    batches = pads.dataset(str(work), format="parquet").to_batches(columns=cols, batch_size=65536) if work.exists() \
+        else []
     with open(rejected, "a") as fh:
-        for b in pads.dataset(str(work), format="parquet").to_batches(columns=cols, batch_size=65536):
+        for b in batches:
             for r in b.to_pylist():
                 if r["reason"]:
                     stats["rejected"] += 1
                     stats["by_reason"][r["reason"]] = stats["by_reason"].get(r["reason"], 0) + 1
                     fh.write(json.dumps({k: r[k] for k in cols[:5]}) + "\n")
                 else:
-                    n_kept += 1
-                    stats["split"][r["split"]] = stats["split"].get(r["split"], 0) + 1
+                    n_kept += r["n_rows"]
+                    stats["split"][r["split"]] = stats["split"].get(r["split"], 0) + r["n_rows"]
                     stats["tokens"] += r["n_tokens"]
                     stats["truncated"] += r["truncated"]
     stats["kept"] += n_kept

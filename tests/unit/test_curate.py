@@ -59,7 +59,8 @@ def test_lsh_banding_matches_datasketch():
         lsh.insert(i, MinHash(num_perm=64, hashvalues=s, scheme="affine32"))
     theirs = {(min(i, j), max(i, j)) for i, s in enumerate(sig) for j in lsh.query(MinHash(num_perm=64, hashvalues=s, scheme="affine32"))
               if i != j}
-    assert ours == theirs and {(i, 60 + i) for i in range(20)} <= ours
+    # twins have Jaccard ~0.85: a candidate with probability 1-(1-0.85^8)^8 ~ 0.92 each (8 bands x 8 rows)
+    assert ours == theirs and len({(i, 60 + i) for i in range(20)} & ours) >= 16
 
 
 def test_clusters_are_connected_components_rooted_at_first():
