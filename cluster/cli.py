@@ -19,7 +19,7 @@ import sys
 
 import typer
 
-from cluster import cli_jobs, cli_registry, cli_serve, cli_stages
+from cluster import cli_jobs, cli_plan, cli_registry, cli_serve, cli_stages
 from cluster.cli_common import guarded
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -30,7 +30,7 @@ COMMANDS = {
     "tune": cli_stages.tune,
     "dpo": cli_stages.dpo, "evaluate": cli_stages.evaluate, "merge": cli_stages.merge,
     "quantize": cli_stages.quantize, "score": cli_stages.score, "validate": cli_stages.validate,
-    "config-schema": cli_stages.config_schema,
+    "config-schema": cli_stages.config_schema, "plan": cli_plan.plan,
     "serve": cli_serve.serve, "deploy": cli_serve.deploy, "chat": cli_serve.chat, "submit": cli_jobs.submit,
 }
 REGISTRY = {"list": cli_registry.registry_list, "show": cli_registry.registry_show,

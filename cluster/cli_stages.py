@@ -21,7 +21,7 @@ from typing import Optional
 
 import typer
 
-from cluster import graph, runner, terminal
+from cluster import cli_plan, graph, runner, terminal
 from cluster.cli_common import CONFIG, OVERRIDES, REGISTER, done, fail, load
 from cluster.config import json_schema
 from pipelines.eval.metrics import exact_match, text_metrics
@@ -40,6 +40,7 @@ def run(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
     whose inputs, config sections and code are unchanged since it last finished is skipped (cluster.graph).
     Exit 3 when the gate refuses the adapter."""
     cfg = load(config, overrides, ("model", "data", "dpo", "eval", "serve"))
+    cli_plan.check_fits(cfg, str(config))  # refuses, with the breakdown, a run its workers cannot hold
     if dry_run:
         typer.echo(graph.Graph(cfg, force=tuple(force or ()), start=start, until=until).plan().table())
         return
@@ -78,6 +79,7 @@ def curate(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) ->
 def sft(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:
     """SFT stage alone, on the data stage's output folder of the same run."""
     cfg = load(config, overrides, ("model", "tokenized"))
+    cli_plan.check_fits(cfg, str(config))
     done(runner.stage_sft(cfg, runner.stage_model(cfg), cfg.stage_dir("data")))
 
 
