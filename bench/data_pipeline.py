@@ -102,7 +102,8 @@ def write_input(n: int, out: Path) -> Path:
 
 def child_ray(args) -> dict:
     cfg = load_config(None, ["ray.num_cpus=2", f"model.name={args.model}", f"data.train_path={args.input}",
-                             "data.format=alpaca", f"data.max_length={args.max_length}"])
+                             "data.format=alpaca", f"data.max_length={args.max_length}",
+                             f"data.engine={args.engine}"])
     runner.init_ray(cfg)
     try:
         with PeakRSS() as rss:
@@ -239,7 +240,8 @@ def phases_of(out: Path) -> dict:
     """Where ours spent its time: the curation report's phases and the tokenize stage's."""
     rep = json.loads((out / "curation_report.json").read_text())
     tok = read_manifest(out, kind="tokenized_dataset")["metrics"].get("phase_seconds", {})
-    return {"curate_wall": rep.get("phases", {}).get("wall_seconds", {}),
+    return {"engine": rep.get("phases", {}).get("engine", "ray"),
+            "curate_wall": rep.get("phases", {}).get("wall_seconds", {}),
             "curate_worker": rep.get("phases", {}).get("task_seconds", {}),
             "lsh_cluster": rep.get("dedup", {}).get("lsh_cluster_seconds"), "tokenize_wall": tok}
 
@@ -249,7 +251,9 @@ def phases_of(out: Path) -> dict:
 
 def run_child(kind: str, jsonl: Path, model_dir: str, args, work: Path) -> dict:
     work.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, __file__, "--child", kind, "--input", str(jsonl), "--model-dir", model_dir,
+    kind, _, engine = kind.partition(":")
+    cmd = [sys.executable, __file__, "--child", kind, "--engine", engine or "auto", "--input", str(jsonl),
+           "--model-dir", model_dir,
            "--model", args.model, "--max-length", str(args.max_length), "--work", str(work)]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", RAY_DEDUP_LOGS="1")
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -280,6 +284,7 @@ def main() -> None:
     ap.add_argument("--input", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--engine", default="auto", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.child:
@@ -312,8 +317,8 @@ def compare(args, model_dir: str) -> dict:
         tmp = Path(tmp)
         small, big = write_input(n1, tmp / "in_1x.jsonl"), write_input(n10, tmp / "in_big.jsonl")
         res = timed_runs([("ds_1x", "datasets", small), ("same_1x", "same_work", small), ("ray_1x", "ray", small),
-                          ("ray_big", "ray", big)], model_dir, args, tmp)
-    r1, d1, s1, rb = (median_of(res[k]) for k in ("ray_1x", "ds_1x", "same_1x", "ray_big"))
+                          ("tasks_1x", "ray:ray", small), ("ray_big", "ray", big)], model_dir, args, tmp)
+    r1, d1, s1, t1, rb = (median_of(res[k]) for k in ("ray_1x", "ds_1x", "same_1x", "tasks_1x", "ray_big"))
     mib = 1024 ** 2
     figures = {
         "rows_1x": n1, "rows_big": n10, "scale": args.scale, "repeats": args.repeats, "model": args.model,
@@ -321,6 +326,9 @@ def compare(args, model_dir: str) -> dict:
         "same_work_rows_per_s": round(s1["rows_per_s"], 1),
         "rows_per_s_ratio": round(r1["rows_per_s"] / d1["rows_per_s"], 3),
         "same_work_ratio": round(r1["rows_per_s"] / s1["rows_per_s"], 3),
+        "engine_1x": r1["phases"]["engine"], "engine_big": rb["phases"]["engine"],
+        "ray_tasks_rows_per_s_1x": round(t1["rows_per_s"], 1),
+        "ray_tasks_ratio_1x": round(t1["rows_per_s"] / d1["rows_per_s"], 3),
         "ray_seconds_1x": round(r1["seconds"], 1), "datasets_seconds_1x": round(d1["seconds"], 1),
         "same_work_seconds_1x": round(s1["seconds"], 1),
         "ray_rows_per_s_big": round(rb["rows_per_s"], 1), "ray_seconds_big": round(rb["seconds"], 1),
@@ -341,7 +349,8 @@ def compare(args, model_dir: str) -> dict:
           f"median of {args.repeats} run{'s' if args.repeats > 1 else ''}, 2 CPUs)")
     print(f"{'':{w}} {'rows in':>9} {'kept':>7} {'seconds':>8} {'rows/s':>8} {'peak RSS MiB':>13}")
     for label, r in (("datasets.map(num_proc=2), 1x", d1), ("same work: + MinHash LSH + split, 1x", s1),
-                     ("Ray Data (ours), 1x", r1), (f"Ray Data (ours), {args.scale}x", rb)):
+                     (f"ours (engine {r1['phases']['engine']}), 1x", r1), ("ours (engine ray, forced), 1x", t1),
+                     (f"ours (engine {rb['phases']['engine']}), {args.scale}x", rb)):
         print(f"{label:{w}} {r['rows_in']:>9} {r['rows_kept']:>7} {r['seconds']:>8.1f} {r['rows_per_s']:>8.1f} "
               f"{r['peak_rss'] / mib:>13.0f}")
     print(f"rows/s ratio, ours over datasets.map at 1x: {figures['rows_per_s_ratio']:.2f} (goal >= 1.0); "
@@ -355,7 +364,7 @@ def compare(args, model_dir: str) -> dict:
 
 def median_phases(runs: list[dict]) -> dict:
     """The per-phase medians over runs (same nested shape as one run's phases)."""
-    out: dict = {}
+    out: dict = {"engine": runs[0].get("engine")}
     for group in ("curate_wall", "curate_worker", "tokenize_wall"):
         keys = runs[0].get(group, {})
         out[group] = {k: round(statistics.median(r[group].get(k, 0.0) for r in runs), 2) for k in keys}

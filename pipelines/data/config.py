@@ -103,6 +103,12 @@ class DataConfig(Section):
     max_rejected_fraction: float = Field(0.2, ge=0, le=1, description=(
         "Stop the run when more than this share of rows is broken or fails quality filters (duplicates, "
         "category caps and mixing quota do not count)."))
+    engine: Literal["auto", "ray", "local"] = Field("auto", description=(
+        "Where curation and tokenization run: 'ray' (Ray Data tasks across the cluster), 'local' (the same "
+        "per-block functions in the driver process, no Ray tasks), or 'auto': local when the input files total "
+        "at most data.local_max_mib (a Ray Data pass pays seconds of worker start-up and imports that small data "
+        "never earns back), else ray. Outputs are identical either way."))
+    local_max_mib: float = Field(8.0, ge=0, description="engine=auto: inputs up to this many MiB run locally.")
     num_blocks: int | None = Field(None, ge=1, description="Read parallelism (files read at once); default all.")
     category_field: str | None = Field(None, description="Row field naming its category; default the file name.")
     task_cpus: float = Field(1.0, ge=0, description=(

@@ -25,7 +25,7 @@ import numpy as np
 
 from pipelines.artifacts.manifest import hash_path, write_manifest
 from pipelines.data.config import CURATION_REASONS, FAULT_REASONS
-from pipelines.data.curate_rows import parse_batch, read_files
+from pipelines.data.curate_rows import PARSED_SCHEMA, parse_batch, read_files
 from pipelines.data.dedup import (
     SPLITS,
     assign_split,
@@ -61,8 +61,9 @@ def run(cfg, out_dir: str | os.PathLike, model_dir: str | None = None) -> Path:
     parse_args = (cfg.format, cfg.system_prompt, cfg.filters, cfg.dedup.num_perm, cfg.category_field,
                   mix_fids, model_dir, cfg.max_length if cfg.truncation == "reject" else None, cfg.columns)
     phases: dict[str, float] = {}
+    engine = pick_engine(cfg, files)
     with timed(phases, "read_parse_sign"):
-        _parse_pass(files, parse_args, work / "parsed", cfg)
+        (_parse_local if engine == "local" else _parse_pass)(files, parse_args, work / "parsed", cfg)
     if not any((work / "parsed").glob("*.parquet")):  # every file was empty (or held only blank lines)
         raise DataError(f"data.train_path={cfg.train_path!r}: no rows read from {len(files)} file(s); point it at "
                         "a file with data")
@@ -72,7 +73,7 @@ def run(cfg, out_dir: str | os.PathLike, model_dir: str | None = None) -> Path:
     _check_accounting(counts, counts)
     with timed(phases, "split_write"):
         n_rejected, n_kept = write_outputs(work / "parsed", out, dec)
-    dec["phases"] = {"wall_seconds": phases, "task_seconds": task_seconds(work / "parsed")}
+    dec["phases"] = {"engine": engine, "wall_seconds": phases, "task_seconds": task_seconds(work / "parsed")}
     _check_accounting(counts, {"rows_rejected": n_rejected, "rows_kept": n_kept})
     _check_ceiling(cfg, counts, out)
     if not os.environ.get("LORAFORGE_KEEP_WORK"):
@@ -100,6 +101,31 @@ def task_seconds(parsed: Path) -> dict[str, float]:
         for c, name in cols.items():
             sums[name] += pc.sum(b.column(c)).as_py() or 0.0
     return {k: round(v, 3) for k, v in sums.items()}
+
+
+def pick_engine(cfg, files: list[str]) -> str:
+    """data.engine, with 'auto' resolved from the inputs' size (object-store inputs: ray)."""
+    if cfg.engine != "auto":
+        return cfg.engine
+    if any("://" in f for f in files):
+        return "ray"
+    return "local" if sum(os.path.getsize(f) for f in files) <= cfg.local_max_mib * 2 ** 20 else "ray"
+
+
+def _parse_local(files: list[str], parse_args: tuple, dest: Path, cfg) -> None:
+    """The parse pass in this process: the same read_files / parse_batch functions Ray Data runs, one slice
+    at a time, written as the Parquet files the decide pass reads."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    dest.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for item in read_items(files, cpus=1):
+        for raw in read_files({k: [v] for k, v in item.items()}):
+            for s in range(0, len(raw["raw"]), 512):  # the Ray pass's batch size
+                out = parse_batch({k: v[s:s + 512] for k, v in raw.items()}, *parse_args)
+                pq.write_table(pa.Table.from_pydict(out, schema=PARSED_SCHEMA), dest / f"part-{n:06d}.parquet")
+                n += 1
 
 
 def _parse_pass(files: list[str], parse_args: tuple, dest: Path, cfg) -> None:
@@ -376,5 +402,6 @@ def _finish(cfg, out: Path, files: list[str], dec: dict[str, Any], model_dir: st
                                       "split_rows", "rows_faulty", "kept_by_category", "kept_from_mix")}
     write_manifest(out, kind="curated_dataset", inputs=inputs, config=cfg.model_dump(), metrics=metrics,
                    extra={"data_kind": dec["kind"], "content_hash": content, "source_files": files,
+                          "engine": dec["phases"]["engine"],
                           "outputs": {**{s: s for s in SPLITS}, "rejected": "rejected"}})
     return out

@@ -11,6 +11,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from pipelines.data.chat import count_chat_tokens, load_tokenizer
 from pipelines.data.config import FilterSection
@@ -21,6 +22,10 @@ from pipelines.data.rowformats import RowError, apply_columns, check_decodable, 
 
 PARSED_COLUMNS = ("row_id", "source", "line", "origin", "kind", "category", "reason", "detail", "raw", "record",
                   "dtext", "exact_key", "sig", "n_tokens")
+TIMING_COLUMNS = ("t_parse", "t_count", "t_filter", "t_sign")
+_TYPES = {"row_id": pa.int64(), "line": pa.int64(), "n_tokens": pa.int64(), "sig": pa.binary()}
+PARSED_SCHEMA = pa.schema([(c, _TYPES.get(c, pa.string())) for c in PARSED_COLUMNS]
+                          + [(c, pa.float64()) for c in TIMING_COLUMNS])
 
 
 def read_files(batch: dict[str, Any], chunk: int = 2048):

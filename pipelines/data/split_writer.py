@@ -34,6 +34,7 @@ class SplitWriter:
         self.schema = schema(kind)
         self.writers: dict[str, pq.ParquetWriter] = {}
         self.rows = {s: 0 for s in SPLITS}
+        self.pending: dict[str, list[dict]] = {s: [] for s in SPLITS}
         for s in SPLITS:
             (self.out / s).mkdir(parents=True, exist_ok=True)
 
@@ -46,6 +47,14 @@ class SplitWriter:
     def _write(self, split: str, rows: list[dict]) -> None:
         for r in rows:
             r.update(json.loads(r["record"]))
+        self.pending[split] += rows
+        while len(self.pending[split]) >= ROW_GROUP:
+            self._flush(split, ROW_GROUP)
+
+    def _flush(self, split: str, n: int) -> None:
+        """Write the next n pending rows as one row group (a new file every rows_per_file rows), so the bytes
+        depend only on the rows, not on how the scan happened to batch them."""
+        rows, self.pending[split] = self.pending[split][:n], self.pending[split][n:]
         while rows:
             room = self.rows_per_file - self.rows[split] % self.rows_per_file
             head, rows = rows[:room], rows[room:]
@@ -59,6 +68,9 @@ class SplitWriter:
             self.rows[split] += len(head)
 
     def close(self) -> int:
+        for s in SPLITS:
+            if self.pending[s]:
+                self._flush(s, len(self.pending[s]))
         for w in self.writers.values():
             w.close()
         for s in SPLITS:  # an empty split is still a readable Parquet folder

@@ -71,6 +71,20 @@ def _tokenize_slices(batch: dict[str, Any], model_dir: str, cfg: DataConfig):
         yield _packed(out, cfg) if cfg.packing.enabled else {**out, "n_rows": [0 if r else 1 for r in out["reason"]]}
 
 
+def _tokenize_local(items: list[dict[str, Any]], model_dir: str, cfg: DataConfig, work: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    work.mkdir(parents=True, exist_ok=True)
+    ints = pa.list_(pa.int64())
+    types = {"input_ids": ints, "labels": ints, "seq_lens": ints, "n_tokens": pa.int64(), "truncated": pa.int64(),
+             "line": pa.int64(), "n_rows": pa.int64()}
+    for n, item in enumerate(items):
+        for out in _tokenize_slices({k: [v] for k, v in item.items()}, model_dir, cfg):
+            schema = pa.schema([(k, types.get(k, pa.string())) for k in out])
+            pq.write_table(pa.Table.from_pydict(out, schema=schema), work / f"part-{n:06d}.parquet")
+
+
 def _packed(out: dict[str, list], cfg: DataConfig) -> dict[str, list]:
     """The slice's kept rows packed (first-fit decreasing, cfg.packing.window rows at a time), its refused rows
     as they are. n_rows: original rows in a row (0 for a refusal); a window's truncation count rides on its
@@ -135,7 +149,8 @@ def tokenize(cfg: DataConfig, curated_dir: str | os.PathLike, model_dir: str, ou
     if cm["data_kind"] == "preference":
         raise ValueError(f"{curated}: preference rows are tokenized by the DPO stage; use `loraforge curate` alone")
     stats = {"kept": 0, "rejected": 0, "tokens": 0, "truncated": 0, "by_reason": {}, "split": {}, "phases": {}}
-    _tokenize_splits(cfg, model_dir, [curated / cm["outputs"][s] for s in SPLITS], out, stats)
+    engine = cfg.engine if cfg.engine != "auto" else cm.get("engine", "ray")  # auto: as curation decided
+    _tokenize_splits(cfg, model_dir, [curated / cm["outputs"][s] for s in SPLITS], out, stats, engine)
     m = cm["metrics"]
     by_reason = dict(m["rejected_by_reason"])
     for k, v in stats["by_reason"].items():
@@ -143,7 +158,7 @@ def tokenize(cfg: DataConfig, curated_dir: str | os.PathLike, model_dir: str, ou
     metrics = {"rows_in": m["rows_in"], "rows_kept": stats["kept"], "rows_rejected": m["rows_rejected"] + stats[
         "rejected"], "rejected_by_reason": dict(sorted(by_reason.items())), "tokens": stats["tokens"],
                "truncated": stats["truncated"], "curated_rows": m["rows_kept"], "split_rows": {s: stats["split"].get(s, 0) for s in SPLITS},
-               "phase_seconds": stats["phases"]}
+               "phase_seconds": stats["phases"], "engine": engine}
     if metrics["rows_in"] != metrics["rows_kept"] + metrics["rows_rejected"]:
         raise RuntimeError(f"row accounting broke: {metrics}")
     write_manifest(out, kind="tokenized_dataset",
@@ -154,7 +169,8 @@ def tokenize(cfg: DataConfig, curated_dir: str | os.PathLike, model_dir: str, ou
     return out
 
 
-def _tokenize_splits(cfg: DataConfig, model_dir: str, srcs: list[Path], out: Path, stats: dict) -> None:
+def _tokenize_splits(cfg: DataConfig, model_dir: str, srcs: list[Path], out: Path, stats: dict,
+                     engine: str = "ray") -> None:
     """Tokenize (and pack, if configured) every split in one Ray Data pass over row-group slices; then, on the
     driver, refused rows go to rejected/ and kept rows to out/tokens/split=<name>/ (two streaming pyarrow scans)."""
     import ray
@@ -162,7 +178,9 @@ def _tokenize_splits(cfg: DataConfig, model_dir: str, srcs: list[Path], out: Pat
     work = out / "_work" / "tokens"
     with curate.timed(stats["phases"], "tokenize"):
         items = _slices(srcs)
-        if items:
+        if items and engine == "local":  # the same slice function, in this process (data.engine)
+            _tokenize_local(items, model_dir, cfg, work)
+        elif items:
             ds = ray.data.from_items(items, override_num_blocks=len(items))
             ds.map_batches(_tokenize_slices, fn_args=(model_dir, cfg), batch_size=1, batch_format="numpy",
                            num_cpus=cfg.task_cpus, compute=curate.parse_compute(cfg)).write_parquet(str(work))

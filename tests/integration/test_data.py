@@ -149,9 +149,13 @@ def test_no_near_duplicate_pair_spans_train_and_test(curated):
 
 
 def test_same_seed_identical_bytes_other_seed_differs(curated, corpus, tiny_model_dir):
+    """...and the same bytes whichever engine ran it: this small corpus ran in the driver (data.engine auto), the
+    rerun runs on Ray Data tasks."""
     from pipelines.data import curate
 
-    again = curate.run(_cfg(corpus["src"]), corpus["root"] / "seed0b", model_dir=tiny_model_dir)
+    assert json.loads((curated["out"] / "manifest.json").read_text())["engine"] == "local"
+    again = curate.run(_cfg(corpus["src"], engine="ray"), corpus["root"] / "seed0b", model_dir=tiny_model_dir)
+    assert json.loads((again / "manifest.json").read_text())["engine"] == "ray"
     other = curate.run(_cfg(corpus["src"], seed=1), corpus["root"] / "seed1", model_dir=tiny_model_dir)
     for s in ("train", "validation", "test"):
         a = sorted((curated["out"] / s).glob("*.parquet"))
@@ -180,6 +184,21 @@ def test_tokenized_labels_only_on_assistant_tokens(ray_session, tmp_path, tiny_m
         text = tok.decode(learned, skip_special_tokens=True).strip()
         assert text in source  # exactly the assistant's answer, nothing of the prompt
     assert all(len(r["input_ids"]) == len(r["labels"]) for r in rows)
+    # the same tokens from Ray Data tasks (data.engine=ray), and packed (packing inside the tokenize pass)
+    on_ray = data.run(_cfg(src, engine="ray"), tiny_model_dir, tmp_path / "ray")
+    ray_rows = pq.read_table(on_ray / m["outputs"]["train"]).to_pylist()
+    assert m["metrics"]["engine"] == "local" and json.loads((on_ray / "manifest.json").read_text())["metrics"][
+        "engine"] == "ray"
+    assert sorted(map(str, ray_rows)) == sorted(map(str, rows))
+    for engine in ("local", "ray"):
+        packed = data.run(_cfg(src, engine=engine, packing={"enabled": True, "block_size": 256}), tiny_model_dir,
+                          tmp_path / f"packed-{engine}")
+        pm = json.loads((packed / "manifest.json").read_text())
+        assert pm["packed"] and pm["metrics"]["rows_kept"] == m["metrics"]["rows_kept"]
+        prow = pq.read_table(packed / pm["outputs"]["train"]).to_pylist()
+        assert len(prow) < len(rows) and all(sum(r["seq_lens"]) == r["n_tokens"] == len(r["input_ids"]) <= 256
+                                             for r in prow)
+        assert sorted(t for r in prow for t in r["input_ids"]) == sorted(t for r in rows for t in r["input_ids"])
 
 
 def test_self_instruct_seed_tasks_with_column_mapping_and_gzip(ray_session, tmp_path, tiny_model_dir):
