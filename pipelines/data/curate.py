@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from pipelines.data.dedup import (
 )
 from pipelines.data.readers import expand_paths, iter_records, jsonl_ranges
 from pipelines.data.report import write_report
-from pipelines.data.rowformats import RowError, format_hint, parse_raw
+from pipelines.data.rowformats import RowError, apply_columns, detect_format, format_hint, parse_raw
 from pipelines.data.split_writer import SplitWriter
 from pipelines.schema import DataError
 
@@ -58,8 +59,10 @@ def run(cfg, out_dir: str | os.PathLike, model_dir: str | None = None) -> Path:
     mix_files = expand_paths(cfg.mix.path) if cfg.mix.path else []
     files = main_files + [f for f in mix_files if f not in main_files]
     mix_fids = list(range(len(main_files), len(files)))
+    formats = file_formats(files, cfg)  # data.format=auto: decided once per file, before any Ray work
     parse_args = (cfg.format, cfg.system_prompt, cfg.filters, cfg.dedup.num_perm, cfg.category_field,
-                  mix_fids, model_dir, cfg.max_length if cfg.truncation == "reject" else None, cfg.columns)
+                  mix_fids, model_dir, cfg.max_length if cfg.truncation == "reject" else None, cfg.columns,
+                  {i: formats[f] for i, f in enumerate(files)})
     phases: dict[str, float] = {}
     engine = pick_engine(cfg, files)
     with timed(phases, "read_parse_sign"):
@@ -73,6 +76,7 @@ def run(cfg, out_dir: str | os.PathLike, model_dir: str | None = None) -> Path:
     _check_accounting(counts, counts)
     with timed(phases, "split_write"):
         n_rejected, n_kept = write_outputs(work / "parsed", out, dec)
+    dec["formats"] = formats
     dec["phases"] = {"engine": engine, "wall_seconds": phases, "task_seconds": task_seconds(work / "parsed")}
     _check_accounting(counts, {"rows_rejected": n_rejected, "rows_kept": n_kept})
     _check_ceiling(cfg, counts, out)
@@ -347,15 +351,43 @@ def _check_ceiling(cfg, counts: dict[str, Any], out: Path) -> None:
                          f"{hint}")
 
 
-def _format_hint(cfg, first: int = 20) -> str:
-    """The fields of the first rows of the first file, the formats tried and a data.columns line."""
+def _first_rows(path: str, first: int = 20) -> list[dict[str, Any]]:
+    """The first `first` JSON objects of a file (rows that do not parse are skipped)."""
     rows = []
-    for rec in itertools.islice(iter_records(expand_paths(cfg.train_path)[0]), first):
+    for rec in itertools.islice(iter_records(path), first):
         try:
             rows.append(parse_raw(rec.raw or ""))
         except RowError:
             continue
-    return format_hint(rows, cfg.format, cfg.columns)
+    return rows
+
+
+def _format_hint(cfg, first: int = 20) -> str:
+    """The fields of the first rows of the first file, the formats tried and a data.columns line."""
+    return format_hint(_first_rows(expand_paths(cfg.train_path)[0], first), cfg.format, cfg.columns)
+
+
+def file_formats(files: list[str], cfg, first: int = 20) -> dict[str, str]:
+    """data.format per file. auto: the format most of the file's first rows have (after data.columns), decided
+    once, so one odd row cannot switch a file's meaning; a file none of whose first rows fits any format stops
+    the run here, before any row is processed, with the fields seen and the data.columns line to write."""
+    out = {}
+    for path in files:
+        if cfg.format != "auto":
+            out[path] = cfg.format
+            continue
+        rows, seen, refusals = _first_rows(path, first), [], []
+        for row in rows:
+            try:
+                seen.append(detect_format(apply_columns(row, cfg.columns)))
+            except RowError as e:
+                refusals.append(e)
+        if rows and not seen:
+            why = next((e.detail for e in refusals if e.reason == "unsupported_format"), "no known format fits")
+            raise DataError(f"{path}: none of its first {len(rows)} rows fits a supported format ({why}); "
+                            f"{format_hint(rows, cfg.format, cfg.columns)}")
+        out[path] = Counter(seen).most_common(1)[0][0] if seen else "auto"  # (an empty or unreadable head)
+    return out
 
 
 def write_outputs(parsed: Path, out: Path, dec: dict[str, Any]) -> tuple[int, int]:
@@ -394,7 +426,7 @@ def _finish(cfg, out: Path, files: list[str], dec: dict[str, Any], model_dir: st
     counts = dec["counts"]
     content = {s: hash_path(out / s) for s in SPLITS}
     report = {**counts, "kind": dec["kind"], "dedup": dec["dedup"], "inputs": files, "content_hash": content,
-              "phases": dec["phases"]}
+              "formats": dec["formats"], "phases": dec["phases"]}
     write_report(out, report, dec["lengths"], cfg)
     local = [f for f in files if "://" not in f]
     inputs = {"train": local[0]} if len(local) == 1 else {f"input_{i}": f for i, f in enumerate(local)}

@@ -60,8 +60,10 @@ class ParseRows:
 
     def __init__(self, fmt: str, system_prompt: str | None, filters: FilterSection, num_perm: int,
                  category_field: str | None, mix_fids: list[int], model_dir: str | None = None,
-                 max_tokens: int | None = None, columns: dict[str, str] | None = None):
+                 max_tokens: int | None = None, columns: dict[str, str] | None = None,
+                 file_formats: dict[int, str] | None = None):
         self.fmt, self.system_prompt, self.num_perm, self.columns = fmt, system_prompt, num_perm, columns or {}
+        self.file_formats = file_formats or {}  # file id → the format decided for it (curate.file_formats)
         self.thresholds = filters
         self.category_field, self.mix_fids, self.max_tokens = category_field, set(mix_fids), max_tokens
         self.tokenizer = load_tokenizer(model_dir) if model_dir else None
@@ -69,8 +71,8 @@ class ParseRows:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         out: dict[str, list] = {k: [] for k in PARSED_COLUMNS if k != "sig"}
-        parsed = [self.parse(str(source), str(raw), str(error)) for source, raw, error in
-                  zip(batch["source"], batch["raw"], batch["error"])]
+        parsed = [self.parse(str(raw), str(error), self.file_formats.get(int(row_id) >> 32, self.fmt))
+                  for raw, error, row_id in zip(batch["raw"], batch["error"], batch["row_id"])]
         t1 = time.perf_counter()
         n_tokens = self.count_tokens([p for p in parsed if not isinstance(p, RowError)])
         t2 = time.perf_counter()
@@ -95,14 +97,14 @@ class ParseRows:
             out[k] = [secs / n] * len(parsed)
         return out
 
-    def parse(self, source: str, raw: str, error: str) -> tuple[str, dict, dict] | RowError:
+    def parse(self, raw: str, error: str, fmt: str) -> tuple[str, dict, dict] | RowError:
         """(kind, normalised record, the raw row) or the RowError that refuses it."""
         try:
             if error:
                 reason, _, detail = error.partition(": ")
                 raise RowError(reason, detail)
             row = apply_columns(parse_raw(raw), self.columns)
-            kind, rec = to_canonical(row, self.fmt, self.system_prompt)
+            kind, rec = to_canonical(row, fmt, self.system_prompt)
             check_decodable(rec)
             return kind, normalise_record(kind, rec), row
         except RowError as e:

@@ -29,6 +29,9 @@ def markdown(r: dict[str, Any]) -> str:
     lines += [f"| {s} | {n} |" for s, n in r["split_rows"].items()]
     lines += ["", "## Rejected, by reason", "", "| reason | rows |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in r["rejected_by_reason"].items()] or ["| (none) | 0 |"]
+    if r.get("formats"):
+        lines += ["", "## Formats, decided per file (data.format)", "", "| file | format |", "|---|---|"]
+        lines += [f"| {Path(f).name} | {fmt} |" for f, fmt in r["formats"].items()]
     lines += ["", "## Kept, by category", "", "| category | rows |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in r["kept_by_category"].items()]
     d = r["dedup"]

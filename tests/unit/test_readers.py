@@ -193,3 +193,57 @@ def test_format_hint_names_the_fields_and_a_columns_line():
     assert "`data.columns: {prompt: question, completion: answer}`" in hint
     assert "prompt + completion" in format_hint([{"foo": 1}], "auto", {})
     assert "<question field>" in format_hint([{"foo": 1}], "auto", {})
+
+
+def test_jsonl_slices_read_every_line_once_with_its_number(tmp_path):
+    from pipelines.data.readers import jsonl_ranges
+
+    f = tmp_path / "x.jsonl"
+    f.write_bytes(b'{"a": 1}\n\n{"b": 2}\r\n\xff\xfe\n' + b"".join(b'{"n": %d}\n' % i for i in range(200))
+                  + b'{"last": true}')
+    whole = [(r.line, r.raw, r.error) for r in iter_records(str(f))]
+    for target in (7, 100, 10_000):
+        ranges = jsonl_ranges(str(f), target)
+        assert [(r.line, r.raw, r.error) for rg in ranges for r in iter_records(str(f), rg)] == whole
+    assert len(jsonl_ranges(str(f), 100)) > 5 and whole[-1][1] == '{"last": true}' and whole[2][2]
+
+
+def test_auto_format_is_decided_once_per_file_and_reported(tmp_path):
+    """Curation without Ray (small input: data.engine auto runs in this process). An odd row in a
+    prompt/completion file is refused for its shape, not read as another format; the report names each
+    file's format."""
+    from pipelines.data import curate
+    from pipelines.data.config import DataConfig
+
+    pc = tmp_path / "pc.jsonl"
+    rows = [{"prompt": f"Question number {i}?", "completion": f"The answer is number {i}."} for i in range(30)]
+    pc.write_text("\n".join(json.dumps(r) for r in rows + [{"instruction": "odd row", "output": "an alpaca row"}]))
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"Hi {i}"},
+                                                       {"role": "assistant", "content": f"Hello there {i}!"}]})
+                              for i in range(20)))
+    out = curate.run(DataConfig(train_path=str(tmp_path / "*.jsonl"), max_rejected_fraction=0.5), tmp_path / "out")
+    r = json.loads((out / "curation_report.json").read_text())
+    assert r["formats"] == {str(chat): "messages", str(pc): "prompt_completion"} and r["phases"]["engine"] == "local"
+    rejected = [json.loads(x) for x in (out / "rejected" / "part-00000.jsonl").read_text().splitlines()]
+    assert [(x["line"], x["reason"]) for x in rejected if x["source"] == str(pc)] == [(31, "missing_field")]
+    assert r["rows_in"] == 51 == r["rows_kept"] + r["rows_rejected"]
+    assert "prompt_completion" in (out / "curation_report.md").read_text()
+
+
+def test_a_file_no_format_fits_stops_before_any_row_is_processed(tmp_path):
+    from pipelines.data import curate
+    from pipelines.data.config import DataConfig
+    from pipelines.schema import DataError
+
+    f = tmp_path / "qa.jsonl"
+    f.write_text("\n".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) for i in range(50)))
+    with pytest.raises(DataError) as e:
+        curate.run(DataConfig(train_path=str(f)), tmp_path / "out")
+    msg = str(e.value)
+    assert str(f) in msg and "['answer', 'question']" in msg and "data.columns: {prompt: question, completion: answer}" in msg
+    assert not (tmp_path / "out" / "_work").exists()  # stopped before the parse pass
+    kto = tmp_path / "kto.jsonl"
+    kto.write_text("\n".join(json.dumps({"prompt": "p", "completion": "c", "label": True}) for _ in range(5)))
+    with pytest.raises(DataError, match="unpaired preference"):
+        curate.run(DataConfig(train_path=str(kto)), tmp_path / "out2")
