@@ -37,3 +37,48 @@ class PeakRSS:
     def __exit__(self, *exc):
         self._stop.set()
         self._t.join()
+
+
+def vm_hwm(pid: int) -> int:
+    """Peak resident bytes of one process so far (the kernel's VmHWM, what getrusage's ru_maxrss reports for
+    itself); 0 when the process is gone or unreadable."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class ProcessPeaks:
+    """Per-process peak RSS (VmHWM) of this process's descendants whose command line contains `match` (e.g.
+    Ray Train's `RayTrainWorker` actors), sampled every 0.2 s while active: `peaks` maps pid → bytes."""
+
+    def __init__(self, match: str):
+        self.match, self.peaks = match, {}
+
+    def __enter__(self):
+        import psutil
+
+        self._stop = threading.Event()
+
+        def sample():
+            me = psutil.Process()
+            while not self._stop.is_set():
+                for p in me.children(recursive=True):
+                    try:
+                        if self.match in " ".join(p.cmdline()):
+                            self.peaks[p.pid] = max(self.peaks.get(p.pid, 0), vm_hwm(p.pid))
+                    except psutil.Error:
+                        pass
+                time.sleep(0.2)
+
+        self._t = threading.Thread(target=sample, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()

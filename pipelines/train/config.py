@@ -65,6 +65,9 @@ class TrainSection(Section):
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
         "adamw", description="torch AdamW, or bitsandbytes 8-bit / paged 8-bit AdamW.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    loss_chunk_tokens: int = Field(128, ge=0, description=(
+        "Lean loss: label tokens per chunk through the LM head, each chunk's float32 logits recomputed in backward "
+        "(never all at once). 0: the plain loss over the full [tokens, vocab] logits."))
     deepspeed: Literal["none", "zero2", "zero3", "zero2-offload", "zero3-offload"] | str = Field(
         "none", description="DeepSpeed ZeRO config: a name from configs/deepspeed/ or a JSON path; 'none' = DDP.")
     eval_every: int = Field(0, ge=0, description="Validation loss every N steps (0: only at the end, if any).")

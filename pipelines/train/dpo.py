@@ -29,7 +29,7 @@ from pipelines.train.config import DPOSection, QuantSection, TrainSection, Worke
 from pipelines.train.driver import run_stage
 from pipelines.train.engine import select_accelerator
 from pipelines.train.loop import run_loop
-from pipelines.train.losses import dpo_loss, sequence_logps
+from pipelines.train.losses import LEAN_CHUNK_TOKENS, dpo_loss, hidden_and_head, lean_sequence_logps, sequence_logps
 
 
 class _PrepareBatch:
@@ -76,11 +76,10 @@ class _PrepareBatch:
                 out["ref_rejected"].append(0.0)
                 out["split"].append("")
                 continue
-            with torch.no_grad():
-                logps = [float(sequence_logps(self.model(input_ids=torch.tensor([t.input_ids],
-                                                                     device=self.model.device)).logits,
-                                              torch.tensor([t.labels], device=self.model.device))[0][0])
-                         for t in (ch, rj)]
+            with torch.no_grad():  # the lean form: no [tokens, vocab] logits for the whole sequence
+                logps = [float(policy_logps(self.model, {
+                    "input_ids": torch.tensor([t.input_ids], device=self.model.device),
+                    "labels": torch.tensor([t.labels], device=self.model.device)})[0][0]) for t in (ch, rj)]
             out["chosen_input_ids"].append(ch.input_ids)
             out["chosen_labels"].append(ch.labels)
             out["rejected_input_ids"].append(rj.input_ids)
@@ -199,8 +198,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         print(f"[dpo] policy = SFT adapter ({static['trainable_params']:,} trainable parameters), reference log-probs precomputed", flush=True)
 
     def loss_fn(m, batch):
-        logps, ntok = sequence_logps(m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                                     batch["labels"])
+        logps, ntok = policy_logps(m, batch, train.loss_chunk_tokens)
         b = batch["ref_chosen"].shape[0]
         out = dpo_loss(logps[:b], logps[b:], batch["ref_chosen"], batch["ref_rejected"], beta=cfg.beta,
                        loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
@@ -216,6 +214,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     run_loop(job, model, loss_fn=loss_fn, collate=_collate(pad_id), count_items=lambda b: b["ref_chosen"].shape[0],
              save_extra=save_extra, tag="dpo")
+
+
+def policy_logps(model, batch: dict[str, Any], chunk_tokens: int = LEAN_CHUNK_TOKENS):
+    """Per-sequence sum and count of label-token log-probs of rows (chosen then rejected): the lean loss
+    (chunk_tokens > 0), or the plain full-logits `sequence_logps` (0)."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+    if chunk_tokens > 0:
+        hidden, head = hidden_and_head(model, inputs)
+        return lean_sequence_logps(hidden, head, batch["labels"], chunk_tokens)
+    return sequence_logps(model(**inputs).logits, batch["labels"])
 
 
 def _collate(pad_id: int):

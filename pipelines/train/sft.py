@@ -13,6 +13,7 @@ count held locally, and its frozen checksum; `engine`: ZeRO stage and optimizer 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -24,6 +25,7 @@ from pipelines.train.config import LoraSection, QuantSection, TrainSection, Work
 from pipelines.train.driver import run_stage
 from pipelines.train.engine import select_accelerator
 from pipelines.train.loop import run_loop
+from pipelines.train.losses import LEAN_CHUNK_TOKENS, hidden_and_head, lean_cross_entropy
 
 
 def run(lora: LoraSection, train: TrainSection, model_dir: str, data_dir: str | os.PathLike,
@@ -85,7 +87,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             Path(folder, "static.json").write_text(json.dumps(static))
             save_file({"logits": logits}, str(Path(folder, "probe_logits.safetensors")))
 
-    run_loop(job, model, loss_fn=causal_lm_loss, collate=collate_fn(pad_id, job.dtype),
+    loss_fn = functools.partial(causal_lm_loss, chunk_tokens=job.train.loss_chunk_tokens)
+    run_loop(job, model, loss_fn=loss_fn, collate=collate_fn(pad_id, job.dtype),
              count_items=count_label_tokens, save_extra=save_extra, tag="sft")
 
 
@@ -105,12 +108,18 @@ def probe_logits(model, tokenizer):
     return out
 
 
-def causal_lm_loss(model, batch):
-    """Sum of next-token cross-entropy over label tokens, and their count (the loop divides)."""
+def causal_lm_loss(model, batch, chunk_tokens: int = LEAN_CHUNK_TOKENS):
+    """Sum of next-token cross-entropy over label tokens, and their count (the loop divides).
+    chunk_tokens > 0: the lean loss (losses.label_logps: label positions only, chunked, recomputed in backward);
+    0: the plain loss over the full [tokens, vocab] float32 logits, its reference."""
     import torch.nn.functional as F
 
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_tokens")}
+    if chunk_tokens > 0:
+        hidden, head = hidden_and_head(model, inputs)
+        total, n = lean_cross_entropy(hidden, head, labels, chunk_tokens)
+        return total, n, {}
     logits = model(**inputs).logits[:, :-1].float()
     target = labels[:, 1:]
     total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100,
