@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from pipelines.data.readers import expand_paths, hub_files
 from pipelines.data.rowformats import check_columns
 from pipelines.schema import Section
 
@@ -85,7 +86,12 @@ class DataConfig(Section):
 
     train_path: str = Field("pipelines/demo/city_date.jsonl", description=(
         "JSONL, JSON array, Parquet or CSV (JSONL/JSON/CSV also .gz/.zst/.bz2, streamed), or a Hugging Face "
-        "datasets folder written by save_to_disk: a file, folder or glob; local or s3://."))
+        "datasets folder written by save_to_disk: a file, folder or glob; local or s3://; or a Hugging Face "
+        "dataset hf://datasets/<owner>/<name>[:split] (read through `datasets`, default split train)."))
+    hf_dataset: str | None = Field(None, description=(
+        "A Hugging Face dataset to curate instead of train_path: a hub id, or a local folder "
+        "`datasets.load_dataset` reads (its split data.hf_split). Same as train_path=hf://datasets/<id>:<split>."))
+    hf_split: str = Field("train", description="The split of data.hf_dataset.")
     format: Literal["auto", "alpaca", "messages", "prompt_completion", "preference", "dialogue", "text"] = Field(
         "auto", description=(
             "Row format of train_path; 'auto' (the default) detects it per row (Alpaca, messages/ShareGPT, TRL "
@@ -124,6 +130,16 @@ class DataConfig(Section):
     def _columns(cls, v: dict[str, str]) -> dict[str, str]:
         check_columns(v)
         return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataConfig":
+        if self.hf_dataset and "train_path" in self.model_fields_set:
+            raise ValueError("set data.hf_dataset or data.train_path, not both")
+        return self
+
+    def train_files(self) -> list[str]:
+        """The files curation reads: data.hf_dataset's cached Arrow files, or train_path expanded."""
+        return hub_files(self.hf_dataset, self.hf_split) if self.hf_dataset else expand_paths(self.train_path)
 
     balance: BalanceSection = Field(default_factory=BalanceSection)
     mix: MixSection = Field(default_factory=MixSection)

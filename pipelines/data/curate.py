@@ -55,7 +55,7 @@ def run(cfg, out_dir: str | os.PathLike, model_dir: str | None = None) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     work = out / "_work"
-    main_files = expand_paths(cfg.train_path)
+    main_files = cfg.train_files()
     mix_files = expand_paths(cfg.mix.path) if cfg.mix.path else []
     files = main_files + [f for f in mix_files if f not in main_files]
     mix_fids = list(range(len(main_files), len(files)))
@@ -364,7 +364,7 @@ def _first_rows(path: str, first: int = 20) -> list[dict[str, Any]]:
 
 def _format_hint(cfg, first: int = 20) -> str:
     """The fields of the first rows of the first file, the formats tried and a data.columns line."""
-    return format_hint(_first_rows(expand_paths(cfg.train_path)[0], first), cfg.format, cfg.columns)
+    return format_hint(_first_rows(cfg.train_files()[0], first), cfg.format, cfg.columns)
 
 
 def file_formats(files: list[str], cfg, first: int = 20) -> dict[str, str]:

@@ -65,10 +65,41 @@ def filesystem(loc: Location):
     return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem(loc.scheme)))
 
 
+HUB = "hf://datasets/"
+
+
+def hub_files(name: str, split: str = "train") -> list[str]:
+    """A Hugging Face dataset (a hub id, or a local folder `datasets.load_dataset` reads) → the Arrow files of
+    its `split` in the datasets cache: `datasets` resolves, downloads (once, with the usual HF_TOKEN /
+    HF_HUB_OFFLINE) and converts it; the rows are then read from those files like any other input."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except (FileNotFoundError, ValueError) as e:
+        raise MissingInput(f"{name!r} (split {split!r}): Hugging Face datasets cannot load it: {e}") from None
+    files = [f["filename"] for f in ds.cache_files]
+    if not files:
+        raise MissingInput(f"{name!r} (split {split!r}): loaded in memory only, with no cache files to stream")
+    return files
+
+
+def _hub_spec(spec: str) -> tuple[str, str] | None:
+    """'hf://datasets/owner/name[:split]' → (id, split); None for any other spec (deeper hf:// paths name files
+    in a dataset repository and are read through fsspec's HfFileSystem like any remote file)."""
+    if not spec.startswith(HUB):
+        return None
+    name, _, split = spec[len(HUB):].partition(":")
+    return (name.strip("/"), split or "train") if len(name.strip("/").split("/")) <= 2 else None
+
+
 def expand_paths(spec: str | list[str]) -> list[str]:
-    """A file, folder (its data files, recursively) or glob, or a list of them → sorted explicit file URIs."""
+    """A file, folder (its data files, recursively) or glob, or a list of them → sorted explicit file URIs.
+    'hf://datasets/<owner>/<name>[:split]' is a Hugging Face dataset (hub_files)."""
     if isinstance(spec, list):
         return [p for s in spec for p in expand_paths(s)]
+    if hub := _hub_spec(spec):
+        return hub_files(*hub)
     import pyarrow.fs as pafs
 
     loc = parse_location(spec)

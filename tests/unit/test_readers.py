@@ -247,3 +247,26 @@ def test_a_file_no_format_fits_stops_before_any_row_is_processed(tmp_path):
     kto.write_text("\n".join(json.dumps({"prompt": "p", "completion": "c", "label": True}) for _ in range(5)))
     with pytest.raises(DataError, match="unpaired preference"):
         curate.run(DataConfig(train_path=str(kto)), tmp_path / "out2")
+
+
+def test_a_hugging_face_dataset_is_read_through_datasets(tmp_path):
+    """data.hf_dataset: what `datasets.load_dataset` returns for a name (here a local folder: no downloads in
+    tests; a hub id goes the same way) is curated from its cached Arrow files."""
+    from pipelines.data import curate
+    from pipelines.data.config import DataConfig
+    from pipelines.data.readers import _hub_spec
+
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    rows = [{"prompt": f"What is {i} plus {i}?", "completion": f"{i} plus {i} is {2 * i}."} for i in range(40)]
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = curate.run(DataConfig(hf_dataset=str(folder)), tmp_path / "out")
+    r = json.loads((out / "curation_report.json").read_text())
+    assert r["rows_in"] == 40 == r["rows_kept"] + r["rows_rejected"] and r["rows_kept"] >= 38
+    assert [f.endswith(".arrow") for f in r["formats"]] == [True] and set(r["formats"].values()) == {
+        "prompt_completion"}
+    assert _hub_spec("hf://datasets/tatsu-lab/alpaca") == ("tatsu-lab/alpaca", "train")
+    assert _hub_spec("hf://datasets/openai/gsm8k:test") == ("openai/gsm8k", "test")
+    assert _hub_spec("hf://datasets/owner/repo/data/file.jsonl") is None  # a file in a repo: fsspec
+    with pytest.raises(ValueError, match="not both"):
+        DataConfig(hf_dataset="a/b", train_path="x.jsonl")
