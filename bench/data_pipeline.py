@@ -13,7 +13,9 @@ Alpaca). The files are written as JSONL under a temporary folder; nothing is cop
 (a) Ours: `pipelines.data.run` (Ray Data: read, parse, validate, normalise, quality filters, exact + MinHash LSH
     near-dedup over the whole set, seeded 80/10/10 split, Parquet; then chat-template tokenization with
     assistant-only labels, Parquet) on a local Ray instance with num_cpus=2. Timed: `data.run` only (ray.init
-    excluded; Ray worker start-up, transformers import and tokenizer load inside the workers included).
+    and, as for (b), the driver's tokenizer import excluded; Ray worker start-up, transformers import and
+    tokenizer load inside the workers included). data.engine auto runs 1x (5,000 rows, ~4.5 MiB) in the driver;
+    the "engine ray, forced" row runs the same 1x input on Ray Data tasks.
 (b) Baseline: `datasets` in one process: load_dataset("json") → Dataset.map(num_proc=2) doing the same per-row
     work through the same pure functions (alpaca_to_messages, normalise_record, quality_reason with the default
     thresholds and the max_length token bound, exact_key, tokenize_messages) → filter refused rows → exact
@@ -62,7 +64,7 @@ from cluster.config import load_config
 from pipelines.artifacts.manifest import read_manifest
 from pipelines.artifacts.models import ModelConfig, resolve_model
 from pipelines.data import tokenize as data
-from pipelines.data.chat import tokenize_messages
+from pipelines.data.chat import load_tokenizer, tokenize_messages
 from pipelines.data.config import DedupSection, FilterSection, SplitSection
 from pipelines.data.dedup import SPLITS, assign_split, clusters, jaccard, optimal_bands, shingles
 from pipelines.data.filters import dedup_text, exact_key, full_text, normalise_record, quality_reason
@@ -105,6 +107,7 @@ def child_ray(args) -> dict:
                              "data.format=alpaca", f"data.max_length={args.max_length}",
                              f"data.engine={args.engine}"])
     runner.init_ray(cfg)
+    load_tokenizer(args.model_dir)  # as the baseline: the driver's tokenizer import before the timer
     try:
         with PeakRSS() as rss:
             t0 = time.perf_counter()
@@ -255,7 +258,12 @@ def run_child(kind: str, jsonl: Path, model_dir: str, args, work: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--engine", engine or "auto", "--input", str(jsonl),
            "--model-dir", model_dir,
            "--model", args.model, "--max-length", str(args.max_length), "--work", str(work)]
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", RAY_DEDUP_LOGS="1")
+    # the datasets baseline forks its map workers: Rust tokenizer threads off there (as datasets advises); ours
+    # runs in one process (engine local) or Ray workers, where the tokenizer's own threads are its parallelism
+    env = dict(os.environ, RAY_DEDUP_LOGS="1")
+    env.pop("TOKENIZERS_PARALLELISM", None)
+    if kind in ("datasets", "same_work"):
+        env["TOKENIZERS_PARALLELISM"] = "false"
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode or not lines:

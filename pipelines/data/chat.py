@@ -77,18 +77,19 @@ def tokenize_conversations(tokenizer, conversations: list[list[dict[str, str]]],
                            ) -> list[Tokenized | RowError]:
     """tokenize_messages for many conversations: every prefix rendering of the batch is encoded in one call
     (per-row encodes were half of the tokenize pass). Same ids, labels and refusals, one result per row."""
-    texts: list[str] = []
+    texts: dict[str, int] = {}  # each distinct rendering encoded once (a last turn's "end" is the full text)
     spans: list[tuple[int, list[tuple[int, int]]]] = []  # per row: index of full, (start, end) per assistant turn
+
+    def index(text: str) -> int:
+        return texts.setdefault(text, len(texts))
+
     for messages in conversations:
-        full = len(texts)
-        texts.append(_render_text(tokenizer, messages, False))
-        turns = []
-        for i, msg in enumerate(messages):
-            if msg["role"] == "assistant":
-                turns.append((len(texts), len(texts) + 1))
-                texts += [_render_text(tokenizer, messages[:i], True), _render_text(tokenizer, messages[:i + 1], False)]
+        full = index(_render_text(tokenizer, messages, False))
+        turns = [(index(_render_text(tokenizer, messages[:i], True)),
+                  index(_render_text(tokenizer, messages[:i + 1], False)))
+                 for i, msg in enumerate(messages) if msg["role"] == "assistant"]
         spans.append((full, turns))
-    ids = _encode(tokenizer, texts)
+    ids = _encode(tokenizer, list(texts))
     return [_labelled(ids[full], [(ids[a], ids[b]) for a, b in turns], max_length) for full, turns in spans]
 
 
