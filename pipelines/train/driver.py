@@ -214,6 +214,7 @@ def finish_stage(out: Path, job: WorkerJob, *, kind: str, state: dict, model_id:
                "best_eval_loss": None if state["best_eval"] == float("inf") else state["best_eval"],
                "stopped_early": state.get("stopped_early", False), "throughput": state.get("throughput"),
                "zero_grad_share": state.get("zero_grad_share"), "engine": state.get("engine"),
+               "memory": state.get("memory"),
                **{f"{k}_history": v for k, v in state.get("extra_history", {}).items()},
                "eval_extra_history": state.get("eval_extra_history", {}),
                **state.get("static", {}), **adapter_health(out, model_dir)}

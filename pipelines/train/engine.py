@@ -91,6 +91,16 @@ class Engine:
                 "zero_optimizer": type(self.opt).__name__,
                 "optimizer": type(getattr(self.opt, "optimizer", self.opt)).__name__}
 
+    def optimizer_state_bytes(self) -> int | None:
+        """Bytes of the optimizer's state tensors on this rank (AdamW: two fp32 moments per trainable value;
+        8-bit AdamW: one byte each plus block scales); None under DeepSpeed, which keeps its own buffers."""
+        import torch
+
+        if self.ds:
+            return None
+        return sum(v.numel() * v.element_size() for st in self.opt.state.values() for v in st.values()
+                   if isinstance(v, torch.Tensor))
+
     def backward(self, loss, last_micro: bool) -> None:
         import contextlib
 

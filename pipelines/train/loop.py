@@ -8,6 +8,7 @@ step's loss is sum / (items in the whole step, over all micro-batches and ranks)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -79,6 +80,32 @@ def evaluate(engine: Engine, shard: ValidationBatches, batch_size: int, collate,
     return sums[0] / sums[1], {k: v / sums[1] for k, v in zip(extra, sums[2:])}
 
 
+class SavedBytes:
+    """Bytes of the tensors autograd saves for backward inside the block (storages counted once, parameters
+    excluded): the activation memory gradient checkpointing trades for recompute. Measured on each rank's first
+    micro-batch and reported in the stage manifest (`memory`)."""
+
+    def __enter__(self):
+        import torch
+
+        self.bytes, self._seen = 0, set()
+
+        def pack(t):
+            if not isinstance(t, torch.nn.Parameter) and t.device.type != "meta":
+                st = t.untyped_storage()
+                if st.data_ptr() not in self._seen:
+                    self._seen.add(st.data_ptr())
+                    self.bytes += st.nbytes()
+            return t
+
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+
 def run_loop(job: WorkerJob, model, *, loss_fn: Callable, collate, count_items: Callable,
              save_extra: Callable[[str, int], None], tag: str) -> None:
     """The loop each worker runs. Reports checkpoints (adapter + optimizer + step + data position + history)."""
@@ -136,7 +163,11 @@ def run_loop(job: WorkerJob, model, *, loss_fn: Callable, collate, count_items: 
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         step_sum, extra = 0.0, {}
         for j, (_, _, batch) in enumerate(micro):
-            s, _, ex = loss_fn(engine.model, batch)
+            measure = state["step"] == 0 and j == 0 and "memory" not in state
+            with SavedBytes() if measure else contextlib.nullcontext() as saved:
+                s, _, ex = loss_fn(engine.model, batch)
+            if measure:
+                state["memory"] = {"saved_activation_bytes": saved.bytes}
             engine.backward(s * world / items, last_micro=j == len(micro) - 1)
             step_sum += float(s.detach())
             for k, v in ex.items():
@@ -144,6 +175,8 @@ def run_loop(job: WorkerJob, model, *, loss_fn: Callable, collate, count_items: 
         if state["step"] + 1 == train.max_steps:  # DeepSpeed frees gradients in step(): measure before it
             state["zero_grad_share"] = engine.zero_grad_share()
         engine.step()
+        if state["step"] == 0 and "memory" in state:
+            state["memory"]["optimizer_state_bytes"] = engine.optimizer_state_bytes()
         state["step"] += 1
         state["epoch"], state["batch_in_epoch"] = micro[-1][0], micro[-1][1]
         engine.zero_grad()
