@@ -43,6 +43,7 @@ from pipelines.train.loop import NO_EVAL
 from tune.space import LogRange, TuneSection, apply_trial, grid_size, trial_label
 
 TRIAL_DRIVER_CPU = 0.01  # the trial function only waits on its trainer; 0 is refused by Tune (STACK_NOTES)
+RELEASE_WAIT_S = 60.0  # after fit(): how long to wait for the trials' placement groups to be removed
 
 
 class ClusterNotReady(UserError, RuntimeError):
@@ -100,8 +101,13 @@ def run(tune_cfg: TuneSection, lora: LoraSection, train: TrainSection, model_dir
                                                      failure_config=tune.FailureConfig(
                                                          max_failures=tune_cfg.max_failures),
                                                      callbacks=callbacks))
+    before = live_placement_groups()
     grid = tuner.fit()
     wall = time.time() - t0
+    left = wait_released(before)
+    if left:
+        print(f"[tune] {len(left)} placement group(s) of this sweep still held {RELEASE_WAIT_S:.0f} s after it "
+              f"ended: {', '.join(left)} (Ray Train's cleaner removes them once their controller is gone)", flush=True)
     expected = tune_cfg.num_samples * (grid_size(tune_cfg.space) if tune_cfg.searcher == "grid" else 1)
     # Tune returns normally after a SIGINT, marking the trials it cut short TERMINATED too; a trial that really
     # ended (ran to max_t, or was stopped by ASHA) has done=True in its last result, a failed one an error. A trial
@@ -121,6 +127,24 @@ def run(tune_cfg: TuneSection, lora: LoraSection, train: TrainSection, model_dir
     winner = export_winner(trials, ctx, out, name, data_manifest, model_id, wall, parent_run)
     write_report(trials, winner, tune_cfg, train, out, name, wall)
     return out
+
+
+def live_placement_groups() -> set[str]:
+    """Ids of the cluster's placement groups that are not removed (pending, created, rescheduling)."""
+    from ray.util import placement_group_table
+
+    return {pg for pg, info in placement_group_table().items() if info["state"] != "REMOVED"}
+
+
+def wait_released(before: set[str], timeout: float | None = None) -> list[str]:
+    """Wait until every placement group made since `before` (the trials' and their Ray Train workers') is
+    removed, so what runs next in this driver gets their CPUs/GPUs; returns the ids still held at the timeout."""
+    deadline = time.time() + (RELEASE_WAIT_S if timeout is None else timeout)
+    while True:
+        left = sorted(live_placement_groups() - before)
+        if not left or time.time() >= deadline:
+            return left
+        time.sleep(0.5)
 
 
 def check_state_api() -> None:

@@ -73,9 +73,9 @@ def check_columns(columns: dict[str, str]) -> None:
             raise ValueError(f"{role}: {path!r} is not a field path (write e.g. question, a.b or instances[0].input)")
 
 
-def apply_columns(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
+def apply_columns(row: dict[str, Any], columns: dict[str, str], key: str = "data.columns") -> dict[str, Any]:
     """The row with each mapped role set from its path (the row's other fields kept); RowError missing_field
-    naming the role and path when the row lacks it."""
+    naming the config key, role and path when the row lacks it."""
     if not columns:
         return row
     out = dict(row)
@@ -85,7 +85,7 @@ def apply_columns(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any
             try:
                 value = value[name] if name else value[int(index)]
             except (KeyError, IndexError, TypeError):
-                raise RowError("missing_field", f"data.columns.{role}: {path!r} is not in the row (fields "
+                raise RowError("missing_field", f"{key}.{role}: {path!r} is not in the row (fields "
                                                 f"{sorted(row)[:8]})") from None
         out[role] = value
     return out

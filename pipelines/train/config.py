@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from pipelines.data.rowformats import check_columns
 from pipelines.schema import Section
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -157,7 +158,12 @@ def deepspeed_config(train: TrainSection, dtype: str) -> dict[str, Any] | None:
 class DPOSection(Section):
     """Preference optimisation on top of the SFT adapter."""
 
-    train_path: str | None = Field(None, description="Preference JSONL (prompt, chosen, rejected): file or glob.")
+    train_path: str | None = Field(None, description=(
+        "Preference pairs: prompt + chosen + rejected (explicit prompt), chosen + rejected conversations (implicit "
+        "prompt) or HH dialogue strings; any file type the data stage reads (JSONL, JSON, Parquet, CSV, "
+        "compressed), a file, folder, glob, s3:// URI or hf://datasets/<owner>/<name>[:split]."))
+    columns: dict[str, str] = Field(default_factory=dict, description=(
+        "Roles -> the file's fields, as data.columns: e.g. {prompt: question, chosen: good, rejected: bad}."))
     beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference (DPO β / IPO τ).")
     loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid DPO, or IPO.")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO: assumed share of flipped labels (sigmoid).")
@@ -172,6 +178,12 @@ class DPOSection(Section):
         "DPO peak learning rate; default train.lr. DPO usually wants a lower one than SFT (e.g. 5e-6 to 5e-5)."))
     warmup_steps: int | None = Field(None, ge=0, description="DPO linear warmup steps; default train.warmup_steps.")
     batch_size: int | None = Field(None, ge=1, description="Pairs per worker per micro-batch; default train.batch_size.")
+
+    @field_validator("columns")
+    @classmethod
+    def _columns(cls, v: dict[str, str]) -> dict[str, str]:
+        check_columns(v)
+        return v
 
     def optimisation(self, train: TrainSection) -> TrainSection:
         """The loop settings DPO runs with: train's, with this section's own values where they are set."""

@@ -22,7 +22,8 @@ from typing import Any
 
 from pipelines.artifacts.manifest import hash_path, read_manifest, write_manifest
 from pipelines.data.chat import pad_batch, tokenize_messages
-from pipelines.data.rowformats import RowError, parse_raw, to_canonical
+from pipelines.data.readers import expand_paths, record_batches
+from pipelines.data.rowformats import RowError, apply_columns, parse_raw, to_canonical
 from pipelines.schema import MissingInput, actor_gpus, cluster_gpus, torch_device
 from pipelines.train.base import load_base, load_worker_base, per_rank
 from pipelines.train.config import DPOSection, QuantSection, TrainSection, WorkerJob
@@ -56,10 +57,13 @@ class _PrepareBatch:
         out: dict[str, list] = {k: [] for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids",
                                                 "rejected_labels", "ref_chosen", "ref_rejected", "reason",
                                                 "split", "raw")}
-        for line in batch["text"]:
+        out["source"], out["line"] = list(batch["source"]), list(batch["line"])
+        for line, error in zip(batch["raw"], batch["error"]):
             reason, pair = "", None
             try:
-                pair = _parse_pair(line)
+                if error:
+                    raise RowError(*error.partition(": ")[::2])
+                pair = _parse_pair(line, self.cfg.columns)
                 prompt = pair["prompt"]
                 ch = tokenize_messages(self.tokenizer, prompt + [{"role": "assistant", "content": pair["chosen"]}],
                                        self.cfg.max_length)
@@ -97,10 +101,10 @@ def reference_options(cfg: DPOSection, available: float) -> dict[str, float]:
     return {"num_gpus": actor_gpus(cfg.reference_num_gpus, available)}
 
 
-def _parse_pair(line: str) -> dict[str, Any]:
-    """A preference row (prompt/chosen/rejected, or a dialogue pair) in its normalised form; RowError if not."""
-
-    kind, pair = to_canonical(parse_raw(line), "auto")
+def _parse_pair(line: str, columns: dict[str, str] | None = None) -> dict[str, Any]:
+    """A preference row (prompt/chosen/rejected, or a dialogue pair), its fields mapped by dpo.columns, in its
+    normalised form; RowError if not."""
+    kind, pair = to_canonical(apply_columns(parse_raw(line), columns or {}, "dpo.columns"), "auto")
     if kind != "preference":
         raise RowError("not_a_pair", f"a {kind} row, expected prompt/chosen/rejected")
     if pair["chosen"].strip() == pair["rejected"].strip():
@@ -108,16 +112,33 @@ def _parse_pair(line: str) -> dict[str, Any]:
     return pair
 
 
+def read_pairs(spec: str, chunk: int = 256):
+    """A Ray dataset of the raw records of dpo.train_path (raw, error, source, line) through the data stage's
+    readers: any file type it reads (JSONL, JSON arrays, Parquet, CSV, compressed), a file, folder, glob, s3:// or
+    a Hugging Face dataset; blocks of `chunk` records so the reference actors share the work."""
+    import pyarrow as pa
+    import ray
+
+    paths = expand_paths(spec)
+    if not paths:
+        raise MissingInput(f"dpo.train_path={spec!r} matches no file")
+    tables = [pa.table({k: b[k] for k in ("raw", "error", "source", "line")})
+              for b in record_batches(paths, list(range(len(paths))), chunk=chunk)]
+    if not tables:
+        raise MissingInput(f"dpo.train_path={spec!r}: no rows in {', '.join(paths[:3])}")
+    return ray.data.from_arrow(tables)
+
+
 def prepare(cfg: DPOSection, model_dir: str, sft_dir: str, out_dir: str | os.PathLike, *, dtype: str = "float32",
             quant: QuantSection | None = None) -> Path:
     """Tokenize preference pairs and precompute reference log-probs (Ray Data); counts add up, rejects kept."""
-    import ray
+    from ray.data.expressions import col
 
     if not cfg.train_path:
         raise MissingInput("dpo.train_path is not set: point it at a preference JSONL (prompt, chosen, rejected)")
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    ds = ray.data.read_text(cfg.train_path)
+    ds = read_pairs(cfg.train_path)
     if cfg.max_pairs:
         ds = ds.limit(cfg.max_pairs)
     options = reference_options(cfg, cluster_gpus())
@@ -125,12 +146,12 @@ def prepare(cfg: DPOSection, model_dir: str, sft_dir: str, out_dir: str | os.Pat
                                                             torch_device(options["num_gpus"])),
                         concurrency=(1, 2), batch_size=32, batch_format="numpy", **options).materialize()
     rows_in = ds.count()
-    rejected = ds.filter(expr="reason != ''").select_columns(["reason", "raw"]).take_all()
+    rejected = ds.filter(expr=col("reason") != "").select_columns(["reason", "source", "line", "raw"]).take_all()
     cols = ["chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels", "ref_chosen",
             "ref_rejected"]
     counts = {}
     for split in ("train", "validation"):
-        part = ds.filter(expr=f"split == '{split}'").select_columns(cols)
+        part = ds.filter(expr=col("split") == split).select_columns(cols)
         counts[split] = part.count()
         if counts[split]:
             part.write_parquet(str(out / split))
@@ -138,7 +159,8 @@ def prepare(cfg: DPOSection, model_dir: str, sft_dir: str, out_dir: str | os.Pat
         raise RuntimeError(f"row accounting broke: in={rows_in} kept={counts} rejected={len(rejected)}")
     with open(out / "rejected.jsonl", "w") as fh:
         for r in rejected:
-            fh.write(json.dumps({"reason": r["reason"], "source": cfg.train_path, "row": r["raw"]}) + "\n")
+            fh.write(json.dumps({"reason": r["reason"], "source": r["source"], "line": int(r["line"]),
+                                 "row": r["raw"]}) + "\n")
     by_reason: dict[str, int] = {}
     for r in rejected:
         by_reason[r["reason"].split(":")[0]] = by_reason.get(r["reason"].split(":")[0], 0) + 1

@@ -128,3 +128,42 @@ def test_loss_matches_trl(tiny_model_dir):
                         chosen_tokens=ntok[:b], rejected_tokens=ntok[b:])["losses"].mean()
         assert float(ours) == pytest.approx(trl_loss, abs=1e-5), loss_type
         assert abs(float(pol[0] - ref[0])) > 1e-4  # the adapter really differs from the reference
+
+
+def test_pairs_in_any_file_type_with_column_mapping(ray_session, tiny_model_dir, sft_adapter, shared_data,
+                                                   tmp_path):
+    """dpo.train_path goes through the data stage's readers: a gzip'd JSONL whose fields are named otherwise,
+    mapped by dpo.columns; a broken line and a row without the mapped field are refused with source and line,
+    and the kept pairs are the same tokens as the plain file gives."""
+    import gzip
+
+    import pyarrow.parquet as pq
+
+    from pipelines.train import dpo
+
+    src = shared_data / "preference" / "qa_feedback_pairs.jsonl"
+    rows = [json.loads(line) for line in src.read_text().splitlines()[:12]]
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    renamed = [{"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"]} for r in rows]
+    lines = [json.dumps(r) for r in renamed[:6]] + ["{not json", json.dumps({"question": "q", "good": "a"})] + \
+        [json.dumps(r) for r in renamed[6:]]
+    packed = tmp_path / "pairs.jsonl.gz"
+    with gzip.open(packed, "wt") as fh:
+        fh.write("\n".join(lines) + "\n")
+    common = dict(max_length=1024, validation_fraction=0.0)
+    mapped = dpo.prepare(dpo.DPOSection(train_path=str(packed), columns={"prompt": "question", "chosen": "good",
+                                                                          "rejected": "bad"}, **common),
+                         tiny_model_dir, str(sft_adapter), tmp_path / "mapped")
+    base = dpo.prepare(dpo.DPOSection(train_path=str(plain), **common), tiny_model_dir, str(sft_adapter),
+                       tmp_path / "base")
+    m = json.loads((mapped / "manifest.json").read_text())["metrics"]
+    assert (m["rows_in"], m["rows_kept"], m["rows_rejected"]) == (14, 12, 2), m
+    refused = [json.loads(line) for line in (mapped / "rejected.jsonl").read_text().splitlines()]
+    assert sorted((r["line"], r["reason"].split(":")[0]) for r in refused) == [(7, "broken_json"),
+                                                                              (8, "missing_field")], refused
+    assert all(r["source"].endswith("pairs.jsonl.gz") for r in refused)
+    assert "dpo.columns.rejected" in next(r["reason"] for r in refused if r["line"] == 8)
+    got, want = (pq.read_table(d / "train").to_pydict() for d in (mapped, base))
+    assert sorted(got["chosen_input_ids"]) == sorted(want["chosen_input_ids"])
+    assert sorted(got["rejected_input_ids"]) == sorted(want["rejected_input_ids"])
