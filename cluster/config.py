@@ -93,11 +93,21 @@ class RunConfig(Section):
         """A stage's folder on this machine (the local mirror when output_dir is a URI)."""
         return self.run_dir() / stage
 
+    def eval_test_path(self) -> str | None:
+        """What the evaluate stage reads: eval.test_path when set; else, when the config asks for an evaluation
+        (an `eval:` or `gate:` section) and the data stage holds rows out (data.split.test > 0), `curated` (this
+        run's curated test split); else None (no evaluate stage)."""
+        if self.eval.test_path:
+            return self.eval.test_path
+        asked = {"eval", "gate"} & self.model_fields_set
+        return CURATED_TEST if asked and self.data.split.test > 0 else None
+
     def eval_section(self) -> EvalSection:
-        """eval with `test_path: curated` resolved to this run's curated test split (written by the data stage)."""
-        if self.eval.test_path != CURATED_TEST:
-            return self.eval
-        return self.eval.model_copy(update={"test_path": str(self.stage_dir("data") / "curated" / "test")})
+        """eval with its test rows resolved (eval_test_path; `curated` → the data stage's curated/test folder)."""
+        path = self.eval_test_path()
+        if path == CURATED_TEST:
+            path = str(self.stage_dir("data") / "curated" / "test")
+        return self.eval if path == self.eval.test_path else self.eval.model_copy(update={"test_path": path})
 
     def run_dir(self) -> Path:
         base = storage.mirror(self.output_dir) if storage.is_uri(self.output_dir) else Path(self.output_dir)
@@ -131,7 +141,7 @@ def preflight(cfg: RunConfig, stages: tuple[str, ...] | list[str], source: str =
         _check_rows(cfg.data.train_path, "data.train_path", source)
     if "dpo" in want and cfg.dpo.train_path:
         _check_rows(cfg.dpo.train_path, "dpo.train_path", source)
-    if "eval" in want and cfg.eval.test_path and cfg.eval.test_path != CURATED_TEST:
+    if "eval" in want and cfg.eval_test_path() not in (None, CURATED_TEST):
         _check_rows(cfg.eval.test_path, "eval.test_path", source)
     if "quantize" in want:
         for key in ("calibration_path", "eval_path"):

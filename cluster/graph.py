@@ -11,8 +11,9 @@ Tune's saved state. `--force STAGE` reruns one stage, `--from STAGE` it and ever
 stops after it; downstream stages rerun when an upstream output changed. Outputs of other runs are never touched.
 
 Optional stages run when their section says so: dpo with `dpo.train_path`, tune with a `tune:` section, evaluate
-and gate with `eval.test_path` (the gate publishes a passing adapter to the registry and moves its alias; a
-refusal ends the run with exit 3 and the reasons, before anything is served), merge with a `merge:` section,
+and gate with `eval.test_path`, or on the run's curated test split when the config has an `eval:` or `gate:`
+section without one (the gate publishes a passing adapter to the registry and moves its alias; a refusal ends the
+run with exit 3 and the reasons, before anything is served), merge with a `merge:` section,
 quantize with a `quantize:` section (after merge). serve and demo always run: they are not cached.
 
 With `output_dir` an object-store URI (s3://...), the graph pulls the run's records and outputs into a local
@@ -68,7 +69,11 @@ def _tune(cfg: RunConfig) -> str | None:
 
 
 def _evaluate(cfg: RunConfig) -> str | None:
-    return None if cfg.eval.test_path else "eval.test_path is not set"
+    if cfg.eval_test_path():
+        return None
+    if {"eval", "gate"} & cfg.model_fields_set:
+        return "eval.test_path is not set and data.split.test is 0 (no curated test split)"
+    return "no eval: or gate: section (or eval.test_path)"
 
 
 def _merge(cfg: RunConfig) -> str | None:

@@ -119,3 +119,24 @@ def test_a_refusing_gate_stops_the_run_before_serving_and_stays_refused(tmp_path
 
 def test_code_version_is_a_hash_of_the_sources():
     assert len(graph.source_hash()) == 16 and graph.source_hash() == graph.source_hash()
+
+
+def test_an_eval_or_gate_section_alone_evaluates_the_curated_test_split(tmp_path):
+    """issue 18 item 5: a config that asks for an evaluation (eval: or gate: section) without eval.test_path is
+    evaluated on the run's curated test split; without such a section, or without a test split, evaluate is off
+    and the plan says why."""
+    from cluster.config import CURATED_TEST
+
+    for asked in (["gate.min_exact_match=0.5"], ["eval.max_samples=8"]):
+        cfg = config(tmp_path, *asked)
+        assert cfg.eval_test_path() == CURATED_TEST
+        assert cfg.eval_section().test_path == str(cfg.stage_dir("data") / "curated" / "test")
+        plan = statuses(graph.Graph(cfg))
+        assert plan["evaluate"][0] == plan["gate"][0] == "run", plan
+    assert statuses(graph.Graph(config(tmp_path)))["evaluate"] == ("off", "no eval: or gate: section (or "
+                                                                           "eval.test_path)")
+    no_split = config(tmp_path, "gate.min_exact_match=0.5", "data.split.train=0.9", "data.split.test=0")
+    assert no_split.eval_test_path() is None
+    assert statuses(graph.Graph(no_split))["evaluate"][1].startswith("eval.test_path is not set and data.split.test")
+    explicit = config(tmp_path, "eval.test_path=rows.jsonl")
+    assert explicit.eval_test_path() == "rows.jsonl" and explicit.eval_section() is explicit.eval
