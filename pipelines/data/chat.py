@@ -86,8 +86,8 @@ def tokenize_conversations(tokenizer, conversations: list[list[dict[str, str]]],
     for messages in conversations:
         full = index(_render_text(tokenizer, messages, False))
         turns = [(index(_render_text(tokenizer, messages[:i], True)),
-                  index(_render_text(tokenizer, messages[:i + 1], False)))
-                 for i, msg in enumerate(messages) if msg["role"] == "assistant"]
+                  full if i == len(messages) - 1 else index(_render_text(tokenizer, messages[:i + 1], False)))
+                 for i, msg in enumerate(messages) if msg["role"] == "assistant"]  # the last turn ends the full text
         spans.append((full, turns))
     ids = _encode(tokenizer, list(texts))
     return [_labelled(ids[full], [(ids[a], ids[b]) for a, b in turns], max_length) for full, turns in spans]

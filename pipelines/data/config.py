@@ -111,7 +111,8 @@ class DataConfig(Section):
         "category caps and mixing quota do not count)."))
     engine: Literal["auto", "ray", "local"] = Field("auto", description=(
         "Where curation and tokenization run: 'ray' (Ray Data tasks across the cluster), 'local' (the same "
-        "per-block functions in the driver process, no Ray tasks), or 'auto': local when the input files total "
+        "per-slice functions in forked processes of the driver, one per CPU, no Ray tasks), or 'auto': local when "
+        "the input files total "
         "at most data.local_max_mib (a Ray Data pass pays seconds of worker start-up and imports that small data "
         "never earns back), else ray. Outputs are identical either way."))
     local_max_mib: float = Field(8.0, ge=0, description="engine=auto: inputs up to this many MiB run locally.")

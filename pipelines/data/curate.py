@@ -26,7 +26,8 @@ import numpy as np
 
 from pipelines.artifacts.manifest import hash_path, write_manifest
 from pipelines.data.config import CURATION_REASONS, FAULT_REASONS
-from pipelines.data.curate_rows import PARSED_SCHEMA, parse_batch, read_files
+from pipelines.data import local_pool
+from pipelines.data.curate_rows import PARSED_SCHEMA, ParseRows, cached, parse_batch, read_files
 from pipelines.data.dedup import (
     SPLITS,
     assign_split,
@@ -66,7 +67,7 @@ def run(cfg, out_dir: str | os.PathLike, model_dir: str | None = None) -> Path:
     phases: dict[str, float] = {}
     engine = pick_engine(cfg, files)
     with timed(phases, "read_parse_sign"):
-        (_parse_local if engine == "local" else _parse_pass)(files, parse_args, work / "parsed", cfg)
+        procs = (_parse_local if engine == "local" else _parse_pass)(files, parse_args, work / "parsed", cfg)
     if not any((work / "parsed").glob("*.parquet")):  # every file was empty (or held only blank lines)
         raise DataError(f"data.train_path={cfg.train_path!r}: no rows read from {len(files)} file(s); point it at "
                         "a file with data")
@@ -77,7 +78,8 @@ def run(cfg, out_dir: str | os.PathLike, model_dir: str | None = None) -> Path:
     with timed(phases, "split_write"):
         n_rejected, n_kept = write_outputs(work / "parsed", out, dec)
     dec["formats"] = formats
-    dec["phases"] = {"engine": engine, "wall_seconds": phases, "task_seconds": task_seconds(work / "parsed")}
+    dec["phases"] = {"engine": engine, "wall_seconds": phases, "task_seconds": task_seconds(work / "parsed"),
+                     **({"local_processes": procs} if engine == "local" else {})}
     _check_accounting(counts, {"rows_rejected": n_rejected, "rows_kept": n_kept})
     _check_ceiling(cfg, counts, out)
     if not os.environ.get("LORAFORGE_KEEP_WORK"):
@@ -116,20 +118,24 @@ def pick_engine(cfg, files: list[str]) -> str:
     return "local" if sum(os.path.getsize(f) for f in files) <= cfg.local_max_mib * 2 ** 20 else "ray"
 
 
-def _parse_local(files: list[str], parse_args: tuple, dest: Path, cfg) -> None:
-    """The parse pass in this process: the same read_files / parse_batch functions Ray Data runs, one slice
-    at a time, written as the Parquet files the decide pass reads."""
+def _parse_local(files: list[str], parse_args: tuple, dest: Path, cfg) -> int:
+    """The parse pass without Ray: the same read_files / parse_batch functions Ray Data runs, over the same file
+    slices, in forked processes of this one (local_pool), written as the Parquet files the decide pass reads
+    (named slice-major, so they list in row order)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    dest.mkdir(parents=True, exist_ok=True)
-    n = 0
-    for item in read_items(files, cpus=1):
+    def one(i: int, item: dict) -> None:
+        n = 0
         for raw in read_files({k: [v] for k, v in item.items()}):
             for s in range(0, len(raw["raw"]), 512):  # the Ray pass's batch size
                 out = parse_batch({k: v[s:s + 512] for k, v in raw.items()}, *parse_args)
-                pq.write_table(pa.Table.from_pydict(out, schema=PARSED_SCHEMA), dest / f"part-{n:06d}.parquet")
+                pq.write_table(pa.Table.from_pydict(out, schema=PARSED_SCHEMA), dest / f"part-{i:05d}-{n:05d}.parquet")
                 n += 1
+
+    dest.mkdir(parents=True, exist_ok=True)
+    cached(ParseRows, *parse_args)  # the tokenizer loaded once, here: the forked processes inherit it
+    return local_pool.run_slices(one, read_items(files, cpus=local_pool.cpus()))
 
 
 def _parse_pass(files: list[str], parse_args: tuple, dest: Path, cfg) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.artifacts.manifest import read_manifest, write_manifest
-from pipelines.data import curate
+from pipelines.data import curate, local_pool
 from pipelines.data.chat import load_tokenizer, tokenize_records
 from pipelines.data.config import (
     DataConfig,
@@ -71,7 +71,8 @@ def _tokenize_slices(batch: dict[str, Any], model_dir: str, cfg: DataConfig):
         yield _packed(out, cfg) if cfg.packing.enabled else {**out, "n_rows": [0 if r else 1 for r in out["reason"]]}
 
 
-def _tokenize_local(items: list[dict[str, Any]], model_dir: str, cfg: DataConfig, work: Path) -> None:
+def _tokenize_local(items: list[dict[str, Any]], model_dir: str, cfg: DataConfig, work: Path) -> int:
+    """The tokenize pass without Ray: _tokenize_slices over the slices in forked processes (local_pool)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -79,10 +80,14 @@ def _tokenize_local(items: list[dict[str, Any]], model_dir: str, cfg: DataConfig
     ints = pa.list_(pa.int64())
     types = {"input_ids": ints, "labels": ints, "seq_lens": ints, "n_tokens": pa.int64(), "truncated": pa.int64(),
              "line": pa.int64(), "n_rows": pa.int64()}
-    for n, item in enumerate(items):
+
+    def one(n: int, item: dict) -> None:
         for out in _tokenize_slices({k: [v] for k, v in item.items()}, model_dir, cfg):
             schema = pa.schema([(k, types.get(k, pa.string())) for k in out])
             pq.write_table(pa.Table.from_pydict(out, schema=schema), work / f"part-{n:06d}.parquet")
+
+    cached(_TokenizeRows, model_dir, cfg)  # loaded once, here: the forked processes inherit it
+    return local_pool.run_slices(one, items)
 
 
 def _packed(out: dict[str, list], cfg: DataConfig) -> dict[str, list]:
@@ -158,7 +163,8 @@ def tokenize(cfg: DataConfig, curated_dir: str | os.PathLike, model_dir: str, ou
     metrics = {"rows_in": m["rows_in"], "rows_kept": stats["kept"], "rows_rejected": m["rows_rejected"] + stats[
         "rejected"], "rejected_by_reason": dict(sorted(by_reason.items())), "tokens": stats["tokens"],
                "truncated": stats["truncated"], "curated_rows": m["rows_kept"], "split_rows": {s: stats["split"].get(s, 0) for s in SPLITS},
-               "phase_seconds": stats["phases"], "engine": engine}
+               "phase_seconds": stats["phases"], "engine": engine,
+               **({"local_processes": stats["local_processes"]} if "local_processes" in stats else {})}
     if metrics["rows_in"] != metrics["rows_kept"] + metrics["rows_rejected"]:
         raise RuntimeError(f"row accounting broke: {metrics}")
     write_manifest(out, kind="tokenized_dataset",
@@ -178,8 +184,8 @@ def _tokenize_splits(cfg: DataConfig, model_dir: str, srcs: list[Path], out: Pat
     work = out / "_work" / "tokens"
     with curate.timed(stats["phases"], "tokenize"):
         items = _slices(srcs)
-        if items and engine == "local":  # the same slice function, in this process (data.engine)
-            _tokenize_local(items, model_dir, cfg, work)
+        if items and engine == "local":  # the same slice function, in forked processes of this one (data.engine)
+            stats["local_processes"] = _tokenize_local(items, model_dir, cfg, work)
         elif items:
             ds = ray.data.from_items(items, override_num_blocks=len(items))
             ds.map_batches(_tokenize_slices, fn_args=(model_dir, cfg), batch_size=1, batch_format="numpy",

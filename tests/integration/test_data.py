@@ -153,7 +153,12 @@ def test_same_seed_identical_bytes_other_seed_differs(curated, corpus, tiny_mode
     rerun runs on Ray Data tasks."""
     from pipelines.data import curate
 
+    from pipelines.data import local_pool
+
     assert json.loads((curated["out"] / "manifest.json").read_text())["engine"] == "local"
+    # one slice per input file, run by forked processes of the driver (one per CPU)
+    report = json.loads((curated["out"] / "curation_report.json").read_text())
+    assert report["phases"]["local_processes"] == min(local_pool.cpus(), 3), report["phases"]  # 3 input files
     again = curate.run(_cfg(corpus["src"], engine="ray"), corpus["root"] / "seed0b", model_dir=tiny_model_dir)
     assert json.loads((again / "manifest.json").read_text())["engine"] == "ray"
     other = curate.run(_cfg(corpus["src"], seed=1), corpus["root"] / "seed1", model_dir=tiny_model_dir)
@@ -189,6 +194,9 @@ def test_tokenized_labels_only_on_assistant_tokens(ray_session, tmp_path, tiny_m
     ray_rows = pq.read_table(on_ray / m["outputs"]["train"]).to_pylist()
     assert m["metrics"]["engine"] == "local" and json.loads((on_ray / "manifest.json").read_text())["metrics"][
         "engine"] == "ray"
+    from pipelines.data import local_pool
+
+    assert m["metrics"]["local_processes"] == min(local_pool.cpus(), 3)  # a slice per split: forked processes
     assert sorted(map(str, ray_rows)) == sorted(map(str, rows))
     for engine in ("local", "ray"):
         packed = data.run(_cfg(src, engine=engine, packing={"enabled": True, "block_size": 256}), tiny_model_dir,
