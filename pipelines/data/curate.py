@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from pipelines.artifacts.manifest import hash_path, write_manifest
-from pipelines.data.config import CURATION_REASONS, FAULT_REASONS
 from pipelines.data import local_pool
+from pipelines.data.config import CURATION_REASONS, FAULT_REASONS
 from pipelines.data.curate_rows import PARSED_SCHEMA, ParseRows, cached, parse_batch, read_files
 from pipelines.data.dedup import (
     SPLITS,

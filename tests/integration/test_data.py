@@ -151,9 +151,7 @@ def test_no_near_duplicate_pair_spans_train_and_test(curated):
 def test_same_seed_identical_bytes_other_seed_differs(curated, corpus, tiny_model_dir):
     """...and the same bytes whichever engine ran it: this small corpus ran in the driver (data.engine auto), the
     rerun runs on Ray Data tasks."""
-    from pipelines.data import curate
-
-    from pipelines.data import local_pool
+    from pipelines.data import curate, local_pool
 
     assert json.loads((curated["out"] / "manifest.json").read_text())["engine"] == "local"
     # one slice per input file, run by forked processes of the driver (one per CPU)
