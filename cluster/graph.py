@@ -41,6 +41,7 @@ from pipelines.schema import UserError
 
 RECORD = "stage.json"
 PACKAGES = ("pipelines", "cluster", "serve", "tune")
+STORE_ONLY = ("ray_train", "ray_tune")  # written to the store by Ray Train / Tune themselves: never pulled or pushed
 
 
 class GateRefused(Exception):
@@ -148,7 +149,7 @@ class Graph:
         self.runners = runners or RUNNERS  # stage name → fn(ctx, resume=bool) -> output folder
         self.remote = cfg.remote_run()  # output_dir in an object store: this machine works in a mirror of it
         if self.remote:  # what earlier drivers (anywhere) recorded and wrote; Ray Train checkpoints stay there
-            storage.pull(self.remote, cfg.run_dir(), skip=("ray_train",))
+            storage.pull(self.remote, cfg.run_dir(), skip=STORE_ONLY)
 
     # -- keys and records ------------------------------------------------------------------------------------
     def folder(self, stage: Stage) -> Path:
@@ -179,7 +180,7 @@ class Graph:
         """A finished stage's folder to the store (its ray_train/ is there already), the record last: a record
         in the store always describes outputs that are there."""
         if self.remote:
-            storage.push(self.folder(stage), f"{self.remote}/{stage.name}", skip=("ray_train", RECORD))
+            storage.push(self.folder(stage), f"{self.remote}/{stage.name}", skip=(*STORE_ONLY, RECORD))
 
     def output_hash(self, stage: Stage) -> str:
         return hash_path(self.folder(stage), skip=(RECORD, RECORD.replace(".json", ".tmp")))

@@ -150,11 +150,14 @@ def stage_dpo(cfg: RunConfig, model_dir: str, sft_dir: Path, *, resume: bool = F
 
 def stage_tune(cfg: RunConfig, model_dir: str, data_dir: Path) -> Path:
     """The sweep (tune: section, checked by preflight's "tune") over this run's tokenized data; its winner lands
-    in <run>/tune/winner."""
+    in <run>/tune/winner. With output_dir in an object store, Tune's state, the trials' checkpoints and the ledger
+    of finished trials live in <run>/tune/ray_tune there (a driver elsewhere restores the sweep from them)."""
     init_ray(cfg)
     t0 = time.time()
+    remote = cfg.remote_run()
     out = sweep.run(cfg.tune, cfg.lora, cfg.train, model_dir, data_dir, cfg.stage_dir("tune"),
-                    dtype=cfg.model.dtype, quant=cfg.quant, model_id=cfg.model.name)
+                    dtype=cfg.model.dtype, quant=cfg.quant, model_id=cfg.model.name,
+                    state_uri=f"{remote}/tune/ray_tune" if remote else None, data_uri=_in_store(cfg, "data"))
     winner = read_manifest(out / "winner")["lineage"]["sweep"]
     trials = winner["trials"]
     console.print(f"[bold]tune[/]: {len(trials)} trials, {sum(t['status'] == 'stopped early' for t in trials)} "

@@ -34,6 +34,7 @@ from typing import Any
 
 from pydantic import Field
 
+from pipelines.artifacts import storage
 from pipelines.artifacts.manifest import read_manifest
 from pipelines.schema import Section, UserError
 from pipelines.train import sft
@@ -64,13 +65,21 @@ class TrialContext(Section):
     model_dir: str
     dtype: str
     data_dir: str
-    trials_dir: str = Field(description="Ray Train storage of the trials: <trials_dir>/<trial id>/.")
+    trials_dir: str = Field(description="Ray Train storage of the trials: <trials_dir>/<trial id>/ (a folder or a "
+                                        "store URI).")
+    log_dir: str = Field(description="Local folder of the trial-start log.")
+    data_manifest: dict = Field(description="The tokenized data's manifest (trials on other nodes do not read it).")
+    data_uri: str | None = Field(None, description="The tokenized data in the object store, read by the workers.")
 
 
 def run(tune_cfg: TuneSection, lora: LoraSection, train: TrainSection, model_dir: str, data_dir: str | os.PathLike,
         out_dir: str | os.PathLike, *, dtype: str = "float32", quant: QuantSection | None = None,
-        model_id: str | None = None) -> Path:
-    """Run (or restore) the sweep over the tokenized data in data_dir; export the winner into out_dir."""
+        model_id: str | None = None, state_uri: str | None = None, data_uri: str | None = None) -> Path:
+    """Run (or restore) the sweep over the tokenized data in data_dir; export the winner into out_dir.
+
+    state_uri: an object-store folder (s3://...) for Tune's experiment state, the trials' Ray Train checkpoints
+    and the ledger of finished trials, so that a driver on another machine restores the sweep from there; None
+    keeps them in out_dir. data_uri: the tokenized data in the store, which the trials' workers then read."""
     from ray import tune
 
     quant = quant or QuantSection()
@@ -81,24 +90,30 @@ def run(tune_cfg: TuneSection, lora: LoraSection, train: TrainSection, model_dir
         raise UserError(f"{data_dir}: the tokenized data has no validation split, and a sweep ranks trials on "
                         "eval_loss; set data.split.validation > 0 and rerun `loraforge tokenize`")
     check_state_api()
+    state = state_uri.rstrip("/") if state_uri else str(out)
     ctx = TrialContext(tune=tune_cfg, lora=lora, train=train, quant=quant, model_dir=model_dir, dtype=dtype,
-                       data_dir=str(Path(data_dir).resolve()), trials_dir=str(out / "trials"))
+                       data_dir=str(Path(data_dir).resolve()), trials_dir=f"{state}/trials", log_dir=str(out),
+                       data_manifest=data_manifest, data_uri=data_uri)
     key = sweep_key(ctx, data_manifest)
-    name, experiments = f"sweep-{key}", out / "experiments"
+    name, experiments = f"sweep-{key}", f"{state}/experiments"
+    tune_fs, tune_root = storage.filesystem(experiments) if state_uri else (None, experiments)
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"cpu": TRIAL_DRIVER_CPU})
     parent_run = mlflow_parent(train, out, name)
     ledger = out / "trials_finished.jsonl"
-    callbacks = [progress_callback(tune_cfg.steps(train), ledger)] + mlflow_callbacks(train, out, parent_run)
+    if state_uri and storage.exists(f"{state}/{ledger.name}"):  # another driver's ledger: pull it
+        storage.pull(f"{state}/{ledger.name}", out)
+    callbacks = [progress_callback(tune_cfg.steps(train), ledger, f"{state}/{ledger.name}" if state_uri else None)
+                 ] + mlflow_callbacks(train, out, parent_run)
     t0 = time.time()
-    if tune.Tuner.can_restore(str(experiments / name)):
+    if tune.Tuner.can_restore(f"{tune_root}/{name}", storage_filesystem=tune_fs):
         print(f"[tune] restoring {name}: finished trials are kept, unfinished ones resume", flush=True)
-        tuner = tune.Tuner.restore(str(experiments / name), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True)
+        tuner = tune.Tuner.restore(f"{tune_root}/{name}", trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, storage_filesystem=tune_fs)
     else:
         tuner = tune.Tuner(trainable, param_space=param_space(tune_cfg),
                            tune_config=tune_config(tune_cfg, train),
-                           run_config=tune.RunConfig(name=name, storage_path=str(experiments), verbose=0,
-                                                     failure_config=tune.FailureConfig(
+                           run_config=tune.RunConfig(name=name, storage_path=tune_root, storage_filesystem=tune_fs,
+                                                     verbose=0, failure_config=tune.FailureConfig(
                                                          max_failures=tune_cfg.max_failures),
                                                      callbacks=callbacks))
     before = live_placement_groups()
@@ -117,7 +132,7 @@ def run(tune_cfg: TuneSection, lora: LoraSection, train: TrainSection, model_dir
     finished = sum(1 for r in grid if r.error or (r.metrics or {}).get("done") or result_trial_id(r) in ended)
     if finished < expected:
         print(f"[tune] interrupted: {finished} of {expected} trials finished; the sweep's state is saved in "
-              f"{experiments / name}. Run the same command again to resume it (finished trials are not rerun)",
+              f"{experiments}/{name}. Run the same command again to resume it (finished trials are not rerun)",
               flush=True)
         raise SweepInterrupted(f"sweep {name} interrupted after {finished} of {expected} trials")
     trials = trial_table(grid, tune_cfg.steps(train))
@@ -163,7 +178,7 @@ def check_state_api() -> None:
 
 def sweep_key(ctx: TrialContext, data_manifest: dict) -> str:
     """Content address of a sweep: the same sections, base and data give the same experiment (and a restore)."""
-    doc = {"ctx": ctx.model_dump(exclude={"trials_dir", "data_dir"}),
+    doc = {"ctx": ctx.model_dump(exclude={"trials_dir", "data_dir", "log_dir", "data_manifest", "data_uri"}),
            "data": data_manifest.get("inputs") or data_manifest.get("source"),
            "outputs": data_manifest.get("outputs")}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -233,10 +248,11 @@ def run_trial(point: dict[str, Any], ctx: TrialContext) -> None:
     trial_id = tune.get_context().get_trial_id()
     lora, train = apply_trial(point, ctx.tune, ctx.lora, ctx.train)
     job = WorkerJob(model_dir=ctx.model_dir, dtype=ctx.dtype, quant=ctx.quant, train=train, lora=lora,
-                    storage=str(Path(ctx.trials_dir) / trial_id))
-    with open(Path(ctx.trials_dir).parent / "trial_starts.log", "a") as log:  # who ran when (resume tests)
+                    storage=f"{ctx.trials_dir}/{trial_id}", data_uri=ctx.data_uri)
+    Path(ctx.log_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(ctx.log_dir) / "trial_starts.log", "a") as log:  # who ran when (resume tests)
         log.write(json.dumps({"trial_id": trial_id, "time": time.time()}) + "\n")
-    fit_on_ray(sft.train_loop_per_worker, job, ctx.data_dir, read_manifest(ctx.data_dir), trial_id,
+    fit_on_ray(sft.train_loop_per_worker, job, ctx.data_dir, ctx.data_manifest, trial_id,
                callbacks=[TuneReportCallback()], fresh=False)
 
 
@@ -276,9 +292,10 @@ def export_winner(trials: list[dict], ctx: TrialContext, out: Path, name: str, d
     candidates = sorted(((r["eval_loss"], t, r) for t in trials for r in t["reports"] if r["checkpoint_path"]),
                         key=lambda c: c[0])
     best_reported = candidates[0][0] if candidates else None
+    fs = storage.filesystem(ctx.trials_dir)[0] if storage.is_uri(ctx.trials_dir) else None
     for loss, trial, report in candidates:
         try:
-            with Checkpoint(report["checkpoint_path"]).as_directory() as d:
+            with Checkpoint(report["checkpoint_path"], filesystem=fs).as_directory() as d:
                 state = copy_adapter(Path(d), dest)
         except (FileNotFoundError, OSError):  # deleted by keep_checkpoints: take the next best that exists
             continue
@@ -287,11 +304,12 @@ def export_winner(trials: list[dict], ctx: TrialContext, out: Path, name: str, d
         raise RuntimeError(f"sweep {name}: no trial checkpoint is left to export")
     lora, train = apply_trial(trial["config"], ctx.tune, ctx.lora, ctx.train)
     job = WorkerJob(model_dir=ctx.model_dir, dtype=ctx.dtype, quant=ctx.quant, train=train, lora=lora,
-                    storage=str(Path(ctx.trials_dir) / trial["trial_id"]))
+                    storage=f"{ctx.trials_dir}/{trial['trial_id']}")
     state["selected_step"] = report["step"]
     winner = {"trial_id": trial["trial_id"], "label": trial["label"], "step": report["step"], "eval_loss": loss,
               "best_reported_eval_loss": best_reported, "checkpoint": report["checkpoint_path"]}
-    lineage = {"sweep": {"name": name, "folder": str(out / "experiments" / name), "wall_s": round(wall, 1),
+    lineage = {"sweep": {"name": name, "folder": f"{ctx.trials_dir.rsplit('/', 1)[0]}/experiments/{name}",
+                         "wall_s": round(wall, 1),
                          "mlflow_parent_run": parent_run, "winner": winner,
                          "trials": [{k: t[k] for k in ("trial_id", "config", "status", "steps", "final_eval_loss",
                                                        "best_eval_loss", "best_step")} for t in trials]},
@@ -413,9 +431,9 @@ def mlflow_callbacks(train: TrainSection, out: Path, parent_run: str | None) -> 
                                  experiment_name="loraforge-sweep", tags={"mlflow.parentRunId": parent_run})]
 
 
-def progress_callback(max_t: int, ledger: Path):
+def progress_callback(max_t: int, ledger: Path, ledger_uri: str | None = None):
     """One line per report and per finished trial, instead of Tune's tables; trials that ended for real (not cut
-    short by an interrupt) are appended to the ledger."""
+    short by an interrupt) are appended to the ledger (and the ledger pushed to ledger_uri, when given)."""
     from ray.tune import Callback
 
     class Progress(Callback):
@@ -430,6 +448,8 @@ def progress_callback(max_t: int, ledger: Path):
             if (trial.last_result or {}).get("done"):
                 with open(ledger, "a") as f:
                     f.write(json.dumps({"trial_id": trial.trial_id, "step": step}) + "\n")
+                if ledger_uri:
+                    storage.push(ledger, ledger_uri)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             print(f"[tune] {trial.trial_id} failed (Tune retries it up to tune.max_failures times)", flush=True)

@@ -190,10 +190,10 @@ def run_loop(job: WorkerJob, model, *, loss_fn: Callable, collate, count_items: 
             print(f"[{tag}] step {step}/{train.max_steps} loss {state['loss_history'][-1]:.4f} "
                   f"lr {engine.lr():.2e} {extras}", flush=True)
         if train.fail_once_at_step == step:
-            marker = Path(job.storage) / f"fault_drill_step{step}"
-            if not marker.exists():
+            marker = f"{job.storage}/fault_drill_step{step}"  # beside the checkpoints: a folder or the store
+            if not _marker_exists(marker):
                 if rank == 0:  # a dead process, not an exception: Ray Train restarts the group from the checkpoint
-                    marker.write_text("done")
+                    _write_marker(marker)
                     print(f"[{tag}] fault drill: SIGKILL of this worker (pid {os.getpid()}) at step {step}",
                           flush=True)
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -225,3 +225,20 @@ def run_loop(job: WorkerJob, model, *, loss_fn: Callable, collate, count_items: 
                 print(f"[{tag}] early stop at step {step}: no improvement in {train.early_stopping_patience} evals",
                       flush=True)
             break
+
+
+def _marker_exists(path: str) -> bool:
+    from pipelines.artifacts import storage
+
+    return storage.exists(path) if storage.is_uri(path) else Path(path).exists()
+
+
+def _write_marker(path: str) -> None:
+    from pipelines.artifacts import storage
+
+    if storage.is_uri(path):
+        fs, key = storage.filesystem(path)
+        with fs.open_output_stream(key) as f:
+            f.write(b"done")
+    else:
+        Path(path).write_text("done")

@@ -1,8 +1,8 @@
 """Runs and the registry in an object store: a real S3 API on localhost (`moto` in server mode, started and stopped
 here), reached the way an S3-compatible store is (AWS_ENDPOINT_URL + credentials). The tiny graph runs with
 `output_dir` and `registry.root` as s3:// URIs; a second driver with an empty local mirror finds every stage
-cached from what the store holds; Ray Train's checkpoints are in the store; the registry entry resolves from
-another machine's (empty) mirror."""
+cached from what the store holds; Ray Train's checkpoints and a sweep's Tune state are in the store; the registry
+entry resolves from another machine's (empty) mirror."""
 
 from __future__ import annotations
 
@@ -115,6 +115,9 @@ def test_registry_in_the_store_resolves_from_another_mirror(s3, tiny_model_dir, 
 
 def test_graph_with_s3_output_and_registry_resumes_from_the_store(s3, ray_session, tiny_model_dir, tmp_path):
     cfg = tiny_graph_config("s3run", tmp_path, tiny_model_dir, f"s3://{BUCKET}/runs", f"s3://{BUCKET}/registry")
+    # and a 2-trial sweep, whose Tune state and trial checkpoints go to the store (its winner is what is evaluated)
+    cfg["tune"] = {"space": {"r": [8], "alpha": "ratio", "lr": [5e-3, 1e-4]}, "searcher": "grid", "num_samples": 1,
+                   "max_t": 2, "eval_every": 2, "max_concurrent_trials": 1}
     config = tmp_path / "s3.yaml"
     config.write_text(yaml.safe_dump(cfg))
     address = ray_session.get_runtime_context().gcs_address
@@ -132,6 +135,18 @@ def test_graph_with_s3_output_and_registry_resumes_from_the_store(s3, ray_sessio
                 "evaluate/eval.json", "gate/gate.json"):
         assert f"runs/s3run/{key}" in stored, (key, stored)
     assert any(k.startswith("runs/s3run/sft/ray_train/") and "checkpoint" in k for k in stored), stored
+    # the sweep: Tune's experiment state, both trials' checkpoints and the finished-trial ledger in the store; the
+    # winner and the report pushed as a finished stage; none of the store-only state in the local mirror
+    tune_keys = [k for k in stored if k.startswith("runs/s3run/tune/")]
+    assert any(k.startswith("runs/s3run/tune/ray_tune/experiments/sweep-") for k in tune_keys), tune_keys
+    trials = {k.split("/")[5] for k in tune_keys if k.startswith("runs/s3run/tune/ray_tune/trials/") and "checkpoint"
+              in k}
+    assert len(trials) == 2, tune_keys
+    ledger = [k for k in tune_keys if k.endswith("ray_tune/trials_finished.jsonl")]
+    assert ledger and "runs/s3run/tune/winner/adapter_model.safetensors" in tune_keys, tune_keys
+    mirror_tune = tmp_path / "machine-a" / "mirror" / "s3" / BUCKET / "runs" / "s3run" / "tune"
+    assert (mirror_tune / "sweep_report.md").is_file() and not (mirror_tune / "ray_tune").exists()
+    assert not (mirror_tune / "trials").exists() and not (mirror_tune / "experiments" / "trials").exists()
     assert not (tmp_path / "machine-a" / "mirror" / "s3" / BUCKET / "runs" / "s3run" / "sft" / "ray_train").exists()
     assert "registry/models/s3run/1/adapter_model.safetensors" in keys("registry/")
     assert not Path("s3:").exists() and not (REPO / "s3:").exists()  # nothing written to a folder named "s3:"
@@ -139,4 +154,16 @@ def test_graph_with_s3_output_and_registry_resumes_from_the_store(s3, ray_sessio
     second = run("machine-b", "--dry-run")  # another machine: an empty mirror, the store's records
     assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
     plan = {line.split()[0]: line.split()[2] for line in second.stdout.splitlines()[1:] if line.strip()}
-    assert {plan[s] for s in ("data", "sft", "evaluate", "gate")} == {"cached"}, second.stdout
+    assert {plan[s] for s in ("data", "sft", "tune", "evaluate", "gate")} == {"cached"}, second.stdout
+
+
+def test_fault_drill_marker_lands_beside_checkpoints_in_the_store(s3):
+    """train.fail_once_at_step's marker goes where the run's checkpoints are, the store included (not into a local
+    folder named "s3:")."""
+    from pipelines.train import loop
+
+    uri = f"s3://{BUCKET}/drill/ray_train/fault_drill_step3"
+    assert not loop._marker_exists(uri)
+    loop._write_marker(uri)
+    assert loop._marker_exists(uri) and keys("drill/") == ["drill/ray_train/fault_drill_step3"]
+    assert not Path("s3:").exists()
