@@ -112,10 +112,11 @@ class DataConfig(Section):
     engine: Literal["auto", "ray", "local"] = Field("auto", description=(
         "Where curation and tokenization run: 'ray' (Ray Data tasks across the cluster), 'local' (the same "
         "per-slice functions in forked processes of the driver, one per CPU, no Ray tasks), or 'auto': local when "
-        "the input files total "
-        "at most data.local_max_mib (a Ray Data pass pays seconds of worker start-up and imports that small data "
-        "never earns back), else ray. Outputs are identical either way."))
-    local_max_mib: float = Field(8.0, ge=0, description="engine=auto: inputs up to this many MiB run locally.")
+        "the input files total at most data.local_max_mib or the Ray cluster is the driver's node alone (Ray Data "
+        "tasks would use the same CPUs after seconds of worker start-up and imports), else ray; object-store "
+        "inputs: ray. Outputs are identical either way."))
+    local_max_mib: float = Field(8.0, ge=0, description=(
+        "engine=auto on a multi-node cluster: inputs up to this many MiB run locally."))
     num_blocks: int | None = Field(None, ge=1, description="Read parallelism (files read at once); default all.")
     category_field: str | None = Field(None, description="Row field naming its category; default the file name.")
     task_cpus: float = Field(1.0, ge=0, description=(

@@ -110,12 +110,26 @@ def task_seconds(parsed: Path) -> dict[str, float]:
 
 
 def pick_engine(cfg, files: list[str]) -> str:
-    """data.engine, with 'auto' resolved from the inputs' size (object-store inputs: ray)."""
+    """data.engine, with 'auto' resolved: object-store inputs → ray; local files → local when they total at most
+    data.local_max_mib or the Ray cluster is this one node (Ray Data tasks there would run on the same CPUs the
+    forked processes use, after seconds of worker start-up), else ray (tasks spread over the nodes)."""
     if cfg.engine != "auto":
         return cfg.engine
     if any("://" in f for f in files):
         return "ray"
-    return "local" if sum(os.path.getsize(f) for f in files) <= cfg.local_max_mib * 2 ** 20 else "ray"
+    if sum(os.path.getsize(f) for f in files) <= cfg.local_max_mib * 2 ** 20:
+        return "local"
+    return "local" if _one_node() else "ray"
+
+
+def _one_node() -> bool:
+    """No Ray cluster, or one whose only live node is this machine."""
+    import ray
+
+    if not ray.is_initialized():
+        return True
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    return len(alive) == 1 and alive[0].get("NodeID") == ray.get_runtime_context().get_node_id()
 
 
 def _parse_local(files: list[str], parse_args: tuple, dest: Path, cfg) -> int:

@@ -154,6 +154,10 @@ def test_same_seed_identical_bytes_other_seed_differs(curated, corpus, tiny_mode
     from pipelines.data import curate, local_pool
 
     assert json.loads((curated["out"] / "manifest.json").read_text())["engine"] == "local"
+    # auto on this one-node cluster: local whatever the size (data.local_max_mib counts on multi-node clusters)
+    big = _cfg(corpus["src"], local_max_mib=0)
+    assert curate.pick_engine(big, big.train_files()) == "local"
+    assert curate.pick_engine(_cfg(corpus["src"], engine="ray"), big.train_files()) == "ray"
     # one slice per input file, run by forked processes of the driver (one per CPU)
     report = json.loads((curated["out"] / "curation_report.json").read_text())
     assert report["phases"]["local_processes"] == min(local_pool.cpus(), 3), report["phases"]  # 3 input files

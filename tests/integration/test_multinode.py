@@ -39,7 +39,8 @@ def test_qlora_sft_spread_over_two_nodes_quantizes_once_per_node(tiny_model_dir,
     rows = [json.loads(line) for line in DEMO.read_text().splitlines()[:64]]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = {"name": "spread", "output_dir": str(tmp_path / "runs"), "model": {"name": tiny_model_dir},
-           "data": {"train_path": str(tmp_path / "train.jsonl"), "max_length": 128},
+           # local_max_mib 0: data.engine auto decides by the cluster alone; on 2 nodes that is Ray Data
+           "data": {"train_path": str(tmp_path / "train.jsonl"), "max_length": 128, "local_max_mib": 0},
            "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "quant": {"load_in_4bit": True},
            "train": {"num_workers": 2, "cpus_per_worker": 1, "placement_strategy": "STRICT_SPREAD", "max_steps": 2,
                      "batch_size": 4, "lr": 1e-3, "warmup_steps": 0, "log_every": 1, "tracking_uri": "off"}}
@@ -50,6 +51,8 @@ def test_qlora_sft_spread_over_two_nodes_quantizes_once_per_node(tiny_model_dir,
                          capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
 
+    data = json.loads((tmp_path / "runs" / "spread" / "data" / "manifest.json").read_text())
+    assert data["metrics"]["engine"] == "ray", data["metrics"]  # two nodes: the data stage ran on Ray Data
     manifest = json.loads((tmp_path / "runs" / "spread" / "sft" / "manifest.json").read_text())
     ranks = manifest["metrics"]["ranks"]
     assert len(ranks) == 2 and len({r["node_id"] for r in ranks}) == 2, ranks  # one worker per node

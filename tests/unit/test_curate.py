@@ -90,3 +90,20 @@ def test_truncation_drops_oldest_exchange_never_the_answer():
     assert drop_oldest_exchange(m) == [m[0], m[3], m[4]]
     assert drop_oldest_exchange([m[0], m[3], m[4]]) is None
     assert dedup_text("A  b") == "a b"
+
+
+def test_engine_auto_without_a_cluster_or_for_small_inputs_is_local(tmp_path, monkeypatch):
+    """data.engine auto: small local inputs and no Ray cluster → local; object-store inputs → ray; a forced engine
+    stays as set. (On one node and on two: tests/integration/test_data.py and test_multinode.py.)"""
+    import ray
+
+    from pipelines.data import curate
+    from pipelines.data.config import DataConfig
+
+    src = tmp_path / "rows.jsonl"
+    src.write_text('{"instruction": "a", "output": "b"}\n' * 10)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    assert curate.pick_engine(DataConfig(train_path=str(src)), [str(src)]) == "local"
+    assert curate.pick_engine(DataConfig(train_path=str(src), local_max_mib=0), [str(src)]) == "local"
+    assert curate.pick_engine(DataConfig(train_path=str(src)), ["s3://b/rows.jsonl"]) == "ray"
+    assert curate.pick_engine(DataConfig(train_path=str(src), engine="ray"), [str(src)]) == "ray"
