@@ -57,9 +57,10 @@ def init_ray(cfg: RunConfig) -> None:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:  # under `ray job submit`, RAY_ADDRESS points at the cluster the job runs on
         ray.init(address=address, runtime_env={"env_vars": env})
-    else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard or cfg.tune is not None,
-                 runtime_env={"env_vars": env})
+    else:  # address="local": a new instance of our own, even when other Ray instances run on this machine (with
+        # no address Ray joins the newest of them, and refuses num_cpus for it: a traceback, not a run)
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus,
+                 include_dashboard=cfg.ray.include_dashboard or cfg.tune is not None, runtime_env={"env_vars": env})
 
 
 def finish() -> None:

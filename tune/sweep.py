@@ -164,10 +164,13 @@ def wait_released(before: set[str], timeout: float | None = None) -> list[str]:
 
 def check_state_api() -> None:
     """Refuse a cluster without the State API (no dashboard): Tune over Train V2 would hang on it."""
+    import ray
     from ray.util.state import list_actors
 
-    try:
-        list_actors(limit=1, timeout=20, raise_on_missing_output=False)
+    try:  # this cluster's address: without one the client looks for a Ray on this machine, and refuses when
+        # several run here (a second local instance, a test cluster)
+        list_actors(address=ray.get_runtime_context().gcs_address, limit=1, timeout=20,
+                    raise_on_missing_output=False)
     except Exception as e:  # the State API client raises plain exceptions for an absent dashboard
         raise ClusterNotReady(
             f"this Ray cluster has no State API ({type(e).__name__}: {str(e).splitlines()[0][:200]}): Ray Tune over "

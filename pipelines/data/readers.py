@@ -145,6 +145,7 @@ class RawRecord:
     line: int
     raw: str | None
     error: str = ""
+    ordinal: int = 0  # JSON arrays: the element's number (1-based), unique where line is not (a one-line array)
 
 
 def iter_records(path: str, byte_range: tuple[int, int, int] | None = None) -> Iterator[RawRecord]:
@@ -231,16 +232,18 @@ def _json_array(data: bytes) -> Iterator[RawRecord]:
         yield from (RawRecord(i, s) for i, s in enumerate(text.splitlines(), 1) if s.strip())
         return
     pos = _skip_ws(text, pos + 1)
-    counted, start_line = 0, 1  # newlines counted incrementally: O(file), not O(file x rows)
+    counted, start_line, ordinal = 0, 1, 0  # newlines counted incrementally: O(file), not O(file x rows)
     while pos < len(text) and text[pos] != "]":
         start_line += text.count("\n", counted, pos)
         counted = pos
         try:
             _, end = dec.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            yield RawRecord(start_line, text[pos:pos + 2000], f"broken_json: {e.msg} (rest of the array unread)")
+            yield RawRecord(start_line, text[pos:pos + 2000], f"broken_json: {e.msg} (rest of the array unread)",
+                            ordinal=ordinal + 1)
             return
-        yield RawRecord(start_line, text[pos:end])
+        ordinal += 1
+        yield RawRecord(start_line, text[pos:end], ordinal=ordinal)
         pos = _skip_ws(text, end)
         if pos < len(text) and text[pos] == ",":
             pos = _skip_ws(text, pos + 1)
@@ -298,7 +301,8 @@ def _jsonable(v: Any) -> Any:
 
 def record_batches(paths: list[str], file_ids: list[int], chunk: int = 2048,
                    ranges: list[tuple[int, int, int] | None] | None = None) -> Iterator[dict[str, list]]:
-    """Columnar batches of at most `chunk` records: source, line, raw, error, row_id (file id << 32 | line)."""
+    """Columnar batches of at most `chunk` records: source, line, raw, error, row_id (file id << 32 | the line,
+    or for a JSON array the element's number: elements of a one-line array share their line)."""
     out: dict[str, list] = {"source": [], "line": [], "raw": [], "error": [], "row_id": []}
     for path, fid, byte_range in zip(paths, file_ids, ranges or [None] * len(paths)):
         for rec in iter_records(path, byte_range):
@@ -306,7 +310,7 @@ def record_batches(paths: list[str], file_ids: list[int], chunk: int = 2048,
             out["line"].append(rec.line)
             out["raw"].append(rec.raw if rec.raw is not None else "")
             out["error"].append(rec.error)
-            out["row_id"].append((int(fid) << 32) | rec.line)
+            out["row_id"].append((int(fid) << 32) | (rec.ordinal or rec.line))  # unique within the file
             if len(out["raw"]) >= chunk:
                 yield out
                 out = {k: [] for k in out}

@@ -270,3 +270,19 @@ def test_a_hugging_face_dataset_is_read_through_datasets(tmp_path):
     assert _hub_spec("hf://datasets/owner/repo/data/file.jsonl") is None  # a file in a repo: fsspec
     with pytest.raises(ValueError, match="not both"):
         DataConfig(hf_dataset="a/b", train_path="x.jsonl")
+
+
+def test_a_one_line_json_array_gives_every_element_its_own_row_id(tmp_path):
+    """The shared Alpaca file is one line: `[{...}, {...}, ...]`. Its elements all start on line 1, so the row id
+    (file id << 32 | position) takes the element's number; the curation of such a file keeps every row."""
+    from pipelines.data.readers import record_batches
+
+    p = tmp_path / "one_line.json"
+    p.write_text(json.dumps([{"instruction": f"q{i}", "output": f"a{i}"} for i in range(5)]) + "\n")
+    (b,) = record_batches([str(p)], [3])
+    assert b["line"] == [1] * 5
+    assert b["row_id"] == [(3 << 32) | i for i in range(1, 6)]
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"instruction": "q", "output": "a"}, {"instruction": oops}]')
+    (b,) = record_batches([str(broken)], [0])
+    assert b["row_id"] == [1, 2] and b["error"][1].startswith("broken_json")
