@@ -78,12 +78,22 @@ def repeated_ngram_ratio(text: str, n: int = 3) -> float:
     return 1.0 - len(set(grams)) / len(grams)
 
 
+_PUNCT = ".,;:!?'\"()-"
+_ASCII_SPACE = bytes(c for c in range(128) if chr(c).isspace())
+_ASCII_PLAIN = bytes(c for c in range(128) if chr(c).isalnum() or chr(c) in _PUNCT) + _ASCII_SPACE
+
+
 def symbol_ratio(text: str) -> float:
-    """Share of non-space characters that are neither letters, digits nor common punctuation."""
+    """Share of non-space characters that are neither letters, digits nor common punctuation. ASCII text (most
+    rows) is counted by bytes.translate, in C; other text character by character, with the same result."""
+    if text.isascii():
+        raw = text.encode()
+        nonspace = len(raw.translate(None, _ASCII_SPACE))
+        return len(raw.translate(None, _ASCII_PLAIN)) / nonspace if nonspace else 0.0
     chars = [c for c in text if not c.isspace()]
     if not chars:
         return 0.0
-    return sum(1 for c in chars if not c.isalnum() and c not in ".,;:!?'\"()-") / len(chars)
+    return sum(1 for c in chars if not c.isalnum() and c not in _PUNCT) / len(chars)
 
 
 def quality_reason(kind: str, rec: dict[str, Any], t: FilterSection, n_tokens: int | None = None,

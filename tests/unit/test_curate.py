@@ -107,3 +107,20 @@ def test_engine_auto_without_a_cluster_or_for_small_inputs_is_local(tmp_path, mo
     assert curate.pick_engine(DataConfig(train_path=str(src), local_max_mib=0), [str(src)]) == "local"
     assert curate.pick_engine(DataConfig(train_path=str(src)), ["s3://b/rows.jsonl"]) == "ray"
     assert curate.pick_engine(DataConfig(train_path=str(src), engine="ray"), [str(src)]) == "ray"
+
+
+def test_symbol_ratio_fast_ascii_path_equals_the_character_rule(shared_data):
+    """symbol_ratio counts ASCII text with bytes.translate; the result is the per-character rule's, on every
+    printable and control ASCII character and on the shared Alpaca rows."""
+    import json
+    import string
+
+    from pipelines.data.filters import symbol_ratio
+
+    def rule(text: str) -> float:
+        chars = [c for c in text if not c.isspace()]
+        return sum(1 for c in chars if not c.isalnum() and c not in ".,;:!?'\"()-") / len(chars) if chars else 0.0
+
+    texts = ["", "   \n\t", string.printable, "".join(map(chr, range(128))), "a_b#c$d", "x\x1cy\x0bz", "ünïcode ✓ ok"]
+    texts += [" ".join(r.values()) for r in json.loads((shared_data / "sft" / "alpaca_5000.json").read_text())[:500]]
+    assert all(symbol_ratio(t) == rule(t) for t in texts)
