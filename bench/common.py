@@ -34,19 +34,25 @@ class _Sampler:
 
 
 class PeakRSS(_Sampler):
-    """Peak resident memory of this process and all its children (Ray workers included) while active."""
+    """Peak resident memory of this process and all its children (Ray workers included) while active: the sum of
+    their RSS (`peak`: a page shared by forked processes counts in each), and with pss=True also the sum of
+    their PSS (`peak_pss`: a shared page split among its sharers, what the tree really holds; Linux)."""
 
-    def __init__(self):
-        self.peak = 0
+    def __init__(self, pss: bool = False):
+        self.peak = self.peak_pss = 0
+        self.pss = pss
 
     def sample(self, me, psutil) -> None:
-        total = 0
+        total = total_pss = 0
         for p in [me] + me.children(recursive=True):
             try:
                 total += p.memory_info().rss
-            except psutil.Error:
+                if self.pss:
+                    total_pss += p.memory_full_info().pss
+            except (psutil.Error, AttributeError):
                 pass
         self.peak = max(self.peak, total)
+        self.peak_pss = max(self.peak_pss, total_pss)
 
 
 def vm_hwm(pid: int) -> int:

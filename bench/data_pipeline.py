@@ -109,14 +109,15 @@ def child_ray(args) -> dict:
     runner.init_ray(cfg)
     load_tokenizer(args.model_dir)  # as the baseline: the driver's tokenizer import before the timer
     try:
-        with PeakRSS() as rss:
+        with PeakRSS(pss=True) as rss:
             t0 = time.perf_counter()
             out = data.run(cfg.data, args.model_dir, Path(args.work) / "ray_out")
             secs = time.perf_counter() - t0
     finally:
         runner.finish()
     m = read_manifest(out, kind="tokenized_dataset")["metrics"]
-    return {"seconds": secs, "peak_rss": rss.peak, "rows_in": m["rows_in"], "rows_kept": m["rows_kept"],
+    return {"seconds": secs, "peak_rss": rss.peak, "peak_pss": rss.peak_pss, "rows_in": m["rows_in"],
+            "rows_kept": m["rows_kept"],
             "rejected_by_reason": m["rejected_by_reason"], "phases": phases_of(out)}
 
 
@@ -157,7 +158,7 @@ def child_datasets(args, same_work: bool = False) -> dict:
 
     datasets.disable_progress_bars()
     _baseline_row({"instruction": "warm", "output": "up"}, args.model_dir, args.max_length)  # tokenizer loaded
-    with PeakRSS() as rss:
+    with PeakRSS(pss=True) as rss:
         t0 = time.perf_counter()
         ds = datasets.load_dataset("json", data_files=args.input, split="train",
                                    cache_dir=str(Path(args.work) / "hf_cache"))
@@ -187,7 +188,7 @@ def child_datasets(args, same_work: bool = False) -> dict:
     if near:
         by_reason["near_duplicate"] = near
     by_reason["exact_duplicate"] = n_in - len(keep) - sum(by_reason.values())
-    return {"seconds": secs, "peak_rss": rss.peak, "rows_in": n_in, "rows_kept": len(keep),
+    return {"seconds": secs, "peak_rss": rss.peak, "peak_pss": rss.peak_pss, "rows_in": n_in, "rows_kept": len(keep),
             "rejected_by_reason": by_reason}
 
 
@@ -273,8 +274,8 @@ def run_child(kind: str, jsonl: Path, model_dir: str, args, work: Path) -> dict:
 
 def median_of(runs: list[dict]) -> dict:
     out = dict(runs[0])
-    for k in ("seconds", "peak_rss"):
-        out[k] = statistics.median(r[k] for r in runs)
+    for k in ("seconds", "peak_rss", "peak_pss"):
+        out[k] = statistics.median(r.get(k, 0) for r in runs)
     out["rows_per_s"] = out["rows_in"] / out["seconds"]
     return out
 
@@ -349,22 +350,27 @@ def compare(args, model_dir: str) -> dict:
         "peak_rss_mib_1x": round(r1["peak_rss"] / mib, 1), "peak_rss_mib_big": round(rb["peak_rss"] / mib, 1),
         "datasets_peak_rss_mib_1x": round(d1["peak_rss"] / mib, 1),
         "rss_10x_over_1x": round(rb["peak_rss"] / r1["peak_rss"], 3),
+        "peak_pss_mib_1x": round(r1["peak_pss"] / mib, 1), "peak_pss_mib_big": round(rb["peak_pss"] / mib, 1),
+        "datasets_peak_pss_mib_1x": round(d1["peak_pss"] / mib, 1),
+        "pss_10x_over_1x": round(rb["peak_pss"] / r1["peak_pss"], 3) if r1["peak_pss"] else None,
         "phases_1x": median_phases([r["phases"] for r in res["ray_1x"]]),
         "phases_big": median_phases([r["phases"] for r in res["ray_big"]]),
     }
     w = 36
     print(f"\nData pipeline, curate + tokenize ({args.model}, max_length {args.max_length}, "
           f"median of {args.repeats} run{'s' if args.repeats > 1 else ''}, 2 CPUs)")
-    print(f"{'':{w}} {'rows in':>9} {'kept':>7} {'seconds':>8} {'rows/s':>8} {'peak RSS MiB':>13}")
+    print(f"{'':{w}} {'rows in':>9} {'kept':>7} {'seconds':>8} {'rows/s':>8} {'peak RSS MiB':>13} "
+          f"{'peak PSS MiB':>13}")
     for label, r in (("datasets.map(num_proc=2), 1x", d1), ("same work: + MinHash LSH + split, 1x", s1),
                      (f"ours (engine {r1['phases']['engine']}), 1x", r1), ("ours (engine ray, forced), 1x", t1),
                      (f"ours (engine {rb['phases']['engine']}), {args.scale}x", rb)):
         print(f"{label:{w}} {r['rows_in']:>9} {r['rows_kept']:>7} {r['seconds']:>8.1f} {r['rows_per_s']:>8.1f} "
-              f"{r['peak_rss'] / mib:>13.0f}")
+              f"{r['peak_rss'] / mib:>13.0f} {r['peak_pss'] / mib:>13.0f}")
     print(f"rows/s ratio, ours over datasets.map at 1x: {figures['rows_per_s_ratio']:.2f} (goal >= 1.0); "
           f"over the same-work baseline: {figures['same_work_ratio']:.2f} (goal >= 1.5)")
     print(f"peak RSS (process tree, psutil; object store shm counted as mapped), {args.scale}x over 1x: "
-          f"{figures['rss_10x_over_1x']:.2f} (streaming target <= 1.2)")
+          f"{figures['rss_10x_over_1x']:.2f} (streaming target <= 1.2); peak PSS (a page shared by forked processes "
+          f"counted once): {figures['pss_10x_over_1x']}")
     print_phases(figures["phases_1x"], "1x")
     print_phases(figures["phases_big"], f"{args.scale}x")
     return figures

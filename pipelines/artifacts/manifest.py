@@ -45,17 +45,19 @@ def code_version() -> str:
         return "unknown"
 
 
-def write_manifest(out_dir: str | os.PathLike, *, kind: str, inputs: dict[str, str],
+def write_manifest(out_dir: str | os.PathLike, *, kind: str, inputs: dict[str, Any],
                    config: dict[str, Any], metrics: dict[str, Any] | None = None,
                    extra: dict[str, Any] | None = None) -> Path:
-    """Write `manifest.json` into out_dir; `inputs` maps a role to a path, hashed here."""
+    """Write `manifest.json` into out_dir; `inputs` maps a role to a path, hashed here, or to {"path", "hash"}
+    already hashed (e.g. a model folder's tokenizer files alone)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     doc = {
         "kind": kind,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "code_version": code_version(),
-        "inputs": {role: {"path": str(p), "hash": hash_path(p)} for role, p in inputs.items()},
+        "inputs": {role: dict(p) if isinstance(p, dict) else {"path": str(p), "hash": hash_path(p)}
+                   for role, p in inputs.items()},
         "config": config,
         "metrics": metrics or {},
         **(extra or {}),

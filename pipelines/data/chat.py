@@ -34,8 +34,34 @@ class Tokenized:
 _PLAIN_FAST = {"TokenizersBackend", "PreTrainedTokenizerFast"}
 
 
+_TOKENIZERS: dict[str, Any] = {}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".msgpack", ".h5", ".ckpt", ".onnx")
+
+
+def tokenizer_hash(model_dir: str) -> str:
+    """sha256 over a model folder's files other than weights: what tokenization depends on (tokenizer files,
+    chat template, config), without reading gigabytes of weights the tokenized data does not depend on."""
+    import hashlib
+
+    h = hashlib.sha256()
+    root = Path(model_dir)
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES)
+                    and ".cache" not in p.parts):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return "sha256:" + h.hexdigest()
+
+
 def load_tokenizer(model_dir: str):
-    """The model folder's tokenizer, as AutoTokenizer would load it, importing as little as possible."""
+    """The model folder's tokenizer (one instance per process and folder), as AutoTokenizer would load it,
+    importing as little as possible."""
+    key = str(Path(model_dir).resolve())
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = _load_tokenizer(model_dir)
+    return _TOKENIZERS[key]
+
+
+def _load_tokenizer(model_dir: str):
     cfg = Path(model_dir, "tokenizer_config.json")
     cls = json.loads(cfg.read_text()).get("tokenizer_class") if cfg.is_file() else None
     if cls in _PLAIN_FAST and Path(model_dir, "tokenizer.json").is_file():

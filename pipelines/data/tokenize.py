@@ -19,7 +19,7 @@ from typing import Any
 
 from pipelines.artifacts.manifest import read_manifest, write_manifest
 from pipelines.data import curate, local_pool
-from pipelines.data.chat import load_tokenizer, tokenize_records
+from pipelines.data.chat import load_tokenizer, tokenize_records, tokenizer_hash
 from pipelines.data.config import (
     DataConfig,
 )
@@ -168,7 +168,8 @@ def tokenize(cfg: DataConfig, curated_dir: str | os.PathLike, model_dir: str, ou
     if metrics["rows_in"] != metrics["rows_kept"] + metrics["rows_rejected"]:
         raise RuntimeError(f"row accounting broke: {metrics}")
     write_manifest(out, kind="tokenized_dataset",
-                   inputs={"train": str(curated / cm["outputs"]["train"]), "tokenizer": model_dir},
+                   inputs={"train": str(curated / cm["outputs"]["train"]),
+                           "tokenizer": {"path": model_dir, "hash": tokenizer_hash(model_dir)}},
                    config=cfg.model_dump(), metrics=metrics,
                    extra={"outputs": {s: f"tokens/split={s}" for s in SPLITS}, "packed": cfg.packing.enabled,
                           "curated": str(curated), "content_hash": cm["content_hash"]})
@@ -179,14 +180,14 @@ def _tokenize_splits(cfg: DataConfig, model_dir: str, srcs: list[Path], out: Pat
                      engine: str = "ray") -> None:
     """Tokenize (and pack, if configured) every split in one Ray Data pass over row-group slices; then, on the
     driver, refused rows go to rejected/ and kept rows to out/tokens/split=<name>/ (two streaming pyarrow scans)."""
-    import ray
-
     work = out / "_work" / "tokens"
     with curate.timed(stats["phases"], "tokenize"):
         items = _slices(srcs)
         if items and engine == "local":  # the same slice function, in forked processes of this one (data.engine)
             stats["local_processes"] = _tokenize_local(items, model_dir, cfg, work)
         elif items:
+            import ray
+
             ds = ray.data.from_items(items, override_num_blocks=len(items))
             ds.map_batches(_tokenize_slices, fn_args=(model_dir, cfg), batch_size=1, batch_format="numpy",
                            num_cpus=cfg.task_cpus, compute=curate.parse_compute(cfg)).write_parquet(str(work))

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from pipelines.artifacts import storage
 from pipelines.train.config import WorkerJob, deepspeed_config
 from pipelines.train.engine import Engine, all_sum, make_optimizer
 
@@ -228,14 +229,10 @@ def run_loop(job: WorkerJob, model, *, loss_fn: Callable, collate, count_items: 
 
 
 def _marker_exists(path: str) -> bool:
-    from pipelines.artifacts import storage
-
     return storage.exists(path) if storage.is_uri(path) else Path(path).exists()
 
 
 def _write_marker(path: str) -> None:
-    from pipelines.artifacts import storage
-
     if storage.is_uri(path):
         fs, key = storage.filesystem(path)
         with fs.open_output_stream(key) as f:
