@@ -91,3 +91,18 @@ def test_manifest_round_trip_and_kind_check(tmp_path):
     assert hash_path(src) != doc["inputs"]["train"]["hash"]
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
         read_manifest(tmp_path / "nothing")
+
+
+def test_tokenizer_hash_covers_the_tokenizer_files_not_the_weights(tmp_path):
+    """The tokenized data's manifest records the tokenizer by tokenizer_hash: a change of the tokenizer or the
+    chat template changes it, new weights do not (and are never read)."""
+    from pipelines.data.chat import tokenizer_hash
+
+    (tmp_path / "tokenizer.json").write_text('{"v": 1}')
+    (tmp_path / "tokenizer_config.json").write_text('{"chat_template": "a"}')
+    (tmp_path / "model.safetensors").write_bytes(b"weights-1")
+    first = tokenizer_hash(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"weights-2, retrained")
+    assert tokenizer_hash(str(tmp_path)) == first
+    (tmp_path / "tokenizer_config.json").write_text('{"chat_template": "b"}')
+    assert tokenizer_hash(str(tmp_path)) != first
