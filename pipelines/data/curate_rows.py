@@ -118,12 +118,13 @@ class ParseRows:
             res.update(reason=parsed.reason, detail=parsed.detail)
             return res
         kind, rec, row = parsed
-        reason = quality_reason(kind, rec, self.thresholds, n_tokens, self.max_tokens)
         text = full_text(kind, rec)
+        dtext = dedup_text(text)  # once: the n-gram filter, the exact key and MinHash all read it
+        reason = quality_reason(kind, rec, self.thresholds, n_tokens, self.max_tokens, dtext=dtext)
         category = row.get(self.category_field) if self.category_field else None
         res.update(kind=kind, reason=reason, record=json.dumps(rec, ensure_ascii=False), n_tokens=n_tokens,
                    category=str(category) if category not in (None, "") else PurePosixPath(source).stem,
-                   dtext=dedup_text(text), exact_key=exact_key(text))
+                   dtext=dtext, exact_key=exact_key(text, dtext))
         if not reason:
             res["raw"] = ""  # the record holds it; raw text is kept only for refused rows
         return res

@@ -64,14 +64,15 @@ def dedup_text(text: str) -> str:
     return " ".join(_WORD.findall(text.casefold()))
 
 
-def exact_key(text: str) -> str:
-    """16-byte hex digest of the de-duplication text: equal keys = exact duplicates after normalisation."""
-    return hashlib.blake2b(dedup_text(text).encode(), digest_size=16).hexdigest()
+def exact_key(text: str, dtext: str | None = None) -> str:
+    """16-byte hex digest of the de-duplication text (dtext: dedup_text(text), when the caller has it): equal
+    keys = exact duplicates after normalisation."""
+    return hashlib.blake2b((dedup_text(text) if dtext is None else dtext).encode(), digest_size=16).hexdigest()
 
 
-def repeated_ngram_ratio(text: str, n: int = 3) -> float:
+def repeated_ngram_ratio(text: str, n: int = 3, dtext: str | None = None) -> float:
     """Share of word n-grams that repeat an earlier one (0 = all distinct); texts under 4n words count as 0."""
-    words = dedup_text(text).split()
+    words = (dedup_text(text) if dtext is None else dtext).split()
     if len(words) < 4 * n:
         return 0.0
     grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
@@ -97,8 +98,9 @@ def symbol_ratio(text: str) -> float:
 
 
 def quality_reason(kind: str, rec: dict[str, Any], t: FilterSection, n_tokens: int | None = None,
-                   max_tokens: int | None = None) -> str:
-    """'' if the record passes, else the first failing filter's reason (length first, then content)."""
+                   max_tokens: int | None = None, dtext: str | None = None) -> str:
+    """'' if the record passes, else the first failing filter's reason (length first, then content). dtext:
+    dedup_text of the record's full text, when the caller has it."""
     text = full_text(kind, rec)
     if (t.max_chars is not None and len(text) > t.max_chars) or (
             max_tokens is not None and n_tokens is not None and n_tokens > max_tokens):
@@ -106,7 +108,7 @@ def quality_reason(kind: str, rec: dict[str, Any], t: FilterSection, n_tokens: i
     if len(answer_of(kind, rec)) < t.min_answer_chars or (
             kind == "preference" and len(rec["rejected"]) < t.min_answer_chars):
         return "too_short_answer"
-    if t.max_repeated_ngram_ratio is not None and repeated_ngram_ratio(text) > t.max_repeated_ngram_ratio:
+    if t.max_repeated_ngram_ratio is not None and repeated_ngram_ratio(text, dtext=dtext) > t.max_repeated_ngram_ratio:
         return "repeated_ngrams"
     if t.max_symbol_ratio is not None and symbol_ratio(text) > t.max_symbol_ratio:
         return "symbol_ratio"
