@@ -278,14 +278,22 @@ def smallest_gpu(setup: Setup, shape: ModelShape, counts=(1, 2, 4, 8)) -> tuple[
     return None
 
 
-def plan_serving(shape: ModelShape, serve, lora_targets: tuple[str, ...] | None = None) -> list[Part]:
+def serving_on_gpu(serve, use_gpu: bool) -> bool:
+    """Whether the plan's serving replica is a GPU one: serve.accelerator, 'auto' following the training's."""
+    return serve.accelerator == "gpu" or (serve.accelerator == "auto" and use_gpu)
+
+
+def plan_serving(shape: ModelShape, serve, lora_targets: tuple[str, ...] | None = None, gpu: bool = False
+                 ) -> list[Part]:
     """One engine replica: weights + KV cache (max_model_len tokens × max_ongoing_requests × layers × kv heads ×
-    head_dim × 2 (K and V) × dtype) + vLLM's LoRA slots (max_loras × max_lora_rank over every linear layer)."""
-    b = BYTES[serve.dtype]
+    head_dim × 2 (K and V) × dtype) + vLLM's LoRA slots (max_loras × max_lora_rank over every linear layer);
+    dtype: serve.engine_dtype(gpu)."""
+    dtype = serve.engine_dtype(gpu)
+    b = BYTES[dtype]
     tokens = serve.max_model_len * serve.max_ongoing_requests
     slots = sum(v["total"] for v in lora_params(shape, serve.max_lora_rank, lora_targets or
                                                 tuple(shape.matrices())).values())
-    return [Part("weights", shape.total_params() * b, serve.dtype),
+    return [Part("weights", shape.total_params() * b, dtype),
             Part("kv_cache", tokens * shape.layers * shape.kv_dim * 2 * b,
                  f"{serve.max_model_len} tokens × {serve.max_ongoing_requests} requests"),
             Part("lora_slots", serve.max_loras * slots * b, f"{serve.max_loras} × rank {serve.max_lora_rank}")]

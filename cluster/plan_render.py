@@ -7,7 +7,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from cluster.plan import GIB, Setup, TrainingPlan, fits, lora_params, plan_serving, smallest_gpu, step_seconds, table
+from cluster.plan import (
+    GIB,
+    Setup,
+    TrainingPlan,
+    fits,
+    lora_params,
+    plan_serving,
+    serving_on_gpu,
+    smallest_gpu,
+    step_seconds,
+    table,
+)
 from cluster.plan_shape import ModelShape
 
 
@@ -77,9 +88,10 @@ def render_training(plan: TrainingPlan, serve=None) -> str:
     lines.append(f"smallest fit: {best[1]} × {best[0]['label']}" if best else "smallest fit: none of these "
                  "(up to 8 GPUs): lower the batch or sequence, checkpoint gradients, quantize, or use ZeRO-3")
     if serve is not None:
-        parts = plan_serving(shape, serve)
-        lines += ["", f"serve (one replica, {serve.dtype}): " + " + ".join(f"{p.name} {size(p.bytes)} ({p.note})"
-                                                                       for p in parts)
+        gpu = serving_on_gpu(serve, s.use_gpu)
+        parts = plan_serving(shape, serve, gpu=gpu)
+        lines += ["", f"serve (one {'GPU' if gpu else 'CPU'} replica, {serve.engine_dtype(gpu)}): "
+                  + " + ".join(f"{p.name} {size(p.bytes)} ({p.note})" for p in parts)
                   + f" = {size(sum(p.bytes for p in parts))}"]
     return "\n".join(lines)
 
@@ -112,5 +124,7 @@ def as_json(plan: TrainingPlan, serve=None) -> dict[str, Any]:
     if not s.use_gpu:
         out["cpu_step_s"] = step_seconds(plan, None)
     if serve is not None:
-        out["serve"] = {p.name: round(p.bytes) for p in plan_serving(plan.shape, serve)}
+        gpu = serving_on_gpu(serve, s.use_gpu)
+        out["serve"] = {p.name: round(p.bytes) for p in plan_serving(plan.shape, serve, gpu=gpu)}
+        out["serve_dtype"] = serve.engine_dtype(gpu)
     return out

@@ -121,7 +121,7 @@ def llm_config(cfg: ServeConfig, base_model: str, *, gpu: bool) -> Any:
         model_loading_config={"model_id": cfg.model_alias, "model_source": base_model},
         accelerator_config={"kind": "gpu" if gpu else "cpu"},
         engine_kwargs={
-            "dtype": cfg.dtype, "max_model_len": cfg.max_model_len, "enable_lora": True,
+            "dtype": cfg.engine_dtype(gpu), "max_model_len": cfg.max_model_len, "enable_lora": True,
             "max_lora_rank": cfg.max_lora_rank,
             # One slot more than the gate admits (SlotGate: vLLM's full-slot bug); vLLM's CPU-side LRU holds
             # the replica's adapters and loads a new one before it evicts.

@@ -52,8 +52,9 @@ class ServeConfig(Section):
         "larger adapters are refused with a message. Every slot is padded to this rank, and the padding is "
         "computed on: keep it at the largest rank you serve."))
     max_model_len: int = Field(1024, ge=16, description="Context length (prompt + completion) in tokens.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Engine dtype. float32 on CPUs without bf16: faster there, and exact vs transformers.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description=(
+        "Engine dtype; 'auto': bfloat16 on a GPU replica, float32 on a CPU one (CPUs without bf16 run it faster, "
+        "and it is exact vs transformers)."))
     kv_cache_gb: float = Field(
         1.0, gt=0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE, whole GiB, at least 1).")
     gpu_memory_utilization: float = Field(
@@ -111,3 +112,7 @@ class ServeConfig(Section):
             raise ValueError(f"adapter_cache_size ({self.adapter_cache_size}) < max_loras ({self.max_loras}): a "
                              "batch could need adapters the cache just unloaded")
         return self
+
+    def engine_dtype(self, gpu: bool) -> str:
+        """The dtype a replica's engine runs: serve.dtype, with 'auto' resolved for a GPU or a CPU replica."""
+        return self.dtype if self.dtype != "auto" else ("bfloat16" if gpu else "float32")

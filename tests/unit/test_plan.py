@@ -142,3 +142,18 @@ def test_check_fits_skips_what_it_cannot_know(tiny_config, monkeypatch, tmp_path
     cfg = tiny_config()
     (Path(cfg.model.name) / "config.json").write_text("{}")  # a folder without a shape: not checked
     assert cli_plan.check_fits(cfg) is None
+
+
+def test_serving_dtype_auto_is_bf16_on_gpu_and_fp32_on_cpu():
+    """serve.dtype=auto (the default): a GPU replica's engine runs bfloat16, a CPU one float32; the plan sizes the
+    replica with the dtype its engine will run (a 7B served on GPU is not planned, or started, in float32)."""
+    from cluster.plan import plan_serving, serving_on_gpu
+    from serve.config import ServeConfig
+
+    auto = ServeConfig()
+    assert auto.dtype == "auto" and auto.engine_dtype(True) == "bfloat16" and auto.engine_dtype(False) == "float32"
+    assert ServeConfig(dtype="float16").engine_dtype(True) == "float16"
+    assert serving_on_gpu(auto, use_gpu=True) and not serving_on_gpu(auto, use_gpu=False)
+    assert serving_on_gpu(ServeConfig(accelerator="gpu"), use_gpu=False)
+    gpu, cpu = (sum(p.bytes for p in plan_serving(LLAMA_7B, auto, gpu=g) if p.name == "weights") for g in (True, False))
+    assert cpu == 2 * gpu
