@@ -103,6 +103,10 @@ class TuneSection(Section):
     searcher: Literal["random", "grid", "optuna"] = Field("random", description=(
         "random sampling, a full grid (every value list; num_samples repeats it), or Optuna TPE (seeded)."))
     num_samples: int = Field(8, ge=1, description="Trials (grid: repetitions of the whole grid).")
+    grid_order: Literal["shuffled", "as_written"] = Field("shuffled", description=(
+        "searcher=grid: the order trials start in. 'shuffled' (seeded): ASHA is asynchronous, so the first trials "
+        "to reach a rung meet little competition there and run on; a grid written from the weakest value up "
+        "(lowest lr first) would let most trials through. 'as_written': the value lists' order."))
     seed: int = Field(0, description="Seed of the searcher's sampling.")
     asha: AshaSection | None = Field(default_factory=AshaSection, description=(
         "Early stopping; null runs every trial to max_t (a plain search)."))

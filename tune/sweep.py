@@ -41,7 +41,7 @@ from pipelines.train import sft
 from pipelines.train.config import LoraSection, QuantSection, TrainSection, WorkerJob
 from pipelines.train.driver import copy_adapter, finish_stage, fit_on_ray
 from pipelines.train.loop import NO_EVAL
-from tune.space import LogRange, TuneSection, apply_trial, grid_size, trial_label
+from tune.space import LogRange, TuneSection, apply_trial, grid_points, grid_size, trial_label
 
 TRIAL_DRIVER_CPU = 0.01  # the trial function only waits on its trainer; 0 is refused by Tune (STACK_NOTES)
 RELEASE_WAIT_S = 60.0  # after fit(): how long to wait for the trials' placement groups to be removed
@@ -187,10 +187,20 @@ def sweep_key(ctx: TrialContext, data_manifest: dict) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+POINT = "point"  # a shuffled grid is one grid_search over whole points, under this key
+
+
 def param_space(cfg: TuneSection) -> dict[str, Any]:
-    """The space as Tune's sampling objects: grid_search for `grid`, choice / loguniform otherwise."""
+    """The space as Tune's sampling objects: grid_search for `grid` (over whole points in a seeded shuffled order,
+    unless tune.grid_order=as_written), choice / loguniform otherwise."""
+    import random
+
     from ray import tune
 
+    if cfg.searcher == "grid" and cfg.grid_order == "shuffled":
+        points = grid_points(cfg.space)
+        random.Random(cfg.seed).shuffle(points)
+        return {POINT: tune.grid_search(points)}
     space = {}
     for name, values in cfg.space.axes().items():
         if isinstance(values, LogRange):
@@ -249,7 +259,7 @@ def run_trial(point: dict[str, Any], ctx: TrialContext) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
-    lora, train = apply_trial(point, ctx.tune, ctx.lora, ctx.train)
+    lora, train = apply_trial(flat(point), ctx.tune, ctx.lora, ctx.train)
     job = WorkerJob(model_dir=ctx.model_dir, dtype=ctx.dtype, quant=ctx.quant, train=train, lora=lora,
                     storage=f"{ctx.trials_dir}/{trial_id}", data_uri=ctx.data_uri)
     Path(ctx.log_dir).mkdir(parents=True, exist_ok=True)
@@ -257,6 +267,12 @@ def run_trial(point: dict[str, Any], ctx: TrialContext) -> None:
         log.write(json.dumps({"trial_id": trial_id, "time": time.time()}) + "\n")
     fit_on_ray(sft.train_loop_per_worker, job, ctx.data_dir, ctx.data_manifest, trial_id,
                callbacks=[TuneReportCallback()], fresh=False)
+
+
+def flat(config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's point as axis → value (a shuffled grid's trials carry it under POINT)."""
+    config = dict(config)
+    return {**config.pop(POINT), **config} if isinstance(config.get(POINT), dict) else config
 
 
 def result_trial_id(result) -> str:
@@ -277,7 +293,7 @@ def trial_table(grid, max_t: int) -> list[dict[str, Any]]:
         best = min(reports, key=lambda r: r["eval_loss"], default=None)
         status = ("error" if result.error else "completed" if steps >= max_t else "stopped early")
         rows.append({"trial_id": result_trial_id(result),
-                     "config": dict(result.config), "label": trial_label(result.config), "status": status,
+                     "config": flat(result.config), "label": trial_label(flat(result.config)), "status": status,
                      "steps": steps, "final_eval_loss": reports[-1]["eval_loss"] if reports else None,
                      "best_eval_loss": best["eval_loss"] if best else None, "best_step": best["step"] if best else None,
                      "reports": reports, "error": str(result.error).splitlines()[0][:300] if result.error else None})
@@ -441,7 +457,7 @@ def progress_callback(max_t: int, ledger: Path, ledger_uri: str | None = None):
 
     class Progress(Callback):
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            print(f"[tune] {trial.trial_id} ({trial_label(trial.config)}) step {result.get('step')} "
+            print(f"[tune] {trial.trial_id} ({trial_label(flat(trial.config))}) step {result.get('step')} "
                   f"eval_loss {result.get('eval_loss', float('nan')):.4f}", flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):

@@ -58,6 +58,7 @@ def sweep(ray_session, tiny_model_dir, tokenized_dir, tmp_path_factory):
     cfg = TuneSection.model_validate({
         "space": {"r": [4], "alpha": "ratio", "lr": [1e-3, 1e-6, 2e-2]}, "searcher": "grid",
         "num_samples": 1, "seed": 0, "asha": {"grace_period": 2, "reduction_factor": 2, "max_t": 4},
+        "grid_order": "as_written",
         "eval_every": 2, "max_concurrent_trials": 1})
     train = TrainSection(num_workers=1, cpus_per_worker=0.95, batch_size=8, warmup_steps=1, eval_max_batches=100,
                          log_every=100, fail_once_at_step=3)

@@ -81,3 +81,23 @@ def test_grid_points_and_size():
     assert {(p["r"], p["lr"]) for p in points} == {(r, lr) for r in (4, 8, 16) for lr in (1e-3, 1e-4)}
     assert grid_size(cfg().space) is None  # a log-uniform range has no grid
     assert trial_label({"r": 8, "lr": 3.2e-4, "target_modules": "attention"}) == "r=8 lr=3.2e-04 tm=attention"
+
+
+def test_grid_trials_start_in_a_seeded_shuffled_order_unless_as_written():
+    """A grid under async ASHA: the trials start in a seeded shuffled order (every point once), so the first to
+    reach a rung are not all the weakest of a list written from the lowest lr up; 'as_written' keeps the lists'
+    order; a trial's point reads back flat."""
+    from tune.space import TuneSection, grid_points
+    from tune.sweep import POINT, flat, param_space
+
+    def cfg(**kw):
+        return TuneSection.model_validate({"space": {"r": [4, 8, 16, 32], "alpha": "ratio",
+                                                     "lr": [1e-4, 5e-4, 2e-3, 8e-3]}, "searcher": "grid", **kw})
+
+    written = grid_points(cfg().space)
+    order = param_space(cfg(seed=0))[POINT]["grid_search"]
+    assert sorted(map(str, order)) == sorted(map(str, written)) and order != written
+    assert order == param_space(cfg(seed=0))[POINT]["grid_search"] != param_space(cfg(seed=1))[POINT]["grid_search"]
+    plain = param_space(cfg(grid_order="as_written"))
+    assert plain["r"] == {"grid_search": [4, 8, 16, 32]} and plain["lr"] == {"grid_search": [1e-4, 5e-4, 2e-3, 8e-3]}
+    assert flat({POINT: {"r": 8, "lr": 2e-3}}) == {"r": 8, "lr": 2e-3} and flat({"r": 4}) == {"r": 4}
