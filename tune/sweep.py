@@ -70,6 +70,8 @@ class TrialContext(Section):
     log_dir: str = Field(description="Local folder of the trial-start log.")
     data_manifest: dict = Field(description="The tokenized data's manifest (trials on other nodes do not read it).")
     data_uri: str | None = Field(None, description="The tokenized data in the object store, read by the workers.")
+    store: Any = Field(None, description=(
+        "The object store's pyarrow filesystem, built on the driver (trial actors lack its credentials)."))
 
 
 def run(tune_cfg: TuneSection, lora: LoraSection, train: TrainSection, model_dir: str, data_dir: str | os.PathLike,
@@ -93,7 +95,8 @@ def run(tune_cfg: TuneSection, lora: LoraSection, train: TrainSection, model_dir
     state = state_uri.rstrip("/") if state_uri else str(out)
     ctx = TrialContext(tune=tune_cfg, lora=lora, train=train, quant=quant, model_dir=model_dir, dtype=dtype,
                        data_dir=str(Path(data_dir).resolve()), trials_dir=f"{state}/trials", log_dir=str(out),
-                       data_manifest=data_manifest, data_uri=data_uri)
+                       data_manifest=data_manifest, data_uri=data_uri,
+                       store=storage.filesystem(state)[0] if state_uri else None)
     key = sweep_key(ctx, data_manifest)
     name, experiments = f"sweep-{key}", f"{state}/experiments"
     tune_fs, tune_root = storage.filesystem(experiments) if state_uri else (None, experiments)
@@ -119,10 +122,6 @@ def run(tune_cfg: TuneSection, lora: LoraSection, train: TrainSection, model_dir
     before = live_placement_groups()
     grid = tuner.fit()
     wall = time.time() - t0
-    left = wait_released(before)
-    if left:
-        print(f"[tune] {len(left)} placement group(s) of this sweep still held {RELEASE_WAIT_S:.0f} s after it "
-              f"ended: {', '.join(left)} (Ray Train's cleaner removes them once their controller is gone)", flush=True)
     expected = tune_cfg.num_samples * (grid_size(tune_cfg.space) if tune_cfg.searcher == "grid" else 1)
     # Tune returns normally after a SIGINT, marking the trials it cut short TERMINATED too; a trial that really
     # ended (ran to max_t, or was stopped by ASHA) has done=True in its last result, a failed one an error. A trial
@@ -135,6 +134,10 @@ def run(tune_cfg: TuneSection, lora: LoraSection, train: TrainSection, model_dir
               f"{experiments}/{name}. Run the same command again to resume it (finished trials are not rerun)",
               flush=True)
         raise SweepInterrupted(f"sweep {name} interrupted after {finished} of {expected} trials")
+    left = wait_released(before)  # a finished sweep hands every CPU/GPU back before the next stage (not on Ctrl+C)
+    if left:
+        print(f"[tune] {len(left)} placement group(s) of this sweep still held {RELEASE_WAIT_S:.0f} s after it "
+              f"ended: {', '.join(left)} (Ray Train's cleaner removes them once their controller is gone)", flush=True)
     trials = trial_table(grid, tune_cfg.steps(train))
     if not any(t["best_eval_loss"] is not None for t in trials):
         errors = "; ".join(f"{t['trial_id']}: {t['error']}" for t in trials if t["error"])
@@ -145,10 +148,16 @@ def run(tune_cfg: TuneSection, lora: LoraSection, train: TrainSection, model_dir
 
 
 def live_placement_groups() -> set[str]:
-    """Ids of the cluster's placement groups that are not removed (pending, created, rescheduling)."""
-    from ray.util import placement_group_table
+    """Ids of this job's placement groups that are not removed (pending, created, rescheduling): the trials' and
+    their Ray Train workers' (other jobs on a shared cluster are not waited for). Through the State API, which a
+    sweep needs anyway (check_state_api)."""
+    import ray
+    from ray.util.state import list_placement_groups
 
-    return {pg for pg, info in placement_group_table().items() if info["state"] != "REMOVED"}
+    job = ray.get_runtime_context().get_job_id()
+    return {pg.placement_group_id for pg in list_placement_groups(
+        address=ray.get_runtime_context().gcs_address, filters=[("creator_job_id", "=", job)], limit=10_000,
+        timeout=20, raise_on_missing_output=False) if pg.state != "REMOVED"}
 
 
 def wait_released(before: set[str], timeout: float | None = None) -> list[str]:
@@ -181,7 +190,8 @@ def check_state_api() -> None:
 
 def sweep_key(ctx: TrialContext, data_manifest: dict) -> str:
     """Content address of a sweep: the same sections, base and data give the same experiment (and a restore)."""
-    doc = {"ctx": ctx.model_dump(exclude={"trials_dir", "data_dir", "log_dir", "data_manifest", "data_uri"}),
+    doc = {"ctx": ctx.model_dump(exclude={"trials_dir", "data_dir", "log_dir", "data_manifest", "data_uri",
+                                          "store"}),
            "data": data_manifest.get("inputs") or data_manifest.get("source"),
            "outputs": data_manifest.get("outputs")}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -266,7 +276,7 @@ def run_trial(point: dict[str, Any], ctx: TrialContext) -> None:
     with open(Path(ctx.log_dir) / "trial_starts.log", "a") as log:  # who ran when (resume tests)
         log.write(json.dumps({"trial_id": trial_id, "time": time.time()}) + "\n")
     fit_on_ray(sft.train_loop_per_worker, job, ctx.data_dir, ctx.data_manifest, trial_id,
-               callbacks=[TuneReportCallback()], fresh=False)
+               callbacks=[TuneReportCallback()], fresh=False, store_fs=ctx.store)
 
 
 def flat(config: dict[str, Any]) -> dict[str, Any]:

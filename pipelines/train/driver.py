@@ -110,10 +110,12 @@ def run_stage(loop, job: WorkerJob, *, name: str, title: str, data_dir: str | os
 
 
 def fit_on_ray(loop, job: WorkerJob, data_dir, data_manifest: dict, name: str, *, callbacks: list | None = None,
-               fresh: bool = True):
+               fresh: bool = True, store_fs=None):
     """Build the TorchTrainer over the data stage's splits and run it; each worker gets `{"job": job}`.
     callbacks: Ray Train callbacks (a sweep trial's TuneReportCallback); fresh=False keeps an earlier run under
-    the same storage and name, which Ray Train then resumes from its last checkpoint (a restored sweep trial)."""
+    the same storage and name, which Ray Train then resumes from its last checkpoint (a restored sweep trial).
+    store_fs: the object store's pyarrow filesystem, built where the credentials and endpoint are (a sweep
+    trial runs in an actor whose environment has neither); default: built here from this process's."""
     import ray.data
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -128,6 +130,7 @@ def fit_on_ray(loop, job: WorkerJob, data_dir, data_manifest: dict, name: str, *
         if fresh:
             storage.delete(job.storage)
         storage_fs, storage_path = storage.filesystem(job.storage)
+        storage_fs = store_fs or storage_fs
     else:
         if fresh:
             shutil.rmtree(job.storage, ignore_errors=True)
@@ -141,6 +144,7 @@ def fit_on_ray(loop, job: WorkerJob, data_dir, data_manifest: dict, name: str, *
     context = ray.data.DataContext.get_current()
     v2, context.use_datasource_v2 = context.use_datasource_v2, False
     read_fs, read_root = (storage.filesystem(job.data_uri) if job.data_uri else (None, str(Path(data_dir))))
+    read_fs = (store_fs or read_fs) if job.data_uri else None
     try:
         for split in ("train", "validation"):
             rel = data_manifest.get("outputs", {}).get(split)

@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from pipelines.artifacts import storage
 from pipelines.train.config import WorkerJob, deepspeed_config
 from pipelines.train.engine import Engine, all_sum, make_optimizer
 
@@ -191,10 +190,11 @@ def run_loop(job: WorkerJob, model, *, loss_fn: Callable, collate, count_items: 
             print(f"[{tag}] step {step}/{train.max_steps} loss {state['loss_history'][-1]:.4f} "
                   f"lr {engine.lr():.2e} {extras}", flush=True)
         if train.fail_once_at_step == step:
-            marker = f"{job.storage}/fault_drill_step{step}"  # beside the checkpoints: a folder or the store
-            if not _marker_exists(marker):
+            fs, marker = _drill_marker(step)  # beside the checkpoints: a folder or the store
+            if fs.get_file_info(marker).type.name == "NotFound":
                 if rank == 0:  # a dead process, not an exception: Ray Train restarts the group from the checkpoint
-                    _write_marker(marker)
+                    with fs.open_output_stream(marker) as f:
+                        f.write(b"done")
                     print(f"[{tag}] fault drill: SIGKILL of this worker (pid {os.getpid()}) at step {step}",
                           flush=True)
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -228,14 +228,11 @@ def run_loop(job: WorkerJob, model, *, loss_fn: Callable, collate, count_items: 
             break
 
 
-def _marker_exists(path: str) -> bool:
-    return storage.exists(path) if storage.is_uri(path) else Path(path).exists()
 
+def _drill_marker(step: int):
+    """(filesystem, path) of the fault drill's marker: in this run's Ray Train storage (a folder or the object
+    store), through the filesystem Ray Train itself was given, so a worker needs no credentials of its own."""
+    import ray.train
 
-def _write_marker(path: str) -> None:
-    if storage.is_uri(path):
-        fs, key = storage.filesystem(path)
-        with fs.open_output_stream(key) as f:
-            f.write(b"done")
-    else:
-        Path(path).write_text("done")
+    st = ray.train.get_context().get_storage()
+    return st.storage_filesystem, f"{st.storage_fs_path}/fault_drill_step{step}"

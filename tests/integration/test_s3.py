@@ -116,6 +116,7 @@ def test_registry_in_the_store_resolves_from_another_mirror(s3, tiny_model_dir, 
 def test_graph_with_s3_output_and_registry_resumes_from_the_store(s3, ray_session, tiny_model_dir, tmp_path):
     cfg = tiny_graph_config("s3run", tmp_path, tiny_model_dir, f"s3://{BUCKET}/runs", f"s3://{BUCKET}/registry")
     # and a 1-trial sweep, whose Tune state and trial checkpoints go to the store (its winner is what is evaluated)
+    cfg["train"]["fail_once_at_step"] = 3  # the fault drill: its marker goes beside the checkpoints, in the store
     cfg["tune"] = {"space": {"r": [8], "alpha": "ratio", "lr": [5e-3]}, "searcher": "grid", "num_samples": 1,
                    "max_t": 2, "eval_every": 2, "max_concurrent_trials": 1}
     config = tmp_path / "s3.yaml"
@@ -135,6 +136,7 @@ def test_graph_with_s3_output_and_registry_resumes_from_the_store(s3, ray_sessio
                 "evaluate/eval.json", "gate/gate.json"):
         assert f"runs/s3run/{key}" in stored, (key, stored)
     assert any(k.startswith("runs/s3run/sft/ray_train/") and "checkpoint" in k for k in stored), stored
+    assert "runs/s3run/sft/ray_train/fault_drill_step3" in stored, stored  # the drill fired, in the store
     # the sweep: Tune's experiment state, the trial's checkpoints and the finished-trial ledger in the store; the
     # winner and the report pushed as a finished stage; none of the store-only state in the local mirror
     tune_keys = [k for k in stored if k.startswith("runs/s3run/tune/")]
@@ -156,14 +158,3 @@ def test_graph_with_s3_output_and_registry_resumes_from_the_store(s3, ray_sessio
     plan = {line.split()[0]: line.split()[2] for line in second.stdout.splitlines()[1:] if line.strip()}
     assert {plan[s] for s in ("data", "sft", "tune", "evaluate", "gate")} == {"cached"}, second.stdout
 
-
-def test_fault_drill_marker_lands_beside_checkpoints_in_the_store(s3):
-    """train.fail_once_at_step's marker goes where the run's checkpoints are, the store included (not into a local
-    folder named "s3:")."""
-    from pipelines.train import loop
-
-    uri = f"s3://{BUCKET}/drill/ray_train/fault_drill_step3"
-    assert not loop._marker_exists(uri)
-    loop._write_marker(uri)
-    assert loop._marker_exists(uri) and keys("drill/") == ["drill/ray_train/fault_drill_step3"]
-    assert not Path("s3:").exists()
