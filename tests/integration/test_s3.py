@@ -118,7 +118,7 @@ def test_graph_with_s3_output_and_registry_resumes_from_the_store(s3, ray_sessio
     # and a 1-trial sweep, whose Tune state and trial checkpoints go to the store (its winner is what is evaluated)
     cfg["train"]["fail_once_at_step"] = 3  # the fault drill: its marker goes beside the checkpoints, in the store
     cfg["tune"] = {"space": {"r": [8], "alpha": "ratio", "lr": [5e-3]}, "searcher": "grid", "num_samples": 1,
-                   "max_t": 2, "eval_every": 2, "max_concurrent_trials": 1}
+                   "asha": None, "max_t": 2, "eval_every": 2, "max_concurrent_trials": 1}
     config = tmp_path / "s3.yaml"
     config.write_text(yaml.safe_dump(cfg))
     address = ray_session.get_runtime_context().gcs_address
