@@ -99,8 +99,11 @@ class RunConfig(Section):
         run's curated test split); else None (no evaluate stage)."""
         if self.eval.test_path:
             return self.eval.test_path
-        asked = {"eval", "gate"} & self.model_fields_set
-        return CURATED_TEST if asked and self.data.split.test > 0 else None
+        return CURATED_TEST if self.asks_evaluation() and self.data.split.test > 0 else None
+
+    def asks_evaluation(self) -> bool:
+        """The config has an `eval:` or `gate:` section (written, or set by an override)."""
+        return bool({"eval", "gate"} & self.model_fields_set)
 
     def eval_section(self) -> EvalSection:
         """eval with its test rows resolved (eval_test_path; `curated` → the data stage's curated/test folder)."""

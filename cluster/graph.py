@@ -72,7 +72,7 @@ def _tune(cfg: RunConfig) -> str | None:
 def _evaluate(cfg: RunConfig) -> str | None:
     if cfg.eval_test_path():
         return None
-    if {"eval", "gate"} & cfg.model_fields_set:
+    if cfg.asks_evaluation():
         return "eval.test_path is not set and data.split.test is 0 (no curated test split)"
     return "no eval: or gate: section (or eval.test_path)"
 

@@ -93,13 +93,14 @@ def run(tune_cfg: TuneSection, lora: LoraSection, train: TrainSection, model_dir
                         "eval_loss; set data.split.validation > 0 and rerun `loraforge tokenize`")
     check_state_api()
     state = state_uri.rstrip("/") if state_uri else str(out)
+    store_fs, state_path = storage.filesystem(state) if state_uri else (None, state)
     ctx = TrialContext(tune=tune_cfg, lora=lora, train=train, quant=quant, model_dir=model_dir, dtype=dtype,
                        data_dir=str(Path(data_dir).resolve()), trials_dir=f"{state}/trials", log_dir=str(out),
                        data_manifest=data_manifest, data_uri=data_uri,
-                       store=storage.filesystem(state)[0] if state_uri else None)
+                       store=store_fs)
     key = sweep_key(ctx, data_manifest)
     name, experiments = f"sweep-{key}", f"{state}/experiments"
-    tune_fs, tune_root = storage.filesystem(experiments) if state_uri else (None, experiments)
+    tune_root = f"{state_path}/experiments"  # inside store_fs (None: the local filesystem)
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"cpu": TRIAL_DRIVER_CPU})
     parent_run = mlflow_parent(train, out, name)
     ledger = out / "trials_finished.jsonl"
@@ -108,14 +109,14 @@ def run(tune_cfg: TuneSection, lora: LoraSection, train: TrainSection, model_dir
     callbacks = [progress_callback(tune_cfg.steps(train), ledger, f"{state}/{ledger.name}" if state_uri else None)
                  ] + mlflow_callbacks(train, out, parent_run)
     t0 = time.time()
-    if tune.Tuner.can_restore(f"{tune_root}/{name}", storage_filesystem=tune_fs):
+    if tune.Tuner.can_restore(f"{tune_root}/{name}", storage_filesystem=store_fs):
         print(f"[tune] restoring {name}: finished trials are kept, unfinished ones resume", flush=True)
         tuner = tune.Tuner.restore(f"{tune_root}/{name}", trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True, storage_filesystem=tune_fs)
+                                   resume_errored=True, storage_filesystem=store_fs)
     else:
         tuner = tune.Tuner(trainable, param_space=param_space(tune_cfg),
                            tune_config=tune_config(tune_cfg, train),
-                           run_config=tune.RunConfig(name=name, storage_path=tune_root, storage_filesystem=tune_fs,
+                           run_config=tune.RunConfig(name=name, storage_path=tune_root, storage_filesystem=store_fs,
                                                      verbose=0, failure_config=tune.FailureConfig(
                                                          max_failures=tune_cfg.max_failures),
                                                      callbacks=callbacks))
@@ -321,10 +322,9 @@ def export_winner(trials: list[dict], ctx: TrialContext, out: Path, name: str, d
     candidates = sorted(((r["eval_loss"], t, r) for t in trials for r in t["reports"] if r["checkpoint_path"]),
                         key=lambda c: c[0])
     best_reported = candidates[0][0] if candidates else None
-    fs = storage.filesystem(ctx.trials_dir)[0] if storage.is_uri(ctx.trials_dir) else None
     for loss, trial, report in candidates:
         try:
-            with Checkpoint(report["checkpoint_path"], filesystem=fs).as_directory() as d:
+            with Checkpoint(report["checkpoint_path"], filesystem=ctx.store).as_directory() as d:
                 state = copy_adapter(Path(d), dest)
         except (FileNotFoundError, OSError):  # deleted by keep_checkpoints: take the next best that exists
             continue

@@ -13,16 +13,19 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 MANIFEST = "manifest.json"
 
 
-def hash_path(path: str | os.PathLike, *, skip: tuple[str, ...] = (MANIFEST,)) -> str:
-    """sha256 over a file, or over a folder's files (relative names and bytes, sorted)."""
+def hash_path(path: str | os.PathLike, *, skip: tuple[str, ...] = (MANIFEST,),
+              keep: Callable[[Path], bool] | None = None) -> str:
+    """sha256 over a file, or over a folder's files (relative names and bytes, sorted); `keep` narrows a folder's
+    files further (e.g. a model folder's non-weight files)."""
     p = Path(path)
     h = hashlib.sha256()
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and f.name not in skip)
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and f.name not in skip
+                                           and (keep is None or keep(f)))
     for f in files:
         if p.is_dir():
             h.update(str(f.relative_to(p)).encode())

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines.artifacts.manifest import hash_path
 from pipelines.data.rowformats import RowError
 
 IGNORE_INDEX = -100
@@ -39,17 +40,11 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".msgpack", "
 
 
 def tokenizer_hash(model_dir: str) -> str:
-    """sha256 over a model folder's files other than weights: what tokenization depends on (tokenizer files,
+    """hash_path over a model folder's files other than weights: what tokenization depends on (tokenizer files,
     chat template, config), without reading gigabytes of weights the tokenized data does not depend on."""
-    import hashlib
-
-    h = hashlib.sha256()
     root = Path(model_dir)
-    for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES)
-                    and ".cache" not in p.parts):
-        h.update(str(f.relative_to(root)).encode())
-        h.update(f.read_bytes())
-    return "sha256:" + h.hexdigest()
+    return hash_path(root, keep=lambda f: not f.name.endswith(WEIGHT_SUFFIXES)
+                     and ".cache" not in f.relative_to(root).parts)
 
 
 def load_tokenizer(model_dir: str):

@@ -144,7 +144,8 @@ def fit_on_ray(loop, job: WorkerJob, data_dir, data_manifest: dict, name: str, *
     context = ray.data.DataContext.get_current()
     v2, context.use_datasource_v2 = context.use_datasource_v2, False
     read_fs, read_root = (storage.filesystem(job.data_uri) if job.data_uri else (None, str(Path(data_dir))))
-    read_fs = (store_fs or read_fs) if job.data_uri else None
+    if job.data_uri and store_fs:
+        read_fs = store_fs
     try:
         for split in ("train", "validation"):
             rel = data_manifest.get("outputs", {}).get(split)

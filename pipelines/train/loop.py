@@ -228,7 +228,6 @@ def run_loop(job: WorkerJob, model, *, loss_fn: Callable, collate, count_items: 
             break
 
 
-
 def _drill_marker(step: int):
     """(filesystem, path) of the fault drill's marker: in this run's Ray Train storage (a folder or the object
     store), through the filesystem Ray Train itself was given, so a worker needs no credentials of its own."""
