@@ -8,6 +8,7 @@ not prefixes of each other would make that wrong, so it is checked rather than a
 
 from __future__ import annotations
 
+import bisect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,43 +90,111 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return list(tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else []
 
 
-def count_chat_tokens(tokenizer, conversations: list[list[dict[str, str]]]) -> list[int]:
-    """Tokens of each rendered conversation (the chat template's), in one batched encode."""
-    return [len(ids) for ids in _encode(tokenizer, [_render_text(tokenizer, m, False) for m in conversations])]
-
-
 def tokenize_conversations(tokenizer, conversations: list[list[dict[str, str]]], max_length: int
                            ) -> list[Tokenized | RowError]:
-    """tokenize_messages for many conversations: every prefix rendering of the batch is encoded in one call
-    (per-row encodes were half of the tokenize pass). Same ids, labels and refusals, one result per row."""
-    texts: dict[str, int] = {}  # each distinct rendering encoded once (a last turn's "end" is the full text)
-    spans: list[tuple[int, list[tuple[int, int]]]] = []  # per row: index of full, (start, end) per assistant turn
+    """tokenize_messages for many conversations, in one batched encode: one result per row (too long or without
+    an assistant turn: the RowError that refuses it)."""
+    return [_judged(ids, labels, max_length) for ids, labels in encode_conversations(tokenizer, conversations)]
+
+
+NOT_PREFIX = ("the tokenizer's chat template does not render conversations as prefixes of each other; "
+              "assistant-only labels cannot be derived from it")
+
+
+def encode_conversations(tokenizer, conversations: list[list[dict[str, str]]]
+                         ) -> list[tuple[list[int], list[int] | None]]:
+    """(input_ids, labels) of each rendered conversation, labels only on assistant tokens; labels None where the
+    chat template does not render the conversation's prefixes as prefixes of it (tokenize_conversations raises).
+
+    Each conversation is encoded once, with offsets: turn i's answer is the tokens of the full encoding that lie
+    between the characters of "everything before turn i + the generation prompt" and "everything through turn i"
+    (as transformers' assistant-token masks are found). Where a token straddles such a boundary, that row's
+    prefixes are encoded too and compared token by token, as before (encoding every prefix was a third of the
+    tokenize pass). A tokenizer without offsets (not a fast one) takes that way for every row."""
+    if not conversations:
+        return []
+    rows = [_char_spans(tokenizer, m) for m in conversations]
+    enc = tokenizer([full for full, _ in rows], add_special_tokens=False)
+    fast = getattr(enc, "encodings", None) is not None  # a Rust tokenizer: char ↔ token maps without offset lists
+    out: list[tuple[list[int], list[int] | None]] = []
+    slow: list[int] = []
+    for r, ((full, spans), ids) in enumerate(zip(rows, enc["input_ids"])):
+        ids = list(ids)
+        bounds = _token_bounds(enc, r, len(ids), spans) if fast and spans is not None else None
+        if spans is not None and bounds is None:
+            slow.append(r)
+        out.append((ids, None if bounds is None else _labels(ids, bounds)))
+    if slow:  # each distinct prefix rendering of those rows encoded once, in one call
+        for r, labels in zip(slow, _labels_by_prefix_encodes(tokenizer, [conversations[r] for r in slow],
+                                                            [out[r][0] for r in slow])):
+            out[r] = (out[r][0], labels)
+    return out
+
+
+def _char_spans(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[tuple[str, str]] | None]:
+    """The full rendering and, per assistant turn, the renderings that end before and after its answer (None
+    when one is not a character prefix of the full rendering)."""
+    full = _render_text(tokenizer, messages, False)
+    spans = [(_render_text(tokenizer, messages[:i], True),
+              full if i == len(messages) - 1 else _render_text(tokenizer, messages[:i + 1], False))
+             for i, msg in enumerate(messages) if msg["role"] == "assistant"]  # the last turn ends the full text
+    ok = all(full.startswith(a) and full.startswith(b) for a, b in spans)
+    return full, (spans if ok else None)
+
+
+def _token_bounds(enc, r: int, n: int, spans: list[tuple[str, str]]) -> list[tuple[int, int]] | None:
+    """Token index ranges of row r's answers, or None where a boundary falls inside a token. A boundary at
+    character c is clean when the token holding c starts at c and the one before ends at c (offsets may be trimmed
+    of whitespace, which only moves them inward: both conditions together still pin the true boundary)."""
+    out = []
+    for a, b in spans:
+        pair = []
+        for c in (len(a), len(b)):
+            k = enc.char_to_token(r, c)
+            k = n if k is None else k  # past the last token (or on a character none holds: the check below fails)
+            if (k < n and enc.token_to_chars(r, k).start != c) or (enc.token_to_chars(r, k - 1).end != c if k
+                                                                    else c != 0):
+                return None
+            pair.append(k)
+        out.append((pair[0], pair[1]))
+    return out
+
+
+def _labels(ids: list[int], bounds: list[tuple[int, int]]) -> list[int]:
+    labels = [IGNORE_INDEX] * len(ids)
+    for a, b in bounds:
+        labels[a:b] = ids[a:b]
+    return labels
+
+
+def _labels_by_prefix_encodes(tokenizer, conversations, full_ids) -> list[list[int] | None]:
+    """Labels from encoding every prefix rendering (each distinct one once) and comparing tokens: None where a
+    prefix's tokens are not a prefix of the full encoding's."""
+    texts: dict[str, int] = {}
 
     def index(text: str) -> int:
         return texts.setdefault(text, len(texts))
 
-    for messages in conversations:
-        full = index(_render_text(tokenizer, messages, False))
-        turns = [(index(_render_text(tokenizer, messages[:i], True)),
-                  full if i == len(messages) - 1 else index(_render_text(tokenizer, messages[:i + 1], False)))
-                 for i, msg in enumerate(messages) if msg["role"] == "assistant"]  # the last turn ends the full text
-        spans.append((full, turns))
+    turns = [[(index(a), index(b)) for a, b in _char_spans(tokenizer, m)[1]] for m in conversations]
     ids = _encode(tokenizer, list(texts))
-    return [_labelled(ids[full], [(ids[a], ids[b]) for a, b in turns], max_length) for full, turns in spans]
+    out: list[list[int] | None] = []
+    for full, row in zip(full_ids, turns):
+        pairs = [(ids[a], ids[b]) for a, b in row]
+        if any(full[: len(s)] != s or full[: len(e)] != e for s, e in pairs):
+            out.append(None)
+        else:
+            out.append(_labels(full, [(len(s), len(e)) for s, e in pairs]))
+    return out
 
 
-def _labelled(full: list[int], turns: list[tuple[list[int], list[int]]], max_length: int) -> Tokenized | RowError:
-    labels = [IGNORE_INDEX] * len(full)
-    for start, end in turns:
-        if full[: len(start)] != start or full[: len(end)] != end:
-            raise ValueError("the tokenizer's chat template does not render conversations as prefixes of each "
-                             "other; assistant-only labels cannot be derived from it")
-        labels[len(start): len(end)] = full[len(start): len(end)]
+def _judged(ids: list[int], labels: list[int] | None, max_length: int) -> Tokenized | RowError:
+    if labels is None:
+        raise ValueError(NOT_PREFIX)
     if not any(t != IGNORE_INDEX for t in labels):
         return RowError("no_assistant_tokens", "the conversation has no assistant turn to learn from")
-    if len(full) > max_length:
-        return RowError("too_long", f"{len(full)} tokens > max_length {max_length}")
-    return Tokenized(list(full), labels)
+    if len(ids) > max_length:
+        return RowError("too_long", f"{len(ids)} tokens > max_length {max_length}")
+    return Tokenized(ids, labels)
 
 
 def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, list[list[int]]]:

@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from pipelines.artifacts.manifest import hash_path, write_manifest
 from pipelines.data import local_pool
+from pipelines.data.chat import tokenizer_hash
 from pipelines.data.config import CURATION_REASONS, FAULT_REASONS
 from pipelines.data.curate_rows import PARSED_SCHEMA, ParseRows, cached, parse_batch, read_files
 from pipelines.data.dedup import (
@@ -76,7 +78,7 @@ def run(cfg, out_dir: str | os.PathLike, model_dir: str | None = None) -> Path:
     counts = dec["counts"]
     _check_accounting(counts, counts)
     with timed(phases, "split_write"):
-        n_rejected, n_kept = write_outputs(work / "parsed", out, dec)
+        n_rejected, n_kept = write_outputs(work / "parsed", out, dec, tokens=_carries_tokens(dec, model_dir))
     dec["formats"] = formats
     dec["phases"] = {"engine": engine, "wall_seconds": phases, "task_seconds": task_seconds(work / "parsed"),
                      **({"local_processes": procs} if engine == "local" else {})}
@@ -136,7 +138,6 @@ def _parse_local(files: list[str], parse_args: tuple, dest: Path, cfg) -> int:
     """The parse pass without Ray: the same read_files / parse_batch functions Ray Data runs, over the same file
     slices, in forked processes of this one (local_pool), written as the Parquet files the decide pass reads
     (named slice-major, so they list in row order)."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     def one(i: int, item: dict) -> None:
@@ -231,8 +232,6 @@ def decide(parsed: Path, cfg) -> dict[str, Any]:
 
 
 def _sig_matrix(chunks: list, order: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    import pyarrow as pa
-
     col = pa.chunked_array(chunks) if chunks else pa.chunked_array([], pa.binary())
     raw = col.to_pylist()
     raw = [raw[i] for i in order[valid]]
@@ -410,18 +409,20 @@ def file_formats(files: list[str], cfg, first: int = 20) -> dict[str, str]:
     return out
 
 
-def write_outputs(parsed: Path, out: Path, dec: dict[str, Any]) -> tuple[int, int]:
+def write_outputs(parsed: Path, out: Path, dec: dict[str, Any], tokens: bool = False) -> tuple[int, int]:
     """Join the decisions onto the parsed rows in one streaming scan: refused rows → rejected/ (JSONL), kept rows
-    → train/ validation/ test/ sorted by row id in deterministic files (same data + seed → identical bytes)."""
+    → train/ validation/ test/ sorted by row id in deterministic files (same data + seed → identical bytes);
+    tokens: with the token columns the parse pass computed (carried as Arrow arrays)."""
 
     names = list(SPLITS) + DECISION_REASONS
-    writer = SplitWriter(out, dec["kind"], rows_per_file=50_000)
+    writer = SplitWriter(out, dec["kind"], rows_per_file=50_000, tokens=tokens)
+    token_cols = list(writer.columns)
     (out / "rejected").mkdir()
     n_rejected, last = 0, -1
     with open(out / "rejected" / "part-00000.jsonl", "w") as rej:
         for b in _scan(parsed, ["row_id", "source", "line", "origin", "category", "kind", "reason", "detail", "raw",
-                                "record", "n_tokens"]):
-            rows = b.to_pylist()
+                                "record", "n_tokens"] + token_cols):
+            rows = b.select([c for c in b.schema.names if c not in token_cols]).to_pylist()
             ids = np.asarray([r["row_id"] for r in rows], dtype=np.int64)
             if len(ids) and (ids[0] <= last or np.any(np.diff(ids) <= 0)):
                 raise RuntimeError(f"{parsed}: rows are not in row-id order; the parse pass must preserve order")
@@ -438,8 +439,15 @@ def write_outputs(parsed: Path, out: Path, dec: dict[str, Any]) -> tuple[int, in
                     n_rejected += 1
                 else:
                     r["split"] = SPLITS[code]
-            writer.add_rows([r for r in rows if "split" in r])
+            keep = [i for i, r in enumerate(rows) if "split" in r]
+            idx = pa.array(keep, pa.int64())
+            writer.add_rows([rows[i] for i in keep], {c: b.column(c).take(idx) for c in token_cols})
     return n_rejected, writer.close()
+
+
+def _carries_tokens(dec: dict[str, Any], model_dir: str | None) -> bool:
+    """Conversations curated with a tokenizer keep their token ids and labels in the curated splits."""
+    return bool(model_dir) and dec["kind"] == "sft"
 
 
 def _finish(cfg, out: Path, files: list[str], dec: dict[str, Any], model_dir: str | None) -> Path:
@@ -455,5 +463,7 @@ def _finish(cfg, out: Path, files: list[str], dec: dict[str, Any], model_dir: st
     write_manifest(out, kind="curated_dataset", inputs=inputs, config=cfg.model_dump(), metrics=metrics,
                    extra={"data_kind": dec["kind"], "content_hash": content, "source_files": files,
                           "engine": dec["phases"]["engine"],
+                          **({"token_columns": {"tokenizer_hash": tokenizer_hash(model_dir)}}
+                             if _carries_tokens(dec, model_dir) else {}),
                           "outputs": {**{s: s for s in SPLITS}, "rejected": "rejected"}})
     return out

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipelines.data.chat import count_chat_tokens, load_tokenizer
+from pipelines.data.chat import IGNORE_INDEX, encode_conversations, load_tokenizer
 from pipelines.data.config import FilterSection
 from pipelines.data.dedup import signatures
 from pipelines.data.filters import dedup_text, exact_key, full_text, normalise_record, quality_reason
@@ -21,9 +21,15 @@ from pipelines.data.readers import record_batches
 from pipelines.data.rowformats import RowError, apply_columns, check_decodable, parse_raw, to_canonical
 
 PARSED_COLUMNS = ("row_id", "source", "line", "origin", "kind", "category", "reason", "detail", "raw", "record",
-                  "dtext", "exact_key", "sig", "n_tokens")
+                  "dtext", "exact_key", "sig", "n_tokens", "input_ids", "labels", "n_label_tokens")
 TIMING_COLUMNS = ("t_parse", "t_count", "t_filter", "t_sign")
-_TYPES = {"row_id": pa.int64(), "line": pa.int64(), "n_tokens": pa.int64(), "sig": pa.binary()}
+# A conversation's token ids and labels (chat template, assistant-only labels) are computed here, where its
+# length is counted anyway, and travel with the kept row to the curated split: the tokenize pass reuses them
+# when its tokenizer is the one they came from (curated manifest's token_columns), instead of encoding again.
+# Empty lists (and n_label_tokens -1) where there are none: not a conversation, no tokenizer, or a template whose
+# renderings are not prefixes of each other (the tokenize pass then takes its own way and says so).
+TOKEN_TYPES = {"input_ids": pa.list_(pa.int32()), "labels": pa.list_(pa.int32()), "n_label_tokens": pa.int64()}
+_TYPES = {"row_id": pa.int64(), "line": pa.int64(), "n_tokens": pa.int64(), "sig": pa.binary(), **TOKEN_TYPES}
 PARSED_SCHEMA = pa.schema([(c, _TYPES.get(c, pa.string())) for c in PARSED_COLUMNS]
                           + [(c, pa.float64()) for c in TIMING_COLUMNS])
 
@@ -74,10 +80,15 @@ class ParseRows:
         parsed = [self.parse(str(raw), str(error), self.file_formats.get(int(row_id) >> 32, self.fmt))
                   for raw, error, row_id in zip(batch["raw"], batch["error"], batch["row_id"])]
         t1 = time.perf_counter()
-        n_tokens = self.count_tokens([p for p in parsed if not isinstance(p, RowError)])
+        tokens = self.count_tokens([p for p in parsed if not isinstance(p, RowError)])
         t2 = time.perf_counter()
         for source, line, raw, row_id, p in zip(batch["source"], batch["line"], batch["raw"], batch["row_id"], parsed):
-            r = self.finish(str(source), str(raw), p, None if isinstance(p, RowError) else next(n_tokens))
+            n, ids, labels = (0, [], None) if isinstance(p, RowError) else next(tokens)
+            r = self.finish(str(source), str(raw), p, None if isinstance(p, RowError) else n)
+            keep = bool(ids) and not r["reason"]  # ids travel only with rows that can be kept
+            r.update(input_ids=ids if keep else [], labels=labels if keep and labels is not None else [],
+                     n_label_tokens=sum(1 for t in labels if t != IGNORE_INDEX) if keep and labels is not None
+                     else -1)
             out["row_id"].append(int(row_id))
             out["source"].append(str(source))
             out["line"].append(int(line))
@@ -130,20 +141,22 @@ class ParseRows:
         return res
 
     def count_tokens(self, parsed: list[tuple[str, dict, dict]]):
-        """An iterator of token counts, one per parsed row: the rendered conversation's (chat template), in one
-        batched encode per kind, or characters/4 without a tokenizer."""
+        """An iterator of (token count, input_ids, labels), one per parsed row: a conversation's from its chat
+        template rendering (chat.encode_conversations: ids and assistant-only labels, one batched encode),
+        other kinds' counted from one batched encode (no ids kept), or characters/4 without a tokenizer."""
         if self.tokenizer is None:
-            return iter([len(full_text(kind, rec)) // 4 for kind, rec, _ in parsed])
+            return iter([(len(full_text(kind, rec)) // 4, [], None) for kind, rec, _ in parsed])
         tok = self.tokenizer
-        counts: list[int] = [0] * len(parsed)
+        out: list[tuple[int, list[int], list[int] | None]] = [(0, [], None)] * len(parsed)
         sft = [i for i, (kind, _, _) in enumerate(parsed) if kind == "sft"]
-        for i, n in zip(sft, count_chat_tokens(tok, [parsed[i][1]["messages"] for i in sft])):
-            counts[i] = n
+        convs = [[{"role": m["role"], "content": m["content"]} for m in parsed[i][1]["messages"]] for i in sft]
+        for i, (ids, labels) in zip(sft, encode_conversations(tok, convs)):
+            out[i] = (len(ids), ids, labels)
         others = [i for i, (kind, _, _) in enumerate(parsed) if kind != "sft"]
         texts = [self._plain_text(*parsed[i][:2]) for i in others]
         for i, ids in zip(others, tok(texts, add_special_tokens=True)["input_ids"] if texts else []):
-            counts[i] = len(ids) + 1
-        return iter(counts)
+            out[i] = (len(ids) + 1, [], None)
+        return iter(out)
 
     def _plain_text(self, kind: str, rec: dict[str, Any]) -> str:
         if kind == "text":

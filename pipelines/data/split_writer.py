@@ -22,55 +22,65 @@ BODY = {"sft": [("messages", MESSAGES)], "text": [("text", pa.string())],
 
 
 ROW_GROUP = 2048  # rows per Parquet row group: the unit the tokenize pass slices its tasks by
+TOKENS = [("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("n_label_tokens", pa.int64())]
 
 
-def schema(kind: str) -> pa.Schema:
-    return pa.schema(META + BODY[kind])
+def schema(kind: str, tokens: bool = False) -> pa.Schema:
+    """A curated split's columns; tokens: with the conversations' token ids and labels (curate_rows)."""
+    return pa.schema(META + BODY[kind] + (TOKENS if tokens else []))
 
 
 class SplitWriter:
-    def __init__(self, out: Path, kind: str, rows_per_file: int):
+    def __init__(self, out: Path, kind: str, rows_per_file: int, tokens: bool = False):
         self.out, self.kind, self.rows_per_file = Path(out), kind, rows_per_file
-        self.schema = schema(kind)
+        self.schema = schema(kind, tokens)
+        self.columns = [name for name, _ in TOKENS] if tokens else []  # given as Arrow arrays, not in the dicts
         self.writers: dict[str, pq.ParquetWriter] = {}
         self.rows = {s: 0 for s in SPLITS}
-        self.pending: dict[str, list[dict]] = {s: [] for s in SPLITS}
+        self.pending: dict[str, list[pa.Table]] = {s: [] for s in SPLITS}
+        self.n_pending = {s: 0 for s in SPLITS}
         for s in SPLITS:
             (self.out / s).mkdir(parents=True, exist_ok=True)
 
-    def add_rows(self, rows: list[dict]) -> None:
+    def add_rows(self, rows: list[dict], arrays: dict[str, pa.Array] | None = None) -> None:
+        """rows: dicts with 'split' and 'record' (the row's JSON body); arrays: the token columns, one value per
+        row of rows (kept as Arrow: millions of token ids are not turned into Python ints here)."""
         for s in SPLITS:
-            mine = [r for r in rows if r["split"] == s]
-            if mine:
-                self._write(s, mine)
+            idx = [i for i, r in enumerate(rows) if r["split"] == s]
+            if idx:
+                self._write(s, [rows[i] for i in idx],
+                            {k: arrays[k].take(pa.array(idx, pa.int64())) for k in self.columns})
 
-    def _write(self, split: str, rows: list[dict]) -> None:
+    def _write(self, split: str, rows: list[dict], arrays: dict[str, pa.Array]) -> None:
         for r in rows:
             r.update(json.loads(r["record"]))
-        self.pending[split] += rows
-        while len(self.pending[split]) >= ROW_GROUP:
+        cols = {f.name: arrays[f.name] if f.name in arrays else [r.get(f.name) for r in rows] for f in self.schema}
+        self.pending[split].append(pa.Table.from_pydict(cols, schema=self.schema))
+        self.n_pending[split] += len(rows)
+        while self.n_pending[split] >= ROW_GROUP:
             self._flush(split, ROW_GROUP)
 
     def _flush(self, split: str, n: int) -> None:
         """Write the next n pending rows as one row group (a new file every rows_per_file rows), so the bytes
         depend only on the rows, not on how the scan happened to batch them."""
-        rows, self.pending[split] = self.pending[split][:n], self.pending[split][n:]
-        while rows:
+        pending = pa.concat_tables(self.pending[split])
+        rows, rest = pending.slice(0, n), pending.slice(n)
+        self.pending[split], self.n_pending[split] = ([rest] if len(rest) else []), len(rest)
+        while len(rows):
             room = self.rows_per_file - self.rows[split] % self.rows_per_file
-            head, rows = rows[:room], rows[room:]
+            head, rows = rows.slice(0, room), rows.slice(room)
             if self.rows[split] % self.rows_per_file == 0:
                 if split in self.writers:
                     self.writers[split].close()
                 name = self.out / split / f"part-{self.rows[split] // self.rows_per_file:05d}.parquet"
                 self.writers[split] = pq.ParquetWriter(name, self.schema, compression="zstd")
-            cols = {f.name: [r.get(f.name) for r in head] for f in self.schema}
-            self.writers[split].write_table(pa.Table.from_pydict(cols, schema=self.schema), row_group_size=ROW_GROUP)
+            self.writers[split].write_table(head.combine_chunks(), row_group_size=ROW_GROUP)
             self.rows[split] += len(head)
 
     def close(self) -> int:
         for s in SPLITS:
-            if self.pending[s]:
-                self._flush(s, len(self.pending[s]))
+            if self.n_pending[s]:
+                self._flush(s, self.n_pending[s])
         for w in self.writers.values():
             w.close()
         for s in SPLITS:  # an empty split is still a readable Parquet folder

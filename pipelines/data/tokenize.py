@@ -17,6 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from pipelines.artifacts.manifest import read_manifest, write_manifest
 from pipelines.data import curate, local_pool
 from pipelines.data.chat import load_tokenizer, tokenize_records, tokenizer_hash
@@ -26,7 +28,11 @@ from pipelines.data.config import (
 from pipelines.data.curate_rows import cached
 from pipelines.data.dedup import SPLITS
 from pipelines.data.packing import pack_rows
+from pipelines.data.split_writer import TOKENS
 from pipelines.data.rowformats import RowError
+
+
+TOKEN_COLUMNS = tuple(name for name, _ in TOKENS)
 
 
 class _TokenizeRows:
@@ -37,10 +43,17 @@ class _TokenizeRows:
         self.cfg = cfg
 
     def __call__(self, rows: list[dict[str, Any]], body: str, split: str) -> dict[str, Any]:
+        """Rows that carry their token ids from curation (input_ids/labels columns: same tokenizer) and fit are
+        taken as they are; the others (none carried, too long, nothing to learn) are tokenized here."""
         recs = [r[body] for r in rows]
-        results = tokenize_records(self.tokenizer, body, recs, self.cfg.max_length, self.cfg.truncation)
+        ready = [r.get("n_label_tokens", -1) > 0 and len(r["input_ids"]) <= self.cfg.max_length for r in rows]
+        rest = [i for i, ok in enumerate(ready) if not ok]
+        results: list = [(r["input_ids"], r["labels"], 0) if ok else None for r, ok in zip(rows, ready)]
+        for i, res in zip(rest, tokenize_records(self.tokenizer, body, [recs[i] for i in rest], self.cfg.max_length,
+                                                 self.cfg.truncation)):
+            results[i] = res
         out: dict[str, list] = {"input_ids": [], "labels": [], "n_tokens": [], "truncated": [], "reason": [],
-                                "detail": []}
+                                "detail": [], "reused": [int(ok) for ok in ready]}
         for res in results:
             ids, labels, cut = ([], [], 0) if isinstance(res, RowError) else res
             out["input_ids"].append(ids)
@@ -56,35 +69,71 @@ class _TokenizeRows:
         return out
 
 
-def _tokenize_slices(batch: dict[str, Any], model_dir: str, cfg: DataConfig):
+_INTS = pa.list_(pa.int64())
+_TYPES = {"input_ids": _INTS, "labels": _INTS, "seq_lens": _INTS, "n_tokens": pa.int64(), "truncated": pa.int64(),
+          "line": pa.int64(), "n_rows": pa.int64(), "reused": pa.int64()}
+_COLUMNS = ("input_ids", "labels", "n_tokens", "truncated", "reason", "detail", "reused", "row", "source", "line",
+            "split", "n_rows")
+
+
+def _schema(packed: bool) -> pa.Schema:
+    """The tokenize pass's output columns (the work files _account and _write_kept read)."""
+    return pa.schema([(k, _TYPES.get(k, pa.string())) for k in _COLUMNS + (("seq_lens",) if packed else ())])
+
+
+def _tokenize_slices(batch: dict[str, Any], model_dir: str, cfg: DataConfig, reuse: bool = False):
     """Ray Data task UDF: each input row names a slice (file, row groups) of a curated split; the slice is read
-    with pyarrow and tokenized in one batched call. The tokenizer is loaded once per worker process
-    (curate_rows.cached)."""
+    with pyarrow and tokenized in one batched call (reuse: the token ids curation stored are taken where they
+    fit). Yields Arrow tables of _schema. The tokenizer is loaded once per worker process (curate_rows.cached)."""
     import pyarrow.parquet as pq
 
     tok = cached(_TokenizeRows, model_dir, cfg)
     for path, split, first, last in zip(batch["path"], batch["split"], batch["first"], batch["last"]):
         pf = pq.ParquetFile(str(path))
         body = "messages" if "messages" in pf.schema_arrow.names else "text"
-        rows = pf.read_row_groups(list(range(int(first), int(last))), columns=[body, "source", "line"]).to_pylist()
-        out = tok(rows, body, str(split))
-        yield _packed(out, cfg) if cfg.packing.enabled else {**out, "n_rows": [0 if r else 1 for r in out["reason"]]}
+        carried = reuse and "input_ids" in pf.schema_arrow.names
+        tab = pf.read_row_groups(list(range(int(first), int(last))),
+                                 columns=[body, "source", "line"] + (list(TOKEN_COLUMNS) if carried else []))
+        if carried and not cfg.packing.enabled:
+            yield _carried(tab, tok, body, str(split), cfg)
+            continue
+        out = tok(tab.to_pylist(), body, str(split))
+        out = _packed(out, cfg) if cfg.packing.enabled else {**out, "n_rows": [0 if r else 1 for r in out["reason"]]}
+        yield pa.Table.from_pydict(out, schema=_schema(cfg.packing.enabled))
 
 
-def _tokenize_local(items: list[dict[str, Any]], model_dir: str, cfg: DataConfig, work: Path) -> int:
+def _carried(tab: pa.Table, tok: _TokenizeRows, body: str, split: str, cfg: DataConfig) -> pa.Table:
+    """A slice whose rows carry their token ids: the ones that fit pass through as Arrow columns (no Python ints),
+    the others are tokenized (_TokenizeRows); rows stay in the slice's order."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    fits = pc.and_(pc.greater(tab["n_label_tokens"], 0),
+                   pc.less_equal(pc.list_value_length(tab["input_ids"]), cfg.max_length))
+    mask = pc.fill_null(fits, False).to_numpy(zero_copy_only=False)
+    idx = np.arange(len(tab))
+    ok, n = tab.take(idx[mask]), int(mask.sum())
+    zeros, ones, blank = pa.array([0] * n, pa.int64()), pa.array([1] * n, pa.int64()), pa.array([""] * n)
+    ready = pa.Table.from_pydict(
+        {"input_ids": ok["input_ids"].cast(_INTS), "labels": ok["labels"].cast(_INTS),
+         "n_tokens": pc.list_value_length(ok["input_ids"]).cast(pa.int64()), "truncated": zeros, "reason": blank,
+         "detail": blank, "reused": ones, "row": blank, "source": ok["source"], "line": ok["line"],
+         "split": pa.array([split] * n), "n_rows": ones}, schema=_schema(False))
+    out = tok(tab.take(idx[~mask]).select([body, "source", "line"]).to_pylist(), body, split)
+    rest = pa.Table.from_pydict({**out, "n_rows": [0 if r else 1 for r in out["reason"]]}, schema=_schema(False))
+    order = np.argsort(np.concatenate([idx[mask], idx[~mask]]), kind="stable")
+    return pa.concat_tables([ready, rest]).take(order)
+
+
+def _tokenize_local(items: list[dict[str, Any]], model_dir: str, cfg: DataConfig, work: Path, reuse: bool) -> int:
     """The tokenize pass without Ray: _tokenize_slices over the slices in forked processes (local_pool)."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     work.mkdir(parents=True, exist_ok=True)
-    ints = pa.list_(pa.int64())
-    types = {"input_ids": ints, "labels": ints, "seq_lens": ints, "n_tokens": pa.int64(), "truncated": pa.int64(),
-             "line": pa.int64(), "n_rows": pa.int64()}
 
     def one(n: int, item: dict) -> None:
-        for out in _tokenize_slices({k: [v] for k, v in item.items()}, model_dir, cfg):
-            schema = pa.schema([(k, types.get(k, pa.string())) for k in out])
-            pq.write_table(pa.Table.from_pydict(out, schema=schema), work / f"part-{n:06d}.parquet")
+        for k, table in enumerate(_tokenize_slices({k: [v] for k, v in item.items()}, model_dir, cfg, reuse)):
+            pq.write_table(table, work / f"part-{n:06d}-{k:03d}.parquet")
 
     cached(_TokenizeRows, model_dir, cfg)  # loaded once, here: the forked processes inherit it
     return local_pool.run_slices(one, items)
@@ -107,6 +156,7 @@ def _packed(out: dict[str, list], cfg: DataConfig) -> dict[str, list]:
                                                        packed["n_tokens"])):
             for k, v in (("input_ids", ids), ("labels", labels), ("seq_lens", lens), ("n_tokens", n),
                          ("n_rows", len(lens)), ("truncated", sum(out["truncated"][i] for i in win) if j == 0 else 0),
+                         ("reused", sum(out["reused"][i] for i in win) if j == 0 else 0),
                          ("reason", ""), ("detail", ""), ("row", ""), ("source", ""), ("line", 0),
                          ("split", out["split"][0])):
                 res[k].append(v)
@@ -153,9 +203,11 @@ def tokenize(cfg: DataConfig, curated_dir: str | os.PathLike, model_dir: str, ou
     cm = read_manifest(curated, kind="curated_dataset")
     if cm["data_kind"] == "preference":
         raise ValueError(f"{curated}: preference rows are tokenized by the DPO stage; use `loraforge curate` alone")
-    stats = {"kept": 0, "rejected": 0, "tokens": 0, "truncated": 0, "by_reason": {}, "split": {}, "phases": {}}
+    stats = {"kept": 0, "rejected": 0, "tokens": 0, "truncated": 0, "reused": 0, "by_reason": {}, "split": {},
+             "phases": {}}
     engine = cfg.engine if cfg.engine != "auto" else cm.get("engine", "ray")  # auto: as curation decided
-    _tokenize_splits(cfg, model_dir, [curated / cm["outputs"][s] for s in SPLITS], out, stats, engine)
+    reuse = cm.get("token_columns", {}).get("tokenizer_hash") == tokenizer_hash(model_dir)
+    _tokenize_splits(cfg, model_dir, [curated / cm["outputs"][s] for s in SPLITS], out, stats, engine, reuse)
     m = cm["metrics"]
     by_reason = dict(m["rejected_by_reason"])
     for k, v in stats["by_reason"].items():
@@ -163,7 +215,7 @@ def tokenize(cfg: DataConfig, curated_dir: str | os.PathLike, model_dir: str, ou
     metrics = {"rows_in": m["rows_in"], "rows_kept": stats["kept"], "rows_rejected": m["rows_rejected"] + stats[
         "rejected"], "rejected_by_reason": dict(sorted(by_reason.items())), "tokens": stats["tokens"],
                "truncated": stats["truncated"], "curated_rows": m["rows_kept"], "split_rows": {s: stats["split"].get(s, 0) for s in SPLITS},
-               "phase_seconds": stats["phases"], "engine": engine,
+               "phase_seconds": stats["phases"], "engine": engine, "rows_token_ids_reused": stats["reused"],
                **({"local_processes": stats["local_processes"]} if "local_processes" in stats else {})}
     if metrics["rows_in"] != metrics["rows_kept"] + metrics["rows_rejected"]:
         raise RuntimeError(f"row accounting broke: {metrics}")
@@ -177,19 +229,19 @@ def tokenize(cfg: DataConfig, curated_dir: str | os.PathLike, model_dir: str, ou
 
 
 def _tokenize_splits(cfg: DataConfig, model_dir: str, srcs: list[Path], out: Path, stats: dict,
-                     engine: str = "ray") -> None:
+                     engine: str = "ray", reuse: bool = False) -> None:
     """Tokenize (and pack, if configured) every split in one Ray Data pass over row-group slices; then, on the
     driver, refused rows go to rejected/ and kept rows to out/tokens/split=<name>/ (two streaming pyarrow scans)."""
     work = out / "_work" / "tokens"
     with curate.timed(stats["phases"], "tokenize"):
         items = _slices(srcs)
         if items and engine == "local":  # the same slice function, in forked processes of this one (data.engine)
-            stats["local_processes"] = _tokenize_local(items, model_dir, cfg, work)
+            stats["local_processes"] = _tokenize_local(items, model_dir, cfg, work, reuse)
         elif items:
             import ray
 
             ds = ray.data.from_items(items, override_num_blocks=len(items))
-            ds.map_batches(_tokenize_slices, fn_args=(model_dir, cfg), batch_size=1, batch_format="numpy",
+            ds.map_batches(_tokenize_slices, fn_args=(model_dir, cfg, reuse), batch_size=1, batch_format="numpy",
                            num_cpus=cfg.task_cpus, compute=curate.parse_compute(cfg)).write_parquet(str(work))
     with curate.timed(stats["phases"], "account"):
         n_kept = _account(work, out / "rejected" / "tokenize.jsonl", stats)
@@ -212,7 +264,8 @@ def _write_kept(cfg: DataConfig, work: Path, out: Path, n_kept: int) -> None:
     scan = pads.dataset(str(work), format="parquet").scanner(columns=cols, filter=pads.field("reason") == "")
     pads.write_dataset(scan, str(out / "tokens"), format="parquet", partitioning=["split"],
                        partitioning_flavor="hive", existing_data_behavior="overwrite_or_ignore",
-                       basename_template="part-{i}.parquet", max_rows_per_file=50_000, max_rows_per_group=10_000)
+                       basename_template="part-{i}.parquet", max_rows_per_file=50_000, max_rows_per_group=10_000,
+                       preserve_order=True)  # rows in curated order, whatever the threads did
 
 
 def _account(work: Path, rejected: Path, stats: dict) -> int:
@@ -221,7 +274,7 @@ def _account(work: Path, rejected: Path, stats: dict) -> int:
 
     n_kept = 0
     rejected.parent.mkdir(parents=True, exist_ok=True)
-    cols = ["reason", "detail", "source", "line", "row", "n_tokens", "truncated", "split", "n_rows"]
+    cols = ["reason", "detail", "source", "line", "row", "n_tokens", "truncated", "split", "n_rows", "reused"]
     batches = pads.dataset(str(work), format="parquet").to_batches(columns=cols, batch_size=65536) if work.exists() \
         else []
     with open(rejected, "a") as fh:
@@ -236,6 +289,7 @@ def _account(work: Path, rejected: Path, stats: dict) -> int:
                     stats["split"][r["split"]] = stats["split"].get(r["split"], 0) + r["n_rows"]
                     stats["tokens"] += r["n_tokens"]
                     stats["truncated"] += r["truncated"]
+                stats["reused"] += r["reused"]
     stats["kept"] += n_kept
     if rejected.stat().st_size == 0:
         rejected.unlink()

@@ -191,6 +191,16 @@ def test_tokenized_labels_only_on_assistant_tokens(ray_session, tmp_path, tiny_m
         text = tok.decode(learned, skip_special_tokens=True).strip()
         assert text in source  # exactly the assistant's answer, nothing of the prompt
     assert all(len(r["input_ids"]) == len(r["labels"]) for r in rows)
+    # the ids came from curation (encoded once, where rows were counted); a curated folder that does not say which
+    # tokenizer its ids are from (or says another) is tokenized from its messages: the same rows either way
+    assert m["metrics"]["rows_token_ids_reused"] == m["metrics"]["rows_kept"] > 0
+    cm = json.loads((plain / "curated" / "manifest.json").read_text())
+    assert set(cm["token_columns"]) == {"tokenizer_hash"}
+    (plain / "curated" / "manifest.json").write_text(json.dumps({**cm, "token_columns": {"tokenizer_hash": "x"}}))
+    again = data.tokenize(_cfg(src), plain / "curated", tiny_model_dir, tmp_path / "again")
+    am = json.loads((again / "manifest.json").read_text())
+    assert am["metrics"]["rows_token_ids_reused"] == 0 and am["metrics"]["rows_kept"] == m["metrics"]["rows_kept"]
+    assert pq.read_table(again / m["outputs"]["train"]).to_pylist() == rows
     # the same tokens from Ray Data tasks (data.engine=ray), and packed (packing inside the tokenize pass)
     on_ray = data.run(_cfg(src, engine="ray"), tiny_model_dir, tmp_path / "ray")
     ray_rows = pq.read_table(on_ray / m["outputs"]["train"]).to_pylist()

@@ -106,3 +106,31 @@ def test_tokenizer_hash_covers_the_tokenizer_files_not_the_weights(tmp_path):
     assert tokenizer_hash(str(tmp_path)) == first
     (tmp_path / "tokenizer_config.json").write_text('{"chat_template": "b"}')
     assert tokenizer_hash(str(tmp_path)) != first
+
+
+def test_one_encode_labels_equal_the_prefix_encodes(tokenizer, shared_data):
+    """encode_conversations encodes each conversation once and finds the answers by character offsets; on real
+    rows (Alpaca, Dolly, GSM8K) and on multi-turn ones with leading spaces and newlines it gives the ids and
+    labels that encoding every prefix rendering and comparing tokens gives (the way it replaced)."""
+    from pipelines.data import chat
+
+    convs = []
+    for name in ("alpaca_5000.json", "gsm8k_train_alpaca.json", "dolly_151_alpaca.jsonl"):
+        path = shared_data / "sft" / name
+        rows = json.loads(path.read_text()) if name.endswith(".json") else [
+            json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        for r in rows[:400]:
+            try:
+                convs.append(alpaca_to_messages(r, system_prompt="Answer briefly." if len(convs) % 2 else None))
+            except RowError:
+                pass
+    convs += [[{"role": "user", "content": m[-2]["content"]}, {"role": "assistant", "content": " spaced"},
+               {"role": "user", "content": "more?\n"}, {"role": "assistant", "content": m[-1]["content"] + "\n"}]
+              for m in convs[:200]]
+    new = chat.encode_conversations(tokenizer, convs)
+    full = [list(ids) for ids in chat._encode(tokenizer, [chat._render_text(tokenizer, m, False) for m in convs])]
+    old = chat._labels_by_prefix_encodes(tokenizer, convs, full)
+    assert len(new) == len(convs) > 1000
+    assert [ids for ids, _ in new] == full
+    assert [labels for _, labels in new] == old
+    assert all(labels is not None and any(t != IGNORE_INDEX for t in labels) for _, labels in new)
