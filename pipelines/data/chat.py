@@ -8,7 +8,6 @@ not prefixes of each other would make that wrong, so it is checked rather than a
 
 from __future__ import annotations
 
-import bisect
 import json
 from dataclasses import dataclass
 from pathlib import Path

@@ -28,9 +28,8 @@ from pipelines.data.config import (
 from pipelines.data.curate_rows import cached
 from pipelines.data.dedup import SPLITS
 from pipelines.data.packing import pack_rows
-from pipelines.data.split_writer import TOKENS
 from pipelines.data.rowformats import RowError
-
+from pipelines.data.split_writer import TOKENS
 
 TOKEN_COLUMNS = tuple(name for name, _ in TOKENS)
 
