@@ -59,8 +59,23 @@ def init_ray(cfg: RunConfig) -> None:
         ray.init(address=address, runtime_env={"env_vars": env})
     else:  # address="local": a new instance of our own, even when other Ray instances run on this machine (with
         # no address Ray joins the newest of them, and refuses num_cpus for it: a traceback, not a run)
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus,
-                 include_dashboard=cfg.ray.include_dashboard or cfg.tune is not None, runtime_env={"env_vars": env})
+        dashboard = cfg.ray.include_dashboard or cfg.tune is not None
+        port = free_port() if dashboard else None
+        if port:  # the State API of *this* instance for its workers: Ray Train's placement-group cleaner asks it
+            # with no address, and beside a second Ray instance on the machine that fails ("Found multiple active
+            # Ray instances"), so a stopped trial's placement group was never removed and the sweep hung
+            env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=dashboard,
+                 **({"dashboard_port": port} if port else {}), runtime_env={"env_vars": env})
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def finish() -> None:

@@ -33,10 +33,11 @@ def ray_session():
     import ray.data  # noqa: F401  Ray Data binds its console log handler to sys.stderr at import: here, not
     # inside a CliRunner invocation, whose captured stream is closed after it (later logs: "Logging error")
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=True, log_to_driver=True,
-                 runtime_env={"env_vars": {k: os.environ[k] for k in
-                                           ("VLLM_HOST_IP", "VLLM_CPU_KVCACHE_SPACE", "TOKENIZERS_PARALLELISM")}})
+    if not ray.is_initialized():  # the workers ask this instance's State API, not whichever they find (runner)
+        port = free_port()
+        env = {k: os.environ[k] for k in ("VLLM_HOST_IP", "VLLM_CPU_KVCACHE_SPACE", "TOKENIZERS_PARALLELISM")}
+        ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_port=port, log_to_driver=True,
+                 runtime_env={"env_vars": {**env, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
     yield ray
     ray.shutdown()
 
