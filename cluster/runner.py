@@ -150,13 +150,17 @@ def _in_store(cfg: RunConfig, stage: str) -> str | None:
 def stage_dpo(cfg: RunConfig, model_dir: str, sft_dir: Path, *, resume: bool = False) -> Path:
     init_ray(cfg)
     t0 = time.time()
+    remote, sft_uri = cfg.remote_run(), _in_store(cfg, "sft")  # a run in a store: every node reads from there
     data = dpo.prepare(cfg.dpo, model_dir, str(sft_dir), cfg.stage_dir("dpo_data"), dtype=cfg.model.dtype,
-                       quant=cfg.quant)
+                       quant=cfg.quant, sft_uri=sft_uri)
+    if remote:
+        storage.push(data, f"{remote}/dpo_data")
     m = read_manifest(data)["metrics"]
     console.print(f"[bold]dpo data[/]: {m['rows_in']} pairs in, {m['train']} train, {m['validation']} held out, "
                   f"{m['rows_rejected']} rejected {m['rejected_by_reason'] or ''}")
     out = dpo.run(cfg.dpo, cfg.train, model_dir, sft_dir, data, cfg.stage_dir("dpo"), dtype=cfg.model.dtype,
-                  quant=cfg.quant, model_id=cfg.model.name, resume=resume, storage=cfg.train_storage("dpo"))
+                  quant=cfg.quant, model_id=cfg.model.name, resume=resume, storage=cfg.train_storage("dpo"),
+                  data_uri=f"{remote}/dpo_data" if remote else None, sft_uri=sft_uri)
     m = read_manifest(out)["metrics"]
     acc = m.get("reward_accuracy_history") or [float("nan")]
     console.print(f"[bold]dpo[/]: {m['steps']} steps, loss {m['loss_first']:.3f} → {m['loss_last']:.3f}, reward "

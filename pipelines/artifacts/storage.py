@@ -72,13 +72,14 @@ def _files(fs, path: str):
     return [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.type == pafs.FileType.File]
 
 
-def pull(uri: str, local: Path, skip: tuple[str, ...] = ()) -> int:
+def pull(uri: str, local: Path, skip: tuple[str, ...] = (), fs=None) -> int:
     """Copy what the store holds under `uri` into `local` (files missing here, or changed in the store since they
     were pulled: size or modification time differ); files and folders named in `skip`, at any depth, are left
-    out. Returns the number of files copied; 0 when the store has nothing there."""
+    out. Returns the number of files copied; 0 when the store has nothing there. fs: the store's filesystem, built
+    elsewhere (a Ray worker is given the driver's: its own environment may hold no endpoint or credentials)."""
     import pyarrow.fs as pafs
 
-    fs, root = _checked(uri)
+    fs, root = (fs, filesystem(uri)[1]) if fs is not None else _checked(uri)
     copied = 0
     for info in _files(fs, root):
         rel = info.path[len(root):].lstrip("/") or Path(info.path).name
@@ -90,13 +91,24 @@ def pull(uri: str, local: Path, skip: tuple[str, ...] = ()) -> int:
                 int(dest.stat().st_mtime) == int(mtime):
             continue  # pulled before and unchanged since
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".pulling")
+        tmp = dest.with_name(f"{dest.name}.{os.getpid()}.pulling")  # two processes of a node may pull at once
         pafs.copy_files(info.path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
         if mtime is not None:
             os.utime(tmp, (mtime, mtime))
         os.replace(tmp, dest)
         copied += 1
     return copied
+
+
+def local_copy(uri: str, fs=None) -> Path:
+    """A folder of the store (an adapter, say) as a folder on this node: pulled into $LORAFORGE_CACHE/fetched/
+    (unchanged files are not copied again), for libraries that read local paths. fs: as for pull."""
+    import hashlib
+
+    dest = cache_root() / "fetched" / hashlib.sha256(str(uri).encode()).hexdigest()[:20]
+    if not pull(uri, dest, fs=fs) and not dest.is_dir():
+        raise StorageError(f"{uri}: the store holds nothing there")
+    return dest
 
 
 def push(local: Path, uri: str, skip: tuple[str, ...] = ()) -> int:

@@ -208,3 +208,6 @@ class WorkerJob(Section):
     lora: LoraSection | None = Field(None, description="SFT: the adapter to attach to the frozen base.")
     dpo: DPOSection | None = Field(None, description="DPO: the preference loss settings.")
     sft_dir: str | None = Field(None, description="DPO: the SFT adapter the policy starts from.")
+    sft_uri: str | None = Field(None, description=(
+        "DPO: the same adapter in the object store, when the run is there: each worker copies it to its node "
+        "(storage.local_copy) instead of reading the driver's folder, which other nodes do not have."))

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pipelines.artifacts import storage
 from pipelines.artifacts.manifest import hash_path, read_manifest, write_manifest
 from pipelines.data.chat import pad_batch, tokenize_messages
 from pipelines.data.readers import expand_paths, record_batches
@@ -37,11 +38,13 @@ class _PrepareBatch:
     """Ray Data callable class: tokenize pairs and score them under the frozen reference (base + SFT adapter)."""
 
     def __init__(self, model_dir: str, sft_dir: str, cfg: DPOSection, dtype: str, quant: QuantSection,
-                 device: str = "cpu"):
+                 device: str = "cpu", sft_uri: str | None = None, store_fs=None):
         import torch
         from peft import PeftModel
         from transformers import AutoTokenizer
 
+        if sft_uri:  # the run is in an object store: this actor's node may not have the driver's folder
+            sft_dir = str(storage.local_copy(sft_uri, store_fs))
         torch.set_num_threads(1)
         self.cfg = cfg
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -130,8 +133,9 @@ def read_pairs(spec: str, chunk: int = 256):
 
 
 def prepare(cfg: DPOSection, model_dir: str, sft_dir: str, out_dir: str | os.PathLike, *, dtype: str = "float32",
-            quant: QuantSection | None = None) -> Path:
-    """Tokenize preference pairs and precompute reference log-probs (Ray Data); counts add up, rejects kept."""
+            quant: QuantSection | None = None, sft_uri: str | None = None) -> Path:
+    """Tokenize preference pairs and precompute reference log-probs (Ray Data); counts add up, rejects kept.
+    sft_uri: the SFT adapter in the object store, which the reference actors read (any node can)."""
     from ray.data.expressions import col
 
     if not cfg.train_path:
@@ -142,8 +146,9 @@ def prepare(cfg: DPOSection, model_dir: str, sft_dir: str, out_dir: str | os.Pat
     if cfg.max_pairs:
         ds = ds.limit(cfg.max_pairs)
     options = reference_options(cfg, cluster_gpus())
+    store_fs = storage.filesystem(sft_uri)[0] if sft_uri else None  # built here, where the credentials are
     ds = ds.map_batches(_PrepareBatch, fn_constructor_args=(model_dir, str(sft_dir), cfg, dtype, quant or QuantSection(),
-                                                            torch_device(options["num_gpus"])),
+                                                            torch_device(options["num_gpus"]), sft_uri, store_fs),
                         concurrency=(1, 2), batch_size=32, batch_format="numpy", **options).materialize()
     rows_in = ds.count()
     rejected = ds.filter(expr=col("reason") != "").select_columns(["reason", "source", "line", "raw"]).take_all()
@@ -176,18 +181,21 @@ def prepare(cfg: DPOSection, model_dir: str, sft_dir: str, out_dir: str | os.Pat
 def run(cfg: DPOSection, train: TrainSection, model_dir: str, sft_dir: str | os.PathLike, data_dir: str | os.PathLike,
         out_dir: str | os.PathLike, *, dtype: str = "float32", quant: QuantSection | None = None,
         model_id: str | None = None, base_cache: str | os.PathLike | None = None,
-        resume: bool = False, storage: str | None = None) -> Path:
+        resume: bool = False, storage: str | None = None, data_uri: str | None = None,
+        sft_uri: str | None = None) -> Path:
     """Train the DPO adapter from the SFT adapter on a prepared preference dataset; write it with a manifest.
     The loop runs with `cfg.optimisation(train)`: train's settings, with DPO's own steps / lr / warmup / batch size
     where set. base_cache: where each node keeps the 4-bit base it quantized once (QLoRA); storage: where Ray Train
-    keeps checkpoints (a folder or an s3:// URI; default out_dir/ray_train)."""
+    keeps checkpoints (a folder or an s3:// URI; default out_dir/ray_train); data_uri / sft_uri: the prepared pairs
+    and the SFT adapter in the object store, read there by every worker (a run whose output_dir is a store)."""
     quant = quant or QuantSection()
     sft_manifest = read_manifest(sft_dir, kind="lora_adapter")
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     loop = cfg.optimisation(train)
     job = WorkerJob(model_dir=model_dir, dtype=dtype, quant=quant, train=loop, dpo=cfg,
-                    sft_dir=str(Path(sft_dir).resolve()), storage=storage or str(out / "ray_train"),
+                    sft_dir=str(Path(sft_dir).resolve()), sft_uri=sft_uri, data_uri=data_uri,
+                    storage=storage or str(out / "ray_train"),
                     base_cache=str(base_cache) if base_cache else None)
     return run_stage(train_loop_per_worker, job, name="dpo", title="DPO", data_dir=data_dir,
                      data_kind="preference_dataset", out=out, model_id=model_id, resume=resume,
@@ -212,7 +220,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(train.seed)
     tokenizer = AutoTokenizer.from_pretrained(job.model_dir)
     base, base_info = load_worker_base(job)
-    model = PeftModel.from_pretrained(base, job.sft_dir, is_trainable=True)
+    sft_dir = str(storage.local_copy(job.sft_uri, config.get("store_fs"))) if job.sft_uri else job.sft_dir
+    model = PeftModel.from_pretrained(base, sft_dir, is_trainable=True)
     static = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
               **per_rank(model, base_info)}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

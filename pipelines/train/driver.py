@@ -156,7 +156,9 @@ def fit_on_ray(loop, job: WorkerJob, data_dir, data_manifest: dict, name: str, *
     has_val = "validation" in datasets
     trainer = TorchTrainer(
         loop,
-        train_loop_config={"job": job},
+        # the store's filesystem travels with the job: a worker copies what it reads from the store (DPO's SFT
+        # adapter) with the driver's endpoint and credentials, which its own environment may not have
+        train_loop_config={"job": job, "store_fs": store_fs or read_fs or storage_fs},
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                      resources_per_worker={"CPU": train.cpus_per_worker},
                                      placement_strategy=train.placement_strategy),

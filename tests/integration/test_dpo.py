@@ -37,21 +37,40 @@ def sft_adapter(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def dpo_run(ray_session, tiny_model_dir, sft_adapter, shared_data, tmp_path_factory):
+def dpo_run(ray_session, tiny_model_dir, sft_adapter, shared_data, tmp_path_factory, s3):
+    """The run as a run in an object store has it (a real S3 API, moto): the reference actors and the workers
+    copy the SFT adapter from the store to their node, and the workers read the prepared pairs there (no node
+    but the driver's has its folders)."""
+    from pipelines.artifacts import storage
     from pipelines.artifacts.manifest import hash_path
     from pipelines.train import dpo
     from pipelines.train.config import TrainSection
+    from tests.conftest import BUCKET
 
     cfg = dpo.DPOSection(train_path=str(shared_data / "preference" / "qa_feedback_pairs.jsonl"), beta=0.1,
                          max_length=1024, max_pairs=64, validation_fraction=0.15)
     root = tmp_path_factory.mktemp("dpo")
     sft_hash = hash_path(sft_adapter)
-    data = dpo.prepare(cfg, tiny_model_dir, str(sft_adapter), root / "data")
+    sft_uri, data_uri = f"s3://{BUCKET}/dpo-run/sft", f"s3://{BUCKET}/dpo-run/dpo_data"
+    storage.push(sft_adapter, sft_uri)
+    data = dpo.prepare(cfg, tiny_model_dir, str(sft_adapter), root / "data", sft_uri=sft_uri)
+    storage.push(data, data_uri)
     train = TrainSection(num_workers=2, cpus_per_worker=0.5, max_steps=16, batch_size=4, lr=5e-3, warmup_steps=1,
                          eval_every=8, log_every=4, tracking_uri="off")
-    out = dpo.run(cfg, train, tiny_model_dir, sft_adapter, data, root / "dpo")
+    out = dpo.run(cfg, train, tiny_model_dir, sft_adapter, data, root / "dpo", data_uri=data_uri, sft_uri=sft_uri)
     return {"data": data, "out": out, "manifest": json.loads((out / "manifest.json").read_text()),
-            "sft_hash_before": sft_hash, "sft_hash_after": hash_path(sft_adapter), "cfg": cfg}
+            "sft_hash_before": sft_hash, "sft_hash_after": hash_path(sft_adapter), "cfg": cfg, "sft_uri": sft_uri}
+
+
+def test_workers_read_the_sft_adapter_from_the_store(dpo_run, sft_adapter):
+    """The node copy the workers made of the stored adapter (this one machine is their node) holds its files."""
+    import hashlib
+
+    from pipelines.artifacts.models import cache_root
+
+    copy = cache_root() / "fetched" / hashlib.sha256(dpo_run["sft_uri"].encode()).hexdigest()[:20]
+    assert (copy / "adapter_model.safetensors").read_bytes() == (sft_adapter / "adapter_model.safetensors"
+                                                                   ).read_bytes()
 
 
 def test_pairs_accounted(dpo_run):
