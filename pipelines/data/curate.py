@@ -51,8 +51,9 @@ from pipelines.schema import DataError
 DECISION_REASONS = list(CURATION_REASONS)
 
 
-def run(cfg, out_dir: str | os.PathLike, model_dir: str | None = None) -> Path:
-    """Curate cfg.train_path (+ cfg.mix.path) into out_dir; returns out_dir. cfg is a pipelines.data.config.DataConfig."""
+def run(cfg, out_dir: str | os.PathLike, model_dir: str | None = None, wait_plots: bool = True) -> Path:
+    """Curate cfg.train_path (+ cfg.mix.path) into out_dir; returns out_dir. cfg is a pipelines.data.config.DataConfig.
+    wait_plots=False: the report's PNG plots may still be drawing on return (report.wait_plots() joins them)."""
 
     out = Path(out_dir).resolve()
     shutil.rmtree(out, ignore_errors=True)
@@ -86,7 +87,7 @@ def run(cfg, out_dir: str | os.PathLike, model_dir: str | None = None) -> Path:
     _check_ceiling(cfg, counts, out)
     if not os.environ.get("LORAFORGE_KEEP_WORK"):
         shutil.rmtree(work, ignore_errors=True)
-    return _finish(cfg, out, files, dec, model_dir)
+    return _finish(cfg, out, files, dec, model_dir, wait_plots)
 
 
 @contextlib.contextmanager
@@ -450,12 +451,13 @@ def _carries_tokens(dec: dict[str, Any], model_dir: str | None) -> bool:
     return bool(model_dir) and dec["kind"] == "sft"
 
 
-def _finish(cfg, out: Path, files: list[str], dec: dict[str, Any], model_dir: str | None) -> Path:
+def _finish(cfg, out: Path, files: list[str], dec: dict[str, Any], model_dir: str | None, wait_plots: bool = True
+            ) -> Path:
     counts = dec["counts"]
     content = {s: hash_path(out / s) for s in SPLITS}
     report = {**counts, "kind": dec["kind"], "dedup": dec["dedup"], "inputs": files, "content_hash": content,
               "formats": dec["formats"], "phases": dec["phases"]}
-    write_report(out, report, dec["lengths"], cfg)
+    write_report(out, report, dec["lengths"], cfg, wait=wait_plots)
     local = [f for f in files if "://" not in f]
     inputs = {"train": local[0]} if len(local) == 1 else {f"input_{i}": f for i, f in enumerate(local)}
     metrics = {k: counts[k] for k in ("rows_in", "rows_kept", "rows_rejected", "rejected_by_reason",

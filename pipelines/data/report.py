@@ -9,10 +9,23 @@ from typing import Any
 import numpy as np
 
 
-def write_report(out: Path, report: dict[str, Any], lengths: np.ndarray, cfg) -> None:
+_PENDING: list = []  # plot processes started by write_report(wait=False), joined by wait_plots
+
+
+def write_report(out: Path, report: dict[str, Any], lengths: np.ndarray, cfg, wait: bool = True) -> None:
+    """The JSON and Markdown report now; the PNG plots in a forked process (importing matplotlib and drawing cost
+    ~1.5 s of the driver's time, which the next stage's work can overlap): joined here, or with wait=False by
+    wait_plots()."""
+    import multiprocessing
+
     plots = {"lengths": "length_histogram.png", "categories": "category_distribution.png"}
-    _plot_lengths(lengths, out / plots["lengths"], cfg.max_length)
-    _plot_categories(report["kept_by_category"], out / plots["categories"])
+    proc = multiprocessing.get_context("fork").Process(
+        target=_draw, args=(lengths, out / plots["lengths"], cfg.max_length, report["kept_by_category"],
+                            out / plots["categories"]), daemon=True)
+    proc.start()
+    _PENDING.append(proc)
+    if wait:
+        wait_plots()
     report["plots"] = plots
     if len(lengths):
         report["length_tokens"] = {"min": int(lengths.min()), "median": float(np.median(lengths)),
@@ -48,6 +61,22 @@ def markdown(r: dict[str, Any]) -> str:
     lines += ["", f"![token lengths]({r['plots']['lengths']})", "",
               f"![categories]({r['plots']['categories']})", ""]
     return "\n".join(lines)
+
+
+def wait_plots() -> None:
+    """Join the plot processes write_report started; one that failed is an error (the report names its plots)."""
+    while _PENDING:
+        proc = _PENDING.pop()
+        proc.join()
+        if proc.exitcode != 0:
+            raise RuntimeError(f"drawing the curation report's plots failed (exit code {proc.exitcode}); the "
+                               "traceback is in the log above")
+
+
+def _draw(lengths: np.ndarray, lengths_png: Path, max_length: int, categories: dict[str, int],
+          categories_png: Path) -> None:
+    _plot_lengths(lengths, lengths_png, max_length)
+    _plot_categories(categories, categories_png)
 
 
 def _plt():

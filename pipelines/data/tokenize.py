@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipelines.artifacts.manifest import read_manifest, write_manifest
-from pipelines.data import curate, local_pool
+from pipelines.data import curate, local_pool, report
 from pipelines.data.chat import load_tokenizer, tokenize_records, tokenizer_hash
 from pipelines.data.config import (
     DataConfig,
@@ -187,12 +187,14 @@ def run(cfg: DataConfig, model_dir: str, out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir).resolve()
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    curated = curate.run(cfg, out / "curated", model_dir=model_dir)
+    curated = curate.run(cfg, out / "curated", model_dir=model_dir, wait_plots=False)  # drawn during tokenize
+    shutil.copytree(curated / "rejected", out / "rejected")
+    tokenize(cfg, curated, model_dir, out)
+    report.wait_plots()
     for f in curated.iterdir():  # the report sits at the top of the data folder too
         if f.name.startswith("curation_report") or f.suffix == ".png":
             shutil.copy2(f, out / f.name)
-    shutil.copytree(curated / "rejected", out / "rejected")
-    return tokenize(cfg, curated, model_dir, out)
+    return out
 
 
 def tokenize(cfg: DataConfig, curated_dir: str | os.PathLike, model_dir: str, out_dir: str | os.PathLike) -> Path:
