@@ -29,7 +29,7 @@ from pipelines.artifacts.manifest import hash_path, write_manifest
 from pipelines.data import local_pool
 from pipelines.data.chat import tokenizer_hash
 from pipelines.data.config import CURATION_REASONS, FAULT_REASONS
-from pipelines.data.curate_rows import PARSED_SCHEMA, ParseRows, cached, parse_batch, read_files
+from pipelines.data.curate_rows import ParseRows, cached, parse_batch, read_files
 from pipelines.data.dedup import (
     SPLITS,
     assign_split,
@@ -146,7 +146,7 @@ def _parse_local(files: list[str], parse_args: tuple, dest: Path, cfg) -> int:
         for raw in read_files({k: [v] for k, v in item.items()}):
             for s in range(0, len(raw["raw"]), 512):  # the Ray pass's batch size
                 out = parse_batch({k: v[s:s + 512] for k, v in raw.items()}, *parse_args)
-                pq.write_table(pa.Table.from_pydict(out, schema=PARSED_SCHEMA), dest / f"part-{i:05d}-{n:05d}.parquet")
+                pq.write_table(out, dest / f"part-{i:05d}-{n:05d}.parquet")
                 n += 1
 
     dest.mkdir(parents=True, exist_ok=True)

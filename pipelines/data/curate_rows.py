@@ -56,9 +56,11 @@ def cached(cls, *args):
     return _CACHE[key]
 
 
-def parse_batch(batch: dict[str, Any], *args) -> dict[str, Any]:
-    """Ray Data task UDF around ParseRows (args: ParseRows' constructor arguments)."""
-    return cached(ParseRows, *args)(batch)
+def parse_batch(batch: dict[str, Any], *args) -> pa.Table:
+    """Ray Data task UDF around ParseRows (args: ParseRows' constructor arguments), as a table of PARSED_SCHEMA:
+    typed here, not inferred per block (a block of refused rows has only empty token lists, which Ray would
+    type list<null>, unlike its neighbours)."""
+    return pa.Table.from_pydict(cached(ParseRows, *args)(batch), schema=PARSED_SCHEMA)
 
 
 class ParseRows:

@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 
-
 _PENDING: list = []  # plot processes started by write_report(wait=False), joined by wait_plots
 
 
