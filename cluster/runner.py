@@ -152,7 +152,7 @@ def stage_dpo(cfg: RunConfig, model_dir: str, sft_dir: Path, *, resume: bool = F
     t0 = time.time()
     remote, sft_uri = cfg.remote_run(), _in_store(cfg, "sft")  # a run in a store: every node reads from there
     data = dpo.prepare(cfg.dpo, model_dir, str(sft_dir), cfg.stage_dir("dpo_data"), dtype=cfg.model.dtype,
-                       quant=cfg.quant, sft_uri=sft_uri)
+                       quant=cfg.quant, sft_uri=sft_uri, model_name=cfg.model.name)
     if remote:
         storage.push(data, f"{remote}/dpo_data")
     m = read_manifest(data)["metrics"]

@@ -63,6 +63,7 @@ class TrialContext(Section):
     train: TrainSection
     quant: QuantSection
     model_dir: str
+    model_name: str | None = Field(None, description="model.name (WorkerJob.model_name).")
     dtype: str
     data_dir: str
     trials_dir: str = Field(description="Ray Train storage of the trials: <trials_dir>/<trial id>/ (a folder or a "
@@ -94,7 +95,8 @@ def run(tune_cfg: TuneSection, lora: LoraSection, train: TrainSection, model_dir
     check_state_api()
     state = state_uri.rstrip("/") if state_uri else str(out)
     store_fs, state_path = storage.filesystem(state) if state_uri else (None, state)
-    ctx = TrialContext(tune=tune_cfg, lora=lora, train=train, quant=quant, model_dir=model_dir, dtype=dtype,
+    ctx = TrialContext(tune=tune_cfg, lora=lora, train=train, quant=quant, model_dir=model_dir, model_name=model_id,
+                       dtype=dtype,
                        data_dir=str(Path(data_dir).resolve()), trials_dir=f"{state}/trials", log_dir=str(out),
                        data_manifest=data_manifest, data_uri=data_uri,
                        store=store_fs)
@@ -271,8 +273,8 @@ def run_trial(point: dict[str, Any], ctx: TrialContext) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     lora, train = apply_trial(flat(point), ctx.tune, ctx.lora, ctx.train)
-    job = WorkerJob(model_dir=ctx.model_dir, dtype=ctx.dtype, quant=ctx.quant, train=train, lora=lora,
-                    storage=f"{ctx.trials_dir}/{trial_id}", data_uri=ctx.data_uri)
+    job = WorkerJob(model_dir=ctx.model_dir, model_name=ctx.model_name, dtype=ctx.dtype, quant=ctx.quant,
+                    train=train, lora=lora, storage=f"{ctx.trials_dir}/{trial_id}", data_uri=ctx.data_uri)
     Path(ctx.log_dir).mkdir(parents=True, exist_ok=True)
     with open(Path(ctx.log_dir) / "trial_starts.log", "a") as log:  # who ran when (resume tests)
         log.write(json.dumps({"trial_id": trial_id, "time": time.time()}) + "\n")
@@ -332,8 +334,8 @@ def export_winner(trials: list[dict], ctx: TrialContext, out: Path, name: str, d
     else:
         raise RuntimeError(f"sweep {name}: no trial checkpoint is left to export")
     lora, train = apply_trial(trial["config"], ctx.tune, ctx.lora, ctx.train)
-    job = WorkerJob(model_dir=ctx.model_dir, dtype=ctx.dtype, quant=ctx.quant, train=train, lora=lora,
-                    storage=f"{ctx.trials_dir}/{trial['trial_id']}")
+    job = WorkerJob(model_dir=ctx.model_dir, model_name=ctx.model_name, dtype=ctx.dtype, quant=ctx.quant,
+                    train=train, lora=lora, storage=f"{ctx.trials_dir}/{trial['trial_id']}")
     state["selected_step"] = report["step"]
     winner = {"trial_id": trial["trial_id"], "label": trial["label"], "step": report["step"], "eval_loss": loss,
               "best_reported_eval_loss": best_reported, "checkpoint": report["checkpoint_path"]}

@@ -66,6 +66,20 @@ def resolve_model(cfg: ModelConfig) -> str:
     return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
 
 
+def on_this_node(model_dir: str, name: str | None) -> str:
+    """The base model's folder on the node this runs on: the driver's model_dir when this node has it (one machine,
+    or storage every node mounts at that path), else model.name resolved here: a hub id is downloaded, a built-in
+    built, once per node (a cluster without shared storage). A local folder only the driver has is refused."""
+    if Path(model_dir, "config.json").is_file() or not name:
+        return model_dir
+    import socket
+
+    if name in BUILTIN or not (name.startswith((".", "/", "~")) or Path(name).expanduser().is_dir()):
+        return resolve_model(ModelConfig(name=name))  # a built-in or a hub id
+    raise MissingInput(f"model.name={name!r}: the folder {model_dir} is not on node {socket.gethostname()}; put the "
+                       "model on storage every node mounts at that path, or name a hub id (each node downloads it)")
+
+
 def local_folder(name: str) -> Path | None:
     """The local Hugging Face folder `model.name` names, or None for a built-in name or a hub id. A name is a
     local path when it starts with . / ~, is a folder, or its first component is a local folder; one that is

@@ -196,7 +196,10 @@ class WorkerJob(Section):
     """What every Ray Train worker of a stage receives, validated once on the driver and passed as this object
     (`train_loop_config={"job": job}`): sections stay typed across the process boundary, never rebuilt from dicts."""
 
-    model_dir: str = Field(description="Local Hugging Face folder of the base model.")
+    model_dir: str = Field(description="Local Hugging Face folder of the base model (on the driver's machine).")
+    model_name: str | None = Field(None, description=(
+        "model.name: resolved again on a node that lacks model_dir (a hub id or built-in: each node gets its own "
+        "copy); see base_dir()."))
     dtype: Literal["float32", "bfloat16", "float16"] = Field(description="Compute dtype (model.dtype).")
     quant: QuantSection
     train: TrainSection = Field(description="The loop settings this stage runs with (DPO: dpo.optimisation(train)).")
@@ -211,3 +214,10 @@ class WorkerJob(Section):
     sft_uri: str | None = Field(None, description=(
         "DPO: the same adapter in the object store, when the run is there: each worker copies it to its node "
         "(storage.local_copy) instead of reading the driver's folder, which other nodes do not have."))
+
+    def on_node(self) -> WorkerJob:
+        """This job as the node it runs on sees it: model_dir is this node's copy of the base (on_this_node)."""
+        from pipelines.artifacts.models import on_this_node
+
+        here = on_this_node(self.model_dir, self.model_name)
+        return self if here == self.model_dir else self.model_copy(update={"model_dir": here})

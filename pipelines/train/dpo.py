@@ -22,6 +22,7 @@ from typing import Any
 
 from pipelines.artifacts import storage
 from pipelines.artifacts.manifest import hash_path, read_manifest, write_manifest
+from pipelines.artifacts.models import on_this_node
 from pipelines.data.chat import pad_batch, tokenize_messages
 from pipelines.data.readers import expand_paths, record_batches
 from pipelines.data.rowformats import RowError, apply_columns, parse_raw, to_canonical
@@ -38,11 +39,12 @@ class _PrepareBatch:
     """Ray Data callable class: tokenize pairs and score them under the frozen reference (base + SFT adapter)."""
 
     def __init__(self, model_dir: str, sft_dir: str, cfg: DPOSection, dtype: str, quant: QuantSection,
-                 device: str = "cpu", sft_uri: str | None = None, store_fs=None):
+                 device: str = "cpu", sft_uri: str | None = None, store_fs=None, model_name: str | None = None):
         import torch
         from peft import PeftModel
         from transformers import AutoTokenizer
 
+        model_dir = on_this_node(model_dir, model_name)  # this actor's node may not have the driver's folder
         if sft_uri:  # the run is in an object store: this actor's node may not have the driver's folder
             sft_dir = str(storage.local_copy(sft_uri, store_fs))
         torch.set_num_threads(1)
@@ -133,9 +135,10 @@ def read_pairs(spec: str, chunk: int = 256):
 
 
 def prepare(cfg: DPOSection, model_dir: str, sft_dir: str, out_dir: str | os.PathLike, *, dtype: str = "float32",
-            quant: QuantSection | None = None, sft_uri: str | None = None) -> Path:
+            quant: QuantSection | None = None, sft_uri: str | None = None, model_name: str | None = None) -> Path:
     """Tokenize preference pairs and precompute reference log-probs (Ray Data); counts add up, rejects kept.
-    sft_uri: the SFT adapter in the object store, which the reference actors read (any node can)."""
+    sft_uri: the SFT adapter in the object store, which the reference actors read (any node can); model_name:
+    model.name, resolved again by an actor on a node without model_dir (models.on_this_node)."""
     from ray.data.expressions import col
 
     if not cfg.train_path:
@@ -148,7 +151,8 @@ def prepare(cfg: DPOSection, model_dir: str, sft_dir: str, out_dir: str | os.Pat
     options = reference_options(cfg, cluster_gpus())
     store_fs = storage.filesystem(sft_uri)[0] if sft_uri else None  # built here, where the credentials are
     ds = ds.map_batches(_PrepareBatch, fn_constructor_args=(model_dir, str(sft_dir), cfg, dtype, quant or QuantSection(),
-                                                            torch_device(options["num_gpus"]), sft_uri, store_fs),
+                                                            torch_device(options["num_gpus"]), sft_uri, store_fs,
+                                                            model_name),
                         concurrency=(1, 2), batch_size=32, batch_format="numpy", **options).materialize()
     rows_in = ds.count()
     rejected = ds.filter(expr=col("reason") != "").select_columns(["reason", "source", "line", "raw"]).take_all()
@@ -193,7 +197,7 @@ def run(cfg: DPOSection, train: TrainSection, model_dir: str, sft_dir: str | os.
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     loop = cfg.optimisation(train)
-    job = WorkerJob(model_dir=model_dir, dtype=dtype, quant=quant, train=loop, dpo=cfg,
+    job = WorkerJob(model_dir=model_dir, model_name=model_id, dtype=dtype, quant=quant, train=loop, dpo=cfg,
                     sft_dir=str(Path(sft_dir).resolve()), sft_uri=sft_uri, data_uri=data_uri,
                     storage=storage or str(out / "ray_train"),
                     base_cache=str(base_cache) if base_cache else None)
@@ -214,7 +218,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    job: WorkerJob = config["job"]
+    job: WorkerJob = config["job"].on_node()  # the base model as this node has it
     cfg, train = job.dpo, job.train
     torch.set_num_threads(max(1, int(round(train.cpus_per_worker * 2))))
     torch.manual_seed(train.seed)

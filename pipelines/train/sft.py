@@ -39,7 +39,7 @@ def run(lora: LoraSection, train: TrainSection, model_dir: str, data_dir: str | 
     quant = quant or QuantSection()
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    job = WorkerJob(model_dir=model_dir, dtype=dtype, quant=quant, train=train, lora=lora,
+    job = WorkerJob(model_dir=model_dir, model_name=model_id, dtype=dtype, quant=quant, train=train, lora=lora,
                     storage=storage or str(out / "ray_train"), base_cache=str(base_cache) if base_cache else None,
                     data_uri=data_uri)
     return run_stage(train_loop_per_worker, job, name="sft", title="SFT", data_dir=data_dir,
@@ -68,7 +68,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     select_accelerator()
-    job: WorkerJob = config["job"]
+    job: WorkerJob = config["job"].on_node()  # the base model as this node has it
     tokenizer, model, static = setup_worker(job)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if ray.train.get_context().get_world_rank() == 0:

@@ -165,3 +165,22 @@ def test_deepspeed_accelerator_follows_the_workers_resources(monkeypatch):
     import os
 
     assert os.environ["DS_ACCELERATOR"] == "cpu"
+
+
+def test_a_node_without_the_drivers_model_folder_resolves_model_name_itself(tiny_model_dir, tmp_path, monkeypatch):
+    """A worker on a node that lacks the driver's model folder (no shared storage) gets its own copy of model.name
+    (a built-in is built, a hub id downloaded, there); a local folder only the driver had is a clear refusal."""
+    from pathlib import Path
+
+    from pipelines.artifacts.models import on_this_node
+    from pipelines.schema import MissingInput
+    from pipelines.train.config import WorkerJob
+
+    assert on_this_node(tiny_model_dir, "tiny-llama") == tiny_model_dir  # this node has the folder
+    gone = str(tmp_path / "driver-only" / "tiny-llama")
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "node-b"))
+    job = WorkerJob(model_dir=gone, model_name="tiny-llama", dtype="float32", quant=QuantSection(),
+                    train=TrainSection(), storage=str(tmp_path / "ray_train")).on_node()
+    assert job.model_dir.startswith(str(tmp_path / "node-b")) and Path(job.model_dir, "config.json").is_file()
+    with pytest.raises(MissingInput, match="is not on node .*name a hub id"):
+        on_this_node(gone, gone)
