@@ -327,6 +327,7 @@ def compare(args, model_dir: str) -> dict:
         small, big = write_input(n1, tmp / "in_1x.jsonl"), write_input(n10, tmp / "in_big.jsonl")
         res = timed_runs([("ds_1x", "datasets", small), ("same_1x", "same_work", small), ("ray_1x", "ray", small),
                           ("tasks_1x", "ray:ray", small), ("ray_big", "ray", big)], model_dir, args, tmp)
+        same_tokens = tokens_agree(tmp / "ray_1x_0" / "ray_out" / "tokens", tmp / "ds_1x_0" / "baseline.parquet")
     r1, d1, s1, t1, rb = (median_of(res[k]) for k in ("ray_1x", "ds_1x", "same_1x", "tasks_1x", "ray_big"))
     mib = 1024 ** 2
     figures = {
@@ -353,6 +354,7 @@ def compare(args, model_dir: str) -> dict:
         "peak_pss_mib_1x": round(r1["peak_pss"] / mib, 1), "peak_pss_mib_big": round(rb["peak_pss"] / mib, 1),
         "datasets_peak_pss_mib_1x": round(d1["peak_pss"] / mib, 1),
         "pss_10x_over_1x": round(rb["peak_pss"] / r1["peak_pss"], 3) if r1["peak_pss"] else None,
+        "tokens_equal_to_baseline_1x": same_tokens,
         "phases_1x": median_phases([r["phases"] for r in res["ray_1x"]]),
         "phases_big": median_phases([r["phases"] for r in res["ray_big"]]),
     }
@@ -371,9 +373,23 @@ def compare(args, model_dir: str) -> dict:
     print(f"peak RSS (process tree, psutil; object store shm counted as mapped), {args.scale}x over 1x: "
           f"{figures['rss_10x_over_1x']:.2f} (streaming target <= 1.2); peak PSS (a page shared by forked processes "
           f"counted once): {figures['pss_10x_over_1x']}")
+    print(f"the same token ids and labels as datasets.map's, row for row (as multisets), at 1x: {same_tokens}")
     print_phases(figures["phases_1x"], "1x")
     print_phases(figures["phases_big"], f"{args.scale}x")
     return figures
+
+
+def tokens_agree(ours: Path, baseline: Path) -> bool:
+    """Whether our tokenized rows (all splits) and the baseline's are the same (input_ids, labels) multiset: the
+    same work was done, by other code paths (ours encodes each conversation once, in curation)."""
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    def rows(table) -> list:
+        return sorted(zip(map(tuple, table["input_ids"].to_pylist()), map(tuple, table["labels"].to_pylist())))
+
+    return rows(pads.dataset(str(ours), format="parquet").to_table(columns=["input_ids", "labels"])) == rows(
+        pq.read_table(baseline, columns=["input_ids", "labels"]))
 
 
 def median_phases(runs: list[dict]) -> dict:
