@@ -105,7 +105,7 @@ def encode_conversations(tokenizer, conversations: list[list[dict[str, str]]]
     """(input_ids, labels) of each rendered conversation, labels only on assistant tokens; labels None where the
     chat template does not render the conversation's prefixes as prefixes of it (tokenize_conversations raises).
 
-    Each conversation is encoded once, with offsets: turn i's answer is the tokens of the full encoding that lie
+    Each conversation is encoded once, with its character-to-token maps: turn i's answer is the tokens of the full encoding that lie
     between the characters of "everything before turn i + the generation prompt" and "everything through turn i"
     (as transformers' assistant-token masks are found). Where a token straddles such a boundary, that row's
     prefixes are encoded too and compared token by token, as before (encoding every prefix was a third of the
