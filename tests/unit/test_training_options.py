@@ -178,7 +178,9 @@ def test_a_node_without_the_drivers_model_folder_resolves_model_name_itself(tiny
 
     assert on_this_node(tiny_model_dir, "tiny-llama") == tiny_model_dir  # this node has the folder
     gone = str(tmp_path / "driver-only" / "tiny-llama")
-    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "node-b"))
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "node-b"))  # node b's cache, its built-in already built
+    (tmp_path / "node-b" / "models").mkdir(parents=True)
+    (tmp_path / "node-b" / "models" / "tiny-llama").symlink_to(tiny_model_dir)
     job = WorkerJob(model_dir=gone, model_name="tiny-llama", dtype="float32", quant=QuantSection(),
                     train=TrainSection(), storage=str(tmp_path / "ray_train")).on_node()
     assert job.model_dir.startswith(str(tmp_path / "node-b")) and Path(job.model_dir, "config.json").is_file()
