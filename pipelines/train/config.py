@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from pipelines.artifacts.models import on_this_node
 from pipelines.data.rowformats import check_columns
 from pipelines.schema import Section
 
@@ -217,7 +218,5 @@ class WorkerJob(Section):
 
     def on_node(self) -> WorkerJob:
         """This job as the node it runs on sees it: model_dir is this node's copy of the base (on_this_node)."""
-        from pipelines.artifacts.models import on_this_node
-
         here = on_this_node(self.model_dir, self.model_name)
         return self if here == self.model_dir else self.model_copy(update={"model_dir": here})
