@@ -14,6 +14,7 @@ Every stage command prints its output folder as the last line of its output.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -67,26 +68,46 @@ def run(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
 def tokenize(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:
     """Data stage alone: raw rows → curated rows → token ids with assistant-only labels (Ray Data)."""
     cfg = load(config, overrides, ("model", "data"))
-    done(runner.stage_data(cfg, runner.stage_model(cfg)))
+    with _quiet(cfg, "tokenize"):
+        out = runner.stage_data(cfg, runner.stage_model(cfg))
+    done(out)
+
+
+@contextlib.contextmanager
+def _quiet(cfg, command: str):
+    """A stage command's terminal as `run`'s: library noise (Ray's and its workers' logging, warnings, loading bars)
+    to <run>/logs/<command>-<time>.log, our progress lines and the stage summaries on the terminal; the Ray
+    instance the command started is stopped inside, so no worker line lands after the output folder."""
+    with terminal.quiet(terminal.log_path(cfg.run_dir(), command), runner.console):
+        try:
+            yield
+        finally:
+            runner.finish()
 
 
 def curate(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:
     """Curation alone: raw rows → validated, filtered, de-duplicated, split rows + report (Ray Data)."""
     cfg = load(config, overrides, ("model", "data"))
-    done(runner.stage_curate(cfg, runner.stage_model(cfg)))
+    with _quiet(cfg, "curate"):
+        out = runner.stage_curate(cfg, runner.stage_model(cfg))
+    done(out)
 
 
 def sft(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:
     """SFT stage alone, on the data stage's output folder of the same run."""
     cfg = load(config, overrides, ("model", "tokenized"))
     cli_plan.check_fits(cfg, str(config))
-    done(runner.stage_sft(cfg, runner.stage_model(cfg), cfg.stage_dir("data")))
+    with _quiet(cfg, "sft"):
+        out = runner.stage_sft(cfg, runner.stage_model(cfg), cfg.stage_dir("data"))
+    done(out)
 
 
 def dpo(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:
     """DPO alone: preference pairs (dpo.train_path) on top of this run's SFT adapter."""
     cfg = load(config, overrides, ("model", "dpo", "sft_adapter"))
-    done(runner.stage_dpo(cfg, runner.stage_model(cfg), cfg.stage_dir("sft")))
+    with _quiet(cfg, "dpo"):
+        out = runner.stage_dpo(cfg, runner.stage_model(cfg), cfg.stage_dir("sft"))
+    done(out)
 
 
 def tune(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
@@ -94,13 +115,15 @@ def tune(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
     """Ray Tune sweep (tune: section) over the SFT trainer with ASHA; the winner is exported to <run>/tune/winner.
     Tokenizes first when this run has no data stage output; rerun after an interruption to resume the sweep."""
     cfg = load(config, overrides, ("model", "data", "tune"))
-    model_dir = runner.stage_model(cfg)
-    data_dir = cfg.stage_dir("data")
-    if not (data_dir / "manifest.json").is_file():
-        data_dir = runner.stage_data(cfg, model_dir)
-    out = runner.stage_tune(cfg, model_dir, data_dir)
-    if register:
-        typer.echo(runner.publish(cfg, out / "winner", register, "lora_adapter"))
+    with _quiet(cfg, "tune"):
+        model_dir = runner.stage_model(cfg)
+        data_dir = cfg.stage_dir("data")
+        if not (data_dir / "manifest.json").is_file():
+            data_dir = runner.stage_data(cfg, model_dir)
+        out = runner.stage_tune(cfg, model_dir, data_dir)
+        published = runner.publish(cfg, out / "winner", register, "lora_adapter") if register else None
+    if published:
+        typer.echo(published)
     done(out)
 
 
@@ -112,7 +135,8 @@ def evaluate(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
     """Base vs few-shot base vs adapters: metrics, forgetting, report; optionally gate + promote."""
     cfg = load(config, [*(overrides or []), *([f"eval.test_path={test}"] if test else [])], ("model", "eval"))
     adapters = runner.adapters_from(adapter, cfg)
-    out, decision = runner.stage_evaluate(cfg, runner.stage_model(cfg), adapters, gate=gate, force=force)
+    with _quiet(cfg, "evaluate"):
+        out, decision = runner.stage_evaluate(cfg, runner.stage_model(cfg), adapters, gate=gate, force=force)
     if decision is not None:
         for reason in decision.reasons:
             typer.secho(f"gate: {reason}", fg="red", err=True)
@@ -129,9 +153,11 @@ def merge(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
     """Merge adapter(s) into an unquantized copy of the base; parity-check; save an HF folder."""
     cfg = load(config, overrides, ("model",))
     folders = list(runner.adapters_from(adapter, cfg).values())
-    path = runner.stage_merge(cfg, runner.stage_model(cfg), folders, out)
-    if register:
-        typer.echo(runner.publish(cfg, path, register, "merged_model"))
+    with _quiet(cfg, "merge"):
+        path = runner.stage_merge(cfg, runner.stage_model(cfg), folders, out)
+        published = runner.publish(cfg, path, register, "merged_model") if register else None
+    if published:
+        typer.echo(published)
     done(path)
 
 
@@ -145,9 +171,11 @@ def quantize(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
     if not (source / "config.json").is_file():
         raise MissingInput(f"{source}: not a model folder (no config.json); run `loraforge merge` first or pass "
                            "--model")
-    path = runner.stage_quantize(cfg, str(source.resolve()), out)
-    if register:
-        typer.echo(runner.publish(cfg, path, register, "quantized_model"))
+    with _quiet(cfg, "quantize"):
+        path = runner.stage_quantize(cfg, str(source.resolve()), out)
+        published = runner.publish(cfg, path, register, "quantized_model") if register else None
+    if published:
+        typer.echo(published)
     typer.echo((path / "quantize_report.md").read_text())
     done(path)
 

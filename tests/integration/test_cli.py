@@ -109,6 +109,24 @@ def test_tokenize_sft_dpo_merge_evaluate(cli):
     assert report["n_test"] == 4 and report["rows_rejected"] == 0, report.get("rejected_by_reason")
 
 
+def test_a_stage_command_shows_our_lines_and_logs_the_libraries(cli, ray_session):
+    """`loraforge tokenize` in a terminal-like process (its own driver on this session's cluster): the terminal
+    gets the log's path, the stage's summary and the output folder; Ray's and the libraries' lines go to the log."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "cluster", "tokenize", str(cli["root"] / "cli.yaml"), "name=quiet",
+           f"ray.address={ray_session.get_runtime_context().gcs_address}"]
+    out = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = (out.stderr + out.stdout).strip().splitlines()
+    assert lines[0].startswith("full log: ") and lines[-1] == str(cli["root"] / "runs" / "quiet" / "data"), lines
+    assert any(line.startswith("data: 120 rows in") for line in lines), lines
+    assert len(lines) <= 4, lines  # log path, model, data summary, folder: no library line
+    log = Path(lines[0].removeprefix("full log: "))
+    assert "Connecting to existing Ray cluster" in log.read_text() and "data: 120 rows in" in log.read_text()
+
+
 def test_driver_killed_during_sft_then_run_again_skips_data_and_resumes_sft(cli, ray_session):
     """SIGKILL of `loraforge run` (a separate driver on this session's cluster) once SFT has checkpointed; the same
     command again finds the data stage cached and the SFT stage interrupted under the same key, and resumes it
