@@ -200,7 +200,7 @@ ray: {{address: "{address}"}}
     again = subprocess.run(cmd + ["--register", "tiny-sweep"], cwd=REPO, capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
-    assert "restoring sweep-" in again.stdout
+    assert "[tune] restoring sweep-" in again.stderr  # our progress lines: on the terminal's stderr (as `run`'s)
     assert again.stdout.strip().splitlines()[-1] == str(sweep_dir.resolve())
     starts = _trial_starts(sweep_dir)
     assert starts.count(finished) == 1, starts  # the finished trial was not rerun
