@@ -15,6 +15,7 @@ from typing import Any
 
 from pipelines.artifacts.manifest import hash_path
 from pipelines.data.rowformats import RowError
+from pipelines.schema import DataError
 
 IGNORE_INDEX = -100
 
@@ -96,8 +97,12 @@ def tokenize_conversations(tokenizer, conversations: list[list[dict[str, str]]],
     return [_judged(ids, labels, max_length) for ids, labels in encode_conversations(tokenizer, conversations)]
 
 
-NOT_PREFIX = ("the tokenizer's chat template does not render conversations as prefixes of each other; "
-              "assistant-only labels cannot be derived from it")
+NOT_PREFIX = ("the model's chat template (chat_template.jinja, or chat_template in tokenizer_config.json) does "
+              "not render a conversation's earlier turns as a prefix of the whole (a template that rewrites past "
+              "turns, e.g. drops their "
+              "reasoning, does that), so assistant-only labels cannot be derived from it; give the model a template "
+              "that renders each turn once and leaves it unchanged after (model.name: a folder with that "
+              "chat_template.jinja)")
 
 
 def encode_conversations(tokenizer, conversations: list[list[dict[str, str]]]
@@ -105,11 +110,11 @@ def encode_conversations(tokenizer, conversations: list[list[dict[str, str]]]
     """(input_ids, labels) of each rendered conversation, labels only on assistant tokens; labels None where the
     chat template does not render the conversation's prefixes as prefixes of it (tokenize_conversations raises).
 
-    Each conversation is encoded once, with its character-to-token maps: turn i's answer is the tokens of the full encoding that lie
-    between the characters of "everything before turn i + the generation prompt" and "everything through turn i"
-    (as transformers' assistant-token masks are found). Where a token straddles such a boundary, that row's
-    prefixes are encoded too and compared token by token, as before (encoding every prefix was a third of the
-    tokenize pass). A tokenizer without offsets (not a fast one) takes that way for every row."""
+    Each conversation is encoded once, with its character-to-token maps: turn i's answer is the tokens of the full
+    encoding that lie between the characters of "everything before turn i + the generation prompt" and "everything
+    through turn i" (as transformers' assistant-token masks are found). Where a token straddles such a boundary,
+    that row's prefixes are encoded too and compared token by token, as before (encoding every prefix was a third
+    of the tokenize pass). A tokenizer without offsets (not a fast one) takes that way for every row."""
     if not conversations:
         return []
     rows = [_char_spans(tokenizer, m) for m in conversations]
@@ -188,7 +193,7 @@ def _labels_by_prefix_encodes(tokenizer, conversations, full_ids) -> list[list[i
 
 def _judged(ids: list[int], labels: list[int] | None, max_length: int) -> Tokenized | RowError:
     if labels is None:
-        raise ValueError(NOT_PREFIX)
+        raise DataError(NOT_PREFIX)
     if not any(t != IGNORE_INDEX for t in labels):
         return RowError("no_assistant_tokens", "the conversation has no assistant turn to learn from")
     if len(ids) > max_length:

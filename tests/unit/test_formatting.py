@@ -134,3 +134,18 @@ def test_one_encode_labels_equal_the_prefix_encodes(tokenizer, shared_data):
     assert [ids for ids, _ in new] == full
     assert [labels for _, labels in new] == old
     assert all(labels is not None and any(t != IGNORE_INDEX for t in labels) for _, labels in new)
+
+
+def test_a_template_that_rewrites_earlier_turns_is_a_clear_data_error(tokenizer):
+    """Labels come from renderings being prefixes of each other; a template where they are not (here: the full
+    conversation gets a header the prompt rendering lacks) is refused as bad input (exit 2), naming the template."""
+    import copy
+
+    from pipelines.schema import DataError
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = ("{% if not add_generation_prompt %}FULL {% endif %}{% for m in messages %}"
+                         "{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}assistant: "
+                         "{% endif %}")
+    with pytest.raises(DataError, match="chat_template"):
+        tokenize_messages(tok, [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], 64)
