@@ -31,6 +31,19 @@ from pipelines.schema import DataError, MissingInput
 ADAPTER = typer.Option(None, "--adapter", help="NAME=FOLDER or FOLDER; repeatable. Default: this run's sft/ folder.")
 
 
+@contextlib.contextmanager
+def _quiet(cfg, command: str):
+    """A command's terminal: library noise (Ray's and its workers' logging, warnings, loading bars) to
+    <run>/logs/<command>-<time>.log, our progress lines and the stage summaries on the terminal; the Ray instance
+    the command started is stopped inside, so no worker line lands after the output folder. Yields the log's path."""
+    log = terminal.log_path(cfg.run_dir(), command)
+    with terminal.quiet(log, runner.console):
+        try:
+            yield log
+        finally:
+            runner.finish()
+
+
 def run(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the graph, each stage's run/cached and why; "
                                                               "run nothing."),
@@ -45,9 +58,8 @@ def run(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
     if dry_run:
         typer.echo(graph.Graph(cfg, force=tuple(force or ()), start=start, until=until).plan().table())
         return
-    log = terminal.log_path(cfg.run_dir())
     try:
-        with terminal.quiet(log, runner.console):  # library noise to the run's log file, our lines on the terminal
+        with _quiet(cfg, "run") as log:
             from serve.app import shutdown  # imports vLLM (and its libraries' import-time warnings)
 
             g = graph.Graph(cfg, force=tuple(force or ()), start=start, until=until)
@@ -56,7 +68,6 @@ def run(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
             finally:
                 if "serve" in g.folders:
                     shutdown(only_app=True)  # this run's app only: other apps on a shared cluster keep running
-                runner.finish()
     except graph.GateRefused as e:
         for reason in e.reasons:
             typer.secho(f"gate: {reason}", fg="red", err=True)
@@ -71,18 +82,6 @@ def tokenize(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) 
     with _quiet(cfg, "tokenize"):
         out = runner.stage_data(cfg, runner.stage_model(cfg))
     done(out)
-
-
-@contextlib.contextmanager
-def _quiet(cfg, command: str):
-    """A stage command's terminal as `run`'s: library noise (Ray's and its workers' logging, warnings, loading bars)
-    to <run>/logs/<command>-<time>.log, our progress lines and the stage summaries on the terminal; the Ray
-    instance the command started is stopped inside, so no worker line lands after the output folder."""
-    with terminal.quiet(terminal.log_path(cfg.run_dir(), command), runner.console):
-        try:
-            yield
-        finally:
-            runner.finish()
 
 
 def curate(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:

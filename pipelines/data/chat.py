@@ -99,10 +99,9 @@ def tokenize_conversations(tokenizer, conversations: list[list[dict[str, str]]],
 
 NOT_PREFIX = ("the model's chat template (chat_template.jinja, or chat_template in tokenizer_config.json) does "
               "not render a conversation's earlier turns as a prefix of the whole (a template that rewrites past "
-              "turns, e.g. drops their "
-              "reasoning, does that), so assistant-only labels cannot be derived from it; give the model a template "
-              "that renders each turn once and leaves it unchanged after (model.name: a folder with that "
-              "chat_template.jinja)")
+              "turns, e.g. drops their reasoning, does that), so assistant-only labels cannot be derived from it; "
+              "give the model a template that renders each turn once and leaves it unchanged after (model.name: a "
+              "folder with that chat_template.jinja)")
 
 
 def encode_conversations(tokenizer, conversations: list[list[dict[str, str]]]
