@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.artifacts.manifest import hash_path, write_manifest
-from pipelines.data import local_pool
+from pipelines.data import local_pool, report
 from pipelines.data.chat import tokenizer_hash
 from pipelines.data.config import CURATION_REASONS, FAULT_REASONS
 from pipelines.data.curate_rows import ParseRows, cached, parse_batch, read_files
@@ -43,7 +43,6 @@ from pipelines.data.dedup import (
     unit_hash,
 )
 from pipelines.data.readers import expand_paths, iter_records, jsonl_ranges
-from pipelines.data.report import write_report
 from pipelines.data.rowformats import RowError, apply_columns, detect_format, format_hint, parse_raw
 from pipelines.data.split_writer import SplitWriter
 from pipelines.schema import DataError
@@ -69,14 +68,26 @@ def run(cfg, out_dir: str | os.PathLike, model_dir: str | None = None, wait_plot
                   {i: formats[f] for i, f in enumerate(files)})
     phases: dict[str, float] = {}
     engine = pick_engine(cfg, files)
-    with timed(phases, "read_parse_sign"):
-        procs = (_parse_local if engine == "local" else _parse_pass)(files, parse_args, work / "parsed", cfg)
+    report.start_plotter()  # imports matplotlib on CPU time the passes leave idle
+    try:
+        with timed(phases, "read_parse_sign"):
+            procs = (_parse_local if engine == "local" else _parse_pass)(files, parse_args, work / "parsed", cfg)
+        return _decide_and_write(cfg, out, work, files, formats, engine, phases, procs, model_dir, wait_plots)
+    except BaseException:
+        report.cancel_plotter()
+        raise
+
+
+def _decide_and_write(cfg, out: Path, work: Path, files: list[str], formats: dict[str, str], engine: str,
+                      phases: dict[str, float], procs: int | None, model_dir: str | None, wait_plots: bool) -> Path:
+    """Passes (2) and (3) and the report, over the parse pass's files in work/parsed."""
     if not any((work / "parsed").glob("*.parquet")):  # every file was empty (or held only blank lines)
         raise DataError(f"data.train_path={cfg.train_path!r}: no rows read from {len(files)} file(s); point it at "
                         "a file with data")
     with timed(phases, "decide"):
         dec = decide(work / "parsed", cfg)
     counts = dec["counts"]
+    report.plot(out, dec["lengths"], cfg.max_length, counts["kept_by_category"])  # drawn while the splits are written
     _check_accounting(counts, counts)
     with timed(phases, "split_write"):
         n_rejected, n_kept = write_outputs(work / "parsed", out, dec, tokens=_carries_tokens(dec, model_dir))
@@ -455,9 +466,11 @@ def _finish(cfg, out: Path, files: list[str], dec: dict[str, Any], model_dir: st
             ) -> Path:
     counts = dec["counts"]
     content = {s: hash_path(out / s) for s in SPLITS}
-    report = {**counts, "kind": dec["kind"], "dedup": dec["dedup"], "inputs": files, "content_hash": content,
+    rep = {**counts, "kind": dec["kind"], "dedup": dec["dedup"], "inputs": files, "content_hash": content,
               "formats": dec["formats"], "phases": dec["phases"]}
-    write_report(out, report, dec["lengths"], cfg, wait=wait_plots)
+    report.write_report(out, rep, dec["lengths"])
+    if wait_plots:
+        report.wait_plots()
     local = [f for f in files if "://" not in f]
     inputs = {"train": local[0]} if len(local) == 1 else {f"input_{i}": f for i, f in enumerate(local)}
     metrics = {k: counts[k] for k in ("rows_in", "rows_kept", "rows_rejected", "rejected_by_reason",

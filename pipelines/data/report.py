@@ -3,29 +3,73 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-_PENDING: list = []  # plot processes started by write_report(wait=False), joined by wait_plots
+_PENDING: list = []  # plot processes given their job by plot(), joined by wait_plots
+_PLOTTER: tuple | None = None  # (process, the pipe's sending end): started, waiting for its job
 
 
-def write_report(out: Path, report: dict[str, Any], lengths: np.ndarray, cfg, wait: bool = True) -> None:
-    """The JSON and Markdown report now; the PNG plots in a forked process (importing matplotlib and drawing cost
-    ~1.5 s of the driver's time, which the next stage's work can overlap): joined here, or with wait=False by
-    wait_plots()."""
-    import multiprocessing
+def start_plotter() -> None:
+    """Fork the plot process now (once): at the lowest CPU priority it imports matplotlib (~0.6 s of a core) while
+    the stage works, then waits for plot()'s job. Without it, plot() forks one itself."""
+    global _PLOTTER
+    if _PLOTTER is None:
+        ctx = multiprocessing.get_context("fork")
+        recv, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_serve, args=(recv, send), daemon=True)
+        proc.start()
+        recv.close()
+        _PLOTTER = (proc, send)
 
-    plots = {"lengths": "length_histogram.png", "categories": "category_distribution.png"}
-    proc = multiprocessing.get_context("fork").Process(
-        target=_draw, args=(lengths, out / plots["lengths"], cfg.max_length, report["kept_by_category"],
-                            out / plots["categories"]), daemon=True)
-    proc.start()
+
+def cancel_plotter() -> None:
+    """Stop a started plot process that will get no job (the stage failed before its report)."""
+    global _PLOTTER
+    if _PLOTTER is not None:
+        proc, send = _PLOTTER
+        _PLOTTER = None
+        send.close()  # its recv ends (EOFError) and it exits without drawing
+        proc.join()
+
+
+def _serve(recv, send) -> None:
+    send.close()
+    os.nice(19)  # the lowest priority: it imports and draws on CPU time the stage's own work leaves idle
+    _figure()  # the import, while the parent works
+    try:
+        job = json.loads(recv.recv_bytes())
+    except EOFError:
+        return
+    _draw(np.asarray(job["lengths"], dtype=np.int64), Path(job["lengths_png"]), job["max_length"],
+          job["categories"], Path(job["categories_png"]))
+
+
+PLOTS = {"lengths": "length_histogram.png", "categories": "category_distribution.png"}
+
+
+def plot(out: Path, lengths: np.ndarray, max_length: int, categories: dict[str, int]) -> None:
+    """Give the plot process (start_plotter's, or one forked now) its job: the PNG plots of out, drawn while this
+    process goes on; wait_plots() joins it."""
+    global _PLOTTER
+
+    start_plotter()
+    proc, send = _PLOTTER
+    _PLOTTER = None
+    send.send_bytes(json.dumps({"lengths": np.asarray(lengths).tolist(), "lengths_png": str(out / PLOTS["lengths"]),
+                                "max_length": max_length, "categories": categories,
+                                "categories_png": str(out / PLOTS["categories"])}).encode())
+    send.close()
     _PENDING.append(proc)
-    if wait:
-        wait_plots()
-    report["plots"] = plots
+
+
+def write_report(out: Path, report: dict[str, Any], lengths: np.ndarray) -> None:
+    """curation_report.json and .md (naming the PNG plots plot() draws)."""
+    report["plots"] = dict(PLOTS)
     if len(lengths):
         report["length_tokens"] = {"min": int(lengths.min()), "median": float(np.median(lengths)),
                                    "p99": float(np.percentile(lengths, 99)), "max": int(lengths.max())}
@@ -63,7 +107,7 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 def wait_plots() -> None:
-    """Join the plot processes write_report started; one that failed is an error (the report names its plots)."""
+    """Join the plot processes plot() gave a job; one that failed is an error (the report names its plots)."""
     while _PENDING:
         proc = _PENDING.pop()
         proc.join()
@@ -78,18 +122,17 @@ def _draw(lengths: np.ndarray, lengths_png: Path, max_length: int, categories: d
     _plot_categories(categories, categories_png)
 
 
-def _plt():
-    import matplotlib
+def _figure():
+    """matplotlib's Figure class: drawn and saved through the Agg canvas, without pyplot (its import and global
+    figure registry are not needed to write PNGs)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure
 
 
 def _plot_lengths(lengths: np.ndarray, path: Path, max_length: int) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = _figure()(figsize=(6, 3.5))
+    ax = fig.subplots()
     ax.hist(lengths if len(lengths) else [0], bins=50)
     ax.axvline(max_length, color="red", linestyle="--", label=f"max_length {max_length}")
     ax.set_xlabel("tokens per kept row (chat template)")
@@ -97,16 +140,14 @@ def _plot_lengths(lengths: np.ndarray, path: Path, max_length: int) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100, metadata={"Software": None})
-    plt.close(fig)
 
 
 def _plot_categories(counts: dict[str, int], path: Path) -> None:
-    plt = _plt()
     items = sorted(counts.items(), key=lambda kv: -kv[1])[:30]
-    fig, ax = plt.subplots(figsize=(6, max(2.5, 0.3 * len(items) + 1)))
+    fig = _figure()(figsize=(6, max(2.5, 0.3 * len(items) + 1)))
+    ax = fig.subplots()
     ax.barh([k for k, _ in items][::-1], [v for _, v in items][::-1])
     ax.set_xlabel("kept rows")
     ax.set_title("category distribution")
     fig.tight_layout()
     fig.savefig(path, dpi=100, metadata={"Software": None})
-    plt.close(fig)

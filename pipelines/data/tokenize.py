@@ -231,8 +231,26 @@ def tokenize(cfg: DataConfig, curated_dir: str | os.PathLike, model_dir: str, ou
 
 def _tokenize_splits(cfg: DataConfig, model_dir: str, srcs: list[Path], out: Path, stats: dict,
                      engine: str = "ray", reuse: bool = False) -> None:
-    """Tokenize (and pack, if configured) every split in one Ray Data pass over row-group slices; then, on the
-    driver, refused rows go to rejected/ and kept rows to out/tokens/split=<name>/ (two streaming pyarrow scans)."""
+    """Every split → out/tokens/split=<name>/. When every row carries token ids curation computed with this
+    tokenizer and they fit (no packing), they are written as they are (_write_carried); otherwise tokenized (and
+    packed, if configured) in one pass over row-group slices (_tokenize_pass)."""
+    with curate.timed(stats["phases"], "check_carried"):
+        carried = reuse and not cfg.packing.enabled and _all_carried_fit(srcs, cfg.max_length)
+    if carried:
+        with curate.timed(stats["phases"], "carried_write"):
+            _write_carried(srcs, out, stats)
+    else:
+        _tokenize_pass(cfg, model_dir, srcs, out, stats, engine, reuse)
+    for s in SPLITS:
+        if not (out / "tokens" / f"split={s}").is_dir():
+            _empty_split(out / "tokens" / f"split={s}")
+    shutil.rmtree(out / "_work", ignore_errors=True)
+
+
+def _tokenize_pass(cfg: DataConfig, model_dir: str, srcs: list[Path], out: Path, stats: dict, engine: str,
+                   reuse: bool) -> None:
+    """The tokenize pass: Ray Data tasks (or, engine local, forked processes) over row-group slices; then, on
+    the driver, refused rows go to rejected/ and kept rows to out/tokens/split=<name>/ (two streaming scans)."""
     work = out / "_work" / "tokens"
     with curate.timed(stats["phases"], "tokenize"):
         items = _slices(srcs)
@@ -248,10 +266,48 @@ def _tokenize_splits(cfg: DataConfig, model_dir: str, srcs: list[Path], out: Pat
         n_kept = _account(work, out / "rejected" / "tokenize.jsonl", stats)
     with curate.timed(stats["phases"], "write"):
         _write_kept(cfg, work, out, n_kept)
-    for s in SPLITS:
-        if not (out / "tokens" / f"split={s}").is_dir():
-            _empty_split(out / "tokens" / f"split={s}")
-    shutil.rmtree(out / "_work", ignore_errors=True)
+
+
+def _all_carried_fit(srcs: list[Path], max_length: int) -> bool:
+    """Whether every curated row carries token ids that are taken as they are (labels with something to learn,
+    no longer than max_length): then there is nothing left to tokenize, pack or refuse. Reads two int columns."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    for src in srcs:
+        for f in sorted(src.glob("*.parquet")):
+            if "n_label_tokens" not in pq.read_schema(f).names:
+                return False
+            t = pq.read_table(f, columns=["n_label_tokens", "n_tokens"])
+            if len(t) and not (pc.all(pc.greater(t["n_label_tokens"], 0)).as_py()
+                               and pc.max(t["n_tokens"]).as_py() <= max_length):
+                return False
+    return True
+
+
+def _write_carried(srcs: list[Path], out: Path, stats: dict) -> None:
+    """Every row carries its token ids (_all_carried_fit): each curated split → tokens/split=<name>/ in one
+    streaming pyarrow scan-cast-write (no tokenize tasks, no work files), laid out as _write_kept lays them out,
+    rows in curated order."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    for src in srcs:
+        files = sorted(str(f) for f in src.glob("*.parquet"))
+        ds = pads.dataset(files, format="parquet")
+        n = ds.count_rows() if files else 0
+        if not n:
+            continue
+        tokens = pc.sum(ds.to_table(columns=["n_tokens"])["n_tokens"]).as_py() or 0
+        scan = ds.scanner(columns={"input_ids": pc.field("input_ids").cast(_INTS),
+                                   "labels": pc.field("labels").cast(_INTS), "n_tokens": pc.field("n_tokens")})
+        pads.write_dataset(scan, str(out / "tokens" / f"split={src.name}"), format="parquet",
+                           existing_data_behavior="overwrite_or_ignore", basename_template="part-{i}.parquet",
+                           max_rows_per_file=50_000, max_rows_per_group=10_000, preserve_order=True)
+        stats["kept"] += n
+        stats["reused"] += n
+        stats["tokens"] += tokens
+        stats["split"][src.name] = stats["split"].get(src.name, 0) + n
 
 
 def _write_kept(cfg: DataConfig, work: Path, out: Path, n_kept: int) -> None:
