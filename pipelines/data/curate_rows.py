@@ -89,7 +89,7 @@ class ParseRows:
             r = self.finish(str(source), str(raw), p, None if isinstance(p, RowError) else n)
             keep = bool(ids) and not r["reason"]  # ids travel only with rows that can be kept
             r.update(input_ids=ids if keep else [], labels=labels if keep and labels is not None else [],
-                     n_label_tokens=sum(1 for t in labels if t != IGNORE_INDEX) if keep and labels is not None
+                     n_label_tokens=len(labels) - labels.count(IGNORE_INDEX) if keep and labels is not None
                      else -1)
             out["row_id"].append(int(row_id))
             out["source"].append(str(source))

@@ -47,17 +47,15 @@ def signatures(texts: list[str], num_perm: int, seed: int = 1, n: int = 3) -> np
 
 def optimal_bands(threshold: float, num_perm: int, fp_weight: float = 0.2, fn_weight: float = 0.8) -> tuple[int, int]:
     """(bands, rows) minimising weighted false-positive + false-negative area (datasketch's criterion);
-    weighted towards few misses because every candidate is verified afterwards."""
+    weighted towards few misses because every candidate is verified afterwards. Every (bands, rows) with
+    bands x rows <= num_perm at once, as one array; ties go to the first in (bands, rows) order."""
+    pairs = np.array([(b, r) for b in range(1, num_perm + 1) for r in range(1, num_perm // b + 1)], dtype=np.float64)
+    b, r = pairs[:, :1], pairs[:, 1:]
     xs_lo, xs_hi = np.linspace(0, threshold, 200), np.linspace(threshold, 1, 200)
-    best, best_err = (1, num_perm), float("inf")
-    for b in range(1, num_perm + 1):
-        for r in range(1, num_perm // b + 1):
-            fp = np.trapezoid(1 - (1 - xs_lo ** r) ** b, xs_lo)
-            fn = np.trapezoid(1 - (1 - (1 - xs_hi ** r) ** b), xs_hi)
-            err = fp_weight * fp + fn_weight * fn
-            if err < best_err:
-                best, best_err = (b, r), err
-    return best
+    fp = np.trapezoid(1 - (1 - xs_lo ** r) ** b, xs_lo, axis=1)
+    fn = np.trapezoid(1 - (1 - (1 - xs_hi ** r) ** b), xs_hi, axis=1)
+    best = int(np.argmin(fp_weight * fp + fn_weight * fn))
+    return int(pairs[best, 0]), int(pairs[best, 1])
 
 
 def candidate_pairs(sig: np.ndarray, bands: int, rows: int, max_bucket: int = 256) -> np.ndarray:
