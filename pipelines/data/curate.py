@@ -203,10 +203,16 @@ def parse_compute(cfg):
     return ray.data.TaskPoolStrategy(size=cfg.parse_actors) if cfg.parse_actors else None
 
 
-def _scan(parsed: Path, columns: list[str], filt=None):
-    import pyarrow.dataset as pads
+def _scan(parsed: Path, columns: list[str], row_ids: np.ndarray | None = None):
+    """The parse pass's rows, file by file in name order (= row order), as record batches of `columns`; row_ids:
+    only those rows. Plain pyarrow.parquet: pyarrow.dataset would cost its import (pandas with it, ~0.3 s) here."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
-    return pads.dataset(str(parsed), format="parquet").to_batches(columns=columns, filter=filt, batch_size=65536)
+    want = pa.array(row_ids, pa.int64()) if row_ids is not None else None
+    for f in sorted(parsed.glob("*.parquet")):
+        for b in pq.ParquetFile(f).iter_batches(batch_size=65536, columns=columns):
+            yield b if want is None else b.filter(pc.is_in(b.column("row_id"), value_set=want))
 
 
 def decide(parsed: Path, cfg) -> dict[str, Any]:
@@ -289,12 +295,10 @@ def _dedup(parsed: Path, cfg, ids: np.ndarray, keys: np.ndarray, codes: np.ndarr
 
 
 def _texts(parsed: Path, want: np.ndarray) -> dict[int, str]:
-    import pyarrow.dataset as pads
-
     if not len(want):
         return {}
     out: dict[int, str] = {}
-    for b in _scan(parsed, ["row_id", "dtext"], pads.field("row_id").isin(want.tolist())):
+    for b in _scan(parsed, ["row_id", "dtext"], want):
         out.update(zip(b.column("row_id").to_pylist(), b.column("dtext").to_pylist()))
     return out
 
@@ -424,36 +428,37 @@ def file_formats(files: list[str], cfg, first: int = 20) -> dict[str, str]:
 def write_outputs(parsed: Path, out: Path, dec: dict[str, Any], tokens: bool = False) -> tuple[int, int]:
     """Join the decisions onto the parsed rows in one streaming scan: refused rows → rejected/ (JSONL), kept rows
     → train/ validation/ test/ sorted by row id in deterministic files (same data + seed → identical bytes);
-    tokens: with the token columns the parse pass computed (carried as Arrow arrays)."""
+    tokens: with the token columns the parse pass computed. Kept rows stay Arrow (a row is turned into Python
+    only to be written to rejected/)."""
 
     names = list(SPLITS) + DECISION_REASONS
     writer = SplitWriter(out, dec["kind"], rows_per_file=50_000, tokens=tokens)
-    token_cols = list(writer.columns)
     (out / "rejected").mkdir()
     n_rejected, last = 0, -1
+    dec_ids, dec_codes = dec["ids"], dec["codes"]
     with open(out / "rejected" / "part-00000.jsonl", "w") as rej:
         for b in _scan(parsed, ["row_id", "source", "line", "origin", "category", "kind", "reason", "detail", "raw",
-                                "record", "n_tokens"] + token_cols):
-            rows = b.select([c for c in b.schema.names if c not in token_cols]).to_pylist()
-            ids = np.asarray([r["row_id"] for r in rows], dtype=np.int64)
+                                "record", "n_tokens"] + writer.columns):
+            ids = b.column("row_id").to_numpy()
             if len(ids) and (ids[0] <= last or np.any(np.diff(ids) <= 0)):
                 raise RuntimeError(f"{parsed}: rows are not in row-id order; the parse pass must preserve order")
             last = int(ids[-1]) if len(ids) else last
-            pos = np.searchsorted(dec["ids"], ids).clip(0, max(len(dec["ids"]) - 1, 0))
-            for r, p in zip(rows, pos):
-                code = int(dec["codes"][p]) if not r["reason"] and dec["ids"][p] == r["row_id"] else -1
-                if code < 0 or code >= len(SPLITS):
-                    reason = r["reason"] or names[code]
-                    dup = int(dec["dup_of"][p]) if code >= len(SPLITS) else -1
-                    rej.write(json.dumps({"reason": reason, "detail": r["detail"], "source": r["source"],
-                                          "line": r["line"], "row": r["raw"] or r["record"], "dup_of": dup},
-                                         ensure_ascii=False) + "\n")
-                    n_rejected += 1
-                else:
-                    r["split"] = SPLITS[code]
-            keep = [i for i, r in enumerate(rows) if "split" in r]
-            idx = pa.array(keep, pa.int64())
-            writer.add_rows([rows[i] for i in keep], {c: b.column(c).take(idx) for c in token_cols})
+            pos = np.searchsorted(dec_ids, ids).clip(0, max(len(dec_ids) - 1, 0))
+            valid = (b.column("reason").to_numpy(zero_copy_only=False) == "")
+            if len(dec_ids):
+                valid &= dec_ids[pos] == ids
+            else:
+                valid[:] = False
+            codes = np.where(valid, dec_codes[pos] if len(dec_codes) else -1, -1)
+            bad = np.flatnonzero((codes < 0) | (codes >= len(SPLITS)))
+            rows = b.select(["reason", "detail", "source", "line", "raw", "record"]).take(pa.array(bad, pa.int64()))
+            for r, code, p in zip(rows.to_pylist(), codes[bad], pos[bad]):
+                dup = int(dec["dup_of"][p]) if code >= len(SPLITS) else -1
+                rej.write(json.dumps({"reason": r["reason"] or names[code], "detail": r["detail"],
+                                      "source": r["source"], "line": r["line"], "row": r["raw"] or r["record"],
+                                      "dup_of": dup}, ensure_ascii=False) + "\n")
+            n_rejected += len(bad)
+            writer.add_table(b, codes)
     return n_rejected, writer.close()
 
 

@@ -6,7 +6,6 @@ Kept rows are stored in structured columns for the next stage: `messages` (sft),
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -42,19 +41,32 @@ class SplitWriter:
         for s in SPLITS:
             (self.out / s).mkdir(parents=True, exist_ok=True)
 
-    def add_rows(self, rows: list[dict], arrays: dict[str, pa.Array] | None = None) -> None:
-        """rows: dicts with 'split' and 'record' (the row's JSON body); arrays: the token columns, one value per
-        row of rows (kept as Arrow: millions of token ids are not turned into Python ints here)."""
-        for s in SPLITS:
-            idx = [i for i, r in enumerate(rows) if r["split"] == s]
-            if idx:
-                self._write(s, [rows[i] for i in idx],
-                            {k: arrays[k].take(pa.array(idx, pa.int64())) for k in self.columns})
+    def add_table(self, table: pa.Table | pa.RecordBatch, codes) -> None:
+        """table: parsed rows (META columns, 'record': each row's body as JSON, and the token columns when this
+        writer keeps them), in row-id order; codes: per row, the index of its split in SPLITS (or anything else:
+        not written). Arrow throughout: the bodies are parsed by pyarrow's JSON reader, not row by row."""
+        import numpy as np
 
-    def _write(self, split: str, rows: list[dict], arrays: dict[str, pa.Array]) -> None:
-        for r in rows:
-            r.update(json.loads(r["record"]))
-        cols = {f.name: arrays[f.name] if f.name in arrays else [r.get(f.name) for r in rows] for f in self.schema}
+        for i, s in enumerate(SPLITS):
+            idx = np.flatnonzero(codes == i)
+            if len(idx):
+                self._write(s, table.take(pa.array(idx, pa.int64())))
+
+    def _body(self, records: pa.Array | pa.ChunkedArray) -> pa.Table:
+        """The body columns of BODY[kind] from the rows' JSON records (one object per row)."""
+        import pyarrow.json as pj
+
+        text = "\n".join(records.to_pylist()).encode()  # one JSON object per line (json.dumps escapes newlines)
+        body = pa.schema(BODY[self.kind])
+        out = pj.read_json(pa.BufferReader(text), read_options=pj.ReadOptions(use_threads=False, block_size=len(text) + 1),
+                           parse_options=pj.ParseOptions(explicit_schema=body, unexpected_field_behavior="ignore"))
+        if len(out) != len(records):
+            raise RuntimeError(f"{len(records)} curated records parsed into {len(out)} rows")
+        return out.select(body.names).cast(body)
+
+    def _write(self, split: str, rows: pa.Table | pa.RecordBatch) -> None:
+        body = self._body(rows["record"])
+        cols = {f.name: body[f.name] if f.name in body.column_names else rows[f.name] for f in self.schema}
         self.pending[split].append(pa.Table.from_pydict(cols, schema=self.schema))
         self.n_pending[split] += len(rows)
         while self.n_pending[split] >= ROW_GROUP:

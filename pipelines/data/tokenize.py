@@ -285,28 +285,35 @@ def _all_carried_fit(srcs: list[Path], max_length: int) -> bool:
     return True
 
 
-def _write_carried(srcs: list[Path], out: Path, stats: dict) -> None:
-    """Every row carries its token ids (_all_carried_fit): each curated split → tokens/split=<name>/ in one
-    streaming pyarrow scan-cast-write (no tokenize tasks, no work files), laid out as _write_kept lays them out,
-    rows in curated order."""
+def _write_carried(srcs: list[Path], out: Path, stats: dict, rows_per_file: int = 50_000,
+                   rows_per_group: int = 10_000) -> None:
+    """Every row carries its token ids (_all_carried_fit): each curated split → tokens/split=<name>/ by one
+    streaming read-cast-write (no tokenize tasks, no work files), laid out as _write_kept lays them out (part-<i>
+    files of up to 50,000 rows), rows in curated order."""
     import pyarrow.compute as pc
-    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
 
+    schema = pa.schema([("input_ids", _INTS), ("labels", _INTS), ("n_tokens", pa.int64())])
     for src in srcs:
-        files = sorted(str(f) for f in src.glob("*.parquet"))
-        ds = pads.dataset(files, format="parquet")
-        n = ds.count_rows() if files else 0
-        if not n:
-            continue
-        tokens = pc.sum(ds.to_table(columns=["n_tokens"])["n_tokens"]).as_py() or 0
-        scan = ds.scanner(columns={"input_ids": pc.field("input_ids").cast(_INTS),
-                                   "labels": pc.field("labels").cast(_INTS), "n_tokens": pc.field("n_tokens")})
-        pads.write_dataset(scan, str(out / "tokens" / f"split={src.name}"), format="parquet",
-                           existing_data_behavior="overwrite_or_ignore", basename_template="part-{i}.parquet",
-                           max_rows_per_file=50_000, max_rows_per_group=10_000, preserve_order=True)
+        dest, writer, n_file, n = out / "tokens" / f"split={src.name}", None, 0, 0
+        for f in sorted(src.glob("*.parquet")):
+            for b in pq.ParquetFile(f).iter_batches(batch_size=rows_per_group, columns=schema.names):
+                t = pa.Table.from_batches([b]).cast(schema)
+                stats["tokens"] += pc.sum(t["n_tokens"]).as_py() or 0
+                while len(t):
+                    if writer is None or n_file == rows_per_file:
+                        if writer is not None:
+                            writer.close()
+                        dest.mkdir(parents=True, exist_ok=True)
+                        writer = pq.ParquetWriter(dest / f"part-{n // rows_per_file}.parquet", schema)
+                        n_file = 0
+                    head, t = t.slice(0, rows_per_file - n_file), t.slice(rows_per_file - n_file)
+                    writer.write_table(head, row_group_size=rows_per_group)
+                    n_file, n = n_file + len(head), n + len(head)
+        if writer is not None:
+            writer.close()
         stats["kept"] += n
         stats["reused"] += n
-        stats["tokens"] += tokens
         stats["split"][src.name] = stats["split"].get(src.name, 0) + n
 
 

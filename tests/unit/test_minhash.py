@@ -72,3 +72,19 @@ def test_signer_agrees_with_datasketch_on_estimates_and_pairs(shared_data):
     hit = len(found & ref)
     recall, precision = hit / len(ref), hit / max(len(found), 1)
     assert recall >= 0.98 and precision >= 0.98, (recall, precision, len(found), len(ref))
+
+
+def test_batch_signatures_are_the_per_row_digests():
+    """signatures() signs a batch in one rensa call: each row's digest is what RMinHash.update + digest give for
+    its shingle set (repeated shingles, short and empty texts included), and the shingle sets are unchanged."""
+    from rensa import RMinHash
+
+    texts = ["the cat sat on the mat the cat sat on the mat", "two words", "", "a b c", "x y z w " * 20]
+    sig = signatures(texts, 64)
+    assert sig.shape == (len(texts), 64) and sig.dtype == np.uint32
+    for t, row in zip(texts, sig):
+        m = RMinHash(num_perm=64, seed=1)
+        m.update(sorted(shingles(t)))
+        assert np.array_equal(np.asarray(m.digest(), dtype=np.uint32), row), t
+    assert shingles("a b c d") == {"a b c", "b c d"} and shingles("a b") == {"a b"}
+    assert signatures([], 64).shape == (0, 64)
