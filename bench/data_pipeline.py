@@ -13,7 +13,8 @@ Alpaca). The files are written as JSONL under a temporary folder; nothing is cop
 (a) Ours: `pipelines.data.run` (Ray Data: read, parse, validate, normalise, quality filters, exact + MinHash LSH
     near-dedup over the whole set, seeded 80/10/10 split, Parquet; then chat-template tokenization with
     assistant-only labels, Parquet) on a local Ray instance with num_cpus=2. Timed: `data.run` only (ray.init
-    and, as for (b), the driver's tokenizer import excluded; Ray worker start-up, transformers import and
+    and, as for (b), the driver's tokenizer and pandas imports excluded (`import datasets` imports pandas; pyarrow
+    imports it on the first array a process builds); Ray worker start-up, transformers import and
     tokenizer load inside the workers included). data.engine auto runs 1x (5,000 rows, ~4.5 MiB) in the driver;
     the "engine ray, forced" row runs the same 1x input on Ray Data tasks.
 (b) Baseline: `datasets` in one process: load_dataset("json") → Dataset.map(num_proc=2) doing the same per-row
@@ -108,6 +109,7 @@ def child_ray(args) -> dict:
                              f"data.engine={args.engine}"])
     runner.init_ray(cfg)
     load_tokenizer(args.model_dir)  # as the baseline: the driver's tokenizer import before the timer
+    import pandas  # noqa: F401  as the baseline's `import datasets` (pandas and pyarrow with it), before the timer
     try:
         with PeakRSS(pss=True) as rss:
             t0 = time.perf_counter()

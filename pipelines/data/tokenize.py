@@ -135,6 +135,7 @@ def _tokenize_local(items: list[dict[str, Any]], model_dir: str, cfg: DataConfig
             pq.write_table(table, work / f"part-{n:06d}-{k:03d}.parquet")
 
     cached(_TokenizeRows, model_dir, cfg)  # loaded once, here: the forked processes inherit it
+    curate.arrow_ready()
     return local_pool.run_slices(one, items)
 
 
