@@ -118,7 +118,8 @@ class ParseRows:
                 raise RowError(reason, detail)
             row = apply_columns(parse_raw(raw), self.columns)
             kind, rec = to_canonical(row, fmt, self.system_prompt)
-            check_decodable(rec)
+            if not raw.isascii() or "\\u" in raw or self.system_prompt:  # else no lone surrogate or U+FFFD can be in it
+                check_decodable(rec)
             return kind, normalise_record(kind, rec), row
         except RowError as e:
             return e
