@@ -124,3 +124,62 @@ def test_symbol_ratio_fast_ascii_path_equals_the_character_rule(shared_data):
     texts = ["", "   \n\t", string.printable, "".join(map(chr, range(128))), "a_b#c$d", "x\x1cy\x0bz", "ünïcode ✓ ok"]
     texts += [" ".join(r.values()) for r in json.loads((shared_data / "sft" / "alpaca_5000.json").read_text())[:500]]
     assert all(symbol_ratio(t) == rule(t) for t in texts)
+
+
+def test_split_writer_parses_each_kind_body_and_carried_tokens_roll_files(tmp_path):
+    """The split writer's Arrow path: a batch's JSON bodies (any kind, non-ASCII and newlines in the text) come
+    back as the typed columns, only the rows coded for a split are written, in row order; carried token ids are
+    written to tokens/ in files of at most rows_per_file rows, in curated order, with the counts summed."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.data import tokenize
+    from pipelines.data.split_writer import SplitWriter
+
+    bodies = {"sft": {"messages": [{"role": "user", "content": "héllo\nthere"}, {"role": "assistant", "content": "ok"}]},
+              "text": {"text": "plain «text»"},
+              "preference": {"prompt": [{"role": "user", "content": "q"}], "chosen": "yes", "rejected": "no"}}
+    for kind, body in bodies.items():
+        n = 7
+        batch = pa.table({"row_id": list(range(n)), "source": ["f.jsonl"] * n, "line": list(range(1, n + 1)),
+                          "origin": ["main"] * n, "category": ["c"] * n, "n_tokens": [5] * n,
+                          "record": [json.dumps(body, ensure_ascii=False)] * n})
+        w = SplitWriter(tmp_path / kind, kind, rows_per_file=50)
+        w.add_table(batch, np.array([0, 1, 0, 9, 2, 0, -1]))  # 9, -1: not written (rejected elsewhere)
+        assert w.close() == 5
+        train = pq.read_table(tmp_path / kind / "train").to_pylist()
+        assert [r["row_id"] for r in train] == [0, 2, 5]
+        assert all({k: r[k] for k in body} == body for r in train)
+    src = tmp_path / "carried" / "train"
+    src.mkdir(parents=True)
+    rows = [{"input_ids": [i, i + 1], "labels": [-100, i + 1], "n_tokens": 2} for i in range(7)]
+    types = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+                       ("n_tokens", pa.int64())])
+    pq.write_table(pa.Table.from_pylist(rows[:4], schema=types), src / "part-00000.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[4:], schema=types), src / "part-00001.parquet")
+    stats = {"kept": 0, "reused": 0, "tokens": 0, "split": {}}
+    tokenize._write_carried([src], tmp_path / "out", stats, rows_per_file=3, rows_per_group=2)
+    files = sorted((tmp_path / "out" / "tokens" / "split=train").glob("*.parquet"))
+    assert [f.name for f in files] == ["part-0.parquet", "part-1.parquet", "part-2.parquet"]
+    assert [pq.ParquetFile(f).metadata.num_rows for f in files] == [3, 3, 1]
+    out = [r for f in files for r in pq.read_table(f).to_pylist()]
+    assert out == rows and pq.read_schema(files[0]).field("input_ids").type == pa.list_(pa.int64())
+    assert stats == {"kept": 7, "reused": 7, "tokens": 14, "split": {"train": 7}}
+
+
+def test_plot_process_draws_its_job_and_a_cancelled_one_exits(tmp_path):
+    """report.start_plotter forks the plot process early; plot() gives it the job and wait_plots joins it (PNGs
+    written); a started process that gets no job (the stage failed) exits cleanly on cancel_plotter."""
+    from pipelines.data import report
+
+    report.start_plotter()
+    proc = report._PLOTTER[0]
+    report.cancel_plotter()
+    assert proc.exitcode == 0 and report._PLOTTER is None
+    report.start_plotter()
+    report.plot(tmp_path, np.array([10, 20, 20, 400]), 512, {"alpaca": 3, "dolly": 1})
+    report.wait_plots()
+    for name in report.PLOTS.values():
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
