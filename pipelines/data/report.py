@@ -15,8 +15,8 @@ _PLOTTER: tuple | None = None  # (process, the pipe's sending end): started, wai
 
 
 def start_plotter() -> None:
-    """Fork the plot process now (once): at the lowest CPU priority it imports matplotlib (~0.6 s of a core) while
-    the stage works, then waits for plot()'s job. Without it, plot() forks one itself."""
+    """Fork the plot process now (once): at a low CPU priority (nice 10) it imports matplotlib (~0.6 s of a core)
+    while the stage works, then waits for plot()'s job. Without it, plot() forks one itself."""
     global _PLOTTER
     if _PLOTTER is None:
         ctx = multiprocessing.get_context("fork")
@@ -39,12 +39,18 @@ def cancel_plotter() -> None:
 
 def _serve(recv, send) -> None:
     send.close()
-    os.nice(19)  # the lowest priority: it imports and draws on CPU time the stage's own work leaves idle
+    # Below the stage's own processes, so it imports and draws mostly on CPU time they leave idle; not the lowest
+    # (19): with 2 busy processes on this 2-core machine that took 74 s to draw (wait_plots stops waiting anyway)
+    os.nice(10)
     _figure()  # the import, while the parent works
     try:
         job = json.loads(recv.recv_bytes())
     except EOFError:
         return
+    _serve_job(job)
+
+
+def _serve_job(job: dict[str, Any]) -> None:
     _draw(np.asarray(job["lengths"], dtype=np.int64), Path(job["lengths_png"]), job["max_length"],
           job["categories"], Path(job["categories_png"]))
 
@@ -60,11 +66,11 @@ def plot(out: Path, lengths: np.ndarray, max_length: int, categories: dict[str, 
     start_plotter()
     proc, send = _PLOTTER
     _PLOTTER = None
-    send.send_bytes(json.dumps({"lengths": np.asarray(lengths).tolist(), "lengths_png": str(out / PLOTS["lengths"]),
-                                "max_length": max_length, "categories": categories,
-                                "categories_png": str(out / PLOTS["categories"])}).encode())
+    job = {"lengths": np.asarray(lengths).tolist(), "lengths_png": str(out / PLOTS["lengths"]),
+           "max_length": max_length, "categories": categories, "categories_png": str(out / PLOTS["categories"])}
+    send.send_bytes(json.dumps(job).encode())
     send.close()
-    _PENDING.append(proc)
+    _PENDING.append((proc, job))
 
 
 def write_report(out: Path, report: dict[str, Any], lengths: np.ndarray) -> None:
@@ -106,11 +112,18 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def wait_plots() -> None:
-    """Join the plot processes plot() gave a job; one that failed is an error (the report names its plots)."""
+def wait_plots(patience_s: float = 5.0) -> None:
+    """Join the plot processes plot() gave a job; one that failed is an error (the report names its plots). One
+    still drawing after patience_s (its low priority starved by other work on this node: 2 busy processes made it
+    ~11 s) is stopped and its plots are drawn here, at this process's priority."""
     while _PENDING:
-        proc = _PENDING.pop()
-        proc.join()
+        proc, job = _PENDING.pop()
+        proc.join(patience_s)
+        if proc.exitcode is None:
+            proc.terminate()
+            proc.join()
+            _serve_job(job)
+            continue
         if proc.exitcode != 0:
             raise RuntimeError(f"drawing the curation report's plots failed (exit code {proc.exitcode}); the "
                                "traceback is in the log above")

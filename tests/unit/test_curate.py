@@ -171,7 +171,8 @@ def test_split_writer_parses_each_kind_body_and_carried_tokens_roll_files(tmp_pa
 
 def test_plot_process_draws_its_job_and_a_cancelled_one_exits(tmp_path):
     """report.start_plotter forks the plot process early; plot() gives it the job and wait_plots joins it (PNGs
-    written); a started process that gets no job (the stage failed) exits cleanly on cancel_plotter."""
+    written); a started process that gets no job (the stage failed) exits cleanly on cancel_plotter; one that
+    is not done within wait_plots' patience is stopped and the plots are drawn in this process."""
     from pipelines.data import report
 
     report.start_plotter()
@@ -181,5 +182,13 @@ def test_plot_process_draws_its_job_and_a_cancelled_one_exits(tmp_path):
     report.start_plotter()
     report.plot(tmp_path, np.array([10, 20, 20, 400]), 512, {"alpaca": 3, "dolly": 1})
     report.wait_plots()
+    for name in report.PLOTS.values():
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        (tmp_path / name).unlink()
+    # one not done within the patience (here none: it is still importing matplotlib) is stopped; drawn here
+    report.plot(tmp_path, np.array([10, 20]), 512, {"alpaca": 2})
+    proc = report._PENDING[-1][0]
+    report.wait_plots(patience_s=0)
+    assert proc.exitcode is not None and not report._PENDING
     for name in report.PLOTS.values():
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
