@@ -36,17 +36,20 @@ def jaccard(a: set[str], b: set[str]) -> float:
 
 
 def signatures(texts: list[str], num_perm: int, seed: int = 1, n: int = 3) -> np.ndarray:
-    """(len(texts), num_perm) uint32 MinHash signatures of the texts' word-3-gram sets, by rensa (Rust, one call
-    for the batch: RMinHash.digest_matrix_from_token_sets, the digests RMinHash.update + digest give; the same
-    permutations for a seed on every machine). ~7x datasketch's `MinHash.bulk` here, whose per-shingle SHA-1 in
+    """(len(texts), num_perm) uint32 MinHash signatures of the texts' word-3-gram sets, by rensa (Rust; the same
+    permutations for a seed on every machine). One RMinHash per row, not rensa's batch call
+    (digest_matrix_from_token_sets): that one runs on a Rust thread pool, and a process forked after using it
+    (the local engine's parse processes) hung in its next batch call. ~7x datasketch's `MinHash.bulk` here, whose per-shingle SHA-1 in
     Python was ~25% of the parse pass; checked against datasketch on the shared files (tests/unit/test_minhash.py:
     Jaccard estimates and the near-duplicate pairs found agree)."""
     from rensa import RMinHash
 
-    if not texts:
-        return np.empty((0, num_perm), dtype=np.uint32)
-    rows = RMinHash.digest_matrix_from_token_sets([shingle_list(t, n) for t in texts], num_perm, seed).to_rows()
-    return np.asarray(rows, dtype=np.uint32).reshape(len(texts), num_perm)
+    out = np.empty((len(texts), num_perm), dtype=np.uint32)
+    for i, t in enumerate(texts):
+        m = RMinHash(num_perm=num_perm, seed=seed)
+        m.update(shingle_list(t, n))
+        out[i] = m.digest()
+    return out
 
 
 def optimal_bands(threshold: float, num_perm: int, fp_weight: float = 0.2, fn_weight: float = 0.8) -> tuple[int, int]:

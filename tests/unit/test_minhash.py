@@ -74,10 +74,13 @@ def test_signer_agrees_with_datasketch_on_estimates_and_pairs(shared_data):
     assert recall >= 0.98 and precision >= 0.98, (recall, precision, len(found), len(ref))
 
 
-def test_batch_signatures_are_the_per_row_digests():
-    """signatures() signs a batch in one rensa call: each row's digest is what RMinHash.update + digest give for
-    its shingle set (repeated shingles, short and empty texts included), and the shingle sets are unchanged."""
+def test_signatures_are_the_shingle_sets_digests_and_safe_across_fork(tmp_path):
+    """signatures() signs each row's shingle list (repeats included): the digest RMinHash gives for its shingle
+    set (short and empty texts included). Signing in a process and then in processes forked from it works: rensa's
+    batch call ran on a thread pool, and a forked child's next batch call hung."""
     from rensa import RMinHash
+
+    from pipelines.data import local_pool
 
     texts = ["the cat sat on the mat the cat sat on the mat", "two words", "", "a b c", "x y z w " * 20]
     sig = signatures(texts, 64)
@@ -88,3 +91,11 @@ def test_batch_signatures_are_the_per_row_digests():
         assert np.array_equal(np.asarray(m.digest(), dtype=np.uint32), row), t
     assert shingles("a b c d") == {"a b c", "b c d"} and shingles("a b") == {"a b"}
     assert signatures([], 64).shape == (0, 64)
+    signatures(texts * 2000, 64)  # a batch big enough to be spread over threads, before the fork
+
+    def one(i: int, text: str) -> None:
+        np.save(tmp_path / f"{i}.npy", signatures([text] * 600, 64))
+
+    assert local_pool.run_slices(one, texts[:2], workers=2) in (1, 2)
+    for i in range(2):
+        assert np.array_equal(np.load(tmp_path / f"{i}.npy")[0], sig[i])
