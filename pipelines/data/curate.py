@@ -162,14 +162,7 @@ def _parse_local(files: list[str], parse_args: tuple, dest: Path, cfg) -> int:
 
     dest.mkdir(parents=True, exist_ok=True)
     cached(ParseRows, *parse_args)  # the tokenizer loaded once, here: the forked processes inherit it
-    arrow_ready()
     return local_pool.run_slices(one, read_items(files, cpus=local_pool.cpus()))
-
-
-def arrow_ready() -> None:
-    """Build one Arrow array: pyarrow imports pandas (when installed) on the first one a process builds, ~0.3 s.
-    Done once here, before forking, the local engine's processes inherit it instead of each importing it."""
-    pa.array([0])
 
 
 def _parse_pass(files: list[str], parse_args: tuple, dest: Path, cfg) -> None:
@@ -452,12 +445,10 @@ def write_outputs(parsed: Path, out: Path, dec: dict[str, Any], tokens: bool = F
                 raise RuntimeError(f"{parsed}: rows are not in row-id order; the parse pass must preserve order")
             last = int(ids[-1]) if len(ids) else last
             pos = np.searchsorted(dec_ids, ids).clip(0, max(len(dec_ids) - 1, 0))
-            valid = (b.column("reason").to_numpy(zero_copy_only=False) == "")
+            codes = np.full(len(ids), -1, dtype=np.int64)  # -1: refused by the parse pass (or not decided)
             if len(dec_ids):
-                valid &= dec_ids[pos] == ids
-            else:
-                valid[:] = False
-            codes = np.where(valid, dec_codes[pos] if len(dec_codes) else -1, -1)
+                ok = (b.column("reason").to_numpy(zero_copy_only=False) == "") & (dec_ids[pos] == ids)
+                codes[ok] = dec_codes[pos[ok]]
             bad = np.flatnonzero((codes < 0) | (codes >= len(SPLITS)))
             rows = b.select(["reason", "detail", "source", "line", "raw", "record"]).take(pa.array(bad, pa.int64()))
             for r, code, p in zip(rows.to_pylist(), codes[bad], pos[bad]):

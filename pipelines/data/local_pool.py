@@ -31,6 +31,14 @@ def _call(i: int) -> int:
     return i
 
 
+def _arrow_ready() -> None:
+    """Build one Arrow array: pyarrow imports pandas (when installed) on the first one a process builds, ~0.3 s.
+    Done here, before the fork, the children inherit it instead of each importing it."""
+    import pyarrow as pa
+
+    pa.array([0])
+
+
 def run_slices(fn: Callable[[int, Any], None], items: list[Any], workers: int | None = None) -> int:
     """fn(i, items[i]) for every slice, in up to `workers` (default: the CPUs) forked processes; returns how many
     processes ran them (1: here). fn writes its own output, named by i, so the order of the results is the
@@ -41,6 +49,7 @@ def run_slices(fn: Callable[[int, Any], None], items: list[Any], workers: int | 
         for i, item in enumerate(items):
             fn(i, item)
         return 1
+    _arrow_ready()
     _JOB = (fn, items)
     try:
         with multiprocessing.get_context("fork").Pool(n) as pool:

@@ -47,10 +47,10 @@ def _serve(recv, send) -> None:
         job = json.loads(recv.recv_bytes())
     except EOFError:
         return
-    _serve_job(job)
+    _draw_job(job)
 
 
-def _serve_job(job: dict[str, Any]) -> None:
+def _draw_job(job: dict[str, Any]) -> None:
     _draw(np.asarray(job["lengths"], dtype=np.int64), Path(job["lengths_png"]), job["max_length"],
           job["categories"], Path(job["categories_png"]))
 
@@ -122,7 +122,7 @@ def wait_plots(patience_s: float = 5.0) -> None:
         if proc.exitcode is None:
             proc.terminate()
             proc.join()
-            _serve_job(job)
+            _draw_job(job)
             continue
         if proc.exitcode != 0:
             raise RuntimeError(f"drawing the curation report's plots failed (exit code {proc.exitcode}); the "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -45,8 +46,6 @@ class SplitWriter:
         """table: parsed rows (META columns, 'record': each row's body as JSON, and the token columns when this
         writer keeps them), in row-id order; codes: per row, the index of its split in SPLITS (or anything else:
         not written). Arrow throughout: the bodies are parsed by pyarrow's JSON reader, not row by row."""
-        import numpy as np
-
         for i, s in enumerate(SPLITS):
             idx = np.flatnonzero(codes == i)
             if len(idx):

@@ -135,7 +135,6 @@ def _tokenize_local(items: list[dict[str, Any]], model_dir: str, cfg: DataConfig
             pq.write_table(table, work / f"part-{n:06d}-{k:03d}.parquet")
 
     cached(_TokenizeRows, model_dir, cfg)  # loaded once, here: the forked processes inherit it
-    curate.arrow_ready()
     return local_pool.run_slices(one, items)
 
 
@@ -277,9 +276,10 @@ def _all_carried_fit(srcs: list[Path], max_length: int) -> bool:
 
     for src in srcs:
         for f in sorted(src.glob("*.parquet")):
-            if "n_label_tokens" not in pq.read_schema(f).names:
+            pf = pq.ParquetFile(f)
+            if "n_label_tokens" not in pf.schema_arrow.names:
                 return False
-            t = pq.read_table(f, columns=["n_label_tokens", "n_tokens"])
+            t = pf.read(columns=["n_label_tokens", "n_tokens"])
             if len(t) and not (pc.all(pc.greater(t["n_label_tokens"], 0)).as_py()
                                and pc.max(t["n_tokens"]).as_py() <= max_length):
                 return False
