@@ -27,7 +27,7 @@ from typing import Any
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
-from pipelines.schema import accelerator_kind, cluster_gpus
+from pipelines.schema import UserError, accelerator_kind, cluster_gpus
 from serve.adapters import (
     AdapterInvalid,
     AdapterSource,
@@ -41,7 +41,7 @@ from serve.adapters import (
     validate_adapter,
 )
 from serve.base import check_servable, resolve_base
-from serve.config import ServeConfig
+from serve.config import ServeConfig, tp_on_cpu
 from serve.ingress import ENDPOINTS, LoRAIngress, fastapi_app
 from serve.server import LoRAServer
 
@@ -98,8 +98,18 @@ HEALTH_CHECK_PERIOD_S = 2
 
 
 def llm_config(cfg: ServeConfig, base_model: str, *, gpu: bool) -> Any:
-    """The `ray.serve.llm.LLMConfig` of the engine deployment: model, vLLM engine, LoRA, replicas."""
+    """The `ray.serve.llm.LLMConfig` of the engine deployment: model, vLLM engine, LoRA, replicas.
+
+    serve.tensor_parallel_size N > 1 (GPU replicas only; UserError on a CPU one) goes to vLLM as
+    engine_kwargs.tensor_parallel_size; ray.serve.llm then derives one placement group per replica of N {"GPU": 1}
+    bundles (VLLMEngineConfig.placement_bundles: tensor × pipeline parallel size, from engine_kwargs), starts
+    vLLM's Ray executor in it, and adds the replica actor's CPUs to the first bundle. STRICT_PACK keeps the N
+    GPUs on one node: tensor parallelism all-reduces in every layer, too often for the network between nodes."""
     from ray.serve.llm import LLMConfig
+
+    tp = cfg.tensor_parallel_size
+    if tp > 1 and not gpu:
+        raise UserError(tp_on_cpu(tp))
 
     # Ray places the replica actor in the first bundle of the engine's placement group and adds their
     # resources. On CPU the engine is a subprocess of the replica, so the whole replica_cpus goes in the bundle
@@ -126,13 +136,14 @@ def llm_config(cfg: ServeConfig, base_model: str, *, gpu: bool) -> Any:
             # One slot more than the gate admits (SlotGate: vLLM's full-slot bug); vLLM's CPU-side LRU holds
             # the replica's adapters and loads a new one before it evicts.
             "max_loras": cfg.max_loras + 1, "max_cpu_loras": max(cfg.adapter_cache_size, cfg.max_loras + 1),
-            "enforce_eager": not gpu, "gpu_memory_utilization": cfg.gpu_memory_utilization},
+            "enforce_eager": not gpu, "gpu_memory_utilization": cfg.gpu_memory_utilization,
+            "tensor_parallel_size": tp},
         lora_config={"max_num_adapters_per_replica": cfg.adapter_cache_size},
-        placement_group_config=None if gpu else {"bundles": [{"CPU": cfg.replica_cpus}]},
+        placement_group_config=(None if tp == 1 else {"bundle_per_worker": {"GPU": 1}, "strategy": "STRICT_PACK"})
+        if gpu else {"bundles": [{"CPU": cfg.replica_cpus}]},
         runtime_env={"env_vars": engine_env(cfg)},
         callback_config={"callback_class": "serve.server:LocalModelCallback"},
         deployment_config=deployment)
-
 
 
 def build_app(cfg: ServeConfig, base_model: str, adapters: dict[str, str],

@@ -16,6 +16,14 @@ from pipelines.schema import Section
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
+def tp_on_cpu(size: int) -> str:
+    """The refusal of tensor parallelism on CPU replicas (here at config time, and in serve.app once accelerator
+    auto resolved to cpu): vLLM's CPU engine runs one process per replica."""
+    return (f"serve.tensor_parallel_size={size} needs GPU replicas (serve.accelerator=gpu, or auto on a cluster "
+            "with GPUs); a CPU replica runs one engine process: set serve.tensor_parallel_size=1, or add "
+            "serve.num_replicas / serve.autoscaling for more CPU throughput")
+
+
 class AutoscalingConfig(Section):
     """Ray Serve autoscaling on ongoing requests per replica; each replica is one whole vLLM engine."""
 
@@ -60,6 +68,10 @@ class ServeConfig(Section):
     gpu_memory_utilization: float = Field(
         0.85, gt=0, le=1, description="Fraction of GPU memory vLLM may take (GPU only; ignored on CPU).")
     num_replicas: int = Field(1, ge=1, description="Engine replicas; each loads the base model and every adapter.")
+    tensor_parallel_size: int = Field(1, ge=1, description=(
+        "GPUs one engine replica shards the base over (vLLM tensor parallelism): each replica gets one placement "
+        "group of this many GPU bundles, packed on one node. GPU replicas only; `loraforge plan` names the size "
+        "a base needs on the node type."))
     replica_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves for each engine replica.")
     max_ongoing_requests: int = Field(64, ge=1, description=(
         "Requests one engine replica takes at once; Serve queues the rest. Requests for an adapter go to the "
@@ -111,6 +123,12 @@ class ServeConfig(Section):
         if self.adapter_cache_size < self.max_loras:
             raise ValueError(f"adapter_cache_size ({self.adapter_cache_size}) < max_loras ({self.max_loras}): a "
                              "batch could need adapters the cache just unloaded")
+        return self
+
+    @model_validator(mode="after")
+    def _tp_needs_gpus(self) -> "ServeConfig":
+        if self.accelerator == "cpu" and self.tensor_parallel_size > 1:
+            raise ValueError(tp_on_cpu(self.tensor_parallel_size))
         return self
 
     def engine_dtype(self, gpu: bool) -> str:
