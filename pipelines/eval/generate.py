@@ -4,6 +4,9 @@ and every adapter, and answers each row with the row's variant (base, few-shot b
 Two engines behind one interface: vLLM offline (`vllm.LLM`, enable_lora, greedy; the default for real models)
 and transformers + PEFT (left-padded batched `generate`; starts in a second, which is what the tiny-model tests
 use). float32 greedy output of the two matched exactly on this CPU (STACK_NOTES).
+
+Both compute in `eval.dtype`, resolved for the device that computes (`resolve_dtype`): `auto` is bfloat16 on a
+GPU, float32 on a CPU (faster there without native bf16, and exact).
 """
 
 from __future__ import annotations
@@ -14,12 +17,23 @@ import numpy as np
 
 from pipelines.schema import torch_device
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_dtype(requested: str, device: str) -> str:
+    """The dtype a model computes in: as configured; `auto`, bfloat16 on a GPU (`cuda`) and float32 on a CPU."""
+    if requested == "auto":
+        return "bfloat16" if device == "cuda" else "float32"
+    if requested not in DTYPES:
+        raise ValueError(f"dtype must be auto or one of {DTYPES}, got {requested!r}")
+    return requested
+
 
 class Generator:
     """Ray Data callable class: rows {variant, prompt} -> + {prediction}. One engine per actor."""
 
     def __init__(self, backend: str, base_model: str, adapters: dict[str, str], max_new_tokens: int,
-                 max_lora_rank: int = 64, max_model_len: int = 2048, device: str = "cpu"):
+                 max_lora_rank: int = 64, max_model_len: int = 2048, device: str = "cpu", dtype: str = "float32"):
         self.backend, self.adapters, self.max_new_tokens, self.device = backend, adapters, max_new_tokens, device
         if backend == "vllm":
             os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
@@ -28,7 +42,7 @@ class Generator:
 
             # max_loras one above the adapters in use: vLLM applied the last slot's adapter to base requests
             # sharing a batch when every slot was full (STACK_NOTES, vllm#48421).
-            self.llm = LLM(model=base_model, dtype="float32", enable_lora=bool(adapters),
+            self.llm = LLM(model=base_model, dtype=dtype, enable_lora=bool(adapters),
                            max_loras=len(adapters) + 1, max_lora_rank=max_lora_rank,
                            max_model_len=model_len(base_model, max_model_len),
                            seed=0, enforce_eager=True)
@@ -38,7 +52,7 @@ class Generator:
 
             torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
             self.tok = AutoTokenizer.from_pretrained(base_model, padding_side="left")
-            self.model = load_with_adapters(base_model, adapters).to(device)
+            self.model = load_with_adapters(base_model, adapters, dtype).to(device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         variants, prompts = list(batch["variant"]), list(batch["prompt"])
@@ -87,16 +101,18 @@ def actor_options(num_gpus: float) -> dict[str, float]:
 
 
 def generate(rows: list[dict[str, str]], backend: str, base_model: str, adapters: dict[str, str],
-             max_new_tokens: int, batch_size: int = 16, max_lora_rank: int = 64, num_gpus: float = 0.0) -> list[str]:
+             max_new_tokens: int, batch_size: int = 16, max_lora_rank: int = 64, num_gpus: float = 0.0,
+             dtype: str = "auto") -> list[str]:
     """Answers for rows {variant, prompt}, in order, generated in batches by one Ray Data actor that holds
-    `num_gpus` GPUs (0: a CPU actor)."""
+    `num_gpus` GPUs (0: a CPU actor), its engine computing in `dtype` resolved for that actor's device."""
     import ray.data
 
+    device = torch_device(num_gpus)
     ds = ray.data.from_items([{**r, "row": i} for i, r in enumerate(rows)])
     ds = ds.map_batches(Generator, batch_size=batch_size, concurrency=1, **actor_options(num_gpus),
                         fn_constructor_kwargs=dict(backend=backend, base_model=base_model, adapters=adapters,
                                                    max_new_tokens=max_new_tokens, max_lora_rank=max_lora_rank,
-                                                   device=torch_device(num_gpus)))
+                                                   device=device, dtype=resolve_dtype(dtype, device)))
     out = sorted(ds.take_all(), key=lambda r: r["row"])
     return [str(r["prediction"]) for r in out]
 
@@ -114,13 +130,14 @@ def model_len(base_model: str, cap: int) -> int:
     return min(cap, int(own)) if own else cap
 
 
-def load_with_adapters(base_model: str, adapters: dict[str, str]):
-    """The base in float32 with every adapter loaded under its own name (switch with set_adapter), in eval mode."""
+def load_with_adapters(base_model: str, adapters: dict[str, str], dtype: str = "float32"):
+    """The base in `dtype` (a torch dtype's name) with every adapter loaded under its own name (switch with
+    set_adapter), in eval mode, on the CPU."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=getattr(torch, dtype))
     names = list(adapters)
     if names:
         model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])

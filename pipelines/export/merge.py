@@ -8,6 +8,10 @@ Never into NF4 weights: the base is always reloaded unquantized from its folder 
 merged in float32, then cast to `dtype`. Parity = max |logit difference| on a few prompts (base + adapter,
 unmerged, float32 vs merged in `dtype`) within `logits_atol`, and below half the adapter's own effect on the
 logits (else a merge that dropped the fine-tune could pass), plus the share of identical greedy tokens.
+
+The merge and its parity check run in a Ray task (`merge_on_device`) that holds a GPU when the cluster has one
+(merge.num_gpus), computed there; the driver checks the inputs, and writes the manifest into and publishes the
+folder the task wrote.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pydantic import Field
 
 from pipelines.artifacts.manifest import publish_folder, staging_folder, write_manifest
 from pipelines.eval.metrics import token_agreement
-from pipelines.schema import Section, UserError
+from pipelines.schema import Section, UserError, actor_gpus, cluster_gpus, torch_device
 
 DEFAULT_PROMPTS = ["Extract the city and the date from the sentence. Answer with JSON only.\n\n"
                    "Ana flies to Oslo on 4 June.",
@@ -45,6 +49,9 @@ class MergeSection(Section):
     parity_prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS),
                                       description="User messages used for the parity check.")
     parity_max_new_tokens: int = Field(16, ge=1, description="Greedy tokens generated per parity prompt.")
+    num_gpus: float | None = Field(None, ge=0, description=(
+        "GPUs the merge task holds (the merge and the parity check run there); None: one when the cluster has "
+        "GPUs, else none."))
 
 
 class ParityError(UserError, RuntimeError):
@@ -52,18 +59,54 @@ class ParityError(UserError, RuntimeError):
 
 
 def run(cfg: MergeSection, base_model: str, adapters: list[str], out_dir: str | os.PathLike) -> Path:
-    """Merge `adapters` into `base_model`, check parity, write the HF folder + manifest into out_dir."""
-    import torch
-    from transformers import AutoTokenizer
+    """Merge `adapters` into `base_model` and check parity in a Ray task (on a GPU when the cluster has one); write
+    the manifest into the HF folder it wrote and publish it as out_dir."""
+    import ray
 
     if not adapters:
         raise ValueError("merge: no adapter given")
     _refuse_quantized_base(base_model)
+    combination_weights(cfg, len(adapters))
     qlora = [a for a in adapters if trained_on_quantized_base(a)]
+    out = Path(out_dir).resolve()
+    tmp = staging_folder(out)
+    options = task_options(cfg.num_gpus, cluster_gpus())
+    task = ray.remote(**options)(merge_on_device)
+    got = ray.get(task.remote(cfg, base_model, [str(a) for a in adapters], str(tmp),
+                              torch_device(options["num_gpus"])))
+    parity = got["parity"]
+    if not parity["passed"]:
+        raise ParityError(f"merge parity failed: {json.dumps(parity)}")
+    write_manifest(tmp, kind="merged_model",
+                   inputs={"base_model": base_model, **{f"adapter{i}": a for i, a in enumerate(adapters)}},
+                   config={"merge": cfg.model_dump()}, metrics={"parity": parity, "device": got["device"]},
+                   extra={"base_model": base_model, "adapters": [str(a) for a in adapters],
+                          "source": {"base_model": base_model, "adapters": [str(a) for a in adapters]},
+                          "base_loaded_as": "float32 (unquantized), saved as " + cfg.dtype,
+                          "adapters_trained_on_quantized_base": qlora})
+    publish_folder(tmp, out)
+    return out
+
+
+def task_options(requested: float | None, available: float) -> dict[str, float]:
+    """What the merge task asks Ray for: one CPU, and its GPUs (pipelines.schema.actor_gpus: as configured;
+    unset, one when the cluster has GPUs)."""
+    return {"num_cpus": 1, "num_gpus": actor_gpus(requested, available)}
+
+
+def merge_on_device(cfg: MergeSection, base_model: str, adapters: list[str], out: str, device: str) -> dict[str, Any]:
+    """The Ray task's body: base + adapters in float32 on `device`, merged there, parity against the unmerged
+    model on the same device; when parity passes, the merged model (cast to cfg.dtype) and the tokenizer are
+    saved into `out`. Returns {"parity": parity_report(...), "device": device}."""
+    import torch
+    from transformers import AutoTokenizer
+
+    if device == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     tok_src = adapters[0] if (Path(adapters[0]) / "tokenizer_config.json").is_file() else base_model
     tokenizer = AutoTokenizer.from_pretrained(tok_src)
-    peft_model = _load_with_adapters(cfg, base_model, adapters)
-    prompts = _prompt_ids(tokenizer, cfg.parity_prompts)
+    peft_model = _load_with_adapters(cfg, base_model, adapters).to(device)
+    prompts = [ids.to(device) for ids in _prompt_ids(tokenizer, cfg.parity_prompts)]
     with torch.no_grad():
         with peft_model.disable_adapter():
             base_logits = [peft_model(ids).logits.float() for ids in prompts]
@@ -74,25 +117,23 @@ def run(cfg: MergeSection, base_model: str, adapters: list[str], out_dir: str | 
         got_logits = [merged(ids).logits.float() for ids in prompts]
         got_tokens = [_greedy(merged, ids, cfg.parity_max_new_tokens, tokenizer) for ids in prompts]
     parity = parity_report(base_logits, ref_logits, got_logits, ref_tokens, got_tokens, cfg)
-    if not parity["passed"]:
-        raise ParityError(f"merge parity failed: {json.dumps(parity)}")
-    out = Path(out_dir).resolve()
-    tmp = staging_folder(out)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    write_manifest(tmp, kind="merged_model",
-                   inputs={"base_model": base_model, **{f"adapter{i}": a for i, a in enumerate(adapters)}},
-                   config={"merge": cfg.model_dump()}, metrics={"parity": parity},
-                   extra={"base_model": base_model, "adapters": [str(a) for a in adapters],
-                          "source": {"base_model": base_model, "adapters": [str(a) for a in adapters]},
-                          "base_loaded_as": "float32 (unquantized), saved as " + cfg.dtype,
-                          "adapters_trained_on_quantized_base": qlora})
-    publish_folder(tmp, out)
-    return out
+    if parity["passed"]:
+        merged.to("cpu").save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+    return {"parity": parity, "device": device}
+
+
+def combination_weights(cfg: MergeSection, n: int) -> list[float]:
+    """Per-adapter weights of a multi-adapter merge: merge.weights, default equal (summing to 1)."""
+    weights = cfg.weights or [1.0 / n] * n
+    if len(weights) != n:
+        raise ValueError(f"merge.weights has {len(weights)} entries for {n} adapters")
+    return weights
 
 
 def _load_with_adapters(cfg: MergeSection, base_model: str, adapters: list[str]):
-    """Unquantized float32 base + every adapter; with several, their weighted combination is the active one."""
+    """Unquantized float32 base + every adapter, on the CPU; with several, their weighted combination is the
+    active one."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -103,11 +144,9 @@ def _load_with_adapters(cfg: MergeSection, base_model: str, adapters: list[str])
         model.load_adapter(path, adapter_name=f"a{i}")
     if len(adapters) > 1:
         names = [f"a{i}" for i in range(len(adapters))]
-        weights = cfg.weights or [1.0 / len(adapters)] * len(adapters)
-        if len(weights) != len(adapters):
-            raise ValueError(f"merge.weights has {len(weights)} entries for {len(adapters)} adapters")
         kwargs: dict[str, Any] = {"density": cfg.density} if cfg.combination.startswith(("ties", "dare", "magn")) else {}
-        model.add_weighted_adapter(names, weights, "combined", combination_type=cfg.combination, **kwargs)
+        model.add_weighted_adapter(names, combination_weights(cfg, len(adapters)), "combined",
+                                   combination_type=cfg.combination, **kwargs)
         model.set_adapter("combined")
     return model.eval()
 

@@ -5,6 +5,7 @@ promoted; a zero adapter (B=0) fails the gate with reasons; --force is recorded.
 
 The report tests generate with the transformers backend (eval.backend=hf, starts in a second); one test runs the
 default vLLM backend through the same Ray Data actor and checks it answers exactly as transformers + PEFT does.
+The model is never loaded in the driver: generation and scoring run in Ray actors (on CPU here, in float32).
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ def train_adapter(base_dir: str, rows: list[dict], out: Path, *, steps: int, dat
     return out
 
 
+def _not_in_the_driver(*args, **kwargs):
+    raise AssertionError("the model was loaded in the driver process")
+
+
 @pytest.fixture(scope="module")
 def evaluated(ray_session, tiny_model_dir, shared_data, tmp_path_factory):
     from pipelines.eval.evaluate import EvalSection, run
@@ -68,7 +73,10 @@ def evaluated(ray_session, tiny_model_dir, shared_data, tmp_path_factory):
                       max_new_tokens=24, mmlu_dir=str(shared_data / "benchmark" / "mmlu"),
                       mmlu_subjects=["marketing"], mmlu_per_subject=8,
                       general_text_path=str(shared_data / "sft" / "alpaca_5000.json"), general_max_samples=8)
-    out = run(cfg, tiny_model_dir, {"tuned": str(tuned), "zero": str(zero)}, root / "evaluate")
+    with pytest.MonkeyPatch.context() as mp:  # the driver never loads the model: actors do, in their processes
+        for module in ("pipelines.eval.generate", "pipelines.eval.evaluate"):
+            mp.setattr(f"{module}.load_with_adapters", _not_in_the_driver)
+        out = run(cfg, tiny_model_dir, {"tuned": str(tuned), "zero": str(zero)}, root / "evaluate")
     return {"out": out, "results": json.loads((out / "eval.json").read_text()), "tuned": tuned, "zero": zero,
             "root": root}
 
@@ -88,6 +96,42 @@ def test_trained_adapter_beats_base_and_few_shot_on_rougeL(evaluated):
     assert s["zero"]["bertscore_f1"] == pytest.approx(s["base"]["bertscore_f1"], abs=1e-6)
     assert s["tuned"]["bertscore_f1"] > s["base"]["bertscore_f1"], s
     assert "The fine-tune helped" in evaluated["results"]["verdicts"]["tuned"]
+
+
+def test_scoring_runs_in_an_actor_on_the_cpu_in_float32(ray_session, tiny_model_dir, evaluated):
+    """The scorer is a Ray actor in another process; on CPU it computes in float32, as the same scorer does in this
+    process, and eval.json and the manifest say where evaluation computed."""
+    import os
+
+    import ray
+    import torch
+
+    from pipelines.eval.evaluate import Scorer, start_scorer
+
+    adapters = {"tuned": str(evaluated["tuned"])}
+    scorer = start_scorer(tiny_model_dir, adapters)
+    try:
+        assert isinstance(scorer, ray.actor.ActorHandle)
+        where = ray.get(scorer.where.remote())
+        assert where["pid"] != os.getpid() and where["device"] == "cpu" and where["dtype"] == "float32"
+        texts = ["The city is Oslo.", "Ana flies on 4 June."]
+        remote = {a: ray.get(scorer.nll.remote(["Where?"] * 2, texts, a)) for a in (None, "tuned")}
+    finally:
+        ray.kill(scorer)
+    threads = torch.get_num_threads()  # a Scorer sets its process's thread count: restored after
+    try:
+        local = Scorer(tiny_model_dir, adapters, "float32", "cpu")
+        want = {a: local.nll(["Where?"] * 2, texts, a) for a in remote}
+    finally:
+        torch.set_num_threads(threads)
+    for adapter, (total, count) in remote.items():
+        assert type(total) is float and count == want[adapter][1]
+        assert total == pytest.approx(want[adapter][0], rel=1e-6, abs=1e-6)
+    assert remote[None][0] != remote["tuned"][0]
+    r = evaluated["results"]
+    assert r["device"] == "cpu" and r["dtype"] == "float32"
+    metrics = json.loads((evaluated["out"] / "manifest.json").read_text())["metrics"]
+    assert metrics["device"] == "cpu" and metrics["dtype"] == "float32"
 
 
 def test_unusable_test_rows_are_counted_and_kept(evaluated):

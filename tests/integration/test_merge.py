@@ -1,5 +1,6 @@
-"""Merge on the tiny model: parity within the stated tolerance, QLoRA adapters go through the unquantized base,
-multi-adapter TIES, and a merge that dropped the fine-tune is caught.
+"""Merge on the tiny model, in a Ray task on the shared Ray instance (never in the driver): parity within the
+stated tolerance, QLoRA adapters go through the unquantized base, multi-adapter TIES, and a merge that dropped the
+fine-tune is caught.
 
     .venv/bin/pytest tests/integration/test_merge.py -q
 """
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_session")]
 
 
 def make_adapter(base_dir: str, out: Path, seed: int, *, four_bit: bool = False, zero: bool = False) -> Path:
@@ -38,6 +39,10 @@ def make_adapter(base_dir: str, out: Path, seed: int, *, four_bit: bool = False,
     return out
 
 
+def _not_in_the_driver(*args, **kwargs):
+    raise AssertionError("the model was loaded in the driver process")
+
+
 @pytest.fixture(scope="module")
 def adapters(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
@@ -50,8 +55,11 @@ def test_merge_float32_is_exact_and_changes_the_base(tiny_model_dir, adapters, t
 
     from pipelines.export.merge import MergeSection, run
 
-    out = run(MergeSection(dtype="float32"), tiny_model_dir, [str(adapters[0])], tmp_path / "merged")
+    with pytest.MonkeyPatch.context() as mp:  # the driver never loads the model: the Ray task does, in its process
+        mp.setattr("pipelines.export.merge._load_with_adapters", _not_in_the_driver)
+        out = run(MergeSection(dtype="float32"), tiny_model_dir, [str(adapters[0])], tmp_path / "merged")
     m = json.loads((out / "manifest.json").read_text())
+    assert m["metrics"]["device"] == "cpu"
     parity = m["metrics"]["parity"]
     assert m["kind"] == "merged_model" and parity["passed"] and parity["greedy_identical"]
     assert m["adapters_trained_on_quantized_base"] == []
@@ -94,12 +102,24 @@ def test_multi_adapter_ties_merge(tiny_model_dir, adapters, tmp_path):
 
 
 def test_a_merge_that_drops_the_fine_tune_fails_parity(tiny_model_dir, adapters, tmp_path, monkeypatch):
-    from peft.tuners.tuners_utils import BaseTuner
-
     from pipelines.export.merge import MergeSection, ParityError, run
 
-    # A merge that returns the untouched base: logits match the base, not base + adapter.
-    monkeypatch.setattr(BaseTuner, "merge_and_unload", lambda self, *a, **k: self.unload())
+    def dropping_the_fine_tune(*args, **kwargs):
+        """merge_on_device in the Ray task (pickled by value: a nested function), with a merge that returns the
+        untouched base (logits match the base, not base + adapter); the worker's PEFT is restored after."""
+        from peft.tuners.tuners_utils import BaseTuner
+
+        from pipelines.export import merge
+
+        real = BaseTuner.merge_and_unload
+        BaseTuner.merge_and_unload = lambda self, *a, **k: self.unload()
+        try:
+            return merge.merge_on_device(*args, **kwargs)
+        finally:
+            BaseTuner.merge_and_unload = real
+
+    # run() builds its task from the module's merge_on_device when called
+    monkeypatch.setattr("pipelines.export.merge.merge_on_device", dropping_the_fine_tune)
     with pytest.raises(ParityError, match="parity failed"):
         run(MergeSection(dtype="float32", logits_atol=10.0), tiny_model_dir, [str(adapters[0])], tmp_path / "m")
     assert not (tmp_path / "m").exists()
