@@ -92,12 +92,15 @@ def curate(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) ->
     done(out)
 
 
-def sft(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:
+def sft(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
+        local: bool = typer.Option(False, "--local", help="Run the training loop in this process on one device "
+                                                           "(the GPU when there is one), without Ray: the same "
+                                                           "loop, checkpoints and manifest.")) -> None:
     """SFT stage alone, on the data stage's output folder of the same run."""
     cfg = load(config, overrides, ("model", "tokenized"))
     cli_plan.check_fits(cfg, str(config))
     with _quiet(cfg, "sft"):
-        out = runner.stage_sft(cfg, runner.stage_model(cfg), cfg.stage_dir("data"))
+        out = runner.stage_sft(cfg, runner.stage_model(cfg), cfg.stage_dir("data"), local=local)
     done(out)
 
 

@@ -126,13 +126,15 @@ def stage_curate(cfg: RunConfig, model_dir: str) -> Path:
     return out
 
 
-def stage_sft(cfg: RunConfig, model_dir: str, data_dir: Path, *, resume: bool = False) -> Path:
-    """SFT on this run's tokenized data; resume=True continues an interrupted run from its last checkpoint."""
-    init_ray(cfg)
+def stage_sft(cfg: RunConfig, model_dir: str, data_dir: Path, *, resume: bool = False, local: bool = False) -> Path:
+    """SFT on this run's tokenized data; resume=True continues an interrupted run from its last checkpoint;
+    local=True runs the loop in this process on one device, without Ray."""
+    if not local:
+        init_ray(cfg)
     t0 = time.time()
     out = sft.run(cfg.lora, cfg.train, model_dir, data_dir, cfg.stage_dir("sft"), dtype=cfg.model.dtype,
                   quant=cfg.quant, model_id=cfg.model.name, resume=resume, storage=cfg.train_storage("sft"),
-                  data_uri=_in_store(cfg, "data"))
+                  data_uri=None if local else _in_store(cfg, "data"), local=local)
 
     m = read_manifest(out)["metrics"]
     console.print(f"[bold]sft[/]: {m['steps']} steps, loss {m['loss_first']:.3f} → {m['loss_last']:.3f}, "
@@ -254,6 +256,7 @@ def stage_gate(cfg: RunConfig, adapters: dict[str, str], *, force: bool = False)
 
 
 def stage_merge(cfg: RunConfig, model_dir: str, adapters: list[str], out: Path | None = None) -> Path:
+    init_ray(cfg)  # the merge runs as a Ray task, on a GPU when the cluster has one
     return merge.run(cfg.merge, model_dir, adapters, out or cfg.stage_dir("merge"))
 
 

@@ -57,13 +57,16 @@ def pack_rows(batch: dict[str, Any], capacity: int) -> dict[str, list]:
     return out
 
 
-def collate(rows: dict[str, Any], pad_id: int, *, dtype=None) -> dict[str, Any]:
+def collate(rows: dict[str, Any], pad_id: int, *, dtype=None, mask: str = "float") -> dict[str, Any]:
     """Rows (columns of lists, as Ray Data's numpy batches) → model inputs as torch tensors.
 
     Unpacked rows (no `seq_lens`): right-padded input_ids, labels (-100 on padding) and a 2D attention_mask.
-    Packed rows: input_ids, labels, position_ids reset per sequence, and attention_mask as a
-    (batch, 1, L, L) float mask — 0 where a query may attend, the dtype's minimum elsewhere — which
-    transformers passes through to sdpa and eager attention unchanged. `dtype` is the model's float dtype.
+    Packed rows: input_ids, labels, position_ids reset per sequence, and by `mask`:
+    - "float": attention_mask as a (batch, 1, L, L) float mask in `dtype` — 0 where a query may attend, the
+      dtype's minimum elsewhere — which transformers passes through to sdpa and eager attention unchanged;
+    - "segments": `segment_ids` (batch, L), each position's sequence number (-1: padding), from which
+      `attention_inputs` builds the mask the attention kernel wants on the worker's device (none at all for
+      flash-attention's varlen path), instead of shipping L² values per row from the host.
     """
     import torch
 
@@ -89,8 +92,35 @@ def collate(rows: dict[str, Any], pad_id: int, *, dtype=None) -> dict[str, Any]:
             pos[i, start:start + L] = torch.arange(L)
             lab[i, start] = IGNORE_INDEX  # never predict a sequence's first token from the one before it
             start += L
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    if mask == "segments":
+        return {"input_ids": input_ids, "labels": lab, "position_ids": pos, "segment_ids": seg}
+    return {"input_ids": input_ids, "labels": lab, "position_ids": pos, "attention_mask": block_mask(seg, dtype)}
+
+
+def block_mask(seg, dtype):
+    """The (batch, 1, L, L) block-diagonal causal mask of segment ids, on their device: boolean (True where a
+    query may attend; SDPA accepts it beside a query of any dtype) for dtype torch.bool, else additive in `dtype`
+    (0 / the dtype's minimum; eager attention adds it to its scores)."""
+    import torch
+
+    width = seg.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=seg.device).tril()
     same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)
-    allowed = (same & causal) | torch.eye(width, dtype=torch.bool)  # padding attends to itself: no NaN rows
-    mask = torch.zeros((n, 1, width, width), dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
-    return {"input_ids": input_ids, "labels": lab, "position_ids": pos, "attention_mask": mask}
+    allowed = (same & causal) | torch.eye(width, dtype=torch.bool, device=seg.device)  # padding sees itself
+    if dtype == torch.bool:
+        return allowed[:, None]
+    return torch.zeros(allowed[:, None].shape, dtype=dtype, device=seg.device).masked_fill(
+        ~allowed[:, None], torch.finfo(dtype).min)
+
+
+def attention_inputs(batch: dict[str, Any], attn_implementation: str, dtype=None) -> dict[str, Any]:
+    """A collated batch as model keyword inputs for the resolved attention kernel: packed rows' `segment_ids`
+    become a boolean block mask for sdpa, an additive one in `dtype` for eager, and nothing for
+    flash_attention_2 (varlen from position_ids). Labels and counters are left out."""
+    import torch
+
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_tokens", "segment_ids")}
+    if "segment_ids" in batch and attn_implementation != "flash_attention_2":
+        kind = torch.bool if attn_implementation == "sdpa" else (dtype or torch.float32)
+        inputs["attention_mask"] = block_mask(batch["segment_ids"], kind)
+    return inputs

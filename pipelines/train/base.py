@@ -10,24 +10,49 @@ from typing import Any
 
 from pipelines.artifacts.manifest import publish_folder, staging_folder
 from pipelines.artifacts.models import cache_root
+from pipelines.train import worker
 from pipelines.train.config import LoraSection, QuantSection, WorkerJob, deepspeed_config
 from pipelines.train.engine import init_deepspeed
 
 
-def _from_pretrained(model_dir: str | os.PathLike, dtype: str, quant: QuantSection, quantize: bool = True):
+def resolve_attention(requested: str, device, flash_installed: bool | None = None) -> str:
+    """The attention kernel a worker loads the base with: as configured; auto, flash_attention_2 on a GPU where
+    the flash-attn package is installed, else PyTorch's SDPA. flash_attention_2 on a CPU is refused."""
+    import importlib.util
+
+    gpu = str(device).startswith("cuda")
+    if flash_installed is None:
+        flash_installed = importlib.util.find_spec("flash_attn") is not None
+    if requested == "auto":
+        return "flash_attention_2" if gpu and flash_installed else "sdpa"
+    if requested == "flash_attention_2" and not gpu:
+        raise ValueError("train.attn_implementation=flash_attention_2 needs a GPU worker (train.use_gpu=true); "
+                         "use auto or sdpa on CPUs")
+    return requested
+
+
+def _from_pretrained(model_dir: str | os.PathLike, dtype: str, quant: QuantSection, quantize: bool = True,
+                     attn: str = "sdpa", device_map: str | None = None, quant_storage: str | None = None):
     """The bare model, no training preparation. quantize=False loads a folder that is already 4-bit (its
-    config.json carries the quantization config) in the same dtype and device as quantizing would have."""
+    config.json carries the quantization config) in the same dtype and device as quantizing would have.
+    device_map: where a 4-bit base is placed (default: the current GPU, else cpu); quant_storage: the dtype
+    the packed 4-bit weights are stored in (ZeRO-3 partitions them as tensors of the compute dtype)."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "attn_implementation": attn}
     if quant.load_in_4bit:
         if quantize:
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type, bnb_4bit_use_double_quant=quant.double_quant,
-                bnb_4bit_compute_dtype=getattr(torch, quant.compute_dtype))
+                bnb_4bit_compute_dtype=getattr(torch, quant.compute_dtype),
+                bnb_4bit_quant_storage=getattr(torch, quant_storage or "uint8"))
         kwargs["dtype"] = getattr(torch, quant.compute_dtype)
-        if not torch.cuda.is_available():
+        if device_map is not None:
+            kwargs["device_map"] = {"": device_map}
+        elif torch.cuda.is_available():
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+        else:
             kwargs["device_map"] = {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     if quant.load_in_4bit:
@@ -65,9 +90,9 @@ def prepare_base(model, quant: QuantSection, gradient_checkpointing: bool):
     return model
 
 
-def load_base(model_dir: str, dtype: str, quant: QuantSection, gradient_checkpointing: bool):
+def load_base(model_dir: str, dtype: str, quant: QuantSection, gradient_checkpointing: bool, attn: str = "sdpa"):
     """The frozen base: full precision, or NF4 through bitsandbytes (prepared for k-bit training)."""
-    return prepare_base(_from_pretrained(model_dir, dtype, quant), quant, gradient_checkpointing)
+    return prepare_base(_from_pretrained(model_dir, dtype, quant, attn=attn), quant, gradient_checkpointing)
 
 
 def base_cache_key(model_dir: str | os.PathLike, quant: QuantSection) -> str:
@@ -88,7 +113,7 @@ def base_cache_key(model_dir: str | os.PathLike, quant: QuantSection) -> str:
 
 
 def load_quantized_shared(model_dir: str, quant: QuantSection, cache_dir: str | os.PathLike, *, local_rank: int,
-                          barrier) -> tuple[Any, str, Path]:
+                          barrier, attn: str = "sdpa") -> tuple[Any, str, Path]:
     """A 4-bit base that one process per node quantizes and the others load already packed.
 
     Local rank 0 quantizes (unless the cache holds this base already) and saves the packed 4-bit model
@@ -101,7 +126,7 @@ def load_quantized_shared(model_dir: str, quant: QuantSection, cache_dir: str | 
     folder = Path(cache_dir) / f"{Path(model_dir).name}-{base_cache_key(model_dir, quant)}"
     model, source = None, "prequantized-cache"
     if local_rank == 0 and not folder.is_dir():
-        model, source = _from_pretrained(model_dir, quant.compute_dtype, quant), "quantized-here"
+        model, source = _from_pretrained(model_dir, quant.compute_dtype, quant, attn=attn), "quantized-here"
         tmp = staging_folder(folder)
         # transformers writes files only on torch.distributed rank 0 (should_save_on_this_rank), whatever
         # is_main_process says: the quantizing rank of a second node is rank >= 1, and got an empty folder
@@ -115,7 +140,7 @@ def load_quantized_shared(model_dir: str, quant: QuantSection, cache_dir: str | 
         publish_folder(tmp, folder, replace=False)  # another node sharing this filesystem may have been first
     barrier()
     if model is None:
-        model = _from_pretrained(folder, quant.compute_dtype, quant, quantize=False)
+        model = _from_pretrained(folder, quant.compute_dtype, quant, quantize=False, attn=attn)
     return model, source, folder
 
 
@@ -123,10 +148,9 @@ def cache_leader(cache: Path) -> bool:
     """Whether this rank quantizes for its node: the lowest world rank among the ranks on the same Ray node with
     the same cache folder (collective when distributed). Ray Train's local rank groups workers by IP address,
     which two Ray nodes on one machine share; the node id and the folder are what decide who can see the file."""
-    import ray
     import torch.distributed as dist
 
-    mine = (ray.get_runtime_context().get_node_id(), str(cache.resolve()))
+    mine = (worker.current().node_id(), str(cache.resolve()))
     if not dist.is_initialized():
         return True
     everyone = [None] * dist.get_world_size()
@@ -135,49 +159,83 @@ def cache_leader(cache: Path) -> bool:
 
 
 def load_worker_base(job: WorkerJob) -> tuple[Any, dict[str, Any]]:
-    """The frozen base inside a Ray Train worker, holding as few full-precision copies per node as the setup allows:
+    """The frozen base inside a worker, holding as few full-precision copies per node as the setup allows:
 
     - QLoRA: quantized once per node (`load_quantized_shared`), cache folder `job.base_cache`, default
       $LORAFORGE_CACHE/quantized-bases (else ~/.cache/loraforge/quantized-bases), resolved on each node;
+    - QLoRA under ZeRO-3: the packed 4-bit weights stored as tensors of the compute dtype
+      (`bnb_4bit_quant_storage`), which ZeRO-3 partitions over the ranks like any 16-bit parameter;
     - ZeRO-3 with a 16/32-bit base: built inside `deepspeed.zero.Init` (transformers does that while an
       `HfDeepSpeedConfig` is alive), so each rank only ever holds its partition of the weights;
     - DDP or ZeRO-2 with a 16/32-bit base: every worker holds a full replica; that is logged.
 
-    Returns the prepared model and {"base_load", "base_params_total", "base_params_local"}."""
-    import ray.train
+    Returns the prepared model and {"base_load", "base_params_total", "base_params_local", "attn_implementation"}."""
     import torch.distributed as dist
 
     quant, train, gradient_checkpointing = job.quant, job.train, job.train.gradient_checkpointing
-    ctx = ray.train.get_context()
+    here = worker.current()
+    attn = resolve_attention(train.attn_implementation, here.device)
     ds = deepspeed_config(train, job.dtype)
-    if quant.load_in_4bit:
+    zero3 = ds is not None and ds["zero_optimization"]["stage"] == 3
+    if quant.load_in_4bit and zero3:
+        init_deepspeed(train)
+        model = _from_pretrained(job.model_dir, quant.compute_dtype, quant, attn=attn,
+                                 quant_storage=quant.compute_dtype)
+        model, source = prepare_base(model, quant, gradient_checkpointing), "zero3-4bit-partitioned"
+    elif quant.load_in_4bit:
         cache = Path(job.base_cache or cache_root() / "quantized-bases")
         cache.mkdir(parents=True, exist_ok=True)
         model, source, _ = load_quantized_shared(
             job.model_dir, quant, cache, local_rank=0 if cache_leader(cache) else 1,
-            barrier=dist.barrier if dist.is_initialized() else (lambda: None))
+            barrier=dist.barrier if dist.is_initialized() else (lambda: None), attn=attn)
         model = prepare_base(model, quant, gradient_checkpointing)
-    elif ds is not None and ds["zero_optimization"]["stage"] == 3:
+    elif zero3:
         import copy
 
         from transformers.integrations import HfDeepSpeedConfig
 
         init_deepspeed(train)
         keep = HfDeepSpeedConfig(copy.deepcopy(ds))  # transformers holds only a weak reference to it
-        model = load_base(job.model_dir, job.dtype, quant, gradient_checkpointing)
+        model = load_base(job.model_dir, job.dtype, quant, gradient_checkpointing, attn=attn)
         model.hf_deepspeed_config = keep  # alive as long as the model: later ZeRO-3 checks see it too
         source = "zero3-partitioned"
     else:
-        model, source = load_base(job.model_dir, job.dtype, quant, gradient_checkpointing), "full"
-        if ctx.get_world_rank() == 0 and ctx.get_world_size() > 1:
-            print(f"[base] each of the {ctx.get_world_size()} workers holds a full-precision replica of the base "
+        model, source = load_base(job.model_dir, job.dtype, quant, gradient_checkpointing, attn=attn), "full"
+        if here.world_rank == 0 and here.world_size > 1:
+            print(f"[base] each of the {here.world_size} workers holds a full-precision replica of the base "
                   f"({'DDP' if ds is None else 'ZeRO-' + str(ds['zero_optimization']['stage'])} replicates "
                   "parameters); train.deepspeed=zero3 partitions it, quant.load_in_4bit=true stores it in 4 bits",
                   flush=True)
     params = list(model.parameters())
     return model, {"base_load": source, "base_params_total": sum(getattr(p, "ds_numel", p.numel()) for p in params),
                    "base_params_local": sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
-                                            for p in params)}
+                                            for p in params), "attn_implementation": attn}
+
+
+def zero_dtype(ds_config: dict | None) -> str | None:
+    """The 16-bit dtype DeepSpeed casts the module's floating parameters to (bf16 / fp16 enabled), else None."""
+    for key, name in (("bf16", "bfloat16"), ("fp16", "float16")):
+        if ds_config and isinstance(ds_config.get(key), dict) and ds_config[key].get("enabled") is True:
+            return name
+    return None
+
+
+def align_for_zero3(model, ds_config: dict | None) -> int:
+    """Under ZeRO-3 with bf16/fp16, every floating parameter (PEFT's fp32 adapters, QLoRA's fp32-upcast norms
+    and embeddings) in that one dtype before `deepspeed.initialize`: ZeRO-3 gathers partitions in coalesced
+    buffers of a single dtype. DeepSpeed keeps the fp32 master copy of the trainable ones in its optimizer.
+    Packed 4-bit weights are left as they are. Returns how many parameters were cast."""
+    import torch
+
+    target = zero_dtype(ds_config)
+    if target is None or ds_config["zero_optimization"]["stage"] != 3:
+        return 0
+    dtype, n = getattr(torch, target), 0
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype and getattr(p, "quant_state", None) is None:
+            p.data = p.data.to(dtype)
+            n += 1
+    return n
 
 
 def full_tensors(params):
@@ -222,30 +280,37 @@ def weight_bytes(model) -> dict[str, int]:
     return out
 
 
-def checksum(tensors) -> str:
-    """sha256 of the exact bytes: equal before/after proves training left the frozen weights alone."""
+def checksum(tensors, as_dtype: str | None = None) -> str:
+    """sha256 of the exact bytes: equal before/after proves training left the frozen weights alone.
+    as_dtype: floating tensors hashed as values of that dtype (DeepSpeed's bf16/fp16 engine casts the frozen
+    weights after the first checksum; the same values then give the same bytes). Packed 4-bit weights and any
+    other integer tensors are hashed as they are."""
     import hashlib
 
     import torch
 
     h = hashlib.sha256()
     for t in tensors:
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        packed = getattr(t, "quant_state", None) is not None
+        t = t.detach()
+        if as_dtype and t.is_floating_point() and not packed:
+            t = t.to(getattr(torch, as_dtype))
+        h.update(t.cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
-def per_rank(model, base: dict[str, Any]) -> dict[str, Any]:
-    """Where each rank's base came from, and its frozen checksum, gathered to every rank (collective); rank 0
-    writes them into the checkpoint's static.json and from there the manifest."""
-    import ray
-    import ray.train
+def per_rank(model, base: dict[str, Any], as_dtype: str | None = None) -> dict[str, Any]:
+    """Where each rank's base came from, and its frozen checksum (floating weights as `as_dtype` values, see
+    checksum), gathered to every rank (collective); rank 0 writes them into the checkpoint's static.json and
+    from there the manifest."""
     import torch.distributed as dist
 
-    mine = {**base, "node_id": ray.get_runtime_context().get_node_id(),
-            "frozen_checksum": checksum(full_tensors([p for p in model.parameters() if not p.requires_grad]))}
+    here = worker.current()
+    mine = {**base, "node_id": here.node_id(), "frozen_checksum": checksum(
+        full_tensors([p for p in model.parameters() if not p.requires_grad]), as_dtype)}
     ranks = [mine]
     if dist.is_initialized():
         ranks = [None] * dist.get_world_size()
         dist.all_gather_object(ranks, mine)
-    return {"world_size": ray.train.get_context().get_world_size(), "frozen_checksum_before": mine["frozen_checksum"],
-            "base_load": mine["base_load"], "ranks": ranks}
+    return {"world_size": here.world_size, "frozen_checksum_before": mine["frozen_checksum"],
+            "base_load": mine["base_load"], "attn_implementation": mine.get("attn_implementation"), "ranks": ranks}

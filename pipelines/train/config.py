@@ -67,6 +67,14 @@ class TrainSection(Section):
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
         "adamw", description="torch AdamW, or bitsandbytes 8-bit / paged 8-bit AdamW.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = Field("auto", description=(
+        "Attention kernel. auto: flash_attention_2 on a GPU when the flash-attn package is installed, else sdpa. "
+        "Packed rows: flash_attention_2 runs them varlen from position ids (no mask); sdpa gets a boolean "
+        "block mask built on the device; eager a float one."))
+    tf32: bool = Field(True, description="Allow TF32 for float32 matmuls on GPUs (Ampere and newer).")
+    throughput_warmup_steps: int = Field(2, ge=0, description=(
+        "Steps left out of the reported tokens/s (allocator warm-up, kernel selection); validation and "
+        "checkpoints are never counted."))
     loss_chunk_tokens: int = Field(128, ge=0, description=(
         "Lean loss: label tokens per chunk through the LM head, each chunk's float32 logits recomputed in backward "
         "(never all at once). 0: the plain loss over the full [tokens, vocab] logits."))
@@ -129,12 +137,11 @@ def load_deepspeed_json(name: str) -> dict[str, Any]:
 
 def check_combination(quant: QuantSection, train: TrainSection) -> None:
     """Refuse what does not work, before any worker starts."""
-    if quant.load_in_4bit and "zero3" in train.deepspeed:
+    if quant.load_in_4bit and "zero3" in train.deepspeed and quant.compute_dtype == "float32":
         raise ValueError(
-            "train.deepspeed=zero3 with quant.load_in_4bit: ZeRO-3 partitions every parameter, and bitsandbytes' "
-            "packed 4-bit weights (with their per-block quantization state) cannot be sharded and re-gathered on "
-            "this stack. Use zero2 for QLoRA (the 4-bit base is small enough to replicate), or zero3 with a "
-            "16/32-bit base.")
+            "train.deepspeed=zero3 with quant.load_in_4bit stores the packed 4-bit weights as tensors of "
+            "quant.compute_dtype so ZeRO-3 can partition them; set quant.compute_dtype=bfloat16 (GPUs) or use "
+            "zero2 (the 4-bit base is small enough to replicate)")
     if quant.load_in_4bit and train.optimizer != "adamw" and train.deepspeed != "none":
         raise ValueError("bitsandbytes 8-bit optimizers cannot be combined with DeepSpeed ZeRO; use optimizer=adamw")
 
@@ -215,6 +222,10 @@ class WorkerJob(Section):
     sft_uri: str | None = Field(None, description=(
         "DPO: the same adapter in the object store, when the run is there: each worker copies it to its node "
         "(storage.local_copy) instead of reading the driver's folder, which other nodes do not have."))
+
+    def compute_dtype(self) -> str:
+        """The dtype matmuls run in: the 4-bit base's compute dtype under QLoRA, else the model's."""
+        return self.quant.compute_dtype if self.quant.load_in_4bit else self.dtype
 
     def on_node(self) -> WorkerJob:
         """This job as the node it runs on sees it: model_dir is this node's copy of the base (on_this_node)."""

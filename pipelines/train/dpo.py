@@ -27,8 +27,9 @@ from pipelines.data.chat import pad_batch, tokenize_messages
 from pipelines.data.readers import expand_paths, record_batches
 from pipelines.data.rowformats import RowError, apply_columns, parse_raw, to_canonical
 from pipelines.schema import MissingInput, actor_gpus, cluster_gpus, torch_device
-from pipelines.train.base import load_base, load_worker_base, per_rank
-from pipelines.train.config import DPOSection, QuantSection, TrainSection, WorkerJob
+from pipelines.train import worker
+from pipelines.train.base import align_for_zero3, load_base, load_worker_base, per_rank, zero_dtype
+from pipelines.train.config import DPOSection, QuantSection, TrainSection, WorkerJob, deepspeed_config
 from pipelines.train.driver import run_stage
 from pipelines.train.engine import select_accelerator
 from pipelines.train.loop import run_loop
@@ -186,12 +187,13 @@ def run(cfg: DPOSection, train: TrainSection, model_dir: str, sft_dir: str | os.
         out_dir: str | os.PathLike, *, dtype: str = "float32", quant: QuantSection | None = None,
         model_id: str | None = None, base_cache: str | os.PathLike | None = None,
         resume: bool = False, storage: str | None = None, data_uri: str | None = None,
-        sft_uri: str | None = None) -> Path:
+        sft_uri: str | None = None, local: bool = False) -> Path:
     """Train the DPO adapter from the SFT adapter on a prepared preference dataset; write it with a manifest.
     The loop runs with `cfg.optimisation(train)`: train's settings, with DPO's own steps / lr / warmup / batch size
     where set. base_cache: where each node keeps the 4-bit base it quantized once (QLoRA); storage: where Ray Train
     keeps checkpoints (a folder or an s3:// URI; default out_dir/ray_train); data_uri / sft_uri: the prepared pairs
-    and the SFT adapter in the object store, read there by every worker (a run whose output_dir is a store)."""
+    and the SFT adapter in the object store, read there by every worker (a run whose output_dir is a store);
+    local: the loop in this process on one device, without Ray Train (the reference pass still uses Ray Data)."""
     quant = quant or QuantSection()
     sft_manifest = read_manifest(sft_dir, kind="lora_adapter")
     out = Path(out_dir).resolve()
@@ -202,7 +204,7 @@ def run(cfg: DPOSection, train: TrainSection, model_dir: str, sft_dir: str | os.
                     storage=storage or str(out / "ray_train"),
                     base_cache=str(base_cache) if base_cache else None)
     return run_stage(train_loop_per_worker, job, name="dpo", title="DPO", data_dir=data_dir,
-                     data_kind="preference_dataset", out=out, model_id=model_id, resume=resume,
+                     data_kind="preference_dataset", out=out, model_id=model_id, resume=resume, local=local,
                      config={"dpo": cfg.model_dump(), "quant": quant.model_dump(), "train": loop.model_dump(),
                              "dtype": dtype, "parent_adapter": str(sft_dir)},
                      extra_series={"reward accuracy": "reward_accuracy"},
@@ -210,9 +212,7 @@ def run(cfg: DPOSection, train: TrainSection, model_dir: str, sft_dir: str | os.
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """What each Ray Train worker runs for DPO: the policy is the SFT adapter, trainable; the reference is data."""
-    import ray.train
-
+    """What each worker runs for DPO: the policy is the SFT adapter, trainable; the reference is data."""
     select_accelerator()  # before anything below can import DeepSpeed
     import torch
     from peft import PeftModel
@@ -226,10 +226,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     base, base_info = load_worker_base(job)
     sft_dir = str(storage.local_copy(job.sft_uri, config.get("store_fs"))) if job.sft_uri else job.sft_dir
     model = PeftModel.from_pretrained(base, sft_dir, is_trainable=True)
+    ds = deepspeed_config(train, job.dtype)
+    align_for_zero3(model, ds)
     static = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-              **per_rank(model, base_info)}
+              **per_rank(model, base_info, zero_dtype(ds))}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if ray.train.get_context().get_world_rank() == 0:
+    if worker.current().world_rank == 0:
         print(f"[dpo] policy = SFT adapter ({static['trainable_params']:,} trainable parameters), reference log-probs precomputed", flush=True)
 
     def loss_fn(m, batch):

@@ -12,6 +12,8 @@ from typing import Any
 
 from pipelines.artifacts import storage
 from pipelines.artifacts.manifest import hash_path, read_manifest, write_manifest
+from pipelines.schema import UserError
+from pipelines.train import worker
 from pipelines.train.config import WorkerJob, check_combination
 
 
@@ -93,14 +95,16 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "train_stat
 
 def run_stage(loop, job: WorkerJob, *, name: str, title: str, data_dir: str | os.PathLike, data_kind: str,
               out: Path, model_id: str | None, config: dict[str, Any], extra_series: dict[str, str] | None = None,
-              lineage: dict[str, Any] | None = None, resume: bool = False) -> Path:
+              lineage: dict[str, Any] | None = None, resume: bool = False, local: bool = False) -> Path:
     """The driver half of a training stage, the same for SFT and DPO: fit `loop` on Ray Train workers over the
     data stage's splits, export the best checkpoint's adapter into `out`, and finish the stage (plot, health,
     MLflow, manifest). extra_series: plot label → key of the loop's extra history (DPO's reward accuracy);
     lineage: entries added to the manifest's lineage (DPO's parent adapter); resume: continue the Ray Train run an
-    interrupted attempt left under the same storage from its last checkpoint, instead of starting afresh."""
+    interrupted attempt left under the same storage from its last checkpoint, instead of starting afresh;
+    local: the loop in this process on one device (fit_local) instead of Ray Train workers."""
     data_manifest = read_manifest(data_dir, kind=data_kind)
-    result = fit_on_ray(loop, job, data_dir, data_manifest, name, fresh=not resume)
+    fit = fit_local if local else fit_on_ray
+    result = fit(loop, job, data_dir, data_manifest, name, fresh=not resume)
     state = export_adapter(result, out)
     finish_stage(out, job, kind="lora_adapter", state=state, model_id=model_id, data_dir=data_dir,
                  data_manifest=data_manifest, title=title, config=config,
@@ -176,6 +180,34 @@ def fit_on_ray(loop, job: WorkerJob, data_dir, data_manifest: dict, name: str, *
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"{name} finished without a checkpoint: {result.error}")
+    return result
+
+
+def fit_local(loop, job: WorkerJob, data_dir, data_manifest: dict, name: str, *, fresh: bool = True):
+    """The same worker loop in this process, as one worker on one device (cuda when there is one), without Ray:
+    data read from the data stage's parquet splits in order, checkpoints as folders under `job.storage`/name, a
+    result shaped as Ray Train's. train.num_workers is not used (one rank)."""
+    train = job.train
+    check_combination(job.quant, train)
+    if storage.is_uri(job.storage) or job.data_uri:
+        raise UserError("--local trains from and into local folders; this run's data or output is in an object "
+                        "store: run without --local, or set output_dir to a local folder")
+    if train.fail_once_at_step:
+        raise UserError("train.fail_once_at_step is a drill of Ray Train's worker restart; --local has no worker "
+                        "to restart: unset it or run without --local")
+    root = Path(job.storage) / name
+    if fresh:
+        shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    outputs = data_manifest.get("outputs", {})
+    data = {split: Path(data_dir) / outputs[split] for split in ("train", "validation") if outputs.get(split)}
+    here = worker.LocalWorker(data, root, train.keep_checkpoints)
+    print(f"[{name}] local: one worker on {here.device}, no Ray", flush=True)
+    with here.session():
+        loop({"job": job, "store_fs": None})
+    result = here.result()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{name} finished without a checkpoint")
     return result
 
 

@@ -4,29 +4,48 @@ DeepSpeed's process group. Used by the loop on every worker; torch/DeepSpeed loa
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
 
+from pipelines.train import worker
 from pipelines.train.config import TrainSection
 
 
-def accelerator_for(gpu_ids: list, cuda_available: bool) -> str:
-    """DeepSpeed's accelerator for a worker: cuda when Ray gave it a GPU that torch can see, else cpu."""
-    return "cuda" if gpu_ids and cuda_available else "cpu"
+def accelerator_for(device) -> str:
+    """DeepSpeed's accelerator for a worker: cuda when its device is a GPU, else cpu."""
+    return "cuda" if str(device).startswith("cuda") else "cpu"
 
 
 def select_accelerator() -> str:
-    """Set DS_ACCELERATOR for this worker process from the resources it holds (not one value for the whole
-    cluster), before DeepSpeed is imported: it reads the variable once, at import. A value set by the user wins."""
+    """Set DS_ACCELERATOR for this worker process from the device it holds (Ray Train's, or the local run's),
+    before DeepSpeed is imported: it reads the variable once, at import. A value set by the user wins."""
     if os.environ.get("DS_ACCELERATOR"):
         return os.environ["DS_ACCELERATOR"]
-    import ray
+    os.environ["DS_ACCELERATOR"] = accelerator_for(worker.current().device)
+    return os.environ["DS_ACCELERATOR"]
+
+
+def set_matmul_precision(device, tf32: bool) -> None:
+    """TF32 for float32 matmuls and convolutions on GPUs when train.tf32 (what HF Trainer's tf32=True sets)."""
     import torch
 
-    os.environ["DS_ACCELERATOR"] = accelerator_for(ray.get_gpu_ids() if ray.is_initialized() else [],
-                                                   torch.cuda.is_available())
-    return os.environ["DS_ACCELERATOR"]
+    if str(device).startswith("cuda"):
+        torch.backends.cuda.matmul.fp32_precision = "tf32" if tf32 else "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "tf32" if tf32 else "ieee"
+
+
+def autocast_dtype(device, compute_dtype: str, ds_config: dict | None) -> str | None:
+    """The dtype the forward and loss run under autocast, or None: a 16-bit compute dtype on a GPU, as HF
+    Trainer's bf16=True/fp16=True. Not on CPUs (bf16 is emulated and slower than float32 there) and not when
+    DeepSpeed already casts the module to bf16/fp16 itself."""
+    if not str(device).startswith("cuda") or compute_dtype not in ("bfloat16", "float16"):
+        return None
+    if ds_config and any(isinstance(ds_config.get(k), dict) and ds_config[k].get("enabled") is True
+                         for k in ("bf16", "fp16")):
+        return None
+    return compute_dtype
 
 
 def make_optimizer(params, train: TrainSection):
@@ -41,22 +60,30 @@ def make_optimizer(params, train: TrainSection):
 
 
 def all_sum(values: list[float]) -> list[float]:
+    """Element-wise sum over all ranks, on the device the process group's backend reduces (NCCL: the GPU)."""
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
+    if not dist.is_initialized():
+        return [float(v) for v in values]
+    device = collective_device(dist.get_backend(), worker.current().device)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+collective_device = worker.collective_device
 
 
 class Engine:
     """One interface over DDP and DeepSpeed: forward model, backward, step, save, load."""
 
-    def __init__(self, model, train, ds_config: dict | None, make_optimizer, make_scheduler):
-        import ray.train.torch
-
-        self.train, self.ds = train, ds_config is not None
+    def __init__(self, model, train, ds_config: dict | None, make_optimizer, make_scheduler,
+                 compute_dtype: str = "float32"):
+        here = worker.current()
+        self.train, self.ds, self.device = train, ds_config is not None, here.device
+        set_matmul_precision(self.device, train.tf32)
+        self.autocast_dtype = autocast_dtype(self.device, compute_dtype, ds_config)
         params = [p for p in model.parameters() if p.requires_grad]
         self.params = params
         opt = make_optimizer(params)
@@ -68,8 +95,16 @@ class Engine:
             self.model, self.opt, _, self.sched = deepspeed.initialize(
                 model=model, optimizer=opt, lr_scheduler=sched, config=ds_config, model_parameters=params)
         else:
-            self.model = ray.train.torch.prepare_model(model)
+            self.model = here.prepare_model(model)
             self.opt, self.sched = opt, sched
+
+    def forward(self, fn, *args):
+        """fn(*args) under this engine's autocast (bf16/fp16 on GPUs), e.g. the loss function's forward."""
+        import torch
+
+        amp = self.autocast_dtype
+        with torch.autocast("cuda", dtype=getattr(torch, amp)) if amp else contextlib.nullcontext():
+            return fn(*args)
 
     @property
     def peft_model(self):
@@ -79,11 +114,12 @@ class Engine:
         """What the engine really is, read back from it (not from our config): ZeRO stage, where the optimizer
         state lives, which optimizer steps it."""
         if not self.ds:
-            return {"engine": "ddp", "zero_stage": 0, "offload_optimizer_device": None, "optimizer_offloaded": False,
+            return {"engine": "ddp", "autocast": self.autocast_dtype, "zero_stage": 0,
+                    "offload_optimizer_device": None, "optimizer_offloaded": False,
                     "optimizer": type(self.opt).__name__}
         offload = self.model.zero_offload_optimizer()
         device = getattr(offload, "device", None) if offload is not None else None
-        return {"engine": "deepspeed", "zero_stage": int(self.model.zero_optimization_stage()),
+        return {"engine": "deepspeed", "autocast": self.autocast_dtype, "zero_stage": int(self.model.zero_optimization_stage()),
                 "offload_optimizer_device": getattr(device, "value", device),
                 # stage 1/2 call it cpu_offload, stage 3 offload_optimizer
                 "optimizer_offloaded": bool(getattr(self.opt, "cpu_offload", getattr(self.opt, "offload_optimizer",
@@ -102,8 +138,6 @@ class Engine:
                    if isinstance(v, torch.Tensor))
 
     def backward(self, loss, last_micro: bool) -> None:
-        import contextlib
-
         if self.ds:
             self.model.backward(loss, scale_wrt_gas=False)  # our loss is already weighted over the whole step
             if not last_micro:
@@ -186,11 +220,12 @@ class Engine:
 
 
 def init_deepspeed(train) -> None:
-    """DeepSpeed's process group over the one Ray Train set up (NCCL on GPUs, gloo on CPUs); idempotent."""
+    """DeepSpeed's process group over the one the worker set up (NCCL on GPUs, gloo on CPUs); idempotent."""
     import deepspeed
 
     _skip_shm_build()
-    deepspeed.init_distributed(dist_backend="nccl" if train.use_gpu else "gloo")
+    cuda = accelerator_for(worker.current().device) == "cuda"
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
 
 
 def _skip_shm_build() -> None:

@@ -17,22 +17,54 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from pipelines.train import worker
 from pipelines.train.config import WorkerJob, deepspeed_config
 from pipelines.train.engine import Engine, all_sum, make_optimizer
 
 STATE = "train_state.json"
 
 
-def micro_batches(shard, batch_size: int, collate, skip: int, epoch: int) -> Iterator[tuple[int, int, Any]]:
-    """Endless (epoch, index-in-epoch, batch) over a dataset shard; the first `skip` batches of `epoch` are
-    passed over (resuming mid-epoch lands on the batch after the checkpoint's)."""
+def micro_batches(shard, batch_size: int, collate, skip: int, epoch: int, device="cpu"
+                  ) -> Iterator[tuple[int, int, Any]]:
+    """Endless (epoch, index-in-epoch, batch) over a dataset shard, each batch on `device`; the first `skip`
+    batches of `epoch` are passed over (resuming mid-epoch lands on the batch after the checkpoint's)."""
     while True:
         for i, batch in enumerate(shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate,
                                                            drop_last=True)):
             if i < skip:
                 continue
-            yield epoch, i, batch
+            yield epoch, i, worker.to_device(batch, device)
         skip, epoch = 0, epoch + 1
+
+
+def steady_throughput(step_seconds: list[float], step_tokens: list[float], warmup: int) -> dict[str, Any]:
+    """Tokens per second over the steady-state steps: the first `warmup` steps (allocator, kernel selection,
+    compilation) are left out when enough steps remain, and so is everything outside the steps (validation,
+    checkpoints). Each step's seconds are the mean over ranks (they meet at every gradient reduction)."""
+    skip = warmup if len(step_seconds) > warmup else 0
+    secs, toks = sum(step_seconds[skip:]), sum(step_tokens[skip:])
+    ordered = sorted(step_seconds[skip:])
+    return {"tokens": toks, "seconds": secs, "tokens_per_s": toks / secs if secs else None,
+            "steps_measured": len(ordered), "warmup_steps_skipped": skip,
+            "step_seconds_median": ordered[len(ordered) // 2] if ordered else None}
+
+
+def rng_states(device) -> dict[str, Any]:
+    """The random generators a step draws from (LoRA dropout): the CPU one, and the GPU's on a CUDA worker."""
+    import torch
+
+    states = {"cpu": torch.get_rng_state()}
+    if str(device).startswith("cuda"):
+        states["cuda"] = torch.cuda.get_rng_state(torch.device(device))
+    return states
+
+
+def set_rng_states(states: dict[str, Any], device) -> None:
+    import torch
+
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and str(device).startswith("cuda"):
+        torch.cuda.set_rng_state(states["cuda"], torch.device(device))
 
 
 # eval_loss of a checkpoint taken before the first validation: the worst score, and finite, because Ray Train's
@@ -69,7 +101,7 @@ def evaluate(engine: Engine, shard: ValidationBatches, batch_size: int, collate,
     extra: dict[str, float] = {}
     with torch.no_grad():
         for batch in shard.batches(batch_size, collate, max_batches):
-            s, n, ex = loss_fn(engine.model, batch)
+            s, n, ex = engine.forward(loss_fn, engine.model, worker.to_device(batch, engine.device))
             total, items = total + float(s), items + float(n)
             for k, v in ex.items():
                 extra[k] = extra.get(k, 0.0) + float(v)
@@ -109,37 +141,41 @@ class SavedBytes:
 def run_loop(job: WorkerJob, model, *, loss_fn: Callable, collate, count_items: Callable,
              save_extra: Callable[[str, int], None], tag: str) -> None:
     """The loop each worker runs. Reports checkpoints (adapter + optimizer + step + data position + history)."""
-    import ray.train
+    import time
+
     import torch
-    from ray.train import Checkpoint
     from transformers import get_cosine_schedule_with_warmup
 
-    train = job.train
-    rank = ray.train.get_context().get_world_rank()
+    train, here = job.train, worker.current()
+    rank = here.world_rank
     engine = Engine(model, train, deepspeed_config(train, job.dtype), lambda p: make_optimizer(p, train),
-                    lambda o: get_cosine_schedule_with_warmup(o, train.warmup_steps, train.max_steps))
+                    lambda o: get_cosine_schedule_with_warmup(o, train.warmup_steps, train.max_steps),
+                    compute_dtype=job.compute_dtype())
     state = {"step": 0, "epoch": 0, "batch_in_epoch": -1, "loss_history": [], "eval_history": [],
              "extra_history": {}, "best_eval": math.inf, "evals_since_best": 0, "zero_grad_share": None,
              "engine": engine.describe()}
-    ckpt = ray.train.get_checkpoint()
+    ckpt = here.checkpoint()
     if ckpt:  # a restarted worker group resumes where the last checkpoint left off
         with ckpt.as_directory() as d:
             state = json.loads((Path(d) / STATE).read_text())
             engine.load(d)
-            torch.set_rng_state(torch.load(Path(d) / f"rng{rank}.pt", weights_only=True)
-                                if (Path(d) / f"rng{rank}.pt").exists() else torch.get_rng_state())
+            if (Path(d) / f"rng{rank}.pt").exists():
+                set_rng_states(torch.load(Path(d) / f"rng{rank}.pt", weights_only=True), engine.device)
         if rank == 0:
             print(f"[{tag}] resumed from step {state['step']} (epoch {state['epoch']})", flush=True)
-    shard = ray.train.get_dataset_shard("train")
+    shard = here.dataset_shard("train")
     try:
-        val = ValidationBatches(ray.train.get_dataset_shard("validation"))
+        val = ValidationBatches(here.dataset_shard("validation"))
     except KeyError:
         val = None
-    batches = micro_batches(shard, train.batch_size, collate, state["batch_in_epoch"] + 1, state["epoch"])
+    batches = micro_batches(shard, train.batch_size, collate, state["batch_in_epoch"] + 1, state["epoch"],
+                            engine.device)
     engine.model.train()
-    import time
-
-    t_start, tokens_here = time.perf_counter(), 0.0
+    step_seconds: list[float] = []
+    step_tokens: list[float] = []
+    cuda = str(engine.device).startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(engine.device)
 
     def checkpoint(final: bool = False) -> None:
         metrics = {"step": state["step"], "loss": state["loss_history"][-1] if state["loss_history"] else None}
@@ -148,24 +184,25 @@ def run_loop(job: WorkerJob, model, *, loss_fn: Callable, collate, count_items: 
         lora = engine.lora_state()  # collective under ZeRO-3
         with tempfile.TemporaryDirectory() as tmp:
             engine.save(tmp, rank)
-            torch.save(torch.get_rng_state(), Path(tmp) / f"rng{rank}.pt")
+            torch.save(rng_states(engine.device), Path(tmp) / f"rng{rank}.pt")
             save_extra(tmp, rank)  # on every rank: it may gather ZeRO-3 partitions; it writes on rank 0 only
             if rank == 0:
                 engine.peft_model.save_pretrained(tmp, state_dict=lora, safe_serialization=True)
                 (Path(tmp) / STATE).write_text(json.dumps({**state, "final": final}))
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+            here.report(metrics, tmp)
 
     while state["step"] < train.max_steps:
+        t_step = time.perf_counter()
         micro = [next(batches) for _ in range(train.grad_accum)]
-        tokens_here += float(sum(int(b["num_tokens"]) if "num_tokens" in b else int(b["attention_mask"].sum())
-                                 for _, _, b in micro))
+        step_tokens.append(float(sum(int(b["num_tokens"]) if "num_tokens" in b else int(b["attention_mask"].sum())
+                                     for _, _, b in micro)))
         items = all_sum([float(sum(count_items(b) for _, _, b in micro))])[0]
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         step_sum, extra = 0.0, {}
         for j, (_, _, batch) in enumerate(micro):
             measure = state["step"] == 0 and j == 0 and "memory" not in state
             with SavedBytes() if measure else contextlib.nullcontext() as saved:
-                s, _, ex = loss_fn(engine.model, batch)
+                s, _, ex = engine.forward(loss_fn, engine.model, batch)
             if measure:
                 state["memory"] = {"saved_activation_bytes": saved.bytes}
             engine.backward(s * world / items, last_micro=j == len(micro) - 1)
@@ -180,6 +217,9 @@ def run_loop(job: WorkerJob, model, *, loss_fn: Callable, collate, count_items: 
         state["step"] += 1
         state["epoch"], state["batch_in_epoch"] = micro[-1][0], micro[-1][1]
         engine.zero_grad()
+        if cuda:
+            torch.cuda.synchronize(engine.device)
+        step_seconds.append(time.perf_counter() - t_step)
         totals = all_sum([step_sum] + list(extra.values()))
         state["loss_history"].append(round(totals[0] / items, 6))
         for k, v in zip(extra, totals[1:]):
@@ -213,11 +253,13 @@ def run_loop(job: WorkerJob, model, *, loss_fn: Callable, collate, count_items: 
             else:
                 state["evals_since_best"] += 1
             stop = bool(train.early_stopping_patience) and state["evals_since_best"] >= train.early_stopping_patience
-        if step == train.max_steps or stop:  # throughput of this attempt: non-padding tokens over loop time
-            seconds, tokens = all_sum([time.perf_counter() - t_start, tokens_here])
+        if step == train.max_steps or stop:  # throughput of this attempt's steady-state steps, all ranks' tokens
             world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-            state["throughput"] = {"tokens": tokens, "seconds": seconds / world,
-                                   "tokens_per_s": tokens / (seconds / world) if seconds else None}
+            state["throughput"] = steady_throughput([t / world for t in all_sum(step_seconds)], all_sum(step_tokens),
+                                                    train.throughput_warmup_steps)
+            if cuda:
+                state.setdefault("memory", {})["peak_allocated_bytes"] = int(
+                    torch.cuda.max_memory_allocated(engine.device))
         if stop or step == train.max_steps or evaluating or (train.checkpoint_every and step % train.checkpoint_every == 0):
             state["stopped_early"] = stop
             checkpoint(final=stop or step == train.max_steps)
@@ -231,7 +273,5 @@ def run_loop(job: WorkerJob, model, *, loss_fn: Callable, collate, count_items: 
 def _drill_marker(step: int):
     """(filesystem, path) of the fault drill's marker: in this run's Ray Train storage (a folder or the object
     store), through the filesystem Ray Train itself was given, so a worker needs no credentials of its own."""
-    import ray.train
-
-    st = ray.train.get_context().get_storage()
-    return st.storage_filesystem, f"{st.storage_fs_path}/fault_drill_step{step}"
+    fs, root = worker.current().storage()
+    return fs, f"{root}/fault_drill_step{step}"

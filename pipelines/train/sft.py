@@ -19,9 +19,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pipelines.data.packing import attention_inputs
 from pipelines.data.packing import collate as pack_collate
-from pipelines.train.base import attach_lora, checksum, full_tensors, load_worker_base, per_rank, weight_bytes
-from pipelines.train.config import LoraSection, QuantSection, TrainSection, WorkerJob
+from pipelines.train import worker
+from pipelines.train.base import (align_for_zero3, attach_lora, checksum, full_tensors, load_worker_base, per_rank,
+                                  weight_bytes, zero_dtype)
+from pipelines.train.config import LoraSection, QuantSection, TrainSection, WorkerJob, deepspeed_config
 from pipelines.train.driver import run_stage
 from pipelines.train.engine import select_accelerator
 from pipelines.train.loop import run_loop
@@ -31,11 +34,12 @@ from pipelines.train.losses import LEAN_CHUNK_TOKENS, hidden_and_head, lean_cros
 def run(lora: LoraSection, train: TrainSection, model_dir: str, data_dir: str | os.PathLike,
         out_dir: str | os.PathLike, *, dtype: str = "float32", quant: QuantSection | None = None,
         model_id: str | None = None, base_cache: str | os.PathLike | None = None,
-        resume: bool = False, storage: str | None = None, data_uri: str | None = None) -> Path:
+        resume: bool = False, storage: str | None = None, data_uri: str | None = None, local: bool = False) -> Path:
     """Train an adapter on the tokenized dataset in data_dir; write it with a manifest into out_dir.
     base_cache: where each node keeps the 4-bit base it quantized once (QLoRA); see base.load_worker_base.
     storage: where Ray Train keeps checkpoints (a folder or an s3:// URI); default out_dir/ray_train.
-    data_uri: the data stage's folder in an object store, which the workers' Ray Data reads then come from."""
+    data_uri: the data stage's folder in an object store, which the workers' Ray Data reads then come from.
+    local: run the same loop in this process on one device (cuda when there is one), without Ray."""
     quant = quant or QuantSection()
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -43,7 +47,7 @@ def run(lora: LoraSection, train: TrainSection, model_dir: str, data_dir: str | 
                     storage=storage or str(out / "ray_train"), base_cache=str(base_cache) if base_cache else None,
                     data_uri=data_uri)
     return run_stage(train_loop_per_worker, job, name="sft", title="SFT", data_dir=data_dir,
-                     data_kind="tokenized_dataset", out=out, model_id=model_id, resume=resume,
+                     data_kind="tokenized_dataset", out=out, model_id=model_id, resume=resume, local=local,
                      config={"lora": lora.model_dump(), "quant": quant.model_dump(), "train": train.model_dump(),
                              "dtype": dtype})
 
@@ -58,28 +62,29 @@ def setup_worker(job: WorkerJob):
     tokenizer = AutoTokenizer.from_pretrained(job.model_dir)
     model, base = load_worker_base(job)
     model = attach_lora(model, job.lora, train.seed)
+    ds = deepspeed_config(train, job.dtype)
+    align_for_zero3(model, ds)
     static = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-              **weight_bytes(model), **per_rank(model, base)}
+              **weight_bytes(model), **per_rank(model, base, zero_dtype(ds))}
     return tokenizer, model, static
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """What each Ray Train worker runs for SFT: token-weighted causal-LM loss on assistant tokens."""
-    import ray.train
-
+    """What each worker runs for SFT: token-weighted causal-LM loss on assistant tokens."""
     select_accelerator()
     job: WorkerJob = config["job"].on_node()  # the base model as this node has it
     tokenizer, model, static = setup_worker(job)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if ray.train.get_context().get_world_rank() == 0:
+    as_dtype = zero_dtype(deepspeed_config(job.train, job.dtype))
+    if worker.current().world_rank == 0:
         print(f"[sft] {static['trainable_params']:,} trainable LoRA parameters; base weights "
               f"{static['base_bytes_loaded'] / 2**20:.1f} MiB as loaded vs {static['base_bytes_bf16'] / 2**20:.1f}"
               f" MiB in bf16", flush=True)
 
     def save_extra(folder: str, rank: int) -> None:
         frozen = [p for p in model.parameters() if not p.requires_grad]
-        static["frozen_checksum_after"] = checksum(full_tensors(frozen))
-        logits = probe_logits(model, tokenizer)  # a forward on every rank: collective under ZeRO-3
+        static["frozen_checksum_after"] = checksum(full_tensors(frozen), as_dtype)
+        logits = probe_logits(model, tokenizer, worker.current().device)  # every rank: collective under ZeRO-3
         if rank == 0:
             from safetensors.torch import save_file
 
@@ -87,19 +92,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             Path(folder, "static.json").write_text(json.dumps(static))
             save_file({"logits": logits}, str(Path(folder, "probe_logits.safetensors")))
 
-    loss_fn = functools.partial(causal_lm_loss, chunk_tokens=job.train.loss_chunk_tokens)
-    run_loop(job, model, loss_fn=loss_fn, collate=collate_fn(pad_id, job.dtype),
+    loss_fn = functools.partial(causal_lm_loss, chunk_tokens=job.train.loss_chunk_tokens,
+                                attn=static["attn_implementation"])
+    run_loop(job, model, loss_fn=loss_fn, collate=collate_fn(pad_id),
              count_items=count_label_tokens, save_extra=save_extra, tag="sft")
 
 
 PROBE = "Extract the city and the date: Ana flies to Oslo on 4 June."
 
 
-def probe_logits(model, tokenizer):
-    """Logits of the trained model on a fixed prompt, saved with the adapter: a reload must reproduce them."""
+def probe_logits(model, tokenizer, device="cpu"):
+    """Logits of the trained model on a fixed prompt, saved with the adapter: a reload must reproduce them.
+    device: where the model's weights are (the worker's device)."""
     import torch
 
-    ids = torch.tensor([tokenizer(PROBE)["input_ids"]])
+    ids = torch.tensor([tokenizer(PROBE)["input_ids"]], device=device)
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -108,14 +115,15 @@ def probe_logits(model, tokenizer):
     return out
 
 
-def causal_lm_loss(model, batch, chunk_tokens: int = LEAN_CHUNK_TOKENS):
+def causal_lm_loss(model, batch, chunk_tokens: int = LEAN_CHUNK_TOKENS, attn: str = "sdpa"):
     """Sum of next-token cross-entropy over label tokens, and their count (the loop divides).
     chunk_tokens > 0: the lean loss (losses.label_logps: label positions only, chunked, recomputed in backward);
-    0: the plain loss over the full [tokens, vocab] float32 logits, its reference."""
+    0: the plain loss over the full [tokens, vocab] float32 logits, its reference. attn: the attention kernel
+    the model was loaded with, which decides the packed rows' mask (packing.attention_inputs)."""
     import torch.nn.functional as F
 
     labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_tokens")}
+    inputs = attention_inputs(batch, attn)
     if chunk_tokens > 0:
         hidden, head = hidden_and_head(model, inputs)
         total, n = lean_cross_entropy(hidden, head, labels, chunk_tokens)
@@ -131,14 +139,15 @@ def count_label_tokens(batch) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def collate_fn(pad_id: int, dtype: str = "float32"):
-    """Model inputs for padded or packed rows (pipelines.data.packing), plus `num_tokens`: the non-padding tokens,
-    which the loop counts for throughput and the loss function drops before the forward."""
+def collate_fn(pad_id: int):
+    """Model inputs for padded or packed rows (pipelines.data.packing; packed rows carry segment ids, from which
+    the loss function builds the mask on the device), plus `num_tokens`: the non-padding tokens, which the loop
+    counts for throughput and the loss function drops before the forward."""
 
     def collate(batch: dict[str, Any]) -> dict[str, Any]:
         import torch
 
-        out = pack_collate(batch, pad_id, dtype=getattr(torch, dtype))
+        out = pack_collate(batch, pad_id, mask="segments")
         out["num_tokens"] = torch.tensor(sum(len(x) for x in batch["input_ids"]) if "seq_lens" not in batch
                                          else sum(int(v) for lens in batch["seq_lens"] for v in lens))
         return out

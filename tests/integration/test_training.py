@@ -49,10 +49,13 @@ def _sft(ray_session, model_dir, data_dir, out, **train_kw):
     quant = QuantSection(**train_kw.pop("quant", {}))
     lora_kw = train_kw.pop("lora", {})
     base_cache = train_kw.pop("base_cache", Path(out) / "base_cache")  # a fresh per-node 4-bit cache per run
+    local = train_kw.pop("local", False)
+    dtype = train_kw.pop("dtype_model", "float32")
     train = TrainSection(**{"num_workers": 2, "cpus_per_worker": 0.5, "max_steps": 6, "batch_size": 4,
                             "lr": 5e-3, "warmup_steps": 1, "log_every": 3, "tracking_uri": "off", **train_kw})
     lora = LoraSection(**{"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear", **lora_kw})
-    folder = run(lora, train, model_dir, data_dir, out, quant=quant, base_cache=base_cache)
+    folder = run(lora, train, model_dir, data_dir, out, dtype=dtype, quant=quant, base_cache=base_cache,
+                 local=local)
     return json.loads((folder / "manifest.json").read_text()), folder
 
 
@@ -230,3 +233,35 @@ def test_accumulation_equals_one_big_batch_on_packed_rows(ray_session, tiny_mode
     assert runs[1]["loss_history"] == pytest.approx(runs[4]["loss_history"], abs=1e-3)
     assert runs[4]["loss_history"][-1] < runs[4]["loss_history"][0]
     assert runs[1]["throughput"]["tokens"] == runs[4]["throughput"]["tokens"] > 0
+
+
+def test_local_loop_is_the_ray_train_loop(ray_session, tiny_model_dir, packed_data_dir, tmp_path_factory):
+    """`sft --local` runs the same loop in this process (one rank, gloo on a CPU, NCCL on a GPU) and gives what a
+    one-worker Ray Train run gives on the same packed rows: the same losses, manifest keys and adapter files."""
+    kw = dict(num_workers=1, cpus_per_worker=1, batch_size=8, max_steps=3, eval_every=3)
+    ray_m, ray_dir = _sft(ray_session, tiny_model_dir, packed_data_dir, tmp_path_factory.mktemp("ray1"), **kw)
+    loc_m, loc_dir = _sft(ray_session, tiny_model_dir, packed_data_dir, tmp_path_factory.mktemp("local"),
+                          local=True, **kw)
+    assert loc_m["metrics"]["loss_history"] == pytest.approx(ray_m["metrics"]["loss_history"], abs=1e-4)
+    assert [v for _, v in loc_m["metrics"]["eval_history"]] == \
+        pytest.approx([v for _, v in ray_m["metrics"]["eval_history"]], abs=1e-4)
+    assert set(loc_m["metrics"]) == set(ray_m["metrics"]) and set(loc_m) == set(ray_m)
+    assert sorted(p.name for p in loc_dir.iterdir() if p.is_file()) == \
+        sorted(p.name for p in ray_dir.iterdir() if p.is_file())
+    m = loc_m["metrics"]
+    assert m["frozen_checksum_before"] == m["frozen_checksum_after"]
+    assert m["throughput"]["steps_measured"] == 1 and m["throughput"]["warmup_steps_skipped"] == 2
+    assert m["attn_implementation"] == "sdpa" and m["engine"]["autocast"] is None  # CPU: no autocast
+    assert list((loc_dir / "ray_train" / "sft").glob("checkpoint_*"))
+
+
+def test_qlora_under_zero3_partitions_the_4bit_base(ray_session, tiny_model_dir, data_dir, tmp_path):
+    """QLoRA under ZeRO-3 (bf16: the packed 4-bit weights stored as bf16 tensors), 2 ranks on CPU: the 4-bit
+    base is partitioned, trains, and is left unchanged (checksums of bf16 values, before and after)."""
+    manifest, _ = _sft(ray_session, tiny_model_dir, data_dir, tmp_path, deepspeed="zero3", max_steps=4,
+                       quant={"load_in_4bit": True, "compute_dtype": "bfloat16"}, dtype_model="bfloat16")
+    m = manifest["metrics"]
+    assert m["loss_history"][-1] < m["loss_history"][0], m["loss_history"]
+    assert m["frozen_checksum_before"] == m["frozen_checksum_after"]
+    assert {r["base_load"] for r in m["ranks"]} == {"zero3-4bit-partitioned"}
+    assert m["engine"]["zero_stage"] == 3

@@ -84,7 +84,8 @@ def test_unknown_deepspeed_config(config):
 
 
 def test_qlora_with_zero3(config):
-    rc, out, s = loraforge("sft", str(config()), "quant.load_in_4bit=true", "train.deepspeed=zero3")
+    rc, out, s = loraforge("sft", str(config()), "quant.load_in_4bit=true", "quant.compute_dtype=float32",
+                           "train.deepspeed=zero3")
     assert_user_error(rc, out, s, "zero3", "load_in_4bit", "zero2")
 
 

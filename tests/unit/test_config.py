@@ -96,11 +96,13 @@ def test_cli_typo_fails_before_ray_starts(tmp_path):
     assert "train.max_stepz" in out.stderr
 
 
-def test_qlora_with_zero3_is_refused_with_reason():
+def test_qlora_with_zero3_needs_a_16bit_storage_dtype():
+    """ZeRO-3 partitions QLoRA's packed weights stored as compute-dtype tensors: float32 compute is refused."""
     from pipelines.train.config import QuantSection, TrainSection, check_combination
 
-    with pytest.raises(ValueError, match="ZeRO-3 partitions every parameter"):
-        check_combination(QuantSection(load_in_4bit=True), TrainSection(deepspeed="zero3"))
+    with pytest.raises(ValueError, match="quant.compute_dtype=bfloat16"):
+        check_combination(QuantSection(load_in_4bit=True, compute_dtype="float32"), TrainSection(deepspeed="zero3"))
+    check_combination(QuantSection(load_in_4bit=True, compute_dtype="bfloat16"), TrainSection(deepspeed="zero3"))
     check_combination(QuantSection(load_in_4bit=True), TrainSection(deepspeed="zero2"))
 
 

@@ -151,20 +151,25 @@ def test_8bit_adamw_keeps_uint8_state_and_lowers_loss(tiny_model_dir, name):
     assert losses[-1] < losses[0] - 0.1, losses
 
 
-def test_deepspeed_accelerator_follows_the_workers_resources(monkeypatch):
-    """Per worker, from what Ray gave it: no GPU (or none torch can see) is cpu; a user's DS_ACCELERATOR wins."""
+def test_deepspeed_accelerator_follows_the_workers_device(monkeypatch):
+    """Per worker, from the device it holds: a CPU is cpu, a GPU cuda; a user's DS_ACCELERATOR wins. Outside Ray
+    (a local run, a plain process) a CUDA machine is cuda, not cpu (W5)."""
+    import os
+
+    import torch
+
     from pipelines.train.engine import accelerator_for, select_accelerator
 
-    assert accelerator_for([], cuda_available=True) == "cpu"
-    assert accelerator_for(["0"], cuda_available=False) == "cpu"
-    assert accelerator_for(["0", "1"], cuda_available=True) == "cuda"
+    assert accelerator_for("cpu") == "cpu"
+    assert accelerator_for(torch.device("cuda", 1)) == accelerator_for("cuda:0") == "cuda"
     monkeypatch.setenv("DS_ACCELERATOR", "xpu")
     assert select_accelerator() == "xpu"
     monkeypatch.delenv("DS_ACCELERATOR")
-    assert select_accelerator() == "cpu"  # this machine: Ray not started here, no CUDA
-    import os
-
-    assert os.environ["DS_ACCELERATOR"] == "cpu"
+    assert select_accelerator() == "cpu"  # this machine: no Ray Train session, no CUDA
+    monkeypatch.delenv("DS_ACCELERATOR")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert select_accelerator() == "cuda"
+    assert os.environ["DS_ACCELERATOR"] == "cuda"
 
 
 def test_a_node_without_the_drivers_model_folder_resolves_model_name_itself(tiny_model_dir, tmp_path, monkeypatch):
