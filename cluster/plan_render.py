@@ -15,6 +15,7 @@ from cluster.plan import (
     lora_params,
     plan_serving,
     serving_on_gpu,
+    serving_parallel,
     smallest_gpu,
     step_seconds,
     table,
@@ -93,7 +94,19 @@ def render_training(plan: TrainingPlan, serve=None) -> str:
         lines += ["", f"serve (one {'GPU' if gpu else 'CPU'} replica, {serve.engine_dtype(gpu)}): "
                   + " + ".join(f"{p.name} {size(p.bytes)} ({p.note})" for p in parts)
                   + f" = {size(sum(p.bytes for p in parts))}"]
+        if gpu:
+            lines.append(render_serving_tp(serving_parallel(shape, serve, s), serve))
     return "\n".join(lines)
+
+
+def render_serving_tp(tp: dict[str, Any], serve) -> str:
+    """The serving replica's tensor parallelism (cluster.plan.serving_parallel), and what to set if anything."""
+    line = (f"serve tensor parallelism: {tp['tensor_parallel_size']} × {tp['gpu_label']} ({tp['weights_gib_per_gpu']}"
+            f" GiB of weights per GPU; the KV cache left at gpu_memory_utilization {serve.gpu_memory_utilization} "
+            f"holds {tp['kv_sequences']:,} of the {serve.max_ongoing_requests} requests at the full "
+            f"{serve.max_model_len} tokens); serve.tensor_parallel_size={tp['configured']}"
+            if tp["tensor_parallel_size"] else "serve tensor parallelism: none fits")
+    return line + (f"\n  → {tp['advice']}" if tp["advice"] else "")
 
 
 def render_lora(shape: ModelShape, r: int, targets) -> str:
@@ -127,4 +140,6 @@ def as_json(plan: TrainingPlan, serve=None) -> dict[str, Any]:
         gpu = serving_on_gpu(serve, s.use_gpu)
         out["serve"] = {p.name: round(p.bytes) for p in plan_serving(plan.shape, serve, gpu=gpu)}
         out["serve_dtype"] = serve.engine_dtype(gpu)
+        out["serve"].update(serving_parallel(plan.shape, serve, s) if gpu else
+                            {"tensor_parallel_size": serve.tensor_parallel_size, "gpu": None})
     return out

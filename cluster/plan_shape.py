@@ -16,8 +16,11 @@ key-value widths:
 A frozen base linear saves no input (its weight needs no gradient), which is why LoRA's activations are what
 they are; full fine-tuning saves the shared inputs of all seven linears instead. Korthikanti et al.'s
 s·b·h·(34 + 5·a·s/h) assumes eager attention (the s² score matrix) and dropout everywhere; SDPA keeps only
-the logsumexp. Under gradient checkpointing only each layer's input (h·a) is saved, and one layer is recomputed
-at a time in backward. Outside the layers: the final norm (4h + 4) and RoPE's cos/sin; the loss (`loss_bytes`).
+the logsumexp (flash-attention 2 the same). Under autocast (16-bit compute on GPUs under DDP) the kernel's q, k,
+v and output and each adapter's input and A·x are autocast's fresh 16-bit copies (m in layer_bytes), while the
+residual stream, the norms and a 4-bit base's MLP outputs keep their dtype. Under gradient checkpointing only
+each layer's input (h·a) is saved, and one layer is recomputed at a time in backward. Outside the layers: the
+final norm (4h + 4) and RoPE's cos/sin; the loss (`loss_bytes`).
 """
 
 from __future__ import annotations
@@ -97,15 +100,26 @@ class ModelShape:
 
 
 def layer_bytes(shape: ModelShape, tokens: int, a: int, lb: int, r: int, targets, dropout: float,
-                full: bool = False, mask_bytes: int = 1) -> float:
+                full: bool = False, mask_bytes: int = 1, *, m: int | None = None, copies: bool | None = None,
+                attn: str = "sdpa", seq: int = 0) -> float:
     """Bytes one decoder layer saves for backward over `tokens` tokens (the module docstring's formula).
-    mask_bytes: a dropout mask's bytes per value (bool on CUDA; CPU's dropout saves a float noise tensor)."""
+    mask_bytes: a dropout mask's bytes per value (bool on CUDA; CPU's dropout saves a float noise tensor).
+    m: bytes of what the attention kernel and the adapters' matmuls save (default a; under autocast the 16-bit
+    copies autocast casts their inputs to, while the residual stream, the norms and a 4-bit base's MLP outputs
+    stay in a: bitsandbytes casts its output back to its input's dtype). copies: whether each LoRA target saves
+    its own copy of its input (default: dropout, or an input cast to the adapters' dtype). attn: eager attention
+    also saves its fp32 probabilities and their m cast over `seq` keys per head (SDPA and flash-attention 2 only
+    the fp32 logsumexp)."""
     h, i, q, kv = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim
-    per = 2 * (4 * h + 4) + a * (2 * q + 2 * kv) + 4 * shape.heads + 3 * a * i
+    m = a if m is None else m
+    copies = (dropout > 0 or a != lb) if copies is None else copies
+    per = 2 * (4 * h + 4) + m * (2 * q + 2 * kv) + 4 * shape.heads + 3 * a * i
+    if attn == "eager":
+        per += shape.heads * seq * (4 + (m if m != 4 else 0)) - 4 * shape.heads
     mats = shape.matrices()
     if full:
         per += 2 * a * h + a * i
-    elif dropout > 0 or a != lb:
+    elif copies:
         per += sum(mats[t][0] * (lb + (mask_bytes if dropout > 0 else 0)) for t in targets)
     else:
         per += a * h * (any(t in ATTN_IN for t in targets) + any(t in MLP_IN for t in targets))
@@ -116,18 +130,19 @@ def layer_bytes(shape: ModelShape, tokens: int, a: int, lb: int, r: int, targets
 
 
 def activation_bytes(shape: ModelShape, batch: int, seq: int, a: int, lb: int, r: int, targets, dropout: float,
-                     checkpointing: bool, full: bool = False, mask_bytes: int = 1) -> float:
+                     checkpointing: bool, full: bool = False, mask_bytes: int = 1, **kw) -> float:
     """Bytes the decoder saves for backward (the loss's own are `loss_bytes`): every layer's, or with
     checkpointing each layer's input and the final norm's. Without checkpointing the final norm's count as
     the first layer's input norm's: the frozen embedding's output needs no gradient, so that norm saves nothing
-    (checkpointing makes it require one: peft's enable_input_require_grads; full fine-tuning too)."""
+    (checkpointing makes it require one: peft's enable_input_require_grads; full fine-tuning too).
+    kw: layer_bytes' m, copies and attn (seq is this one's)."""
     tokens = batch * seq
     norm = tokens * (4 * shape.hidden + 4)
     if checkpointing:
         return float(shape.layers * tokens * shape.hidden * a + norm)
     rope = 2 * seq * shape.head_dim * a
-    return (shape.layers * layer_bytes(shape, tokens, a, lb, r, targets, dropout, full, mask_bytes) + rope
-            + (norm if full else 0))
+    return (shape.layers * layer_bytes(shape, tokens, a, lb, r, targets, dropout, full, mask_bytes, seq=seq, **kw)
+            + rope + (norm if full else 0))
 
 
 def loss_bytes(shape: ModelShape, batch: int, seq: int, a: int, chunk_tokens: int | None) -> tuple[float, float]:

@@ -157,3 +157,133 @@ def test_serving_dtype_auto_is_bf16_on_gpu_and_fp32_on_cpu():
     assert serving_on_gpu(ServeConfig(accelerator="gpu"), use_gpu=False)
     gpu, cpu = (sum(p.bytes for p in plan_serving(LLAMA_7B, auto, gpu=g) if p.name == "weights") for g in (True, False))
     assert cpu == 2 * gpu
+
+
+LLAMA3_70B = ModelShape(8192, 28672, 80, 64, 8, 128, 128256, name="llama-3.1-70b")
+QWEN_7B = ModelShape(3584, 18944, 28, 28, 4, 128, 152064, qkv_bias=True, name="qwen2.5-7b")
+
+
+def gpu_named(name: str) -> dict:
+    return next(g for g in table()["gpus"] if g["name"] == name)
+
+
+def test_serving_tensor_parallel_size_is_the_smallest_power_of_two_that_fits_one_gpu():
+    """bf16 weights / N + vLLM's reserve (profile activations, LoRA slots, CUDA context and graphs) + the KV cache
+    of one max_model_len sequence within gpu_memory_utilization of one GPU."""
+    from cluster.plan import serving_fit, serving_tp, tp_sizes
+    from serve.config import ServeConfig
+
+    serve = ServeConfig(accelerator="gpu", max_model_len=4096)
+    h100, l4 = gpu_named("H100"), gpu_named("L4")
+    assert serving_tp(QWEN_7B, serve, h100).tp == 1  # 14.2 GiB of weights on 80 GB
+    seven = serving_tp(QWEN_7B, serve, l4)  # 14.2 GiB + ~3 GiB reserve in 0.85 × 22 GiB: fits, a few sequences
+    assert seven.tp == 1 and 1 <= seven.sequences < 16
+    big = serving_tp(LLAMA3_70B, serve, h100)  # 131 GiB: 65.7 GiB a GPU at 2 leaves no room in 67 GiB
+    assert big.tp == 4 and big.weights == pytest.approx(LLAMA3_70B.total_params() * 2 / 4)
+    assert serving_fit(LLAMA3_70B, serve, h100, 2).sequences == 0
+    assert serving_tp(LLAMA3_70B, serve, l4) is None  # 8 × 22 GiB cannot hold 131 GiB + reserves
+    assert serving_tp(LLAMA3_70B, ServeConfig(accelerator="gpu", dtype="float32"), h100).tp == 8
+    assert tp_sizes(QWEN_7B) == [1, 2, 4]  # 28 heads do not split 8 ways: vLLM refuses
+    # the KV cache is sharded by kv heads, replicated past them (8 kv heads over 8 GPUs: one each)
+    assert serving_fit(LLAMA3_70B, serve, h100, 8).kv_per_seq == serving_fit(LLAMA3_70B, serve, h100, 4).kv_per_seq / 2
+
+
+def test_plan_names_the_tensor_parallel_size_to_set():
+    from cluster.plan import serving_parallel
+    from serve.config import ServeConfig
+
+    train_on_gpu = QLORA  # 65B QLoRA: training's smallest fit is one 80 GB card: the node type serving is asked of
+    left = serving_parallel(LLAMA_65B, ServeConfig(accelerator="gpu", max_model_len=4096), train_on_gpu)
+    assert left["gpu"] == "A100-80GB" and left["tensor_parallel_size"] == 4 and left["configured"] == 1
+    assert "does not fit one GPU" in left["advice"] and "set serve.tensor_parallel_size=4" in left["advice"]
+    assert left["weights_gib_per_gpu"] == pytest.approx(LLAMA_65B.total_params() * 2 / 4 / 2**30, abs=0.01)
+    assert serving_parallel(LLAMA_65B, ServeConfig(accelerator="gpu", max_model_len=4096, tensor_parallel_size=8),
+                            train_on_gpu)["advice"] is None
+    odd = serving_parallel(QWEN_7B, ServeConfig(accelerator="gpu", tensor_parallel_size=8), train_on_gpu)
+    assert "cannot shard 28 attention heads" in odd["advice"] and odd["tensor_parallel_size"] == 1
+    fits = serving_parallel(QWEN_7B, ServeConfig(accelerator="gpu"), train_on_gpu)
+    assert fits["advice"] is None and fits["tensor_parallel_size"] == 1
+
+
+def test_the_7b_config_reports_its_serving_tensor_parallelism():
+    from cluster.config import load_config
+    from cluster.plan_render import as_json, render_training
+
+    cfg = load_config(ROOT / "configs" / "sft-qwen2.5-7b-qlora-1n8g-zero2.yaml", [])
+    p = plan_training(cfg, shape_of(cfg.model.name))
+    serve = as_json(p, cfg.serve)["serve"]
+    assert serve["tensor_parallel_size"] == 1 and serve["gpu"] and serve["weights_gib_per_gpu"] > 14
+    assert "serve tensor parallelism: 1 × " in render_training(p, cfg.serve)
+
+
+QLORA_DDP = Setup(batch=4, seq=1024, dtype="bfloat16", load_in_4bit=True, r=16, dropout=0.05, use_gpu=True)
+
+
+def test_autocast_is_the_loops_rule_and_saves_16_bit_activations():
+    """16-bit compute on GPUs under DDP runs under autocast (DeepSpeed's bf16 casts the module itself; CPUs never):
+    QLoRA's fp32 residual stays, but the attention's q/k/v/out and each adapter's saved input are 16-bit copies."""
+    assert QLORA_DDP.amp and not replace(QLORA_DDP, zero=2).amp and not replace(QLORA_DDP, use_gpu=False).amp
+    assert not replace(QLORA_DDP, dtype="float32").amp and not replace(QLORA_DDP, autocast=False).amp
+    on, off = plan_setup(QLORA_DDP, LLAMA_7B), plan_setup(replace(QLORA_DDP, autocast=False), LLAMA_7B)
+    assert QLORA_DDP.act_bytes == 4 and QLORA_DDP.mm_bytes == 2
+    assert on.get("activations") < 0.85 * off.get("activations")
+    assert on.get("activations") > 0.5 * off.get("activations")  # norms and the 4-bit MLP outputs stay fp32
+    bf16_lora = Setup(batch=4, seq=1024, dtype="bfloat16", use_gpu=True)  # adapters fp32 (PEFT): cast copies
+    assert plan_setup(bf16_lora, LLAMA_7B).get("activations") < \
+        plan_setup(replace(bf16_lora, autocast=False), LLAMA_7B).get("activations")
+    ckpt = replace(QLORA_DDP, gradient_checkpointing=True)  # only the fp32 layer inputs: autocast changes nothing
+    assert plan_setup(ckpt, LLAMA_7B).get("activations") == \
+        plan_setup(replace(ckpt, autocast=False), LLAMA_7B).get("activations")
+
+
+def test_packed_rows_hold_a_mask_on_sdpa_and_none_on_flash_attention():
+    packed = replace(QLORA_DDP, packed=True)
+    sdpa = plan_setup(replace(packed, attn="sdpa"), LLAMA_7B)
+    assert sdpa.get("mask") == 4 * 1024 ** 2 * 1  # (B, 1, L, L) boolean
+    assert plan_setup(replace(packed, attn="eager"), LLAMA_7B).get("mask") == 4 * 1024 ** 2 * 4
+    flash = plan_setup(replace(packed, attn="flash_attention_2"), LLAMA_7B)
+    assert flash.get("mask") == 0 and "mask" not in [p.name for p in flash.parts]
+    assert plan_setup(QLORA_DDP, LLAMA_7B).get("mask") == 0  # unpacked rows: transformers' own causal mask
+    assert sdpa.device_bytes - flash.device_bytes == sdpa.get("mask")  # same saved tensors otherwise
+    eager = plan_setup(replace(QLORA_DDP, attn="eager"), LLAMA_7B)  # + the s² probabilities per layer
+    assert eager.get("activations") > plan_setup(QLORA_DDP, LLAMA_7B).get("activations") + \
+        LLAMA_7B.layers * 4 * LLAMA_7B.heads * 1024 ** 2 * 4
+
+
+def test_auto_attention_is_flash_only_on_gpus_with_flash_attn_installed(monkeypatch):
+    import importlib.util
+
+    from cluster import plan
+
+    assert plan.resolve_attn("eager", True) == "eager" and plan.resolve_attn("auto", False) == "sdpa"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
+    assert plan.resolve_attn("auto", True) == "flash_attention_2" and plan.resolve_attn("auto", False) == "sdpa"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert plan.resolve_attn("auto", True) == "sdpa"
+
+
+def test_setup_reads_autocast_attention_and_packing_from_the_run_config(tiny_config):
+    cfg = tiny_config(use_gpu=True)
+    cfg.model.dtype = "bfloat16"
+    cfg.data.packing.enabled = True
+    s = Setup.of(cfg)
+    assert s.autocast is True and s.packed and s.attn in ("sdpa", "flash_attention_2")
+    assert Setup.of(cfg, autocast=False).autocast is False
+    cpu = Setup.of(tiny_config())
+    assert cpu.autocast is False and cpu.attn == "sdpa" and not cpu.packed
+
+
+def test_qlora_under_zero3_partitions_the_4bit_base_over_the_ranks():
+    """bnb_4bit_quant_storage in the compute dtype makes the packed weights 16-bit parameters ZeRO-3 partitions,
+    like the floating rest; the quantization constants live on each weight's quant_state and stay whole."""
+    from cluster.plan import nf4_bytes
+
+    two = plan_setup(replace(QLORA, optimizer="adamw", zero=2, ranks=8), LLAMA_65B)
+    three = plan_setup(replace(QLORA, optimizer="adamw", zero=3, ranks=8), LLAMA_65B)
+    consts = nf4_bytes(LLAMA_65B, True) - LLAMA_65B.linear_params() / 2
+    assert three.get("weights") == pytest.approx((two.get("weights") - consts) / 8 + consts)
+    assert two.get("weights") / 8 < three.get("weights") < 1.3 * two.get("weights") / 8
+    assert three.get("lora") == pytest.approx(two.get("lora") / 8)
+    gather = three.get("zero3_gather")  # the LM head (262M bf16 params) + the prefetch bucket, at the peak only
+    assert gather == pytest.approx((LLAMA_65B.vocab * LLAMA_65B.hidden + 50_000_000) * 2)
+    assert "zero3_gather" not in [p.name for p in two.parts]
