@@ -1,6 +1,7 @@
-"""CUDA-only paths: QLoRA (bf16 compute) under DeepSpeed ZeRO-2 with NCCL, 2 ranks on one GPU if only one is there.
+"""CUDA-only paths: QLoRA (bf16 compute) under DeepSpeed ZeRO-2 with NCCL on one rank, and on two ranks (a real
+NCCL collective between ranks) where the machine has two GPUs; the local loop on one GPU with packed rows.
 
-Skipped without CUDA (tests/conftest.py); run on a lent GPU with:
+Skipped without CUDA (tests/conftest.py); the two-rank test also without a second GPU. Run on a lent GPU with:
 
     .venv/bin/pytest tests/integration/test_gpu.py -q -m gpu
 """
@@ -14,7 +15,8 @@ import pytest
 pytestmark = [pytest.mark.integration, pytest.mark.gpu]
 
 
-def test_cuda_qlora_zero2_trains(ray_session, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_cuda_qlora_zero2_trains(ray_session, tiny_model_dir, tmp_path, ranks):
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
@@ -27,7 +29,8 @@ def test_cuda_qlora_zero2_trains(ray_session, tiny_model_dir, tmp_path):
     from pipelines.train.sft import run
     from tests.integration.test_training import DEMO
 
-    n_gpu = torch.cuda.device_count()
+    if torch.cuda.device_count() < ranks:
+        pytest.skip(f"{ranks} ranks need {ranks} GPUs; this machine has {torch.cuda.device_count()}")
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows = [json.loads(line) for line in DEMO.read_text().splitlines()[:128]]
@@ -37,13 +40,47 @@ def test_cuda_qlora_zero2_trains(ray_session, tiny_model_dir, tmp_path):
                    tmp_path / "data" / "train" / "part-0.parquet")
     write_manifest(tmp_path / "data", kind="tokenized_dataset", inputs={"train": str(DEMO)}, config={},
                    extra={"outputs": {"train": "train"}})
-    train = TrainSection(num_workers=max(1, min(2, n_gpu)), use_gpu=True, cpus_per_worker=1, max_steps=6,
+    train = TrainSection(num_workers=ranks, use_gpu=True, cpus_per_worker=1, max_steps=6,
                          batch_size=4, lr=5e-3, deepspeed="zero2", tracking_uri="off")
     out = run(LoraSection(r=8, alpha=16, dropout=0.0), train, tiny_model_dir, tmp_path / "data", tmp_path / "sft",
               dtype="bfloat16", quant=QuantSection(load_in_4bit=True, compute_dtype="bfloat16"))
     m = json.loads((out / "manifest.json").read_text())["metrics"]
     assert m["loss_history"][-1] < m["loss_history"][0]
+    assert m["frozen_checksum_before"] == m["frozen_checksum_after"]  # bf16 values (DeepSpeed casts after it)
+    assert m["world_size"] == ranks and len(m["ranks"]) == ranks
+
+
+def test_cuda_local_qlora_bf16_packed_autocast(tiny_model_dir, tmp_path):
+    """`sft --local` on one GPU: NCCL one-rank group, QLoRA with bf16 compute under autocast, packed rows with
+    the device-built mask, CUDA peak memory and steady-state tokens/s in the manifest."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from pipelines.artifacts.manifest import write_manifest
+    from pipelines.data.chat import tokenize_messages
+    from pipelines.data.packing import pack_rows
+    from pipelines.data.rowformats import alpaca_to_messages
+    from pipelines.train.config import LoraSection, QuantSection, TrainSection
+    from pipelines.train.sft import run
+    from tests.integration.test_training import DEMO
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    toks = [tokenize_messages(tok, alpaca_to_messages(json.loads(line)), 256)
+            for line in DEMO.read_text().splitlines()[:128]]
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    packed = pack_rows({"input_ids": [t.input_ids for t in toks], "labels": [t.labels for t in toks]}, 256)
+    pq.write_table(pa.table(packed), tmp_path / "data" / "train" / "part-0.parquet")
+    write_manifest(tmp_path / "data", kind="tokenized_dataset", inputs={"train": str(DEMO)}, config={},
+                   extra={"packed": True, "outputs": {"train": "train"}})
+    train = TrainSection(num_workers=1, max_steps=6, batch_size=4, lr=5e-3, tracking_uri="off")
+    out = run(LoraSection(r=8, alpha=16, dropout=0.1), train, tiny_model_dir, tmp_path / "data", tmp_path / "sft",
+              dtype="bfloat16", quant=QuantSection(load_in_4bit=True, compute_dtype="bfloat16"), local=True)
+    m = json.loads((out / "manifest.json").read_text())["metrics"]
+    assert m["loss_history"][-1] < m["loss_history"][0]
     assert m["frozen_checksum_before"] == m["frozen_checksum_after"]
+    assert m["engine"]["autocast"] == "bfloat16"
+    assert m["memory"]["peak_allocated_bytes"] > 0 and m["throughput"]["tokens_per_s"] > 0
 
 
 def test_cuda_serves_awq_base_with_lora(ray_session, tiny_model_dir, tmp_path):

@@ -159,7 +159,8 @@ def test_gpu_peak_memory_matches_the_plan(smollm2_dir, chunk):
     ids = torch.randint(0, shape.vocab, (setup.batch, setup.seq), device="cuda")
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     for _ in range(2):  # the second step holds the optimizer state through its forward
-        total, n, _ = causal_lm_loss(model, batch, chunk_tokens=chunk or 0)
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # as the loop runs a bf16 model on a GPU
+            total, n, _ = causal_lm_loss(model, batch, chunk_tokens=chunk or 0)
         (total / n).backward()
         opt.step()
         opt.zero_grad(set_to_none=False)

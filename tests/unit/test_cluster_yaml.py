@@ -41,7 +41,9 @@ def bundles(path: Path) -> list[dict[str, float]]:
     cfg = load_config(path)
     worker = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
     out = [worker, {"CPU": cfg.quantize.num_cpus, **({"GPU": cfg.quantize.num_gpus} if cfg.quantize.num_gpus else {})},
-           {"CPU": cfg.serve.replica_cpus, **({"GPU": 1} if cfg.serve.accelerator == "gpu" else {})},
+           # a tensor-parallel replica's GPUs are one STRICT_PACK placement group: all on one node
+           {"CPU": cfg.serve.replica_cpus,
+            **({"GPU": cfg.serve.tensor_parallel_size} if cfg.serve.accelerator == "gpu" else {})},
            {"CPU": 1, **({"GPU": cfg.eval.num_gpus} if cfg.eval.num_gpus else {})}]
     return out
 
