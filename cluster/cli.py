@@ -19,19 +19,29 @@ import sys
 
 import typer
 
-from cluster import cli_jobs, cli_plan, cli_registry, cli_serve, cli_stages
+from cluster import cli_jobs, cli_plan, cli_registry, cli_serve, cli_stages, stages
 from cluster.cli_common import guarded
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Ray-native LoRA fine-tuning and serving.")
 
+
+def stage_commands() -> dict:
+    """Each stage's command, from the stage table: its own (cli_stages, cli_serve) where it has options, else
+    the generic one."""
+    out = {}
+    for stage in stages.STAGES:
+        if stage.command:
+            name = stage.command.replace("-", "_")
+            own = getattr(cli_stages, name, None) or getattr(cli_serve, name, None)
+            out[stage.command] = own or cli_stages.stage_command(stage)
+    return out
+
+
 COMMANDS = {
-    "run": cli_stages.run, "tokenize": cli_stages.tokenize, "curate": cli_stages.curate, "sft": cli_stages.sft,
-    "tune": cli_stages.tune,
-    "dpo": cli_stages.dpo, "evaluate": cli_stages.evaluate, "merge": cli_stages.merge,
-    "quantize": cli_stages.quantize, "score": cli_stages.score, "validate": cli_stages.validate,
-    "config-schema": cli_stages.config_schema, "plan": cli_plan.plan,
-    "serve": cli_serve.serve, "deploy": cli_serve.deploy, "chat": cli_serve.chat, "submit": cli_jobs.submit,
+    "run": cli_stages.run, "curate": cli_stages.curate, **stage_commands(),
+    "score": cli_stages.score, "validate": cli_stages.validate, "config-schema": cli_stages.config_schema,
+    "plan": cli_plan.plan, "deploy": cli_serve.deploy, "chat": cli_serve.chat, "submit": cli_jobs.submit,
 }
 REGISTRY = {"list": cli_registry.registry_list, "show": cli_registry.registry_show,
             "promote": cli_registry.registry_promote, "rollback": cli_registry.registry_rollback}

@@ -16,7 +16,7 @@ from typing import Callable, NoReturn, Optional
 
 import typer
 
-from cluster import runner
+from cluster import session
 from cluster.config import RunConfig, load_config, preflight
 from pipelines.schema import UserError
 
@@ -39,7 +39,7 @@ def fail(msg: str, code: int = 2) -> NoReturn:
 
 def done(path: Path | str) -> None:
     """Stop the Ray instance this command started, then print the output folder as the last line."""
-    runner.finish()
+    session.finish()
     sys.stderr.flush()
     print(Path(path).resolve(), flush=True)
 
@@ -82,7 +82,7 @@ def guarded(command: Callable) -> Callable:
 
 
 def _user_exit(err: UserError) -> NoReturn:
-    runner.finish()
+    session.finish()
     if os.environ.get("LORAFORGE_DEBUG") == "1":
         import traceback
 

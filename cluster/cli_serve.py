@@ -16,24 +16,24 @@ from typing import Optional
 
 import typer
 
-from cluster import runner
+from cluster import session, stages
 from cluster.cli_common import CONFIG, OVERRIDES, done, load
 from cluster.config import ConfigError
 
 
 def serve(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:
     """Serve the base model and this run's adapter (if trained) until Ctrl-C or SIGTERM."""
-    cfg = load(config, overrides, ("model", "serve"))
+    cfg = load(config, overrides, stages.SERVE.needs)
     from serve.app import shutdown  # Ray Serve + vLLM: loaded once the config is known to be good
-    model_dir = runner.stage_model(cfg)
-    url = runner.start_serving(cfg, model_dir, runner.run_adapters(cfg))
+    model_dir = stages.resolve_base(cfg)
+    url = stages.start_serving(cfg, model_dir, stages.run_adapters(cfg))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    runner.console.print(f"serving on {url} — Ctrl-C to stop")
+    stages.console.print(f"serving on {url} — Ctrl-C to stop")
     stop.wait()
     shutdown()
-    done(cfg.stage_dir("sft"))
+    done(stages.SFT.folder(cfg))
 
 
 def deploy(config: Path = CONFIG,
@@ -43,14 +43,14 @@ def deploy(config: Path = CONFIG,
 
     The base model folder, adapter folders and serve.registry must be paths the cluster's nodes can read
     (shared storage); set serve.host=0.0.0.0 to reach the proxy from outside the head. Remove the app later with `serve shutdown --address ...` (Ray's CLI) or a redeploy."""
-    cfg = load(config, [*(overrides or []), f"ray.address={address}"], ("model", "serve"))
+    cfg = load(config, [*(overrides or []), f"ray.address={address}"], stages.SERVE.needs)
     import ray
 
     from serve.app import start
     host = probe_host(address, cfg.serve.host)
-    model_dir = runner.stage_model(cfg)
-    runner.init_ray(cfg)
-    url = start(cfg.serve, model_dir, runner.run_adapters(cfg), probe_host=host)
+    model_dir = stages.resolve_base(cfg)
+    session.init_ray(cfg)
+    url = start(cfg.serve, model_dir, stages.run_adapters(cfg), probe_host=host)
     # Serve's controller is detached: the app keeps running after this driver disconnects.
     ray.shutdown()
     print(url, flush=True)

@@ -1,4 +1,5 @@
-"""The stage commands: each parses its arguments, loads the config and calls the job graph (cluster.runner).
+"""The stage commands: each parses its arguments, loads the config and runs its entry of cluster.stages (a stage
+with no options of its own gets `stage_command`).
 
     loraforge run configs/quickstart-cpu.yaml [--dry-run] [--force S] [--from S] [--until S]  # the job graph
     loraforge tokenize CONFIG | curate CONFIG | sft CONFIG | dpo CONFIG
@@ -17,14 +18,17 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 
-from cluster import cli_plan, graph, runner, terminal
+from cluster import cli_plan, graph, session, stages, terminal
 from cluster.cli_common import CONFIG, OVERRIDES, REGISTER, done, fail, load
 from cluster.config import json_schema
+from pipelines.artifacts.manifest import read_manifest
+from pipelines.data import curate as curation
 from pipelines.eval.metrics import exact_match, text_metrics
 from pipelines.schema import DataError, MissingInput
 
@@ -37,11 +41,33 @@ def _quiet(cfg, command: str):
     <run>/logs/<command>-<time>.log, our progress lines and the stage summaries on the terminal; the Ray instance
     the command started is stopped inside, so no worker line lands after the output folder. Yields the log's path."""
     log = terminal.log_path(cfg.run_dir(), command)
-    with terminal.quiet(log, runner.console):
+    with terminal.quiet(log, stages.console):
         try:
             yield log
         finally:
-            runner.finish()
+            session.finish()
+
+
+def _alone(stage: stages.Stage, config: Path, overrides: Optional[list[str]], **options) -> tuple:
+    """(config, context) of a stage command run alone: the config loaded and checked for what the stage reads."""
+    cfg = load(config, overrides, stage.needs)
+    stages.needs_output(cfg, stage, str(config))
+    return cfg, stages.Context(cfg, options=options)
+
+
+def stage_command(stage: stages.Stage) -> Callable[..., None]:
+    """The command of a stage with no options of its own: load and check the config, run the stage, print its
+    output folder last. Its help is the stage's run docstring."""
+
+    def command(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:
+        cfg, ctx = _alone(stage, config, overrides)
+        with _quiet(cfg, stage.command):
+            out = stage(ctx)
+        done(out)
+
+    command.__name__ = stage.command.replace("-", "_")
+    command.__doc__ = stage.run.__doc__
+    return command
 
 
 def run(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
@@ -53,7 +79,7 @@ def run(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
     """The job graph: data → sft → [dpo] → [tune] → [evaluate → gate] → [merge → quantize] → serve → demo; a stage
     whose inputs, config sections and code are unchanged since it last finished is skipped (cluster.graph).
     Exit 3 when the gate refuses the adapter."""
-    cfg = load(config, overrides, ("model", "data", "dpo", "eval", "serve"))
+    cfg = load(config, overrides, RUN_CHECKS)
     cli_plan.check_fits(cfg, str(config))  # refuses, with the breakdown, a run its workers cannot hold
     if dry_run:
         typer.echo(graph.Graph(cfg, force=tuple(force or ()), start=start, until=until).plan().table())
@@ -64,31 +90,32 @@ def run(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
 
             g = graph.Graph(cfg, force=tuple(force or ()), start=start, until=until)
             try:
-                folders = g.run(log=lambda line: runner.console.print(line, style="cyan", markup=False))
+                folders = g.run(log=lambda line: stages.console.print(line, style="cyan", markup=False))
             finally:
-                if "serve" in g.folders:
+                if stages.SERVE.name in g.folders:
                     shutdown(only_app=True)  # this run's app only: other apps on a shared cluster keep running
     except graph.GateRefused as e:
         for reason in e.reasons:
             typer.secho(f"gate: {reason}", fg="red", err=True)
-        fail(f"gate: refused; nothing after the gate ran (outputs so far are in {cfg.stage_dir('gate').parent}; "
-             f"full log {log})", code=3)
-    done(next((folders[s] for s in ("dpo", "sft") if s in folders), cfg.stage_dir("sft")))
+        fail(f"gate: refused; nothing after the gate ran (outputs so far are in {cfg.run_dir()}; full log {log})",
+             code=3)
+    done(next((folders[s.name] for s in (stages.DPO, stages.SFT) if s.name in folders), stages.SFT.folder(cfg)))
 
 
-def tokenize(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:
-    """Data stage alone: raw rows → curated rows → token ids with assistant-only labels (Ray Data)."""
-    cfg = load(config, overrides, ("model", "data"))
-    with _quiet(cfg, "tokenize"):
-        out = runner.stage_data(cfg, runner.stage_model(cfg))
-    done(out)
+# What `run` and `validate` check before any work: every stage's inputs.
+RUN_CHECKS = ("model", "train_rows", "pairs", "test_rows", "serving")
 
 
 def curate(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:
     """Curation alone: raw rows → validated, filtered, de-duplicated, split rows + report (Ray Data)."""
-    cfg = load(config, overrides, ("model", "data"))
+    cfg = load(config, overrides, ("model", "train_rows"))
     with _quiet(cfg, "curate"):
-        out = runner.stage_curate(cfg, runner.stage_model(cfg))
+        session.init_ray(cfg)
+        t0 = time.time()
+        out = curation.run(cfg.data, cfg.stage_dir("curated"), model_dir=stages.resolve_base(cfg))
+        m = read_manifest(out)["metrics"]
+        stages.console.print(f"[bold]curate[/]: {m['rows_in']} rows in, {m['rows_kept']} kept, "
+                             f"{m['rows_rejected']} rejected ({time.time() - t0:.0f} s)")
     done(out)
 
 
@@ -97,18 +124,10 @@ def sft(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
                                                            "(the GPU when there is one), without Ray: the same "
                                                            "loop, checkpoints and manifest.")) -> None:
     """SFT stage alone, on the data stage's output folder of the same run."""
-    cfg = load(config, overrides, ("model", "tokenized"))
+    cfg, ctx = _alone(stages.SFT, config, overrides, local=local)
     cli_plan.check_fits(cfg, str(config))
-    with _quiet(cfg, "sft"):
-        out = runner.stage_sft(cfg, runner.stage_model(cfg), cfg.stage_dir("data"), local=local)
-    done(out)
-
-
-def dpo(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:
-    """DPO alone: preference pairs (dpo.train_path) on top of this run's SFT adapter."""
-    cfg = load(config, overrides, ("model", "dpo", "sft_adapter"))
-    with _quiet(cfg, "dpo"):
-        out = runner.stage_dpo(cfg, runner.stage_model(cfg), cfg.stage_dir("sft"))
+    with _quiet(cfg, stages.SFT.command):
+        out = stages.SFT(ctx)
     done(out)
 
 
@@ -116,14 +135,12 @@ def tune(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
          register: Optional[str] = REGISTER) -> None:
     """Ray Tune sweep (tune: section) over the SFT trainer with ASHA; the winner is exported to <run>/tune/winner.
     Tokenizes first when this run has no data stage output; rerun after an interruption to resume the sweep."""
-    cfg = load(config, overrides, ("model", "data", "tune"))
-    with _quiet(cfg, "tune"):
-        model_dir = runner.stage_model(cfg)
-        data_dir = cfg.stage_dir("data")
-        if not (data_dir / "manifest.json").is_file():
-            data_dir = runner.stage_data(cfg, model_dir)
-        out = runner.stage_tune(cfg, model_dir, data_dir)
-        published = runner.publish(cfg, out / "winner", register, "lora_adapter") if register else None
+    cfg, ctx = _alone(stages.TUNE, config, overrides)
+    with _quiet(cfg, stages.TUNE.command):
+        if not (stages.DATA.folder(cfg) / "manifest.json").is_file():
+            stages.DATA(ctx)
+        out = stages.TUNE(ctx)
+        published = stages.publish(cfg, out / "winner", register, "lora_adapter") if register else None
     if published:
         typer.echo(published)
     done(out)
@@ -135,10 +152,14 @@ def evaluate(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
              gate: bool = typer.Option(False, "--gate", help="Apply the gate to the first adapter afterwards."),
              force: bool = typer.Option(False, "--force", help="Promote even if the gate fails (audited).")) -> None:
     """Base vs few-shot base vs adapters: metrics, forgetting, report; optionally gate + promote."""
-    cfg = load(config, [*(overrides or []), *([f"eval.test_path={test}"] if test else [])], ("model", "eval"))
-    adapters = runner.adapters_from(adapter, cfg)
-    with _quiet(cfg, "evaluate"):
-        out, decision = runner.stage_evaluate(cfg, runner.stage_model(cfg), adapters, gate=gate, force=force)
+    cfg, ctx = _alone(stages.EVALUATE, config, [*(overrides or []), *([f"eval.test_path={test}"] if test else [])],
+                      force=force)
+    ctx.given = stages.adapters_from(adapter, cfg)
+    with _quiet(cfg, stages.EVALUATE.command):
+        out = stages.EVALUATE(ctx)
+        if gate:
+            stages.GATE(ctx)
+    decision = ctx.decision
     if decision is not None:
         for reason in decision.reasons:
             typer.secho(f"gate: {reason}", fg="red", err=True)
@@ -153,11 +174,13 @@ def merge(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
           out: Optional[Path] = typer.Option(None, help="Output folder; default <run>/merge."),
           register: Optional[str] = REGISTER) -> None:
     """Merge adapter(s) into an unquantized copy of the base; parity-check; save an HF folder."""
-    cfg = load(config, overrides, ("model",))
-    folders = list(runner.adapters_from(adapter, cfg).values())
-    with _quiet(cfg, "merge"):
-        path = runner.stage_merge(cfg, runner.stage_model(cfg), folders, out)
-        published = runner.publish(cfg, path, register, "merged_model") if register else None
+    cfg, ctx = _alone(stages.MERGE, config, overrides)
+    ctx.given = stages.adapters_from(adapter, cfg)
+    if out:
+        ctx.places[stages.MERGE.name] = out
+    with _quiet(cfg, stages.MERGE.command):
+        path = stages.MERGE(ctx)
+        published = stages.publish(cfg, path, register, "merged_model") if register else None
     if published:
         typer.echo(published)
     done(path)
@@ -168,14 +191,17 @@ def quantize(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
              out: Optional[Path] = typer.Option(None, help="Output folder; default <run>/quantize-<method>."),
              register: Optional[str] = REGISTER) -> None:
     """Quantize a merged model (int8 weight-only or AWQ W4A16); measure its recovery against the source."""
-    cfg = load(config, overrides, ("quantize",))
-    source = model or cfg.stage_dir("merge")
+    cfg, ctx = _alone(stages.QUANTIZE, config, overrides)
+    if model:
+        ctx.places[stages.MERGE.name] = model
+    ctx.places[stages.QUANTIZE.name] = out or cfg.stage_dir(f"{stages.QUANTIZE.name}-{cfg.quantize.method}")
+    source = ctx.folder(stages.MERGE)
     if not (source / "config.json").is_file():
-        raise MissingInput(f"{source}: not a model folder (no config.json); run `loraforge merge` first or pass "
-                           "--model")
-    with _quiet(cfg, "quantize"):
-        path = runner.stage_quantize(cfg, str(source.resolve()), out)
-        published = runner.publish(cfg, path, register, "quantized_model") if register else None
+        raise MissingInput(f"{source}: not a model folder (no config.json); run `loraforge "
+                           f"{stages.MERGE.command}` first or pass --model")
+    with _quiet(cfg, stages.QUANTIZE.command):
+        path = stages.QUANTIZE(ctx)
+        published = stages.publish(cfg, path, register, "quantized_model") if register else None
     if published:
         typer.echo(published)
     typer.echo((path / "quantize_report.md").read_text())
@@ -219,7 +245,7 @@ def score(file: Path = typer.Argument(..., help="JSONL with one prediction and o
 
 def validate(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:
     """Validate a config (with overrides) and its local inputs; print it resolved, without running anything."""
-    cfg = load(config, overrides, ("model", "data", "dpo", "eval", "quantize", "serve"))
+    cfg = load(config, overrides, (*RUN_CHECKS, "quantize_rows"))
     print(cfg.model_dump_json(indent=2))
 
 

@@ -105,13 +105,6 @@ class RunConfig(Section):
         """The config has an `eval:` or `gate:` section (written, or set by an override)."""
         return bool({"eval", "gate"} & self.model_fields_set)
 
-    def eval_section(self) -> EvalSection:
-        """eval with its test rows resolved (eval_test_path; `curated` → the data stage's curated/test folder)."""
-        path = self.eval_test_path()
-        if path == CURATED_TEST:
-            path = str(self.stage_dir("data") / "curated" / "test")
-        return self.eval if path == self.eval.test_path else self.eval.model_copy(update={"test_path": path})
-
     def run_dir(self) -> Path:
         base = storage.mirror(self.output_dir) if storage.is_uri(self.output_dir) else Path(self.output_dir)
         return base / self.name
@@ -127,37 +120,33 @@ class RunConfig(Section):
         return f"{remote}/{stage}/ray_train" if remote else None
 
 
-def preflight(cfg: RunConfig, stages: tuple[str, ...] | list[str], source: str = "<config>") -> None:
-    """Check what the named stages will read, before any Ray work: local input files exist and hold rows, the
-    model folder is one, a served adapter fits serve's slots. Raises MissingInput / DataError / ConfigError.
+def preflight(cfg: RunConfig, checks: tuple[str, ...] | list[str], source: str = "<config>") -> None:
+    """Check what a command will read, before any Ray work: local input files exist and hold rows, the model
+    folder is one, a served adapter fits serve's slots. Raises MissingInput / DataError / ConfigError.
 
-    stages: "model", "data" (data.train_path), "dpo" (dpo.train_path, when set), "sft_adapter" (this run's SFT
-    output), "tokenized" (this run's data output), "eval" (eval.test_path), "quantize" (its row files), "serve".
-    URIs (s3://...) are left to the stage: checking them here would need credentials and a round trip."""
-    want = set(stages)
+    checks: "model", "train_rows" (data.train_path), "pairs" (dpo.train_path, when set), "test_rows"
+    (eval.test_path), "quantize_rows" (its row files), "sweep" (a tune: section), "serving" (the adapter fits
+    serve's LoRA slots). A stage's checks are its `needs` (cluster.stages). URIs (s3://...) are left to the stage:
+    checking them here would need credentials and a round trip."""
+    want = set(checks)
     if "model" in want:
         try:
             local_folder(cfg.model.name)
         except MissingInput as e:
             raise MissingInput(f"{source}: {e}") from None
-    if "data" in want:
+    if "train_rows" in want:
         _check_rows(cfg.data.train_path, "data.train_path", source)
-    if "dpo" in want and cfg.dpo.train_path:
+    if "pairs" in want and cfg.dpo.train_path:
         _check_rows(cfg.dpo.train_path, "dpo.train_path", source)
-    if "eval" in want and cfg.eval_test_path() not in (None, CURATED_TEST):
+    if "test_rows" in want and cfg.eval_test_path() not in (None, CURATED_TEST):
         _check_rows(cfg.eval.test_path, "eval.test_path", source)
-    if "quantize" in want:
+    if "quantize_rows" in want:
         for key in ("calibration_path", "eval_path"):
             if getattr(cfg.quantize, key):
                 _check_rows(getattr(cfg.quantize, key), f"quantize.{key}", source)
-    if "tune" in want and cfg.tune is None:
+    if "sweep" in want and cfg.tune is None:
         raise ConfigError(f"{source}: no tune: section: add one to sweep (see configs/tune-tiny-cpu.yaml)")
-    if "sft_adapter" in want and not (cfg.stage_dir("sft") / "adapter_config.json").is_file():
-        raise MissingInput(f"{source}: {cfg.stage_dir('sft')} holds no adapter: run `loraforge sft {source}` first")
-    if "tokenized" in want and not (cfg.stage_dir("data") / "manifest.json").is_file():
-        raise MissingInput(f"{source}: {cfg.stage_dir('data')} holds no tokenized data: run `loraforge tokenize "
-                           f"{source}` first")
-    if "serve" in want:
+    if "serving" in want:
         if cfg.lora.dora:
             raise ConfigError(f"{source}: lora.dora=true with serving: vLLM cannot serve DoRA adapters; train "
                               "without DoRA, or merge the adapter (`loraforge merge`) and serve the merged model")

@@ -1,4 +1,5 @@
-"""The job graph of `loraforge run`: every stage declared once, run in order, skipped when its result is current.
+"""The job graph of `loraforge run`: the stages of cluster.stages run in order, each skipped when its result is
+current.
 
     data → sft → [dpo] → [tune] → [evaluate → gate (→ registry)] → [merge → [quantize]] → serve → demo
 
@@ -32,74 +33,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from cluster import runner
+import cluster
+import pipelines
+import serve
+import tune
 from cluster.config import RunConfig
+from cluster.stages import NAMES, STAGE, STAGES, Context, GateRefused, Stage
 from pipelines.artifacts import storage
 from pipelines.artifacts.manifest import hash_path
-from pipelines.artifacts.registry import Registry
 from pipelines.schema import UserError
 
+__all__ = ["Graph", "GateRefused", "Plan", "NAMES", "STAGES", "source_hash"]
+
 RECORD = "stage.json"
-PACKAGES = ("pipelines", "cluster", "serve", "tune")
+PACKAGES = tuple(pkg.__name__ for pkg in (pipelines, cluster, serve, tune))  # the code a stage's key hashes
 STORE_ONLY = ("ray_train", "ray_tune")  # written to the store by Ray Train / Tune themselves: never pulled or pushed
-
-
-class GateRefused(Exception):
-    """The gate refused the run's adapter: the run ends with exit 3, nothing after the gate runs."""
-
-    def __init__(self, reasons: list[str]):
-        super().__init__("gate refused: " + "; ".join(reasons))
-        self.reasons = reasons
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    upstream: tuple[str, ...]
-    sections: tuple[str, ...]
-    enabled: Callable[[RunConfig], str | None] = lambda cfg: None  # None: runs; else why it is left out
-    cached: bool = True  # serve and demo always run
-
-
-def _dpo(cfg: RunConfig) -> str | None:
-    return None if cfg.dpo.train_path else "dpo.train_path is not set"
-
-
-def _tune(cfg: RunConfig) -> str | None:
-    return None if cfg.tune else "no tune: section"
-
-
-def _evaluate(cfg: RunConfig) -> str | None:
-    if cfg.eval_test_path():
-        return None
-    if cfg.asks_evaluation():
-        return "eval.test_path is not set and data.split.test is 0 (no curated test split)"
-    return "no eval: or gate: section (or eval.test_path)"
-
-
-def _merge(cfg: RunConfig) -> str | None:
-    return None if "merge" in cfg.model_fields_set else "no merge: section"
-
-
-def _quantize(cfg: RunConfig) -> str | None:
-    if "quantize" not in cfg.model_fields_set:
-        return "no quantize: section"
-    return None if _merge(cfg) is None else "quantize needs merge (add a merge: section)"
-
-
-STAGES: tuple[Stage, ...] = (
-    Stage("data", (), ("model", "data")),
-    Stage("sft", ("data",), ("model", "lora", "quant", "train")),
-    Stage("dpo", ("sft",), ("model", "quant", "train", "dpo"), _dpo),
-    Stage("tune", ("data",), ("model", "lora", "quant", "train", "tune"), _tune),
-    Stage("evaluate", ("sft", "dpo", "tune"), ("model", "eval"), _evaluate),
-    Stage("gate", ("evaluate",), ("gate", "registry"), _evaluate),
-    Stage("merge", ("sft", "dpo", "tune", "gate"), ("model", "merge"), _merge),
-    Stage("quantize", ("merge",), ("quantize",), _quantize),
-    Stage("serve", ("sft", "dpo", "tune", "gate"), ("model", "serve"), cached=False),
-    Stage("demo", ("serve",), ("demo",), cached=False),
-)
-NAMES = tuple(s.name for s in STAGES)
 
 
 def source_hash() -> str:
@@ -137,6 +85,7 @@ class Graph:
 
     def __init__(self, cfg: RunConfig, *, force: tuple[str, ...] = (), start: str | None = None,
                  until: str | None = None, runners: dict[str, Callable[..., Path]] | None = None):
+        """runners: stage name → fn(ctx, resume) -> output folder, in place of the stages' own runs (tests)."""
         for name in (*force, *(x for x in (start, until) if x)):
             if name not in NAMES:
                 raise UserError(f"unknown stage {name!r}: the stages are {', '.join(NAMES)}")
@@ -146,7 +95,7 @@ class Graph:
         self.code = source_hash()
         self.outputs: dict[str, str] = {}  # stage → hash of its output, for the keys of downstream stages
         self.folders: dict[str, Path] = {}
-        self.runners = runners or RUNNERS  # stage name → fn(ctx, resume=bool) -> output folder
+        self.runners = runners or {}
         self.remote = cfg.remote_run()  # output_dir in an object store: this machine works in a mirror of it
         if self.remote:  # what earlier drivers (anywhere) recorded and wrote; Ray Train checkpoints stay there
             storage.pull(self.remote, cfg.run_dir(), skip=STORE_ONLY)
@@ -250,7 +199,7 @@ class Graph:
                 self.outputs[stage.name] = self.record(stage)["output"]
                 self.folders[stage.name] = self.folder(stage)
                 log(f"[graph] {stage.name}: cached ({why})")
-                ctx.cached(stage.name, self.folder(stage))
+                stage.hand(ctx, self.folder(stage))
                 continue
             log(f"[graph] {stage.name}: {status} ({why})")
             key = _digest(parts) if parts else None
@@ -258,7 +207,8 @@ class Graph:
                 self._write_record(stage, {"stage": stage.name, "status": "running", "key": key, "parts": parts,
                                            "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
             t0 = time.time()
-            out = self.runners[stage.name](ctx, resume=status == "resume")
+            run = self.runners.get(stage.name, stage)
+            out = run(ctx, resume=status == "resume")
             self.folders[stage.name] = out
             if stage.cached:
                 self.outputs[stage.name] = self.output_hash(stage)
@@ -266,101 +216,5 @@ class Graph:
                 self._write_record(stage, {"stage": stage.name, "status": "done", "key": key, "parts": parts,
                                            "output": self.outputs[stage.name], "seconds": round(time.time() - t0, 1),
                                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
-            ctx.cached(stage.name, out)  # a refusing gate raises here, its record written
+            stage.hand(ctx, out)  # a refusing gate raises here, its record written
         return self.folders
-
-
-STAGE = {s.name: s for s in STAGES}
-
-
-class Context:
-    """What the stages hand each other within one run: the model folder, the adapters, the serving URL."""
-
-    PRIORITY = ("dpo", "tune", "sft")  # the candidate (evaluated first, gated, merged, served) is the first present
-
-    def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
-        self._model_dir: str | None = None
-        self.roles: dict[str, str] = {}  # "sft" / "dpo" / "tune" → adapter folder
-        self.url: str | None = None
-
-    @property
-    def model_dir(self) -> str:
-        if self._model_dir is None:
-            self._model_dir = runner.stage_model(self.cfg)
-        return self._model_dir
-
-    @property
-    def adapters(self) -> dict[str, str]:
-        """name → folder, the candidate first: `<run>-dpo`, `<run>-sweep`, `<run>` (the SFT adapter)."""
-        suffix = {"dpo": "-dpo", "tune": "-sweep", "sft": ""}
-        return {f"{self.cfg.name}{suffix[r]}": self.roles[r] for r in self.PRIORITY if r in self.roles}
-
-    def cached(self, stage: str, folder: Path) -> None:
-        """Take up what a stage (run now, or cached) hands on."""
-        if stage in ("sft", "dpo"):
-            self.roles[stage] = str(folder.resolve())
-        elif stage == "tune":
-            self.roles["tune"] = str((folder / "winner").resolve())
-        elif stage == "gate":
-            decision = json.loads((folder / "gate.json").read_text())
-            if not decision["passed"]:
-                raise GateRefused(decision["reasons"])
-            # after a passing gate the candidate is served from its registry version: nothing unpromoted is
-            art = Registry(self.cfg.registry.root).resolve(f"{decision['name']}@{decision['version']}")
-            role = next(r for r in self.PRIORITY if r in self.roles)
-            self.roles[role] = str(art.path.resolve())
-
-
-def _data(ctx: Context, resume: bool) -> Path:
-    return runner.stage_data(ctx.cfg, ctx.model_dir)
-
-
-def _sft(ctx: Context, resume: bool) -> Path:
-    return runner.stage_sft(ctx.cfg, ctx.model_dir, ctx.cfg.stage_dir("data"), resume=resume)
-
-
-def _dpo_run(ctx: Context, resume: bool) -> Path:
-    return runner.stage_dpo(ctx.cfg, ctx.model_dir, ctx.cfg.stage_dir("sft"), resume=resume)
-
-
-def _tune_run(ctx: Context, resume: bool) -> Path:
-    return runner.stage_tune(ctx.cfg, ctx.model_dir, ctx.cfg.stage_dir("data"))
-
-
-def _evaluate_run(ctx: Context, resume: bool) -> Path:
-    out, _ = runner.stage_evaluate(ctx.cfg, ctx.model_dir, ctx.adapters)
-    return out
-
-
-def _gate_run(ctx: Context, resume: bool) -> Path:
-    decision = runner.stage_gate(ctx.cfg, ctx.adapters)
-    out = ctx.cfg.stage_dir("gate")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gate.json").write_text(json.dumps({"passed": decision.passed, "reasons": decision.reasons,
-                                               "name": decision.name, "version": decision.version,
-                                               "adapter": decision.adapter}, indent=1))
-    return out
-
-
-def _merge_run(ctx: Context, resume: bool) -> Path:
-    return runner.stage_merge(ctx.cfg, ctx.model_dir, [next(iter(ctx.adapters.values()))])
-
-
-def _quantize_run(ctx: Context, resume: bool) -> Path:
-    return runner.stage_quantize(ctx.cfg, str(ctx.cfg.stage_dir("merge").resolve()), ctx.cfg.stage_dir("quantize"))
-
-
-def _serve_run(ctx: Context, resume: bool) -> Path:
-    ctx.url = runner.start_serving(ctx.cfg, ctx.model_dir, ctx.adapters)
-    return ctx.cfg.stage_dir("serve")
-
-
-def _demo_run(ctx: Context, resume: bool) -> Path:
-    runner.demo(ctx.cfg, ctx.url, next(iter(ctx.adapters)))
-    return ctx.cfg.stage_dir("demo")
-
-
-RUNNERS: dict[str, Callable[..., Path]] = {
-    "data": _data, "sft": _sft, "dpo": _dpo_run, "tune": _tune_run, "evaluate": _evaluate_run, "gate": _gate_run,
-    "merge": _merge_run, "quantize": _quantize_run, "serve": _serve_run, "demo": _demo_run}

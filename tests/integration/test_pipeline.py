@@ -51,10 +51,10 @@ def run_result(ray_session, tiny_model_dir, tmp_path_factory):
     }
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    from cluster import runner
+    from cluster import stages
 
     demos = []  # what `run`'s demo got back through the OpenAI client: [{"url", "adapter", "rows"}]
-    real_demo = runner.demo
+    real_demo = stages.demo
 
     def recording_demo(run_cfg, url, adapter):
         rows = real_demo(run_cfg, url, adapter)
@@ -62,7 +62,7 @@ def run_result(ray_session, tiny_model_dir, tmp_path_factory):
         return rows
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(runner, "demo", recording_demo)
+        mp.setattr(stages, "demo", recording_demo)
         result = CliRunner().invoke(app, ["run", str(path)])
     if result.exception:
         raise result.exception

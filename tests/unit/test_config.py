@@ -126,8 +126,9 @@ def test_tracking_off_survives_yaml():
 def test_eval_on_the_runs_curated_test_split(tmp_path):
     """eval.test_path: curated is this run's curated test split; preflight does not look for a file of that name."""
     from cluster.config import preflight
+    from cluster.stages import EVALUATE, eval_section
 
     cfg = RunConfig(name="x", output_dir=str(tmp_path), eval={"test_path": "curated"})
-    preflight(cfg, ("eval",), source="c.yaml")
-    assert cfg.eval_section().test_path == str(tmp_path / "x" / "data" / "curated" / "test")
-    assert RunConfig(eval={"test_path": "t.jsonl"}).eval_section().test_path == "t.jsonl"
+    preflight(cfg, EVALUATE.needs, source="c.yaml")
+    assert eval_section(cfg).test_path == str(tmp_path / "x" / "data" / "curated" / "test")
+    assert eval_section(RunConfig(eval={"test_path": "t.jsonl"})).test_path == "t.jsonl"

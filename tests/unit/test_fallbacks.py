@@ -129,18 +129,19 @@ def curated_split(cfg, test_rows: int) -> Path:
 
 
 def test_quantize_without_a_test_split_refuses_instead_of_using_training_rows(run_cfg, monkeypatch):
-    from cluster import runner
+    from cluster import session, stages
     from pipelines.schema import UserError
 
     def no_ray(_):
         raise AssertionError("the stage went on to Ray without held-out rows")
 
-    monkeypatch.setattr(runner, "init_ray", no_ray)
+    monkeypatch.setattr(session, "init_ray", no_ray)
+    ctx = stages.Context(run_cfg, places={stages.MERGE.name: Path("/models/merged")})
     with pytest.raises(UserError, match=r"no finished data stage.*quantize\.eval_path.*data\.split\.test > 0"):
-        runner.stage_quantize(run_cfg, "/models/merged")
+        stages.QUANTIZE(ctx)
     curated_split(run_cfg, test_rows=0)  # curated with data.split.test=0: the test folder exists, empty
     with pytest.raises(UserError, match=r"test holds no rows.*quantize\.eval_path"):
-        runner.stage_quantize(run_cfg, "/models/merged")
+        stages.QUANTIZE(ctx)
 
 
 # ----------------------------------------------------------------------------- 4. a corrupt registry

@@ -12,6 +12,7 @@ import pytest
 
 from cluster import graph
 from cluster.config import load_config
+from cluster.stages import eval_section
 from pipelines.schema import UserError
 
 
@@ -130,7 +131,7 @@ def test_an_eval_or_gate_section_alone_evaluates_the_curated_test_split(tmp_path
     for asked in (["gate.min_exact_match=0.5"], ["eval.max_samples=8"]):
         cfg = config(tmp_path, *asked)
         assert cfg.eval_test_path() == CURATED_TEST
-        assert cfg.eval_section().test_path == str(cfg.stage_dir("data") / "curated" / "test")
+        assert eval_section(cfg).test_path == str(cfg.stage_dir("data") / "curated" / "test")
         plan = statuses(graph.Graph(cfg))
         assert plan["evaluate"][0] == plan["gate"][0] == "run", plan
     assert statuses(graph.Graph(config(tmp_path)))["evaluate"] == ("off", "no eval: or gate: section (or "
@@ -139,4 +140,28 @@ def test_an_eval_or_gate_section_alone_evaluates_the_curated_test_split(tmp_path
     assert no_split.eval_test_path() is None
     assert statuses(graph.Graph(no_split))["evaluate"][1].startswith("eval.test_path is not set and data.split.test")
     explicit = config(tmp_path, "eval.test_path=rows.jsonl")
-    assert explicit.eval_test_path() == "rows.jsonl" and explicit.eval_section() is explicit.eval
+    assert explicit.eval_test_path() == "rows.jsonl" and eval_section(explicit) is explicit.eval
+
+
+# The quickstart's first plan as the code before the stage table (commit 8a155db) printed it: the table moved,
+# the graph's decisions must not have.
+QUICKSTART_PLAN_8A155DB = """\
+stage     upstream                status   why
+data      -                       run      no record: never ran here
+sft       data                    run      upstream data will run
+dpo       sft                     off      dpo.train_path is not set
+tune      data                    off      no tune: section
+evaluate  sft                     run      upstream sft will run
+gate      evaluate                run      upstream evaluate will run
+merge     sft,gate                off      no merge: section
+quantize  -                       off      no quantize: section
+serve     sft,gate                run      always runs
+demo      serve                   run      always runs"""
+
+
+def test_the_quickstart_plan_is_what_it_was_before_the_stage_table(tmp_path):
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "quickstart-cpu.yaml",
+                      [f"output_dir={tmp_path}"])
+    assert graph.Graph(cfg).plan().table() == QUICKSTART_PLAN_8A155DB

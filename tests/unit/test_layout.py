@@ -129,7 +129,7 @@ def test_order_checker_refuses_upward_imports():
     assert violation("serve.app", "pipelines.train.sft")
     assert violation("pipelines.data.tokenize", "pipelines.train.config")
     assert violation("pipelines.train.sft", "pipelines.data.chat") is None
-    assert violation("cluster.runner", "serve.app") is None
+    assert violation("cluster.stages", "serve.app") is None
 
 
 def test_own_light_modules_are_imported_at_module_top():
@@ -150,3 +150,40 @@ def test_pure_modules_import_without_ray_or_vllm(module):
     code = (f"import sys, {module}; bad = [m for m in ('ray', 'vllm', 'deepspeed') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+# A stage is one entry of cluster/stages.py: elsewhere in cluster/ it is reached through that entry (stages.SFT,
+# stage.name), never by its name string. config.py and plan*.py are left out: they name config sections, which
+# share their words with stages (data, dpo, tune, merge, quantize, serve, gate).
+SECTION_FILES = {"config.py", "plan.py", "plan_shape.py", "plan_render.py"}
+
+
+def stage_name_literals(source: str, names: set[str]) -> list[tuple[int, str]]:
+    """(line, name) of every string constant in the source that is a stage's name (docstrings are text, not
+    references, and are left out)."""
+    tree = ast.parse(source)
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.body
+            and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    return [(n.lineno, n.value) for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value in names and id(n) not in docs]
+
+
+def stage_names() -> set[str]:
+    tree = ast.parse((ROOT / "cluster" / "stages.py").read_text())
+    return {c.args[0].value for c in ast.walk(tree) if isinstance(c, ast.Call) and getattr(c.func, "id", "") ==
+            "Stage" and c.args and isinstance(c.args[0], ast.Constant)}
+
+
+def test_a_stage_is_named_only_in_the_stage_table():
+    names = stage_names()
+    assert {"data", "sft", "dpo", "tune", "evaluate", "gate", "merge", "quantize", "serve", "demo"} <= names
+    found = [f"{p.relative_to(ROOT)}:{line} {name!r}" for p in sorted((ROOT / "cluster").glob("*.py"))
+             if p.name not in SECTION_FILES | {"stages.py"}
+             for line, name in stage_name_literals(p.read_text(), names)]
+    assert not found, "stage names outside cluster/stages.py (use the table's entry):\n" + "\n".join(found)
+
+
+def test_stage_name_checker_sees_a_name_string():
+    assert stage_name_literals('x = cfg.stage_dir("sft")\n', {"sft"}) == [(1, "sft")]
+    assert stage_name_literals('def f():\n    """sft"""\n    return stages.SFT.name\n', {"sft"}) == []

@@ -1,0 +1,466 @@
+"""Every stage of a run, declared once: its name, upstream stages, config sections, when it is on, what its
+command checks first, what it runs, what it hands the stages after it, and its one-line summary.
+
+    data → sft → [dpo] → [tune] → [evaluate → gate (→ registry)] → [merge → [quantize]] → serve → demo
+
+cluster.graph orders and caches them for `loraforge run`; each stage command (cluster.cli_stages) is a thin
+wrapper over the same entry, and `cli.COMMANDS` lists the commands from this table. A new stage is its
+pipelines module, its config section and one entry here (with its command: `command=` names it, and a stage
+without options of its own gets the generic one).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.console import Console
+
+from cluster import session
+from cluster.config import CURATED_TEST, RunConfig
+from pipelines.artifacts import storage
+from pipelines.artifacts.manifest import read_manifest
+from pipelines.artifacts.models import resolve_model
+from pipelines.artifacts.registry import Registry, lineage_from_manifest
+from pipelines.data import tokenize as data
+from pipelines.eval import evaluate
+from pipelines.eval import gate as gating
+from pipelines.eval.gate import GateDecision
+from pipelines.export import merge, quantize
+from pipelines.schema import MissingInput
+from pipelines.train import dpo, sft
+from tune import sweep
+
+console = Console(stderr=True, soft_wrap=True)  # a path is never broken over two lines
+
+
+class GateRefused(Exception):
+    """The gate refused the run's adapter: the run ends with exit 3, nothing after the gate runs."""
+
+    def __init__(self, reasons: list[str]):
+        super().__init__("gate refused: " + "; ".join(reasons))
+        self.reasons = reasons
+
+
+@dataclass
+class Context:
+    """What the stages hand each other within one run (or one command): the model folder, the adapters, the
+    gate's decision, the serving URL; and what a command set: explicit adapters, folders, options."""
+
+    cfg: RunConfig
+    roles: dict[str, str] = field(default_factory=dict)  # "sft" / "dpo" / "tune" → adapter folder
+    given: dict[str, str] | None = None  # adapters named on the command line (--adapter)
+    places: dict[str, Path] = field(default_factory=dict)  # stage name → folder the command chose (--out, --model)
+    options: dict[str, Any] = field(default_factory=dict)  # local, force, ...
+    decision: GateDecision | None = None
+    url: str | None = None
+    _model_dir: str | None = None
+
+    PRIORITY = ("dpo", "tune", "sft")  # the candidate (evaluated first, gated, merged, served) is the first present
+
+    @property
+    def model_dir(self) -> str:
+        if self._model_dir is None:
+            self._model_dir = resolve_base(self.cfg)
+        return self._model_dir
+
+    @property
+    def adapters(self) -> dict[str, str]:
+        """name → folder, the candidate first: `<run>-dpo`, `<run>-sweep`, `<run>` (the SFT adapter)."""
+        if self.given is not None:
+            return self.given
+        suffix = {"dpo": "-dpo", "tune": "-sweep", "sft": ""}
+        return {f"{self.cfg.name}{suffix[r]}": self.roles[r] for r in self.PRIORITY if r in self.roles}
+
+    def folder(self, stage: "Stage") -> Path:
+        return self.places.get(stage.name) or stage.folder(self.cfg)
+
+
+def _nothing(ctx: Context, out: Path) -> None:
+    return None
+
+
+def _always(cfg: RunConfig) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    upstream: tuple[str, ...]
+    sections: tuple[str, ...]  # config sections its result depends on (the graph's cache key)
+    run: Callable[[Context, bool], Path]  # (ctx, resume) → its output folder
+    enabled: Callable[[RunConfig], str | None] = _always  # None: runs; else why it is left out
+    needs: tuple[str, ...] = ()  # what its command checks before any Ray work (cluster.config.preflight)
+    requires: tuple[str, ...] = ()  # upstream stages whose output its command alone must find
+    hand: Callable[[Context, Path], None] = _nothing  # what it hands the stages after it (run now, or cached)
+    summary: Callable[[Path], str] | None = None  # its one line after it ran
+    cached: bool = True  # serve and demo always run
+    ray: bool = True  # works in a Ray instance (joined or started)
+    command: str | None = None  # its CLI command
+
+    def folder(self, cfg: RunConfig) -> Path:
+        return cfg.stage_dir(self.name)
+
+    def __call__(self, ctx: Context, resume: bool = False) -> Path:
+        """Run it (in the Ray session unless the command runs it locally) and print its summary."""
+        if self.ray and not ctx.options.get("local"):
+            session.init_ray(ctx.cfg)
+        t0 = time.time()
+        out = self.run(ctx, resume)
+        if self.summary:
+            console.print(f"[bold]{self.name}[/]: {self.summary(out)} ({time.time() - t0:.0f} s)")
+        return out
+
+
+def resolve_base(cfg: RunConfig) -> str:
+    """The base model's local folder (a built-in built, a hub id downloaded, once per machine)."""
+    with console.status(f"[bold]model[/]: resolving {cfg.model.name}"):
+        t0 = time.time()
+        path = resolve_model(cfg.model)
+    console.print(f"[bold]model[/]: {path} ({time.time() - t0:.0f} s)")
+    return path
+
+
+def _in_store(cfg: RunConfig, stage: Stage) -> str | None:
+    """A stage's folder in the object store, when output_dir is one and the graph pushed that stage there (a stage
+    command run alone works in the mirror only)."""
+    remote = cfg.remote_run()
+    found = remote and storage.exists(f"{remote}/{stage.name}/manifest.json")
+    return f"{remote}/{stage.name}" if found else None
+
+
+def _absolute(spec: str) -> str:
+    """A local path made absolute (Ray workers need not share the driver's working directory); URIs as given."""
+    return spec if "://" in spec else str(Path(spec).resolve())
+
+
+def _metrics(out: Path) -> dict[str, Any]:
+    return read_manifest(out)["metrics"]
+
+
+# -- the stages' runs -----------------------------------------------------------------------------------------
+def _data(ctx: Context, resume: bool) -> Path:
+    """Data stage alone: raw rows → curated rows → token ids with assistant-only labels (Ray Data)."""
+    return data.run(ctx.cfg.data, ctx.model_dir, DATA.folder(ctx.cfg))
+
+
+def _data_summary(out: Path) -> str:
+    m = _metrics(out)
+    return (f"{m['rows_in']} rows in, {m['rows_kept']} kept, {m['rows_rejected']} rejected "
+            f"{m['rejected_by_reason'] or ''}; {m['tokens']} tokens")
+
+
+def _sft(ctx: Context, resume: bool) -> Path:
+    cfg, local = ctx.cfg, bool(ctx.options.get("local"))
+    return sft.run(cfg.lora, cfg.train, ctx.model_dir, DATA.folder(cfg), SFT.folder(cfg), dtype=cfg.model.dtype,
+                   quant=cfg.quant, model_id=cfg.model.name, resume=resume, storage=cfg.train_storage(SFT.name),
+                   data_uri=None if local else _in_store(cfg, DATA), local=local)
+
+
+def _sft_summary(out: Path) -> str:
+    m = _metrics(out)
+    return (f"{m['steps']} steps, loss {m['loss_first']:.3f} → {m['loss_last']:.3f}, {m['trainable_params']:,} "
+            f"LoRA parameters; curve in {out / 'loss.png'}")
+
+
+def _dpo(ctx: Context, resume: bool) -> Path:
+    """DPO alone: preference pairs (dpo.train_path) on top of this run's SFT adapter."""
+    cfg = ctx.cfg
+    remote, sft_uri = cfg.remote_run(), _in_store(cfg, SFT)  # a run in a store: every node reads from there
+    pairs = cfg.stage_dir(f"{DPO.name}_data")
+    prepared = dpo.prepare(cfg.dpo, ctx.model_dir, str(SFT.folder(cfg)), pairs, dtype=cfg.model.dtype,
+                           quant=cfg.quant, sft_uri=sft_uri, model_name=cfg.model.name)
+    if remote:
+        storage.push(prepared, f"{remote}/{pairs.name}")
+    m = _metrics(prepared)
+    console.print(f"[bold]{DPO.name} data[/]: {m['rows_in']} pairs in, {m['train']} train, {m['validation']} held "
+                  f"out, {m['rows_rejected']} rejected {m['rejected_by_reason'] or ''}")
+    return dpo.run(cfg.dpo, cfg.train, ctx.model_dir, SFT.folder(cfg), prepared, DPO.folder(cfg),
+                   dtype=cfg.model.dtype, quant=cfg.quant, model_id=cfg.model.name, resume=resume,
+                   storage=cfg.train_storage(DPO.name), data_uri=f"{remote}/{pairs.name}" if remote else None,
+                   sft_uri=sft_uri)
+
+
+def _dpo_summary(out: Path) -> str:
+    m = _metrics(out)
+    acc = m.get("reward_accuracy_history") or [float("nan")]
+    return (f"{m['steps']} steps, loss {m['loss_first']:.3f} → {m['loss_last']:.3f}, reward accuracy "
+            f"{acc[0]:.2f} → {acc[-1]:.2f}")
+
+
+def _tune(ctx: Context, resume: bool) -> Path:
+    """The sweep over this run's tokenized data; its winner lands in <run>/tune/winner. With output_dir in an
+    object store, Tune's state, the trials' checkpoints and the ledger of finished trials live in
+    <run>/tune/ray_tune there (a driver elsewhere restores the sweep from them)."""
+    cfg, remote = ctx.cfg, ctx.cfg.remote_run()
+    return sweep.run(cfg.tune, cfg.lora, cfg.train, ctx.model_dir, DATA.folder(cfg), TUNE.folder(cfg),
+                     dtype=cfg.model.dtype, quant=cfg.quant, model_id=cfg.model.name,
+                     state_uri=f"{remote}/{TUNE.name}/ray_tune" if remote else None, data_uri=_in_store(cfg, DATA))
+
+
+def _tune_summary(out: Path) -> str:
+    winner = read_manifest(out / "winner")["lineage"]["sweep"]
+    trials, best = winner["trials"], winner["winner"]
+    return (f"{len(trials)} trials, {sum(t['status'] == 'stopped early' for t in trials)} stopped early; winner "
+            f"{best['label']} eval_loss {best['eval_loss']:.4f} at step {best['step']}; report in "
+            f"{out / 'sweep_report.md'}")
+
+
+def eval_section(cfg: RunConfig):
+    """eval with its test rows resolved (`curated` → the data stage's curated/test folder)."""
+    path = cfg.eval_test_path()
+    if path == CURATED_TEST:
+        path = str(DATA.folder(cfg) / "curated" / "test")
+    return cfg.eval if path == cfg.eval.test_path else cfg.eval.model_copy(update={"test_path": path})
+
+
+def _evaluate(ctx: Context, resume: bool) -> Path:
+    cfg = ctx.cfg
+    with console.status(f"[bold]{EVALUATE.name}[/]: base, few-shot base and {len(ctx.adapters)} adapter(s) on "
+                        f"{cfg.eval.max_samples} held-out rows ({cfg.eval.backend})"):
+        return evaluate.run(eval_section(cfg), ctx.model_dir, ctx.adapters, ctx.folder(EVALUATE))
+
+
+def _evaluate_summary(out: Path) -> str:
+    variants = json.loads((out / "eval.json").read_text())["variants"]
+    return (", ".join(f"{v} ROUGE-L {s['rougeL']:.3f} exact {s['exact_match']:.2f}" for v, s in variants.items())
+            + f"; report in {out / 'eval_report.md'}")
+
+
+def _gate(ctx: Context, resume: bool) -> Path:
+    """The gate over this run's evaluation, for the first adapter: a pass (or options.force) publishes it to the
+    registry under registry.name (default the run name) and moves gate.alias. The decision passes in memory
+    (ctx.decision); gate.json keeps it for a cached rerun."""
+    cfg = ctx.cfg
+    results = json.loads((ctx.folder(EVALUATE) / "eval.json").read_text())
+    first = next(iter(ctx.adapters))
+    force = bool(ctx.options.get("force"))
+    d = gating.apply(results, first, ctx.adapters[first], cfg.gate, cfg.registry.root, cfg.registry.name or cfg.name,
+                     force=force)
+    console.print(f"[bold]{GATE.name}[/]: {'passed' if d.passed else 'FORCED' if d.forced else 'refused'} for "
+                  f"{first}" + (f": {cfg.registry.name or cfg.name}@{d.version}" if d.version else "")
+                  + "".join(f"\n  {r}" for r in d.reasons))
+    out = ctx.folder(GATE)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gate.json").write_text(json.dumps({"passed": d.passed, "reasons": d.reasons, "name": d.name,
+                                               "version": d.version, "adapter": d.adapter}, indent=1))
+    ctx.decision = d
+    return out
+
+
+def _gate_hand(ctx: Context, out: Path) -> None:
+    """A refusal ends the run; after a pass the candidate is served from its registry version."""
+    d = ctx.decision
+    doc = {"passed": d.passed, "reasons": d.reasons, "name": d.name, "version": d.version} if d \
+        else json.loads((out / "gate.json").read_text())  # cached: what the gate decided then
+    if not doc["passed"]:
+        raise GateRefused(doc["reasons"])
+    art = Registry(ctx.cfg.registry.root).resolve(f"{doc['name']}@{doc['version']}")
+    role = next(r for r in ctx.PRIORITY if r in ctx.roles)
+    ctx.roles[role] = str(art.path.resolve())
+
+
+def _merge(ctx: Context, resume: bool) -> Path:
+    """Merge adapter(s) into an unquantized copy of the base; parity-check; save an HF folder. The graph merges
+    the run's candidate; a command merges every adapter it was given, in order."""
+    adapters = list(ctx.given.values()) if ctx.given is not None else [next(iter(ctx.adapters.values()))]
+    return merge.run(ctx.cfg.merge, ctx.model_dir, adapters, ctx.folder(MERGE))
+
+
+def _quantize(ctx: Context, resume: bool) -> Path:
+    """Quantize the merged model in a Ray task (on a GPU node when quantize.num_gpus > 0); recovery measured
+    inside, on held-out rows only."""
+    import ray
+
+    cfg, q = ctx.cfg, ctx.cfg.quantize
+    source = str(ctx.folder(MERGE).resolve())
+    calibration, evaluation = _quantize_rows(cfg)  # refused before any Ray work
+    session.init_ray(cfg)
+    out = ctx.folder(QUANTIZE).resolve()
+    task = ray.remote(num_cpus=q.num_cpus, num_gpus=q.num_gpus)(quantize.run)
+    with console.status(f"[bold]{QUANTIZE.name}[/]: {q.method} of {source}"):
+        return Path(ray.get(task.remote(q, source, str(out), calibration=_absolute(calibration),
+                                        evaluation=_absolute(evaluation))))
+
+
+def _quantize_rows(cfg: RunConfig) -> tuple[str, str]:
+    """(calibration rows, held-out rows) of the quantize stage. Calibration rows are meant to be training-like, so
+    training data is the default there; recovery is measured on held-out rows and never on training rows."""
+    q, curated = cfg.quantize, DATA.folder(cfg) / "curated"
+    calibration = q.calibration_path or (str(curated / "train") if (curated / "train").is_dir()
+                                         else cfg.data.train_path)
+    if not calibration:
+        raise MissingInput("quantize: no calibration rows: set quantize.calibration_path or data.train_path")
+    if q.eval_path:
+        return calibration, q.eval_path
+    test_rows = None
+    if (curated / "manifest.json").is_file():
+        test_rows = int(read_manifest(curated).get("metrics", {}).get("split_rows", {}).get("test") or 0)
+    if not test_rows:
+        found = f"{curated / 'test'} holds no rows" if test_rows == 0 else f"no finished data stage in {curated}"
+        raise MissingInput(
+            f"quantize: no held-out rows to measure recovery on ({found}). Set quantize.eval_path=FILE, or "
+            "produce a test split (data.split.test > 0, then `loraforge tokenize`). Training rows are not "
+            "used: they would measure memorisation, not what quantization kept")
+    return calibration, str(curated / "test")
+
+
+def _quantize_summary(out: Path) -> str:
+    report = json.loads((out / "quantize.json").read_text())
+    return (f"{report['scheme']}: perplexity x{report['perplexity_ratio']:.3f}, size x{report['size_ratio']:.2f} "
+            "of the source")
+
+
+def _serve(ctx: Context, resume: bool) -> Path:
+    ctx.url = start_serving(ctx.cfg, ctx.model_dir, ctx.adapters)
+    return SERVE.folder(ctx.cfg)
+
+
+def _demo(ctx: Context, resume: bool) -> Path:
+    demo(ctx.cfg, ctx.url, next(iter(ctx.adapters)))
+    return DEMO.folder(ctx.cfg)
+
+
+def _sft_role(ctx: Context, out: Path) -> None:
+    ctx.roles["sft"] = str(out.resolve())
+
+
+def _dpo_role(ctx: Context, out: Path) -> None:
+    ctx.roles["dpo"] = str(out.resolve())
+
+
+def _winner_role(ctx: Context, out: Path) -> None:
+    ctx.roles["tune"] = str((out / "winner").resolve())
+
+
+# -- when a stage is on ---------------------------------------------------------------------------------------
+def _dpo_on(cfg: RunConfig) -> str | None:
+    return None if cfg.dpo.train_path else "dpo.train_path is not set"
+
+
+def _tune_on(cfg: RunConfig) -> str | None:
+    return None if cfg.tune else "no tune: section"
+
+
+def _evaluate_on(cfg: RunConfig) -> str | None:
+    if cfg.eval_test_path():
+        return None
+    if cfg.asks_evaluation():
+        return "eval.test_path is not set and data.split.test is 0 (no curated test split)"
+    return "no eval: or gate: section (or eval.test_path)"
+
+
+def _merge_on(cfg: RunConfig) -> str | None:
+    return None if MERGE.name in cfg.model_fields_set else "no merge: section"
+
+
+def _quantize_on(cfg: RunConfig) -> str | None:
+    if QUANTIZE.name not in cfg.model_fields_set:
+        return "no quantize: section"
+    return None if _merge_on(cfg) is None else "quantize needs merge (add a merge: section)"
+
+
+DATA = Stage("data", (), ("model", "data"), _data, needs=("model", "train_rows"), summary=_data_summary,
+             command="tokenize")
+SFT = Stage("sft", ("data",), ("model", "lora", "quant", "train"), _sft, needs=("model",), requires=("data",),
+            hand=_sft_role, summary=_sft_summary, command="sft")
+DPO = Stage("dpo", ("sft",), ("model", "quant", "train", "dpo"), _dpo, _dpo_on, needs=("model", "pairs"),
+            requires=("sft",), hand=_dpo_role, summary=_dpo_summary, command="dpo")
+TUNE = Stage("tune", ("data",), ("model", "lora", "quant", "train", "tune"), _tune, _tune_on,
+             needs=("model", "train_rows", "sweep"), hand=_winner_role, summary=_tune_summary, command="tune")
+EVALUATE = Stage("evaluate", ("sft", "dpo", "tune"), ("model", "eval"), _evaluate, _evaluate_on,
+                 needs=("model", "test_rows"), summary=_evaluate_summary, command="evaluate")
+GATE = Stage("gate", ("evaluate",), ("gate", "registry"), _gate, _evaluate_on, hand=_gate_hand)
+MERGE = Stage("merge", ("sft", "dpo", "tune", "gate"), ("model", "merge"), _merge, _merge_on, needs=("model",),
+              command="merge")
+QUANTIZE = Stage("quantize", ("merge",), ("quantize",), _quantize, _quantize_on, needs=("quantize_rows",),
+                 summary=_quantize_summary, ray=False, command="quantize")
+SERVE = Stage("serve", ("sft", "dpo", "tune", "gate"), ("model", "serve"), _serve, cached=False,
+              needs=("model", "serving"), command="serve")
+DEMO = Stage("demo", ("serve",), ("demo",), _demo, cached=False)
+
+STAGES: tuple[Stage, ...] = (DATA, SFT, DPO, TUNE, EVALUATE, GATE, MERGE, QUANTIZE, SERVE, DEMO)
+STAGE = {s.name: s for s in STAGES}
+NAMES = tuple(STAGE)
+
+
+# -- what commands and stages share ---------------------------------------------------------------------------
+def needs_output(cfg: RunConfig, stage: Stage, source: str) -> None:
+    """A stage command run alone on an earlier stage's output: that output is there (MissingInput naming the
+    command that makes it)."""
+    for name in stage.requires:
+        up = STAGE[name]
+        if not (up.folder(cfg) / "manifest.json").is_file():
+            raise MissingInput(f"{source}: {up.folder(cfg)} holds no {up.name} output: run `loraforge "
+                               f"{up.command} {source}` first")
+
+
+def publish(cfg: RunConfig, folder: Path, name: str, kind: str) -> str:
+    """Publish a stage's output folder as the next version of `name` in the run's registry."""
+    version = Registry(cfg.registry.root).publish(name, folder, kind, lineage_from_manifest(folder))
+    return f"registry: {name}@{version} ({kind}) in {cfg.registry.root}"
+
+
+def run_adapters(cfg: RunConfig) -> dict[str, str]:
+    """This run's adapter, {run name: its SFT folder}, once SFT has written one; else {}."""
+    folder = SFT.folder(cfg)
+    return {cfg.name: str(folder.resolve())} if (folder / "adapter_config.json").is_file() else {}
+
+
+def adapters_from(specs: list[str] | None, cfg: RunConfig) -> dict[str, str]:
+    """`NAME=FOLDER` / `FOLDER` specs as {name: folder}; none given: this run's adapter (or MissingInput)."""
+    if not specs:
+        found = run_adapters(cfg)
+        if not found:
+            raise MissingInput(f"no --adapter given and {SFT.folder(cfg)} holds no adapter: run `loraforge "
+                               f"{SFT.command}` first or pass --adapter FOLDER")
+        return found
+    out = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep:
+            name, folder = Path(spec).resolve().name, spec
+        if not (Path(folder) / "adapter_config.json").is_file():
+            raise MissingInput(f"--adapter {spec}: {folder} holds no adapter (no adapter_config.json)")
+        out[name] = str(Path(folder).resolve())
+    return out
+
+
+def start_serving(cfg: RunConfig, model_dir: str, adapters: dict[str, str]) -> str:
+    from serve.app import start
+
+    session.init_ray(cfg)
+    t0 = time.time()
+    with console.status(f"[bold]{SERVE.name}[/]: starting vLLM behind Ray Serve"):
+        url = start(cfg.serve, model_dir, adapters)
+    console.print(f"[bold]{SERVE.name}[/]: {url} up in {time.time() - t0:.0f} s; models: {cfg.serve.model_alias}"
+                  + "".join(f", {cfg.serve.model_alias}:{a}" for a in adapters))
+    return url
+
+
+def demo(cfg: RunConfig, url: str, adapter: str) -> list[dict[str, str]]:
+    """Ask every demo prompt of the base and of the adapter through the real OpenAI client; print both."""
+    import openai
+    from rich.table import Table
+
+    client = openai.OpenAI(base_url=url, api_key=cfg.serve.api_key or "none")
+    rows = []
+    for prompt in cfg.demo.prompts:
+        answers = {}
+        for model in (cfg.serve.model_alias, f"{cfg.serve.model_alias}:{adapter}"):
+            r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                               max_tokens=cfg.demo.max_tokens, temperature=0.0)
+            answers[model] = r.choices[0].message.content or ""
+        rows.append({"prompt": prompt, "base": answers[cfg.serve.model_alias],
+                     "adapter": answers[f"{cfg.serve.model_alias}:{adapter}"]})
+    table = Table(title=f"base vs adapter '{adapter}' (greedy, via {url})", show_lines=True)
+    for col in ("prompt", "base", "adapter"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["prompt"], r["base"], r["adapter"])
+    console.print(table)
+    return rows
