@@ -533,8 +533,8 @@ def phase_ray(ctx: Ctx) -> dict:
     ds = "zero2" if importlib.util.find_spec("deepspeed") else "none"
     train = TrainSection(num_workers=1, use_gpu=cuda(), cpus_per_worker=1, max_steps=3 if ctx.dry else 6,
                          batch_size=4, lr=5e-3, deepspeed=ds, tracking_uri="off", log_every=1)
-    ray.init(num_cpus=2 if ctx.dry else max(2, (os.cpu_count() or 2) // 2), include_dashboard=False,
-             log_to_driver=True)
+    ray.init(address="local", num_cpus=2 if ctx.dry else max(2, (os.cpu_count() or 2) // 2),
+             include_dashboard=False, log_to_driver=True)  # its own instance, never one found on the machine
     try:
         t0 = time.time()
         out = run(LoraSection(r=8, alpha=16, dropout=0.0), train, tiny, data, ctx.work / "runs" / "ray",
@@ -796,7 +796,7 @@ def run_all(args, phases: list[Phase]) -> list[dict]:
     """The env record, then each phase in turn; every record appended to gpu_check.jsonl as it ends."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    deadline_s = args.deadline_s or (170.0 if args.dry_run else 450.0)
+    deadline_s = args.deadline_s or (240.0 if args.dry_run else 450.0)  # a dry run: ~40 s on 2 idle CPUs
     deadline = time.time() + deadline_s
     work = Path(args.work or (tempfile.mkdtemp(prefix="gpu_check-") if args.dry_run else "/tmp/gpu_check"))
     work.mkdir(parents=True, exist_ok=True)
@@ -834,7 +834,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="where gpu_check.jsonl and gpu_check.md go (default $OUT)")
     ap.add_argument("--work", help="models, data and runs (default /tmp/gpu_check; a dry run: a temporary folder)")
     ap.add_argument("--phases", default=",".join(str(p.num) for p in PHASES), help="comma-separated phase numbers")
-    ap.add_argument("--deadline-s", type=float, help="every phase ends within this many seconds (default 450; dry 170)")
+    ap.add_argument("--deadline-s", type=float, help="every phase ends within this many seconds (default 450; dry 240)")
     ap.add_argument("--with-ray", action="store_true", help="a dry run includes phase 5 (Ray Train, ~70 s on 2 CPUs)")
     ap.add_argument("--table", metavar="JSONL", help="only print (and write beside it) the table of a finished jsonl")
     ap.add_argument("--json", action="store_true", help="the whole record as JSON, the last line")
