@@ -63,7 +63,8 @@ EOF
 
 LEFT=$((LIMIT - ($(date +%s) - START) - 15))  # 15 s kept for the table if the phases are cut short
 log "phases get $LEFT s"
-timeout -k 5 $((LEFT + 10)) "$PY" bench/gpu_check.py --out "$OUT" --deadline-s "$LEFT" --json "$@"
+# no --json here: the run tool returns the last 12,000 characters, which must be the table ($OUT has the JSON)
+timeout -k 5 $((LEFT + 10)) "$PY" bench/gpu_check.py --out "$OUT" --deadline-s "$LEFT" "$@"
 RC=$?
 if [ ! -s "$OUT/gpu_check.md" ] || [ "$OUT/gpu_check.md" -ot "$OUT/install.json" ]; then
   log "gpu_check.py ended without its table (rc $RC): the table of what it wrote"
