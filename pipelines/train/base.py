@@ -212,6 +212,38 @@ def load_worker_base(job: WorkerJob) -> tuple[Any, dict[str, Any]]:
                                             for p in params), "attn_implementation": attn}
 
 
+def start_worker(job: WorkerJob, adapter) -> tuple[Any, int, Any, dict[str, Any]]:
+    """The preamble SFT and DPO share on each worker: threads, seed, tokenizer, the frozen base
+    (load_worker_base) with `adapter(base)` attached, one dtype under ZeRO-3, and the rank's static facts
+    (trainable parameters, where its base came from, its frozen checksum). Returns (tokenizer, pad id, model,
+    static)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    train = job.train
+    torch.set_num_threads(max(1, int(round(train.cpus_per_worker * 2))))
+    torch.manual_seed(train.seed)
+    tokenizer = AutoTokenizer.from_pretrained(job.model_dir)
+    base, info = load_worker_base(job)
+    model = adapter(base)
+    ds = deepspeed_config(train, job.dtype)
+    align_for_zero3(model, ds)
+    static = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+              **per_rank(model, info, frozen_dtype(job))}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return tokenizer, pad_id, model, static
+
+
+def frozen_dtype(job: WorkerJob) -> str | None:
+    """The dtype the frozen weights' checksum reads floating values in: the one DeepSpeed's bf16/fp16 engine casts
+    them to, else a QLoRA base's 16-bit compute dtype (bitsandbytes' 4-bit layers cast their frozen bias to the
+    input's dtype in place on the first forward; PEFT's fp32 upcast of bf16 weights makes that cast lossless)."""
+    ds = zero_dtype(deepspeed_config(job.train, job.dtype))
+    if ds is None and job.quant.load_in_4bit and job.quant.compute_dtype != "float32":
+        return job.quant.compute_dtype
+    return ds
+
+
 def zero_dtype(ds_config: dict | None) -> str | None:
     """The 16-bit dtype DeepSpeed casts the module's floating parameters to (bf16 / fp16 enabled), else None."""
     for key, name in (("bf16", "bfloat16"), ("fp16", "float16")):

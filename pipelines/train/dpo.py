@@ -28,8 +28,8 @@ from pipelines.data.readers import expand_paths, record_batches
 from pipelines.data.rowformats import RowError, apply_columns, parse_raw, to_canonical
 from pipelines.schema import MissingInput, actor_gpus, cluster_gpus, torch_device
 from pipelines.train import worker
-from pipelines.train.base import align_for_zero3, load_base, load_worker_base, per_rank, zero_dtype
-from pipelines.train.config import DPOSection, QuantSection, TrainSection, WorkerJob, deepspeed_config
+from pipelines.train.base import load_base, start_worker
+from pipelines.train.config import DPOSection, QuantSection, TrainSection, WorkerJob
 from pipelines.train.driver import run_stage
 from pipelines.train.engine import select_accelerator
 from pipelines.train.loop import run_loop
@@ -214,25 +214,16 @@ def run(cfg: DPOSection, train: TrainSection, model_dir: str, sft_dir: str | os.
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """What each worker runs for DPO: the policy is the SFT adapter, trainable; the reference is data."""
     select_accelerator()  # before anything below can import DeepSpeed
-    import torch
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
     job: WorkerJob = config["job"].on_node()  # the base model as this node has it
     cfg, train = job.dpo, job.train
-    torch.set_num_threads(max(1, int(round(train.cpus_per_worker * 2))))
-    torch.manual_seed(train.seed)
-    tokenizer = AutoTokenizer.from_pretrained(job.model_dir)
-    base, base_info = load_worker_base(job)
     sft_dir = str(storage.local_copy(job.sft_uri, config.get("store_fs"))) if job.sft_uri else job.sft_dir
-    model = PeftModel.from_pretrained(base, sft_dir, is_trainable=True)
-    ds = deepspeed_config(train, job.dtype)
-    align_for_zero3(model, ds)
-    static = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-              **per_rank(model, base_info, zero_dtype(ds))}
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    tokenizer, pad_id, model, static = start_worker(
+        job, lambda base: PeftModel.from_pretrained(base, sft_dir, is_trainable=True))
     if worker.current().world_rank == 0:
-        print(f"[dpo] policy = SFT adapter ({static['trainable_params']:,} trainable parameters), reference log-probs precomputed", flush=True)
+        print(f"[dpo] policy = SFT adapter ({static['trainable_params']:,} trainable parameters), reference "
+              "log-probs precomputed", flush=True)
 
     def loss_fn(m, batch):
         logps, ntok = policy_logps(m, batch, train.loss_chunk_tokens)

@@ -22,9 +22,8 @@ from typing import Any
 from pipelines.data.packing import attention_inputs
 from pipelines.data.packing import collate as pack_collate
 from pipelines.train import worker
-from pipelines.train.base import (align_for_zero3, attach_lora, checksum, full_tensors, load_worker_base, per_rank,
-                                  weight_bytes, zero_dtype)
-from pipelines.train.config import LoraSection, QuantSection, TrainSection, WorkerJob, deepspeed_config
+from pipelines.train.base import attach_lora, checksum, frozen_dtype, full_tensors, start_worker, weight_bytes
+from pipelines.train.config import LoraSection, QuantSection, TrainSection, WorkerJob
 from pipelines.train.driver import run_stage
 from pipelines.train.engine import select_accelerator
 from pipelines.train.loop import run_loop
@@ -52,30 +51,13 @@ def run(lora: LoraSection, train: TrainSection, model_dir: str, data_dir: str | 
                              "dtype": dtype})
 
 
-def setup_worker(job: WorkerJob):
-    """Per-worker setup: threads, tokenizer, (4-bit) base + a fresh LoRA adapter, frozen checksum."""
-    import torch
-    from transformers import AutoTokenizer
-
-    train = job.train
-    torch.set_num_threads(max(1, int(round(train.cpus_per_worker * 2))))
-    tokenizer = AutoTokenizer.from_pretrained(job.model_dir)
-    model, base = load_worker_base(job)
-    model = attach_lora(model, job.lora, train.seed)
-    ds = deepspeed_config(train, job.dtype)
-    align_for_zero3(model, ds)
-    static = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-              **weight_bytes(model), **per_rank(model, base, zero_dtype(ds))}
-    return tokenizer, model, static
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """What each worker runs for SFT: token-weighted causal-LM loss on assistant tokens."""
     select_accelerator()
     job: WorkerJob = config["job"].on_node()  # the base model as this node has it
-    tokenizer, model, static = setup_worker(job)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    as_dtype = zero_dtype(deepspeed_config(job.train, job.dtype))
+    tokenizer, pad_id, model, static = start_worker(job, lambda base: attach_lora(base, job.lora, job.train.seed))
+    static.update(weight_bytes(model))
+    as_dtype = frozen_dtype(job)
     if worker.current().world_rank == 0:
         print(f"[sft] {static['trainable_params']:,} trainable LoRA parameters; base weights "
               f"{static['base_bytes_loaded'] / 2**20:.1f} MiB as loaded vs {static['base_bytes_bf16'] / 2**20:.1f}"

@@ -226,12 +226,28 @@ class LocalWorker:
             yield self
         finally:
             _LOCAL = None
-            dist.destroy_process_group()
+            _end_process_group()
             for k, v in saved.items():
                 os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
     def result(self) -> LocalResult:
         return LocalResult(self.reports[-1][0] if self.reports else None, list(self.reports))
+
+
+def _end_process_group() -> None:
+    """Destroy this process's group, and DeepSpeed's handle on it when DeepSpeed joined it (it keeps the group
+    in a module global, and a second local run in the process would find the first run's, destroyed)."""
+    import sys
+
+    import torch.distributed as dist
+
+    comm = sys.modules.get("deepspeed.comm.comm")
+    if comm is not None and comm.cdb is not None:
+        if comm.is_initialized():
+            comm.destroy_process_group()
+        comm.cdb = None
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _free_port() -> int:

@@ -211,3 +211,40 @@ def test_autocast_tf32_and_attention_choices(monkeypatch):
     assert resolve_attention("eager", "cpu") == "eager"
     with pytest.raises(ValueError, match="needs a GPU"):
         resolve_attention("flash_attention_2", "cpu")
+
+
+def test_qlora_checksum_survives_the_bias_cast_of_a_4bit_layer(tiny_model_dir):
+    """A Qwen2-shaped QLoRA base (attention biases): bitsandbytes' 4-bit layer casts its frozen bias to the input's
+    dtype in place on the first forward; the checksum in the compute dtype reads the same values before and after."""
+    from pipelines.artifacts.models import build_tiny_model
+    from pipelines.train.base import attach_lora, checksum, frozen_dtype, load_base
+    from pipelines.train.config import LoraSection, QuantSection, TrainSection, WorkerJob
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_tiny_model(tmp + "/q", arch="qwen2", seed=0)
+        quant = QuantSection(load_in_4bit=True, compute_dtype="bfloat16")
+        job = WorkerJob(model_dir=model_dir, dtype="bfloat16", quant=quant, train=TrainSection(), storage=tmp)
+        model = attach_lora(load_base(model_dir, "bfloat16", quant, False), LoraSection(r=4), 0)
+        frozen = lambda: [p for p in model.parameters() if not p.requires_grad]  # noqa: E731
+        as_dtype = frozen_dtype(job)
+        before, raw = checksum(frozen(), as_dtype), checksum(frozen())
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=torch.tensor([[1, 2, 3]]))
+        assert as_dtype == "bfloat16" and checksum(frozen(), as_dtype) == before
+        assert checksum(frozen()) != raw  # the raw bytes moved: the bias is bf16 now
+
+
+def test_two_local_sessions_with_deepspeed_in_one_process(tmp_path):
+    """DeepSpeed keeps the process group in a module global: a second local run must not find the first's."""
+    import deepspeed
+    import torch.distributed as dist
+
+    for _ in range(2):
+        with worker.LocalWorker({}, tmp_path, keep=1, device="cpu").session():
+            deepspeed.init_distributed(dist_backend="gloo")
+            t = torch.ones(2)
+            dist.all_reduce(t)
+            assert t.tolist() == [1.0, 1.0]
+        assert not dist.is_initialized()
