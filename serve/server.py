@@ -9,8 +9,9 @@ and loads the adapter into vLLM. What it lacks, added here through its own injec
   adapters named at start, and validates `adapter_config.json` before vLLM sees the folder.
 - Failure isolation: an adapter that fails to validate or load is a 503 for that adapter, remembered for
   `retry_failed_s`, instead of a 500 retried on every request.
-- vLLM's full-slot bug (STACK_NOTES, vllm#48421): `SlotGate` admits at most `max_loras` adapters into the
-  engine at once while the engine has one slot more.
+- vLLM's full-slot bug (vllm-project/vllm#48421: when every LoRA slot of a batch is filled, base requests in that
+  batch get the last slot's adapter): `SlotGate` admits at most `max_loras` adapters into the engine at once
+  while the engine has one slot more.
 
 vLLM's own CPU-side LRU (`max_cpu_loras`) holds the weights and loads a new adapter before evicting the least
 recently used one; Serve's multiplex LRU above it only caches resolutions and steers routing.
@@ -29,34 +30,29 @@ from typing import Any
 import ray
 from fastapi import HTTPException
 from ray import serve
-from ray.llm._internal.common.callbacks.base import CallbackBase
-from ray.llm._internal.common.models import global_id_manager
-from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
-from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
 from ray.serve.llm import LLMConfig, LLMServer
 
-from serve.adapters import (
+from serve.adapters import AdapterSource, SlotGate, StaticSource, base_identities, validate_adapter
+from serve.config import ServeConfig
+from serve.errors import (
+    RETRY_AFTER_S,
     AdapterInvalid,
     AdapterNotFound,
-    AdapterSource,
     BadAdapterName,
-    SlotGate,
-    StaticSource,
-    base_identities,
-    validate_adapter,
+    adapter_error,
+    engine_restarting,
+    unservable,
 )
-from serve.config import ServeConfig
+from serve.ray_llm import CallbackBase, DiskMultiplexConfig, LoraModelLoader, global_id_manager
 
 logger = logging.getLogger("loraforge.serve")
-ENGINE_DEAD = "the engine of this replica died; Serve is replacing the replica: retry"
-RETRY_AFTER_S = 5  # what a 503 tells the client to wait; a new CPU replica takes about a minute to load
 REPLICA_FIELD = "loraforge_replica"  # stamped on non-streaming responses; the ingress moves it to a header
 
 
 class LocalModelCallback(CallbackBase):
-    """Skips ray.serve.llm's node initialization (a Ray task per node that "downloads" the model: ~13 s on 2
-    cores, for a new worker process) when the model is a folder on this replica's node and the engine's
-    placement group lies on this node only: there is nothing to download."""
+    """Skips ray.serve.llm's node initialization (a Ray task per node, in a new worker process, that "downloads"
+    the model) when the model is a folder on this replica's node and the engine's placement group lies on this
+    node only: there is nothing to download."""
 
     async def on_before_node_init(self) -> None:
         source = self.llm_config.model_loading_config.model_source
@@ -80,12 +76,8 @@ class SourceLoader(LoraModelLoader):
         try:
             resolved = self.source.resolve(ref)
             validate_adapter(resolved.path, max_rank=self.cfg.max_lora_rank, bases=self.bases)
-        except BadAdapterName as e:
-            raise HTTPException(400, str(e)) from e
-        except AdapterNotFound as e:
-            raise HTTPException(404, f"no adapter {ref!r}") from e
-        except AdapterInvalid as e:
-            raise HTTPException(503, f"adapter {ref!r} cannot be served: {e}") from e
+        except (BadAdapterName, AdapterNotFound, AdapterInvalid) as e:
+            raise HTTPException(*adapter_error(e, ref)) from e
         return DiskMultiplexConfig(model_id=lora_model_id, max_total_tokens=None, local_path=resolved.path,
                                    lora_assigned_int_id=global_id_manager.next())
 
@@ -120,7 +112,7 @@ class LoRAServer(LLMServer):
                     self._failed[model_id] = (time.monotonic(), str(e.detail))
                 raise
             except Exception as e:  # noqa: BLE001 - vLLM refused the weights: this adapter only is unavailable
-                message = f"adapter {model_id.split(':', 1)[-1]!r} cannot be served: {e}"
+                message = unservable(model_id.split(":", 1)[-1], e)
                 self._failed[model_id] = (time.monotonic(), message)
                 raise HTTPException(503, message) from e
             self._failed.pop(model_id, None)
@@ -134,9 +126,6 @@ class LoRAServer(LLMServer):
                          "replaces the replica", self.replica, RETRY_AFTER_S)
         return self._dead_since is not None
 
-    def _unavailable(self) -> HTTPException:
-        return HTTPException(503, ENGINE_DEAD, headers={"Retry-After": str(RETRY_AFTER_S)})
-
     async def check_health(self) -> None:
         if self._engine_dead():
             raise RuntimeError(f"engine core died {time.monotonic() - self._dead_since:.0f} s ago")
@@ -149,7 +138,7 @@ class LoRAServer(LLMServer):
     async def _run_request(self, request: Any, *, engine_method: str, batch_output_stream: bool = False,
                            raw_request_info: Any = None) -> AsyncGenerator[Any, None]:
         if self._engine_dead():
-            raise self._unavailable()
+            raise engine_restarting()
         model_id = serve.get_multiplexed_model_id()
         if model_id:
             await self.gate.acquire(model_id)
@@ -161,7 +150,7 @@ class LoRAServer(LLMServer):
             if model_id:
                 await self.gate.release(model_id)
             if self._engine_dead():
-                raise self._unavailable() from e
+                raise engine_restarting() from e
             raise
         return self._stamped(stream, model_id)
 
@@ -172,13 +161,13 @@ class LoRAServer(LLMServer):
                 if getattr(item, "usage", None) is not None:  # a whole response (stream chunks come as lists)
                     setattr(item, REPLICA_FIELD, self.replica)  # vLLM's response models allow extra fields
                 elif getattr(item, "error", None) is not None and self._engine_dead():
-                    raise self._unavailable()  # vLLM's 500 "EngineCore encountered an issue"
+                    raise engine_restarting()  # vLLM's 500 "EngineCore encountered an issue"
                 yield item
         except HTTPException:
             raise
         except Exception as e:
             if self._engine_dead():
-                raise self._unavailable() from e
+                raise engine_restarting() from e
             raise
         finally:
             if model_id:

@@ -1,14 +1,13 @@
 """A vLLM plugin: grouped multi-LoRA ops for vLLM's CPU platform (entry point `vllm.general_plugins`).
 
 vLLM runs LoRA on CPUs through pure-PyTorch ops (`vllm/lora/ops/torch_ops/lora_ops.py`, used by
-`PunicaWrapperCPU`). Two problems with them in vLLM 0.32, both fixed here by replacing the three `bgmv_*` ops
-(the `sgmv_*` prefill ops delegate to them):
+`PunicaWrapperCPU`). Three problems with them in vLLM 0.32, fixed here: the first two by replacing the three
+`bgmv_*` ops (the `sgmv_*` prefill ops delegate to them), the third by replacing `add_lora_logits`:
 
 - **Speed.** Each op gathers one full, rank-padded weight matrix *per token* (`weights[indices]`, a
   [tokens, out, in] copy) before an einsum, in every LoRA layer of every step. The cost grows with
-  `max_lora_rank` and the batch, even for requests without an adapter: on SmolLM2-135M, 48 concurrent requests,
-  enabling LoRA at max_lora_rank=64 cut vLLM's base-model throughput from 170 to 51 tokens/s (bench/). These
-  ops instead run one matmul per adapter present in the batch, on that adapter's rows.
+  `max_lora_rank` and the batch, even for requests without an adapter (bench/serve_throughput.py
+  --stock-lora compares). These ops instead run one matmul per adapter present in the batch, on that adapter's rows.
 - **Correctness** (vllm-project/vllm#48421, open upstream): tokens without an adapter carry index -1, which the
   GPU kernels skip; the CPU ops index `weights[-1]`, so a base request batched next to adapter requests gets
   the last slot's adapter once every slot is filled. These ops give such rows no LoRA delta, as the GPU
@@ -16,11 +15,10 @@ vLLM runs LoRA on CPUs through pure-PyTorch ops (`vllm/lora/ops/torch_ops/lora_o
 - **Prompt log-probs** (`echo` + `logprobs`, `prompt_logprobs`: how evaluation harnesses score multiple choice):
   vLLM computes them with one `compute_logits` per request over that request's prompt rows, but the LoRA logits
   path (`PunicaWrapperCPU.add_lora_logits`) maps rows to adapters with `sampler_indices`, one entry per request
-  in the batch. With several such requests in a batch the row counts differ and vLLM's op raised (`einsum():
-  subscript b has size 3 for operand 1 which does not broadcast with previously seen size 51`), killing the
-  engine. `add_lora_logits` here takes each prompt row's adapter from the batch's per-token indices instead: the
-  prompt rows are a slice of the step's hidden states, whose position the model runner's prompt-logprob pass
-  (wrapped to note its hidden states) and the slice's storage offset give.
+  in the batch. With several such requests in a batch the row counts differ and vLLM's op raises (an einsum
+  broadcast error), which kills the engine. `add_lora_logits` here takes each prompt row's adapter from the
+  batch's per-token indices instead: the prompt rows are a slice of the step's hidden states, whose position
+  the model runner's prompt-logprob pass (wrapped to note its hidden states) and the slice's storage offset give.
 
 vLLM loads general plugins in every process it starts (API server, engine core, workers), which is the only
 way to reach the worker that runs the model. The plugin changes nothing unless the platform is CPU and the

@@ -40,7 +40,10 @@ from pipelines.artifacts import storage
 from pipelines.artifacts.manifest import MANIFEST, hash_path, read_manifest
 from pipelines.schema import Section, UserError
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# The grammar of names and references, for the registry and for serving alike: a name is NAME_PATTERN (no "..");
+# a reference is `name`, `name@<version>` or `name@<alias>`, its selector also NAME_PATTERN.
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+NAME = re.compile(rf"^{NAME_PATTERN}$")
 ALIAS = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 KINDS = ("lora_adapter", "merged_model", "quantized_model")
 PICKLES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -79,7 +82,7 @@ class ResolvedArtifact:
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME.match(name) or ".." in name:
+    if not isinstance(name, str) or not NAME.fullmatch(name) or ".." in name:
         raise RegistryError(f"name {name!r}: must match {NAME.pattern} (no '/', no '..')")
     return name
 
@@ -91,11 +94,14 @@ def check_alias(alias: str) -> str:
 
 
 def parse_ref(ref: str) -> tuple[str, str | None]:
-    """'name' | 'name@3' | 'name@production' -> (name, selector or None)."""
-    name, _, sel = ref.partition("@")
+    """'name' | 'name@3' | 'name@production' -> (name, selector or None); the selector matches NAME too, so a
+    reference holds no '/', no '..' and one '@' at most."""
+    name, at, sel = ref.partition("@")
     check_name(name)
-    if _ and not sel:
+    if at and not sel:
         raise RegistryError(f"reference {ref!r}: nothing after '@'")
+    if sel and (not NAME.fullmatch(sel) or ".." in sel):
+        raise RegistryError(f"reference {ref!r}: the part after '@' must match {NAME.pattern} (no '/', no '..')")
     return name, sel or None
 
 

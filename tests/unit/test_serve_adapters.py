@@ -33,10 +33,16 @@ def adapter(folder: Path, **conf) -> str:
     return str(folder)
 
 
-@pytest.mark.parametrize("ref", ["../etc", "a/b", "/abs", "a..b", "", "x@../y", "a@b@c", "é"])
+@pytest.mark.parametrize("ref", ["../etc", "a/b", "/abs", "a..b", "", "x@../y", "a@b@c", "é", "x@", "a\n",
+                                 "a@b\n", "x@a..b"])
 def test_bad_names_are_refused_before_touching_disk(ref):
-    with pytest.raises(BadAdapterName):
+    from pipelines.artifacts.registry import RegistryError
+    from pipelines.artifacts.registry import parse_ref as registry_parse_ref
+
+    with pytest.raises(BadAdapterName, match="invalid adapter name"):
         parse_ref(ref)
+    with pytest.raises(RegistryError):  # one grammar: the registry refuses the same references
+        registry_parse_ref(ref)
 
 
 def test_parse_ref():

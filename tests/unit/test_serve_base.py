@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from pipelines.schema import UserError
 from serve.base import check_servable, resolve_base
 
 
@@ -20,7 +21,7 @@ def base(tmp_path, name, quant=None):
 
 def test_awq_and_int4_bases_are_refused_on_cpu_with_the_reason(tmp_path):
     awq = base(tmp_path, "awq", {"quant_method": "awq", "bits": 4})
-    with pytest.raises(ValueError, match="cpu_gemm_wna16"):
+    with pytest.raises(UserError, match="cpu_gemm_wna16"):
         check_servable(awq, has_gpu=False)
     check_servable(awq, has_gpu=True)
     w4 = base(tmp_path, "w4", {"quant_method": "compressed-tensors",
@@ -44,9 +45,9 @@ def test_base_from_the_registry(tmp_path):
                 {"base_model": "/m", "base_model_hash": "sha256:x", "source": "city@1"})
     assert resolve_base("city-merged", str(tmp_path / "reg")).endswith("models/city-merged/1")
     assert resolve_base(merged, None) == merged
-    with pytest.raises(ValueError, match="not registered"):
+    with pytest.raises(UserError, match="not registered"):
         resolve_base("nope", str(tmp_path / "reg"))
-    with pytest.raises(ValueError, match="no serve.registry"):
+    with pytest.raises(UserError, match="no serve.registry"):
         resolve_base("nope", None)
 
 

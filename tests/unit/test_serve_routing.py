@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from serve.openai_protocol import APIError
+from serve.errors import APIError
 from serve.routing import adapter_part, bucket, caller_key, choose, route
 
 SPLIT = {"city": {"city@3": 80, "city@4": 20}}
@@ -61,7 +61,7 @@ def test_a_dead_or_replaced_replica_is_a_503_and_errors_keep_their_status():
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
     from ray.serve.exceptions import BackPressureError
 
-    from serve.ingress import status_and_message
+    from serve.errors import status_and_message
 
     assert status_and_message(ActorDiedError())[0] == 503
     assert status_and_message(ActorUnavailableError("gone", b"x" * 16))[0] == 503
