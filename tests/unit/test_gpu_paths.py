@@ -236,15 +236,21 @@ def test_qlora_checksum_survives_the_bias_cast_of_a_4bit_layer(tiny_model_dir):
         assert checksum(frozen()) != raw  # the raw bytes moved: the bias is bf16 now
 
 
-def test_two_local_sessions_with_deepspeed_in_one_process(tmp_path):
-    """DeepSpeed keeps the process group in a module global: a second local run must not find the first's."""
+def test_two_local_deepspeed_engines_in_one_process(tmp_path, monkeypatch):
+    """DeepSpeed keeps the process group in a module global: a second local run in the process (ZeRO-3 after
+    ZeRO-2) must not find the first run's destroyed group ("Group ... is not registered")."""
     import deepspeed
     import torch.distributed as dist
 
-    for _ in range(2):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    for stage in (2, 3):
         with worker.LocalWorker({}, tmp_path, keep=1, device="cpu").session():
             deepspeed.init_distributed(dist_backend="gloo")
-            t = torch.ones(2)
-            dist.all_reduce(t)
-            assert t.tolist() == [1.0, 1.0]
+            model = torch.nn.Linear(4, 4)
+            cfg = {"train_batch_size": 1, "zero_optimization": {"stage": stage},
+                   "zero_allow_untested_optimizer": True}
+            engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()),
+                                              config=cfg)
+            engine.backward(engine(torch.ones(1, 4)).sum())
+            engine.step()
         assert not dist.is_initialized()
