@@ -26,7 +26,7 @@ from pipelines.export.merge import MergeSection
 from pipelines.export.quantize import QuantizeSection
 from pipelines.schema import DataError, MissingInput, Section, UserError
 from pipelines.train.config import DPOSection, LoraSection, QuantSection, TrainSection, check_combination
-from serve.config import ServeConfig
+from serve.config import ServeConfig, lora_ranks
 from tune.space import TuneSection
 
 CURATED_TEST = "curated"  # eval.test_path: this run's curated test split (the data stage's curated/test folder)
@@ -83,7 +83,7 @@ class RunConfig(Section):
         if self.tune and self.tune.space.r and max(self.tune.space.r) > self.serve.max_lora_rank:
             raise ValueError(f"tune.space.r goes up to {max(self.tune.space.r)} > serve.max_lora_rank="
                              f"{self.serve.max_lora_rank}: the sweep's winner might not fit vLLM's LoRA slots; raise "
-                             "serve.max_lora_rank (8, 16, 32, 64, 128, 256, 320, 512) or drop the larger ranks")
+                             f"serve.max_lora_rank ({lora_ranks()}) or drop the larger ranks")
         if self.tune and self.data.split.validation <= 0:
             raise ValueError("tune: a sweep ranks trials on eval_loss and needs a validation split; set "
                              "data.split.validation > 0")
@@ -153,7 +153,7 @@ def preflight(cfg: RunConfig, checks: tuple[str, ...] | list[str], source: str =
         if cfg.lora.r > cfg.serve.max_lora_rank:
             raise ConfigError(f"{source}: lora.r={cfg.lora.r} > serve.max_lora_rank={cfg.serve.max_lora_rank}: the "
                               "served adapter would not fit vLLM's LoRA slots; raise serve.max_lora_rank (one of "
-                              "8, 16, 32, 64, 128, 256, 320, 512) or lower lora.r")
+                              f"{lora_ranks()}) or lower lora.r")
 
 
 def _check_rows(spec: str, key: str, source: str) -> None:

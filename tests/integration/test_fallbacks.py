@@ -40,7 +40,7 @@ def test_ingress_answers_a_corrupt_registry_with_503_and_an_unknown_name_with_40
     from serve.adapters import RegistrySource, Resolver
     from serve.config import ServeConfig
     from serve.ingress import LoRAIngress, status_and_message
-    from serve.openai_protocol import APIError
+    from serve.errors import APIError
 
     (tmp_path / "index.json").write_text(json.dumps({"format": 1, "models": {}}))
     ingress = types.SimpleNamespace(cfg=ServeConfig(), resolver=Resolver(RegistrySource(str(tmp_path))))
