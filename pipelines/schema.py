@@ -35,6 +35,11 @@ class DataError(UserError, ValueError):
     """Input that exists but cannot be used: no rows, too many rejected rows, rows of mixed kinds."""
 
 
+class ConfigError(UserError, ValueError):
+    """A config that does not validate, or a key a stage needs that is unset; the message names the file or key,
+    and what to set."""
+
+
 def cluster_gpus() -> float:
     """GPUs the connected Ray cluster has now (0 without Ray: a local CPU run)."""
     import ray

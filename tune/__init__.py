@@ -1,5 +1,3 @@
-"""Ray Tune sweeps (rank / alpha / LR with ASHA) over the pipelines' trainers.
-
-Not built yet: the foundation issue leaves this package empty on purpose; the sweep driver lands with its own
-issue. It may import `pipelines` only (DESIGN.md §2).
+"""Ray Tune sweeps (rank / alpha / learning rate, ASHA early stopping) over the SFT trainer: `space` (the `tune:`
+config section), `sweep` (the stage). Imports `pipelines` only, never `cluster` or `serve`.
 """

@@ -6,8 +6,8 @@
 Each trial is a function that fits its own Ray Train `TorchTrainer` with the SFT worker loop (Ray Train V2); rank
 0's reports reach Tune through `TuneReportCallback`, at the validation cadence, so ASHA compares trials on
 `eval_loss` at the same step counts. Tune over Train V2 needs Ray's State API (the dashboard): without it the
-placement groups of trials ASHA stops are never released and the sweep hangs (STACK_NOTES); `run` refuses such a
-cluster up front.
+placement groups of trials ASHA stops are never released and the sweep hangs; `run` refuses such a cluster up
+front.
 
 Output folder: `winner/`, an ordinary adapter folder (the best checkpoint by eval_loss over every report of every
 trial) whose `manifest.json` lineage names the sweep, the trial, its config and every trial's metrics;
@@ -36,14 +36,14 @@ from pydantic import Field
 
 from pipelines.artifacts import storage
 from pipelines.artifacts.manifest import read_manifest
-from pipelines.schema import Section, UserError
+from pipelines.schema import DataError, Section, UserError
 from pipelines.train import sft
 from pipelines.train.config import LoraSection, QuantSection, TrainSection, WorkerJob
 from pipelines.train.driver import copy_adapter, finish_stage, fit_on_ray
 from pipelines.train.loop import NO_EVAL
 from tune.space import LogRange, TuneSection, apply_trial, grid_points, grid_size, trial_label
 
-TRIAL_DRIVER_CPU = 0.01  # the trial function only waits on its trainer; 0 is refused by Tune (STACK_NOTES)
+TRIAL_DRIVER_CPU = 0.01  # the trial function only waits on its trainer; Tune refuses a resource request of 0
 RELEASE_WAIT_S = 60.0  # after fit(): how long to wait for the trials' placement groups to be removed
 
 
@@ -90,7 +90,7 @@ def run(tune_cfg: TuneSection, lora: LoraSection, train: TrainSection, model_dir
     out.mkdir(parents=True, exist_ok=True)
     data_manifest = read_manifest(data_dir, kind="tokenized_dataset")
     if "validation" not in data_manifest.get("outputs", {}):
-        raise UserError(f"{data_dir}: the tokenized data has no validation split, and a sweep ranks trials on "
+        raise DataError(f"{data_dir}: the tokenized data has no validation split, and a sweep ranks trials on "
                         "eval_loss; set data.split.validation > 0 and rerun `loraforge tokenize`")
     check_state_api()
     state = state_uri.rstrip("/") if state_uri else str(out)

@@ -15,7 +15,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from pipelines.schema import DataError, MissingInput
+
 MANIFEST = "manifest.json"
+# The stage command whose output folder holds an artifact of each kind (named in refusals).
+MADE_BY = {"curated_dataset": "loraforge curate", "tokenized_dataset": "loraforge tokenize",
+           "preference_dataset": "loraforge dpo", "lora_adapter": "loraforge sft",
+           "eval_report": "loraforge evaluate", "merged_model": "loraforge merge",
+           "quantized_model": "loraforge quantize"}
 
 
 def hash_path(path: str | os.PathLike, *, skip: tuple[str, ...] = (MANIFEST,),
@@ -108,11 +115,18 @@ def publish_folder(tmp: str | os.PathLike, out: str | os.PathLike, *, replace: b
 
 
 def read_manifest(folder: str | os.PathLike, *, kind: str | None = None) -> dict[str, Any]:
-    """Read a stage's manifest; with `kind`, refuse an artifact of another kind."""
+    """A stage's manifest. MissingInput when the folder has none, DataError when it is not JSON or, with `kind`,
+    when the artifact is of another kind; each names the folder and the stage whose output is wanted."""
     path = Path(folder) / MANIFEST
+    want = f"the output folder of `{MADE_BY[kind]}`" if kind in MADE_BY else "the output folder of a loraforge stage"
     if not path.is_file():
-        raise FileNotFoundError(f"{folder}: no {MANIFEST} here; is this the output folder of a loraforge stage?")
-    doc = json.loads(path.read_text())
+        raise MissingInput(f"{folder}: no {MANIFEST} here; give {want}")
+    try:
+        doc = json.loads(path.read_text())
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+        raise DataError(f"{path}: not valid JSON ({e}); rerun the stage that wrote {folder}") from None
+    if not isinstance(doc, dict):
+        raise DataError(f"{path}: not a manifest (a JSON object); rerun the stage that wrote {folder}")
     if kind is not None and doc.get("kind") != kind:
-        raise ValueError(f"{path}: expected an artifact of kind {kind!r}, found {doc.get('kind')!r}")
+        raise DataError(f"{path}: expected an artifact of kind {kind!r}, found {doc.get('kind')!r}; give {want}")
     return doc

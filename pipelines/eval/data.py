@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.data.readers import read_conversations
-from pipelines.schema import DataError
+from pipelines.schema import DataError, MissingInput
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +95,25 @@ def render(tokenizer, messages: list[dict[str, str]]) -> str:
 
 
 def mmlu_items(folder: str, subjects: list[str], per_subject: int) -> list[tuple[str, int]]:
-    """(zero-shot prompt ending in 'Answer:', correct index 0-3) from <folder>/test/<subject>_test.csv."""
+    """(zero-shot prompt ending in 'Answer:', correct index 0-3) from <folder>/test/<subject>_test.csv (rows:
+    question, four choices, the answer as A-D or 0-3). A missing file is MissingInput, a malformed row DataError,
+    each naming eval.mmlu_dir / eval.mmlu_subjects."""
     items = []
     for subject in subjects:
         path = Path(folder) / "test" / f"{subject}_test.csv"
+        if not path.is_file():
+            raise MissingInput(f"eval.mmlu_dir={folder!r}: no {path} for subject {subject!r}; point eval.mmlu_dir at "
+                               "an MMLU folder with test/<subject>_test.csv, or drop the subject from "
+                               "eval.mmlu_subjects")
         with open(path, newline="") as fh:
-            reader = csv.reader(fh)
-            rows = [r for r in reader if r and r[0] != "question"]
-        for r in rows[:per_subject]:
-            q, choices, answer = r[0], r[1:5], r[5]
-            answer_idx = int(answer) if answer.strip().isdigit() else "ABCD".index(answer.strip())
+            rows = [r for r in csv.reader(fh) if r and r[0] != "question"]
+        for line, r in enumerate(rows[:per_subject], 1):
+            answer = r[5].strip() if len(r) >= 6 else ""
+            if not (answer in ("0", "1", "2", "3") or answer in ("A", "B", "C", "D")):
+                raise DataError(f"{path}: row {line} is not question, four choices, answer (A-D or 0-3): {r[:6]!r}; "
+                                "fix the file or drop the subject from eval.mmlu_subjects")
+            q, choices = r[0], r[1:5]
+            answer_idx = int(answer) if answer.isdigit() else "ABCD".index(answer)
             body = "\n".join(f"{letter}. {c}" for letter, c in zip("ABCD", choices))
             topic = subject.replace("_", " ")
             items.append((f"The following is a multiple choice question about {topic}.\n\n{q}\n{body}\nAnswer:",
@@ -113,12 +122,25 @@ def mmlu_items(folder: str, subjects: list[str], per_subject: int) -> list[tuple
 
 
 def general_texts(path: str, field: str, limit: int) -> list[str]:
-    """Held-out general passages: a .txt (one per line) or JSON/JSONL rows with `field`."""
+    """Held-out general passages: a .txt (one per line) or JSON/JSONL rows with `field`. A missing file is
+    MissingInput, unparsable JSON or no passage at all DataError, each naming eval.general_text_path."""
     p = Path(path)
+    if not p.is_file():
+        raise MissingInput(f"eval.general_text_path={path!r}: no such file; give a .txt (a passage per line) or "
+                           "JSON/JSONL rows, or unset it to skip the general-text check")
+    text = p.read_text()
     if p.suffix == ".txt":
-        texts = [x.strip() for x in p.read_text().splitlines() if x.strip()]
+        texts = [x.strip() for x in text.splitlines() if x.strip()]
     else:
-        text = p.read_text()
-        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
+        try:
+            rows = json.loads(text) if text.lstrip().startswith("[") else \
+                [json.loads(x) for x in text.splitlines() if x.strip()]
+        except ValueError as e:
+            raise DataError(f"eval.general_text_path={path!r}: not JSON or JSONL ({e}); give a .txt (a passage per "
+                            "line) or JSON/JSONL rows") from None
         texts = [str(r.get(field) or "").strip() for r in rows if isinstance(r, dict)]
-    return [t for t in texts if t][:limit]
+    texts = [t for t in texts if t][:limit]
+    if not texts:
+        raise DataError(f"eval.general_text_path={path!r}: no passage (no non-empty line, or no row with "
+                        f"eval.general_text_field={field!r}); point it at text, or unset it")
+    return texts

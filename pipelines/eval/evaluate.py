@@ -27,7 +27,7 @@ from pipelines.eval.data import few_shot_messages, general_texts, mmlu_items, re
 from pipelines.eval.generate import load_with_adapters, resolve_dtype
 from pipelines.eval.judge import caveat, judge_scores
 from pipelines.eval.metrics import exact_match, perplexity, text_metrics
-from pipelines.schema import Section, actor_gpus, cluster_gpus, torch_device
+from pipelines.schema import ConfigError, DataError, Section, actor_gpus, cluster_gpus, torch_device
 
 
 class JudgeSection(Section):
@@ -82,11 +82,18 @@ def run(cfg: EvalSection, base_model: str, adapters: dict[str, str], out_dir: st
     """Evaluate base, few-shot base and each adapter; write eval.json, eval_report.md, plots, manifest."""
 
     if not cfg.test_path:
-        raise ValueError("eval.test_path is not set: evaluation needs a test split")
+        raise ConfigError("eval.test_path is not set: evaluation needs test rows; set eval.test_path (or pass "
+                          "--test FILE) to a file, folder or glob of test rows, or hold rows out of training with "
+                          "data.split.test > 0")
     read = {"test": read_rows(cfg.test_path)}
     if cfg.few_shot_path:
         read["few_shot"] = read_rows(cfg.few_shot_path)
     shots, test = split_shots(read["test"].rows, cfg, read["few_shot"].rows if cfg.few_shot_path else None)
+    if not test:
+        raise DataError(f"eval.test_path={cfg.test_path!r}: its {len(shots)} usable row(s) all went to the few-shot "
+                        f"prompt (eval.few_shot_k={cfg.few_shot_k}), leaving none to test; give more test rows, "
+                        "lower eval.few_shot_k, or set eval.few_shot_path")
+    checks = _forgetting_inputs(cfg)  # read before any model loads, so a bad path fails at once
     test = test[: cfg.max_samples]
     variants = ["base"] + (["few_shot"] if shots else []) + list(adapters)
     tok = _tokenizer(base_model)
@@ -101,7 +108,7 @@ def run(cfg: EvalSection, base_model: str, adapters: dict[str, str], out_dir: st
                                      cfg.batch_size, cfg.max_lora_rank, num_gpus=num_gpus, dtype=dtype)
     preds = {v: [a.strip() for a, t in zip(answers, todo) if t["variant"] == v] for v in variants}
     scores = {v: _text_scores(cfg, preds[v], refs) for v in variants}
-    perplexities, forgetting = _likelihoods(cfg, base_model, adapters, prompts, refs, num_gpus, dtype)
+    perplexities, forgetting = _likelihoods(checks, base_model, adapters, prompts, refs, num_gpus, dtype)
     for v in variants:
         scores[v]["perplexity"] = perplexities[v]
     judge = _judge(cfg, test, refs, preds, scores)
@@ -172,8 +179,9 @@ def start_scorer(base_model: str, adapters: dict[str, str], dtype: str = "auto",
     return ray.remote(**options)(Scorer).remote(base_model, adapters, resolve_dtype(dtype, device), device)
 
 
-def _likelihoods(cfg: EvalSection, base_model: str, adapters: dict[str, str], prompts: dict[str, list[str]],
-                 refs: list[str], num_gpus: float, dtype: str) -> tuple[dict[str, float], dict[str, Any]]:
+def _likelihoods(checks: tuple[list[tuple[str, int]], list[str]], base_model: str, adapters: dict[str, str],
+                 prompts: dict[str, list[str]], refs: list[str], num_gpus: float,
+                 dtype: str) -> tuple[dict[str, float], dict[str, Any]]:
     """Perplexity of the references per variant, and the forgetting checks, from one Scorer actor (freed after)."""
     import ray
 
@@ -181,7 +189,7 @@ def _likelihoods(cfg: EvalSection, base_model: str, adapters: dict[str, str], pr
     try:
         ppl = {v: ray.get(scorer.perplexity.remote(p, refs, None if v in ("base", "few_shot") else v))
                for v, p in prompts.items()}
-        return ppl, _forgetting(cfg, scorer, adapters)
+        return ppl, _forgetting(scorer, adapters, *checks)
     finally:
         ray.kill(scorer)
 
@@ -241,16 +249,22 @@ class Scorer:
         return hits / len(items)
 
 
-def _forgetting(cfg: EvalSection, scorer, adapters: dict[str, str]) -> dict[str, Any]:
+def _forgetting_inputs(cfg: EvalSection) -> tuple[list[tuple[str, int]], list[str]]:
+    """The forgetting checks' inputs: MMLU items (eval.mmlu_dir) and general passages (eval.general_text_path);
+    empty when unset."""
+    items = mmlu_items(cfg.mmlu_dir, cfg.mmlu_subjects, cfg.mmlu_per_subject) if cfg.mmlu_dir else []
+    texts = general_texts(cfg.general_text_path, cfg.general_text_field, cfg.general_max_samples) \
+        if cfg.general_text_path else []
+    return items, texts
+
+
+def _forgetting(scorer, adapters: dict[str, str], items: list[tuple[str, int]], texts: list[str]) -> dict[str, Any]:
     """Per variant MMLU accuracy and general-text NLL (from the Scorer actor `scorer`); per adapter the deltas vs
     base."""
     import ray
 
     out: dict[str, Any] = {}
     names: list[str | None] = [None, *adapters]
-    items = mmlu_items(cfg.mmlu_dir, cfg.mmlu_subjects, cfg.mmlu_per_subject) if cfg.mmlu_dir else []
-    texts = general_texts(cfg.general_text_path, cfg.general_text_field, cfg.general_max_samples) \
-        if cfg.general_text_path else []
     for name in names:
         row: dict[str, float] = {}
         if items:

@@ -2,8 +2,8 @@
 and every adapter, and answers each row with the row's variant (base, few-shot base, or an adapter).
 
 Two engines behind one interface: vLLM offline (`vllm.LLM`, enable_lora, greedy; the default for real models)
-and transformers + PEFT (left-padded batched `generate`; starts in a second, which is what the tiny-model tests
-use). float32 greedy output of the two matched exactly on this CPU (STACK_NOTES).
+and transformers + PEFT (left-padded batched `generate`; starts in a second, for tiny models and machines
+without vLLM). Both decode greedily.
 
 Both compute in `eval.dtype`, resolved for the device that computes (`resolve_dtype`): `auto` is bfloat16 on a
 GPU, float32 on a CPU (faster there without native bf16, and exact).
@@ -40,8 +40,8 @@ class Generator:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
             from vllm import LLM
 
-            # max_loras one above the adapters in use: vLLM applied the last slot's adapter to base requests
-            # sharing a batch when every slot was full (STACK_NOTES, vllm#48421).
+            # max_loras one above the adapters in use: with every LoRA slot full, vLLM applies the last slot's
+            # adapter to the base requests that share its batch (vllm#48421).
             self.llm = LLM(model=base_model, dtype=dtype, enable_lora=bool(adapters),
                            max_loras=len(adapters) + 1, max_lora_rank=max_lora_rank,
                            max_model_len=model_len(base_model, max_model_len),

