@@ -50,6 +50,7 @@ demo: $(STAMP)
 	$(BIN)/loraforge run configs/quickstart-cpu.yaml
 
 test: $(STAMP) $(AWQ_STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests -q --durations=15 --timeout=1200
 
 unit: $(STAMP)
