@@ -18,7 +18,8 @@ registry_app = typer.Typer(add_completion=False, no_args_is_help=True,
 ROOT = typer.Option("registry", "--root", help="Registry folder.")
 
 
-def registry_list(root: Path = ROOT, as_json: bool = typer.Option(False, "--json", help="One JSON list, last line.")) -> None:
+def registry_list(root: Path = ROOT,
+                  as_json: bool = typer.Option(False, "--json", help="One JSON list, last line.")) -> None:
     """Registered names with their versions and aliases."""
     rows = Registry(root).list()
     for r in rows:

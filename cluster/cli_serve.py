@@ -42,7 +42,8 @@ def deploy(config: Path = CONFIG,
     """Start the serve app on a running Ray cluster and return, leaving it running there.
 
     The base model folder, adapter folders and serve.registry must be paths the cluster's nodes can read
-    (shared storage); set serve.host=0.0.0.0 to reach the proxy from outside the head. Remove the app later with `serve shutdown --address ...` (Ray's CLI) or a redeploy."""
+    (shared storage); set serve.host=0.0.0.0 to reach the proxy from outside the head. Remove the app later with
+    `serve shutdown --address ...` (Ray's CLI) or a redeploy."""
     cfg = load(config, [*(overrides or []), f"ray.address={address}"], stages.SERVE.needs)
     import ray
 

@@ -3,7 +3,7 @@ with no options of its own gets `stage_command`).
 
     loraforge run configs/quickstart-cpu.yaml [--dry-run] [--force S] [--from S] [--until S]  # the job graph
     loraforge tokenize CONFIG | curate CONFIG | sft CONFIG | dpo CONFIG
-    loraforge tune CONFIG [--register NAME]                       # Ray Tune sweep with ASHA; winner in <run>/tune/winner
+    loraforge tune CONFIG [--register NAME]                       # Ray Tune + ASHA; winner in <run>/tune/winner
     loraforge evaluate CONFIG --adapter runs/x/sft [--gate] [--force]
     loraforge merge CONFIG --adapter runs/x/sft [--out DIR] [--register NAME]
     loraforge quantize CONFIG [--model runs/x/merge] [quantize.method=int8|awq] [--register NAME]

@@ -85,7 +85,8 @@ class TrainSection(Section):
     early_stopping_patience: int = Field(0, ge=0, description="Stop after N evaluations without improvement (0: off).")
     checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (the best by validation loss among them).")
-    max_failures: int = Field(2, ge=0, description="Worker-group restarts Ray Train attempts, from the last checkpoint.")
+    max_failures: int = Field(2, ge=0, description=(
+        "Worker-group restarts Ray Train attempts, from the last checkpoint."))
     fail_once_at_step: int | None = Field(None, ge=1, description=(
         "Fault drill: the rank-0 worker process kills itself (SIGKILL) once at this step (marker in the storage "
         "folder), to exercise recovery from a dead worker."))
@@ -185,7 +186,8 @@ class DPOSection(Section):
     lr: float | None = Field(None, gt=0, description=(
         "DPO peak learning rate; default train.lr. DPO usually wants a lower one than SFT (e.g. 5e-6 to 5e-5)."))
     warmup_steps: int | None = Field(None, ge=0, description="DPO linear warmup steps; default train.warmup_steps.")
-    batch_size: int | None = Field(None, ge=1, description="Pairs per worker per micro-batch; default train.batch_size.")
+    batch_size: int | None = Field(None, ge=1, description=(
+        "Pairs per worker per micro-batch; default train.batch_size."))
 
     @field_validator("columns")
     @classmethod

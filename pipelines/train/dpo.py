@@ -151,7 +151,8 @@ def prepare(cfg: DPOSection, model_dir: str, sft_dir: str, out_dir: str | os.Pat
         ds = ds.limit(cfg.max_pairs)
     options = reference_options(cfg, cluster_gpus())
     store_fs = storage.filesystem(sft_uri)[0] if sft_uri else None  # built here, where the credentials are
-    ds = ds.map_batches(_PrepareBatch, fn_constructor_args=(model_dir, str(sft_dir), cfg, dtype, quant or QuantSection(),
+    ds = ds.map_batches(_PrepareBatch, fn_constructor_args=(model_dir, str(sft_dir), cfg, dtype,
+                                                            quant or QuantSection(),
                                                             torch_device(options["num_gpus"]), sft_uri, store_fs,
                                                             model_name),
                         concurrency=(1, 2), batch_size=32, batch_format="numpy", **options).materialize()
@@ -258,8 +259,8 @@ def _collate(pad_id: int):
     def collate(batch: dict[str, Any]) -> dict[str, Any]:
         import torch
 
-        rows = [(list(i), list(l)) for i, l in zip(batch["chosen_input_ids"], batch["chosen_labels"])]
-        rows += [(list(i), list(l)) for i, l in zip(batch["rejected_input_ids"], batch["rejected_labels"])]
+        rows = [(list(ids), list(lab)) for ids, lab in zip(batch["chosen_input_ids"], batch["chosen_labels"])]
+        rows += [(list(ids), list(lab)) for ids, lab in zip(batch["rejected_input_ids"], batch["rejected_labels"])]
         padded = {k: torch.tensor(v, dtype=torch.long) for k, v in pad_batch(rows, pad_id).items()}
         padded["ref_chosen"] = torch.tensor(batch["ref_chosen"], dtype=torch.float32)
         padded["ref_rejected"] = torch.tensor(batch["ref_rejected"], dtype=torch.float32)

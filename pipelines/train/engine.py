@@ -119,7 +119,8 @@ class Engine:
                     "optimizer": type(self.opt).__name__}
         offload = self.model.zero_offload_optimizer()
         device = getattr(offload, "device", None) if offload is not None else None
-        return {"engine": "deepspeed", "autocast": self.autocast_dtype, "zero_stage": int(self.model.zero_optimization_stage()),
+        return {"engine": "deepspeed", "autocast": self.autocast_dtype,
+                "zero_stage": int(self.model.zero_optimization_stage()),
                 "offload_optimizer_device": getattr(device, "value", device),
                 # stage 1/2 call it cpu_offload, stage 3 offload_optimizer
                 "optimizer_offloaded": bool(getattr(self.opt, "cpu_offload", getattr(self.opt, "offload_optimizer",

@@ -260,7 +260,8 @@ def run_loop(job: WorkerJob, model, *, loss_fn: Callable, collate, count_items: 
             if cuda:
                 state.setdefault("memory", {})["peak_allocated_bytes"] = int(
                     torch.cuda.max_memory_allocated(engine.device))
-        if stop or step == train.max_steps or evaluating or (train.checkpoint_every and step % train.checkpoint_every == 0):
+        periodic = bool(train.checkpoint_every) and step % train.checkpoint_every == 0
+        if stop or step == train.max_steps or evaluating or periodic:
             state["stopped_early"] = stop
             checkpoint(final=stop or step == train.max_steps)
         if stop:

@@ -7,8 +7,9 @@ DeepSpeed ZeRO, checkpoints that resume after a worker dies, validation and earl
 
 Output folder: the PEFT adapter (adapter_config.json + adapter_model.safetensors), the tokenizer with its chat
 template, `loss.png`, and `manifest.json` (lineage, config, metrics incl. `loss_history`; `ranks`: per worker, where
-its base came from — `base_load` quantized-here / prequantized-cache / zero3-partitioned / full, and `node_id` — its parameter
-count held locally, and its frozen checksum; `engine`: ZeRO stage and optimizer offload as DeepSpeed reports them).
+its base came from — `base_load` quantized-here / prequantized-cache / zero3-partitioned / full, and `node_id` — its
+parameter count held locally, and its frozen checksum; `engine`: ZeRO stage and optimizer offload as DeepSpeed
+reports them, and the autocast dtype).
 """
 
 from __future__ import annotations

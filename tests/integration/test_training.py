@@ -115,8 +115,9 @@ def test_ddp_reference_trains(reference):
     assert manifest["metrics"]["world_size"] == 2
     for r in manifest["metrics"]["ranks"]:  # DDP replicates a 16/32-bit base: the whole of it on every rank
         assert r["base_load"] == "full" and r["base_params_local"] == r["base_params_total"]
-    assert manifest["metrics"]["engine"] == {"engine": "ddp", "zero_stage": 0, "offload_optimizer_device": None,
-                                             "optimizer_offloaded": False, "optimizer": "AdamW"}
+    assert manifest["metrics"]["engine"] == {"engine": "ddp", "autocast": None, "zero_stage": 0,
+                                             "offload_optimizer_device": None, "optimizer_offloaded": False,
+                                             "optimizer": "AdamW"}
     assert manifest["metrics"]["eval_history"] and manifest["metrics"]["best_eval_loss"] is not None
     assert (folder / "loss.png").stat().st_size > 1000
 
@@ -154,8 +155,8 @@ def test_zero3_first_step_loss_matches_ddp_and_trains(ray_session, tiny_model_di
 def _assert_offloaded(m, stage: int):
     """The engine itself reports the optimizer offload (read back from DeepSpeed, not from our config); the
     optimizer is torch AdamW (zero_force_ds_cpu_optimizer=false: DeepSpeed's cpu_adam is not JIT-built)."""
-    assert m["engine"] == {"engine": "deepspeed", "zero_stage": stage, "offload_optimizer_device": "cpu",
-                           "optimizer_offloaded": True, "optimizer": "AdamW",
+    assert m["engine"] == {"engine": "deepspeed", "autocast": None, "zero_stage": stage,
+                           "offload_optimizer_device": "cpu", "optimizer_offloaded": True, "optimizer": "AdamW",
                            "zero_optimizer": "DeepSpeedZeroOptimizer_Stage3" if stage == 3 else "DeepSpeedZeroOptimizer"}
 
 

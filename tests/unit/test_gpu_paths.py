@@ -216,11 +216,11 @@ def test_autocast_tf32_and_attention_choices(monkeypatch):
 def test_qlora_checksum_survives_the_bias_cast_of_a_4bit_layer(tiny_model_dir):
     """A Qwen2-shaped QLoRA base (attention biases): bitsandbytes' 4-bit layer casts its frozen bias to the input's
     dtype in place on the first forward; the checksum in the compute dtype reads the same values before and after."""
+    import tempfile
+
     from pipelines.artifacts.models import build_tiny_model
     from pipelines.train.base import attach_lora, checksum, frozen_dtype, load_base
     from pipelines.train.config import LoraSection, QuantSection, TrainSection, WorkerJob
-
-    import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_tiny_model(tmp + "/q", arch="qwen2", seed=0)
