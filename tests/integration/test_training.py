@@ -157,7 +157,7 @@ def _assert_offloaded(m, stage: int):
     optimizer is torch AdamW (zero_force_ds_cpu_optimizer=false: DeepSpeed's cpu_adam is not JIT-built)."""
     assert m["engine"] == {"engine": "deepspeed", "autocast": None, "zero_stage": stage,
                            "offload_optimizer_device": "cpu", "optimizer_offloaded": True, "optimizer": "AdamW",
-                           "zero_optimizer": "DeepSpeedZeroOptimizer_Stage3" if stage == 3 else "DeepSpeedZeroOptimizer"}
+                           "zero_optimizer": f"DeepSpeedZeroOptimizer{'_Stage3' if stage == 3 else ''}"}
 
 
 def test_zero3_offload_matches_ddp_and_trains(ray_session, tiny_model_dir, data_dir, tmp_path, reference):
