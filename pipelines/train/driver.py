@@ -142,9 +142,9 @@ def fit_on_ray(loop, job: WorkerJob, data_dir, data_manifest: dict, name: str, *
 
     datasets = {}
     # num_cpus=0: the trainer workers hold the CPUs, and a read task waiting for a whole one would deadlock the
-    # stream feeding them (STACK_NOTES); the reads overlap the workers instead. Ray Data's V2 parquet source adds a
-    # file-listing task that always asks for 1 CPU and takes no remote args, so the workers can starve it (two
-    # 1-CPU sweep trials on 2 CPUs hung); the V1 source reads with no listing task.
+    # stream feeding them (the stream waits on 1 CPU while the workers hold them all); the reads overlap the
+    # workers instead. Ray Data's V2 parquet source adds a file-listing task that always asks for 1 CPU and takes
+    # no remote args, so the workers can starve it; the V1 source reads with no listing task.
     context = ray.data.DataContext.get_current()
     v2, context.use_datasource_v2 = context.use_datasource_v2, False
     read_fs, read_root = (storage.filesystem(job.data_uri) if job.data_uri else (None, str(Path(data_dir))))
