@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.artifacts.manifest import hash_path
+from pipelines.data.packing import IGNORE_INDEX
 from pipelines.data.rowformats import RowError
 from pipelines.schema import DataError
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -31,8 +30,8 @@ class Tokenized:
 
 
 # Tokenizer classes that are exactly the `tokenizers` backend driven by tokenizer.json: loading them through their
-# own class skips AutoTokenizer's import of the model registry (torch, generation utils, sklearn: ~5 s of the
-# ~6 s a Ray Data worker spent before its first row here). Any other class goes through AutoTokenizer.
+# own class skips AutoTokenizer's import of the model registry (torch, generation utils, sklearn), most of what a
+# fresh worker spends before its first row. Any other class goes through AutoTokenizer.
 _PLAIN_FAST = {"TokenizersBackend", "PreTrainedTokenizerFast"}
 
 
@@ -112,8 +111,8 @@ def encode_conversations(tokenizer, conversations: list[list[dict[str, str]]]
     Each conversation is encoded once, with its character-to-token maps: turn i's answer is the tokens of the full
     encoding that lie between the characters of "everything before turn i + the generation prompt" and "everything
     through turn i" (as transformers' assistant-token masks are found). Where a token straddles such a boundary,
-    that row's prefixes are encoded too and compared token by token, as before (encoding every prefix was a third
-    of the tokenize pass). A tokenizer without offsets (not a fast one) takes that way for every row."""
+    that row's prefixes are encoded too and compared token by token (_labels_by_prefix_encodes). A tokenizer
+    without offsets (not a fast one) takes that way for every row."""
     if not conversations:
         return []
     rows = [_char_spans(tokenizer, m) for m in conversations]

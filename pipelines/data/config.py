@@ -120,7 +120,8 @@ class DataConfig(Section):
     num_blocks: int | None = Field(None, ge=1, description="Read parallelism (files read at once); default all.")
     category_field: str | None = Field(None, description="Row field naming its category; default the file name.")
     task_cpus: float = Field(1.0, ge=0, description=(
-        "CPUs per Ray Data task. 0 lets data work overlap trainer workers that hold every CPU (STACK_NOTES)."))
+        "CPUs per Ray Data task. 0 lets data tasks run beside trainer workers that hold every CPU (a task that "
+        "asks for a CPU then waits for one forever)."))
     parse_actors: int | None = Field(None, ge=1, description=(
         "Most Ray Data tasks running the parse pass (curation) and the tokenize pass at once; default: no cap "
         "(as many as the CPUs and blocks allow). A cap leaves CPUs free for other work on a shared cluster."))

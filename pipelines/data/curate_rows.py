@@ -1,22 +1,25 @@
 """Per-block work of curation, as Ray Data callables: read files → parse, validate, normalise, filter, sign.
 
-Pure enough to unit-test without Ray: `ParseRows()(batch)` is a plain function of a column dict.
+Pure enough to unit-test without Ray: `ParseRows(job)(batch)` is a plain function of a column dict.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from pipelines.data.chat import IGNORE_INDEX, encode_conversations, load_tokenizer
-from pipelines.data.config import FilterSection
+from pipelines.data.chat import encode_conversations, load_tokenizer
+from pipelines.data.config import DataConfig, FilterSection
 from pipelines.data.dedup import signatures
+from pipelines.data.engine import cached
 from pipelines.data.filters import dedup_text, exact_key, full_text, normalise_record, quality_reason
+from pipelines.data.packing import IGNORE_INDEX
 from pipelines.data.readers import record_batches
 from pipelines.data.rowformats import RowError, apply_columns, check_decodable, parse_raw, to_canonical
 
@@ -44,42 +47,47 @@ def read_files(batch: dict[str, Any], chunk: int = 2048):
     yield from record_batches(list(batch["path"]), [int(f) for f in batch["fid"]], chunk, ranges)
 
 
-_CACHE: dict[tuple, Any] = {}
+@dataclass(frozen=True)
+class ParseJob:
+    """What every parse task is given: the row format rules, the filters and signing, and the tokenizer."""
+
+    fmt: str  # data.format (auto: per row, where file_formats has no format for the row's file)
+    system_prompt: str | None
+    filters: FilterSection
+    num_perm: int
+    category_field: str | None
+    mix_fids: tuple[int, ...]  # file ids of data.mix.path's files
+    model_dir: str | None = None  # the tokenizer counting tokens (None: characters / 4)
+    max_tokens: int | None = None  # longer rows are refused (too_long); None: the tokenize pass decides
+    columns: dict[str, str] = field(default_factory=dict)  # data.columns
+    file_formats: dict[int, str] = field(default_factory=dict)  # file id → the format decided for that file
+
+    @classmethod
+    def of(cls, cfg: DataConfig, formats: list[str], n_main: int, model_dir: str | None) -> "ParseJob":
+        """The job of a curation over files whose formats (in file-id order) are decided; the files from
+        n_main on are data.mix.path's."""
+        return cls(cfg.format, cfg.system_prompt, cfg.filters, cfg.dedup.num_perm, cfg.category_field,
+                   tuple(range(n_main, len(formats))), model_dir,
+                   cfg.max_length if cfg.truncation == "reject" else None, cfg.columns, dict(enumerate(formats)))
 
 
-def cached(cls, *args):
-    """One instance per worker process and arguments. Ray reuses task workers, so the tokenizer (and the
-    transformers import, ~10-20 s on a small machine) is loaded once per worker, not once per stage's actor."""
-    key = (cls.__name__, repr(args))
-    if key not in _CACHE:
-        _CACHE[key] = cls(*args)
-    return _CACHE[key]
-
-
-def parse_batch(batch: dict[str, Any], *args) -> pa.Table:
-    """Ray Data task UDF around ParseRows (args: ParseRows' constructor arguments), as a table of PARSED_SCHEMA:
-    typed here, not inferred per block (a block of refused rows has only empty token lists, which Ray would
-    type list<null>, unlike its neighbours)."""
-    return pa.Table.from_pydict(cached(ParseRows, *args)(batch), schema=PARSED_SCHEMA)
+def parse_batch(batch: dict[str, Any], job: ParseJob) -> pa.Table:
+    """Ray Data task UDF around ParseRows, as a table of PARSED_SCHEMA: typed here, not inferred per block (a
+    block of refused rows has only empty token lists, which Ray would type list<null>, unlike its neighbours)."""
+    return pa.Table.from_pydict(cached(ParseRows, job)(batch), schema=PARSED_SCHEMA)
 
 
 class ParseRows:
     """raw record → kind, normalised record JSON, reason, dedup text/key, MinHash signature, token count."""
 
-    def __init__(self, fmt: str, system_prompt: str | None, filters: FilterSection, num_perm: int,
-                 category_field: str | None, mix_fids: list[int], model_dir: str | None = None,
-                 max_tokens: int | None = None, columns: dict[str, str] | None = None,
-                 file_formats: dict[int, str] | None = None):
-        self.fmt, self.system_prompt, self.num_perm, self.columns = fmt, system_prompt, num_perm, columns or {}
-        self.file_formats = file_formats or {}  # file id → the format decided for it (curate.file_formats)
-        self.thresholds = filters
-        self.category_field, self.mix_fids, self.max_tokens = category_field, set(mix_fids), max_tokens
-        self.tokenizer = load_tokenizer(model_dir) if model_dir else None
+    def __init__(self, job: ParseJob):
+        self.job, self.mix_fids = job, set(job.mix_fids)
+        self.tokenizer = load_tokenizer(job.model_dir) if job.model_dir else None
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         out: dict[str, list] = {k: [] for k in PARSED_COLUMNS if k != "sig"}
-        parsed = [self.parse(str(raw), str(error), self.file_formats.get(int(row_id) >> 32, self.fmt))
+        parsed = [self.parse(str(raw), str(error), self.job.file_formats.get(int(row_id) >> 32, self.job.fmt))
                   for raw, error, row_id in zip(batch["raw"], batch["error"], batch["row_id"])]
         t1 = time.perf_counter()
         tokens = self.count_tokens([p for p in parsed if not isinstance(p, RowError)])
@@ -99,7 +107,7 @@ class ParseRows:
                 out[k].append(v)
         t3 = time.perf_counter()
         valid = [i for i, r in enumerate(out["reason"]) if not r]
-        sig = signatures([out["dtext"][i] for i in valid], self.num_perm).astype(np.uint32)
+        sig = signatures([out["dtext"][i] for i in valid], self.job.num_perm).astype(np.uint32)
         out["sig"] = [b""] * len(out["reason"])
         for j, i in enumerate(valid):
             out["sig"][i] = sig[j].tobytes()
@@ -116,9 +124,9 @@ class ParseRows:
             if error:
                 reason, _, detail = error.partition(": ")
                 raise RowError(reason, detail)
-            row = apply_columns(parse_raw(raw), self.columns)
-            kind, rec = to_canonical(row, fmt, self.system_prompt)
-            if not raw.isascii() or "\\u" in raw or self.system_prompt:  # else no lone surrogate or U+FFFD can be in it
+            row = apply_columns(parse_raw(raw), self.job.columns)
+            kind, rec = to_canonical(row, fmt, self.job.system_prompt)
+            if not raw.isascii() or "\\u" in raw or self.job.system_prompt:  # else no lone surrogate or U+FFFD
                 check_decodable(rec)
             return kind, normalise_record(kind, rec), row
         except RowError as e:
@@ -134,8 +142,8 @@ class ParseRows:
         kind, rec, row = parsed
         text = full_text(kind, rec)
         dtext = dedup_text(text)  # once: the n-gram filter, the exact key and MinHash all read it
-        reason = quality_reason(kind, rec, self.thresholds, n_tokens, self.max_tokens, dtext=dtext)
-        category = row.get(self.category_field) if self.category_field else None
+        reason = quality_reason(kind, rec, self.job.filters, n_tokens, self.job.max_tokens, dtext=dtext)
+        category = row.get(self.job.category_field) if self.job.category_field else None
         res.update(kind=kind, reason=reason, record=json.dumps(rec, ensure_ascii=False), n_tokens=n_tokens,
                    category=str(category) if category not in (None, "") else PurePosixPath(source).stem,
                    dtext=dtext, exact_key=exact_key(text, dtext))

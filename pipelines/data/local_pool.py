@@ -32,8 +32,8 @@ def _call(i: int) -> int:
 
 
 def _arrow_ready() -> None:
-    """Build one Arrow array: pyarrow imports pandas (when installed) on the first one a process builds, ~0.3 s.
-    Done here, before the fork, the children inherit it instead of each importing it."""
+    """Build one Arrow array: pyarrow imports pandas (when installed) on the first one a process builds. Done
+    here, before the fork, so the children inherit the import instead of each paying for it."""
     import pyarrow as pa
 
     pa.array([0])

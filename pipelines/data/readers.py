@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pipelines.data.rowformats import RowError, parse_raw, to_canonical
-from pipelines.schema import MissingInput
+from pipelines.schema import DataError, MissingInput
 
 KINDS = (".jsonl", ".json", ".parquet", ".csv", ".arrow")  # .arrow: a Hugging Face `save_to_disk` folder's shards
 HF_METADATA = ("state.json", "dataset_info.json", "dataset_dict.json")
@@ -42,13 +42,14 @@ def parse_location(spec: str) -> Location:
     if not sep:
         scheme, rest = "", spec
     if scheme and not rest.strip("/"):
-        raise ValueError(f"{spec!r}: no bucket or path after {scheme}://")
+        raise DataError(f"{spec!r}: no bucket or path after {scheme}://; name one, e.g. {scheme}://bucket/rows.jsonl")
     parts = rest.split("/")
     first_glob = next((i for i, p in enumerate(parts) if any(c in p for c in _GLOB_CHARS)), None)
     if first_glob is None:
         return Location(scheme.lower(), rest.rstrip("/") or rest)
     if first_glob != len(parts) - 1:
-        raise ValueError(f"{spec!r}: glob characters are supported in the last path component only")
+        raise DataError(f"{spec!r}: glob characters are supported in the last path component only; name the folders "
+                        "and put the pattern in the file name, e.g. data/*.jsonl")
     return Location(scheme.lower(), "/".join(parts[:-1]) or ".", parts[-1])
 
 
@@ -135,7 +136,7 @@ def file_format(path: str) -> tuple[str, str | None]:
     for suffix in KINDS:
         if name.endswith(suffix) and not (compression and suffix in (".parquet", ".arrow")):
             return suffix[1:], compression
-    raise ValueError(f"{path}: unknown file type (expected one of {', '.join(SUFFIXES)})")
+    raise DataError(f"{path}: unknown file type; give a file ending in one of {', '.join(SUFFIXES)}")
 
 
 @dataclass

@@ -15,8 +15,8 @@ _PLOTTER: tuple | None = None  # (process, the pipe's sending end): started, wai
 
 
 def start_plotter() -> None:
-    """Fork the plot process now (once): at a low CPU priority (nice 10) it imports matplotlib (~0.6 s of a core)
-    while the stage works, then waits for plot()'s job. Without it, plot() forks one itself."""
+    """Fork the plot process now (once): at a low CPU priority (nice 10) it imports matplotlib while the stage
+    works, then waits for plot()'s job. Without it, plot() forks one itself."""
     global _PLOTTER
     if _PLOTTER is None:
         ctx = multiprocessing.get_context("fork")
@@ -40,7 +40,7 @@ def cancel_plotter() -> None:
 def _serve(recv, send) -> None:
     send.close()
     # Below the stage's own processes, so it imports and draws mostly on CPU time they leave idle; not the lowest
-    # (19): with 2 busy processes on this 2-core machine that took 74 s to draw (wait_plots stops waiting anyway)
+    # (19), at which busy processes on a small machine starve it (wait_plots stops waiting anyway)
     os.nice(10)
     _figure()  # the import, while the parent works
     try:
@@ -114,8 +114,8 @@ def markdown(r: dict[str, Any]) -> str:
 
 def wait_plots(patience_s: float = 5.0) -> None:
     """Join the plot processes plot() gave a job; one that failed is an error (the report names its plots). One
-    still drawing after patience_s (its low priority starved by other work on this node: 2 busy processes made it
-    ~11 s) is stopped and its plots are drawn here, at this process's priority."""
+    still drawing after patience_s (its low priority starved by other work on this node) is stopped and its plots
+    are drawn here, at this process's priority."""
     while _PENDING:
         proc, job = _PENDING.pop()
         proc.join(patience_s)

@@ -1,4 +1,6 @@
-"""Deterministic Parquet writer of curated splits: rows arrive sorted by row id; files roll every N rows.
+"""Curation's write pass: the decisions joined onto the parsed rows, refused rows to `rejected/` (JSONL) and kept
+rows to `train/ validation/ test/` by a deterministic Parquet writer (rows arrive sorted by row id; files roll
+every N rows; the same rows give the same bytes).
 
 Kept rows are stored in structured columns for the next stage: `messages` (sft), `text` (raw text), or
 `prompt` / `chosen` / `rejected` (preference), plus where each row came from. No Ray.
@@ -6,13 +8,16 @@ Kept rows are stored in structured columns for the next stage: `messages` (sft),
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.data.decide import DECISION_REASONS, Decisions
 from pipelines.data.dedup import SPLITS
+from pipelines.data.engine import work_batches
 
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 META = [("row_id", pa.int64()), ("source", pa.string()), ("line", pa.int64()), ("origin", pa.string()),
@@ -57,7 +62,8 @@ class SplitWriter:
 
         text = "\n".join(records.to_pylist()).encode()  # one JSON object per line (json.dumps escapes newlines)
         body = pa.schema(BODY[self.kind])
-        out = pj.read_json(pa.BufferReader(text), read_options=pj.ReadOptions(use_threads=False, block_size=len(text) + 1),
+        out = pj.read_json(pa.BufferReader(text),
+                           read_options=pj.ReadOptions(use_threads=False, block_size=len(text) + 1),
                            parse_options=pj.ParseOptions(explicit_schema=body, unexpected_field_behavior="ignore"))
         if len(out) != len(records):
             raise RuntimeError(f"{len(records)} curated records parsed into {len(out)} rows")
@@ -98,3 +104,49 @@ class SplitWriter:
             if self.rows[s] == 0:
                 pq.write_table(self.schema.empty_table(), self.out / s / "part-00000.parquet", compression="zstd")
         return sum(self.rows.values())
+
+
+_REJECTED = ["reason", "detail", "source", "line", "raw", "record"]
+_NAMES = list(SPLITS) + DECISION_REASONS  # by code
+
+
+def write_outputs(parsed: Path, out: Path, dec: Decisions, tokens: bool = False) -> tuple[int, int]:
+    """Join the decisions onto the parsed rows in one streaming scan: refused rows → rejected/ (JSONL), kept rows
+    → train/ validation/ test/ sorted by row id in deterministic files (same data + seed → identical bytes);
+    tokens: with the token columns the parse pass computed. Kept rows stay Arrow (a row is turned into Python
+    only to be written to rejected/). Returns (rows rejected, rows kept)."""
+    writer = SplitWriter(out, dec.kind, rows_per_file=50_000, tokens=tokens)
+    (out / "rejected").mkdir()
+    n_rejected, last = 0, -1
+    with open(out / "rejected" / "part-00000.jsonl", "w") as rej:
+        for b in work_batches(parsed, ["row_id", "source", "line", "origin", "category", "kind", "reason", "detail",
+                                       "raw", "record", "n_tokens"] + writer.columns):
+            ids = b.column("row_id").to_numpy()
+            if len(ids) and (ids[0] <= last or np.any(np.diff(ids) <= 0)):
+                raise RuntimeError(f"{parsed}: rows are not in row-id order; the parse pass must preserve order")
+            last = int(ids[-1]) if len(ids) else last
+            codes, pos = _codes(b, ids, dec)
+            bad = np.flatnonzero((codes < 0) | (codes >= len(SPLITS)))
+            rows = b.select(_REJECTED).take(pa.array(bad, pa.int64()))
+            for r, code, p in zip(rows.to_pylist(), codes[bad], pos[bad]):
+                rej.write(_rejected_line(r, int(code), int(dec.dup_of[p]) if code >= len(SPLITS) else -1))
+            n_rejected += len(bad)
+            writer.add_table(b, codes)
+    return n_rejected, writer.close()
+
+
+def _codes(b: pa.RecordBatch, ids: np.ndarray, dec: Decisions) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of the batch: its decided code (-1: refused by the parse pass, or not decided) and its position
+    in the decisions."""
+    pos = np.searchsorted(dec.ids, ids).clip(0, max(len(dec.ids) - 1, 0))
+    codes = np.full(len(ids), -1, dtype=np.int64)
+    if len(dec.ids):
+        ok = (b.column("reason").to_numpy(zero_copy_only=False) == "") & (dec.ids[pos] == ids)
+        codes[ok] = dec.codes[pos[ok]]
+    return codes, pos
+
+
+def _rejected_line(r: dict, code: int, dup_of: int) -> str:
+    reason = r["reason"] or _NAMES[code]
+    return json.dumps({"reason": reason, "detail": r["detail"], "source": r["source"], "line": r["line"],
+                       "row": r["raw"] or r["record"], "dup_of": dup_of}, ensure_ascii=False) + "\n"

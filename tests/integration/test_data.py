@@ -79,8 +79,8 @@ def curated(ray_session, corpus, tiny_model_dir):
     from pipelines.data import curate
 
     out = curate.run(_cfg(corpus["src"]), corpus["root"] / "seed0", model_dir=tiny_model_dir)
-    return {"out": out, "rejected": [json.loads(l) for f in (out / "rejected").glob("*.jsonl")
-                                     for l in f.read_text().splitlines()]}
+    return {"out": out, "rejected": [json.loads(line) for f in (out / "rejected").glob("*.jsonl")
+                                     for line in f.read_text().splitlines()]}
 
 
 def test_counts_add_up_and_faults_have_their_reason(curated):
@@ -152,12 +152,13 @@ def test_same_seed_identical_bytes_other_seed_differs(curated, corpus, tiny_mode
     """...and the same bytes whichever engine ran it: this small corpus ran in the driver (data.engine auto), the
     rerun runs on Ray Data tasks."""
     from pipelines.data import curate, local_pool
+    from pipelines.data.engine import pick_engine
 
     assert json.loads((curated["out"] / "manifest.json").read_text())["engine"] == "local"
     # auto on this one-node cluster: local whatever the size (data.local_max_mib counts on multi-node clusters)
     big = _cfg(corpus["src"], local_max_mib=0)
-    assert curate.pick_engine(big, big.train_files()) == "local"
-    assert curate.pick_engine(_cfg(corpus["src"], engine="ray"), big.train_files()) == "ray"
+    assert pick_engine(big, big.train_files()) == "local"
+    assert pick_engine(_cfg(corpus["src"], engine="ray"), big.train_files()) == "ray"
     # one slice per input file, run by forked processes of the driver (one per CPU)
     report = json.loads((curated["out"] / "curation_report.json").read_text())
     assert report["phases"]["local_processes"] == min(local_pool.cpus(), 3), report["phases"]  # 3 input files
@@ -184,7 +185,7 @@ def test_tokenized_labels_only_on_assistant_tokens(ray_session, tmp_path, tiny_m
     assert m["packed"] is False and m["metrics"]["rows_in"] == m["metrics"]["rows_kept"] + m["metrics"]["rows_rejected"]
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows = pq.read_table(plain / m["outputs"]["train"]).to_pylist()
-    source = {json.loads(l)["output"] for l in src.read_text().splitlines()}
+    source = {json.loads(line)["output"] for line in src.read_text().splitlines()}
     for r in rows:
         learned = [t for t in r["labels"] if t != -100]
         assert learned[-1] == tok.eos_token_id or learned[-2] == tok.eos_token_id

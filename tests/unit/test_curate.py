@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from pipelines.data.chat import drop_oldest_exchange
 from pipelines.data.config import FilterSection
@@ -34,7 +35,9 @@ def test_normalise_keeps_layout_and_nfc():
 
 def test_filters_have_reasons():
     t = FilterSection(max_chars=100, min_answer_chars=3, max_repeated_ngram_ratio=0.5, max_symbol_ratio=0.3)
-    sft = lambda q, a: {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+    def sft(q: str, a: str) -> dict:
+        return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+
     assert quality_reason("sft", sft("q", "fine answer"), t) == ""
     assert quality_reason("sft", sft("q" * 200, "fine"), t) == "too_long"
     assert quality_reason("sft", sft("q", "ok"), t) == "too_short_answer"
@@ -57,8 +60,8 @@ def test_lsh_banding_matches_datasketch():
     lsh = MinHashLSH(num_perm=64, params=(b, r))
     for i, s in enumerate(sig):
         lsh.insert(i, MinHash(num_perm=64, hashvalues=s, scheme="affine32"))
-    theirs = {(min(i, j), max(i, j)) for i, s in enumerate(sig) for j in lsh.query(MinHash(num_perm=64, hashvalues=s, scheme="affine32"))
-              if i != j}
+    theirs = {(min(i, j), max(i, j)) for i, s in enumerate(sig)
+              for j in lsh.query(MinHash(num_perm=64, hashvalues=s, scheme="affine32")) if i != j}
     # twins have Jaccard ~0.85: a candidate with probability 1-(1-0.85^8)^8 ~ 0.92 each (8 bands x 8 rows)
     assert ours == theirs and len({(i, 60 + i) for i in range(20)} & ours) >= 16
 
@@ -97,16 +100,16 @@ def test_engine_auto_without_a_cluster_or_for_small_inputs_is_local(tmp_path, mo
     stays as set. (On one node and on two: tests/integration/test_data.py and test_multinode.py.)"""
     import ray
 
-    from pipelines.data import curate
     from pipelines.data.config import DataConfig
+    from pipelines.data.engine import pick_engine
 
     src = tmp_path / "rows.jsonl"
     src.write_text('{"instruction": "a", "output": "b"}\n' * 10)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    assert curate.pick_engine(DataConfig(train_path=str(src)), [str(src)]) == "local"
-    assert curate.pick_engine(DataConfig(train_path=str(src), local_max_mib=0), [str(src)]) == "local"
-    assert curate.pick_engine(DataConfig(train_path=str(src)), ["s3://b/rows.jsonl"]) == "ray"
-    assert curate.pick_engine(DataConfig(train_path=str(src), engine="ray"), [str(src)]) == "ray"
+    assert pick_engine(DataConfig(train_path=str(src)), [str(src)]) == "local"
+    assert pick_engine(DataConfig(train_path=str(src), local_max_mib=0), [str(src)]) == "local"
+    assert pick_engine(DataConfig(train_path=str(src)), ["s3://b/rows.jsonl"]) == "ray"
+    assert pick_engine(DataConfig(train_path=str(src), engine="ray"), [str(src)]) == "ray"
 
 
 def test_symbol_ratio_fast_ascii_path_equals_the_character_rule(shared_data):
@@ -135,10 +138,11 @@ def test_split_writer_parses_each_kind_body_and_carried_tokens_roll_files(tmp_pa
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines.data import tokenize
     from pipelines.data.split_writer import SplitWriter
+    from pipelines.data.token_writer import TokenCounts, write_carried
 
-    bodies = {"sft": {"messages": [{"role": "user", "content": "héllo\nthere"}, {"role": "assistant", "content": "ok"}]},
+    bodies = {"sft": {"messages": [{"role": "user", "content": "héllo\nthere"},
+                                   {"role": "assistant", "content": "ok"}]},
               "text": {"text": "plain «text»"},
               "preference": {"prompt": [{"role": "user", "content": "q"}], "chosen": "yes", "rejected": "no"}}
     for kind, body in bodies.items():
@@ -159,14 +163,13 @@ def test_split_writer_parses_each_kind_body_and_carried_tokens_roll_files(tmp_pa
                        ("n_tokens", pa.int64())])
     pq.write_table(pa.Table.from_pylist(rows[:4], schema=types), src / "part-00000.parquet")
     pq.write_table(pa.Table.from_pylist(rows[4:], schema=types), src / "part-00001.parquet")
-    stats = {"kept": 0, "reused": 0, "tokens": 0, "split": {}}
-    tokenize._write_carried([src], tmp_path / "out", stats, rows_per_file=3, rows_per_group=2)
+    counts = write_carried([src], tmp_path / "out", rows_per_file=3, rows_per_group=2)
     files = sorted((tmp_path / "out" / "tokens" / "split=train").glob("*.parquet"))
     assert [f.name for f in files] == ["part-0.parquet", "part-1.parquet", "part-2.parquet"]
     assert [pq.ParquetFile(f).metadata.num_rows for f in files] == [3, 3, 1]
     out = [r for f in files for r in pq.read_table(f).to_pylist()]
     assert out == rows and pq.read_schema(files[0]).field("input_ids").type == pa.list_(pa.int64())
-    assert stats == {"kept": 7, "reused": 7, "tokens": 14, "split": {"train": 7}}
+    assert counts == TokenCounts(kept=7, reused=7, tokens=14, split={"train": 7})
 
 
 def test_plot_process_draws_its_job_and_a_cancelled_one_exits(tmp_path):
@@ -192,3 +195,52 @@ def test_plot_process_draws_its_job_and_a_cancelled_one_exits(tmp_path):
     assert proc.exitcode is not None and not report._PENDING
     for name in report.PLOTS.values():
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tokenize_given_preference_rows_is_a_user_error_naming_the_folder(tmp_path):
+    """Preference rows are the DPO stage's to tokenize: `loraforge tokenize` on them is a DataError (exit 2, no
+    traceback) naming the curated manifest and what to run instead, raised before any tokenizer is loaded."""
+    from pipelines.artifacts.manifest import write_manifest
+    from pipelines.data import tokenize
+    from pipelines.data.config import DataConfig
+    from pipelines.schema import DataError
+
+    write_manifest(tmp_path / "curated", kind="curated_dataset", inputs={}, config={},
+                   extra={"data_kind": "preference"})
+    with pytest.raises(DataError, match="preference pairs.*loraforge dpo") as e:
+        tokenize.tokenize(DataConfig(), tmp_path / "curated", str(tmp_path / "no-model"), tmp_path / "out")
+    assert str(tmp_path / "curated" / "manifest.json") in str(e.value)
+
+
+def test_the_decide_pass_runs_on_parse_rows_output_without_ray(tmp_path):
+    """ParseRows(job) → a work file → decide(): an exact duplicate (after normalisation) and a broken row are
+    decided without Ray, the counts add up, and each kept row has a split."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.data.config import DataConfig
+    from pipelines.data.curate_rows import PARSED_SCHEMA, ParseJob, ParseRows
+    from pipelines.data.decide import EXACT, check_accounting, decide
+
+    cfg = DataConfig(train_path=str(tmp_path / "rows.jsonl"), max_rejected_fraction=1.0)
+    rows = [json.dumps({"instruction": f"Question {i} about cities?", "output": f"Answer number {i} is here."})
+            for i in range(6)]
+    rows += [rows[2].replace("here.", "here.  "), '{"instruction": "broken"']
+    job = ParseJob.of(cfg, ["alpaca"], 1, None)
+    assert job.file_formats == {0: "alpaca"} and job.mix_fids == () and job.max_tokens == cfg.max_length
+    batch = {"raw": rows, "error": [""] * len(rows), "row_id": list(range(len(rows))),
+             "source": ["rows.jsonl"] * len(rows), "line": list(range(1, len(rows) + 1))}
+    (tmp_path / "parsed").mkdir()
+    pq.write_table(pa.Table.from_pydict(ParseRows(job)(batch), schema=PARSED_SCHEMA),
+                   tmp_path / "parsed" / "part-000000-00000.parquet")
+    dec = decide(tmp_path / "parsed", cfg)
+    assert dec.kind == "sft" and list(dec.ids) == list(range(7))  # the broken row (7) was refused when parsed
+    assert dec.codes[6] == EXACT and dec.dup_of[6] == 2 and all(0 <= c < 3 for c in dec.codes[:6])
+    c = dec.counts
+    assert (c["rows_in"], c["rows_kept"], c["rejected_by_reason"]) == (8, 6, {"broken_json": 1,
+                                                                              "exact_duplicate": 1})
+    check_accounting(c, 2, 6)
+    with pytest.raises(RuntimeError, match="row accounting broke"):
+        check_accounting(c, 1, 6)

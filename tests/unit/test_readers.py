@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from pipelines.data.readers import expand_paths, iter_records, parse_location
+from pipelines.data.readers import expand_paths, file_kind, iter_records, parse_location
 from pipelines.data.rowformats import RowError, check_decodable, parse_raw, to_canonical
+from pipelines.schema import DataError
 
 
 def test_parse_location_local_glob_and_s3():
@@ -17,10 +18,12 @@ def test_parse_location_local_glob_and_s3():
     assert parse_location("s3://bucket/a/b.parquet").pattern == ""
     assert parse_location("data/x.json") == parse_location("data/x.json")
     assert parse_location("data/*.csv").scheme == ""
-    with pytest.raises(ValueError, match="last path component"):
+    with pytest.raises(DataError, match="last path component"):  # a user error: exit 2, no traceback
         parse_location("s3://bucket/*/x.jsonl")
-    with pytest.raises(ValueError, match="no bucket"):
+    with pytest.raises(DataError, match="no bucket"):
         parse_location("s3://")
+    with pytest.raises(DataError, match="unknown file type; give a file ending in one of .jsonl"):
+        file_kind("notes.txt")
 
 
 def test_expand_file_folder_glob(tmp_path):
@@ -234,14 +237,14 @@ def test_auto_format_is_decided_once_per_file_and_reported(tmp_path):
 def test_a_file_no_format_fits_stops_before_any_row_is_processed(tmp_path):
     from pipelines.data import curate
     from pipelines.data.config import DataConfig
-    from pipelines.schema import DataError
 
     f = tmp_path / "qa.jsonl"
     f.write_text("\n".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) for i in range(50)))
     with pytest.raises(DataError) as e:
         curate.run(DataConfig(train_path=str(f)), tmp_path / "out")
     msg = str(e.value)
-    assert str(f) in msg and "['answer', 'question']" in msg and "data.columns: {prompt: question, completion: answer}" in msg
+    assert str(f) in msg and "['answer', 'question']" in msg
+    assert "data.columns: {prompt: question, completion: answer}" in msg
     assert not (tmp_path / "out" / "_work").exists()  # stopped before the parse pass
     kto = tmp_path / "kto.jsonl"
     kto.write_text("\n".join(json.dumps({"prompt": "p", "completion": "c", "label": True}) for _ in range(5)))
