@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipelines.data.packing import IGNORE_INDEX
+
 
 def sequence_logps(logits, labels):
     """Sum and count of next-token log-probs over label tokens (-100 elsewhere), per sequence."""
     import torch
 
     logits, target = logits[:, :-1].float(), labels[:, 1:]
-    mask = target != -100
+    mask = target != IGNORE_INDEX
     logps = torch.gather(logits.log_softmax(-1), 2, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (logps * mask).sum(-1), mask.sum(-1)
 
@@ -29,7 +31,7 @@ LEAN_CHUNK_TOKENS = 128  # TrainSection.loss_chunk_tokens' default; the DPO refe
 def label_positions(labels):
     """(row, position, target) of every predicting token: position t predicts labels[t + 1]; -100 is ignored."""
     target = labels[:, 1:]
-    rows, cols = (target != -100).nonzero(as_tuple=True)
+    rows, cols = (target != IGNORE_INDEX).nonzero(as_tuple=True)
     return rows, cols, target[rows, cols]
 
 
@@ -75,7 +77,7 @@ def lean_sequence_logps(hidden, head, labels, chunk_tokens: int = LEAN_CHUNK_TOK
 
     logps, rows = label_logps(hidden, head, labels, chunk_tokens)
     sums = torch.zeros(labels.shape[0], dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)
-    return sums, (labels[:, 1:] != -100).sum(-1)
+    return sums, (labels[:, 1:] != IGNORE_INDEX).sum(-1)
 
 
 def hidden_and_head(model, inputs: dict[str, Any]):

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipelines.data.packing import attention_inputs
+from pipelines.data.packing import IGNORE_INDEX, attention_inputs
 from pipelines.data.packing import collate as pack_collate
 from pipelines.train import worker
 from pipelines.train.base import attach_lora, checksum, frozen_dtype, full_tensors, start_worker, weight_bytes
@@ -113,13 +113,13 @@ def causal_lm_loss(model, batch, chunk_tokens: int = LEAN_CHUNK_TOKENS, attn: st
         return total, n, {}
     logits = model(**inputs).logits[:, :-1].float()
     target = labels[:, 1:]
-    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100,
+    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE_INDEX,
                             reduction="sum")
-    return total, int((target != -100).sum()), {}
+    return total, int((target != IGNORE_INDEX).sum()), {}
 
 
 def count_label_tokens(batch) -> int:
-    return int((batch["labels"][:, 1:] != -100).sum())
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def collate_fn(pad_id: int):
