@@ -220,29 +220,36 @@ def _assert_reload_reproduces(model_dir, folder, four_bit: bool):
     assert (logits - expected).abs().max() < 1e-4
 
 
+ONE_WORKER = dict(num_workers=1, cpus_per_worker=1, batch_size=16, grad_accum=1, max_steps=3)
+
+
+@pytest.fixture(scope="module")
+def one_worker_packed(ray_session, tiny_model_dir, packed_data_dir, tmp_path_factory):
+    """One Ray Train worker, batch 16, 3 steps on the packed rows: (manifest, adapter folder)."""
+    return _sft(ray_session, tiny_model_dir, packed_data_dir, tmp_path_factory.mktemp("acc1"), **ONE_WORKER)
+
+
 def test_accumulation_equals_one_big_batch_on_packed_rows(ray_session, tiny_model_dir, packed_data_dir,
-                                                          tmp_path_factory):
+                                                          tmp_path_factory, one_worker_packed):
     """4 micro-batches × accumulation 4 follow the same loss trajectory as one batch of 16 (1 worker, so both
     runs see the same rows in the same order). The rows are packed blocks, so the trainer's packed path
     (position ids, block-diagonal mask, token-weighted loss) is what is being trained and compared."""
-    runs = {}
-    for accum in (1, 4):
-        manifest, _ = _sft(ray_session, tiny_model_dir, packed_data_dir, tmp_path_factory.mktemp(f"acc{accum}"),
-                           num_workers=1, cpus_per_worker=1, batch_size=16 // accum, grad_accum=accum,
-                           max_steps=3)
-        runs[accum] = manifest["metrics"]
+    runs = {1: one_worker_packed[0]["metrics"]}
+    manifest, _ = _sft(ray_session, tiny_model_dir, packed_data_dir, tmp_path_factory.mktemp("acc4"),
+                       **{**ONE_WORKER, "batch_size": 4, "grad_accum": 4})
+    runs[4] = manifest["metrics"]
     assert runs[1]["loss_history"] == pytest.approx(runs[4]["loss_history"], abs=1e-3)
     assert runs[4]["loss_history"][-1] < runs[4]["loss_history"][0]
     assert runs[1]["throughput"]["tokens"] == runs[4]["throughput"]["tokens"] > 0
 
 
-def test_local_loop_is_the_ray_train_loop(ray_session, tiny_model_dir, packed_data_dir, tmp_path_factory):
+def test_local_loop_is_the_ray_train_loop(ray_session, tiny_model_dir, packed_data_dir, tmp_path_factory,
+                                          one_worker_packed):
     """`sft --local` runs the same loop in this process (one rank, gloo on a CPU, NCCL on a GPU) and gives what a
     one-worker Ray Train run gives on the same packed rows: the same losses, manifest keys and adapter files."""
-    kw = dict(num_workers=1, cpus_per_worker=1, batch_size=8, max_steps=3, eval_every=3)
-    ray_m, ray_dir = _sft(ray_session, tiny_model_dir, packed_data_dir, tmp_path_factory.mktemp("ray1"), **kw)
+    ray_m, ray_dir = one_worker_packed
     loc_m, loc_dir = _sft(ray_session, tiny_model_dir, packed_data_dir, tmp_path_factory.mktemp("local"),
-                          local=True, **kw)
+                          local=True, **ONE_WORKER)
     assert loc_m["metrics"]["loss_history"] == pytest.approx(ray_m["metrics"]["loss_history"], abs=1e-4)
     assert [v for _, v in loc_m["metrics"]["eval_history"]] == \
         pytest.approx([v for _, v in ray_m["metrics"]["eval_history"]], abs=1e-4)
