@@ -39,7 +39,8 @@ map workers for (b)), summed, sampled with psutil every 0.2 s. Ray's object stor
 counts the pages each process has touched in its RSS, so shared pages may count more than once, and pages
 nobody maps at the sample instant are missed. Peak PSS (each shared page split among its sharers) is sampled
 every 1 s only: reading it costs the kernel ~55 ms of CPU per sample of a Ray instance's ~20 processes (every
-0.2 s, that slowed ours ~10% on 2 cores and the 2-process baseline hardly at all). Figures are medians over --repeats (default 1, for time: a single
+0.2 s, that slowed ours ~10% on 2 cores and the 2-process baseline hardly at all). Figures are medians over
+--repeats (default 1, for time: a single
 run's numbers are noisy on a 2-core machine).
 """
 

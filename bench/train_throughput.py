@@ -116,7 +116,8 @@ def run_trl(model_dir: str, jsonl: Path, steps: int, batch: int, max_len: int, p
     orig = trainer.training_step
 
     def counting_step(model, inputs, *a, **k):
-        seen["tokens"] += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else inputs["input_ids"].numel()
+        mask = inputs.get("attention_mask")
+        seen["tokens"] += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
         return orig(model, inputs, *a, **k)
 
     trainer.training_step = counting_step

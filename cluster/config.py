@@ -24,7 +24,7 @@ from pipelines.eval.evaluate import EvalSection
 from pipelines.eval.gate import GateSection
 from pipelines.export.merge import MergeSection
 from pipelines.export.quantize import QuantizeSection
-from pipelines.schema import DataError, MissingInput, Section, UserError
+from pipelines.schema import ConfigError, DataError, MissingInput, Section
 from pipelines.train.config import DPOSection, LoraSection, QuantSection, TrainSection, check_combination
 from serve.config import ServeConfig, lora_ranks
 from tune.space import TuneSection
@@ -177,10 +177,6 @@ def _blank(path: str) -> bool:
             if chunk.strip():
                 return False
     return True
-
-
-class ConfigError(UserError, ValueError):
-    """A config that does not validate; the message names the file, the key path and the reason."""
 
 
 def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -73,7 +73,8 @@ def test_tokenize_sft_dpo_merge_evaluate(cli):
     data = last_line(out.stdout)
     assert data == (cli["runs"] / "data").resolve()
     manifest = json.loads((data / "manifest.json").read_text())
-    assert manifest["metrics"]["rows_in"] == 120 == manifest["metrics"]["rows_kept"] + manifest["metrics"]["rows_rejected"]
+    m = manifest["metrics"]
+    assert m["rows_in"] == 120 == m["rows_kept"] + m["rows_rejected"]
 
     out = cli["invoke"]("sft")
     assert out.exit_code == 0, out.output

@@ -39,8 +39,8 @@ def _serve_running() -> bool:
 def test_ingress_answers_a_corrupt_registry_with_503_and_an_unknown_name_with_404(tmp_path):
     from serve.adapters import RegistrySource, Resolver
     from serve.config import ServeConfig
-    from serve.ingress import LoRAIngress, status_and_message
     from serve.errors import APIError
+    from serve.ingress import LoRAIngress, status_and_message
 
     (tmp_path / "index.json").write_text(json.dumps({"format": 1, "models": {}}))
     ingress = types.SimpleNamespace(cfg=ServeConfig(), resolver=Resolver(RegistrySource(str(tmp_path))))

@@ -82,7 +82,8 @@ def test_data_counts_add_up_and_bad_rows_are_kept_with_reasons(run_result):
     assert m["rows_in"] == 200 + len(BAD_ROWS)
     assert m["rows_rejected"] == len(BAD_ROWS) and m["rows_kept"] == 200
     assert m["rows_in"] == m["rows_kept"] + m["rows_rejected"]
-    rejected = [json.loads(line) for f in sorted((data / "rejected").glob("*.jsonl")) for line in f.read_text().splitlines()]
+    rejected = [json.loads(line) for f in sorted((data / "rejected").glob("*.jsonl"))
+                for line in f.read_text().splitlines()]
     assert sorted(r["reason"].split(":")[0] for r in rejected) == sorted(reason for _, reason in BAD_ROWS)
     assert all(r["source"].endswith("train.jsonl") and r["row"] for r in rejected)
     assert m["rejected_by_reason"] == {reason: 1 for _, reason in BAD_ROWS}

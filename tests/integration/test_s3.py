@@ -85,8 +85,8 @@ def test_graph_with_s3_output_and_registry_resumes_from_the_store(s3, ray_sessio
     first = run("machine-a")
     assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
     stored = keys("runs/s3run/")
-    for key in ("data/stage.json", "data/manifest.json", "sft/stage.json", "sft/adapter_model.safetensors", "sft/manifest.json",
-                "evaluate/eval.json", "gate/gate.json"):
+    for key in ("data/stage.json", "data/manifest.json", "sft/stage.json", "sft/adapter_model.safetensors",
+                "sft/manifest.json", "evaluate/eval.json", "gate/gate.json"):
         assert f"runs/s3run/{key}" in stored, (key, stored)
     assert any(k.startswith("runs/s3run/sft/ray_train/") and "checkpoint" in k for k in stored), stored
     assert "runs/s3run/sft/ray_train/fault_drill_step3" in stored, stored  # the drill fired, in the store

@@ -97,7 +97,8 @@ def test_lean_sequence_logps_is_exact(chunk):
     got = _grads(lambda: lean_sequence_logps(hidden, head, labels, chunk)[0], hidden, head)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert lean_sequence_logps(hidden, head, labels, chunk)[1].tolist() == sequence_logps(head(hidden), labels)[1].tolist()
+    lean_counts = lean_sequence_logps(hidden, head, labels, chunk)[1]
+    assert lean_counts.tolist() == sequence_logps(head(hidden), labels)[1].tolist()
     assert float(got[0][-1]) == 0.0
 
 
@@ -160,7 +161,8 @@ def test_dpo_policy_logps_on_a_peft_llama_match_the_plain_ones():
     from pipelines.train.dpo import policy_logps
 
     model = _tiny_peft_llama(tied=True)
-    rows = [(list(range(5, 15)), [-100] * 6 + list(range(11, 15))), (list(range(20, 27)), [-100] * 3 + list(range(23, 27)))]
+    rows = [(list(range(5, 15)), [-100] * 6 + list(range(11, 15))),
+            (list(range(20, 27)), [-100] * 3 + list(range(23, 27)))]
     batch = {k: torch.tensor(v, dtype=torch.long) for k, v in pad_batch(rows, 0).items()}
     plain, n_plain = policy_logps(model, batch, chunk_tokens=0)
     lean, n_lean = policy_logps(model, batch, chunk_tokens=3)
