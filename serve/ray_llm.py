@@ -4,7 +4,7 @@ Written against Ray 2.60.0 (RAY_VERSION). `ray.serve.llm` publishes LLMConfig, L
 build_llm_deployment, which serve/ imports from there; what it does not publish, but the app needs, is below:
 the ingress's FastAPI app and stream helpers, the engine replica's LoRA loader and its return type, the id
 counter vLLM's LoRA requests need, the callback base and the model-card builder. Ray may move or rename any of
-them in a release; tests/unit/test_serve_ray_llm.py then names the ones that no longer import.
+them in a release; tests/unit/serve/test_serve_ray_llm.py then names the ones that no longer import.
 
 Besides these names, serve/ overrides methods of Ray's classes that Ray does not document (OVERRIDDEN): a release
 that renames one leaves the override silently unused, so the same test checks that each still exists.

@@ -2,7 +2,7 @@
 
 MinHash signatures come from `rensa` (Rust; computed per batch by the parse pass). The LSH is banding over the
 signature matrix of *all* rows at once (equivalent to `datasketch.MinHashLSH` with the same bands and rows,
-checked in tests/unit/test_curate.py), done with numpy sorts: a Python dict-of-sets index would hold an entry
+checked in tests/unit/data/test_curate.py), done with numpy sorts: a Python dict-of-sets index would hold an entry
 per row per band, making peak memory grow with the dataset far faster than the signatures themselves.
 Candidates are then confirmed by the signature estimate and finally by the exact Jaccard similarity of the
 word-shingle sets, so a reported near-duplicate pair really has J ≥ threshold.
@@ -40,7 +40,7 @@ def signatures(texts: list[str], num_perm: int, seed: int = 1, n: int = 3) -> np
     permutations for a seed on every machine). One RMinHash per row, not rensa's batch call
     (digest_matrix_from_token_sets): that one runs on a Rust thread pool, and a process forked after using it
     (the local engine's parse processes) hangs in its next batch call. Checked against datasketch on the shared
-    files (tests/unit/test_minhash.py: Jaccard estimates and the near-duplicate pairs found agree)."""
+    files (tests/unit/data/test_minhash.py: Jaccard estimates and the near-duplicate pairs found agree)."""
     from rensa import RMinHash
 
     out = np.empty((len(texts), num_perm), dtype=np.uint32)

@@ -4,7 +4,7 @@ A packed row holds several sequences back to back: `input_ids`, `labels` (concat
 `collate` gives every sequence its own position ids (0, 1, …) and a block-diagonal causal 4D float mask, so
 no token attends across a boundary; the first label of each sequence is ignored, so no token is predicted from
 the previous sequence either. The loss of a block then equals the token-weighted loss of its sequences run
-alone (tests/unit/test_packing.py proves it on a tiny Llama). Pure bin fitting here; torch only in `collate`.
+alone (tests/unit/data/test_packing.py proves it on a tiny Llama). Pure bin fitting here; torch only in `collate`.
 """
 
 from __future__ import annotations

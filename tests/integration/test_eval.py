@@ -92,7 +92,7 @@ def test_trained_adapter_beats_base_and_few_shot_on_rougeL(evaluated):
     assert s["zero"]["rougeL"] == pytest.approx(s["base"]["rougeL"])  # B=0: identical to the base
     for v in s.values():
         assert 0 <= v["bleu"] <= 100 and 0 <= v["exact_match"] <= 1
-    # BERTScore's value itself is checked against bert_score on fixed pairs in tests/unit/test_metrics.py; here:
+    # BERTScore's value itself is checked against bert_score on fixed pairs in tests/unit/eval/test_metrics.py; here:
     # the same answers (B=0) score the same, and the trained adapter's answers score higher than the base's.
     assert s["zero"]["bertscore_f1"] == pytest.approx(s["base"]["bertscore_f1"], abs=1e-6)
     assert s["tuned"]["bertscore_f1"] > s["base"]["bertscore_f1"], s

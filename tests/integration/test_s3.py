@@ -46,7 +46,7 @@ def test_push_pull_round_trip_and_an_unreachable_store(s3, tmp_path, monkeypatch
 def test_registry_in_the_store_resolves_from_another_mirror(s3, tiny_model_dir, tmp_path, monkeypatch):
     """Published through one machine's mirror, resolved (files pulled) and promoted through another's."""
     from pipelines.artifacts.registry import Registry
-    from tests.unit.test_registry import LINEAGE, make_adapter
+    from tests.unit.artifacts.test_registry import LINEAGE, make_adapter
 
     root = f"s3://{BUCKET}/registry-unit"
     monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "machine-a"))

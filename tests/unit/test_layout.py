@@ -187,3 +187,12 @@ def test_a_stage_is_named_only_in_the_stage_table():
 def test_stage_name_checker_sees_a_name_string():
     assert stage_name_literals('x = cfg.stage_dir("sft")\n', {"sft"}) == [(1, "sft")]
     assert stage_name_literals('def f():\n    """sft"""\n    return stages.SFT.name\n', {"sft"}) == []
+
+
+def test_unit_tests_are_laid_out_like_the_wings():
+    """tests/unit/<wing>/ holds a wing's or package's tests; the house-wide ones (layout, locks, fallbacks, user
+    errors) stay at the top."""
+    folders = {p.parent.name for p in (ROOT / "tests" / "unit").rglob("test_*.py")} - {"unit"}
+    assert folders <= set(WINGS) | set(PACKAGES), folders
+    top = {p.stem for p in (ROOT / "tests" / "unit").glob("test_*.py")}
+    assert top <= {"test_layout", "test_locks", "test_fallbacks", "test_user_errors"}, top

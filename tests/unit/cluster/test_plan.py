@@ -1,7 +1,7 @@
 """The planner's arithmetic (cluster.plan): the QLoRA paper's headline claims from the LLaMA shapes, LoRA's
 parameter count, ZeRO's partitioning, the GPU table, and the refusal `run`/`sft` make. Pure, milliseconds.
 
-    .venv/bin/python -m pytest tests/unit/test_plan.py -q
+    .venv/bin/python -m pytest tests/unit/cluster/test_plan.py -q
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from cluster.plan import Setup, lora_params, plan_setup, plan_training, smallest
 from cluster.plan_shape import ModelShape, shape_of
 from pipelines.schema import UserError
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 LLAMA_65B = ModelShape(8192, 22016, 80, 64, 64, 128, 32000, name="llama-65b")
 LLAMA_33B = ModelShape(6656, 17920, 60, 52, 52, 128, 32000, name="llama-33b")
 LLAMA_7B = ModelShape(4096, 11008, 32, 32, 32, 128, 32000, name="llama-7b")

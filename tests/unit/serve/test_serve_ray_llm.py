@@ -1,7 +1,7 @@
 """serve/ray_llm.py holds every name serve/ takes from Ray's internal `ray.llm._internal`: read here without
 importing it (it imports vLLM), checked against the installed Ray, and no other serve/ module imports them.
 
-    .venv/bin/python -m pytest tests/unit/test_serve_ray_llm.py -q
+    .venv/bin/python -m pytest tests/unit/serve/test_serve_ray_llm.py -q
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-SERVE = Path(__file__).resolve().parents[2] / "serve"
+SERVE = Path(__file__).resolve().parents[3] / "serve"
 RAY_LLM = SERVE / "ray_llm.py"
 INTERNAL = "ray.llm._internal"
 

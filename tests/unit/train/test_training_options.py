@@ -1,7 +1,7 @@
 """Training options checked in-process on the tiny model (no Ray): the per-node 4-bit base cache, gradient
 checkpointing, and bitsandbytes' 8-bit / paged 8-bit AdamW on the CPU backend.
 
-    .venv/bin/python -m pytest tests/unit/test_training_options.py -q
+    .venv/bin/python -m pytest tests/unit/train/test_training_options.py -q
 """
 
 from __future__ import annotations

@@ -162,6 +162,6 @@ demo      serve                   run      always runs"""
 def test_the_quickstart_plan_is_what_it_was_before_the_stage_table(tmp_path):
     from pathlib import Path
 
-    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "quickstart-cpu.yaml",
+    cfg = load_config(Path(__file__).resolve().parents[3] / "configs" / "quickstart-cpu.yaml",
                       [f"output_dir={tmp_path}"])
     assert graph.Graph(cfg).plan().table() == QUICKSTART_PLAN_8A155DB

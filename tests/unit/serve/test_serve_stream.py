@@ -1,7 +1,7 @@
 """Streams metered by their server-sent events (serve.stream), whatever the chunk boundaries: no Ray, no vLLM
 (but for the last test, which runs the ingress's own `_metered` and imports it).
 
-    .venv/bin/python -m pytest tests/unit/test_serve_stream.py -q
+    .venv/bin/python -m pytest tests/unit/serve/test_serve_stream.py -q
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ print("after: stdout is the terminal again", flush=True)
 def test_quiet_sends_our_lines_to_the_terminal_and_everything_to_the_log(tmp_path):
     log = tmp_path / "logs" / "run.log"
     out = subprocess.run([sys.executable, "-c", SCRIPT, str(log)], capture_output=True, text=True, timeout=120,
-                         cwd=Path(__file__).resolve().parents[2])
+                         cwd=Path(__file__).resolve().parents[3])
     assert out.returncode == 0, out.stderr
     terminal = out.stderr.splitlines()
     assert terminal == [f"full log: {log}", "[sft] step 5/20 loss 0.0413", "[tune] t1 step 4 eval_loss 1.2",
@@ -48,7 +48,7 @@ def test_quiet_sends_our_lines_to_the_terminal_and_everything_to_the_log(tmp_pat
 def test_verbose_leaves_the_terminal_alone(tmp_path):
     log = tmp_path / "run.log"
     out = subprocess.run([sys.executable, "-c", SCRIPT, str(log)], capture_output=True, text=True, timeout=120,
-                         cwd=Path(__file__).resolve().parents[2], env={**__import__("os").environ,
+                         cwd=Path(__file__).resolve().parents[3], env={**__import__("os").environ,
                                                                        "LORAFORGE_VERBOSE": "1"})
     assert out.returncode == 0, out.stderr
     assert "core_worker.cc:2465" in out.stderr and "Failed to query" in out.stderr and not log.exists()

@@ -2,7 +2,7 @@
 and vLLM for, checked without a GPU or a Ray instance: ray.serve.llm's own VLLMEngineConfig derives the replica's
 placement group from it, as it does when the app starts.
 
-    .venv/bin/python -m pytest tests/unit/test_serve_tp.py -q
+    .venv/bin/python -m pytest tests/unit/serve/test_serve_tp.py -q
 """
 
 from __future__ import annotations

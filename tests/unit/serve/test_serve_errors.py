@@ -1,6 +1,6 @@
 """serve.errors: the status and body each failure is answered with, and serve's user errors. Pure: no vLLM.
 
-    .venv/bin/python -m pytest tests/unit/test_serve_errors.py -q
+    .venv/bin/python -m pytest tests/unit/serve/test_serve_errors.py -q
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 float32 on a CPU), the Ray options of the scorer actor and the merge task (a GPU when the cluster has one), and the
 resolved dtype reaching both generation engines and the scorer.
 
-    .venv/bin/pytest tests/unit/test_eval_device.py -q
+    .venv/bin/pytest tests/unit/eval/test_eval_device.py -q
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import pytest
 
 from cluster.config import ConfigError, RunConfig, apply_overrides, json_schema, load_config
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
