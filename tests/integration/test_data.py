@@ -172,6 +172,15 @@ def test_same_seed_identical_bytes_other_seed_differs(curated, corpus, tiny_mode
                                                                               ).read_bytes()
 
 
+# A tokenized dataset's manifest as commit 8a155db wrote it (before the data wing was split up).
+MANIFEST_KEYS_8A155DB = [
+    "code_version", "config", "content_hash", "created", "curated", "inputs", "kind", "metrics", "outputs",
+    "packed"]
+METRICS_8A155DB = [
+    "curated_rows", "engine", "phase_seconds", "rejected_by_reason", "rows_in", "rows_kept", "rows_rejected",
+    "rows_token_ids_reused", "split_rows", "tokens", "truncated"]
+
+
 def test_tokenized_labels_only_on_assistant_tokens(ray_session, tmp_path, tiny_model_dir):
     from transformers import AutoTokenizer
 
@@ -183,6 +192,8 @@ def test_tokenized_labels_only_on_assistant_tokens(ray_session, tmp_path, tiny_m
     plain = data.run(_cfg(src), tiny_model_dir, tmp_path / "plain")
     m = json.loads((plain / "manifest.json").read_text())
     assert m["packed"] is False and m["metrics"]["rows_in"] == m["metrics"]["rows_kept"] + m["metrics"]["rows_rejected"]
+    # the same manifest keys as before the data wing was untangled (commit 8a155db)
+    assert sorted(m) == MANIFEST_KEYS_8A155DB and sorted(m["metrics"]) == METRICS_8A155DB
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows = pq.read_table(plain / m["outputs"]["train"]).to_pylist()
     source = {json.loads(line)["output"] for line in src.read_text().splitlines()}

@@ -109,9 +109,22 @@ def test_gradient_checkpointing_and_8bit_adam_save_memory_and_still_learn(ray_se
         assert m["loss_history"][-1] < m["loss_history"][0] - 0.2, m["loss_history"]
 
 
+# An SFT adapter's manifest as commit 8a155db wrote it; since then the metrics add attn_implementation (issue 33).
+SFT_MANIFEST_KEYS_8A155DB = [
+    "code_version", "config", "created", "inputs", "kind", "lineage", "metrics"]
+SFT_METRICS_8A155DB = [
+    "adapter_modules", "base_bytes_bf16", "base_bytes_loaded", "base_load", "best_eval_loss", "delta_over_weight",
+    "delta_over_weight_max", "delta_over_weight_mean", "engine", "eval_extra_history", "eval_history",
+    "frozen_checksum_after", "frozen_checksum_before", "loss_first", "loss_history", "loss_last",
+    "matched_modules", "memory", "quantized_bytes_bf16", "quantized_bytes_loaded", "ranks", "selected_step",
+    "steps", "stopped_early", "throughput", "trainable_params", "world_size", "zero_grad_share"]
+
+
 def test_ddp_reference_trains(reference):
     manifest, folder = reference
     _assert_trained(manifest)
+    assert sorted(manifest) == SFT_MANIFEST_KEYS_8A155DB
+    assert set(manifest["metrics"]) == set(SFT_METRICS_8A155DB) | {"attn_implementation"}
     assert manifest["metrics"]["world_size"] == 2
     for r in manifest["metrics"]["ranks"]:  # DDP replicates a 16/32-bit base: the whole of it on every rank
         assert r["base_load"] == "full" and r["base_params_local"] == r["base_params_total"]
