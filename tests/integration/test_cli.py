@@ -162,3 +162,17 @@ def test_driver_killed_during_sft_then_run_again_skips_data_and_resumes_sft(cli,
     m = json.loads((run_dir / "sft" / "manifest.json").read_text())["metrics"]
     assert m["steps"] == 10 and len(m["loss_history"]) == 10
     assert json.loads((run_dir / "sft" / "stage.json").read_text())["status"] == "done"
+
+
+def test_sft_local_runs_the_loop_in_the_command_without_ray_train(cli):
+    """`loraforge sft CONFIG --local`: the same loop in the command's own process (one CPU rank here), on the data
+    stage's output; the adapter, its manifest and the checkpoints land where a Ray Train run puts them."""
+    out = cli["root"] / "local-runs"
+    assert cli["invoke"]("tokenize", f"output_dir={out}").exit_code == 0
+    result = cli["invoke"]("sft", f"output_dir={out}", "train.max_steps=2", "--local")
+    assert result.exit_code == 0, result.output
+    folder = last_line(result.output)
+    assert folder == (out / "cli" / "sft").resolve()
+    m = json.loads((folder / "manifest.json").read_text())["metrics"]
+    assert m["steps"] == 2 and m["world_size"] == 1 and m["ranks"][0]["node_id"].startswith("local-")
+    assert list((folder / "ray_train" / "sft").glob("checkpoint_*"))
