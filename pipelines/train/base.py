@@ -11,7 +11,7 @@ from typing import Any
 from pipelines.artifacts.manifest import publish_folder, staging_folder
 from pipelines.artifacts.models import cache_root
 from pipelines.train import worker
-from pipelines.train.config import LoraSection, QuantSection, WorkerJob, deepspeed_config
+from pipelines.train.config import LoraSection, QuantSection, WorkerJob, deepspeed_config, zero_dtype
 from pipelines.train.engine import init_deepspeed
 
 
@@ -32,11 +32,11 @@ def resolve_attention(requested: str, device, flash_installed: bool | None = Non
 
 
 def _from_pretrained(model_dir: str | os.PathLike, dtype: str, quant: QuantSection, quantize: bool = True,
-                     attn: str = "sdpa", device_map: str | None = None, quant_storage: str | None = None):
+                     attn: str = "sdpa", quant_storage: str | None = None):
     """The bare model, no training preparation. quantize=False loads a folder that is already 4-bit (its
     config.json carries the quantization config) in the same dtype and device as quantizing would have.
-    device_map: where a 4-bit base is placed (default: the current GPU, else cpu); quant_storage: the dtype
-    the packed 4-bit weights are stored in (ZeRO-3 partitions them as tensors of the compute dtype)."""
+    A 4-bit base is placed on the current GPU, else the CPU; quant_storage: the dtype the packed 4-bit weights are
+    stored in (ZeRO-3 partitions them as tensors of the compute dtype)."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -48,12 +48,7 @@ def _from_pretrained(model_dir: str | os.PathLike, dtype: str, quant: QuantSecti
                 bnb_4bit_compute_dtype=getattr(torch, quant.compute_dtype),
                 bnb_4bit_quant_storage=getattr(torch, quant_storage or "uint8"))
         kwargs["dtype"] = getattr(torch, quant.compute_dtype)
-        if device_map is not None:
-            kwargs["device_map"] = {"": device_map}
-        elif torch.cuda.is_available():
-            kwargs["device_map"] = {"": torch.cuda.current_device()}
-        else:
-            kwargs["device_map"] = {"": "cpu"}
+        kwargs["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     if quant.load_in_4bit:
         standard_4bit_layout(model)
@@ -239,17 +234,9 @@ def frozen_dtype(job: WorkerJob) -> str | None:
     them to, else a QLoRA base's 16-bit compute dtype (bitsandbytes' 4-bit layers cast their frozen bias to the
     input's dtype in place on the first forward; PEFT's fp32 upcast of bf16 weights makes that cast lossless)."""
     ds = zero_dtype(deepspeed_config(job.train, job.dtype))
-    if ds is None and job.quant.load_in_4bit and job.quant.compute_dtype != "float32":
-        return job.quant.compute_dtype
+    if ds is None and job.quant.load_in_4bit and job.compute_dtype() != "float32":
+        return job.compute_dtype()
     return ds
-
-
-def zero_dtype(ds_config: dict | None) -> str | None:
-    """The 16-bit dtype DeepSpeed casts the module's floating parameters to (bf16 / fp16 enabled), else None."""
-    for key, name in (("bf16", "bfloat16"), ("fp16", "float16")):
-        if ds_config and isinstance(ds_config.get(key), dict) and ds_config[key].get("enabled") is True:
-            return name
-    return None
 
 
 def align_for_zero3(model, ds_config: dict | None) -> int:

@@ -164,6 +164,14 @@ def deepspeed_config(train: TrainSection, dtype: str) -> dict[str, Any] | None:
     return cfg
 
 
+def zero_dtype(ds_config: dict | None) -> str | None:
+    """The 16-bit dtype DeepSpeed casts the module's floating parameters to (bf16 / fp16 enabled), else None."""
+    for key, name in (("bf16", "bfloat16"), ("fp16", "float16")):
+        if ds_config and isinstance(ds_config.get(key), dict) and ds_config[key].get("enabled") is True:
+            return name
+    return None
+
+
 class DPOSection(Section):
     """Preference optimisation on top of the SFT adapter."""
 

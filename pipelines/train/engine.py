@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.train import worker
-from pipelines.train.config import TrainSection
+from pipelines.train.config import TrainSection, zero_dtype
 
 
 def accelerator_for(device) -> str:
@@ -42,10 +42,7 @@ def autocast_dtype(device, compute_dtype: str, ds_config: dict | None) -> str | 
     DeepSpeed already casts the module to bf16/fp16 itself."""
     if not str(device).startswith("cuda") or compute_dtype not in ("bfloat16", "float16"):
         return None
-    if ds_config and any(isinstance(ds_config.get(k), dict) and ds_config[k].get("enabled") is True
-                         for k in ("bf16", "fp16")):
-        return None
-    return compute_dtype
+    return None if zero_dtype(ds_config) else compute_dtype
 
 
 def make_optimizer(params, train: TrainSection):
@@ -66,13 +63,11 @@ def all_sum(values: list[float]) -> list[float]:
 
     if not dist.is_initialized():
         return [float(v) for v in values]
-    device = collective_device(dist.get_backend(), worker.current().device)
+    device = worker.collective_device(dist.get_backend(), worker.current().device)
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.cpu().tolist()
 
-
-collective_device = worker.collective_device
 
 
 class Engine:
