@@ -52,7 +52,7 @@ def _alone(stage: stages.Stage, config: Path, overrides: Optional[list[str]], **
     """(config, context) of a stage command run alone: the config loaded and checked for what the stage reads."""
     cfg = load(config, overrides, stage.needs)
     stages.needs_output(cfg, stage, str(config))
-    return cfg, stages.Context(cfg, options=options)
+    return cfg, stages.Context(cfg, **options)
 
 
 def stage_command(stage: stages.Stage) -> Callable[..., None]:

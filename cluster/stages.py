@@ -48,13 +48,14 @@ class GateRefused(Exception):
 @dataclass
 class Context:
     """What the stages hand each other within one run (or one command): the model folder, the adapters, the
-    gate's decision, the serving URL; and what a command set: explicit adapters, folders, options."""
+    gate's decision, the serving URL; and what a command set: explicit adapters, folders, --local, --force."""
 
     cfg: RunConfig
     roles: dict[str, str] = field(default_factory=dict)  # "sft" / "dpo" / "tune" → adapter folder
     given: dict[str, str] | None = None  # adapters named on the command line (--adapter)
     places: dict[str, Path] = field(default_factory=dict)  # stage name → folder the command chose (--out, --model)
-    options: dict[str, Any] = field(default_factory=dict)  # local, force, ...
+    local: bool = False  # the training loop in this process, without Ray (sft --local)
+    force: bool = False  # the gate publishes even on a refusal (evaluate --gate --force)
     decision: GateDecision | None = None
     url: str | None = None
     _model_dir: str | None = None
@@ -107,7 +108,7 @@ class Stage:
 
     def __call__(self, ctx: Context, resume: bool = False) -> Path:
         """Run it (in the Ray session unless the command runs it locally) and print its summary."""
-        if self.ray and not ctx.options.get("local"):
+        if self.ray and not ctx.local:
             session.init_ray(ctx.cfg)
         t0 = time.time()
         out = self.run(ctx, resume)
@@ -155,7 +156,7 @@ def _data_summary(out: Path) -> str:
 
 
 def _sft(ctx: Context, resume: bool) -> Path:
-    cfg, local = ctx.cfg, bool(ctx.options.get("local"))
+    cfg, local = ctx.cfg, ctx.local
     return sft.run(cfg.lora, cfg.train, ctx.model_dir, DATA.folder(cfg), SFT.folder(cfg), dtype=cfg.model.dtype,
                    quant=cfg.quant, model_id=cfg.model.name, resume=resume, storage=cfg.train_storage(SFT.name),
                    data_uri=None if local else _in_store(cfg, DATA), local=local)
@@ -232,15 +233,14 @@ def _evaluate_summary(out: Path) -> str:
 
 
 def _gate(ctx: Context, resume: bool) -> Path:
-    """The gate over this run's evaluation, for the first adapter: a pass (or options.force) publishes it to the
+    """The gate over this run's evaluation, for the first adapter: a pass (or ctx.force) publishes it to the
     registry under registry.name (default the run name) and moves gate.alias. The decision passes in memory
     (ctx.decision); gate.json keeps it for a cached rerun."""
     cfg = ctx.cfg
     results = json.loads((ctx.folder(EVALUATE) / "eval.json").read_text())
     first = next(iter(ctx.adapters))
-    force = bool(ctx.options.get("force"))
     d = gating.apply(results, first, ctx.adapters[first], cfg.gate, cfg.registry.root, cfg.registry.name or cfg.name,
-                     force=force)
+                     force=ctx.force)
     console.print(f"[bold]{GATE.name}[/]: {'passed' if d.passed else 'FORCED' if d.forced else 'refused'} for "
                   f"{first}" + (f": {cfg.registry.name or cfg.name}@{d.version}" if d.version else "")
                   + "".join(f"\n  {r}" for r in d.reasons))

@@ -113,14 +113,15 @@ def block_mask(seg, dtype):
         ~allowed[:, None], torch.finfo(dtype).min)
 
 
-def attention_inputs(batch: dict[str, Any], attn_implementation: str, dtype=None) -> dict[str, Any]:
+def attention_inputs(batch: dict[str, Any], attn_implementation: str) -> dict[str, Any]:
     """A collated batch as model keyword inputs for the resolved attention kernel: packed rows' `segment_ids`
-    become a boolean block mask for sdpa, an additive one in `dtype` for eager, and nothing for
+    become a boolean block mask for sdpa, an additive float32 one for eager (added to scores of any dtype), and
+    nothing for
     flash_attention_2 (varlen from position_ids). Labels and counters are left out."""
     import torch
 
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_tokens", "segment_ids")}
     if "segment_ids" in batch and attn_implementation != "flash_attention_2":
-        kind = torch.bool if attn_implementation == "sdpa" else (dtype or torch.float32)
+        kind = torch.bool if attn_implementation == "sdpa" else torch.float32
         inputs["attention_mask"] = block_mask(batch["segment_ids"], kind)
     return inputs
