@@ -63,7 +63,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from common import ALPACA, PeakRSS  # noqa: E402
 
-from cluster import runner
+from cluster import session
 from cluster.config import load_config
 from pipelines.artifacts.manifest import read_manifest
 from pipelines.artifacts.models import ModelConfig, resolve_model
@@ -110,7 +110,7 @@ def child_ray(args) -> dict:
     cfg = load_config(None, ["ray.num_cpus=2", f"model.name={args.model}", f"data.train_path={args.input}",
                              "data.format=alpaca", f"data.max_length={args.max_length}",
                              f"data.engine={args.engine}"])
-    runner.init_ray(cfg)
+    session.init_ray(cfg)
     load_tokenizer(args.model_dir)  # as the baseline: the driver's tokenizer import before the timer
     import pandas  # noqa: F401  as the baseline's `import datasets` (pandas and pyarrow with it), before the timer
     try:
@@ -119,7 +119,7 @@ def child_ray(args) -> dict:
             out = data.run(cfg.data, args.model_dir, Path(args.work) / "ray_out")
             secs = time.perf_counter() - t0
     finally:
-        runner.finish()
+        session.finish()
     m = read_manifest(out, kind="tokenized_dataset")["metrics"]
     return {"seconds": secs, "peak_rss": rss.peak, "peak_pss": rss.peak_pss, "rows_in": m["rows_in"],
             "rows_kept": m["rows_kept"],

@@ -7,7 +7,7 @@ shapes, each figure written beside the prediction made before it ran (../shared/
     .venv/bin/python bench/gpu_check.py --dry-run --phases 0,2 --json
 
 Phases: 0 GEMM ceilings (bf16 / fp32 / TF32); 1 QLoRA on the Llama-3.2-1B shape, 12 steps × 4 × 2048 tokens,
-through the project's own loop in one process (`sft.run(..., local=True)`): tokens/s, MFU, peak memory against
+through the project's own loop in one process (`sft.run` with `local=True`): tokens/s, MFU, peak memory against
 `loraforge plan`, loss, frozen checksum; 2 bf16 LoRA with TF32, and the lean loss against the plain one on one
 batch; 3 packed rows; 4 DeepSpeed ZeRO-2 QLoRA and ZeRO-3 bf16 LoRA; 5 test_gpu.py's body through real Ray Train;
 6 the Qwen2.5-7B shape under QLoRA with gradient checkpointing, if time is left.
@@ -267,13 +267,14 @@ def plan_figures(cfg, model_dir: str, tokens_per_s: float | None, peak_bytes: in
 
 
 def measure(ctx: Ctx, tag: str, model_dir: str, data_dir: Path, cfg) -> tuple[dict, dict]:
-    """Train through the project's own loop in this process (`sft.run(..., local=True)`) and read its manifest:
+    """Train through the project's own loop in this process (`sft.run` with `local=True`) and read its manifest:
     figures, and the goals each met (None: not measurable here, e.g. memory on a CPU)."""
     from pipelines.train import sft
+    from pipelines.train.config import TrainSetup
 
     t0 = time.time()
-    out = sft.run(cfg.lora, cfg.train, model_dir, data_dir, ctx.work / "runs" / tag, dtype=cfg.model.dtype,
-                  quant=cfg.quant, local=True)
+    setup = TrainSetup(model_dir=model_dir, dtype=cfg.model.dtype, quant=cfg.quant, train=cfg.train, local=True)
+    out = sft.run(setup, cfg.lora, data_dir, ctx.work / "runs" / tag)
     m = json.loads((Path(out) / "manifest.json").read_text())["metrics"]
     tps = (m.get("throughput") or {}).get("tokens_per_s")
     mem = m.get("memory") or {}

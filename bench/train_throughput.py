@@ -64,7 +64,7 @@ def ours_config(jsonl: Path, steps: int, batch: int, max_len: int, packed: bool)
 
 def prepare(args, work: Path) -> dict:
     """Resolve the model and tokenize both datasets once, in this (throwaway) process."""
-    from cluster.runner import finish, init_ray
+    from cluster.session import finish, init_ray
     from pipelines.artifacts.models import ModelConfig, resolve_model
     from pipelines.data import tokenize as data
 
@@ -129,13 +129,15 @@ def run_trl(model_dir: str, jsonl: Path, steps: int, batch: int, max_len: int, p
 
 def run_ours(model_dir: str, jsonl: Path, steps: int, batch: int, max_len: int, packed: bool, work: Path,
              out: Path) -> dict:
-    from cluster.runner import finish, init_ray
+    from cluster.session import finish, init_ray
     from pipelines.train import sft
+    from pipelines.train.config import TrainSetup
 
     cfg = ours_config(jsonl, steps, batch, max_len, packed)
     init_ray(cfg)
     with PeakRSS() as tree, ProcessPeaks("RayTrainWorker") as workers:
-        folder = sft.run(cfg.lora, cfg.train, model_dir, work / ("data-packed" if packed else "data"), out)
+        folder = sft.run(TrainSetup(model_dir=model_dir, train=cfg.train), cfg.lora,
+                         work / ("data-packed" if packed else "data"), out)
     finish()
     r = json.loads((folder / "manifest.json").read_text())["metrics"]["throughput"]
     peaks = sorted(workers.peaks.values(), reverse=True)

@@ -62,7 +62,7 @@ def tokenized(model_dir: str, rows: int, max_length: int, out: Path) -> Path:
 
 
 def one_arm(model_dir: str, data_dir: Path, out: Path, seed: int, args, asha: bool) -> dict:
-    from pipelines.train.config import LoraSection, TrainSection
+    from pipelines.train.config import LoraSection, TrainSection, TrainSetup
     from tune import sweep
     from tune.space import TuneSection
 
@@ -76,7 +76,7 @@ def one_arm(model_dir: str, data_dir: Path, out: Path, seed: int, args, asha: bo
                          eval_max_batches=args.eval_batches, log_every=1000, tracking_uri="off")
     lora = LoraSection(r=8, dropout=0.0, target_modules="all-linear")
     t0 = time.time()
-    folder = sweep.run(cfg, lora, train, model_dir, data_dir, out, model_id="tiny-llama")
+    folder = sweep.run(cfg, lora, TrainSetup(model_dir=model_dir, model_name="tiny-llama", train=train), data_dir, out)
     wall = time.time() - t0
     trials = json.loads((folder / "sweep_trials.json").read_text())["trials"]
     curves = {(int(t["config"]["r"]), float(t["config"]["lr"])): {r["step"]: r["eval_loss"] for r in t["reports"]}

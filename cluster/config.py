@@ -113,11 +113,6 @@ class RunConfig(Section):
         """The run folder's URI when output_dir is one, else None."""
         return f"{self.output_dir.rstrip('/')}/{self.name}" if storage.is_uri(self.output_dir) else None
 
-    def train_storage(self, stage: str) -> str | None:
-        """Where Ray Train keeps a training stage's checkpoints: in the store when output_dir is a URI (a driver
-        elsewhere resumes from them), else None (the stage folder's ray_train/)."""
-        remote = self.remote_run()
-        return f"{remote}/{stage}/ray_train" if remote else None
 
 
 def preflight(cfg: RunConfig, checks: tuple[str, ...] | list[str], source: str = "<config>") -> None:

@@ -22,6 +22,7 @@ from rich.console import Console
 from cluster import session
 from cluster.config import CURATED_TEST, RunConfig
 from pipelines.artifacts import storage
+from pipelines.artifacts.location import Location
 from pipelines.artifacts.manifest import read_manifest
 from pipelines.artifacts.models import resolve_model
 from pipelines.artifacts.registry import Registry, lineage_from_manifest
@@ -32,6 +33,7 @@ from pipelines.eval.gate import GateDecision
 from pipelines.export import merge, quantize
 from pipelines.schema import MissingInput
 from pipelines.train import dpo, sft
+from pipelines.train.config import TrainSetup
 from tune import sweep
 
 console = Console(stderr=True, soft_wrap=True)  # a path is never broken over two lines
@@ -126,12 +128,25 @@ def resolve_base(cfg: RunConfig) -> str:
     return path
 
 
-def _in_store(cfg: RunConfig, stage: Stage) -> str | None:
-    """A stage's folder in the object store, when output_dir is one and the graph pushed that stage there (a stage
-    command run alone works in the mirror only)."""
+def _found(cfg: RunConfig, stage: Stage) -> Location:
+    """An upstream stage's output: its folder here, and its folder in the object store when output_dir is one and
+    the graph pushed that stage there (a stage command run alone works in the mirror only)."""
     remote = cfg.remote_run()
     found = remote and storage.exists(f"{remote}/{stage.name}/manifest.json")
-    return f"{remote}/{stage.name}" if found else None
+    return Location(stage.folder(cfg), f"{remote}/{stage.name}" if found else None)
+
+
+def _output(cfg: RunConfig, name: str) -> Location:
+    """Where a stage writes: its folder here, and in the store when output_dir is one (the graph pushes it there
+    after the stage; Ray Train and Tune keep their state there directly, so a driver elsewhere resumes)."""
+    remote = cfg.remote_run()
+    return Location(cfg.stage_dir(name), f"{remote}/{name}" if remote else None)
+
+
+def _setup(ctx: Context, resume: bool) -> TrainSetup:
+    cfg = ctx.cfg
+    return TrainSetup(model_dir=ctx.model_dir, model_name=cfg.model.name, dtype=cfg.model.dtype, quant=cfg.quant,
+                      train=cfg.train, resume=resume, local=ctx.local)
 
 
 def _absolute(spec: str) -> str:
@@ -156,10 +171,8 @@ def _data_summary(out: Path) -> str:
 
 
 def _sft(ctx: Context, resume: bool) -> Path:
-    cfg, local = ctx.cfg, ctx.local
-    return sft.run(cfg.lora, cfg.train, ctx.model_dir, DATA.folder(cfg), SFT.folder(cfg), dtype=cfg.model.dtype,
-                   quant=cfg.quant, model_id=cfg.model.name, resume=resume, storage=cfg.train_storage(SFT.name),
-                   data_uri=None if local else _in_store(cfg, DATA), local=local)
+    data = _found(ctx.cfg, DATA)
+    return sft.run(_setup(ctx, resume), ctx.cfg.lora, data.local() if ctx.local else data, _output(ctx.cfg, SFT.name))
 
 
 def _sft_summary(out: Path) -> str:
@@ -170,20 +183,15 @@ def _sft_summary(out: Path) -> str:
 
 def _dpo(ctx: Context, resume: bool) -> Path:
     """DPO alone: preference pairs (dpo.train_path) on top of this run's SFT adapter."""
-    cfg = ctx.cfg
-    remote, sft_uri = cfg.remote_run(), _in_store(cfg, SFT)  # a run in a store: every node reads from there
-    pairs = cfg.stage_dir(f"{DPO.name}_data")
-    prepared = dpo.prepare(cfg.dpo, ctx.model_dir, str(SFT.folder(cfg)), pairs, dtype=cfg.model.dtype,
-                           quant=cfg.quant, sft_uri=sft_uri, model_name=cfg.model.name)
-    if remote:
-        storage.push(prepared, f"{remote}/{pairs.name}")
+    cfg, setup = ctx.cfg, _setup(ctx, resume)
+    sft_adapter, pairs = _found(cfg, SFT), _output(cfg, f"{DPO.name}_data")  # a run in a store: read there
+    prepared = dpo.prepare(cfg.dpo, setup, sft_adapter, pairs.path)
+    if pairs.uri:
+        storage.push(prepared, pairs.uri)
     m = _metrics(prepared)
     console.print(f"[bold]{DPO.name} data[/]: {m['rows_in']} pairs in, {m['train']} train, {m['validation']} held "
                   f"out, {m['rows_rejected']} rejected {m['rejected_by_reason'] or ''}")
-    return dpo.run(cfg.dpo, cfg.train, ctx.model_dir, SFT.folder(cfg), prepared, DPO.folder(cfg),
-                   dtype=cfg.model.dtype, quant=cfg.quant, model_id=cfg.model.name, resume=resume,
-                   storage=cfg.train_storage(DPO.name), data_uri=f"{remote}/{pairs.name}" if remote else None,
-                   sft_uri=sft_uri)
+    return dpo.run(cfg.dpo, setup, sft_adapter, pairs, _output(cfg, DPO.name))
 
 
 def _dpo_summary(out: Path) -> str:
@@ -197,10 +205,8 @@ def _tune(ctx: Context, resume: bool) -> Path:
     """The sweep over this run's tokenized data; its winner lands in <run>/tune/winner. With output_dir in an
     object store, Tune's state, the trials' checkpoints and the ledger of finished trials live in
     <run>/tune/ray_tune there (a driver elsewhere restores the sweep from them)."""
-    cfg, remote = ctx.cfg, ctx.cfg.remote_run()
-    return sweep.run(cfg.tune, cfg.lora, cfg.train, ctx.model_dir, DATA.folder(cfg), TUNE.folder(cfg),
-                     dtype=cfg.model.dtype, quant=cfg.quant, model_id=cfg.model.name,
-                     state_uri=f"{remote}/{TUNE.name}/ray_tune" if remote else None, data_uri=_in_store(cfg, DATA))
+    return sweep.run(ctx.cfg.tune, ctx.cfg.lora, _setup(ctx, resume), _found(ctx.cfg, DATA),
+                     _output(ctx.cfg, TUNE.name))
 
 
 def _tune_summary(out: Path) -> str:

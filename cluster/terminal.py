@@ -6,7 +6,7 @@ Libraries write to the process's file descriptors 1 and 2 as well as to Python's
 forwards its workers' output to the driver's sys.stdout/sys.stderr. `quiet(log)` points descriptors 1 and 2 at
 the log file for the length of the command and puts a line filter in sys.stdout/sys.stderr: every line goes to
 the log; the lines of our own progress (`[sft] step 5/20 ...`, `[graph] sft: cached ...`) also go to the
-terminal, without Ray's worker prefix and once (Ray Train forwards a worker's line twice). `cluster.runner`'s
+terminal, without Ray's worker prefix and once (Ray Train forwards a worker's line twice). `cluster.stages`'
 console (the summaries, the answers table) writes to the terminal and to the log.
 
 `LORAFORGE_VERBOSE=1` leaves the terminal as it is; so does a process whose stderr is not a file descriptor (a

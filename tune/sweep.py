@@ -35,10 +35,11 @@ from typing import Any
 from pydantic import Field
 
 from pipelines.artifacts import storage
+from pipelines.artifacts.location import Location
 from pipelines.artifacts.manifest import read_manifest
 from pipelines.schema import DataError, Section, UserError
 from pipelines.train import sft
-from pipelines.train.config import LoraSection, QuantSection, TrainSection, WorkerJob
+from pipelines.train.config import LoraSection, QuantSection, TrainSection, TrainSetup, WorkerJob
 from pipelines.train.driver import copy_adapter, finish_stage, fit_on_ray
 from pipelines.train.loop import NO_EVAL
 from tune.space import LogRange, TuneSection, apply_trial, grid_points, grid_size, trial_label
@@ -65,41 +66,41 @@ class TrialContext(Section):
     model_dir: str
     model_name: str | None = Field(None, description="model.name (WorkerJob.model_name).")
     dtype: str
-    data_dir: str
+    data: Location = Field(description="The tokenized data (read from the store by the workers when it has a URI).")
     trials_dir: str = Field(description="Ray Train storage of the trials: <trials_dir>/<trial id>/ (a folder or a "
                                         "store URI).")
     log_dir: str = Field(description="Local folder of the trial-start log.")
     data_manifest: dict = Field(description="The tokenized data's manifest (trials on other nodes do not read it).")
-    data_uri: str | None = Field(None, description="The tokenized data in the object store, read by the workers.")
     store: Any = Field(None, description=(
         "The object store's pyarrow filesystem, built on the driver (trial actors lack its credentials)."))
 
 
-def run(tune_cfg: TuneSection, lora: LoraSection, train: TrainSection, model_dir: str, data_dir: str | os.PathLike,
-        out_dir: str | os.PathLike, *, dtype: str = "float32", quant: QuantSection | None = None,
-        model_id: str | None = None, state_uri: str | None = None, data_uri: str | None = None) -> Path:
-    """Run (or restore) the sweep over the tokenized data in data_dir; export the winner into out_dir.
+def run(tune_cfg: TuneSection, lora: LoraSection, setup: TrainSetup, data: Location | str | os.PathLike,
+        out: Location | str | os.PathLike) -> Path:
+    """Run (or restore) the sweep over the tokenized data in `data`; export the winner into out's folder.
 
-    state_uri: an object-store folder (s3://...) for Tune's experiment state, the trials' Ray Train checkpoints
-    and the ledger of finished trials, so that a driver on another machine restores the sweep from there; None
-    keeps them in out_dir. data_uri: the tokenized data in the store, which the trials' workers then read."""
+    With out in an object store (a URI), Tune's experiment state, the trials' Ray Train checkpoints and the
+    ledger of finished trials live in out/ray_tune there, so that a driver on another machine restores the sweep
+    from them; else in out's folder. With data in the store, the trials' workers read it there. A sweep always
+    restores what it finds (setup.resume is not needed) and runs on Ray (setup.local is refused)."""
     from ray import tune
 
-    quant = quant or QuantSection()
-    out = Path(out_dir).resolve()
+    if setup.local:
+        raise UserError("a sweep runs its trials on Ray Train workers; --local has no sweep: run it without --local")
+    data, where = Location.of(data), Location.of(out)
+    out = where.path
     out.mkdir(parents=True, exist_ok=True)
-    data_manifest = read_manifest(data_dir, kind="tokenized_dataset")
+    data_manifest = read_manifest(data.path, kind="tokenized_dataset")
     if "validation" not in data_manifest.get("outputs", {}):
-        raise DataError(f"{data_dir}: the tokenized data has no validation split, and a sweep ranks trials on "
+        raise DataError(f"{data.path}: the tokenized data has no validation split, and a sweep ranks trials on "
                         "eval_loss; set data.split.validation > 0 and rerun `loraforge tokenize`")
     check_state_api()
-    state = state_uri.rstrip("/") if state_uri else str(out)
+    train, state_uri = setup.train, where.child("ray_tune").uri
+    state = state_uri or str(out)
     store_fs, state_path = storage.filesystem(state) if state_uri else (None, state)
-    ctx = TrialContext(tune=tune_cfg, lora=lora, train=train, quant=quant, model_dir=model_dir, model_name=model_id,
-                       dtype=dtype,
-                       data_dir=str(Path(data_dir).resolve()), trials_dir=f"{state}/trials", log_dir=str(out),
-                       data_manifest=data_manifest, data_uri=data_uri,
-                       store=store_fs)
+    ctx = TrialContext(tune=tune_cfg, lora=lora, train=train, quant=setup.quant, model_dir=setup.model_dir,
+                       model_name=setup.model_name, dtype=setup.dtype, data=data, trials_dir=f"{state}/trials",
+                       log_dir=str(out), data_manifest=data_manifest, store=store_fs)
     key = sweep_key(ctx, data_manifest)
     name, experiments = f"sweep-{key}", f"{state}/experiments"
     tune_root = f"{state_path}/experiments"  # inside store_fs (None: the local filesystem)
@@ -145,7 +146,7 @@ def run(tune_cfg: TuneSection, lora: LoraSection, train: TrainSection, model_dir
     if not any(t["best_eval_loss"] is not None for t in trials):
         errors = "; ".join(f"{t['trial_id']}: {t['error']}" for t in trials if t["error"])
         raise RuntimeError(f"sweep {name}: no trial reported an eval_loss ({errors or 'no reports'})")
-    winner = export_winner(trials, ctx, out, name, data_manifest, model_id, wall, parent_run)
+    winner = export_winner(trials, ctx, out, name, data_manifest, wall, parent_run)
     write_report(trials, winner, tune_cfg, train, out, name, wall)
     return out
 
@@ -193,8 +194,7 @@ def check_state_api() -> None:
 
 def sweep_key(ctx: TrialContext, data_manifest: dict) -> str:
     """Content address of a sweep: the same sections, base and data give the same experiment (and a restore)."""
-    doc = {"ctx": ctx.model_dump(exclude={"trials_dir", "data_dir", "log_dir", "data_manifest", "data_uri",
-                                          "store"}),
+    doc = {"ctx": ctx.model_dump(exclude={"trials_dir", "data", "log_dir", "data_manifest", "store"}),
            "data": data_manifest.get("inputs") or data_manifest.get("source"),
            "outputs": data_manifest.get("outputs")}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -274,11 +274,11 @@ def run_trial(point: dict[str, Any], ctx: TrialContext) -> None:
     trial_id = tune.get_context().get_trial_id()
     lora, train = apply_trial(flat(point), ctx.tune, ctx.lora, ctx.train)
     job = WorkerJob(model_dir=ctx.model_dir, model_name=ctx.model_name, dtype=ctx.dtype, quant=ctx.quant,
-                    train=train, lora=lora, storage=f"{ctx.trials_dir}/{trial_id}", data_uri=ctx.data_uri)
+                    train=train, lora=lora, storage=f"{ctx.trials_dir}/{trial_id}", data=ctx.data)
     Path(ctx.log_dir).mkdir(parents=True, exist_ok=True)
     with open(Path(ctx.log_dir) / "trial_starts.log", "a") as log:  # who ran when (resume tests)
         log.write(json.dumps({"trial_id": trial_id, "time": time.time()}) + "\n")
-    fit_on_ray(sft.train_loop_per_worker, job, ctx.data_dir, ctx.data_manifest, trial_id,
+    fit_on_ray(sft.train_loop_per_worker, job, ctx.data_manifest, trial_id,
                callbacks=[TuneReportCallback()], fresh=False, store_fs=ctx.store)
 
 
@@ -313,8 +313,8 @@ def trial_table(grid, max_t: int) -> list[dict[str, Any]]:
     return rows
 
 
-def export_winner(trials: list[dict], ctx: TrialContext, out: Path, name: str, data_manifest: dict,
-                  model_id: str | None, wall: float, parent_run: str | None) -> dict[str, Any]:
+def export_winner(trials: list[dict], ctx: TrialContext, out: Path, name: str, data_manifest: dict, wall: float,
+                  parent_run: str | None) -> dict[str, Any]:
     """The best report (lowest eval_loss) of any trial whose checkpoint still exists, exported into out/winner."""
     from ray.train import Checkpoint
 
@@ -335,7 +335,7 @@ def export_winner(trials: list[dict], ctx: TrialContext, out: Path, name: str, d
         raise RuntimeError(f"sweep {name}: no trial checkpoint is left to export")
     lora, train = apply_trial(trial["config"], ctx.tune, ctx.lora, ctx.train)
     job = WorkerJob(model_dir=ctx.model_dir, model_name=ctx.model_name, dtype=ctx.dtype, quant=ctx.quant,
-                    train=train, lora=lora, storage=f"{ctx.trials_dir}/{trial['trial_id']}")
+                    train=train, lora=lora, storage=f"{ctx.trials_dir}/{trial['trial_id']}", data=ctx.data)
     state["selected_step"] = report["step"]
     winner = {"trial_id": trial["trial_id"], "label": trial["label"], "step": report["step"], "eval_loss": loss,
               "best_reported_eval_loss": best_reported, "checkpoint": report["checkpoint_path"]}
@@ -345,8 +345,8 @@ def export_winner(trials: list[dict], ctx: TrialContext, out: Path, name: str, d
                          "trials": [{k: t[k] for k in ("trial_id", "config", "status", "steps", "final_eval_loss",
                                                        "best_eval_loss", "best_step")} for t in trials]},
                "trial": {"id": trial["trial_id"], "point": trial["config"]}}
-    finish_stage(dest, job, kind="lora_adapter", state=state, model_id=model_id, data_dir=ctx.data_dir,
-                 data_manifest=data_manifest, title=f"Sweep winner {trial['label']}",
+    finish_stage(dest, job, kind="lora_adapter", state=state, data_manifest=data_manifest,
+                 title=f"Sweep winner {trial['label']}",
                  config={"lora": lora.model_dump(), "quant": ctx.quant.model_dump(), "train": train.model_dump(),
                          "dtype": ctx.dtype, "tune": ctx.tune.model_dump(mode="json")}, lineage=lineage)
     return winner

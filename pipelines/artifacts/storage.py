@@ -3,7 +3,7 @@ pyarrow knows) that every node and the next driver can reach.
 
 A URI is worked on through a local mirror, `$LORAFORGE_CACHE/mirror/<scheme>/<bucket>/<prefix>` (stages write
 local files, as the libraries they call expect): `pull` fills the mirror from the store, `push` writes a finished
-folder back. Ray Train writes its checkpoints to the store directly (`train_storage`), so a driver on another
+folder back. Ray Train writes its checkpoints to the store directly (a stage's `ray_train/`), so a driver on another
 machine resumes from them. S3-compatible stores (MinIO, Ceph, moto) are reached through `AWS_ENDPOINT_URL`
 (or `AWS_ENDPOINT_URL_S3`), the variable the AWS SDKs read; credentials come from the usual AWS variables.
 

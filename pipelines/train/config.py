@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from pipelines.artifacts.location import Location
 from pipelines.artifacts.models import on_this_node
 from pipelines.data.rowformats import check_columns
 from pipelines.schema import Section
@@ -210,6 +211,32 @@ class DPOSection(Section):
         return TrainSection.model_validate({**train.model_dump(), **own})
 
 
+class TrainSetup(Section):
+    """How a training stage (SFT, DPO, a sweep's trials) trains: the frozen base it starts from, the loop settings,
+    and how this invocation runs them. The stage's data and output folders travel beside it as Locations."""
+
+    model_dir: str = Field(description="Local Hugging Face folder of the base model (on the driver's machine).")
+    model_name: str | None = Field(None, description=(
+        "model.name: resolved again on a node that lacks model_dir (a hub id or built-in: each node gets its own "
+        "copy); None: model_dir is the name."))
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Compute dtype (model.dtype).")
+    quant: QuantSection = Field(default_factory=QuantSection)
+    train: TrainSection = Field(default_factory=TrainSection, description="The train section.")
+    base_cache: str | None = Field(None, description=(
+        "Where each node keeps the 4-bit base it quantized once (QLoRA); None: the node's model cache."))
+    resume: bool = Field(False, description=(
+        "Continue the Ray Train run an interrupted attempt left under the stage's checkpoint storage from its last "
+        "checkpoint, instead of starting afresh."))
+    local: bool = Field(False, description="The loop in this process on one device, without Ray Train.")
+
+    def job(self, storage: str, data: Location | None, **fields: Any) -> WorkerJob:
+        """The WorkerJob of this setup over `data`, checkpointing into `storage` (fields: the stage's own, and
+        `train` where the stage changes the loop settings)."""
+        return WorkerJob(**{"model_dir": self.model_dir, "model_name": self.model_name, "dtype": self.dtype,
+                            "quant": self.quant, "train": self.train, "base_cache": self.base_cache,
+                            "storage": storage, "data": data, **fields})
+
+
 class WorkerJob(Section):
     """What every Ray Train worker of a stage receives, validated once on the driver and passed as this object
     (`train_loop_config={"job": job}`): sections stay typed across the process boundary, never rebuilt from dicts."""
@@ -222,16 +249,15 @@ class WorkerJob(Section):
     quant: QuantSection
     train: TrainSection = Field(description="The loop settings this stage runs with (DPO: dpo.optimisation(train)).")
     storage: str = Field(description="Ray Train storage folder (or object-store URI) of this stage's run.")
-    data_uri: str | None = Field(None, description=(
-        "Where Ray Data reads the data stage's splits from when it is in an object store (every node reads "
-        "it there); None: the data folder the driver was given."))
+    data: Location | None = Field(None, description=(
+        "The data stage's folder the workers read its splits from (from the store, when it has a URI: every node "
+        "reads it there)."))
     base_cache: str | None = Field(None, description="Where each node keeps the 4-bit base it quantized once.")
     lora: LoraSection | None = Field(None, description="SFT: the adapter to attach to the frozen base.")
     dpo: DPOSection | None = Field(None, description="DPO: the preference loss settings.")
-    sft_dir: str | None = Field(None, description="DPO: the SFT adapter the policy starts from.")
-    sft_uri: str | None = Field(None, description=(
-        "DPO: the same adapter in the object store, when the run is there: each worker copies it to its node "
-        "(storage.local_copy) instead of reading the driver's folder, which other nodes do not have."))
+    sft: Location | None = Field(None, description=(
+        "DPO: the SFT adapter the policy starts from; with a URI, each worker copies it to its node "
+        "(Location.on_node) instead of reading the driver's folder, which other nodes do not have."))
 
     def compute_dtype(self) -> str:
         """The dtype matmuls run in: the 4-bit base's compute dtype under QLoRA, else the model's."""

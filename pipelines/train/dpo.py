@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipelines.artifacts import storage
+from pipelines.artifacts.location import Location
 from pipelines.artifacts.manifest import hash_path, read_manifest, write_manifest
 from pipelines.artifacts.models import on_this_node
 from pipelines.data.chat import pad_batch, tokenize_messages
@@ -29,7 +29,7 @@ from pipelines.data.rowformats import RowError, apply_columns, parse_raw, to_can
 from pipelines.schema import MissingInput, actor_gpus, cluster_gpus, torch_device
 from pipelines.train import worker
 from pipelines.train.base import load_base, start_worker
-from pipelines.train.config import DPOSection, QuantSection, TrainSection, WorkerJob
+from pipelines.train.config import DPOSection, TrainSetup, WorkerJob
 from pipelines.train.driver import run_stage
 from pipelines.train.engine import select_accelerator
 from pipelines.train.loop import run_loop
@@ -39,22 +39,21 @@ from pipelines.train.losses import LEAN_CHUNK_TOKENS, dpo_loss, hidden_and_head,
 class _PrepareBatch:
     """Ray Data callable class: tokenize pairs and score them under the frozen reference (base + SFT adapter)."""
 
-    def __init__(self, model_dir: str, sft_dir: str, cfg: DPOSection, dtype: str, quant: QuantSection,
-                 device: str = "cpu", sft_uri: str | None = None, store_fs=None, model_name: str | None = None):
+    def __init__(self, cfg: DPOSection, setup: TrainSetup, sft: Location, device: str = "cpu", store_fs=None):
         import torch
         from peft import PeftModel
         from transformers import AutoTokenizer
 
-        model_dir = on_this_node(model_dir, model_name)  # this actor's node may not have the driver's folder
-        if sft_uri:  # the run is in an object store: this actor's node may not have the driver's folder
-            sft_dir = str(storage.local_copy(sft_uri, store_fs))
+        # this actor's node may not have the driver's folders: the base resolved again, the adapter from the store
+        model_dir = on_this_node(setup.model_dir, setup.model_name)
+        sft_dir = str(sft.on_node(store_fs))
         torch.set_num_threads(1)
         self.cfg = cfg
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.device = device
-        self.model = PeftModel.from_pretrained(load_base(model_dir, dtype, quant, False),
+        self.model = PeftModel.from_pretrained(load_base(model_dir, setup.dtype, setup.quant, False),
                                                sft_dir).eval()
-        if not quant.load_in_4bit:  # a 4-bit base is placed by bitsandbytes where it loads
+        if not setup.quant.load_in_4bit:  # a 4-bit base is placed by bitsandbytes where it loads
             self.model.to(device)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -135,11 +134,11 @@ def read_pairs(spec: str, chunk: int = 256):
     return ray.data.from_arrow(tables)
 
 
-def prepare(cfg: DPOSection, model_dir: str, sft_dir: str, out_dir: str | os.PathLike, *, dtype: str = "float32",
-            quant: QuantSection | None = None, sft_uri: str | None = None, model_name: str | None = None) -> Path:
+def prepare(cfg: DPOSection, setup: TrainSetup, sft: Location | str | os.PathLike,
+            out_dir: str | os.PathLike) -> Path:
     """Tokenize preference pairs and precompute reference log-probs (Ray Data); counts add up, rejects kept.
-    sft_uri: the SFT adapter in the object store, which the reference actors read (any node can); model_name:
-    model.name, resolved again by an actor on a node without model_dir (models.on_this_node)."""
+    The reference actors read the SFT adapter from the store when `sft` has a URI (any node can), and resolve
+    model.name again on a node without the driver's model folder (models.on_this_node)."""
     from ray.data.expressions import col
 
     if not cfg.train_path:
@@ -150,11 +149,10 @@ def prepare(cfg: DPOSection, model_dir: str, sft_dir: str, out_dir: str | os.Pat
     if cfg.max_pairs:
         ds = ds.limit(cfg.max_pairs)
     options = reference_options(cfg, cluster_gpus())
-    store_fs = storage.filesystem(sft_uri)[0] if sft_uri else None  # built here, where the credentials are
-    ds = ds.map_batches(_PrepareBatch, fn_constructor_args=(model_dir, str(sft_dir), cfg, dtype,
-                                                            quant or QuantSection(),
-                                                            torch_device(options["num_gpus"]), sft_uri, store_fs,
-                                                            model_name),
+    sft = Location.of(sft)
+    store_fs = sft.reader()[0]  # built here, where the credentials are
+    ds = ds.map_batches(_PrepareBatch, fn_constructor_args=(cfg, setup, sft, torch_device(options["num_gpus"]),
+                                                            store_fs),
                         concurrency=(1, 2), batch_size=32, batch_format="numpy", **options).materialize()
     rows_in = ds.count()
     rejected = ds.filter(expr=col("reason") != "").select_columns(["reason", "source", "line", "raw"]).take_all()
@@ -175,7 +173,7 @@ def prepare(cfg: DPOSection, model_dir: str, sft_dir: str, out_dir: str | os.Pat
     by_reason: dict[str, int] = {}
     for r in rejected:
         by_reason[r["reason"].split(":")[0]] = by_reason.get(r["reason"].split(":")[0], 0) + 1
-    write_manifest(out, kind="preference_dataset", inputs={"reference_adapter": str(sft_dir)}, config=cfg.model_dump(),
+    write_manifest(out, kind="preference_dataset", inputs={"reference_adapter": str(sft.path)}, config=cfg.model_dump(),
                    metrics={"rows_in": rows_in, "rows_kept": counts["train"] + counts["validation"],
                             "rows_rejected": len(rejected), "rejected_by_reason": by_reason, **counts},
                    extra={"outputs": {s: s for s in counts if counts[s]},
@@ -184,32 +182,23 @@ def prepare(cfg: DPOSection, model_dir: str, sft_dir: str, out_dir: str | os.Pat
     return out
 
 
-def run(cfg: DPOSection, train: TrainSection, model_dir: str, sft_dir: str | os.PathLike, data_dir: str | os.PathLike,
-        out_dir: str | os.PathLike, *, dtype: str = "float32", quant: QuantSection | None = None,
-        model_id: str | None = None, base_cache: str | os.PathLike | None = None,
-        resume: bool = False, storage: str | None = None, data_uri: str | None = None,
-        sft_uri: str | None = None, local: bool = False) -> Path:
-    """Train the DPO adapter from the SFT adapter on a prepared preference dataset; write it with a manifest.
-    The loop runs with `cfg.optimisation(train)`: train's settings, with DPO's own steps / lr / warmup / batch size
-    where set. base_cache: where each node keeps the 4-bit base it quantized once (QLoRA); storage: where Ray Train
-    keeps checkpoints (a folder or an s3:// URI; default out_dir/ray_train); data_uri / sft_uri: the prepared pairs
-    and the SFT adapter in the object store, read there by every worker (a run whose output_dir is a store);
-    local: the loop in this process on one device, without Ray Train (the reference pass still uses Ray Data)."""
-    quant = quant or QuantSection()
-    sft_manifest = read_manifest(sft_dir, kind="lora_adapter")
-    out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    loop = cfg.optimisation(train)
-    job = WorkerJob(model_dir=model_dir, model_name=model_id, dtype=dtype, quant=quant, train=loop, dpo=cfg,
-                    sft_dir=str(Path(sft_dir).resolve()), sft_uri=sft_uri, data_uri=data_uri,
-                    storage=storage or str(out / "ray_train"),
-                    base_cache=str(base_cache) if base_cache else None)
-    return run_stage(train_loop_per_worker, job, name="dpo", title="DPO", data_dir=data_dir,
-                     data_kind="preference_dataset", out=out, model_id=model_id, resume=resume, local=local,
-                     config={"dpo": cfg.model_dump(), "quant": quant.model_dump(), "train": loop.model_dump(),
-                             "dtype": dtype, "parent_adapter": str(sft_dir)},
+def run(cfg: DPOSection, setup: TrainSetup, sft: Location | str | os.PathLike, data: Location | str | os.PathLike,
+        out: Location | str | os.PathLike) -> Path:
+    """Train the DPO adapter from the SFT adapter `sft` on the preference dataset `prepare` wrote into `data`;
+    write it with a manifest into out's folder. The loop runs with `cfg.optimisation(setup.train)`: train's
+    settings, with DPO's own steps / lr / warmup / batch size where set. With store URIs, every worker reads the
+    pairs and the adapter from the store, and Ray Train keeps the checkpoints in out/ray_train there. setup.local:
+    the loop in this process on one device, without Ray Train (the reference pass still uses Ray Data)."""
+    sft, data, out = Location.of(sft), Location.of(data), Location.of(out)
+    sft_manifest = read_manifest(sft.path, kind="lora_adapter")
+    loop = cfg.optimisation(setup.train)
+    job = setup.job(out.child("ray_train").shared, data, train=loop, dpo=cfg, sft=sft)
+    return run_stage(train_loop_per_worker, setup, job, out.path, name="dpo", title="DPO",
+                     data_kind="preference_dataset",
+                     config={"dpo": cfg.model_dump(), "quant": setup.quant.model_dump(), "train": loop.model_dump(),
+                             "dtype": setup.dtype, "parent_adapter": str(sft.path)},
                      extra_series={"reward accuracy": "reward_accuracy"},
-                     lineage={"parent_adapter": {"path": str(sft_dir), "lineage": sft_manifest.get("lineage")}})
+                     lineage={"parent_adapter": {"path": str(sft.path), "lineage": sft_manifest.get("lineage")}})
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -219,7 +208,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     job: WorkerJob = config["job"].on_node()  # the base model as this node has it
     cfg, train = job.dpo, job.train
-    sft_dir = str(storage.local_copy(job.sft_uri, config.get("store_fs"))) if job.sft_uri else job.sft_dir
+    sft_dir = str(job.sft.on_node(config.get("store_fs")))
     tokenizer, pad_id, model, static = start_worker(
         job, lambda base: PeftModel.from_pretrained(base, sft_dir, is_trainable=True))
     if worker.current().world_rank == 0:

@@ -14,7 +14,7 @@ from pipelines.artifacts import storage
 from pipelines.artifacts.manifest import hash_path, read_manifest, write_manifest
 from pipelines.schema import UserError
 from pipelines.train import worker
-from pipelines.train.config import WorkerJob, check_combination
+from pipelines.train.config import TrainSetup, WorkerJob, check_combination
 
 
 def adapter_health(adapter_dir: str | os.PathLike, model_dir: str) -> dict[str, Any]:
@@ -93,29 +93,30 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "train_stat
                  "probe_logits.safetensors")
 
 
-def run_stage(loop, job: WorkerJob, *, name: str, title: str, data_dir: str | os.PathLike, data_kind: str,
-              out: Path, model_id: str | None, config: dict[str, Any], extra_series: dict[str, str] | None = None,
-              lineage: dict[str, Any] | None = None, resume: bool = False, local: bool = False) -> Path:
-    """The driver half of a training stage, the same for SFT and DPO: fit `loop` on Ray Train workers over the
-    data stage's splits, export the best checkpoint's adapter into `out`, and finish the stage (plot, health,
-    MLflow, manifest). extra_series: plot label → key of the loop's extra history (DPO's reward accuracy);
-    lineage: entries added to the manifest's lineage (DPO's parent adapter); resume: continue the Ray Train run an
-    interrupted attempt left under the same storage from its last checkpoint, instead of starting afresh;
-    local: the loop in this process on one device (fit_local) instead of Ray Train workers."""
-    data_manifest = read_manifest(data_dir, kind=data_kind)
-    fit = fit_local if local else fit_on_ray
-    result = fit(loop, job, data_dir, data_manifest, name, fresh=not resume)
+def run_stage(loop, setup: TrainSetup, job: WorkerJob, out: Path, *, name: str, title: str, data_kind: str,
+              config: dict[str, Any], extra_series: dict[str, str] | None = None,
+              lineage: dict[str, Any] | None = None) -> Path:
+    """The driver half of a training stage, the same for SFT and DPO: fit `loop` over the data stage's splits in
+    job.data (on Ray Train workers, or in this process when setup.local), export the best checkpoint's adapter
+    into `out`, and finish the stage (plot, health, MLflow, manifest). setup.resume: continue the Ray Train run
+    an interrupted attempt left under job.storage from its last checkpoint, instead of starting afresh;
+    extra_series: plot label → key of the loop's extra history (DPO's reward accuracy); lineage: entries added to
+    the manifest's lineage (DPO's parent adapter)."""
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data_manifest = read_manifest(job.data.path, kind=data_kind)
+    fit = fit_local if setup.local else fit_on_ray
+    result = fit(loop, job, data_manifest, name, fresh=not setup.resume)
     state = export_adapter(result, out)
-    finish_stage(out, job, kind="lora_adapter", state=state, model_id=model_id, data_dir=data_dir,
-                 data_manifest=data_manifest, title=title, config=config,
-                 extra_series={label: state.get("extra_history", {}).get(key, [])
-                               for label, key in (extra_series or {}).items()}, lineage=lineage)
+    finish_stage(out, job, kind="lora_adapter", state=state, data_manifest=data_manifest, title=title,
+                 config=config, extra_series={label: state.get("extra_history", {}).get(key, [])
+                                              for label, key in (extra_series or {}).items()}, lineage=lineage)
     return out
 
 
-def fit_on_ray(loop, job: WorkerJob, data_dir, data_manifest: dict, name: str, *, callbacks: list | None = None,
+def fit_on_ray(loop, job: WorkerJob, data_manifest: dict, name: str, *, callbacks: list | None = None,
                fresh: bool = True, store_fs=None):
-    """Build the TorchTrainer over the data stage's splits and run it; each worker gets `{"job": job}`.
+    """Build the TorchTrainer over the data stage's splits (job.data) and run it; each worker gets `{"job": job}`.
     callbacks: Ray Train callbacks (a sweep trial's TuneReportCallback); fresh=False keeps an earlier run under
     the same storage and name, which Ray Train then resumes from its last checkpoint (a restored sweep trial).
     store_fs: the object store's pyarrow filesystem, built where the credentials and endpoint are (a sweep
@@ -147,9 +148,7 @@ def fit_on_ray(loop, job: WorkerJob, data_dir, data_manifest: dict, name: str, *
     # no remote args, so the workers can starve it; the V1 source reads with no listing task.
     context = ray.data.DataContext.get_current()
     v2, context.use_datasource_v2 = context.use_datasource_v2, False
-    read_fs, read_root = (storage.filesystem(job.data_uri) if job.data_uri else (None, str(Path(data_dir))))
-    if job.data_uri and store_fs:
-        read_fs = store_fs
+    read_fs, read_root = job.data.reader(store_fs)
     try:
         for split in ("train", "validation"):
             rel = data_manifest.get("outputs", {}).get(split)
@@ -183,13 +182,13 @@ def fit_on_ray(loop, job: WorkerJob, data_dir, data_manifest: dict, name: str, *
     return result
 
 
-def fit_local(loop, job: WorkerJob, data_dir, data_manifest: dict, name: str, *, fresh: bool = True):
+def fit_local(loop, job: WorkerJob, data_manifest: dict, name: str, *, fresh: bool = True):
     """The same worker loop in this process, as one worker on one device (cuda when there is one), without Ray:
     data read from the data stage's parquet splits in order, checkpoints as folders under `job.storage`/name, a
     result shaped as Ray Train's. train.num_workers is not used (one rank)."""
     train = job.train
     check_combination(job.quant, train)
-    if storage.is_uri(job.storage) or job.data_uri:
+    if storage.is_uri(job.storage) or job.data.uri:
         raise UserError("--local trains from and into local folders; this run's data or output is in an object "
                         "store: run without --local, or set output_dir to a local folder")
     if train.fail_once_at_step:
@@ -200,7 +199,7 @@ def fit_local(loop, job: WorkerJob, data_dir, data_manifest: dict, name: str, *,
         shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
     outputs = data_manifest.get("outputs", {})
-    data = {split: Path(data_dir) / outputs[split] for split in ("train", "validation") if outputs.get(split)}
+    data = {split: job.data.path / outputs[split] for split in ("train", "validation") if outputs.get(split)}
     here = worker.LocalWorker(data, root, train.keep_checkpoints)
     print(f"[{name}] local: one worker on {here.device}, no Ray", flush=True)
     with here.session():
@@ -239,11 +238,10 @@ def checkpoint_state(checkpoint_dir: Path) -> dict[str, Any]:
     return state
 
 
-def finish_stage(out: Path, job: WorkerJob, *, kind: str, state: dict, model_id: str | None, data_dir,
-                 data_manifest: dict, title: str, config: dict, extra_series: dict | None = None,
-                 lineage: dict[str, Any] | None = None) -> None:
-    """Plot, health, MLflow, manifest: the same ending for SFT and DPO."""
-    model_dir = job.model_dir
+def finish_stage(out: Path, job: WorkerJob, *, kind: str, state: dict, data_manifest: dict, title: str,
+                 config: dict, extra_series: dict | None = None, lineage: dict[str, Any] | None = None) -> None:
+    """Plot, health, MLflow, manifest: the same ending for SFT, DPO and a sweep's winner."""
+    model_dir, model_id = job.model_dir, job.model_name
 
     series = {"train loss": state["loss_history"], "validation loss": state["eval_history"]}
     plot_curves({**series, **(extra_series or {})}, out / "loss.png", f"{title} loss")
@@ -263,7 +261,7 @@ def finish_stage(out: Path, job: WorkerJob, *, kind: str, state: dict, model_id:
         run_id = log_to_mlflow(uri, f"loraforge-{kind}", {**_flat(config)},
                                {"loss": state["loss_history"], "eval_loss": state["eval_history"],
                                 **state.get("extra_history", {})}, out)
-    write_manifest(out, kind=kind, inputs={"data": str(data_dir), "base_model": model_dir}, config=config,
+    write_manifest(out, kind=kind, inputs={"data": str(job.data.path), "base_model": model_dir}, config=config,
                    metrics=metrics,
                    extra={"lineage": {"base_model": model_id or model_dir, "base_model_hash": hash_path(model_dir),
                                       "data_hash": data_manifest.get("inputs", {}).get("train", {}).get("hash")

@@ -20,36 +20,29 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pipelines.artifacts.location import Location
 from pipelines.data.packing import IGNORE_INDEX, attention_inputs
 from pipelines.data.packing import collate as pack_collate
 from pipelines.train import worker
 from pipelines.train.base import attach_lora, checksum, frozen_dtype, full_tensors, start_worker, weight_bytes
-from pipelines.train.config import LoraSection, QuantSection, TrainSection, WorkerJob
+from pipelines.train.config import LoraSection, TrainSetup, WorkerJob
 from pipelines.train.driver import run_stage
 from pipelines.train.engine import select_accelerator
 from pipelines.train.loop import run_loop
 from pipelines.train.losses import LEAN_CHUNK_TOKENS, hidden_and_head, lean_cross_entropy
 
 
-def run(lora: LoraSection, train: TrainSection, model_dir: str, data_dir: str | os.PathLike,
-        out_dir: str | os.PathLike, *, dtype: str = "float32", quant: QuantSection | None = None,
-        model_id: str | None = None, base_cache: str | os.PathLike | None = None,
-        resume: bool = False, storage: str | None = None, data_uri: str | None = None, local: bool = False) -> Path:
-    """Train an adapter on the tokenized dataset in data_dir; write it with a manifest into out_dir.
-    base_cache: where each node keeps the 4-bit base it quantized once (QLoRA); see base.load_worker_base.
-    storage: where Ray Train keeps checkpoints (a folder or an s3:// URI); default out_dir/ray_train.
-    data_uri: the data stage's folder in an object store, which the workers' Ray Data reads then come from.
-    local: run the same loop in this process on one device (cuda when there is one), without Ray."""
-    quant = quant or QuantSection()
-    out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    job = WorkerJob(model_dir=model_dir, model_name=model_id, dtype=dtype, quant=quant, train=train, lora=lora,
-                    storage=storage or str(out / "ray_train"), base_cache=str(base_cache) if base_cache else None,
-                    data_uri=data_uri)
-    return run_stage(train_loop_per_worker, job, name="sft", title="SFT", data_dir=data_dir,
-                     data_kind="tokenized_dataset", out=out, model_id=model_id, resume=resume, local=local,
-                     config={"lora": lora.model_dump(), "quant": quant.model_dump(), "train": train.model_dump(),
-                             "dtype": dtype})
+def run(setup: TrainSetup, lora: LoraSection, data: Location | str | os.PathLike,
+        out: Location | str | os.PathLike) -> Path:
+    """Train an adapter on the tokenized dataset in `data` (read from the store by every worker when it has a
+    URI); write it with a manifest into out's folder. Ray Train keeps the checkpoints in out/ray_train (in the
+    store when out has a URI, where a driver elsewhere resumes from them)."""
+    data, out = Location.of(data), Location.of(out)
+    job = setup.job(out.child("ray_train").shared, data, lora=lora)
+    return run_stage(train_loop_per_worker, setup, job, out.path, name="sft", title="SFT",
+                     data_kind="tokenized_dataset",
+                     config={"lora": lora.model_dump(), "quant": setup.quant.model_dump(),
+                             "train": setup.train.model_dump(), "dtype": setup.dtype})
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

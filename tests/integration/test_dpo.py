@@ -42,9 +42,10 @@ def dpo_run(ray_session, tiny_model_dir, sft_adapter, shared_data, tmp_path_fact
     copy the SFT adapter from the store to their node, and the workers read the prepared pairs there (no node
     but the driver's has its folders)."""
     from pipelines.artifacts import storage
+    from pipelines.artifacts.location import Location
     from pipelines.artifacts.manifest import hash_path
     from pipelines.train import dpo
-    from pipelines.train.config import TrainSection
+    from pipelines.train.config import TrainSection, TrainSetup
     from tests.conftest import BUCKET
 
     cfg = dpo.DPOSection(train_path=str(shared_data / "preference" / "qa_feedback_pairs.jsonl"), beta=0.1,
@@ -53,11 +54,13 @@ def dpo_run(ray_session, tiny_model_dir, sft_adapter, shared_data, tmp_path_fact
     sft_hash = hash_path(sft_adapter)
     sft_uri, data_uri = f"s3://{BUCKET}/dpo-run/sft", f"s3://{BUCKET}/dpo-run/dpo_data"
     storage.push(sft_adapter, sft_uri)
-    data = dpo.prepare(cfg, tiny_model_dir, str(sft_adapter), root / "data", sft_uri=sft_uri)
-    storage.push(data, data_uri)
+    sft = Location(sft_adapter, sft_uri)
     train = TrainSection(num_workers=2, cpus_per_worker=0.5, max_steps=16, batch_size=4, lr=5e-3, warmup_steps=1,
                          eval_every=8, log_every=4, tracking_uri="off")
-    out = dpo.run(cfg, train, tiny_model_dir, sft_adapter, data, root / "dpo", data_uri=data_uri, sft_uri=sft_uri)
+    setup = TrainSetup(model_dir=tiny_model_dir, train=train)
+    data = dpo.prepare(cfg, setup, sft, root / "data")
+    storage.push(data, data_uri)
+    out = dpo.run(cfg, setup, sft, Location(data, data_uri), root / "dpo")
     return {"data": data, "out": out, "manifest": json.loads((out / "manifest.json").read_text()),
             "sft_hash_before": sft_hash, "sft_hash_after": hash_path(sft_adapter), "cfg": cfg, "sft_uri": sft_uri}
 
@@ -159,6 +162,7 @@ def test_pairs_in_any_file_type_with_column_mapping(ray_session, tiny_model_dir,
     import pyarrow.parquet as pq
 
     from pipelines.train import dpo
+    from pipelines.train.config import TrainSetup
 
     src = shared_data / "preference" / "qa_feedback_pairs.jsonl"
     rows = [json.loads(line) for line in src.read_text().splitlines()[:12]]
@@ -171,11 +175,11 @@ def test_pairs_in_any_file_type_with_column_mapping(ray_session, tiny_model_dir,
     with gzip.open(packed, "wt") as fh:
         fh.write("\n".join(lines) + "\n")
     common = dict(max_length=1024, validation_fraction=0.0)
+    setup = TrainSetup(model_dir=tiny_model_dir)
     mapped = dpo.prepare(dpo.DPOSection(train_path=str(packed), columns={"prompt": "question", "chosen": "good",
                                                                           "rejected": "bad"}, **common),
-                         tiny_model_dir, str(sft_adapter), tmp_path / "mapped")
-    base = dpo.prepare(dpo.DPOSection(train_path=str(plain), **common), tiny_model_dir, str(sft_adapter),
-                       tmp_path / "base")
+                         setup, sft_adapter, tmp_path / "mapped")
+    base = dpo.prepare(dpo.DPOSection(train_path=str(plain), **common), setup, sft_adapter, tmp_path / "base")
     m = json.loads((mapped / "manifest.json").read_text())["metrics"]
     assert (m["rows_in"], m["rows_kept"], m["rows_rejected"]) == (14, 12, 2), m
     refused = [json.loads(line) for line in (mapped / "rejected.jsonl").read_text().splitlines()]

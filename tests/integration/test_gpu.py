@@ -25,7 +25,7 @@ def test_cuda_qlora_zero2_trains(ray_session, tiny_model_dir, tmp_path, ranks):
     from pipelines.artifacts.manifest import write_manifest
     from pipelines.data.chat import tokenize_messages
     from pipelines.data.rowformats import alpaca_to_messages
-    from pipelines.train.config import LoraSection, QuantSection, TrainSection
+    from pipelines.train.config import LoraSection, QuantSection, TrainSection, TrainSetup
     from pipelines.train.sft import run
     from tests.integration.test_training import DEMO
 
@@ -42,8 +42,9 @@ def test_cuda_qlora_zero2_trains(ray_session, tiny_model_dir, tmp_path, ranks):
                    extra={"outputs": {"train": "train"}})
     train = TrainSection(num_workers=ranks, use_gpu=True, cpus_per_worker=1, max_steps=6,
                          batch_size=4, lr=5e-3, deepspeed="zero2", tracking_uri="off")
-    out = run(LoraSection(r=8, alpha=16, dropout=0.0), train, tiny_model_dir, tmp_path / "data", tmp_path / "sft",
-              dtype="bfloat16", quant=QuantSection(load_in_4bit=True, compute_dtype="bfloat16"))
+    setup = TrainSetup(model_dir=tiny_model_dir, dtype="bfloat16", train=train,
+                       quant=QuantSection(load_in_4bit=True, compute_dtype="bfloat16"))
+    out = run(setup, LoraSection(r=8, alpha=16, dropout=0.0), tmp_path / "data", tmp_path / "sft")
     m = json.loads((out / "manifest.json").read_text())["metrics"]
     assert m["loss_history"][-1] < m["loss_history"][0]
     assert m["frozen_checksum_before"] == m["frozen_checksum_after"]  # bf16 values (DeepSpeed casts after it)
@@ -61,7 +62,7 @@ def test_cuda_local_qlora_bf16_packed_autocast(tiny_model_dir, tmp_path):
     from pipelines.data.chat import tokenize_messages
     from pipelines.data.packing import pack_rows
     from pipelines.data.rowformats import alpaca_to_messages
-    from pipelines.train.config import LoraSection, QuantSection, TrainSection
+    from pipelines.train.config import LoraSection, QuantSection, TrainSection, TrainSetup
     from pipelines.train.sft import run
     from tests.integration.test_training import DEMO
 
@@ -74,8 +75,9 @@ def test_cuda_local_qlora_bf16_packed_autocast(tiny_model_dir, tmp_path):
     write_manifest(tmp_path / "data", kind="tokenized_dataset", inputs={"train": str(DEMO)}, config={},
                    extra={"packed": True, "outputs": {"train": "train"}})
     train = TrainSection(num_workers=1, max_steps=6, batch_size=4, lr=5e-3, tracking_uri="off")
-    out = run(LoraSection(r=8, alpha=16, dropout=0.1), train, tiny_model_dir, tmp_path / "data", tmp_path / "sft",
-              dtype="bfloat16", quant=QuantSection(load_in_4bit=True, compute_dtype="bfloat16"), local=True)
+    setup = TrainSetup(model_dir=tiny_model_dir, dtype="bfloat16", train=train, local=True,
+                       quant=QuantSection(load_in_4bit=True, compute_dtype="bfloat16"))
+    out = run(setup, LoraSection(r=8, alpha=16, dropout=0.1), tmp_path / "data", tmp_path / "sft")
     m = json.loads((out / "manifest.json").read_text())["metrics"]
     assert m["loss_history"][-1] < m["loss_history"][0]
     assert m["frozen_checksum_before"] == m["frozen_checksum_after"]

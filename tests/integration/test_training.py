@@ -43,7 +43,7 @@ def packed_data_dir(data_dir, tmp_path_factory) -> Path:
 
 
 def _sft(ray_session, model_dir, data_dir, out, **train_kw):
-    from pipelines.train.config import LoraSection, QuantSection, TrainSection
+    from pipelines.train.config import LoraSection, QuantSection, TrainSection, TrainSetup
     from pipelines.train.sft import run
 
     quant = QuantSection(**train_kw.pop("quant", {}))
@@ -54,8 +54,9 @@ def _sft(ray_session, model_dir, data_dir, out, **train_kw):
     train = TrainSection(**{"num_workers": 2, "cpus_per_worker": 0.5, "max_steps": 6, "batch_size": 4,
                             "lr": 5e-3, "warmup_steps": 1, "log_every": 3, "tracking_uri": "off", **train_kw})
     lora = LoraSection(**{"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear", **lora_kw})
-    folder = run(lora, train, model_dir, data_dir, out, dtype=dtype, quant=quant, base_cache=base_cache,
-                 local=local)
+    setup = TrainSetup(model_dir=model_dir, dtype=dtype, quant=quant, train=train, base_cache=str(base_cache),
+                       local=local)
+    folder = run(setup, lora, data_dir, out)
     return json.loads((folder / "manifest.json").read_text()), folder
 
 

@@ -215,6 +215,7 @@ def test_adapter_health_is_none_when_no_base_weight_matches(tmp_path):
 
 
 def test_stage_manifest_carries_unmeasured_health_as_null(tmp_path):
+    from pipelines.artifacts.location import Location
     from pipelines.train.config import QuantSection, TrainSection, WorkerJob
     from pipelines.train.driver import finish_stage
 
@@ -222,9 +223,9 @@ def test_stage_manifest_carries_unmeasured_health_as_null(tmp_path):
     tiny_adapter(out, "model.layers.0.self_attn.q_proj")
     base = tiny_base(tmp_path / "base", "lm_head.weight")
     job = WorkerJob(model_dir=base, dtype="float32", quant=QuantSection(), train=TrainSection(tracking_uri="off"),
-                    storage=str(tmp_path / "storage"))
+                    storage=str(tmp_path / "storage"), data=Location(tmp_path))
     state = {"step": 2, "loss_history": [2.0, 1.0], "eval_history": [], "best_eval": float("inf")}
-    finish_stage(out, job, kind="lora_adapter", state=state, model_id=None, data_dir=tmp_path,
+    finish_stage(out, job, kind="lora_adapter", state=state,
                  data_manifest={"inputs": {"train": {"hash": "sha256:aa"}}}, title="SFT", config={})
     metrics = json.loads((out / "manifest.json").read_text())["metrics"]
     assert metrics["delta_over_weight_mean"] is None and metrics["matched_modules"] == 0

@@ -196,3 +196,43 @@ def test_unit_tests_are_laid_out_like_the_wings():
     assert folders <= set(WINGS) | set(PACKAGES), folders
     top = {p.stem for p in (ROOT / "tests" / "unit").glob("test_*.py")}
     assert top <= {"test_layout", "test_locks", "test_fallbacks", "test_user_errors"}, top
+
+
+def _unresolved_imports(path: Path) -> list[str]:
+    """`from <our package> import name` / `import <our module>` in a file (at any depth) that does not resolve."""
+    import importlib
+    import importlib.util
+
+    missing = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
+                and node.module.split(".")[0] in PACKAGES + ("bench", "tests"):
+            if importlib.util.find_spec(node.module) is None:
+                missing.append(f"{path.name}:{node.lineno} {node.module}")
+                continue
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                if not hasattr(module, alias.name) and not (
+                        hasattr(module, "__path__") and importlib.util.find_spec(f"{node.module}.{alias.name}")):
+                    missing.append(f"{path.name}:{node.lineno} {node.module}.{alias.name}")
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] in PACKAGES and importlib.util.find_spec(alias.name) is None:
+                    missing.append(f"{path.name}:{node.lineno} {alias.name}")
+    return missing
+
+
+@pytest.mark.parametrize("folder", ["bench", "tests"])
+def test_scripts_import_what_exists(folder):
+    """Bench scripts and tests import only modules and names the packages still have (a module moved or deleted
+    breaks them where no test runs them)."""
+    missing = [m for f in sorted((ROOT / folder).rglob("*.py")) for m in _unresolved_imports(f)]
+    assert not missing, f"imports of what no longer exists: {missing}"
+
+
+def test_import_checker_sees_a_deleted_module(tmp_path):
+    planted = tmp_path / "old_bench.py"
+    planted.write_text("def f():\n    from cluster.runner import init_ray\n"
+                       "    from cluster.session import nothing_here\n")
+    assert _unresolved_imports(planted) == ["old_bench.py:2 cluster.runner",
+                                            "old_bench.py:3 cluster.session.nothing_here"]
