@@ -526,7 +526,7 @@ def phase_ray(ctx: Ctx) -> dict:
     except Exception as e:
         raise Skip(f"ray did not import: {type(e).__name__}: {e}") from None
     from pipelines.artifacts.models import build_tiny_model
-    from pipelines.train.config import LoraSection, QuantSection, TrainSection
+    from pipelines.train.config import LoraSection, QuantSection, TrainSection, TrainSetup
     from pipelines.train.sft import run
 
     tiny = build_tiny_model(ctx.work / "models" / "tiny-llama", arch="llama", seed=0)
@@ -538,8 +538,9 @@ def phase_ray(ctx: Ctx) -> dict:
              include_dashboard=False, log_to_driver=True)  # its own instance, never one found on the machine
     try:
         t0 = time.time()
-        out = run(LoraSection(r=8, alpha=16, dropout=0.0), train, tiny, data, ctx.work / "runs" / "ray",
-                  dtype="bfloat16", quant=QuantSection(load_in_4bit=True, compute_dtype="bfloat16"))
+        setup = TrainSetup(model_dir=str(tiny), dtype="bfloat16", train=train,
+                           quant=QuantSection(load_in_4bit=True, compute_dtype="bfloat16"))
+        out = run(setup, LoraSection(r=8, alpha=16, dropout=0.0), data, ctx.work / "runs" / "ray")
     finally:
         ray.shutdown()
     m = json.loads((Path(out) / "manifest.json").read_text())["metrics"]

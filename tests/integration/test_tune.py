@@ -52,7 +52,7 @@ def _validation_loss(model_dir: str, adapter: Path, rows: dict) -> float:
 
 @pytest.fixture(scope="module")
 def sweep(ray_session, tiny_model_dir, tokenized_dir, tmp_path_factory):
-    from pipelines.train.config import LoraSection, TrainSection
+    from pipelines.train.config import LoraSection, TrainSection, TrainSetup
     from tune import sweep as sweep_mod
     from tune.space import TuneSection
 
@@ -67,7 +67,8 @@ def sweep(ray_session, tiny_model_dir, tokenized_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
     t0 = time.time()
     before = sweep_mod.live_placement_groups()
-    folder = sweep_mod.run(cfg, lora, train, tiny_model_dir, tokenized_dir, out, model_id="tiny-llama")
+    setup = TrainSetup(model_dir=tiny_model_dir, model_name="tiny-llama", train=train)
+    folder = sweep_mod.run(cfg, lora, setup, tokenized_dir, out)
     wall = time.time() - t0
     held = sorted(sweep_mod.live_placement_groups() - before)  # right when run() returns
     return folder, wall, held

@@ -236,3 +236,22 @@ def test_import_checker_sees_a_deleted_module(tmp_path):
                        "    from cluster.session import nothing_here\n")
     assert _unresolved_imports(planted) == ["old_bench.py:2 cluster.runner",
                                             "old_bench.py:3 cluster.session.nothing_here"]
+
+
+def test_stage_runs_take_typed_sections_and_locations():
+    """Every stage's run function takes at most six parameters (the typed sections, a TrainSetup, Locations):
+    no stage input travels as a local path and a store URI side by side."""
+    import inspect
+
+    from pipelines.data import tokenize
+    from pipelines.eval import evaluate
+    from pipelines.export import merge, quantize
+    from pipelines.train import dpo, sft
+    from tune import sweep
+
+    runs = {"data": tokenize.run, "sft": sft.run, "dpo.prepare": dpo.prepare, "dpo": dpo.run, "tune": sweep.run,
+            "evaluate": evaluate.run, "merge": merge.run, "quantize": quantize.run}
+    for name, fn in runs.items():
+        params = inspect.signature(fn).parameters
+        assert len(params) <= 6, f"{name}: {list(params)}"
+        assert not [p for p in params if p.endswith("_uri")], f"{name}: {list(params)}"
