@@ -17,29 +17,32 @@ from typing import Optional
 import typer
 
 from cluster import session, stages
-from cluster.cli_common import CONFIG, OVERRIDES, done, load
+from cluster.cli_common import CONFIG, OVERRIDES, done, fail, load
 from cluster.config import ConfigError
 
 
 def serve(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:
-    """Serve the base model and this run's adapter (if trained) until Ctrl-C or SIGTERM."""
+    """Serve what this run built until Ctrl-C or SIGTERM, as `run` serves it: the quantized model, else the merged
+    model, else the base with the run's adapter (DPO's, else the sweep winner's, else SFT's; its registry version
+    when the gate published it)."""
     cfg = load(config, overrides, stages.SERVE.needs)
     from serve.app import shutdown  # Ray Serve + vLLM: loaded once the config is known to be good
-    model_dir = stages.resolve_base(cfg)
-    url = stages.start_serving(cfg, model_dir, stages.run_adapters(cfg))
+    what = _what_is_served(cfg)
+    url = stages.start_serving(cfg, what)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stages.console.print(f"serving on {url} — Ctrl-C to stop")
     stop.wait()
     shutdown()
-    done(stages.SFT.folder(cfg))
+    done(cfg.run_dir())
 
 
 def deploy(config: Path = CONFIG,
            address: str = typer.Option(..., help="Ray cluster address: ray://head:10001, head:6379 or 'auto'."),
            overrides: Optional[list[str]] = OVERRIDES) -> None:
-    """Start the serve app on a running Ray cluster and return, leaving it running there.
+    """Start the serve app on a running Ray cluster with what this run built (as `serve` does) and return,
+    leaving it running there.
 
     The base model folder, adapter folders and serve.registry must be paths the cluster's nodes can read
     (shared storage); set serve.host=0.0.0.0 to reach the proxy from outside the head. Remove the app later with
@@ -49,12 +52,21 @@ def deploy(config: Path = CONFIG,
 
     from serve.app import start
     host = probe_host(address, cfg.serve.host)
-    model_dir = stages.resolve_base(cfg)
+    what = _what_is_served(cfg)
     session.init_ray(cfg)
-    url = start(cfg.serve, model_dir, stages.run_adapters(cfg), probe_host=host)
+    url = start(cfg.serve, what.model, what.adapters, probe_host=host)
     # Serve's controller is detached: the app keeps running after this driver disconnects.
     ray.shutdown()
     print(url, flush=True)
+
+
+def _what_is_served(cfg) -> stages.Served:
+    """What `run` served for this config (stages.served over the run folder); exit 3 when the gate refused it."""
+    try:
+        return stages.served(stages.built_so_far(cfg))
+    except stages.GateRefused as e:
+        fail(f"gate: refused this run's adapter ({'; '.join(e.reasons)}); nothing is served. Rerun with a passing "
+             "adapter, or publish this one with `loraforge evaluate --gate --force`", code=3)
 
 
 def probe_host(address: str, serve_host: str) -> str | None:

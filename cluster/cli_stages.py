@@ -82,7 +82,11 @@ def run(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
     cfg = load(config, overrides, RUN_CHECKS)
     cli_plan.check_fits(cfg, str(config))  # refuses, with the breakdown, a run its workers cannot hold
     if dry_run:
-        typer.echo(graph.Graph(cfg, force=tuple(force or ()), start=start, until=until).plan().table())
+        plan = graph.Graph(cfg, force=tuple(force or ()), start=start, until=until).plan()
+        typer.echo(plan.table())
+        statuses = {r["stage"]: r["status"] for r in plan.rows}
+        if statuses[stages.SERVE.name] == "run":
+            typer.echo(f"serves: {stages.served_in_plan(cfg, statuses)}")
         return
     try:
         with _quiet(cfg, "run") as log:

@@ -59,6 +59,8 @@ class Context:
     local: bool = False  # the training loop in this process, without Ray (sft --local)
     force: bool = False  # the gate publishes even on a refusal (evaluate --gate --force)
     decision: GateDecision | None = None
+    published: str | None = None  # the candidate's registry version when the gate published it (name@N)
+    built: tuple[str, str] | None = None  # (what, folder) of the model the run built: merged, then quantized
     url: str | None = None
     _model_dir: str | None = None
 
@@ -102,11 +104,15 @@ class Stage:
     hand: Callable[[Context, Path], None] = _nothing  # what it hands the stages after it (run now, or cached)
     summary: Callable[[Path], str] | None = None  # its one line after it ran
     cached: bool = True  # serve and demo always run
+    marker: str = "manifest.json"  # the file in its folder that says its output is finished
     ray: bool = True  # works in a Ray instance (joined or started)
     command: str | None = None  # its CLI command
 
     def folder(self, cfg: RunConfig) -> Path:
         return cfg.stage_dir(self.name)
+
+    def finished(self, cfg: RunConfig) -> bool:
+        return (self.folder(cfg) / self.marker).is_file()
 
     def __call__(self, ctx: Context, resume: bool = False) -> Path:
         """Run it (in the Ray session unless the command runs it locally) and print its summary."""
@@ -265,9 +271,10 @@ def _gate_hand(ctx: Context, out: Path) -> None:
         else json.loads((out / "gate.json").read_text())  # cached: what the gate decided then
     if not doc["passed"]:
         raise GateRefused(doc["reasons"])
-    art = Registry(ctx.cfg.registry.root).resolve(f"{doc['name']}@{doc['version']}")
+    ref = f"{doc['name']}@{doc['version']}"
+    art = Registry(ctx.cfg.registry.root).resolve(ref)
     role = next(r for r in ctx.PRIORITY if r in ctx.roles)
-    ctx.roles[role] = str(art.path.resolve())
+    ctx.roles[role], ctx.published = str(art.path.resolve()), ref
 
 
 def _merge(ctx: Context, resume: bool) -> Path:
@@ -322,12 +329,12 @@ def _quantize_summary(out: Path) -> str:
 
 
 def _serve(ctx: Context, resume: bool) -> Path:
-    ctx.url = start_serving(ctx.cfg, ctx.model_dir, ctx.adapters)
+    ctx.url = start_serving(ctx.cfg, served(ctx))
     return SERVE.folder(ctx.cfg)
 
 
 def _demo(ctx: Context, resume: bool) -> Path:
-    demo(ctx.cfg, ctx.url, next(iter(ctx.adapters)))
+    demo(ctx.cfg, ctx.url, served(ctx))
     return DEMO.folder(ctx.cfg)
 
 
@@ -341,6 +348,69 @@ def _dpo_role(ctx: Context, out: Path) -> None:
 
 def _winner_role(ctx: Context, out: Path) -> None:
     ctx.roles["tune"] = str((out / "winner").resolve())
+
+
+def _merged(ctx: Context, out: Path) -> None:
+    ctx.built = ("merged model", str(out.resolve()))
+
+
+def _quantized(ctx: Context, out: Path) -> None:
+    """A quantize stage that finished passed its recovery check (quantize.run refuses otherwise)."""
+    ctx.built = (f"quantized model ({json.loads((out / 'quantize.json').read_text())['scheme']})",
+                 str(out.resolve()))
+
+
+# -- what is served -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Served:
+    """What a run serves: `model`, the folder vLLM loads as its base, and the adapters on it (none when the run
+    built a merged or quantized model, which holds the adapter); `what` names it in one line."""
+
+    model: str
+    adapters: dict[str, str]
+    what: str
+
+
+def served(ctx: Context) -> Served:
+    """The one rule for what `run`, `serve` and `deploy` serve: the quantized model when the quantize stage ran
+    (it passed its recovery check), else the merged model when merge ran, else the base with the run's adapters,
+    the candidate first (DPO's, else the sweep winner's, else SFT's; its registry version when the gate published
+    it). Adapters named on the command line are served on the base as given."""
+    if ctx.built and ctx.given is None:
+        what, folder = ctx.built
+        return Served(folder, {}, f"{what} {folder}")
+    adapters = ctx.adapters
+    if not adapters:
+        return Served(ctx.model_dir, {}, f"base {ctx.cfg.model.name} alone (no adapter)")
+    first = next(iter(adapters))
+    version = f" = {ctx.published}" if ctx.published and ctx.given is None else ""
+    return Served(ctx.model_dir, adapters, f"base {ctx.cfg.model.name} + adapter {first}{version} "
+                                           f"({adapters[first]})")
+
+
+def built_so_far(cfg: RunConfig) -> Context:
+    """A Context of what this run's folder holds: every enabled stage whose output is finished hands it on, as
+    it would in `run` (a gate that refused raises GateRefused). What `serve` and `deploy` serve: `served(...)`."""
+    ctx = Context(cfg)
+    for stage in STAGES:
+        if stage.cached and stage.enabled(cfg) is None and stage.finished(cfg):
+            stage.hand(ctx, stage.folder(cfg))
+    return ctx
+
+
+def served_in_plan(cfg: RunConfig, statuses: dict[str, str]) -> str:
+    """`served` read from a plan (stage → run / cached / resume / off / stop): what the run will serve."""
+    on = {name for name, status in statuses.items() if status in ("run", "cached", "resume")}
+    if QUANTIZE.name in on:
+        return f"quantized model ({cfg.quantize.method}) {QUANTIZE.folder(cfg)}"
+    if MERGE.name in on:
+        return f"merged model {MERGE.folder(cfg)}"
+    role = next((r for r in Context.PRIORITY if r in on), None)
+    if role is None:
+        return f"base {cfg.model.name} alone (no adapter)"
+    folder = TUNE.folder(cfg) / "winner" if role == TUNE.name else STAGE[role].folder(cfg)
+    gate = f", as its registry version under {cfg.registry.name or cfg.name}" if GATE.name in on else ""
+    return f"base {cfg.model.name} + adapter {folder}{gate}"
 
 
 # -- when a stage is on ---------------------------------------------------------------------------------------
@@ -377,14 +447,15 @@ SFT = Stage("sft", ("data",), ("model", "lora", "quant", "train"), _sft, needs=(
 DPO = Stage("dpo", ("sft",), ("model", "quant", "train", "dpo"), _dpo, _dpo_on, needs=("model", "pairs"),
             requires=("sft",), hand=_dpo_role, summary=_dpo_summary, command="dpo")
 TUNE = Stage("tune", ("data",), ("model", "lora", "quant", "train", "tune"), _tune, _tune_on,
-             needs=("model", "train_rows", "sweep"), hand=_winner_role, summary=_tune_summary, command="tune")
+             needs=("model", "train_rows", "sweep"), hand=_winner_role, summary=_tune_summary, command="tune",
+             marker="winner/manifest.json")
 EVALUATE = Stage("evaluate", ("sft", "dpo", "tune"), ("model", "eval"), _evaluate, _evaluate_on,
                  needs=("model", "test_rows"), summary=_evaluate_summary, command="evaluate")
-GATE = Stage("gate", ("evaluate",), ("gate", "registry"), _gate, _evaluate_on, hand=_gate_hand)
+GATE = Stage("gate", ("evaluate",), ("gate", "registry"), _gate, _evaluate_on, hand=_gate_hand, marker="gate.json")
 MERGE = Stage("merge", ("sft", "dpo", "tune", "gate"), ("model", "merge"), _merge, _merge_on, needs=("model",),
-              command="merge")
+              hand=_merged, command="merge")
 QUANTIZE = Stage("quantize", ("merge",), ("quantize",), _quantize, _quantize_on, needs=("quantize_rows",),
-                 summary=_quantize_summary, ray=False, command="quantize")
+                 hand=_quantized, summary=_quantize_summary, ray=False, command="quantize")
 SERVE = Stage("serve", ("sft", "dpo", "tune", "gate"), ("model", "serve"), _serve, cached=False,
               needs=("model", "serving"), command="serve")
 DEMO = Stage("demo", ("serve",), ("demo",), _demo, cached=False)
@@ -400,7 +471,7 @@ def needs_output(cfg: RunConfig, stage: Stage, source: str) -> None:
     command that makes it)."""
     for name in stage.requires:
         up = STAGE[name]
-        if not (up.folder(cfg) / "manifest.json").is_file():
+        if not up.finished(cfg):
             raise MissingInput(f"{source}: {up.folder(cfg)} holds no {up.name} output: run `loraforge "
                                f"{up.command} {source}` first")
 
@@ -436,37 +507,41 @@ def adapters_from(specs: list[str] | None, cfg: RunConfig) -> dict[str, str]:
     return out
 
 
-def start_serving(cfg: RunConfig, model_dir: str, adapters: dict[str, str]) -> str:
+def start_serving(cfg: RunConfig, what: Served) -> str:
     from serve.app import start
 
     session.init_ray(cfg)
     t0 = time.time()
     with console.status(f"[bold]{SERVE.name}[/]: starting vLLM behind Ray Serve"):
-        url = start(cfg.serve, model_dir, adapters)
-    console.print(f"[bold]{SERVE.name}[/]: {url} up in {time.time() - t0:.0f} s; models: {cfg.serve.model_alias}"
-                  + "".join(f", {cfg.serve.model_alias}:{a}" for a in adapters))
+        url = start(cfg.serve, what.model, what.adapters)
+    console.print(f"[bold]{SERVE.name}[/]: {url} up in {time.time() - t0:.0f} s; serving {what.what}; models: "
+                  f"{cfg.serve.model_alias}" + "".join(f", {cfg.serve.model_alias}:{a}" for a in what.adapters))
     return url
 
 
-def demo(cfg: RunConfig, url: str, adapter: str) -> list[dict[str, str]]:
-    """Ask every demo prompt of the base and of the adapter through the real OpenAI client; print both."""
+def demo(cfg: RunConfig, url: str, what: Served) -> list[dict[str, str]]:
+    """Ask every demo prompt of what is served through the real OpenAI client and print the answers: the base
+    beside the candidate adapter, or the merged / quantized model alone (the base is not served then)."""
     import openai
     from rich.table import Table
 
     client = openai.OpenAI(base_url=url, api_key=cfg.serve.api_key or "none")
+    alias = cfg.serve.model_alias
+    adapter = next(iter(what.adapters), None)
+    models = {"base": alias, "adapter": f"{alias}:{adapter}"} if adapter else {"served": alias}
     rows = []
     for prompt in cfg.demo.prompts:
-        answers = {}
-        for model in (cfg.serve.model_alias, f"{cfg.serve.model_alias}:{adapter}"):
+        row = {"prompt": prompt}
+        for col, model in models.items():
             r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
                                                max_tokens=cfg.demo.max_tokens, temperature=0.0)
-            answers[model] = r.choices[0].message.content or ""
-        rows.append({"prompt": prompt, "base": answers[cfg.serve.model_alias],
-                     "adapter": answers[f"{cfg.serve.model_alias}:{adapter}"]})
-    table = Table(title=f"base vs adapter '{adapter}' (greedy, via {url})", show_lines=True)
-    for col in ("prompt", "base", "adapter"):
+            row[col] = r.choices[0].message.content or ""
+        rows.append(row)
+    title = f"base vs adapter '{adapter}'" if adapter else what.what
+    table = Table(title=f"{title} (greedy, via {url})", show_lines=True)
+    for col in ("prompt", *models):
         table.add_column(col, overflow="fold")
     for r in rows:
-        table.add_row(r["prompt"], r["base"], r["adapter"])
+        table.add_row(*r.values())
     console.print(table)
     return rows

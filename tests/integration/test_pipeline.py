@@ -56,9 +56,9 @@ def run_result(ray_session, tiny_model_dir, tmp_path_factory):
     demos = []  # what `run`'s demo got back through the OpenAI client: [{"url", "adapter", "rows"}]
     real_demo = stages.demo
 
-    def recording_demo(run_cfg, url, adapter):
-        rows = real_demo(run_cfg, url, adapter)
-        demos.append({"url": url, "adapter": adapter, "rows": rows})
+    def recording_demo(run_cfg, url, what):
+        rows = real_demo(run_cfg, url, what)
+        demos.append({"url": url, "served": what, "rows": rows})
         return rows
 
     with pytest.MonkeyPatch.context() as mp:
@@ -140,7 +140,7 @@ def test_served_base_and_adapter_answered(run_result):
     url = f"http://127.0.0.1:{cfg['serve']['port']}/v1"
     assert f"serve: {url} up in" in out and "models: base, base:tiny" in out, out
     [demo] = run_result["demos"]  # one demo, against that endpoint, for that adapter
-    assert demo["url"] == url and demo["adapter"] == "tiny"
+    assert demo["url"] == url and list(demo["served"].adapters) == ["tiny"]
     [row] = demo["rows"]
     assert set(row) == {"prompt", "base", "adapter"} and row["prompt"] == cfg["demo"]["prompts"][0]
     print(f"\nbase: {row['base']!r}\nadapter: {row['adapter']!r}")
@@ -175,3 +175,91 @@ def test_rerun_skips_finished_stages_and_dry_run_says_why(run_result):
     assert "serve" not in r.output.split("[graph] sft: cached", 1)[1]
     assert (sft / "adapter_model.safetensors").stat().st_mtime_ns == before
     assert r.stdout.strip().splitlines()[-1] == str(sft.resolve())
+
+
+@pytest.fixture(scope="module")
+def built_run(run_result, tmp_path_factory):
+    """The same run again with dpo, merge and quantize (int8) on: data and sft are cached, DPO trains on pairs
+    made from the demo rows (the right JSON against one naming another city), the DPO adapter is merged and
+    quantized, and the quantized model is what is served."""
+    from typer.testing import CliRunner
+
+    from cluster import stages
+    from cluster.cli import app
+
+    root = tmp_path_factory.mktemp("built")
+    demo = Path(__file__).resolve().parents[2] / "pipelines" / "demo" / "city_date.jsonl"
+    rows = [json.loads(line) for line in demo.read_text().splitlines()]
+    pairs = root / "pairs.jsonl"
+    with open(pairs, "w") as fh:
+        for i, r in enumerate(rows[:48]):
+            other = json.loads(rows[(i + 7) % 48]["output"])["city"]
+            wrong = json.loads(r["output"]) | {"city": other}
+            fh.write(json.dumps({"prompt": f"{r['instruction']}\n\n{r['input']}", "chosen": r["output"],
+                                 "rejected": json.dumps(wrong)}) + "\n")
+    held_out = root / "held_out.jsonl"
+    held_out.write_text("".join(json.dumps(r) + "\n" for r in rows[560:]))
+    cfg = {**run_result["cfg"],
+           "dpo": {"train_path": str(pairs), "max_steps": 4, "batch_size": 4, "max_length": 256,
+                   "validation_fraction": 0.0},
+           "merge": {"dtype": "float32"},
+           "quantize": {"method": "int8", "eval_path": str(held_out), "eval_samples": 8, "max_new_tokens": 8},
+           "serve": {**run_result["cfg"]["serve"], "port": free_port()}}
+    path = root / "tiny-built.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    dry = CliRunner().invoke(app, ["run", str(path), "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    demos, real_demo = [], stages.demo
+
+    def recording_demo(run_cfg, url, what):
+        rows = real_demo(run_cfg, url, what)
+        demos.append({"url": url, "served": what, "rows": rows})
+        return rows
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(stages, "demo", recording_demo)
+        result = CliRunner().invoke(app, ["run", str(path)])
+    if result.exception:
+        raise result.exception
+    assert result.exit_code == 0, result.output
+    return {"root": run_result["root"], "config": path, "dry_run": dry.stdout, "output": result.output,
+            "demos": demos, "cfg": cfg}
+
+
+def test_the_run_serves_the_quantized_model_it_built(built_run):
+    """dpo → merge → quantize (int8) → serve: the endpoint's answers are transformers' greedy answers on the
+    quantized folder, which holds the merged DPO adapter; the dry run named that artifact beforehand."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = built_run["root"]
+    quantized = (root / "quantize").resolve()
+    assert f"serves: quantized model (int8) {root / 'quantize'}" in built_run["dry_run"], built_run["dry_run"]
+    assert "[graph] data: cached" in built_run["output"] and "[graph] sft: cached" in built_run["output"]
+    merged = json.loads((root / "merge" / "manifest.json").read_text())
+    assert str((root / "dpo").resolve()) in json.dumps(merged["inputs"]), merged["inputs"]  # DPO's adapter merged
+    [demo] = built_run["demos"]
+    assert demo["served"].model == str(quantized) and demo["served"].adapters == {}
+    assert "serving quantized model" in built_run["output"]
+    tok = AutoTokenizer.from_pretrained(quantized)
+    model = AutoModelForCausalLM.from_pretrained(quantized, device_map="cpu").eval()
+    for row in demo["rows"]:
+        ids = tok.apply_chat_template([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=built_run["cfg"]["demo"]["max_tokens"], do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+        assert row["served"] == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), row
+
+
+def test_serve_after_run_serves_what_run_served(built_run, run_result):
+    """`loraforge serve` and `deploy` take what they serve from stages.served over the run folder: for the run
+    above that is the quantized model `run` served; for the first config (no merge) the SFT adapter on the base."""
+    from cluster import stages
+    from cluster.config import load_config
+
+    [demo] = built_run["demos"]
+    assert stages.served(stages.built_so_far(load_config(built_run["config"], []))) == demo["served"]
+    plain = stages.served(stages.built_so_far(load_config(run_result["root"].parents[1] / "tiny.yaml", [])))
+    assert plain.adapters == {"tiny": str((run_result["root"] / "sft").resolve())}
+    assert plain == run_result["demos"][0]["served"]

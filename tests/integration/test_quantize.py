@@ -165,12 +165,14 @@ def test_deploy_serves_int8_base_with_adapter_like_transformers(ray_session, tra
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from pipelines.artifacts.manifest import write_manifest
     from serve import ServeConfig, shutdown
     from tests.integration.test_serve import make_adapter
 
     adapter = make_adapter(trained, tmp_path / "ad", seed=3)
     run_dir = tmp_path / "runs" / "city"
-    shutil.copytree(adapter, run_dir / "sft")  # deploy serves the run's sft/ adapter under the run name
+    shutil.copytree(adapter, run_dir / "sft")  # deploy serves the run's finished sft/ adapter under the run name
+    write_manifest(run_dir / "sft", kind="lora_adapter", inputs={}, config={})
     tok = AutoTokenizer.from_pretrained(int8_dir)
     prompts = ["Extract the city and the date from the sentence. Answer with JSON only.\n\nAna flies to Oslo "
                "on 4 June.", "Return the city and the date mentioned below as a JSON object.\n\nWe meet in Lima "
