@@ -113,8 +113,8 @@ class TuneSection(Section):
     max_t: int | None = Field(None, ge=1, description="Steps per trial when asha is null; default train.max_steps.")
     metric: Literal["eval_loss"] = Field("eval_loss", description="What the sweep minimises (validation loss).")
     eval_every: int | None = Field(None, ge=1, description=(
-        "Steps between validation reports; default train.eval_every, else asha.grace_period. Each report waits "
-        "for Tune to take it, so reporting every step slows the trial."))
+        "Steps between validation reports; default train.eval_every (when a number), else asha.grace_period. Each "
+        "report waits for Tune to take it, so reporting every step slows the trial."))
     max_concurrent_trials: int | None = Field(None, ge=1, description=(
         "Trials at once; default what the cluster's CPUs (or GPUs) fit, by one trial's ScalingConfig."))
     max_failures: int = Field(1, ge=0, description="Times Tune restarts a trial whose trainer failed for good.")
@@ -134,7 +134,8 @@ class TuneSection(Section):
         return self.asha.max_t if self.asha else (self.max_t or train.max_steps)
 
     def cadence(self, train: TrainSection) -> int:
-        return self.eval_every or train.eval_every or (self.asha.grace_period if self.asha else self.steps(train))
+        explicit = 0 if train.eval_every == "auto" else train.eval_every  # auto is the stage's cadence, not ASHA's
+        return self.eval_every or explicit or (self.asha.grace_period if self.asha else self.steps(train))
 
 
 def grid_size(space: SpaceSection) -> int | None:

@@ -6,8 +6,9 @@ receives. Pure pydantic: importing it imports neither torch nor Ray.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -16,6 +17,7 @@ from pipelines.artifacts.models import on_this_node
 from pipelines.data.rowformats import check_columns
 from pipelines.schema import Section
 
+AUTO_MIN_STEPS = 10  # checkpoint_every=auto never checkpoints more often than this (short runs)
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL_LINEAR = ATTENTION + ["gate_proj", "up_proj", "down_proj"]
 DEEPSPEED_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
@@ -81,10 +83,17 @@ class TrainSection(Section):
         "(never all at once). 0: the plain loss over the full [tokens, vocab] logits."))
     deepspeed: Literal["none", "zero2", "zero3", "zero2-offload", "zero3-offload"] | str = Field(
         "none", description="DeepSpeed ZeRO config: a name from configs/deepspeed/ or a JSON path; 'none' = DDP.")
-    eval_every: int = Field(0, ge=0, description="Validation loss every N steps (0: only at the end, if any).")
+    eval_every: Annotated[int, Field(ge=0)] | Literal["auto"] = Field("auto", description=(
+        "Validation loss every N steps (0: only at the end), when the data has a validation split. auto: with "
+        "every checkpoint (checkpoint_every's cadence), so each checkpoint is ranked on a fresh eval_loss."))
     eval_max_batches: int = Field(8, ge=1, description="Validation micro-batches per evaluation, per worker.")
     early_stopping_patience: int = Field(0, ge=0, description="Stop after N evaluations without improvement (0: off).")
-    checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    checkpoint_every: Annotated[int, Field(ge=0)] | Literal["auto"] = Field("auto", description=(
+        f"Checkpoint every N steps (0: only at the end). auto: every 10% of max_steps (at least every "
+        f"{AUTO_MIN_STEPS} steps), and sooner once checkpoint_minutes of training steps passed since the last one: "
+        "a killed worker or driver resumes from there and loses little."))
+    checkpoint_minutes: float = Field(10.0, gt=0, description=(
+        "checkpoint_every=auto: the most minutes of measured step time between two checkpoints."))
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (the best by validation loss among them).")
     max_failures: int = Field(2, ge=0, description=(
         "Worker-group restarts Ray Train attempts, from the last checkpoint."))
@@ -111,8 +120,19 @@ class TrainSection(Section):
     @model_validator(mode="after")
     def _check(self) -> "TrainSection":
         if self.early_stopping_patience and not self.eval_every:
-            raise ValueError("early_stopping_patience needs eval_every > 0")
+            raise ValueError("early_stopping_patience needs eval_every > 0 (or auto)")
         return self
+
+    def checkpoint_steps(self) -> int:
+        """Steps between periodic checkpoints (0: only at the end); auto: 10% of max_steps, at least
+        AUTO_MIN_STEPS (checkpoint_minutes can make one come sooner)."""
+        if self.checkpoint_every != "auto":
+            return self.checkpoint_every
+        return max(AUTO_MIN_STEPS, math.ceil(self.max_steps / 10))
+
+    def eval_steps(self) -> int:
+        """Steps between validations (0: only at the end); auto: the checkpoint cadence."""
+        return self.checkpoint_steps() if self.eval_every == "auto" else self.eval_every
 
 
 def deepspeed_path(name: str) -> Path:

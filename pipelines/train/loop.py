@@ -173,6 +173,8 @@ def run_loop(job: WorkerJob, model, *, loss_fn: Callable, collate, count_items: 
     engine.model.train()
     step_seconds: list[float] = []
     step_tokens: list[float] = []
+    checkpoint_steps, eval_steps = train.checkpoint_steps(), train.eval_steps()
+    timed, since_checkpoint = train.checkpoint_every == "auto", 0.0  # step seconds since the last checkpoint
     cuda = str(engine.device).startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats(engine.device)
@@ -220,9 +222,12 @@ def run_loop(job: WorkerJob, model, *, loss_fn: Callable, collate, count_items: 
         if cuda:
             torch.cuda.synchronize(engine.device)
         step_seconds.append(time.perf_counter() - t_step)
-        totals = all_sum([step_sum] + list(extra.values()))
+        since_checkpoint += step_seconds[-1]
+        totals = all_sum([step_sum, since_checkpoint] + list(extra.values()))  # the same on every rank
         state["loss_history"].append(round(totals[0] / items, 6))
-        for k, v in zip(extra, totals[1:]):
+        # auto cadence: a checkpoint once the ranks' mean step time since the last passed checkpoint_minutes
+        overdue = timed and totals[1] / world >= train.checkpoint_minutes * 60
+        for k, v in zip(extra, totals[2:]):
             state["extra_history"].setdefault(k, []).append(round(v / items, 6))
         step = state["step"]
         if rank == 0 and (step % train.log_every == 0 or step in (1, train.max_steps)):
@@ -239,8 +244,8 @@ def run_loop(job: WorkerJob, model, *, loss_fn: Callable, collate, count_items: 
                           flush=True)
                     os.kill(os.getpid(), signal.SIGKILL)
         stop = False
-        evaluating = val is not None and ((train.eval_every and step % train.eval_every == 0)
-                                          or step == train.max_steps)
+        evaluating = val is not None and ((eval_steps and step % eval_steps == 0) or step == train.max_steps
+                                          or (overdue and train.eval_every == "auto"))
         if evaluating:
             ev, ev_extra = evaluate(engine, val, train.batch_size, collate, loss_fn, train.eval_max_batches)
             state["eval_history"].append([step, round(ev, 6)])
@@ -260,10 +265,11 @@ def run_loop(job: WorkerJob, model, *, loss_fn: Callable, collate, count_items: 
             if cuda:
                 state.setdefault("memory", {})["peak_allocated_bytes"] = int(
                     torch.cuda.max_memory_allocated(engine.device))
-        periodic = bool(train.checkpoint_every) and step % train.checkpoint_every == 0
-        if stop or step == train.max_steps or evaluating or periodic:
+        periodic = bool(checkpoint_steps) and step % checkpoint_steps == 0
+        if stop or step == train.max_steps or evaluating or periodic or overdue:
             state["stopped_early"] = stop
             checkpoint(final=stop or step == train.max_steps)
+            since_checkpoint = 0.0
         if stop:
             if rank == 0:
                 print(f"[{tag}] early stop at step {step}: no improvement in {train.early_stopping_patience} evals",

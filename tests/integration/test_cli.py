@@ -129,9 +129,10 @@ def test_a_stage_command_shows_our_lines_and_logs_the_libraries(cli, ray_session
 
 
 def test_driver_killed_during_sft_then_run_again_skips_data_and_resumes_sft(cli, ray_session):
-    """SIGKILL of `loraforge run` (a separate driver on this session's cluster) once SFT has checkpointed; the same
-    command again finds the data stage cached and the SFT stage interrupted under the same key, and resumes it
-    from its last checkpoint: the adapter's loss history covers every step once."""
+    """SIGKILL of `loraforge run` (a separate driver on this session's cluster) once SFT has checkpointed, with
+    the default checkpoint cadence (auto: at step 10 of 20); the same command again finds the data stage cached
+    and the SFT stage interrupted under the same key, and resumes it from that checkpoint, not step 0: the
+    adapter's loss history covers every step once."""
     import signal
     import subprocess
     import sys
@@ -139,7 +140,7 @@ def test_driver_killed_during_sft_then_run_again_skips_data_and_resumes_sft(cli,
 
     address = ray_session.get_runtime_context().gcs_address
     cmd = [sys.executable, "-m", "cluster", "run", str(cli["root"] / "cli.yaml"), "--until", "sft", "name=killed",
-           "train.max_steps=10", "train.checkpoint_every=2", "train.log_every=1", "dpo.train_path=null",
+           "train.max_steps=20", "train.log_every=1", "dpo.train_path=null",
            "eval.test_path=null", f"ray.address={address}"]
     run_dir = cli["root"] / "runs" / "killed"
     proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE,
@@ -158,9 +159,9 @@ def test_driver_killed_during_sft_then_run_again_skips_data_and_resumes_sft(cli,
     out = again.stdout + again.stderr
     assert again.returncode == 0, out[-3000:]
     assert "[graph] data: cached" in out and "[graph] sft: resume" in out, out[-3000:]
-    assert "[sft] resumed from step" in out, out[-3000:]
+    assert "[sft] resumed from step 10 " in out, out[-3000:]
     m = json.loads((run_dir / "sft" / "manifest.json").read_text())["metrics"]
-    assert m["steps"] == 10 and len(m["loss_history"]) == 10
+    assert m["steps"] == 20 and len(m["loss_history"]) == 20
     assert json.loads((run_dir / "sft" / "stage.json").read_text())["status"] == "done"
 
 

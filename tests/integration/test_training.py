@@ -287,3 +287,16 @@ def test_qlora_under_zero3_partitions_the_4bit_base(ray_session, tiny_model_dir,
     assert m["frozen_checksum_before"] == m["frozen_checksum_after"]
     assert {r["base_load"] for r in m["ranks"]} == {"zero3-4bit-partitioned"}
     assert m["engine"]["zero_stage"] == 3
+
+
+def test_auto_cadence_checkpoints_once_checkpoint_minutes_of_steps_passed(ray_session, tiny_model_dir,
+                                                                          packed_data_dir, tmp_path_factory):
+    """checkpoint_every=auto (the default) adds a checkpoint, validated, whenever checkpoint_minutes of step time
+    passed since the last: with a limit below one step's time every step is one; with the default 10 minutes a
+    3-step run checkpoints and validates only at its end."""
+    fast, _ = _sft(ray_session, tiny_model_dir, packed_data_dir, tmp_path_factory.mktemp("timed"), local=True,
+                   checkpoint_minutes=1e-6, **ONE_WORKER)
+    assert [s for s, _ in fast["metrics"]["eval_history"]] == [1, 2, 3]
+    plain, _ = _sft(ray_session, tiny_model_dir, packed_data_dir, tmp_path_factory.mktemp("untimed"), local=True,
+                    **ONE_WORKER)
+    assert [s for s, _ in plain["metrics"]["eval_history"]] == [3]

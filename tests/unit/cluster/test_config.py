@@ -116,7 +116,25 @@ def test_deepspeed_auto_fields_filled_from_run_config():
     assert "auto" not in json.dumps(cfg)
     assert deepspeed_config(TrainSection(), "float32") is None
     with pytest.raises(ValueError, match="early_stopping_patience needs eval_every"):
-        TrainSection(early_stopping_patience=2)
+        TrainSection(early_stopping_patience=2, eval_every=0)
+
+
+def test_checkpoint_and_eval_cadence_auto_by_default():
+    """A run is resumable without settings: checkpoints every 10% of its steps (at least every 10), validation
+    with each; explicit numbers are kept."""
+    from pipelines.train.config import AUTO_MIN_STEPS, TrainSection
+
+    assert TrainSection().checkpoint_every == "auto" == TrainSection().eval_every
+    assert TrainSection(max_steps=1000).checkpoint_steps() == 100 == TrainSection(max_steps=1000).eval_steps()
+    assert TrainSection(max_steps=12).checkpoint_steps() == AUTO_MIN_STEPS == 10
+    assert TrainSection(max_steps=1001).checkpoint_steps() == 101
+    t = TrainSection(max_steps=1000, checkpoint_every=0, eval_every=25)
+    assert (t.checkpoint_steps(), t.eval_steps()) == (0, 25)
+    assert TrainSection(max_steps=1000, checkpoint_every=40).eval_steps() == 40  # eval auto follows checkpoints
+    with pytest.raises(ValueError):
+        TrainSection(checkpoint_every=-1)
+    with pytest.raises(ValueError):
+        TrainSection(eval_every="sometimes")
 
 
 def test_tracking_off_survives_yaml():
