@@ -78,6 +78,7 @@ def run(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
         until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage.")) -> None:
     """The job graph: data → sft → [dpo] → [tune] → [evaluate → gate] → [merge → quantize] → serve → demo; a stage
     whose inputs, config sections and code are unchanged since it last finished is skipped (cluster.graph).
+    Prints what was served (its registry version when the gate published it), then the run folder last.
     Exit 3 when the gate refuses the adapter."""
     cfg = load(config, overrides, RUN_CHECKS)
     cli_plan.check_fits(cfg, str(config))  # refuses, with the breakdown, a run its workers cannot hold
@@ -94,16 +95,18 @@ def run(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
 
             g = graph.Graph(cfg, force=tuple(force or ()), start=start, until=until)
             try:
-                folders = g.run(log=lambda line: stages.console.print(line, style="cyan", markup=False))
+                g.run(log=lambda line: stages.console.print(line, style="cyan", markup=False))
             finally:
                 if stages.SERVE.name in g.folders:
                     shutdown(only_app=True)  # this run's app only: other apps on a shared cluster keep running
+            if stages.SERVE.name in g.folders:
+                stages.console.print(f"[bold]served[/]: {stages.served(g.ctx).what}")
     except graph.GateRefused as e:
         for reason in e.reasons:
             typer.secho(f"gate: {reason}", fg="red", err=True)
         fail(f"gate: refused; nothing after the gate ran (outputs so far are in {cfg.run_dir()}; full log {log})",
              code=3)
-    done(next((folders[s.name] for s in (stages.DPO, stages.SFT) if s.name in folders), stages.SFT.folder(cfg)))
+    done(cfg.run_dir())  # every stage's output is in the run folder
 
 
 # What `run` and `validate` check before any work: every stage's inputs.

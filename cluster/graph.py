@@ -96,6 +96,7 @@ class Graph:
         self.outputs: dict[str, str] = {}  # stage → hash of its output, for the keys of downstream stages
         self.folders: dict[str, Path] = {}
         self.runners = runners or {}
+        self.ctx: Context | None = None  # what the stages handed each other in the last run()
         self.remote = cfg.remote_run()  # output_dir in an object store: this machine works in a mirror of it
         if self.remote:  # what earlier drivers (anywhere) recorded and wrote; Ray Train checkpoints stay there
             storage.pull(self.remote, cfg.run_dir(), skip=STORE_ONLY)
@@ -190,7 +191,7 @@ class Graph:
     def run(self, log: Callable[[str], None] = print) -> dict[str, Path]:
         """Run every stage the plan says to, in order; returns stage → output folder of the stages that ran or
         were cached. Raises GateRefused when the gate refuses."""
-        ctx = Context(self.cfg)
+        ctx = self.ctx = Context(self.cfg)
         for stage in STAGES:
             status, why, parts = self.decide(stage, set())
             if status in ("off", "stop"):

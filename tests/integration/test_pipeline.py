@@ -71,9 +71,10 @@ def run_result(ray_session, tiny_model_dir, tmp_path_factory):
             "model": tiny_model_dir, "demos": demos}
 
 
-def test_last_line_is_the_output_folder(run_result):
-    last = run_result["stdout"].strip().splitlines()[-1]
-    assert Path(last) == (run_result["root"] / "sft").resolve()
+def test_last_lines_name_what_was_served_and_the_run_folder(run_result):
+    *_, served, last = run_result["stdout"].strip().splitlines()
+    assert Path(last) == run_result["root"].resolve()
+    assert served.startswith("served: base ") and f"adapter tiny ({(run_result['root'] / 'sft').resolve()})" in served
 
 
 def test_data_counts_add_up_and_bad_rows_are_kept_with_reasons(run_result):
@@ -174,7 +175,7 @@ def test_rerun_skips_finished_stages_and_dry_run_says_why(run_result):
     assert "[graph] data: cached" in r.output and "[graph] sft: cached" in r.output
     assert "serve" not in r.output.split("[graph] sft: cached", 1)[1]
     assert (sft / "adapter_model.safetensors").stat().st_mtime_ns == before
-    assert r.stdout.strip().splitlines()[-1] == str(sft.resolve())
+    assert r.stdout.strip().splitlines()[-1] == str(run_result["root"].resolve())
 
 
 @pytest.fixture(scope="module")
