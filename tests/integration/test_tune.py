@@ -2,7 +2,13 @@
 
     .venv/bin/pytest tests/integration/test_tune.py -q
 
-The in-process sweep: 3 grid trials with ASHA, one at a time (so the order ASHA sees them in is fixed: the
+The searcher sweeps: the `tune:` sections configs/tune-tiny-cpu.yaml (random) and configs/tune-smollm2-gpu.yaml
+(optuna) ship, cut to 2 trials of 2 steps one at a time, without ASHA: as many trials as num_samples, every point
+inside the declared space, the points the seeded searcher gives (the same seed again: the same points; another
+seed: other points), the winner exported with a manifest naming the sweep; for optuna, the saved searcher state
+is an Optuna study holding the trials' points and losses.
+
+The in-process grid sweep: 3 grid trials with ASHA, one at a time (so the order ASHA sees them in is fixed: the
 rung is set by lr 1e-3, lr 1e-6 must be stopped there, lr 2e-2 must run on), each trial's worker
 failing once at step 3 (the fault drill). The CLI sweep: `loraforge tune` joining the session's cluster,
 interrupted with SIGINT once a trial has finished, then run again: it restores and does not rerun the finished
@@ -20,6 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import DEMO, REPO
 
@@ -149,6 +156,127 @@ def test_each_trial_logs_to_mlflow_under_the_sweep_parent(sweep):
     children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
     assert len(children) == 3
     assert all(math.isfinite(r.data.metrics["eval_loss"]) for r in children)
+
+
+SHIPPED = {"random": "tune-tiny-cpu.yaml", "optuna": "tune-smollm2-gpu.yaml"}  # the config that ships each searcher
+
+
+def _shipped_tune(searcher: str, seed: int):
+    """The tune: section a shipped config declares for `searcher` (its space as written), with `seed`, cut to 2
+    trials of 2 steps, one at a time, no ASHA."""
+    from tune.space import TuneSection
+
+    doc = yaml.safe_load((REPO / "configs" / SHIPPED[searcher]).read_text())["tune"]
+    assert doc["searcher"] == searcher, doc
+    doc.update(num_samples=2, seed=seed, asha=None, max_t=2, eval_every=2, max_concurrent_trials=1)
+    return TuneSection.model_validate(doc)
+
+
+def _searcher_points(cfg, losses: list[float]) -> list[dict]:
+    """The points the sweep's own searcher (tune_config's search_alg over param_space) proposes, one trial at a
+    time, each trial ending with its loss from `losses`: what Tune asks of it, without running trials."""
+    from ray.tune.experiment import Experiment
+
+    from pipelines.train.config import TrainSection
+    from tune import sweep as sweep_mod
+
+    search, space, points = sweep_mod.tune_config(cfg, TrainSection()).search_alg, sweep_mod.param_space(cfg), []
+    if cfg.searcher == "optuna":
+        search.set_search_properties(cfg.metric, "min", space)
+        for i, loss in enumerate(losses):
+            points.append(search.suggest(f"replay_{i}"))
+            search.on_trial_complete(f"replay_{i}", {cfg.metric: loss})
+    else:
+        search.add_configurations([Experiment("replay", run=lambda config: None, config=space,
+                                              num_samples=cfg.num_samples)])
+        for _ in losses:
+            trial = search.next_trial()
+            points.append(sweep_mod.flat(trial.config))
+            search.on_trial_complete(trial.trial_id)
+    return points
+
+
+@pytest.fixture(scope="module", params=sorted(SHIPPED))
+def searcher_sweep(request, ray_session, tiny_model_dir, tokenized_dir, tmp_path_factory):
+    from pipelines.train.config import LoraSection, TrainSection, TrainSetup
+    from tune import sweep as sweep_mod
+
+    cfg = _shipped_tune(request.param, seed=0)
+    train = TrainSection(num_workers=1, cpus_per_worker=0.95, batch_size=8, warmup_steps=1, eval_max_batches=2,
+                         log_every=100, tracking_uri="off")
+    lora = LoraSection(r=8, dropout=0.0, target_modules="all-linear")
+    t0 = time.time()
+    folder = sweep_mod.run(cfg, lora, TrainSetup(model_dir=tiny_model_dir, model_name="tiny-llama", train=train),
+                           tokenized_dir, tmp_path_factory.mktemp(f"sweep-{request.param}"))
+    print(f"{request.param} sweep of {cfg.num_samples} trials: {time.time() - t0:.0f} s")
+    manifest = json.loads((folder / "winner" / "manifest.json").read_text())
+    trials = sorted(manifest["lineage"]["sweep"]["trials"], key=lambda t: _trial_starts(folder).index(t["trial_id"]))
+    return {"searcher": request.param, "cfg": cfg, "folder": folder, "manifest": manifest, "trials": trials}
+
+
+def test_searcher_runs_num_samples_trials_inside_the_declared_space(searcher_sweep):
+    from tune.space import LogRange
+
+    cfg, trials = searcher_sweep["cfg"], searcher_sweep["trials"]
+    assert len(trials) == cfg.num_samples and len({t["trial_id"] for t in trials}) == cfg.num_samples, trials
+    assert all(t["status"] == "completed" and t["steps"] == 2 and math.isfinite(t["best_eval_loss"])
+               for t in trials), trials
+    axes = cfg.space.axes()
+    assert isinstance(axes["lr"], LogRange)  # both shipped configs search lr on a log range
+    for t in trials:
+        point = t["config"]
+        assert set(point) == set(axes), (point, axes)
+        assert axes["lr"].low <= point["lr"] <= axes["lr"].high, point
+        for name, values in axes.items():
+            if isinstance(values, list):
+                assert point[name] in values, (name, point)
+    points = [tuple(sorted(t["config"].items())) for t in trials]
+    assert len(set(points)) == len(points), points  # sampled, not one point repeated
+
+
+def test_searcher_points_are_the_seeded_searchers(searcher_sweep):
+    """The sweep's points, in the order its trials started, are what its searcher with tune.seed proposes; the
+    same seed again proposes them again, another seed other points."""
+    cfg, trials = searcher_sweep["cfg"], searcher_sweep["trials"]
+    points, losses = [t["config"] for t in trials], [t["final_eval_loss"] for t in trials]
+    assert _searcher_points(cfg, losses) == points
+    assert _searcher_points(_shipped_tune(searcher_sweep["searcher"], seed=0), losses) == points
+    other = _searcher_points(_shipped_tune(searcher_sweep["searcher"], seed=1), losses)
+    assert all(o["lr"] != p["lr"] for o, p in zip(other, points)), (other, points)
+
+
+def test_searcher_winner_exported_with_lineage_naming_the_sweep(searcher_sweep):
+    folder, manifest, trials = searcher_sweep["folder"], searcher_sweep["manifest"], searcher_sweep["trials"]
+    lineage = manifest["lineage"]["sweep"]
+    assert lineage["name"].startswith("sweep-") and (folder / "experiments" / lineage["name"]).is_dir(), lineage
+    assert manifest["kind"] == "lora_adapter" and manifest["config"]["tune"]["searcher"] == searcher_sweep["searcher"]
+    best = min(trials, key=lambda t: t["best_eval_loss"])
+    assert lineage["winner"]["trial_id"] == best["trial_id"] == manifest["lineage"]["trial"]["id"], lineage
+    assert lineage["winner"]["eval_loss"] == best["best_eval_loss"]
+    adapter = json.loads((folder / "winner" / "adapter_config.json").read_text())
+    assert adapter["r"] == best["config"]["r"] and adapter["lora_alpha"] == 2 * best["config"]["r"], adapter
+    assert manifest["config"]["train"]["lr"] == pytest.approx(best["config"]["lr"])
+    assert (folder / "winner" / "adapter_model.safetensors").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("searcher_sweep", ["optuna"], indirect=True)
+def test_optuna_searcher_state_is_an_optuna_study_of_the_trials(searcher_sweep):
+    """What Tune saved for the optuna sweep is OptunaSearch's state: a seeded TPE study whose trials are the sweep's
+    points with their losses (a random or grid sweep saves a variant generator, no study)."""
+    import pickle
+
+    import optuna
+
+    folder, trials = searcher_sweep["folder"], searcher_sweep["trials"]
+    saved = list((folder / "experiments" / searcher_sweep["manifest"]["lineage"]["sweep"]["name"]).glob(
+        "searcher-state-*.pkl"))
+    assert len(saved) == 1, saved
+    state = pickle.loads(saved[0].read_bytes())
+    study = state["_ot_study"]
+    assert isinstance(study, optuna.study.Study) and isinstance(study.sampler, optuna.samplers.TPESampler)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert [t.params for t in done] == [t["config"] for t in trials], (done, trials)
+    assert [t.value for t in done] == pytest.approx([t["final_eval_loss"] for t in trials])
 
 
 def test_cli_sweep_interrupted_then_resumed_without_rerunning_finished_trials(ray_session, tiny_model_dir,
