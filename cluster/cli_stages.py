@@ -30,7 +30,7 @@ from cluster.config import json_schema
 from pipelines.artifacts.manifest import read_manifest
 from pipelines.data import curate as curation
 from pipelines.eval.metrics import exact_match, text_metrics
-from pipelines.schema import DataError, MissingInput
+from pipelines.schema import DataError, MissingInput, redact
 
 ADAPTER = typer.Option(None, "--adapter", help="NAME=FOLDER or FOLDER; repeatable. Default: this run's sft/ folder.")
 
@@ -253,7 +253,7 @@ def score(file: Path = typer.Argument(..., help="JSONL with one prediction and o
 def validate(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:
     """Validate a config (with overrides) and its local inputs; print it resolved, without running anything."""
     cfg = load(config, overrides, (*RUN_CHECKS, "quantize_rows"))
-    print(cfg.model_dump_json(indent=2))
+    print(json.dumps(redact(cfg.model_dump(mode="json")), indent=2))  # keys and credentials as ***
 
 
 def config_schema() -> None:

@@ -191,6 +191,62 @@ def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return doc
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a run config is a page of YAML; a bigger file is not one
+MAX_CONFIG_NODES = 100_000  # values after alias expansion: an alias bomb expands to billions
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML keeps the last silently: a second `serve:`
+    block would drop the first one's api_key)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"{self.name}: key {key!r} is given twice in one mapping, on lines {seen[key]} and "
+                                  f"{line}: keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_size(node, memo: dict[int, int]) -> int:
+    """How many nodes a YAML node stands for once its aliases are expanded (shared nodes counted per use)."""
+    if id(node) not in memo:
+        memo[id(node)] = 0  # a recursive alias counts as one while it is being measured
+        children = node.value if isinstance(node.value, list) else []
+        memo[id(node)] = 1 + sum(_expanded_size(c, memo) for pair in children
+                                 for c in (pair if isinstance(pair, tuple) else (pair,)))
+    return memo[id(node)]
+
+
+def read_yaml(path: Path) -> Any:
+    """A config file's YAML, refusing in one line: a file over MAX_CONFIG_BYTES, bytes that are not UTF-8 (with
+    the line), a duplicate key (both lines), aliases that expand past MAX_CONFIG_NODES values, broken YAML."""
+    raw = path.read_bytes()
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {len(raw):,} bytes is not a run config (at most {MAX_CONFIG_BYTES:,})")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line}: byte 0x{raw[e.start]:02x} is not UTF-8; save the config as "
+                          "UTF-8") from None
+    loader = _StrictLoader(text)
+    loader.name = str(path)
+    try:
+        node = loader.get_single_node()
+        if node is not None and _expanded_size(node, {}) > MAX_CONFIG_NODES:
+            raise ConfigError(f"{path}: its aliases expand to more than {MAX_CONFIG_NODES:,} values; a run config "
+                              "needs far fewer: write the values out")
+        return loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    finally:
+        loader.dispose()
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read, override and validate a run config. Raises ConfigError naming the file and every bad key."""
     source = str(path) if path else "<defaults>"
@@ -199,10 +255,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{source}: no such config file")
-        try:
-            doc = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: not valid YAML: {e}") from e
+        doc = read_yaml(p) or {}
         if not isinstance(doc, dict):
             raise ConfigError(f"{source}: the top level must be a mapping of sections")
     doc = apply_overrides(doc, overrides or [])

@@ -10,9 +10,32 @@ the config and the cluster the stage runs on, never from a process-wide setting:
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
+
+REDACTED = "***"
+_SECRET_KEY = re.compile(r"(^|_)(api_key|apikey|password|passwd|secret|secret_key|secret_access_key|access_key|"
+                         r"access_key_id|session_token|auth_token|bearer_token|hf_token|credentials)$", re.I)
+_USERINFO = re.compile(r"([a-z][a-z0-9+.-]*://[^/@:\s]*):[^/@\s]*@", re.I)
+
+
+def redact(value: Any) -> Any:
+    """A copy of a config-like value with its secrets replaced by '***': the value of every key that names one
+    (api_key, password, secret_key, session_token, ...) and the password of `scheme://user:password@host` in any
+    string. Everything printed or written (validate, manifests, MLflow params, the registry index) goes through
+    it: a key or credential never lands on a terminal, in a log or in an artifact."""
+    if isinstance(value, dict):
+        return {k: (REDACTED if isinstance(k, str) and _SECRET_KEY.search(k) and value[k] not in (None, "")
+                    else redact(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(redact(v) for v in value)
+    if isinstance(value, str) and "://" in value:
+        return _USERINFO.sub(rf"\1:{REDACTED}@", value)
+    return value
 
 
 class Section(BaseModel):

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from pipelines.schema import DataError, MissingInput
+from pipelines.schema import DataError, MissingInput, redact
 
 MANIFEST = "manifest.json"
 # The stage command whose output folder holds an artifact of each kind (named in refusals).
@@ -73,7 +73,7 @@ def write_manifest(out_dir: str | os.PathLike, *, kind: str, inputs: dict[str, A
         **(extra or {}),
     }
     tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=str))
+    tmp.write_text(json.dumps(redact(doc), indent=2, default=str))
     os.replace(tmp, out / MANIFEST)  # atomic: a reader never sees half a manifest
     return out / MANIFEST
 

@@ -38,7 +38,7 @@ from pydantic import Field
 
 from pipelines.artifacts import storage
 from pipelines.artifacts.manifest import MANIFEST, hash_path, read_manifest
-from pipelines.schema import Section, UserError
+from pipelines.schema import Section, UserError, redact
 
 # The grammar of names and references, for the registry and for serving alike: a name is NAME_PATTERN (no "..");
 # a reference is `name`, `name@<version>` or `name@<alias>`, its selector also NAME_PATTERN.
@@ -150,6 +150,12 @@ class Registry:
         if self.remote:
             storage.pull(f"{self.remote}/index.json", self.root)
         if not path.is_file():
+            held = self._version_folders()
+            if held:  # the index was lost (a partial copy, a sync tool): an empty view would delete them all
+                raise RegistryCorrupt(
+                    f"{path} is missing, but the registry holds {held} version folder(s) under "
+                    f"{self.remote or self.root}/models; restore index.json (audit.jsonl records every change) "
+                    "before any write: nothing was written or deleted")
             return {"format": 1, "models": {}}
         try:
             index = json.loads(path.read_text())
@@ -160,6 +166,12 @@ class Registry:
         if problem:
             raise RegistryCorrupt(f"{path}: {problem}; fix or restore it (audit.jsonl records every change)")
         return index
+
+    def _version_folders(self) -> int:
+        """How many version folders (models/<name>/<version>) the registry holds, here or in its store."""
+        if self.remote:
+            return 1 if storage.exists(f"{self.remote}/models") else 0
+        return sum(1 for f in (self.root / "models").glob("*/*") if f.is_dir())
 
     def list(self) -> list[dict[str, Any]]:
         """One row per name: kind of the latest version, versions, aliases."""
@@ -290,8 +302,9 @@ class Registry:
             staging = self.root / ".staging" / uuid.uuid4().hex
             shutil.copytree(src, staging, ignore=shutil.ignore_patterns(*NOT_COPIED))
             content_hash = hash_path(staging, skip=(MANIFEST, "registry.json"))
-            record = {"name": name, "version": version, "kind": kind, "lineage": lineage, "hash": content_hash,
-                      "source_path": str(src), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            record = {"name": name, "version": version, "kind": kind, "lineage": redact(lineage),
+                      "hash": content_hash, "source_path": str(src),
+                      "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             (staging / "registry.json").write_text(json.dumps(record, indent=2, default=str))
             _make_read_only(staging)
             dest = self.root / "models" / name / str(version)

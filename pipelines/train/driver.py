@@ -12,7 +12,7 @@ from typing import Any
 
 from pipelines.artifacts import storage
 from pipelines.artifacts.manifest import hash_path, read_manifest, write_manifest
-from pipelines.schema import UserError
+from pipelines.schema import UserError, redact
 from pipelines.train import worker
 from pipelines.train.config import TrainSetup, WorkerJob, check_combination
 
@@ -75,6 +75,7 @@ def log_to_mlflow(uri: str, experiment: str, params: dict[str, Any], history: di
     """Params, per-step metrics (from the recorded history) and the adapter folder, as one MLflow run."""
     import mlflow
 
+    params = redact(params)  # a credential in a config value (tracking_uri's password) never becomes a param
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(experiment) is None:  # artifacts beside the store, not in the CWD
         mlflow.create_experiment(experiment, artifact_location=str(artifacts.parent / "mlartifacts"))

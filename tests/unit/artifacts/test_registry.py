@@ -225,3 +225,40 @@ def test_few_shot_verdict_is_plain():
     assert "the fine-tune did not help" in verdicts(scores, ["a"])["a"]
     assert verdicts(_results(0.5)["variants"], ["a"])["a"].startswith("The fine-tune helped")
     assert parse_score("Score: 7/10") == 7.0 and parse_score("10") == 10.0 and parse_score("none") is None
+
+
+def test_a_lost_index_refuses_every_write_and_deletes_nothing(reg, tmp_path):
+    """index.json gone (a partial copy, a sync tool) while versions exist: a write would see an empty registry
+    and garbage-collect every version folder; it is refused instead (exit 2 through the CLI, one line), and the
+    folders stay."""
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+    from pipelines.artifacts.registry import RegistryCorrupt
+
+    for i in range(2):
+        reg.publish("quickstart", make_adapter(tmp_path / f"a{i}", f"w{i}".encode()), "lora_adapter", LINEAGE)
+    (reg.root / "index.json").unlink()
+    folders = sorted(p.name for p in (reg.root / "models" / "quickstart").iterdir())
+    with pytest.raises(RegistryCorrupt, match="index.json is missing, but the registry holds 2 version folder"):
+        reg.publish("other", make_adapter(tmp_path / "b"), "lora_adapter", LINEAGE)
+    out = CliRunner().invoke(app, ["registry", "promote", "quickstart", "1", "production", "--root", str(reg.root)])
+    assert out.exit_code == 2 and "index.json is missing" in out.output and "Traceback" not in out.output
+    assert sorted(p.name for p in (reg.root / "models" / "quickstart").iterdir()) == folders == ["1", "2"]
+    assert not (reg.root / "models" / "other").exists()
+
+
+def test_secrets_never_land_in_the_index_or_a_manifest(reg, tmp_path):
+    """A credential inside a lineage value (an MLflow URI with a password) or a key named as a secret is written
+    as ***, in the registry index and in a manifest."""
+    from pipelines.artifacts.manifest import write_manifest
+
+    lineage = {**LINEAGE, "mlflow": {"tracking_uri": "postgresql://ml:hunter2@db:5432/mlflow"},
+               "serve": {"api_key": "k1", "max_tokens": 7}}
+    reg.publish("city", make_adapter(tmp_path / "a"), "lora_adapter", lineage)
+    index = (reg.root / "index.json").read_text()
+    assert "hunter2" not in index and "k1" not in index and "postgresql://ml:***@db:5432/mlflow" in index
+    write_manifest(tmp_path / "m", kind="x", inputs={}, config={"serve": {"api_key": "k1", "max_tokens": 7},
+                                                                "train": {"tracking_uri": "http://u:pw@h/"}})
+    doc = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert doc["config"] == {"serve": {"api_key": "***", "max_tokens": 7}, "train": {"tracking_uri": "http://u:***@h/"}}

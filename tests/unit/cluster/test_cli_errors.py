@@ -4,6 +4,7 @@ LORAFORGE_DEBUG=1 adds the traceback. No Ray, no model: these fail in the config
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -158,3 +159,36 @@ def test_validate_prints_the_resolved_config(config):
     rc, out, _ = loraforge("validate", str(config()), "train.max_steps=7")
     assert rc == 0, out
     assert '"max_steps": 7' in out
+
+
+HOSTILE_CONFIGS = {
+    # a second serve: block silently dropped the first one's api_key
+    "duplicate_key": ("name: ux\nserve:\n  api_key: k1\nmodel:\n  name: x\nserve:\n  port: 9000\n".encode(),
+                      ["key 'serve' is given twice", "lines 2 and 6"]),
+    # nine nested anchors: validate hung for over a minute expanding them
+    "alias_bomb": (("a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
+        f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")) + "name: *i\n").encode(),
+        ["aliases expand to more than 100,000 values"]),
+    # a Latin-1 byte: a UnicodeDecodeError traceback
+    "not_utf8": ("name: ux\n# caf\xe9\n".encode("latin-1"), ["line 2", "byte 0xe9 is not UTF-8"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_CONFIGS))
+def test_hostile_config_files_are_one_line_errors_within_a_second(case, tmp_path):
+    """`validate` on a config with a duplicate key, an alias bomb or a non-UTF-8 byte: exit 2, one line naming
+    the file and the cause, in well under the 10 s of any user error (the YAML is refused before it is expanded)."""
+    body, needles = HOSTILE_CONFIGS[case]
+    path = tmp_path / f"{case}.yaml"
+    path.write_bytes(body)
+    rc, out, s = loraforge("validate", str(path))
+    assert_user_error(rc, out, s, str(path), *needles)
+
+
+def test_validate_prints_keys_and_credentials_as_stars(config):
+    rc, out, _ = loraforge("validate", str(config()), "serve.api_key=k1-secret",
+                           "train.tracking_uri=postgresql://ml:hunter2@db/mlflow")
+    assert rc == 0, out
+    doc = json.loads(out)
+    assert doc["serve"]["api_key"] == "***" and doc["train"]["tracking_uri"] == "postgresql://ml:***@db/mlflow"
+    assert "k1-secret" not in out and "hunter2" not in out
