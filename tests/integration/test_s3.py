@@ -6,6 +6,7 @@ entry resolves from another machine's (empty) mirror."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -64,6 +65,15 @@ def test_registry_in_the_store_resolves_from_another_mirror(s3, tiny_model_dir, 
     monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "machine-a"))
     assert Registry(root).resolve("city@production").version == version  # the alias reached machine a
     assert [r["action"] for r in Registry(root).audit()] == ["publish", "promote"]
+    # the CLI reads the store too (its --root once collapsed s3:// into a local folder s3:/ and printed nothing)
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+
+    out = CliRunner().invoke(app, ["registry", "list", "--json", "--root", root])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout.strip().splitlines()[-1])[0]["aliases"] == {"production": version}
+    assert not (Path.cwd() / "s3:").exists()
 
 
 def test_graph_with_s3_output_and_registry_resumes_from_the_store(s3, ray_session, tiny_model_dir, tmp_path):
