@@ -93,7 +93,8 @@ def tokenize_conversations(tokenizer, conversations: list[list[dict[str, str]]],
                            ) -> list[Tokenized | RowError]:
     """tokenize_messages for many conversations, in one batched encode: one result per row (too long or without
     an assistant turn: the RowError that refuses it)."""
-    return [_judged(ids, labels, max_length) for ids, labels in encode_conversations(tokenizer, conversations)]
+    return [r if isinstance(r, RowError) else _judged(*r, max_length)
+            for r in encode_conversations(tokenizer, conversations)]
 
 
 NOT_PREFIX = ("the model's chat template (chat_template.jinja, or chat_template in tokenizer_config.json) does "
@@ -104,9 +105,11 @@ NOT_PREFIX = ("the model's chat template (chat_template.jinja, or chat_template 
 
 
 def encode_conversations(tokenizer, conversations: list[list[dict[str, str]]]
-                         ) -> list[tuple[list[int], list[int] | None]]:
+                         ) -> list[tuple[list[int], list[int] | None] | RowError]:
     """(input_ids, labels) of each rendered conversation, labels only on assistant tokens; labels None where the
-    chat template does not render the conversation's prefixes as prefixes of it (tokenize_conversations raises).
+    chat template does not render the conversation's prefixes as prefixes of it (tokenize_conversations raises);
+    RowError 'template_error' with the template's own message for a conversation the template refuses to render
+    (one that starts with the assistant, a role it does not know): that row is refused, the rest go on.
 
     Each conversation is encoded once, with its character-to-token maps: turn i's answer is the tokens of the full
     encoding that lie between the characters of "everything before turn i + the generation prompt" and "everything
@@ -115,21 +118,31 @@ def encode_conversations(tokenizer, conversations: list[list[dict[str, str]]]
     without offsets (not a fast one) takes that way for every row."""
     if not conversations:
         return []
-    rows = [_char_spans(tokenizer, m) for m in conversations]
-    enc = tokenizer([full for full, _ in rows], add_special_tokens=False)
+    refused: dict[int, RowError] = {}
+    rows = []
+    for i, m in enumerate(conversations):
+        try:
+            rows.append(_char_spans(tokenizer, m))
+        except Exception as e:  # noqa: BLE001 - jinja's raise_exception, transformers' checks: this row's refusal
+            refused[i] = RowError("template_error", f"the chat template cannot render this conversation: "
+                                                    f"{' '.join(str(e).split())[:300]}")
+    good = [i for i in range(len(conversations)) if i not in refused]
+    enc = tokenizer([full for full, _ in rows], add_special_tokens=False) if rows else {"input_ids": []}
     fast = getattr(enc, "encodings", None) is not None  # a Rust tokenizer: char ↔ token maps without offset lists
-    out: list[tuple[list[int], list[int] | None]] = []
+    out: list = [None] * len(conversations)
+    for i, error in refused.items():
+        out[i] = error
     slow: list[int] = []
-    for r, ((full, spans), ids) in enumerate(zip(rows, enc["input_ids"])):
+    for r, (i, (full, spans), ids) in enumerate(zip(good, rows, enc["input_ids"])):
         ids = list(ids)
         bounds = _token_bounds(enc, r, len(ids), spans) if fast and spans is not None else None
         if spans is not None and bounds is None:
-            slow.append(r)
-        out.append((ids, None if bounds is None else _labels(ids, bounds)))
+            slow.append(i)
+        out[i] = (ids, None if bounds is None else _labels(ids, bounds))
     if slow:  # each distinct prefix rendering of those rows encoded once, in one call
-        for r, labels in zip(slow, _labels_by_prefix_encodes(tokenizer, [conversations[r] for r in slow],
-                                                            [out[r][0] for r in slow])):
-            out[r] = (out[r][0], labels)
+        for i, labels in zip(slow, _labels_by_prefix_encodes(tokenizer, [conversations[i] for i in slow],
+                                                            [out[i][0] for i in slow])):
+            out[i] = (out[i][0], labels)
     return out
 
 

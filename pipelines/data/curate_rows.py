@@ -94,6 +94,8 @@ class ParseRows:
         t2 = time.perf_counter()
         for source, line, raw, row_id, p in zip(batch["source"], batch["line"], batch["raw"], batch["row_id"], parsed):
             n, ids, labels = (0, [], None) if isinstance(p, RowError) else next(tokens)
+            if isinstance(labels, RowError):  # the chat template refused this conversation
+                p, n, ids, labels = labels, 0, [], None
             r = self.finish(str(source), str(raw), p, None if isinstance(p, RowError) else n)
             keep = bool(ids) and not r["reason"]  # ids travel only with rows that can be kept
             r.update(input_ids=ids if keep else [], labels=labels if keep and labels is not None else [],
@@ -161,8 +163,8 @@ class ParseRows:
         out: list[tuple[int, list[int], list[int] | None]] = [(0, [], None)] * len(parsed)
         sft = [i for i, (kind, _, _) in enumerate(parsed) if kind == "sft"]
         convs = [[{"role": m["role"], "content": m["content"]} for m in parsed[i][1]["messages"]] for i in sft]
-        for i, (ids, labels) in zip(sft, encode_conversations(tok, convs)):
-            out[i] = (len(ids), ids, labels)
+        for i, r in zip(sft, encode_conversations(tok, convs)):
+            out[i] = (0, [], r) if isinstance(r, RowError) else (len(r[0]), *r)
         others = [i for i, (kind, _, _) in enumerate(parsed) if kind != "sft"]
         texts = [self._plain_text(*parsed[i][:2]) for i in others]
         for i, ids in zip(others, tok(texts, add_special_tokens=True)["input_ids"] if texts else []):

@@ -21,6 +21,7 @@ HF_METADATA = ("state.json", "dataset_info.json", "dataset_dict.json")
 COMPRESSED = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2"}  # streamed by pyarrow, never unpacked to disk
 SUFFIXES = KINDS + tuple(k + c for k in (".jsonl", ".json", ".csv") for c in COMPRESSED)
 _GLOB_CHARS = "*?["
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark some editors write: not part of the first row
 
 
 @dataclass(frozen=True)
@@ -149,20 +150,41 @@ class RawRecord:
     ordinal: int = 0  # JSON arrays: the element's number (1-based), unique where line is not (a one-line array)
 
 
+MAX_CELL_BYTES = 16 << 20  # a CSV cell larger than this refuses its row (Python's csv default is 128 KiB)
+
+
 def iter_records(path: str, byte_range: tuple[int, int, int] | None = None) -> Iterator[RawRecord]:
     """Every record of one file, with its 1-based line number (for JSON arrays: the line the element starts on).
-    byte_range (start, end, line of start) reads one slice of a plain local JSONL file (see jsonl_ranges)."""
+    byte_range (start, end, line of start) reads one slice of a plain local JSONL file (see jsonl_ranges).
+
+    A file that cannot be read (a truncated Parquet file, a .gz that is not gzip) is a DataError naming it and
+    what is wrong when nothing of it was read; when rows were read before the damage, they are kept and one more
+    record, refused as `unreadable`, says where reading stopped: never a silent stop, never a traceback."""
     loc = parse_location(path)
-    fs = filesystem(loc)
     kind, compression = file_format(path)
     if byte_range is not None:
         yield from _jsonl_slice(loc.path, *byte_range)
         return
+    last = 0
+    try:
+        for rec in _records(filesystem(loc), loc.path, kind, compression):
+            last = rec.line
+            yield rec
+    except (OSError, EOFError, ValueError, RuntimeError) as e:  # pyarrow's ArrowInvalid/ArrowIOError, zlib, gzip
+        what = f"{kind}{f' ({compression})' if compression else ''}"
+        why = " ".join(str(e).split())[:300] or type(e).__name__
+        if not last:
+            raise DataError(f"{path}: cannot be read as {what}: {why}; check the file (a partial copy or a "
+                            "wrong suffix?) or leave it out of the input") from None
+        yield RawRecord(last + 1, None, f"unreadable: reading stopped after line {last}: {why}")
+
+
+def _records(fs, path: str, kind: str, compression: str | None) -> Iterator[RawRecord]:
     if kind == "parquet":  # Parquet needs random access (its footer comes first)
-        with fs.open_input_file(loc.path) as f:
+        with fs.open_input_file(path) as f:
             yield from _parquet(f)
         return
-    with fs.open_input_stream(loc.path, compression=compression) as f:
+    with fs.open_input_stream(path, compression=compression) as f:
         if kind == "arrow":
             yield from _arrow_stream(f)
         elif kind == "jsonl":
@@ -178,6 +200,8 @@ def _jsonl(f) -> Iterator[RawRecord]:
 
     for i, line in enumerate(io.BufferedReader(f), start=1):
         line = line.rstrip(b"\r\n")
+        if i == 1:
+            line = line.removeprefix(BOM)
         if not line.strip():
             continue  # blank lines are not rows
         try:
@@ -210,6 +234,8 @@ def _jsonl_slice(path: str, start: int, end: int, first_line: int) -> Iterator[R
     with open(path, "rb") as f:
         f.seek(start)
         data = f.read(end - start)
+    if start == 0:
+        data = data.removeprefix(BOM)
     for i, line in enumerate(data.split(b"\n"), start=first_line):
         line = line.rstrip(b"\r")
         if not line.strip():
@@ -222,11 +248,7 @@ def _jsonl_slice(path: str, start: int, end: int, first_line: int) -> Iterator[R
 
 def _json_array(data: bytes) -> Iterator[RawRecord]:
     """Elements of a top-level JSON array one by one; a syntax error refuses the rest of the file as one row."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        yield RawRecord(1, None, f"undecodable: {e.reason} at byte {e.start}")
-        return
+    text = data.removeprefix(BOM).decode("utf-8", errors="surrogateescape")  # bad bytes refuse their element only
     dec = json.JSONDecoder()
     pos = _skip_ws(text, 0)
     if not text.startswith("[", pos):  # a single object file, or JSONL named .json
@@ -239,12 +261,16 @@ def _json_array(data: bytes) -> Iterator[RawRecord]:
         counted = pos
         try:
             _, end = dec.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            yield RawRecord(start_line, text[pos:pos + 2000], f"broken_json: {e.msg} (rest of the array unread)",
-                            ordinal=ordinal + 1)
+        except (json.JSONDecodeError, RecursionError, ValueError) as e:
+            why = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deep" if isinstance(
+                e, RecursionError) else " ".join(str(e).split())[:200]
+            yield RawRecord(start_line, _decodable(text[pos:pos + 2000]), f"broken_json: {why} (rest of the array "
+                            "unread)", ordinal=ordinal + 1)
             return
         ordinal += 1
-        yield RawRecord(start_line, text[pos:end], ordinal=ordinal)
+        element = text[pos:end]
+        yield (RawRecord(start_line, element, ordinal=ordinal) if _decodable(element) == element else
+               RawRecord(start_line, None, "undecodable: bytes that are not UTF-8", ordinal=ordinal))
         pos = _skip_ws(text, end)
         if pos < len(text) and text[pos] == ",":
             pos = _skip_ws(text, pos + 1)
@@ -278,16 +304,30 @@ def _arrow_stream(f) -> Iterator[RawRecord]:
 
 
 def _csv(f) -> Iterator[RawRecord]:
+    """Rows of a CSV file: a byte-order mark is dropped; bytes that are not UTF-8 refuse their own row only (the
+    rest of the file is read); a cell over MAX_CELL_BYTES refuses its row."""
     import csv
     import io
 
-    text = io.TextIOWrapper(io.BufferedReader(f), encoding="utf-8", newline="")
+    csv.field_size_limit(MAX_CELL_BYTES)
+    text = io.TextIOWrapper(io.BufferedReader(f), encoding="utf-8-sig", errors="surrogateescape", newline="")
     reader = csv.DictReader(text)
-    try:
-        for row in reader:
-            yield RawRecord(reader.line_num, json.dumps(row, ensure_ascii=False))
-    except UnicodeDecodeError as e:
-        yield RawRecord(reader.line_num + 1, None, f"undecodable: {e.reason}; rest of the file unread")
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:  # "field larger than field limit": the reader goes on at the next line
+            yield RawRecord(reader.line_num, None, f"too_long: a cell over {MAX_CELL_BYTES:,} bytes ({e})")
+            continue
+        raw = json.dumps(row, ensure_ascii=False)
+        yield (RawRecord(reader.line_num, raw) if _decodable(raw) == raw else
+               RawRecord(reader.line_num, None, "undecodable: bytes that are not UTF-8"))
+
+
+def _decodable(text: str) -> str:
+    """text with the bytes `surrogateescape` kept (lone surrogates) replaced by U+FFFD."""
+    return text.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
 
 
 def _jsonable(v: Any) -> Any:

@@ -109,11 +109,16 @@ def format_hint(rows: list[dict[str, Any]], fmt: str, columns: dict[str, str]) -
 
 
 def parse_raw(raw: str) -> dict[str, Any]:
-    """JSON text → object; RowError broken_json / not_an_object."""
+    """JSON text → object; RowError broken_json (also: nested too deep, a number of more digits than Python
+    converts) / not_an_object."""
     try:
         row = json.loads(raw)
     except json.JSONDecodeError as e:
         raise RowError("broken_json", f"{e.msg} at column {e.colno}") from None
+    except RecursionError:
+        raise RowError("broken_json", "nested too deep") from None
+    except ValueError as e:  # an integer of over 4300 digits (sys.set_int_max_str_digits)
+        raise RowError("broken_json", " ".join(str(e).split())[:200]) from None
     if not isinstance(row, dict):
         raise RowError("not_an_object", f"a JSON {type(row).__name__}, expected an object")
     return row

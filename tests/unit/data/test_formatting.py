@@ -149,3 +149,18 @@ def test_a_template_that_rewrites_earlier_turns_is_a_clear_data_error(tokenizer)
                          "{% endif %}")
     with pytest.raises(DataError, match="chat_template"):
         tokenize_messages(tok, [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], 64)
+
+
+def test_a_conversation_the_template_cannot_render_is_refused_alone(tokenizer):
+    """One assistant-first conversation among good ones: the template raises on its empty prefix; that row is
+    refused as template_error with the template's message, and the others are tokenized as before."""
+    from pipelines.data import chat
+
+    good = [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]
+    odd = [{"role": "assistant", "content": "I speak first"}, {"role": "user", "content": "ok"},
+           {"role": "assistant", "content": "fine"}]
+    out = chat.tokenize_conversations(tokenizer, [good, odd, good], 256)
+    assert isinstance(out[1], RowError) and out[1].reason == "template_error", out[1]
+    assert "cannot render this conversation" in out[1].detail
+    assert out[0] == out[2] and not isinstance(out[0], RowError)
+    assert out[0] == chat.tokenize_conversations(tokenizer, [good], 256)[0]

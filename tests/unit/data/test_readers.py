@@ -289,3 +289,81 @@ def test_a_one_line_json_array_gives_every_element_its_own_row_id(tmp_path):
     broken.write_text('[{"instruction": "q", "output": "a"}, {"instruction": oops}]')
     (b,) = record_batches([str(broken)], [0])
     assert b["row_id"] == [1, 2] and b["error"][1].startswith("broken_json")
+
+
+def _alpaca(i: int) -> dict:
+    return {"instruction": f"Say {i}", "output": f"ok {i}"}
+
+
+def _read(path) -> list:
+    from pipelines.data.readers import iter_records
+
+    return list(iter_records(str(path)))
+
+
+def test_a_latin1_byte_refuses_its_csv_row_only(tmp_path):
+    """600 rows, one Latin-1 byte on line 501: every row is read; that one is refused (it once stopped reading,
+    leaving 134 rows unread without a word)."""
+    lines = ["instruction,output"] + [f"Say {i},ok {i}" for i in range(600)]
+    body = "\n".join(lines).encode()
+    at = body.index(b"Say 499,")
+    path = tmp_path / "rows.csv"
+    path.write_bytes(body[:at] + b"Caf\xe9 " + body[at:] + b"\n")
+    recs = _read(path)
+    assert len(recs) == 600
+    bad = [r for r in recs if r.error]
+    assert [(r.line, r.error.split(":")[0]) for r in bad] == [(501, "undecodable")]
+
+
+def test_a_bom_a_huge_cell_and_hostile_json_are_rows_refused_not_stage_failures(tmp_path):
+    from pipelines.data.rowformats import RowError, parse_raw
+
+    bom = tmp_path / "bom.csv"  # the BOM once became part of the first field's name
+    bom.write_bytes(b"\xef\xbb\xbfinstruction,output\nSay hi,hello\n")
+    assert json.loads(_read(bom)[0].raw) == {"instruction": "Say hi", "output": "hello"}
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + json.dumps(_alpaca(0)).encode() + b"\n")
+    assert json.loads(_read(jsonl)[0].raw) == _alpaca(0)
+
+    big = tmp_path / "big.csv"  # a cell over Python's 128 KiB csv limit once raised _csv.Error for the file
+    big.write_text("instruction,output\nSay 1,ok\n\"" + "x" * (200 << 10) + "\",ok\nSay 3,ok\n")
+    recs = _read(big)
+    assert [r.error for r in recs] == ["", "", ""] and len(json.loads(recs[1].raw)["instruction"]) == 200 << 10
+    from pipelines.data import readers
+
+    huge = tmp_path / "huge.csv"
+    huge.write_text("instruction,output\nSay 1,ok\n\"" + "x" * (readers.MAX_CELL_BYTES + 10) + "\",ok\nSay 3,ok\n")
+    recs = _read(huge)
+    assert [r.error.split(":")[0] for r in recs] == ["", "too_long", ""], [r.error[:80] for r in recs]
+
+    for raw, why in (("[" * 100_000 + "]" * 100_000, "nested too deep"), ('{"a": ' + "9" * 5000 + "}", "4300")):
+        with pytest.raises(RowError, match=why) as e:
+            parse_raw(raw)
+        assert e.value.reason == "broken_json"
+
+
+def test_damaged_files_are_one_error_naming_them_or_rows_then_where_reading_stopped(tmp_path):
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.data.readers import iter_records
+    from pipelines.schema import DataError
+
+    parquet = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"instruction": [f"Say {i}" for i in range(50)], "output": ["ok"] * 50}), parquet)
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(parquet.read_bytes()[:-40])  # a partial copy: the footer is gone
+    with pytest.raises(DataError, match=r"cut\.parquet: cannot be read as parquet"):
+        list(iter_records(str(cut)))
+    fake = tmp_path / "rows.jsonl.gz"
+    fake.write_text(json.dumps(_alpaca(0)) + "\n")  # not gzip at all
+    with pytest.raises(DataError, match=r"rows\.jsonl\.gz: cannot be read as jsonl \(gzip\)"):
+        list(iter_records(str(fake)))
+    truncated = tmp_path / "cut.jsonl.gz"  # a gzip cut short: the rows before the damage, then where it stopped
+    whole = gzip.compress("".join(json.dumps(_alpaca(i)) + "\n" for i in range(3000)).encode())
+    truncated.write_bytes(whole[: len(whole) // 2])
+    recs = list(iter_records(str(truncated)))
+    assert recs[-1].raw is None and recs[-1].error.startswith(f"unreadable: reading stopped after line {len(recs) - 1}")
+    assert len(recs) > 100 and not any(r.error for r in recs[:-1])
