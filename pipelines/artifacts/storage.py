@@ -85,7 +85,7 @@ def pull(uri: str, local: Path, skip: tuple[str, ...] = (), fs=None) -> int:
         rel = info.path[len(root):].lstrip("/") or Path(info.path).name
         if _skipped(rel, skip):
             continue
-        dest = Path(local) / rel
+        dest = confined(Path(local), rel, f"{uri}: object {info.path!r}")
         mtime = info.mtime.timestamp() if info.mtime else None
         if dest.is_file() and dest.stat().st_size == info.size and mtime is not None and \
                 int(dest.stat().st_mtime) == int(mtime):
@@ -98,6 +98,17 @@ def pull(uri: str, local: Path, skip: tuple[str, ...] = (), fs=None) -> int:
         os.replace(tmp, dest)
         copied += 1
     return copied
+
+
+def confined(root: Path, rel: str, what: str) -> Path:
+    """root/rel, refused (StorageError naming `what`) when rel would land outside root: an object key with '..'
+    or an absolute part, which a store accepts and a local path would follow out of the mirror."""
+    parts = rel.replace("\\", "/").split("/")
+    dest = (root / rel).resolve()
+    if any(p in ("..", "") for p in parts) or rel.startswith("/") or not dest.is_relative_to(root.resolve()):
+        raise StorageError(f"{what}: its key leaves the local mirror ({rel!r}); nothing was pulled from it. Remove "
+                           "that object from the store (keys with '..' or empty parts are never written by loraforge)")
+    return dest
 
 
 def local_copy(uri: str, fs=None) -> Path:

@@ -39,6 +39,16 @@ def test_push_pull_round_trip_and_an_unreachable_store(s3, tmp_path, monkeypatch
     assert storage.pull(uri, dst) == 1 and (dst / "a" / "f.txt").read_text() == "two!"
     assert storage.pull(f"s3://{BUCKET}/nothing-here", tmp_path / "none") == 0
 
+    # a key with '..' (a store accepts it) would be followed out of the local mirror: refused, nothing written
+    import boto3
+
+    boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="us-east-1").put_object(
+        Bucket=BUCKET, Key="hostile/run/../../escaped.txt", Body=b"x")
+    mirror = tmp_path / "mirror" / "deep"
+    with pytest.raises(storage.StorageError, match="its key leaves the local mirror"):
+        storage.pull(f"s3://{BUCKET}/hostile/run", mirror)
+    assert not list(tmp_path.rglob("escaped.txt"))
+
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(storage.StorageError, match="the store does not answer"):
         storage.pull(uri, dst)
