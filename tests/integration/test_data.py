@@ -1,5 +1,6 @@
 """Curation and tokenization on real Ray Data: counts add up, faults quarantined with reasons, near-duplicates
-found, splits clean and deterministic, labels only on assistant tokens.
+found, splits clean and deterministic, labels only on assistant tokens; balancing by a category column and mixing
+in general data at a declared share through the `loraforge curate` command.
 
     .venv/bin/pytest tests/integration/test_data.py -q
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -261,3 +263,72 @@ def test_self_instruct_seed_tasks_with_column_mapping_and_gzip(ray_session, tmp_
     assert r["rows_kept"] >= 0.8 * len(rows), r["rejected_by_reason"]
     kept = pq.read_table(out / "train").to_pylist()
     assert all([m["role"] for m in k["messages"]] == ["user", "assistant"] for k in kept)
+
+
+def test_curate_cli_balances_by_category_and_mixes_at_the_declared_share(ray_session, shared_data, tiny_model_dir,
+                                                                           tmp_path):
+    """`loraforge curate` on a main file of real Alpaca (300) and GSM8K (90) rows tagged by a `source` column,
+    capped at 120 rows per source, plus the real Dolly file mixed in at a 0.25 share: the capped source keeps
+    exactly the cap and only it loses rows to the cap; the mixed rows are round(share / (1 - share) × main rows
+    kept), fewer than Dolly offers (the quota binds); every input line is in exactly one split or in rejected/,
+    and the manifest's and the report's counts add up to the rows read."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+
+    cap, share = 120, 0.25
+    alpaca = json.loads((shared_data / "sft" / "alpaca_5000.json").read_text())[:300]
+    gsm = json.loads((shared_data / "sft" / "gsm8k_train_alpaca.json").read_text())[:90]
+    mix = shared_data / "sft" / "dolly_151_alpaca.jsonl"
+    main = tmp_path / "main.jsonl"
+    main.write_text("".join(json.dumps({**r, "source": src}) + "\n"
+                            for src, rows in (("alpaca", alpaca), ("gsm8k", gsm)) for r in rows))
+    n_mix_in = len(mix.read_text().splitlines())
+    config = tmp_path / "curate.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "mixed", "output_dir": str(tmp_path / "runs"), "model": {"name": tiny_model_dir},
+        "data": {"train_path": str(main), "format": "alpaca", "max_length": 1024, "category_field": "source",
+                 "balance": {"max_per_category": cap}, "mix": {"path": str(mix), "share": share},
+                 "split": {"train": 0.8, "validation": 0.1, "test": 0.1, "seed": 0}}}))
+    result = CliRunner().invoke(app, ["curate", str(config)])
+    assert result.exit_code == 0, result.output[-3000:]
+    out = Path(result.output.strip().splitlines()[-1])
+    assert out == (tmp_path / "runs" / "mixed" / "curated").resolve(), result.output[-1000:]
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    m, report = manifest["metrics"], json.loads((out / "curation_report.json").read_text())
+    assert {k: report[k] for k in m} == m  # the report and the manifest tell the same counts
+    kept = {s: pq.read_table(out / s, columns=["source", "line", "origin", "category"]).to_pylist()
+            for s in ("train", "validation", "test")}
+    rows = [r for split in kept.values() for r in split]
+    rejected = [json.loads(line) for f in (out / "rejected").glob("*.jsonl") for line in f.read_text().splitlines()]
+
+    # nothing lost silently: every input line is kept in one split or rejected with its reason, exactly once
+    assert m["rows_in"] == len(alpaca) + len(gsm) + n_mix_in
+    seen = sorted((Path(r["source"]).name, r["line"]) for r in rows + rejected)
+    expected = sorted([("main.jsonl", i) for i in range(1, len(alpaca) + len(gsm) + 1)]
+                      + [(mix.name, i) for i in range(1, n_mix_in + 1)])
+    assert seen == expected, (len(seen), len(expected))
+    assert m["rows_in"] == m["rows_kept"] + m["rows_rejected"] == len(rows) + len(rejected)
+    assert m["rows_rejected"] == sum(m["rejected_by_reason"].values())
+    assert m["rejected_by_reason"] == dict(Counter(r["reason"] for r in rejected))
+    assert m["split_rows"] == {s: len(v) for s, v in kept.items()}
+    assert m["kept_by_category"] == dict(Counter(r["category"] for r in rows))
+
+    # balancing: the source over the cap keeps exactly the cap, the one under it loses no row to the cap
+    by_cat = Counter(r["category"] for r in rows if r["origin"] == "main")
+    capped = Counter("alpaca" if r["line"] <= len(alpaca) else "gsm8k"  # main.jsonl: alpaca lines, then gsm8k
+                     for r in rejected if r["reason"] == "category_cap")
+    assert by_cat["alpaca"] == cap and capped["alpaca"] == m["rejected_by_reason"]["category_cap"] > 0, (
+        by_cat, capped)
+    assert capped["gsm8k"] == 0 and 0 < by_cat["gsm8k"] < cap, (by_cat, capped)
+    assert sum(by_cat.values()) + m["kept_from_mix"] == m["rows_kept"]
+
+    # mixing: the mixed rows are the declared share of what is kept (within rounding), and the quota bound
+    n_main, n_mixed = sum(by_cat.values()), sum(r["origin"] == "mix" for r in rows)
+    assert n_mixed == m["kept_from_mix"] == round(share / (1 - share) * n_main), (n_mixed, n_main)
+    assert abs(n_mixed / len(rows) - share) <= 0.5 / len(rows), n_mixed / len(rows)
+    assert m["rejected_by_reason"]["mix_quota"] > 0
+    assert all(r["category"] == mix.stem for r in rows if r["origin"] == "mix")  # no source column: the file name
+    assert {Path(r["source"]).name for r in rejected if r["reason"] == "mix_quota"} == {mix.name}
