@@ -1,13 +1,12 @@
-"""Autoscaling 1 -> 2 -> 1 replicas under load, an adapter registered while 2 replicas run is served by both,
-and one of the two replicas SIGKILLed while 32 clients send requests for 30 s: at most 1% fail, none hangs past
-its timeout, and Serve brings the replica back.
+"""Autoscaling 1 -> 2 -> 1 replicas under load, an adapter published to the registry while 2 replicas run is
+served by both, and one of the two replicas SIGKILLed while 32 clients send requests for 20 s: at most 1% fail,
+none hangs past its timeout, and Serve brings the replica back.
 
-    LORAFORGE_SLOW=1 .venv/bin/pytest tests/integration/test_serve_autoscale.py -x -q -s   # from the repository root
+    .venv/bin/pytest tests/integration/test_serve_autoscale.py -x -q -s   # from the repository root
 
-Opt-in (LORAFORGE_SLOW=1): the second replica is a second vLLM engine (~3 GiB, 45-140 s to start on 2 shared
-cores), so this module takes 4-5 minutes (280 s in a full suite run), and with it the suite took 36 min, over its
-35. The fixed two-replica kill test (tests/integration/test_serve_replicas.py) runs in `make test` instead.
-The ingress sends a request once more when its replica died before answering (serve.ingress.replica_gone).
+The second replica is a second vLLM engine (~3 GiB, 45-140 s to start on 2 shared cores): this one app covers
+scaling and the replica kill, so the suite starts no other two-replica app. The ingress sends a request once more
+when its replica died before answering (serve.ingress.replica_gone).
 """
 
 from __future__ import annotations
@@ -21,8 +20,7 @@ import pytest
 from tests.conftest import free_port
 from tests.integration.test_serve import PROMPT, make_adapter
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(not os.environ.get("LORAFORGE_SLOW"), reason="slow (4-5 min): set LORAFORGE_SLOW=1")]
+pytestmark = pytest.mark.integration
 APP = "test-autoscale"
 
 
@@ -40,15 +38,15 @@ def scaled(ray_session, tiny_model_dir, tmp_path_factory):
     from serve import ServeConfig, shutdown, start
     from serve.config import AutoscalingConfig
 
-    hot = tmp_path_factory.mktemp("hot")
+    registry = tmp_path_factory.mktemp("registry")
     # 4 requests per replica at once: requests for an adapter spill to the second replica once the first is
     # full (Serve's multiplexed routing otherwise keeps an adapter where it is loaded).
-    cfg = ServeConfig(port=free_port(), max_model_len=256, startup_timeout_s=300, adapter_dir=str(hot),
+    cfg = ServeConfig(port=free_port(), max_model_len=256, startup_timeout_s=300, registry=str(registry),
                       replica_cpus=1.0, max_ongoing_requests=4, autoscaling=AutoscalingConfig(
                           min_replicas=1, max_replicas=2, target_ongoing_requests=2, upscale_delay_s=2,
                           downscale_delay_s=10, metrics_interval_s=1, look_back_period_s=4))
     url = start(cfg, tiny_model_dir, {}, name=APP)
-    yield url, hot
+    yield url, registry
     shutdown(APP)
 
 
@@ -66,9 +64,10 @@ def test_scales_up_serves_new_adapter_on_both_survives_a_replica_kill_then_scale
 
     import httpx
 
+    from pipelines.artifacts.registry import Registry
     from serve.app import replica_count
 
-    url, hot = scaled
+    url, registry = scaled
     assert replica_count(APP) == 1
     stop, model, served_late = threading.Event(), ["base"], set()
     results: list[tuple[float, float, object, str]] = []  # (start, seconds, status, model)
@@ -85,6 +84,7 @@ def test_scales_up_serves_new_adapter_on_both_survives_a_replica_kill_then_scale
                     status, r = type(e).__name__, None
                 results.append((t0, time.monotonic() - t0, status, asked))
                 if status == 200 and asked != "base":
+                    assert r.headers["x-loraforge-adapter"] == "late@1", r.headers
                     served_late.add(r.headers["x-loraforge-replica"])
 
     threads = [threading.Thread(target=load, args=(48,), daemon=True) for _ in range(12)]
@@ -95,25 +95,26 @@ def test_scales_up_serves_new_adapter_on_both_survives_a_replica_kill_then_scale
         up = wait_for(lambda: replica_count(APP) == 2, 420, "a second replica under load")
         print(f"\n1 -> 2 replicas after {up:.0f} s of load")
         staged = make_adapter(tiny_model_dir, tmp_path / "late", seed=5)
-        os.rename(staged, hot / "late")  # registered while 2 replicas run
-        model[0] = "base:late"  # the whole load now asks for it: it fills one replica and spills to the other
+        lineage = {"base_model": tiny_model_dir, "base_model_hash": "sha256:t", "dataset_hash": "sha256:d"}
+        assert Registry(registry).publish("late", staged, "lora_adapter", lineage) == 1  # while 2 replicas run
+        model[0] = "base:late"  # the latest version; the whole load asks for it: it fills one replica, spills over
         both = wait_for(lambda: len(served_late) == 2, 180, "both replicas to answer for the new adapter")
         print(f"both replicas served the adapter registered while serving within {both:.0f} s")
         before_kill = list(results)
 
-        # 32 clients for 30 s; one of the two replicas SIGKILLed 10 s in
+        # 32 clients for 20 s; one of the two replicas SIGKILLed 5 s in
         model[0] = "base"
         extra += [threading.Thread(target=load, args=(4,), daemon=True) for _ in range(20)]
         for t in extra:
             t.start()
         window = time.monotonic()
-        time.sleep(10)
+        time.sleep(5)
         alive = replicas()
         assert len(alive) == 2, alive
         victim, pid = next(iter(alive.items()))
         killed = time.monotonic()
         os.kill(pid, signal.SIGKILL)
-        time.sleep(20)
+        time.sleep(15)
         in_window = [r for r in results if r[0] >= window]
         back = wait_for(lambda: replica_count(APP) == 2 and victim not in replicas(), 300,
                         "Serve to replace the killed replica (2 running replicas again, under load)")
@@ -123,7 +124,7 @@ def test_scales_up_serves_new_adapter_on_both_survives_a_replica_kill_then_scale
             t.join(timeout=300)
     assert not any(t.is_alive() for t in threads + extra), "a client hung past its timeout"
     failed = [r for r in in_window if r[2] != 200]
-    print(f"replica kill: {len(in_window)} requests in 30 s by 32 clients, {len(failed)} failed "
+    print(f"replica kill: {len(in_window)} requests in 20 s by 32 clients, {len(failed)} failed "
           f"({100 * len(failed) / max(1, len(in_window)):.2f} %: {sorted({str(r[2]) for r in failed})}), slowest "
           f"{max(r[1] for r in in_window):.1f} s; 2 replicas again {time.monotonic() - killed:.0f} s after the kill "
           f"(waited {back:.0f} s after the window)")
