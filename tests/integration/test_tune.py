@@ -253,9 +253,14 @@ def test_searcher_winner_exported_with_lineage_naming_the_sweep(searcher_sweep):
     best = min(trials, key=lambda t: t["best_eval_loss"])
     assert lineage["winner"]["trial_id"] == best["trial_id"] == manifest["lineage"]["trial"]["id"], lineage
     assert lineage["winner"]["eval_loss"] == best["best_eval_loss"]
+    space, point, lora = searcher_sweep["cfg"].space, best["config"], manifest["config"]["lora"]
     adapter = json.loads((folder / "winner" / "adapter_config.json").read_text())
-    assert adapter["r"] == best["config"]["r"] and adapter["lora_alpha"] == 2 * best["config"]["r"], adapter
-    assert manifest["config"]["train"]["lr"] == pytest.approx(best["config"]["lr"])
+    assert adapter["r"] == lora["r"] == point["r"], (adapter, point)
+    if space.alpha == "ratio":
+        assert adapter["lora_alpha"] == lora["alpha"] == round(space.alpha_ratio * point["r"]), adapter
+    if "target_modules" in point:
+        assert lora["target_modules"] == point["target_modules"], (lora, point)
+    assert manifest["config"]["train"]["lr"] == pytest.approx(point["lr"])
     assert (folder / "winner" / "adapter_model.safetensors").stat().st_size > 1000
 
 
