@@ -5,14 +5,19 @@ Forked, not spawned: a child starts in milliseconds with the parent's imports an
 (what a spawned or Ray worker pays seconds for). Children only run pure Python, the Rust tokenizer and pyarrow
 writes (no Ray calls), write their own numbered output files, and leave through `os._exit` (multiprocessing's fork
 start), so nothing of the driver's Ray client runs in them. Where fork is unavailable, or there is one slice or one
-CPU, the slices run in this process.
+CPU, the slices run in this process. A child that dies (the kernel's OOM killer, a segfault in a native library)
+fails the pass with a DataError that says so: the pool never waits on a process that is gone.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable
+
+from pipelines.schema import DataError
 
 _JOB: tuple[Callable[[int, Any], None], list[Any]] | None = None  # set in the parent just before the fork
 
@@ -52,9 +57,18 @@ def run_slices(fn: Callable[[int, Any], None], items: list[Any], workers: int | 
     _arrow_ready()
     _JOB = (fn, items)
     try:
-        with multiprocessing.get_context("fork").Pool(n) as pool:
-            for _ in pool.imap_unordered(_call, range(len(items))):
-                pass
+        with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork")) as pool:
+            futures = [pool.submit(_call, i) for i in range(len(items))]
+            wait(futures, return_when=FIRST_EXCEPTION)
+            for f in futures:
+                if f.done() and f.exception() is not None:
+                    for other in futures:
+                        other.cancel()
+                    raise f.exception()
+    except BrokenProcessPool:
+        raise DataError(f"a worker process of the local data engine died while running its slices (killed: out of "
+                        f"memory?, or crashed in a native library); {len(items)} slices, {n} processes. Free memory, "
+                        "or set data.engine=ray to run the pass on Ray Data") from None
     finally:
         _JOB = None
     return n

@@ -34,3 +34,20 @@ def test_one_slice_runs_here_and_errors_reach_the_caller(tmp_path):
 
     with pytest.raises(ValueError, match="slice 3 is broken"):
         local_pool.run_slices(bad, list(range(5)), workers=2)
+
+
+def test_a_child_that_dies_fails_the_pass_and_never_hangs(tmp_path):
+    """A forked child killed outright (as the OOM killer does) is a DataError saying so, not a wait forever."""
+    import signal
+
+    from pipelines.schema import DataError
+
+    if "fork" not in __import__("multiprocessing").get_all_start_methods():
+        pytest.skip("no fork on this platform: slices run in this process")
+
+    def dies(i: int, item: int) -> None:
+        if item == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    with pytest.raises(DataError, match="worker process of the local data engine died"):
+        local_pool.run_slices(dies, list(range(6)), workers=2)
