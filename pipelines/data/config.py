@@ -106,6 +106,10 @@ class DataConfig(Section):
     truncation: Literal["reject", "drop_oldest_turns"] = Field("reject", description=(
         "Too-long rows: 'reject' (too_long), or drop the oldest user/assistant exchanges (never the last answer, "
         "never cut mid-turn); every truncation is counted."))
+    max_row_chars: int = Field(4 << 20, ge=1024, description=(
+        "A row whose raw text is longer (characters) is refused as too_long before it is parsed or tokenized: "
+        "one pathological row never costs minutes or gigabytes."))
+    max_turns: int = Field(512, ge=2, description="A conversation with more turns is refused as too_long.")
     max_rejected_fraction: float = Field(0.2, ge=0, le=1, description=(
         "Stop the run when more than this share of rows is broken or fails quality filters (duplicates, "
         "category caps and mixing quota do not count)."))

@@ -61,6 +61,8 @@ class ParseJob:
     max_tokens: int | None = None  # longer rows are refused (too_long); None: the tokenize pass decides
     columns: dict[str, str] = field(default_factory=dict)  # data.columns
     file_formats: dict[int, str] = field(default_factory=dict)  # file id → the format decided for that file
+    max_row_chars: int = 4 << 20  # data.max_row_chars: longer raw rows are refused before parsing
+    max_turns: int = 512  # data.max_turns
 
     @classmethod
     def of(cls, cfg: DataConfig, formats: list[str], n_main: int, model_dir: str | None) -> "ParseJob":
@@ -68,7 +70,8 @@ class ParseJob:
         n_main on are data.mix.path's."""
         return cls(cfg.format, cfg.system_prompt, cfg.filters, cfg.dedup.num_perm, cfg.category_field,
                    tuple(range(n_main, len(formats))), model_dir,
-                   cfg.max_length if cfg.truncation == "reject" else None, cfg.columns, dict(enumerate(formats)))
+                   cfg.max_length if cfg.truncation == "reject" else None, cfg.columns, dict(enumerate(formats)),
+                   max_row_chars=cfg.max_row_chars, max_turns=cfg.max_turns)
 
 
 def parse_batch(batch: dict[str, Any], job: ParseJob) -> pa.Table:
@@ -126,8 +129,12 @@ class ParseRows:
             if error:
                 reason, _, detail = error.partition(": ")
                 raise RowError(reason, detail)
+            if len(raw) > self.job.max_row_chars:
+                raise RowError("too_long", f"{len(raw):,} characters > data.max_row_chars {self.job.max_row_chars:,}")
             row = apply_columns(parse_raw(raw), self.job.columns)
             kind, rec = to_canonical(row, fmt, self.job.system_prompt)
+            if kind == "sft" and len(rec["messages"]) > self.job.max_turns:
+                raise RowError("too_long", f"{len(rec['messages'])} turns > data.max_turns {self.job.max_turns}")
             if not raw.isascii() or "\\u" in raw or self.job.system_prompt:  # else no lone surrogate or U+FFFD
                 check_decodable(rec)
             return kind, normalise_record(kind, rec), row

@@ -244,3 +244,24 @@ def test_the_decide_pass_runs_on_parse_rows_output_without_ray(tmp_path):
     check_accounting(c, 2, 6)
     with pytest.raises(RuntimeError, match="row accounting broke"):
         check_accounting(c, 1, 6)
+
+
+def test_size_caps_refuse_a_row_before_it_is_parsed_or_tokenized(tmp_path):
+    """data.max_row_chars and data.max_turns refuse a pathological row as too_long (before parsing it or running
+    the chat template over it); the rows beside it are kept and the counts add up."""
+    import json
+
+    from pipelines.data.config import DataConfig
+    from pipelines.data.curate_rows import ParseJob, ParseRows
+
+    cfg = DataConfig(train_path=str(tmp_path / "rows.jsonl"), max_row_chars=2048, max_turns=4)
+    many = [{"role": r, "content": "hi"} for _ in range(5) for r in ("user", "assistant")]
+    rows = [json.dumps({"instruction": "Say hi", "output": "hi"}),
+            json.dumps({"instruction": "x" * 5000, "output": "long"}),
+            json.dumps({"messages": many}),
+            json.dumps({"messages": many[:4]})]
+    job = ParseJob.of(cfg, ["auto"], 1, None)
+    out = ParseRows(job)({"raw": rows, "error": [""] * 4, "row_id": list(range(4)), "source": ["rows.jsonl"] * 4,
+                          "line": [1, 2, 3, 4]})
+    assert out["reason"] == ["", "too_long", "too_long", ""], out["detail"]
+    assert "data.max_row_chars 2,048" in out["detail"][1] and "10 turns > data.max_turns 4" in out["detail"][2]
