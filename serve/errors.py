@@ -77,15 +77,33 @@ def error_response(status: int, message: str, *, retry_after: bool = False) -> A
 
 
 def invalid_request_message(errors: list[dict[str, Any]]) -> str:
-    """The 400 message for FastAPI's request validation errors: each field and what is wrong with it."""
-    parts = []
+    """The 400 message for FastAPI's request validation errors: each field and what is wrong with it, once.
+    Field paths name the request's fields only: pydantic's validator steps in them (`function-wrap[...]`) go."""
+    parts: list[str] = []
     for err in errors:
         if err.get("type") == "json_invalid":
-            parts.append(f"request body is not valid JSON ({err.get('ctx', {}).get('error', 'decode error')})")
+            part = f"request body is not valid JSON ({err.get('ctx', {}).get('error', 'decode error')})"
         else:
-            where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
-            parts.append(f"{where}: {err.get('msg')}")
+            where = ".".join(str(x) for x in err.get("loc", ()) if x != "body" and not _validator_step(x)) or "body"
+            part = f"{where}: {err.get('msg')}"
+        if part not in parts:
+            parts.append(part)
     return "; ".join(parts) or "invalid request"
+
+
+def _validator_step(loc: Any) -> bool:
+    """A part of a pydantic error location naming a validator, not a field (e.g. `function-wrap[f()]`)."""
+    return isinstance(loc, str) and loc.startswith(("function-", "function_")) and "[" in loc
+
+
+def client_error(e: BaseException) -> tuple[int, str]:
+    """Status and message of a request vLLM's own request validators refused (a `vllm.exceptions.VLLMClientError`
+    raised while the body was parsed): 404 for a not-found error, else 400, the message naming the parameter
+    first. Read by attribute and class name, so this module needs no vLLM."""
+    status = 404 if any(c.__name__.endswith("NotFoundError") for c in type(e).__mro__) else 400
+    message = str(e.args[0]) if e.args else str(e)
+    parameter = getattr(e, "parameter", None)
+    return status, f"{parameter}: {message}" if parameter and not message.startswith(f"{parameter}:") else message
 
 
 def unservable(ref: str, reason: Any) -> str:

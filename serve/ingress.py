@@ -37,6 +37,7 @@ from serve.errors import (
     APIError,
     BadAdapterName,
     adapter_error,
+    client_error,
     engine_error_status,
     engine_outage,
     error_response,
@@ -75,13 +76,21 @@ ENDPOINTS = {
 
 
 def fastapi_app() -> FastAPI:
-    """Ray's ingress app (request ids, CORS, HTTP metrics) with OpenAI-shaped 4xx bodies for bad requests."""
+    """Ray's ingress app (request ids, CORS, HTTP metrics) with OpenAI-shaped 4xx bodies for bad requests: those
+    FastAPI's validation refuses and those vLLM's own request validators refuse while the body is parsed (e.g.
+    `top_logprobs` without `logprobs`), each message naming the parameter."""
+    from vllm.exceptions import VLLMClientError
+
     app = init()
 
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
         return error_response(400, invalid_request_message(e.errors()))
 
+    async def refused(_: Request, e: VLLMClientError) -> JSONResponse:
+        return error_response(*client_error(e))
+
     app.add_exception_handler(RequestValidationError, invalid)  # replaces Ray's, whose body has no numeric code
+    app.add_exception_handler(VLLMClientError, refused)  # else Ray's middleware wraps the message three times
     return app
 
 

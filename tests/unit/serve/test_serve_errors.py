@@ -20,6 +20,7 @@ from serve.errors import (
     BadAdapterName,
     ServeInputError,
     adapter_error,
+    client_error,
     engine_error_status,
     engine_outage,
     engine_restarting,
@@ -70,6 +71,31 @@ def test_engine_body_codes_and_validation_messages():
                                     {"type": "int_parsing", "loc": ("body",), "msg": "bad"}]) == (
         "prompt: Field required; body: bad")
     assert invalid_request_message([]) == "invalid request"
+    wrapped = ("body", "response_format", "function-wrap[__log_extra_fields__()]", "type")
+    # pydantic's validator step dropped from the path, a repeated error said once
+    twice = [{"type": "literal_error", "loc": wrapped, "msg": "Input should be 'text'"}] * 2
+    assert invalid_request_message(twice) == "response_format.type: Input should be 'text'"
+
+
+def test_vllm_request_validator_refusals_name_the_parameter():
+    """vLLM's validators raise VLLMClientError subclasses carrying `parameter` (read by attribute: no vLLM here)."""
+
+    class VLLMValidationError(Exception):
+        def __init__(self, message: str, parameter: str | None = None):
+            super().__init__(message)
+            self.parameter = parameter
+
+        def __str__(self) -> str:  # vLLM's appends "(parameter=..., value=...)"
+            return f"{self.args[0]} (parameter={self.parameter})"
+
+    class VLLMNotFoundError(Exception):
+        pass
+
+    assert client_error(VLLMValidationError("when using `top_logprobs`, `logprobs` must be set to true.",
+                                            "top_logprobs")) == (
+        400, "top_logprobs: when using `top_logprobs`, `logprobs` must be set to true.")
+    assert client_error(VLLMValidationError("n must be at least 1")) == (400, "n must be at least 1")
+    assert client_error(VLLMNotFoundError("no such thing")) == (404, "no such thing")
 
 
 def test_serve_input_errors_are_user_errors():
