@@ -183,6 +183,133 @@ def test_streaming_chat_equals_non_streaming(client):
     assert text[-1].usage.total_tokens == whole.usage.total_tokens  # the usage-only chunk comes last
 
 
+# OpenAI request features on the base and on an adapter: each passes through to vLLM and is checked here.
+FEATURE_MODELS = ("base", "base:alpha")
+CITY_SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Lyon"]},
+                                                "capital": {"type": "boolean"}},
+               "required": ["city", "capital"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def no_whitespace(tiny_model_dir) -> dict[str, int]:
+    """A logit_bias banning every token with whitespace in it. JSON allows whitespace between any two tokens, and a
+    random model left free idles there until max_tokens: without it the JSON never closes."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    return {str(i): -100 for i in range(len(tok)) if any(ch.isspace() for ch in tok.decode([i]))}
+
+
+def test_response_format_json_schema_and_json_object(client, tiny_model_dir, no_whitespace):
+    """Structured outputs (vLLM's xgrammar backend on CPU): every answer parses and satisfies the schema, greedy
+    and sampled, on the base and on an adapter; json_object turns what would be `}}}}` into a JSON object."""
+    import jsonschema
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    braces = {str(tok.convert_tokens_to_ids(b)): 100 for b in "{}"}  # the model wants braces, any order
+    schema = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY_SCHEMA, "strict": True}}
+    for model in FEATURE_MODELS:
+        greedy = client.chat.completions.create(model=model, messages=CHAT, max_tokens=32, temperature=0,
+                                                response_format=schema, logit_bias=no_whitespace)
+        sampled = client.chat.completions.create(model=model, messages=CHAT, max_tokens=32, temperature=1, n=2,
+                                                 seed=3, response_format=schema, logit_bias=no_whitespace)
+        for choice in greedy.choices + sampled.choices:
+            assert choice.finish_reason == "stop", (model, choice)
+            jsonschema.validate(json.loads(choice.message.content), CITY_SCHEMA)
+        free = client.chat.completions.create(model=model, messages=CHAT, max_tokens=8, temperature=0,
+                                              logit_bias={**no_whitespace, **braces})
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(free.choices[0].message.content)
+        obj = client.chat.completions.create(model=model, messages=CHAT, max_tokens=8, temperature=0,
+                                             response_format={"type": "json_object"},
+                                             logit_bias={**no_whitespace, **braces})
+        assert json.loads(obj.choices[0].message.content) == {} and obj.choices[0].finish_reason == "stop"
+
+
+def test_chat_logprobs_and_top_logprobs(client):
+    """Each generated token has its log-prob and the requested number of alternatives, best first (greedy: the
+    chosen token is the best); the adapter changes the numbers."""
+    got = {}
+    for model in FEATURE_MODELS:
+        r = client.chat.completions.create(model=model, messages=CHAT, max_tokens=4, temperature=0, logprobs=True,
+                                           top_logprobs=3)
+        content = r.choices[0].logprobs.content
+        assert len(content) == r.usage.completion_tokens == 4
+        for t in content:
+            top = [a.logprob for a in t.top_logprobs]
+            assert len(top) == 3 and top == sorted(top, reverse=True) and all(v <= 0 for v in top)
+            assert (t.token, t.logprob) == (t.top_logprobs[0].token, t.top_logprobs[0].logprob)
+        got[model] = [t.logprob for t in content]
+    assert got["base"] != got["base:alpha"]
+
+
+def test_n_choices_and_same_seed_same_answer(client):
+    """n=3 sampled choices; the same seed gives the same choices again, even batched with other requests; another
+    seed gives others. Seeded sampling runs with the adapter applied (its log-probs differ from the base's)."""
+    def ask(model: str, seed: int):
+        return client.chat.completions.create(model=model, messages=CHAT, max_tokens=6, temperature=1, n=3, seed=seed,
+                                              logprobs=True)
+
+    logprobs = {}
+    for model in FEATURE_MODELS:
+        first = ask(model, 11)
+        assert [c.index for c in first.choices] == [0, 1, 2]
+        texts = [c.message.content for c in first.choices]
+        assert len(set(texts)) > 1, texts  # n samples, not one answer three times
+        assert 3 <= first.usage.completion_tokens <= 18
+        with ThreadPoolExecutor(3) as pool:  # the repeat shares its batch with unseeded requests
+            others = [pool.submit(client.chat.completions.create, model=model, messages=CHAT, max_tokens=6,
+                                  temperature=1) for _ in range(2)]
+            again = ask(model, 11)
+            assert all(f.result().choices for f in others)
+        assert [c.message.content for c in again.choices] == texts
+        assert [c.message.content for c in ask(model, 12).choices] != texts
+        logprobs[model] = [t.logprob for c in first.choices for t in c.logprobs.content]
+    assert logprobs["base"] != logprobs["base:alpha"]
+
+
+def test_stop_ends_the_answer_before_the_stop_string(client):
+    """A stop string from the middle of a (seeded) answer: the same request with it stops right before it."""
+    for model in FEATURE_MODELS:
+        def ask(**kw):
+            return client.chat.completions.create(model=model, messages=CHAT, max_tokens=12, temperature=1, seed=5,
+                                                  **kw).choices[0]
+
+        full = ask().message.content
+        at = next(i for i in range(len(full) // 3, len(full) - 3)
+                  if full[i:i + 3].isprintable() and "\ufffd" not in full[i:i + 3] and full.find(full[i:i + 3]) == i)
+        stop = full[at:at + 3]
+        stopped = ask(stop=[stop, "never-in-this-answer"])
+        assert (stopped.message.content, stopped.finish_reason) == (full[:at], "stop"), (model, full, stop)
+
+
+def test_openai_parameter_refusals_are_400s_naming_the_parameter(client, server):
+    """Out-of-range or inconsistent feature parameters are 400s naming the parameter, never a 500, on the base and
+    on an adapter; the engine keeps serving."""
+    import httpx
+    import openai
+
+    cases = [({"top_logprobs": 3}, "top_logprobs: when using `top_logprobs`, `logprobs` must be set to true"),
+             ({"logprobs": True, "top_logprobs": 21}, "greater than max allowed: 20 .parameter=logprobs"),
+             ({"extra_body": {"prompt_logprobs": 21}}, "parameter=prompt_logprobs"),
+             ({"n": 0}, "n must be at least 1"),
+             ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+             ({"response_format": {"type": "yaml"}}, "response_format.type: Input should be 'text', 'json_object'"),
+             ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}},
+              "Grammar error: Invalid type: foo")]
+    for model in FEATURE_MODELS:
+        for kwargs, message in cases:
+            with pytest.raises(openai.BadRequestError, match=message) as e:
+                client.chat.completions.create(model=model, messages=CHAT, max_tokens=2, **kwargs)
+            assert e.value.status_code == 400 and e.value.body["type"] == "invalid_request_error", (kwargs, e.value)
+    r = httpx.post(f"{server}/completions", json={"model": "alpha", "prompt": PROMPT, "prompt_logprobs": -5},
+                   headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert (r.status_code, r.json()["error"]["message"]) == (
+        400, "prompt_logprobs: `prompt_logprobs` must be a positive value or -1.")
+    assert complete(client, "alpha") and complete(client, "base")
+
+
 def test_base_is_not_polluted_by_concurrent_adapter_requests(client):
     """vLLM bug (vllm-project/vllm#48421): with every LoRA slot full, a base request batched with adapters gets
     one."""
