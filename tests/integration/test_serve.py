@@ -91,6 +91,13 @@ def complete(client, model: str, prompt: str = PROMPT, max_tokens: int = 8) -> s
     return client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0).choices[0].text
 
 
+def completion_ids(client, model: str, max_tokens: int = 8) -> list[int]:
+    """The greedy completion's token ids (vLLM's `return_token_ids`), for models whose text may be undecodable."""
+    r = client.completions.create(model=model, prompt=PROMPT, max_tokens=max_tokens, temperature=0,
+                                  extra_body={"return_token_ids": True})
+    return r.choices[0].model_extra["token_ids"]
+
+
 def chat(client, model: str, max_tokens: int = 8) -> str:
     r = client.chat.completions.create(model=model, messages=CHAT, max_tokens=max_tokens, temperature=0)
     return r.choices[0].message.content
@@ -229,7 +236,8 @@ def test_response_format_json_schema_and_json_object(client, tiny_model_dir, no_
 
 def test_chat_logprobs_and_top_logprobs(client):
     """Each generated token has its log-prob and the requested number of alternatives, best first (greedy: the
-    chosen token is the best); the adapter changes the numbers."""
+    chosen token is the best); the adapter changes the numbers. Prompt log-probs of requests batched together on
+    the base and on adapters are each answered, the engine alive."""
     got = {}
     for model in FEATURE_MODELS:
         r = client.chat.completions.create(model=model, messages=CHAT, max_tokens=4, temperature=0, logprobs=True,
@@ -242,6 +250,20 @@ def test_chat_logprobs_and_top_logprobs(client):
             assert (t.token, t.logprob) == (t.top_logprobs[0].token, t.top_logprobs[0].logprob)
         got[model] = [t.logprob for t in content]
     assert got["base"] != got["base:alpha"]
+
+    def prompt_logprobs(model: str) -> list:
+        r = client.chat.completions.create(model=model, messages=CHAT, max_tokens=1, extra_body={"prompt_logprobs": 2})
+        return r.model_extra["prompt_logprobs"]
+
+    models = ["base", "base:alpha", "base:beta", "base"]
+    with ThreadPoolExecutor(len(models)) as pool:  # several prompt-logprob passes in one batch, across adapters
+        prompts = list(pool.map(prompt_logprobs, models))
+    for prompt in prompts:  # each prompt token: its own log-prob and the 2 best (3 entries, or 2 when it is one)
+        assert prompt[0] is None and all(len(p) in (2, 3) for p in prompt[1:]), prompt[:3]
+    flat = [[(t, v["logprob"]) for p in prompt[1:] for t, v in sorted(p.items())] for prompt in prompts]
+    assert [t for t, _ in flat[0]] == [t for t, _ in flat[3]]  # the base twice: the same numbers
+    assert max(abs(a[1] - b[1]) for a, b in zip(flat[0], flat[3])) < 1e-4
+    assert flat[0] != flat[1] and flat[1] != flat[2]  # base, alpha and beta score the prompt differently
 
 
 def test_n_choices_and_same_seed_same_answer(client):
@@ -363,23 +385,24 @@ def test_ab_split_is_sticky_and_names_the_served_version(client):
 
 
 def test_adapter_registered_while_serving_is_served_and_lru_evicts(client, tiny_model_dir, hot_dir, tmp_path):
-    before = {m: complete(client, m) for m in ("base", "alpha", "beta")}
+    # Token ids, not text: a random adapter may emit only partial UTF-8 bytes, which render as "".
+    before = {m: completion_ids(client, m) for m in ("base", "alpha", "beta")}
     with pytest.raises(Exception, match="does not exist"):
         complete(client, "gamma")
     staged = make_adapter(tiny_model_dir, tmp_path / "gamma", seed=3)
     t0 = time.monotonic()
     os.rename(staged, hot_dir / "gamma")  # atomic: the app never sees half a folder
-    gamma = complete(client, "base:gamma")
+    gamma = completion_ids(client, "base:gamma")
     print(f"\nregistered -> first answer: {time.monotonic() - t0:.2f} s")
-    assert gamma and gamma not in before.values()
+    assert len(gamma) == 8 and gamma not in before.values()
     assert "base:gamma" in {m.id for m in client.models.list().data}
     shutil.copytree(hot_dir / "gamma", tmp_path / "delta-staged")  # same weights, a fourth name
     os.rename(tmp_path / "delta-staged", hot_dir / "delta")
     with ThreadPoolExecutor(8) as pool:  # concurrent first requests: one load, every request answered
-        assert list(pool.map(lambda _: complete(client, "delta"), range(8))) == [gamma] * 8
+        assert list(pool.map(lambda _: completion_ids(client, "delta"), range(8))) == [gamma] * 8
     # 4 adapters through a cache of 3: one was unloaded and must reload with the same outputs
-    assert {m: complete(client, m) for m in before} == before
-    assert complete(client, "gamma") == gamma
+    assert {m: completion_ids(client, m) for m in before} == before
+    assert completion_ids(client, "gamma") == gamma
 
 
 def test_registry_versions_and_aliases_are_served_as_published(client, adapters, registry_dir, tiny_model_dir):
