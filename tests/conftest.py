@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_DATA = REPO.parent / "shared" / "data"  # only the files that may not be copied here (see `shared_data`)
+REPO_DATA = REPO / "tests" / "data"  # MIT / Apache-2.0 samples of ../shared/data (see `repo_data`)
 DEMO = REPO / "pipelines" / "demo" / "city_date.jsonl"
 
 # vLLM binds its internal queues to the machine's external address unless told otherwise; tests stay local.
@@ -103,11 +104,14 @@ def tiny_graph_config(name: str, folder: Path, model_dir: str, output_dir: str, 
 
 
 def require_shared_data(*parts: str) -> Path:
-    """`../shared/data/<parts>`, or, when it is missing: a loud failure under CI=true, a skip elsewhere."""
+    """`../shared/data/<parts>`, or, when it is missing: a loud failure under CI=true, a skip elsewhere. Only for
+    the files whose licences keep them out of the repository (Alpaca: CC BY-NC 4.0, Dolly: CC BY-SA 3.0, the WMT17
+    data: research use); the MIT / Apache-2.0 ones the tests read are sampled into tests/data (`repo_data`)."""
     path = SHARED_DATA.joinpath(*parts)
     if path.exists():
         return path
-    why = f"{path} is not here (the project's shared data sits beside the checkout, in ../shared/data)"
+    why = (f"{path} is not here (the project's shared data sits beside the checkout, in ../shared/data; it holds "
+           "the Alpaca, Dolly and WMT17 files, whose licences keep them out of the repository)")
     if os.environ.get("CI", "").strip().lower() in ("true", "1"):
         pytest.fail(f"SHARED DATA MISSING under CI=true: {why}. CI must provide it; these tests do not skip "
                     "in CI.", pytrace=False)
@@ -115,14 +119,26 @@ def require_shared_data(*parts: str) -> Path:
 
 
 @pytest.fixture(scope="session")
+def repo_data() -> Path:
+    """tests/data: first-rows samples of the MIT / Apache-2.0 files of ../shared/data, under the same sub-paths, with
+    their licences and sources (tests/data/README.md, made by tests/data/make_samples.py). A test that reads only
+    these uses this fixture and never skips: it needs nothing outside the repository."""
+    return REPO_DATA
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """Every test that reads ../shared/data gets it here (see require_shared_data)."""
+    """../shared/data, for the tests that read what may never be copied into the repository: the Alpaca
+    (sft/alpaca_5000.json, CC BY-NC 4.0) and Dolly (sft/dolly_151_alpaca.jsonl, CC BY-SA 3.0) files and the WMT17
+    systems (metrics/sacrebleu/, WMT research use). Without it they skip, or fail under CI=true
+    (require_shared_data). Permissive files come from `repo_data` instead."""
     return require_shared_data()
 
 
 @pytest.fixture(scope="session")
 def wmt17(shared_data):
-    """The WMT17 en-de systems and the corpus scores sacrebleu 2.6.0 recorded for them."""
+    """The WMT17 en-de systems and the corpus scores sacrebleu 2.6.0 recorded for them: from ../shared/data only
+    (WMT data is for research use and is never copied into the repository)."""
     import gzip
     import json
 

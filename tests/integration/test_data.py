@@ -45,6 +45,8 @@ def _edit(text: str, rng: random.Random) -> str:
 
 @pytest.fixture(scope="module")
 def corpus(shared_data, tmp_path_factory):
+    """Real Alpaca and GSM8K rows plus faults and twins. Needs ../shared/data: Alpaca's licence (CC BY-NC 4.0) keeps
+    it out of the repository."""
     root = tmp_path_factory.mktemp("curate")
     src = root / "in"
     src.mkdir()
@@ -239,17 +241,16 @@ def test_tokenized_labels_only_on_assistant_tokens(ray_session, tmp_path, tiny_m
         assert sorted(t for r in prow for t in r["input_ids"]) == sorted(t for r in rows for t in r["input_ids"])
 
 
-def test_self_instruct_seed_tasks_with_column_mapping_and_gzip(ray_session, tmp_path, tiny_model_dir):
+def test_self_instruct_seed_tasks_with_column_mapping_and_gzip(ray_session, tmp_path, tiny_model_dir, repo_data):
     """The self-instruct seed tasks (instruction + a list of instances), as distributed nobody here wrote them,
     gzipped: without data.columns every row is rejected naming the missing field; with `input`/`output` mapped
-    to instances[0] they are curated, and the counts add up."""
+    to instances[0] they are curated, and the counts add up. The file (Apache-2.0) is in tests/data: never skips."""
     import gzip
 
     from pipelines.data import curate
     from pipelines.schema import DataError
-    from tests.conftest import require_shared_data
 
-    seed = require_shared_data("sft", "alpaca_seed_tasks.jsonl")
+    seed = repo_data / "sft" / "alpaca_seed_tasks.jsonl"
     rows = seed.read_text().splitlines()
     src = tmp_path / "seed_tasks.jsonl.gz"
     with gzip.open(src, "wt") as fh:
@@ -271,7 +272,8 @@ def test_curate_cli_balances_by_category_and_mixes_at_the_declared_share(ray_ses
     capped at 120 rows per source, plus the real Dolly file mixed in at a 0.25 share: the capped source keeps
     exactly the cap and only it loses rows to the cap; the mixed rows are round(share / (1 - share) × main rows
     kept), fewer than Dolly offers (the quota binds); every input line is in exactly one split or in rejected/,
-    and the manifest's and the report's counts add up to the rows read."""
+    and the manifest's and the report's counts add up to the rows read. Needs ../shared/data: the Alpaca
+    (CC BY-NC 4.0) and Dolly (CC BY-SA 3.0) files may not be copied into the repository."""
     import yaml
     from typer.testing import CliRunner
 

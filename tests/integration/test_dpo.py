@@ -37,10 +37,10 @@ def sft_adapter(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def dpo_run(ray_session, tiny_model_dir, sft_adapter, shared_data, tmp_path_factory, s3):
+def dpo_run(ray_session, tiny_model_dir, sft_adapter, repo_data, tmp_path_factory, s3):
     """The run as a run in an object store has it (a real S3 API, moto): the reference actors and the workers
     copy the SFT adapter from the store to their node, and the workers read the prepared pairs there (no node
-    but the driver's has its folders)."""
+    but the driver's has its folders). The pairs: tests/data's first 100 (Apache-2.0), of which max_pairs takes 64."""
     from pipelines.artifacts import storage
     from pipelines.artifacts.location import Location
     from pipelines.artifacts.manifest import hash_path
@@ -48,7 +48,7 @@ def dpo_run(ray_session, tiny_model_dir, sft_adapter, shared_data, tmp_path_fact
     from pipelines.train.config import TrainSection, TrainSetup
     from tests.conftest import BUCKET
 
-    cfg = dpo.DPOSection(train_path=str(shared_data / "preference" / "qa_feedback_pairs.jsonl"), beta=0.1,
+    cfg = dpo.DPOSection(train_path=str(repo_data / "preference" / "qa_feedback_pairs.jsonl"), beta=0.1,
                          max_length=1024, max_pairs=64, validation_fraction=0.15)
     root = tmp_path_factory.mktemp("dpo")
     sft_hash = hash_path(sft_adapter)
@@ -152,7 +152,7 @@ def test_loss_matches_trl(tiny_model_dir):
         assert abs(float(pol[0] - ref[0])) > 1e-4  # the adapter really differs from the reference
 
 
-def test_pairs_in_any_file_type_with_column_mapping(ray_session, tiny_model_dir, sft_adapter, shared_data,
+def test_pairs_in_any_file_type_with_column_mapping(ray_session, tiny_model_dir, sft_adapter, repo_data,
                                                    tmp_path):
     """dpo.train_path goes through the data stage's readers: a gzip'd JSONL whose fields are named otherwise,
     mapped by dpo.columns; a broken line and a row without the mapped field are refused with source and line,
@@ -164,7 +164,7 @@ def test_pairs_in_any_file_type_with_column_mapping(ray_session, tiny_model_dir,
     from pipelines.train import dpo
     from pipelines.train.config import TrainSetup
 
-    src = shared_data / "preference" / "qa_feedback_pairs.jsonl"
+    src = repo_data / "preference" / "qa_feedback_pairs.jsonl"
     rows = [json.loads(line) for line in src.read_text().splitlines()[:12]]
     plain = tmp_path / "plain.jsonl"
     plain.write_text("".join(json.dumps(r) + "\n" for r in rows))

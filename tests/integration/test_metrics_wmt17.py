@@ -3,6 +3,8 @@
     .venv/bin/pytest tests/integration/test_metrics_wmt17.py -q     # about 60 s: sacrebleu on 16 x 3,004 segments
 
 No Ray here; it is in integration only because it is slow (TER alone is ~13 s per system on this CPU).
+Needs ../shared/data/metrics/sacrebleu/ (the `wmt17` fixture: skips without it, fails under CI=true): the WMT data
+is for research use and is never copied into the repository.
 """
 
 from __future__ import annotations

@@ -191,11 +191,11 @@ def test_stage_name_checker_sees_a_name_string():
 
 def test_unit_tests_are_laid_out_like_the_wings():
     """tests/unit/<wing>/ holds a wing's or package's tests; the house-wide ones (layout, locks, fallbacks, user
-    errors) stay at the top."""
+    errors, the repository's test data) stay at the top."""
     folders = {p.parent.name for p in (ROOT / "tests" / "unit").rglob("test_*.py")} - {"unit"}
     assert folders <= set(WINGS) | set(PACKAGES), folders
     top = {p.stem for p in (ROOT / "tests" / "unit").glob("test_*.py")}
-    assert top <= {"test_layout", "test_locks", "test_fallbacks", "test_user_errors"}, top
+    assert top <= {"test_layout", "test_locks", "test_fallbacks", "test_user_errors", "test_repo_data"}, top
 
 
 def _unresolved_imports(path: Path) -> list[str]:

@@ -111,7 +111,8 @@ def test_tokenizer_hash_covers_the_tokenizer_files_not_the_weights(tmp_path):
 def test_one_encode_labels_equal_the_prefix_encodes(tokenizer, shared_data):
     """encode_conversations encodes each conversation once and finds the answers by character offsets; on real
     rows (Alpaca, Dolly, GSM8K) and on multi-turn ones with leading spaces and newlines it gives the ids and
-    labels that encoding every prefix rendering and comparing tokens gives (the way it replaced)."""
+    labels that encoding every prefix rendering and comparing tokens gives (the way it replaced). Needs
+    ../shared/data: the Alpaca (CC BY-NC 4.0) and Dolly (CC BY-SA 3.0) rows may not be copied into the repository."""
     from pipelines.data import chat
 
     convs = []
