@@ -24,7 +24,7 @@ from pipelines.eval.evaluate import EvalSection
 from pipelines.eval.gate import GateSection
 from pipelines.export.merge import MergeSection
 from pipelines.export.quantize import QuantizeSection
-from pipelines.schema import ConfigError, DataError, MissingInput, Section
+from pipelines.schema import ConfigError, DataError, MissingInput, Section, redact
 from pipelines.train.config import DPOSection, LoraSection, QuantSection, TrainSection, check_combination
 from serve.config import ServeConfig, lora_ranks
 from tune.space import TuneSection
@@ -175,7 +175,9 @@ def _blank(path: str) -> bool:
 
 
 def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` overrides (values parsed as YAML: numbers, booleans, lists) to a config dict."""
+    """Apply `a.b.c=value` overrides (values parsed as YAML: numbers, booleans, lists) to a config dict. An empty
+    value resets the key (None), except for a secret (serve.api_key=): that stays "", which validation refuses, so
+    `serve.api_key=$UNSET_VAR` is an error, not an endpoint without a key."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
@@ -187,7 +189,8 @@ def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        secret = redact({parts[-1]: "x"})[parts[-1]] != "x"
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ("" if secret else None)
     return doc
 
 
@@ -264,10 +267,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except ValidationError as e:
         lines = [f"{source}: {'.'.join(str(x) for x in err['loc']) or '(run config)'}: "
                  f"{err['msg'].removeprefix('Value error, ')}"
-                 + (f" (got {err['input']!r})" if err["type"] != "extra_forbidden" and "input" in err
+                 + (f" (got {_shown(err)!r})" if err["type"] != "extra_forbidden" and "input" in err
                     and not isinstance(err["input"], dict) else "")
                  for err in e.errors()]
         raise ConfigError("\n".join(lines)) from None
+
+
+def _shown(err: Any) -> Any:
+    """The refused value as an error message may show it: a secret's (serve.api_key's) is '***' unless empty."""
+    key = str(err["loc"][-1]) if err.get("loc") else ""
+    return redact({key: err["input"]})[key]
 
 
 def json_schema() -> str:

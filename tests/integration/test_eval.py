@@ -59,7 +59,10 @@ def _not_in_the_driver(*args, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def evaluated(ray_session, tiny_model_dir, shared_data, tmp_path_factory):
+def evaluated(ray_session, tiny_model_dir, repo_data, tmp_path_factory):
+    """The forgetting checks read tests/data (never skips): MMLU marketing's first 8 questions (MIT) and, as held-out
+    general text, 8 GSM8K answers (MIT; any text the adapter was not trained on serves: the checks are NLL > 0 and
+    the zero adapter's delta 0)."""
     from pipelines.eval.evaluate import EvalSection, run
 
     root = tmp_path_factory.mktemp("eval")
@@ -71,9 +74,9 @@ def evaluated(ray_session, tiny_model_dir, shared_data, tmp_path_factory):
     tuned = train_adapter(tiny_model_dir, rows[:300], root / "tuned", steps=50, data_file=train_file)
     zero = train_adapter(tiny_model_dir, rows[:300], root / "zero", steps=0, data_file=train_file)  # B = 0
     cfg = EvalSection(test_path=str(test_file), max_samples=16, few_shot_k=3, backend="hf", batch_size=32,
-                      max_new_tokens=24, mmlu_dir=str(shared_data / "benchmark" / "mmlu"),
+                      max_new_tokens=24, mmlu_dir=str(repo_data / "benchmark" / "mmlu"),
                       mmlu_subjects=["marketing"], mmlu_per_subject=8,
-                      general_text_path=str(shared_data / "sft" / "alpaca_5000.json"), general_max_samples=8)
+                      general_text_path=str(repo_data / "sft" / "gsm8k_train_alpaca.json"), general_max_samples=8)
     with pytest.MonkeyPatch.context() as mp:  # the driver never loads the model: actors do, in their processes
         for module in ("pipelines.eval.generate", "pipelines.eval.evaluate"):
             mp.setattr(f"{module}.load_with_adapters", _not_in_the_driver)

@@ -112,9 +112,10 @@ def test_engine_auto_without_a_cluster_or_for_small_inputs_is_local(tmp_path, mo
     assert pick_engine(DataConfig(train_path=str(src), engine="ray"), [str(src)]) == "ray"
 
 
-def test_symbol_ratio_fast_ascii_path_equals_the_character_rule(shared_data):
+def test_symbol_ratio_fast_ascii_path_equals_the_character_rule(repo_data):
     """symbol_ratio counts ASCII text with bytes.translate; the result is the per-character rule's, on every
-    printable and control ASCII character and on the shared Alpaca rows."""
+    printable and control ASCII character and on 500 real GSM8K rows (math symbols; 48 of them not ASCII) and the
+    175 self-instruct seed tasks, from tests/data (MIT, Apache-2.0: never skips)."""
     import json
     import string
 
@@ -125,7 +126,10 @@ def test_symbol_ratio_fast_ascii_path_equals_the_character_rule(shared_data):
         return sum(1 for c in chars if not c.isalnum() and c not in ".,;:!?'\"()-") / len(chars) if chars else 0.0
 
     texts = ["", "   \n\t", string.printable, "".join(map(chr, range(128))), "a_b#c$d", "x\x1cy\x0bz", "ünïcode ✓ ok"]
-    texts += [" ".join(r.values()) for r in json.loads((shared_data / "sft" / "alpaca_5000.json").read_text())[:500]]
+    texts += [" ".join(r.values()) for r in json.loads((repo_data / "sft" / "gsm8k_train_alpaca.json").read_text())]
+    seeds = [json.loads(line) for line in (repo_data / "sft" / "alpaca_seed_tasks.jsonl").read_text().splitlines()]
+    texts += [" ".join([s["instruction"], *(v for i in s["instances"] for v in i.values())]) for s in seeds]
+    assert len(texts) > 600
     assert all(symbol_ratio(t) == rule(t) for t in texts)
 
 
