@@ -166,7 +166,7 @@ def build_app(cfg: ServeConfig, base_model: str, adapters: dict[str, str],
     llm = llm_config(cfg, base, gpu=gpu)
     server = build_llm_deployment(llm, name_prefix=f"{SERVER}:", deployment_cls=LoRAServer,
                                   bind_kwargs={"cfg": cfg, "source": source, "base_model": base})
-    ingress = make_fastapi_ingress(LoRAIngress, endpoint_map=ENDPOINTS, app=fastapi_app())
+    ingress = make_fastapi_ingress(LoRAIngress, endpoint_map=ENDPOINTS, app=fastapi_app(cfg))
     # The ingress holds no model: 0 CPUs, like Ray's own request router, so it never competes with engines.
     return serve.deployment(ingress, name="LoRAIngress", max_ongoing_requests=1000,
                             ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": SERVE_REPLICA_ENV}}).bind(
@@ -179,6 +179,9 @@ def start(cfg: ServeConfig, base_model: str, adapters: dict[str, str], *, name: 
     """Run the app on the running Ray cluster and return its OpenAI base URL once GET /health answers 200.
     `probe_host`: where this process reaches the HTTP proxy (a remote head's address); default cfg.host."""
     application = build_app(cfg, base_model, adapters, source)
+    if cfg.api_key is None and cfg.allow_unauthenticated:
+        log.warning("loraforge: serving WITHOUT an API key on %s:%d (serve.allow_unauthenticated=true): anyone who "
+                    "can connect may use every model", cfg.host, cfg.port)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     # serve.run waits for the replicas without a time limit; a thread lets startup_timeout_s bound it.
     failure: list[BaseException] = []

@@ -5,6 +5,7 @@ Pure pydantic: importing this module pulls in neither Ray nor vLLM, so the CLI a
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -31,6 +32,42 @@ def tp_on_cpu(size: int) -> str:
             "serve.num_replicas / serve.autoscaling for more CPU throughput")
 
 
+# Names: the whole string, `\Z` (never `$`, which also matches before a trailing newline).
+MODEL_ALIAS = re.compile(r"\A[^:\s]+\Z")
+ORIGIN = re.compile(r"\Ahttps?://[A-Za-z0-9.-]+(:[0-9]{1,5})?\Z")
+
+
+def loopback(host: str) -> bool:
+    """Whether `host` binds only this machine's loopback (127.0.0.0/8, ::1, localhost): nobody else can connect."""
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+def open_endpoint(host: str) -> str:
+    """The refusal of a keyless endpoint that other machines can reach (here at config time)."""
+    return (f"serve.host={host} is reachable from other machines and serve.api_key is unset: anyone who can connect "
+            "could use the models; set serve.api_key (clients send 'Authorization: Bearer <key>'), or set "
+            "serve.allow_unauthenticated=true if that is the point")
+
+
+class LimitsConfig(Section):
+    """Caps on one request, checked by the ingress before an engine sees it: over a cap is a 400 naming the cap and
+    its key (a body over max_body_bytes is a 413), so one caller cannot hold an engine for minutes."""
+
+    max_body_bytes: int = Field(4 * 2**20, ge=1024, description="Largest request body in bytes (413 above it).")
+    max_n: int = Field(8, ge=1, description="Most choices per request (`n`).")
+    max_prompts: int = Field(32, ge=1, description="Most prompts in one /v1/completions request (a prompt list).")
+    max_messages: int = Field(256, ge=1, description="Most messages in one /v1/chat/completions request.")
+    max_tokens: int | None = Field(None, ge=1, description=(
+        "Largest max_tokens / max_completion_tokens a request may ask for; default (and at most) "
+        "serve.max_model_len."))
+    max_logprobs: int = Field(20, ge=0, description=(
+        "Largest logprobs (completions), top_logprobs (chat) and prompt_logprobs; -1 (the whole vocabulary) is "
+        "refused."))
+    max_concurrent_per_key: int | None = Field(None, ge=1, description=(
+        "Requests one API key (without a key: one client address) may have in flight per ingress replica; more "
+        "are answered 429 with Retry-After. Off by default."))
+
+
 class AutoscalingConfig(Section):
     """Ray Serve autoscaling on ongoing requests per replica; each replica is one whole vLLM engine."""
 
@@ -53,11 +90,13 @@ class AutoscalingConfig(Section):
 class ServeConfig(Section):
     """One Ray Serve application: one base model plus LoRA adapters behind an OpenAI-compatible API."""
 
-    host: str = Field("127.0.0.1", description="Address the Serve HTTP proxy binds to.")
+    host: str = Field("127.0.0.1", description=(
+        "Address the Serve HTTP proxy binds to; any address but loopback needs serve.api_key (or "
+        "serve.allow_unauthenticated)."))
     port: int = Field(8000, ge=1, le=65535, description="Port the Serve HTTP proxy listens on.")
     accelerator: Literal["auto", "cpu", "gpu"] = Field("auto", description=(
         "Engine replicas on GPUs (one each) or CPUs; auto: GPUs when the cluster has any when the app is built."))
-    model_alias: str = Field("base", pattern=r"^[^:\s]+$", description=(
+    model_alias: str = Field("base", description=(
         "Name the base model answers to; adapters are addressed as '<model_alias>:<adapter>' or '<adapter>'."))
     max_loras: int = Field(4, ge=1, description=(
         "Distinct adapters in flight at once per replica; the engine gets one slot more, to dodge vLLM's "
@@ -84,7 +123,17 @@ class ServeConfig(Section):
         "Requests one engine replica takes at once; Serve queues the rest. Requests for an adapter go to the "
         "replicas that hold it until those are this full, then spill to another replica, which loads it."))
     api_key: str | None = Field(None, description=(
-        "When set, /v1 requests need 'Authorization: Bearer <api_key>' (401 otherwise); /health stays open."))
+        "When set, /v1 requests, /docs and /openapi.json need 'Authorization: Bearer <api_key>' (the scheme in any "
+        "case; 401 otherwise); /health stays open. Required when serve.host is not loopback."))
+    allow_unauthenticated: bool = Field(False, description=(
+        "Serve without serve.api_key on a non-loopback serve.host (anyone who can connect may use the models); "
+        "logged as a warning at start."))
+    cors_origins: list[str] = Field(default_factory=list, description=(
+        "Browser origins (e.g. https://app.example.com) allowed to call the endpoint cross-origin; empty: CORS off, "
+        "no web page on another origin can drive it."))
+    docs: bool = Field(True, description=(
+        "Serve /docs and /openapi.json (behind serve.api_key when set); false: 404."))
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Caps on one request (serve.limits.*).")
     startup_timeout_s: float = Field(600, gt=0, description="How long start() waits for GET /health to answer 200.")
     autoscaling: AutoscalingConfig | None = Field(None, description=(
         "Autoscale between min and max replicas on ongoing requests; when unset, num_replicas fixed replicas."))
@@ -107,6 +156,47 @@ class ServeConfig(Section):
     base_model_names: list[str] = Field(default_factory=list, description=(
         "Other names adapters may give as base_model_name_or_path for this base (e.g. a hub id); the base's "
         "folder and the origins in its config.json/manifest.json are always accepted."))
+
+    @field_validator("model_alias")
+    @classmethod
+    def _alias(cls, v: str) -> str:
+        if not MODEL_ALIAS.fullmatch(v):
+            raise ValueError(f"model_alias {v!r}: must be non-empty, without ':' or whitespace")
+        return v
+
+    @field_validator("api_key")
+    @classmethod
+    def _key(cls, v: str | None) -> str | None:
+        if v is not None and (not v or not v.isprintable() or any(c.isspace() for c in v)):
+            raise ValueError("api_key must be a non-empty string without whitespace (unset it to serve without "
+                             "a key, on loopback only)")
+        return v
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        for origin in v:
+            if not ORIGIN.fullmatch(origin):
+                raise ValueError(f"cors_origins: {origin!r} is not an origin: list each one as scheme://host[:port] "
+                                 "(no '*', no path)")
+        return v
+
+    @model_validator(mode="after")
+    def _closed_by_default(self) -> "ServeConfig":
+        if self.api_key is None and not self.allow_unauthenticated and not loopback(self.host):
+            raise ValueError(open_endpoint(self.host))
+        return self
+
+    @model_validator(mode="after")
+    def _tokens_fit_context(self) -> "ServeConfig":
+        if self.limits.max_tokens is not None and self.limits.max_tokens > self.max_model_len:
+            raise ValueError(f"limits.max_tokens ({self.limits.max_tokens}) > max_model_len ({self.max_model_len}): "
+                             "no request could use it; lower it or leave it unset")
+        return self
+
+    def max_tokens(self) -> int:
+        """The largest max_tokens a request may ask for: serve.limits.max_tokens, else serve.max_model_len."""
+        return self.limits.max_tokens or self.max_model_len
 
     @field_validator("max_lora_rank")
     @classmethod

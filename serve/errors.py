@@ -1,8 +1,9 @@
 """What a failure becomes: an OpenAI error answer with its status for an HTTP client, a user error for the CLI.
 
 The statuses, one rule for the ingress and the engine replicas alike:
-- 400 a malformed request or adapter name (where FastAPI would say 422), 401 a missing or wrong API key,
-  404 an unknown model or adapter;
+- 400 a malformed request or adapter name (where FastAPI would say 422) or a request over a serve.limits cap,
+  401 a missing or wrong API key, 404 an unknown model or adapter, 413 a body over serve.limits.max_body_bytes,
+  429 with `Retry-After` a key over serve.limits.max_concurrent_per_key;
 - 503 with `Retry-After`: an adapter that cannot be served (for that adapter alone, remembered by the replica for
   serve.retry_failed_s), an adapter source that cannot be read, an engine replica that died, is being replaced
   or is full;
@@ -20,8 +21,10 @@ from typing import Any
 from pipelines.schema import UserError
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               500: "internal_error", 503: "service_unavailable"}
+               413: "invalid_request_error", 429: "rate_limit_error", 500: "internal_error",
+               503: "service_unavailable"}
 RETRY_AFTER_S = 5  # what a 503 tells the client to wait; a new CPU replica takes about a minute to load
+RETRY_429_S = 1  # what a 429 (serve.limits.max_concurrent_per_key) tells the client: one of its own requests ends
 ENGINE_DEAD = "the engine of this replica died; Serve is replacing the replica: retry"
 REPLICA_UNAVAILABLE = "engine replica unavailable"
 STREAM_FAILED = 500  # the engine failed after a stream's headers were sent
@@ -69,10 +72,11 @@ def error_body(status: int, message: str) -> dict[str, Any]:
 
 
 def error_response(status: int, message: str, *, retry_after: bool = False) -> Any:
-    """The JSON answer; with retry_after, a 503 carries `Retry-After: RETRY_AFTER_S`."""
+    """The JSON answer; with retry_after, a 503 carries `Retry-After: RETRY_AFTER_S` and a 429 `RETRY_429_S`."""
     from starlette.responses import JSONResponse
 
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if retry_after and status == 503 else {}
+    wait = {503: RETRY_AFTER_S, 429: RETRY_429_S}.get(status) if retry_after else None
+    headers = {"Retry-After": str(wait)} if wait is not None else {}
     return JSONResponse(error_body(status, message), status_code=status, headers=headers)
 
 

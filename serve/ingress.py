@@ -2,7 +2,8 @@
 
 Ray's ingress parses OpenAI requests, picks the LLMServer deployment by base model and passes `base:adapter`
 as Serve's multiplexed model id, so an adapter's requests go to replicas that already hold it. Added here:
-- API keys (`Authorization: Bearer`), /health open for probes.
+- API keys (`Authorization: Bearer`, the scheme in any case), /health open for probes; request caps, CORS and
+  the docs as serve.guard rules (closed by default).
 - Adapter names: `base:x`, `x`, `x@3`, `x@alias`, validated (no traversal) and resolved to one version in the
   source (an alias moves within `resolve_ttl_s`); unknown -> 404 here, without a hop to an engine replica.
 - A/B splits, sticky per caller; `x-loraforge-adapter` names the version that answered, `x-loraforge-replica`
@@ -16,16 +17,16 @@ as Serve's multiplexed model id, so an adapter's requests go to replicas that al
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from ray.serve.llm.ingress import OpenAiIngress
+from starlette.background import BackgroundTask
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from serve.adapters import AdapterSource, Resolver
@@ -45,6 +46,7 @@ from serve.errors import (
     replica_gone,
     status_and_message,
 )
+from serve.guard import InFlight, bearer_token, check_request, key_matches, secure, unauthorized
 from serve.metrics import RequestMetrics, tags_for
 from serve.openai_protocol import model_card
 from serve.ray_llm import (
@@ -75,13 +77,14 @@ ENDPOINTS = {
 }
 
 
-def fastapi_app() -> FastAPI:
-    """Ray's ingress app (request ids, CORS, HTTP metrics) with OpenAI-shaped 4xx bodies for bad requests: those
+def fastapi_app(cfg: ServeConfig) -> FastAPI:
+    """Ray's ingress app (request ids, HTTP metrics) with OpenAI-shaped 4xx bodies for bad requests: those
     FastAPI's validation refuses and those vLLM's own request validators refuse while the body is parsed (e.g.
-    `top_logprobs` without `logprobs`), each message naming the parameter."""
+    `top_logprobs` without `logprobs`), each message naming the parameter. CORS, /docs and body size follow
+    serve.guard.secure: Ray's allow-every-origin CORS is replaced by serve.cors_origins (none: off)."""
     from vllm.exceptions import VLLMClientError
 
-    app = init()
+    app = secure(init(), cfg)
 
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
         return error_response(400, invalid_request_message(e.errors()))
@@ -112,6 +115,10 @@ class LoRAIngress(OpenAiIngress):
         self.cfg, self.source, self.created, self._metrics = cfg, source, int(time.time()), None
         self.resolver = Resolver(source, cfg.resolve_ttl_s)
         self._outage_since: float | None = None  # first engine-unavailable 503 of an ongoing outage
+        self.in_flight = InFlight(cfg.limits.max_concurrent_per_key)
+        if cfg.api_key is None and cfg.allow_unauthenticated:
+            logger.warning("loraforge: serving WITHOUT an API key on %s (serve.allow_unauthenticated): anyone who "
+                           "can connect may use the models", cfg.host)
 
     async def health(self) -> JSONResponse:
         return JSONResponse({"status": "ok"})
@@ -147,11 +154,11 @@ class LoRAIngress(OpenAiIngress):
     # -------------------------------------------------------------- requests
 
     def _authorize(self, request: Request | None) -> str | None:
-        """The caller's API key (None without one); 401 unless it matches serve.api_key when that is set."""
-        header = request.headers.get("authorization", "") if request is not None else ""
-        given = header.removeprefix("Bearer ").strip() or None
-        if self.cfg.api_key is not None and not hmac.compare_digest((given or "").encode(), self.cfg.api_key.encode()):
-            raise APIError(401, "Invalid or missing API key (send 'Authorization: Bearer <key>')")
+        """The caller's API key (None without one: `Authorization: Bearer <key>`, the scheme in any case); 401
+        unless it matches serve.api_key when that is set."""
+        given = bearer_token(request.headers.get("authorization") if request is not None else None)
+        if not key_matches(given, self.cfg.api_key):
+            raise unauthorized()
         return given
 
     def _target(self, model: str, caller: str) -> Target:
@@ -174,12 +181,16 @@ class LoRAIngress(OpenAiIngress):
         self._metrics.record(tags, status, time.monotonic() - t0, prompt, completion, **token_times)
 
     async def _process_llm_request(self, body: Any, call_method: str, raw_request: Request | None = None) -> Response:
-        t0, target = time.monotonic(), Target(self.cfg.model_alias)
+        t0, target, caller = time.monotonic(), Target(self.cfg.model_alias), None
         try:
             key = self._authorize(raw_request)
             if not body.model:
                 raise APIError(400, "model: field required (the base model's name or '<base>:<adapter>')")
+            check_request(body, self.cfg)
             host = raw_request.client.host if raw_request is not None and raw_request.client else None
+            who = caller_key(None, key, host)
+            self.in_flight.acquire(who)  # 429 when this key has serve.limits.max_concurrent_per_key in flight
+            caller = who  # released once the answer (or the stream) ends
             target = self._target(body.model, caller_key(getattr(body, "user", None), key, host))
             body.model = target.model_id
             wants_usage = bool(body.stream_options and body.stream_options.include_usage) if body.stream else True
@@ -199,9 +210,14 @@ class LoRAIngress(OpenAiIngress):
                     logger.warning("loraforge: engine replica gone under a request (%s); sent again once",
                                    type(e).__name__)
         except Exception as e:  # noqa: BLE001 - every failure becomes an OpenAI error body with its status
+            self._release(caller)
             return self._error(target, t0, *status_and_message(e))
+        except BaseException:  # cancelled (the client left): the slot is freed all the same
+            self._release(caller)
+            raise
         head = first[0] if isinstance(first, list) else first
         if isinstance(head, ErrorResponse):
+            self._release(caller)
             return self._error(target, t0, engine_error_status(head.error.code), head.error.message)
         self._recovered()
         headers = {ADAPTER_HEADER: target.served}
@@ -210,10 +226,28 @@ class LoRAIngress(OpenAiIngress):
             if replica := content.pop(REPLICA_FIELD, None):
                 headers[REPLICA_HEADER] = replica
             usage = content.get("usage") or {}
+            self._release(caller)
             self._record(target.tags, 200, t0, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
             return JSONResponse(content=content, headers=headers)
-        events = self._metered(_openai_json_wrapper(gen), target, t0, keep_usage=wants_usage)
-        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        release = self._release_once(caller)
+        events = self._metered(_openai_json_wrapper(gen), target, t0, keep_usage=wants_usage, release=release)
+        # The background task frees the caller's slot too when the stream never started (client gone at once).
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers,
+                                 background=BackgroundTask(release))
+
+    def _release(self, caller: str | None) -> None:
+        if caller is not None:
+            self.in_flight.release(caller)
+
+    def _release_once(self, caller: str | None) -> Callable[[], None]:
+        """A release of the caller's in-flight slot that frees it once however often it is called."""
+        done: list[bool] = []
+
+        def release() -> None:
+            if not done:
+                done.append(True)
+                self._release(caller)
+        return release
 
     def _error(self, target: Target, t0: float, status: int, message: str) -> JSONResponse:
         """An OpenAI error body; a 503 says when to retry, and the first one of an outage is logged."""
@@ -229,10 +263,11 @@ class LoRAIngress(OpenAiIngress):
                            time.monotonic() - self._outage_since)
             self._outage_since = None
 
-    async def _metered(self, events: AsyncIterator[str], target: Target, t0: float,
-                       keep_usage: bool) -> AsyncIterator[str]:
+    async def _metered(self, events: AsyncIterator[str], target: Target, t0: float, keep_usage: bool,
+                       release: Callable[[], None] = lambda: None) -> AsyncIterator[str]:
         """The engine replica's SSE events, minus a usage event the client did not ask for (serve.stream); the
-        token counts, token times and the stream's outcome go to the metrics when the stream ends."""
+        token counts, token times and the stream's outcome go to the metrics when the stream ends, and the
+        caller's in-flight slot is released."""
         meter, broke = StreamMeter(keep_usage), False
         try:
             async for text in events:
@@ -244,6 +279,7 @@ class LoRAIngress(OpenAiIngress):
             broke = True
             raise
         finally:
+            release()
             status = STREAM_FAILED if meter.failed else CLIENT_CLOSED if broke else 200
             (prompt, n), first, last = meter.tokens(), meter.first, meter.last
             self._record(target.tags, status, t0, prompt, n, ttft_s=None if first is None else first - t0,

@@ -41,10 +41,12 @@ from pipelines.artifacts.manifest import MANIFEST, hash_path, read_manifest
 from pipelines.schema import Section, UserError, redact
 
 # The grammar of names and references, for the registry and for serving alike: a name is NAME_PATTERN (no "..");
-# a reference is `name`, `name@<version>` or `name@<alias>`, its selector also NAME_PATTERN.
+# a reference is `name`, `name@<version>` or `name@<alias>`, its selector also NAME_PATTERN. Anchored with \A and
+# \Z and matched whole: `$` also matches before a trailing newline, so "city\n" would pass as "city".
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
-NAME = re.compile(rf"^{NAME_PATTERN}$")
-ALIAS = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+ALIAS_PATTERN = r"[a-z][a-z0-9_-]{0,31}"
+NAME = re.compile(rf"\A{NAME_PATTERN}\Z")
+ALIAS = re.compile(rf"\A{ALIAS_PATTERN}\Z")
 KINDS = ("lora_adapter", "merged_model", "quantized_model")
 PICKLES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # What each kind must say about where it came from (the rest of Lineage is optional).
@@ -82,14 +84,17 @@ class ResolvedArtifact:
 
 
 def check_name(name: str) -> str:
+    """`name` if the whole string is NAME_PATTERN without '..' (a trailing newline included: refused), else
+    RegistryError."""
     if not isinstance(name, str) or not NAME.fullmatch(name) or ".." in name:
-        raise RegistryError(f"name {name!r}: must match {NAME.pattern} (no '/', no '..')")
+        raise RegistryError(f"name {name!r}: must match {NAME_PATTERN} (no '/', no '..')")
     return name
 
 
 def check_alias(alias: str) -> str:
-    if not ALIAS.match(alias or "") or alias.isdigit():
-        raise RegistryError(f"alias {alias!r}: must match {ALIAS.pattern}")
+    """`alias` if the whole string is ALIAS_PATTERN and not all digits (those are versions), else RegistryError."""
+    if not isinstance(alias, str) or not ALIAS.fullmatch(alias) or alias.isdigit():
+        raise RegistryError(f"alias {alias!r}: must match {ALIAS_PATTERN}")
     return alias
 
 
@@ -101,7 +106,7 @@ def parse_ref(ref: str) -> tuple[str, str | None]:
     if at and not sel:
         raise RegistryError(f"reference {ref!r}: nothing after '@'")
     if sel and (not NAME.fullmatch(sel) or ".." in sel):
-        raise RegistryError(f"reference {ref!r}: the part after '@' must match {NAME.pattern} (no '/', no '..')")
+        raise RegistryError(f"reference {ref!r}: the part after '@' must match {NAME_PATTERN} (no '/', no '..')")
     return name, sel or None
 
 

@@ -3,8 +3,9 @@
     .venv/bin/pytest tests/integration/test_serve.py -x -q -s   # from the repository root
 
 One app serves every test in this module: a tiny random Llama, two random-B LoRA adapters named in the call
-(alpha, beta), a watched adapter folder where tests register more while it runs, an 80/20 A/B split and an
-API key. The engine start dominates the wall time (45-140 s on a shared 2-core CPU).
+(alpha, beta), a watched adapter folder where tests register more while it runs, an 80/20 A/B split, an
+API key and a cap of IN_FLIGHT requests in flight per key (serve.limits.max_concurrent_per_key). The engine start
+dominates the wall time (45-140 s on a shared 2-core CPU).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ MAX_MODEL_LEN = 512
 PROMPT = "The weather in Paris today is"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 SPLIT = {"ab": {"alpha": 80, "beta": 20}}
+IN_FLIGHT = 64  # per-key cap; test_load_64_concurrent_clients_no_5xx holds 64 at once under it
 
 
 def make_adapter(base: str, out: Path, seed: int, r: int = 8) -> str:
@@ -72,9 +74,9 @@ def server(ray_session, tiny_model_dir, adapters, hot_dir, registry_dir):
     from serve import ServeConfig, shutdown, start
 
     # A cache of 3 with 4+ adapters in use makes the LRU evict during the tests.
-    cfg = ServeConfig(port=free_port(), api_key=KEY, max_model_len=MAX_MODEL_LEN, startup_timeout_s=300,
+    cfg = ServeConfig(port=free_port(), api_key=KEY, max_model_len=MAX_MODEL_LEN, startup_timeout_s=600,
                       adapter_dir=str(hot_dir), registry=str(registry_dir), max_loras=2, adapter_cache_size=3,
-                      splits=SPLIT, resolve_ttl_s=0)
+                      splits=SPLIT, resolve_ttl_s=0, limits={"max_concurrent_per_key": IN_FLIGHT})
     url = start(cfg, tiny_model_dir, adapters, name="test-serve")
     yield url
     shutdown("test-serve")
@@ -313,8 +315,10 @@ def test_openai_parameter_refusals_are_400s_naming_the_parameter(client, server)
     import openai
 
     cases = [({"top_logprobs": 3}, "top_logprobs: when using `top_logprobs`, `logprobs` must be set to true"),
-             ({"logprobs": True, "top_logprobs": 21}, "greater than max allowed: 20 .parameter=logprobs"),
-             ({"extra_body": {"prompt_logprobs": 21}}, "parameter=prompt_logprobs"),
+             ({"logprobs": True, "top_logprobs": 21},
+              r"top_logprobs=21 exceeds the cap of 20 \(serve.limits.max_logprobs\)"),
+             ({"extra_body": {"prompt_logprobs": 21}},
+              r"prompt_logprobs=21 exceeds the cap of 20 \(serve.limits.max_logprobs\)"),
              ({"n": 0}, "n must be at least 1"),
              ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
              ({"response_format": {"type": "yaml"}}, "response_format.type: Input should be 'text', 'json_object'"),
@@ -502,6 +506,105 @@ def test_api_key(server):
     assert httpx.get(f"{server}/models", timeout=60).status_code == 401
     assert httpx.get(server.removesuffix("/v1") + "/health", timeout=60).status_code == 200  # probes need no key
 
+
+def test_closed_by_default_docs_cors_bearer_and_names(server, client):
+    """/docs and /openapi.json need the key; a preflight from an origin serve.cors_origins does not list gets no
+    allow-origin header; the bearer scheme is case-insensitive (RFC 7235) and required; a model name with a
+    trailing newline is refused, never served."""
+    import httpx
+
+    root = server.removesuffix("/v1")
+    for path in ("/docs", "/openapi.json"):
+        r = httpx.get(root + path, timeout=60)
+        assert r.status_code == 401 and "API key" in r.json()["error"]["message"], (path, r.text[:200])
+        for scheme in ("Bearer", "bearer", "BEARER"):
+            assert httpx.get(root + path, headers={"Authorization": f"{scheme} {KEY}"}, timeout=60).status_code == 200
+    assert "/v1/chat/completions" in httpx.get(root + "/openapi.json", headers={"Authorization": f"bearer {KEY}"},
+                                               timeout=60).json()["paths"]
+    r = httpx.post(f"{server}/completions", json={"model": "base", "prompt": PROMPT, "max_tokens": 2},
+                   headers={"Authorization": f"bearer {KEY}"}, timeout=60)
+    assert r.status_code == 200, r.text[:300]
+    assert httpx.get(f"{server}/models", headers={"Authorization": KEY}, timeout=60).status_code == 401  # no scheme
+
+    preflight = {"Origin": "http://evil.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    r = httpx.options(f"{server}/chat/completions", headers=preflight, timeout=60)
+    assert "access-control-allow-origin" not in r.headers, dict(r.headers)
+    r = httpx.post(f"{server}/completions", json={"model": "base", "prompt": PROMPT, "max_tokens": 2},
+                   headers={"Authorization": f"Bearer {KEY}", "Origin": "http://evil.example"}, timeout=60)
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers, dict(r.headers)
+
+    for model in ("base\n", "alpha\n", "base:alpha\n", "ab\n", "alpha@1\n"):
+        for path, body in (("completions", {"prompt": PROMPT}), ("chat/completions", {"messages": CHAT})):
+            r = httpx.post(f"{server}/{path}", json={"model": model, "max_tokens": 2, **body},
+                           headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+            assert r.status_code in (400, 404), (model, path, r.status_code, r.text[:200])
+
+
+def test_request_caps_are_400s_naming_the_cap_and_its_key(server, client):
+    """n, prompts per completion, messages per chat, max_tokens (at most max_model_len), log-probs: over the cap is
+    a 400 naming the value, the cap and the config key, before an engine sees it; a body over
+    serve.limits.max_body_bytes is a 413 naming that key. The engine keeps serving."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    completion = {"model": "alpha", "prompt": PROMPT, "max_tokens": 2}
+    chat_body = {"model": "base", "messages": CHAT, "max_tokens": 2}
+    cases = [("completions", {**completion, "n": 64, "max_tokens": 400},
+              "n=64 exceeds the cap of 8 (serve.limits.max_n)"),
+             ("chat/completions", {**chat_body, "n": 9}, "n=9 exceeds the cap of 8 (serve.limits.max_n)"),
+             ("completions", {**completion, "prompt": [PROMPT] * 33},
+              "prompts=33 exceeds the cap of 32 (serve.limits.max_prompts)"),
+             ("chat/completions", {**chat_body, "messages": CHAT * 257},
+              "messages=257 exceeds the cap of 256 (serve.limits.max_messages)"),
+             ("completions", {**completion, "max_tokens": MAX_MODEL_LEN + 1},
+              f"max_tokens={MAX_MODEL_LEN + 1} exceeds the cap of {MAX_MODEL_LEN} (serve.max_model_len)"),
+             ("chat/completions", {**chat_body, "max_tokens": None, "max_completion_tokens": 4000},
+              f"max_completion_tokens=4000 exceeds the cap of {MAX_MODEL_LEN} (serve.max_model_len)"),
+             ("completions", {**completion, "logprobs": 21},
+              "logprobs=21 exceeds the cap of 20 (serve.limits.max_logprobs)"),
+             ("chat/completions", {**chat_body, "logprobs": True, "top_logprobs": 21},
+              "top_logprobs=21 exceeds the cap of 20 (serve.limits.max_logprobs)"),
+             ("completions", {**completion, "prompt_logprobs": -1},
+              "prompt_logprobs=-1 exceeds the cap of 20 (serve.limits.max_logprobs)")]
+    for path, body, message in cases:
+        r = httpx.post(f"{server}/{path}", json=body, headers=headers, timeout=60)
+        assert (r.status_code, r.json()["error"]["message"]) == (400, message), (path, r.text[:300])
+        assert r.json()["error"]["type"] == "invalid_request_error"
+    big = json.dumps({**completion, "prompt": "x" * (4 * 2**20)})
+    r = httpx.post(f"{server}/completions", content=big, headers={**headers, "Content-Type": "application/json"},
+                   timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["message"] == (
+        f"request body of {len(big)} bytes exceeds the cap of {4 * 2**20} (serve.limits.max_body_bytes)")
+    ok = httpx.post(f"{server}/completions", json={**completion, "n": 8, "prompt": [PROMPT] * 2, "logprobs": 5},
+                    headers=headers, timeout=120)
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 16, ok.text[:300]
+    assert complete(client, "base")
+
+
+def test_in_flight_cap_per_key_is_429_with_retry_after(server):
+    """IN_FLIGHT long requests in flight for one key: one request more is a 429 with Retry-After naming the config
+    key; every held request is answered, and once they are the key is served again (the slots were freed)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "base", "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True}
+
+    def hold(_: int) -> int:
+        return httpx.post(f"{server}/completions", json=body, headers=headers, timeout=300).status_code
+
+    with ThreadPoolExecutor(IN_FLIGHT) as pool:
+        held = pool.map(hold, range(IN_FLIGHT))
+        time.sleep(5)  # every held request has reached the ingress; 64 x 400 tokens take longer than that
+        r = httpx.post(f"{server}/completions", json={"model": "base", "prompt": PROMPT, "max_tokens": 1},
+                       headers=headers, timeout=60)
+        statuses = list(held)
+    assert r.status_code == 429 and r.headers.get("retry-after") == "1", (r.status_code, r.text[:300])
+    assert "serve.limits.max_concurrent_per_key" in r.json()["error"]["message"]
+    assert set(statuses) == {200}, statuses
+    again = httpx.post(f"{server}/completions", json={"model": "base", "prompt": PROMPT, "max_tokens": 1},
+                       headers=headers, timeout=60)
+    assert again.status_code == 200, again.text[:300]
 
 def test_load_64_concurrent_clients_no_5xx(server):
     """64 clients for LORAFORGE_LOAD_S seconds (10 here; the bench runs 60): zero 5xx, p50/p99 printed."""
