@@ -140,13 +140,18 @@ def held_out(n: int = 40, seed: int = 1000) -> list[dict[str, str]]:
     return [_row(rng, cities[i], *kinds[i % len(kinds)]) for i in range(n)]
 
 
+CORPUS_FILE = Path(__file__).parent / "tokenizer_corpus.txt"
+
+
 def tokenizer_corpus() -> list[str]:
-    """Text to train the tiny test tokenizer on: the demo rows plus generic English words."""
-    rows = generate(300, seed=1)
+    """Text to train the tiny test tokenizer on: 300 city/date sentences with their instructions and answers
+    (tokenizer_corpus.txt, fixed: the tiny model every test builds must not change when the demo rows do) plus
+    generic English words."""
+    rows = CORPUS_FILE.read_text().splitlines()
     extra = ("The quick brown fox jumps over the lazy dog. Answer the question. Write a short poem about the sea. "
              "Explain why the sky is blue. Summarize the following text. Translate to French. You are a helpful "
              "assistant. What is two plus two? The answer is four. Give three reasons. user system assistant")
-    return [f"{r['instruction']} {r['input']} {r['output']}" for r in rows] + [extra] * 20
+    return rows + [extra] * 20
 
 
 def write(path: Path = DEMO_FILE, n: int = 600, seed: int = 0, rows: list[dict[str, str]] | None = None) -> Path:
