@@ -72,8 +72,10 @@ def run_result(ray_session, tiny_model_dir, tmp_path_factory):
 
 
 def test_last_lines_name_what_was_served_and_the_run_folder(run_result):
-    *_, served, last = run_result["stdout"].strip().splitlines()
-    assert Path(last) == run_result["root"].resolve()
+    lines = run_result["stdout"].strip().splitlines()
+    assert Path(lines[-1]) == run_result["root"].resolve()
+    # the console's lines go to stderr (the output), the folder alone to stdout
+    served = next(line for line in run_result["output"].splitlines() if line.startswith("served: "))
     assert served.startswith("served: base ") and f"adapter tiny ({(run_result['root'] / 'sft').resolve()})" in served
 
 
