@@ -62,11 +62,20 @@ def deploy(config: Path = CONFIG,
 
 def _what_is_served(cfg) -> stages.Served:
     """What `run` served for this config (stages.served over the run folder); exit 3 when the gate refused it."""
+    from serve.adapters import validate_adapter
+    from serve.errors import AdapterInvalid
+
     try:
-        return stages.served(stages.built_so_far(cfg))
+        what = stages.served(stages.built_so_far(cfg))
     except stages.GateRefused as e:
         fail(f"gate: refused this run's adapter ({'; '.join(e.reasons)}); nothing is served. Rerun with a passing "
              "adapter, or publish this one with `loraforge evaluate --gate --force`", code=3)
+    for name, folder in what.adapters.items():  # before Ray starts: a broken adapter is one line, exit 2
+        try:
+            validate_adapter(folder, max_rank=cfg.serve.max_lora_rank, bases=None)
+        except AdapterInvalid as e:
+            fail(f"adapter {name!r} cannot be served: {e}; retrain it or fix the folder")
+    return what
 
 
 def probe_host(address: str, serve_host: str) -> str | None:

@@ -192,3 +192,17 @@ def test_validate_prints_keys_and_credentials_as_stars(config):
     doc = json.loads(out)
     assert doc["serve"]["api_key"] == "***" and doc["train"]["tracking_uri"] == "postgresql://ml:***@db/mlflow"
     assert "k1-secret" not in out and "hunter2" not in out
+
+
+def test_serve_with_a_corrupt_adapter_config_is_one_line_before_ray(config, tmp_path):
+    """The run's SFT adapter with an adapter_config.json that is not JSON: `serve` says so in one line, exit 2,
+    before Ray starts (it once raised a ValueError traceback after Ray had started)."""
+    sft = tmp_path / "runs" / "ux" / "sft"
+    sft.mkdir(parents=True)
+    (sft / "manifest.json").write_text('{"kind": "lora_adapter"}')
+    (sft / "adapter_config.json").write_text('{"r": 8, "peft_type": ')
+    (sft / "adapter_model.safetensors").write_bytes(b"")
+    rc, out, s = loraforge("serve", str(config()))
+    assert rc == 2 and "Traceback" not in out, out
+    assert "adapter 'ux' cannot be served" in out and "adapter_config.json is not JSON" in out, out
+    assert "Ray" not in out and s < 30, out
