@@ -21,7 +21,7 @@ from cluster import plan_render
 from cluster.cli_common import CONFIG, OVERRIDES
 from cluster.config import load_config
 from cluster.plan import GIB, TrainingPlan, plan_training
-from cluster.plan_shape import shape_of
+from cluster.plan_shape import config_of, shape_of
 from pipelines.schema import UserError
 
 
@@ -31,11 +31,11 @@ def plan(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
     """Per-device memory (weights, LoRA, grads, optimizer, activations, logits), step time at a stated MFU, cost
     from the GPU table (cluster/gpus.json), the smallest GPU type × count that fits, and serving memory."""
     cfg = load_config(config, overrides or [])
-    shape = shape_of(cfg.model.name, cfg.model.cache_dir)
-    if lora:
-        typer.echo(plan_render.render_lora(shape, cfg.lora.r, cfg.lora.modules()))
+    if lora:  # any family: the model's own linear layers, listed on the meta device from its config.json
+        typer.echo(plan_render.render_lora_config(cfg.model.name, config_of(cfg.model.name, cfg.model.cache_dir),
+                                                  cfg.lora.r, cfg.lora.target_modules, cfg.lora.dora))
         return
-    p = plan_training(cfg, shape)
+    p = plan_training(cfg, shape_of(cfg.model.name, cfg.model.cache_dir))
     typer.echo(json.dumps(plan_render.as_json(p, cfg.serve), indent=2) if as_json
                else plan_render.render_training(p, cfg.serve))
 

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from cluster.plan_shape import config_of
 from pipelines.artifacts import storage
 from pipelines.artifacts.models import ModelConfig, local_folder
 from pipelines.artifacts.registry import RegistrySection
@@ -25,6 +26,7 @@ from pipelines.eval.gate import GateSection
 from pipelines.export.merge import MergeSection
 from pipelines.export.quantize import QuantizeSection
 from pipelines.schema import ConfigError, DataError, MissingInput, Section, redact
+from pipelines.train import targets as lora_targets
 from pipelines.train.config import DPOSection, LoraSection, QuantSection, TrainSection, check_combination
 from serve.config import ServeConfig, lora_ranks
 from tune.space import TuneSection
@@ -119,7 +121,9 @@ def preflight(cfg: RunConfig, checks: tuple[str, ...] | list[str], source: str =
     """Check what a command will read, before any Ray work: local input files exist and hold rows, the model
     folder is one, a served adapter fits serve's slots. Raises MissingInput / DataError / ConfigError.
 
-    checks: "model", "train_rows" (data.train_path), "pairs" (dpo.train_path, when set), "test_rows"
+    checks: "model" (and, last, lora.target_modules other than all-linear, which every model has, against its
+    linear layers: that imports transformers), "train_rows" (data.train_path),
+    "pairs" (dpo.train_path, when set), "test_rows"
     (eval.test_path), "quantize_rows" (its row files), "sweep" (a tune: section), "serving" (the adapter fits
     serve's LoRA slots). A stage's checks are its `needs` (cluster.stages). URIs (s3://...) are left to the stage:
     checking them here would need credentials and a round trip."""
@@ -149,6 +153,23 @@ def preflight(cfg: RunConfig, checks: tuple[str, ...] | list[str], source: str =
             raise ConfigError(f"{source}: lora.r={cfg.lora.r} > serve.max_lora_rank={cfg.serve.max_lora_rank}: the "
                               "served adapter would not fit vLLM's LoRA slots; raise serve.max_lora_rank (one of "
                               f"{lora_ranks()}) or lower lora.r")
+    if "model" in want and cfg.lora.target_modules != "all-linear":  # last: it imports transformers
+        _check_targets(cfg, source)
+
+
+def _check_targets(cfg: RunConfig, source: str) -> None:
+    """lora.target_modules resolved against the model's own linear layers (pipelines.train.targets), listed from
+    its config.json on the meta device: a name that matches no linear layer, or a preset with none on this model
+    (mlp on Mixtral), is a ConfigError naming them and the model's linear layers. A model whose config.json is not
+    on this machine (a hub id not downloaded yet), or that transformers cannot build here, is left to the stage."""
+    try:
+        listing = lora_targets.describe(config_of(cfg.model.name, cfg.model.cache_dir))
+    except Exception:  # no config here, no transformers, an unknown model type: the worker resolves and says
+        return
+    try:
+        lora_targets.resolve(cfg.lora.target_modules, listing.linears)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: model.name={cfg.model.name!r}: {e}") from None
 
 
 def _check_rows(spec: str, key: str, source: str) -> None:

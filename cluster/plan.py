@@ -33,7 +33,9 @@ from typing import Any, Literal
 
 from cluster.plan_shape import BYTES, ModelShape, activation_bytes, layer_bytes, loss_bytes, table
 from pipelines.schema import UserError
-from pipelines.train.config import load_deepspeed_json
+from pipelines.train.config import LoraSection, load_deepspeed_json
+from pipelines.train.targets import lora_counts
+from pipelines.train.targets import resolve as resolve_targets
 
 GIB = 2**30
 HALF = ("bfloat16", "float16")
@@ -190,15 +192,33 @@ class TrainingPlan:
         return sum(p.bytes for p in self.parts if p.name == name)
 
 
-def lora_params(shape: ModelShape, r: int, targets: tuple[str, ...] | list[str]) -> dict[str, dict[str, int]]:
-    """Trainable LoRA parameters per target module: r·(in + out) per matrix (A: r×in, B: out×r), × layers."""
+def lora_targets(shape: ModelShape, spec: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """lora.target_modules (a preset or a list) as the names training puts a LoRA on: resolved against the
+    model's own linear layers (ModelShape.listing, pipelines.train.targets.resolve), else a preset in Llama's
+    names (LoraSection.modules) where no listing can be built."""
+    listing = shape.listing()
+    if listing is not None:
+        return tuple(resolve_targets(spec, listing.linears))
+    return tuple(LoraSection(target_modules=spec if isinstance(spec, str) else list(spec)).modules())
+
+
+def lora_params(shape: ModelShape, r: int, targets: str | tuple[str, ...] | list[str], dora: bool = False
+                ) -> dict[str, dict[str, int]]:
+    """Trainable LoRA parameters per target module: r·(in + out) per matrix (A: r×in, B: out×r; + out for DoRA's
+    magnitude), summed over every layer the name matches in the model's listing (count: how many), so the total
+    is PEFT's trainable count; without a listing, Llama's seven matrices × layers. targets: a preset or names."""
+    listing = shape.listing()
+    if listing is not None:
+        return lora_counts(targets, listing.linears, r, dora)
+    targets = lora_targets(shape, targets)
     mats = shape.matrices()
     unknown = [t for t in targets if t not in mats]
     if unknown:
         raise UserError(f"lora.target_modules: {unknown} are not linear layers of a {shape.name or 'decoder'} "
                         f"layer ({', '.join(mats)})")
-    return {t: {"in": mats[t][0], "out": mats[t][1], "per_matrix": r * (mats[t][0] + mats[t][1]),
-                "total": r * (mats[t][0] + mats[t][1]) * shape.layers} for t in targets}
+    return {t: {"in": mats[t][0], "out": mats[t][1], "per_matrix": r * (mats[t][0] + mats[t][1]) + dora * mats[t][1],
+                "count": shape.layers, "total": (r * (mats[t][0] + mats[t][1]) + dora * mats[t][1]) * shape.layers}
+            for t in targets}
 
 
 def nf4_bytes(shape: ModelShape, double_quant: bool) -> float:
@@ -243,6 +263,7 @@ def optimizer_bytes(s: Setup, sizes: list[int]) -> float:
 
 def plan_training(cfg, shape: ModelShape, **overrides) -> TrainingPlan:
     """The per-device plan of cfg's SFT stage; overrides go to Setup (ranks=, full_finetune=, lora_dtype=...)."""
+    overrides.setdefault("targets", lora_targets(shape, cfg.lora.target_modules))
     return plan_setup(Setup.of(cfg, **overrides), shape)
 
 
@@ -256,7 +277,7 @@ def plan_setup(s: Setup, shape: ModelShape) -> TrainingPlan:
     else:
         lp = lora_params(shape, s.r, s.targets)
         trainable = sum(v["total"] for v in lp.values())
-        sizes = [s.r * n for v in lp.values() for n in (v["in"], v["out"]) for _ in range(shape.layers)]
+        sizes = [s.r * n for v in lp.values() for n in (v["in"], v["out"]) for _ in range(v["count"])]
         if s.load_in_4bit:
             w, note = qlora_weights(s, shape)
         else:
@@ -372,7 +393,7 @@ def serving_on_gpu(serve, use_gpu: bool) -> bool:
     return serve.accelerator == "gpu" or (serve.accelerator == "auto" and use_gpu)
 
 
-def plan_serving(shape: ModelShape, serve, lora_targets: tuple[str, ...] | None = None, gpu: bool = False
+def plan_serving(shape: ModelShape, serve, targets: tuple[str, ...] | None = None, gpu: bool = False
                  ) -> list[Part]:
     """One engine replica: weights + KV cache (max_model_len tokens × max_ongoing_requests × layers × kv heads ×
     head_dim × 2 (K and V) × dtype) + vLLM's LoRA slots (max_loras × max_lora_rank over every linear layer);
@@ -380,8 +401,7 @@ def plan_serving(shape: ModelShape, serve, lora_targets: tuple[str, ...] | None 
     dtype = serve.engine_dtype(gpu)
     b = BYTES[dtype]
     tokens = serve.max_model_len * serve.max_ongoing_requests
-    slots = sum(v["total"] for v in lora_params(shape, serve.max_lora_rank, lora_targets or
-                                                tuple(shape.matrices())).values())
+    slots = sum(v["total"] for v in lora_params(shape, serve.max_lora_rank, targets or "all-linear").values())
     return [Part("weights", shape.total_params() * b, dtype),
             Part("kv_cache", tokens * shape.layers * shape.kv_dim * 2 * b,
                  f"{serve.max_model_len} tokens × {serve.max_ongoing_requests} requests"),

@@ -21,6 +21,7 @@ from cluster.plan import (
     table,
 )
 from cluster.plan_shape import ModelShape
+from pipelines.train import targets as lora_targets
 
 
 def size(b: float) -> str:
@@ -109,22 +110,43 @@ def render_serving_tp(tp: dict[str, Any], serve) -> str:
     return line + (f"\n  → {tp['advice']}" if tp["advice"] else "")
 
 
-def render_lora(shape: ModelShape, r: int, targets) -> str:
-    lp = lora_params(shape, r, targets)
+def render_lora(shape: ModelShape, r: int, targets, dora: bool = False) -> str:
+    """Per target module: in, out, r·(in + out) per matrix, the layers it matches, and the total (PEFT's trainable
+    count), from the model's own linear layers where they can be listed (ModelShape.listing)."""
+    lp = lora_params(shape, r, targets, dora)
+    listing = shape.listing()
+    base = listing.total_params if listing is not None else shape.total_params()
+    return _lora_table(shape.name, r, lp, base, dora)
+
+
+def render_lora_config(name: str, config: dict[str, Any], r: int, targets, dora: bool = False) -> str:
+    """render_lora from a config.json alone: any family transformers can build on the meta device (GPT-2,
+    GPT-NeoX, Falcon, Phi-3, MoE, ...), also those without a Llama-style decoder shape for the memory plan."""
+    try:
+        listing = lora_targets.describe(config)
+    except Exception:  # no transformers, or a model type it does not know: the Llama-shape table
+        return render_lora(ModelShape.from_config(config, name), r, targets, dora)
+    return _lora_table(name, r, lora_targets.lora_counts(targets, listing.linears, r, dora), listing.total_params,
+                       dora)
+
+
+def _lora_table(name: str, r: int, lp: dict[str, dict[str, int]], base: int, dora: bool) -> str:
     total = sum(v["total"] for v in lp.values())
-    rows = [f"LoRA r={r} on {shape.name}: A is r × in, B is out × r; per matrix r·(in + out)",
-            f"  {'module':<11}{'in':>7}{'out':>7}{'per matrix':>13}{'× ' + str(shape.layers) + ' layers':>15}"]
+    width = max([11, *(len(t) + 2 for t in lp)])
+    rows = [f"LoRA r={r} on {name}: A is r × in, B is out × r; per matrix r·(in + out)"
+            + (" + out (DoRA's magnitude)" if dora else ""),
+            f"  {'module':<{width}}{'in':>7}{'out':>7}{'per matrix':>13}{'layers':>8}{'total':>15}"]
     for t, v in lp.items():
-        rows.append(f"  {t:<11}{v['in']:>7}{v['out']:>7}{v['per_matrix']:>13,}{v['total']:>15,}")
-    rows.append(f"  {'total':<11}{'':>27}{total:>15,}  = {100 * total / shape.total_params():.3f}% of "
-                f"{shape.total_params():,} base parameters")
+        rows.append(f"  {t:<{width}}{v['in']:>7}{v['out']:>7}{v['per_matrix']:>13,}{v['count']:>8}{v['total']:>15,}")
+    rows.append(f"  {'total':<{width}}{'':>35}{total:>15,}  = {100 * total / base:.3f}% of {base:,} base parameters")
     return "\n".join(rows)
 
 
 def as_json(plan: TrainingPlan, serve=None) -> dict[str, Any]:
     s = plan.setup
     best = smallest_gpu(s, plan.shape)
-    out = {"model": plan.shape.name, "shape": plan.shape.__dict__, "setup": s.__dict__,
+    shape = {k: v for k, v in plan.shape.__dict__.items() if k != "config"}
+    out = {"model": plan.shape.name, "shape": shape, "setup": s.__dict__,
            "trainable_params": plan.trainable, "base_params": plan.base_params,
            "components": {p.name: {"bytes": round(p.bytes), "note": p.note, "host": p.host,
                                    "transient": p.transient} for p in plan.parts},

@@ -1,5 +1,8 @@
 """A decoder model's shape for the planner (cluster.plan), where it comes from, and what one layer saves for
-backward. Pure: reads config.json as JSON, imports neither torch nor transformers.
+backward. Reads config.json as JSON; the module listing (`ModelShape.listing`: every linear layer with its shape,
+what LoRA targets resolve against) builds the model from that config on the meta device through
+pipelines.train.targets, importing torch and transformers only when asked, and falls back to Llama's seven
+matrices (`matrices`) where it cannot (no transformers, or a known shape without a model_type).
 
     python -c "from cluster.plan_shape import shape_of; print(shape_of('Qwen/Qwen2.5-7B-Instruct'))"
 
@@ -26,12 +29,13 @@ final norm (4h + 4) and RoPE's cos/sin; the loss (`loss_bytes`).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipelines.artifacts.models import BUILTIN, cache_root, local_folder
 from pipelines.schema import UserError
+from pipelines.train import targets as lora_targets
 
 TABLE = Path(__file__).with_name("gpus.json")
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -55,10 +59,12 @@ class ModelShape:
     tied: bool = False
     qkv_bias: bool = False
     name: str = ""
+    config: dict[str, Any] | None = field(default=None, compare=False, repr=False)  # config.json, for `listing`
 
     @classmethod
     def from_config(cls, d: dict[str, Any], name: str = "") -> "ModelShape":
         """From a Hugging Face config.json (a multimodal one's text_config)."""
+        full = d
         d = d.get("text_config", d) if "hidden_size" not in d else d
         try:
             heads = int(d["num_attention_heads"])
@@ -67,7 +73,8 @@ class ModelShape:
                        kv_heads=int(d.get("num_key_value_heads") or heads),
                        head_dim=int(d.get("head_dim") or int(d["hidden_size"]) // heads),
                        vocab=int(d["vocab_size"]), tied=bool(d.get("tie_word_embeddings", False)),
-                       qkv_bias=bool(d.get("attention_bias", d.get("model_type") == "qwen2")), name=name)
+                       qkv_bias=bool(d.get("attention_bias", d.get("model_type") == "qwen2")), name=name,
+                       config=full)
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{name or 'model'}: config.json lacks a decoder shape ({type(e).__name__}: {e}); the "
                             "planner needs hidden_size, intermediate_size, num_hidden_layers, num_attention_heads "
@@ -86,6 +93,17 @@ class ModelShape:
         h, i, q, kv = self.hidden, self.intermediate, self.q_dim, self.kv_dim
         return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def listing(self) -> lora_targets.Listing | None:
+        """The model's linear layers from its config on the meta device (pipelines.train.targets.describe, cached
+        by config), or None where that cannot be built here (no config / model_type, no transformers, or a
+        model type this transformers does not know)."""
+        if not self.config or "model_type" not in self.config:
+            return None
+        try:
+            return lora_targets.describe(self.config)
+        except Exception:  # ImportError, an unknown model_type, a config transformers refuses: the fallback
+            return None
 
     def linear_params(self) -> int:
         return self.layers * sum(a * b for a, b in self.matrices().values())
@@ -116,17 +134,34 @@ def layer_bytes(shape: ModelShape, tokens: int, a: int, lb: int, r: int, targets
     per = 2 * (4 * h + 4) + m * (2 * q + 2 * kv) + 4 * shape.heads + 3 * a * i
     if attn == "eager":
         per += shape.heads * seq * (4 + (m if m != 4 else 0)) - 4 * shape.heads
-    mats = shape.matrices()
+    ins = target_inputs(shape, targets)
     if full:
         per += 2 * a * h + a * i
     elif copies:
-        per += sum(mats[t][0] * (lb + (mask_bytes if dropout > 0 else 0)) for t in targets)
-    else:
+        per += sum(ins) * (lb + (mask_bytes if dropout > 0 else 0))
+    elif all(t in shape.matrices() for t in targets):
         per += a * h * (any(t in ATTN_IN for t in targets) + any(t in MLP_IN for t in targets))
         per += a * i * ("down_proj" in targets)
+    else:  # another family's names: one saved input per distinct input width (an estimate, not measured)
+        per += a * sum(set(ins))
     if not full:
-        per += r * lb * len(targets)
+        per += r * lb * len(ins)
     return float(tokens * per)
+
+
+def target_inputs(shape: ModelShape, targets) -> list[float]:
+    """The input width of each LoRA target matrix in one decoder layer: Llama's seven by name, else from the
+    model's listing (the matched layers over all decoder layers, spread evenly)."""
+    mats = shape.matrices()
+    if all(t in mats for t in targets):
+        return [float(mats[t][0]) for t in targets]
+    listing = shape.listing()
+    if listing is None:
+        raise UserError(f"lora.target_modules: {[t for t in targets if t not in mats]} are not linear layers of a "
+                        f"{shape.name or 'decoder'} layer ({', '.join(mats)})")
+    chosen = lora_targets.selected(list(targets), listing.linears)
+    per = max(1, shape.layers)
+    return [x.d_in / per for x in chosen]
 
 
 def activation_bytes(shape: ModelShape, batch: int, seq: int, a: int, lb: int, r: int, targets, dropout: float,
@@ -159,6 +194,11 @@ def loss_bytes(shape: ModelShape, batch: int, seq: int, a: int, chunk_tokens: in
 def shape_of(name: str, cache_dir: str | None = None) -> ModelShape:
     """The shape of model.name: its folder's config.json (a local folder, a built-in model already built, the
     Hugging Face cache of a hub id), else cluster/gpus.json's known models; UserError naming what to do."""
+    return ModelShape.from_config(config_of(name, cache_dir), name)
+
+
+def config_of(name: str, cache_dir: str | None = None) -> dict[str, Any]:
+    """model.name's config.json as a dict (shape_of's sources, in its order); UserError naming what to do."""
     path = None
     if name in BUILTIN:
         path = cache_root(cache_dir) / "models" / name / "config.json"
@@ -175,9 +215,9 @@ def shape_of(name: str, cache_dir: str | None = None) -> ModelShape:
             except Exception:  # not a valid repo id, or no hub library: the table below decides
                 path = None
     if path is not None and path.is_file():
-        return ModelShape.from_config(json.loads(path.read_text()), name)
+        return json.loads(path.read_text())
     known = table()["models"]
     if name in known:
-        return ModelShape.from_config(known[name], name)
+        return dict(known[name])
     raise UserError(f"model.name={name!r}: no config.json on this machine and not among the known shapes in "
                     f"{TABLE}; download it (huggingface-cli download {name} config.json) or add its shape there")

@@ -51,7 +51,7 @@ class SpaceSection(Section):
     alpha_ratio: float = Field(2.0, gt=0, description="alpha / r when alpha=ratio.")
     lr: LogRange | list[float] | None = Field(None, description=(
         "Learning rate: {low, high} for log-uniform, or a list of values to choose from."))
-    target_modules: list[Literal["attention", "all-linear"]] | None = Field(
+    target_modules: list[Literal["attention", "mlp", "all-linear"]] | None = Field(
         None, description="Module presets to choose from.")
     dropout: list[float] | None = Field(None, description="LoRA dropout values to choose from.")
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from pipelines.artifacts.manifest import publish_folder, staging_folder
 from pipelines.artifacts.models import cache_root
-from pipelines.train import worker
+from pipelines.train import targets, worker
 from pipelines.train.config import LoraSection, QuantSection, WorkerJob, deepspeed_config, zero_dtype
 from pipelines.train.engine import init_deepspeed
 
@@ -224,6 +224,7 @@ def start_worker(job: WorkerJob, adapter) -> tuple[Any, int, Any, dict[str, Any]
     ds = deepspeed_config(train, job.dtype)
     align_for_zero3(model, ds)
     static = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+              "lora_target_modules": lora_target_modules(model),
               **per_rank(model, info, frozen_dtype(job))}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return tokenizer, pad_id, model, static
@@ -272,13 +273,31 @@ def full_tensors(params):
 
 
 def attach_lora(model, lora: LoraSection, seed: int):
+    """The base with a fresh LoRA adapter on lora.target_modules resolved against this model's own linear layers
+    (pipelines.train.targets: all-linear / attention / mlp by structure, an explicit list checked by PEFT's
+    matching rule). The resolved names are kept as `lora_target_modules` on the returned model (the manifest
+    records them)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
+    names = targets.resolve(lora.target_modules, targets.list_linears(model))
     torch.manual_seed(seed)
-    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                            target_modules=lora.modules(), use_rslora=lora.rslora,
-                                            use_dora=lora.dora, task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                  target_modules=list(names), use_rslora=lora.rslora,
+                                                  use_dora=lora.dora, task_type="CAUSAL_LM"))
+    peft_model.lora_target_modules = names
+    return peft_model
+
+
+def lora_target_modules(model) -> list[str] | None:
+    """The target modules of the model's LoRA adapter: attach_lora's resolved list, else what the loaded
+    adapter's config names (sorted; PEFT keeps a set); None without an adapter or for a regex."""
+    names = getattr(model, "lora_target_modules", None)
+    if names is not None:
+        return list(names)
+    conf = (getattr(model, "peft_config", None) or {}).get("default")
+    found = getattr(conf, "target_modules", None)
+    return None if found is None or isinstance(found, str) else sorted(found)
 
 
 def weight_bytes(model) -> dict[str, int]:

@@ -18,8 +18,11 @@ from pipelines.data.rowformats import check_columns
 from pipelines.schema import Section
 
 AUTO_MIN_STEPS = 10  # checkpoint_every=auto never checkpoints more often than this (short runs)
+# Llama/Qwen2's names for the presets: what pipelines.train.targets resolves them to on those families, and the
+# fallback where a model's module listing is not at hand (a known shape without config.json or transformers).
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
-ALL_LINEAR = ATTENTION + ["gate_proj", "up_proj", "down_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj"]
+ALL_LINEAR = ATTENTION + MLP
 DEEPSPEED_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
 
 
@@ -29,15 +32,21 @@ class LoraSection(Section):
     r: int = Field(16, ge=1, le=256, description="LoRA rank.")
     alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rslora).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: Literal["attention", "all-linear"] | list[str] = Field(
-        "all-linear", description="'attention', 'all-linear' or an explicit list of module names.")
+    target_modules: Literal["attention", "mlp", "all-linear"] | list[str] = Field("all-linear", description=(
+        "'all-linear' (every linear layer but the output head; on mixture-of-experts models the attention and "
+        "shared layers, never the experts or the router), 'attention', 'mlp' (the feed-forward block), resolved "
+        "from the model's own modules (Phi-3's qkv_proj, GPT-2's c_attn, ...), or an explicit list of module names "
+        "(each must match a linear layer: its full name, or a suffix after a '.')."))
     rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
     dora: bool = Field(False, description="Weight-decomposed LoRA. Trains, but vLLM cannot serve it: serve refuses.")
 
     def modules(self) -> list[str]:
+        """The explicit list, or a preset in Llama/Qwen2's names (ATTENTION, MLP, ALL_LINEAR). Training resolves
+        presets against the model itself (pipelines.train.targets.resolve); this is the fallback where no module
+        listing is at hand."""
         if isinstance(self.target_modules, list):
             return self.target_modules
-        return ATTENTION if self.target_modules == "attention" else ALL_LINEAR
+        return {"attention": ATTENTION, "mlp": MLP}.get(self.target_modules, ALL_LINEAR)
 
 
 class QuantSection(Section):
