@@ -19,6 +19,8 @@ import typer
 from cluster import session, stages
 from cluster.cli_common import CONFIG, OVERRIDES, done, fail, load
 from cluster.config import ConfigError
+from serve.adapters import validate_adapter
+from serve.errors import AdapterInvalid
 
 
 def serve(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:
@@ -62,9 +64,6 @@ def deploy(config: Path = CONFIG,
 
 def _what_is_served(cfg) -> stages.Served:
     """What `run` served for this config (stages.served over the run folder); exit 3 when the gate refused it."""
-    from serve.adapters import validate_adapter
-    from serve.errors import AdapterInvalid
-
     try:
         what = stages.served(stages.built_so_far(cfg))
     except stages.GateRefused as e:
