@@ -208,5 +208,8 @@ def test_vllm_backend_answers_like_transformers(ray_session, tiny_model_dir, eva
     adapters = {"tuned": str(evaluated["tuned"])}
     got = {b: generate(rows, b, tiny_model_dir, adapters, max_new_tokens=16, batch_size=12, max_lora_rank=8)
            for b in ("vllm", "hf")}
-    assert got["vllm"] == got["hf"]
+    # The same greedy tokens; an answer cut at max_new_tokens inside a multi-byte character ends in U+FFFD in
+    # transformers' decode, while vLLM's incremental detokenizer holds the unfinished bytes back.
+    same = {b: [a.rstrip("\ufffd") for a in answers] for b, answers in got.items()}
+    assert same["vllm"] == same["hf"]
     assert got["vllm"][:6] != got["vllm"][6:]  # the adapter's answers are not the base's
