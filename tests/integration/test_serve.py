@@ -595,9 +595,15 @@ def test_in_flight_cap_per_key_is_429_with_retry_after(server):
 
     with ThreadPoolExecutor(IN_FLIGHT) as pool:
         held = pool.map(hold, range(IN_FLIGHT))
-        time.sleep(5)  # every held request has reached the ingress; 64 x 400 tokens take longer than that
-        r = httpx.post(f"{server}/completions", json={"model": "base", "prompt": PROMPT, "max_tokens": 1},
-                       headers=headers, timeout=60)
+        # once every held request has reached the ingress (seconds on a busy machine; 64 x 400 tokens take far
+        # longer), one more is refused: asked again each second until then
+        deadline = time.monotonic() + 90
+        while True:
+            r = httpx.post(f"{server}/completions", json={"model": "base", "prompt": PROMPT, "max_tokens": 1},
+                           headers=headers, timeout=60)
+            if r.status_code != 200 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
         statuses = list(held)
     assert r.status_code == 429 and r.headers.get("retry-after") == "1", (r.status_code, r.text[:300])
     assert "serve.limits.max_concurrent_per_key" in r.json()["error"]["message"]

@@ -95,7 +95,8 @@ def test_scales_up_serves_new_adapter_on_both_survives_a_replica_kill_then_scale
         up = wait_for(lambda: replica_count(APP) == 2, 420, "a second replica under load")
         print(f"\n1 -> 2 replicas after {up:.0f} s of load")
         staged = make_adapter(tiny_model_dir, tmp_path / "late", seed=5)
-        lineage = {"base_model": tiny_model_dir, "base_model_hash": "sha256:t", "dataset_hash": "sha256:d"}
+        lineage = {"base_model": tiny_model_dir, "base_model_hash": "sha256:t", "dataset_hash": "sha256:d",
+                   "config": {"r": 8}}
         assert Registry(registry).publish("late", staged, "lora_adapter", lineage) == 1  # while 2 replicas run
         model[0] = "base:late"  # the latest version; the whole load asks for it: it fills one replica, spills over
         both = wait_for(lambda: len(served_late) == 2, 180, "both replicas to answer for the new adapter")

@@ -110,7 +110,8 @@ def test_gradient_checkpointing_and_8bit_adam_save_memory_and_still_learn(ray_se
         assert m["loss_history"][-1] < m["loss_history"][0] - 0.2, m["loss_history"]
 
 
-# An SFT adapter's manifest as commit 8a155db wrote it; since then the metrics add attn_implementation (issue 33).
+# An SFT adapter's manifest as commit 8a155db wrote it; since then the metrics add attn_implementation (issue 33)
+# and lora_target_modules (the resolved targets, issue 36).
 SFT_MANIFEST_KEYS_8A155DB = [
     "code_version", "config", "created", "inputs", "kind", "lineage", "metrics"]
 SFT_METRICS_8A155DB = [
@@ -125,7 +126,7 @@ def test_ddp_reference_trains(reference):
     manifest, folder = reference
     _assert_trained(manifest)
     assert sorted(manifest) == SFT_MANIFEST_KEYS_8A155DB
-    assert set(manifest["metrics"]) == set(SFT_METRICS_8A155DB) | {"attn_implementation"}
+    assert set(manifest["metrics"]) == set(SFT_METRICS_8A155DB) | {"attn_implementation", "lora_target_modules"}
     assert manifest["metrics"]["world_size"] == 2
     for r in manifest["metrics"]["ranks"]:  # DDP replicates a 16/32-bit base: the whole of it on every rank
         assert r["base_load"] == "full" and r["base_params_local"] == r["base_params_total"]
