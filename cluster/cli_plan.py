@@ -63,14 +63,18 @@ def capacity(cfg) -> tuple[float, str] | None:
         "its own copy of the base)")
 
 
-def check_fits(cfg, source: str = "<config>") -> TrainingPlan | None:
-    """Print the plan's one-line summary; raise UserError with the breakdown when a device cannot hold it. A
-    model whose shape is unknown here is not checked (the stage itself will say what is wrong)."""
+def check_fits(cfg, source: str = "<config>", echo=None) -> TrainingPlan | None:
+    """Print the plan's one-line summary (to stderr, or through `echo`: a command's console while its library
+    noise goes to the log); raise UserError with the breakdown when a device cannot hold it. A model whose shape
+    is unknown here is not checked (the stage itself will say what is wrong)."""
     try:
         p = plan_training(cfg, shape_of(cfg.model.name, cfg.model.cache_dir))
     except UserError:
         return None
-    typer.secho(plan_render.summary(p), err=True, fg="cyan")
+    if echo is None:
+        typer.secho(plan_render.summary(p), err=True, fg="cyan")
+    else:
+        echo(plan_render.summary(p))
     cap = capacity(cfg)
     if cap is not None and p.device_bytes > cap[0]:
         raise UserError("\n".join([

@@ -48,6 +48,10 @@ def _quiet(cfg, command: str):
             session.finish()
 
 
+def _plan_line(text: str) -> None:
+    stages.console.print(text, style="cyan", markup=False, soft_wrap=True)
+
+
 def _alone(stage: stages.Stage, config: Path, overrides: Optional[list[str]], **options) -> tuple:
     """(config, context) of a stage command run alone: the config loaded and checked for what the stage reads."""
     cfg = load(config, overrides, stage.needs)
@@ -81,8 +85,8 @@ def run(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
     Prints what was served (its registry version when the gate published it), then the run folder last.
     Exit 3 when the gate refuses the adapter."""
     cfg = load(config, overrides, RUN_CHECKS)
-    cli_plan.check_fits(cfg, str(config))  # refuses, with the breakdown, a run its workers cannot hold
     if dry_run:
+        cli_plan.check_fits(cfg, str(config))  # refuses, with the breakdown, a run its workers cannot hold
         plan = graph.Graph(cfg, force=tuple(force or ()), start=start, until=until).plan()
         typer.echo(plan.table())
         statuses = {r["stage"]: r["status"] for r in plan.rows}
@@ -91,6 +95,8 @@ def run(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
         return
     try:
         with _quiet(cfg, "run") as log:
+            # inside: the plan imports transformers' quantizers (torchao's import-time warnings go to the log)
+            cli_plan.check_fits(cfg, str(config), echo=_plan_line)
             from serve.app import shutdown  # imports vLLM (and its libraries' import-time warnings)
 
             g = graph.Graph(cfg, force=tuple(force or ()), start=start, until=until)
@@ -132,8 +138,8 @@ def sft(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
                                                            "loop, checkpoints and manifest.")) -> None:
     """SFT stage alone, on the data stage's output folder of the same run."""
     cfg, ctx = _alone(stages.SFT, config, overrides, local=local)
-    cli_plan.check_fits(cfg, str(config))
     with _quiet(cfg, stages.SFT.command):
+        cli_plan.check_fits(cfg, str(config), echo=_plan_line)
         out = stages.SFT(ctx)
     done(out)
 
