@@ -21,6 +21,7 @@ from cluster.cli_common import CONFIG, OVERRIDES, done, fail, load
 from cluster.config import ConfigError
 from serve.adapters import validate_adapter
 from serve.errors import AdapterInvalid
+from serve.lora_support import support_for
 
 
 def serve(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:
@@ -69,11 +70,13 @@ def _what_is_served(cfg) -> stages.Served:
     except stages.GateRefused as e:
         fail(f"gate: refused this run's adapter ({'; '.join(e.reasons)}); nothing is served. Rerun with a passing "
              "adapter, or publish this one with `loraforge evaluate --gate --force`", code=3)
+    support = support_for(what.model) if what.adapters else None  # vLLM's LoRA on this base's architecture
     for name, folder in what.adapters.items():  # before Ray starts: a broken adapter is one line, exit 2
         try:
-            validate_adapter(folder, max_rank=cfg.serve.max_lora_rank, bases=None)
+            validate_adapter(folder, max_rank=cfg.serve.max_lora_rank, bases=None, support=support)
         except AdapterInvalid as e:
-            fail(f"adapter {name!r} cannot be served: {e}; retrain it or fix the folder")
+            fail(f"adapter {name!r} cannot be served: {e}"
+                 + ("" if support is not None and not support.supported else "; retrain it or fix the folder"))
     return what
 
 

@@ -29,6 +29,7 @@ from pipelines.schema import ConfigError, DataError, MissingInput, Section, reda
 from pipelines.train import targets as lora_targets
 from pipelines.train.config import DPOSection, LoraSection, QuantSection, TrainSection, check_combination
 from serve.config import ServeConfig, lora_ranks
+from serve.lora_support import support_for_config
 from tune.space import TuneSection
 
 CURATED_TEST = "curated"  # eval.test_path: this run's curated test split (the data stage's curated/test folder)
@@ -155,6 +156,20 @@ def preflight(cfg: RunConfig, checks: tuple[str, ...] | list[str], source: str =
                               f"{lora_ranks()}) or lower lora.r")
     if "model" in want and cfg.lora.target_modules != "all-linear":  # last: it imports transformers
         _check_targets(cfg, source)
+    if "serving" in want and "merge" not in cfg.model_fields_set:  # the adapter is served on the base: vLLM's LoRA
+        _check_lora_serving(cfg, source)
+
+
+def _check_lora_serving(cfg: RunConfig, source: str) -> None:
+    """An adapter served on the base needs vLLM's LoRA on its architecture (serve.lora_support): refused here when
+    vLLM has none (GPT-2, Falcon, ...), before anything trains. Left to the stage when it cannot be told here (no
+    config.json on this machine, no vLLM)."""
+    try:
+        support = support_for_config(config_of(cfg.model.name, cfg.model.cache_dir))
+    except Exception:  # noqa: BLE001 - no config here, an unknown model type: the serve stage checks again
+        return
+    if support is not None and not support.supported:
+        raise ConfigError(f"{source}: model.name={cfg.model.name!r}: {support.refusal()}")
 
 
 def _check_targets(cfg: RunConfig, source: str) -> None:

@@ -24,13 +24,16 @@ from typing import Any, Protocol
 from pipelines.artifacts.registry import NAME, NAME_PATTERN, Registry, RegistryCorrupt, RegistryError
 from pipelines.artifacts.registry import parse_ref as parse_registry_ref
 from serve.errors import AdapterInvalid, AdapterNotFound, AdapterSourceUnavailable, BadAdapterName
+from serve.lora_support import LoraSupport
 
 __all__ = ["AdapterInvalid", "AdapterNotFound", "AdapterSourceUnavailable", "BadAdapterName", "Resolved",
            "AdapterSource", "parse_ref", "StaticSource", "FolderSource", "RegistrySource", "ChainSource",
            "base_identities", "validate_adapter", "Resolver", "SlotGate", "SUPPORTED_MODULES"]
 
-# Linear layers vLLM can put a LoRA on in the decoder families we serve (Llama/Qwen/Mistral/Gemma/Phi/GPT-2
-# style). An adapter on anything else (embeddings, norms, a classifier head) would fail inside the engine.
+# Last name components of the linear layers vLLM puts a LoRA on in the decoder families we serve, for an adapter
+# whose base is not known here (serve.lora_support.LoraSupport, read from vLLM for the base, decides otherwise).
+# Compared by the last component, as vLLM compares an adapter's modules: GPT-2's `attn.c_proj` is a c_proj. An
+# adapter on anything else (embeddings, norms, a classifier head) would fail inside the engine.
 SUPPORTED_MODULES = frozenset({
     "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj", "gate_up_proj",
     "c_attn", "c_proj", "c_fc", "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h",
@@ -178,8 +181,12 @@ def _norm(ident: str) -> str:
     return str(p.resolve()) if p.exists() else ident.rstrip("/")
 
 
-def validate_adapter(path: str, *, max_rank: int, bases: set[str] | None) -> dict[str, Any]:
-    """Refuse what vLLM cannot serve, or would serve wrongly, before the adapter is exposed; return its config."""
+def validate_adapter(path: str, *, max_rank: int, bases: set[str] | None,
+                     support: LoraSupport | None = None) -> dict[str, Any]:
+    """Refuse what vLLM cannot serve, or would serve wrongly, before the adapter is exposed; return its config.
+    support: vLLM's LoRA support for the served base (serve.lora_support.LoraSupport): an architecture without
+    LoRA refuses every adapter, and target modules are checked against that base's LoRA layers; None: against
+    SUPPORTED_MODULES."""
     folder = Path(path)
     if not (folder / "adapter_config.json").is_file():
         raise AdapterInvalid(f"{folder} has no adapter_config.json (not a PEFT adapter folder)")
@@ -200,9 +207,17 @@ def validate_adapter(path: str, *, max_rank: int, bases: set[str] | None) -> dic
     if rank > max_rank:
         raise AdapterInvalid(f"rank {rank} exceeds serve.max_lora_rank={max_rank}")
     targets = conf.get("target_modules") or []
+    if support is not None and not support.supported:
+        raise AdapterInvalid(support.refusal())
     # A string is a regex or "all-linear": only the engine can expand it, so it is checked at load instead.
-    if isinstance(targets, list) and (bad := sorted(set(targets) - SUPPORTED_MODULES)):
-        raise AdapterInvalid(f"target modules {bad} are not supported by vLLM's LoRA layers")
+    if isinstance(targets, list):
+        if support is not None and (bad := support.unserved(targets)):
+            raise AdapterInvalid(f"target modules {bad} are not LoRA layers vLLM {support.vllm_version} serves on "
+                                 f"{support.architecture} (those are {', '.join(sorted(support.modules))}): "
+                                 "retrain with lora.target_modules=all-linear, attention or mlp")
+        if support is None and (bad := sorted({t for t in targets if str(t).rsplit(".", 1)[-1]
+                                               not in SUPPORTED_MODULES})):
+            raise AdapterInvalid(f"target modules {bad} are not supported by vLLM's LoRA layers")
     if conf.get("modules_to_save"):
         raise AdapterInvalid(f"modules_to_save {conf['modules_to_save']} (fully trained layers) cannot be served")
     declared = conf.get("base_model_name_or_path")

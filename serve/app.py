@@ -44,6 +44,7 @@ from serve.base import check_servable, resolve_base
 from serve.config import ServeConfig, tp_on_cpu
 from serve.errors import AdapterInvalid, BadAdapterName, ServeInputError
 from serve.ingress import ENDPOINTS, LoRAIngress, fastapi_app
+from serve.lora_support import support_for
 from serve.ray_llm import to_model_metadata
 from serve.server import LoRAServer
 
@@ -59,6 +60,7 @@ def validate_adapters(adapters: dict[str, str], cfg: ServeConfig, base_model: st
     """Check names and folders before a replica spends a minute starting; return name -> absolute folder.
     ServeInputError names the first adapter that cannot be served and why."""
     bases = base_identities(base_model, cfg.base_model_names) if base_model else None
+    support = support_for(base_model) if base_model and adapters else None  # vLLM's LoRA layers for this base
     checked = {}
     for name, folder in adapters.items():
         try:
@@ -70,7 +72,7 @@ def validate_adapters(adapters: dict[str, str], cfg: ServeConfig, base_model: st
             raise ServeInputError(f"adapter {name!r}: the name is taken by the base model's alias")
         path = Path(folder).expanduser().resolve()
         try:
-            validate_adapter(str(path), max_rank=cfg.max_lora_rank, bases=bases)
+            validate_adapter(str(path), max_rank=cfg.max_lora_rank, bases=bases, support=support)
         except AdapterInvalid as e:
             raise ServeInputError(f"adapter {name!r}: {e}") from None
         checked[name] = str(path)
@@ -134,7 +136,10 @@ def llm_config(cfg: ServeConfig, base_model: str, *, gpu: bool) -> Any:
         model_loading_config={"model_id": cfg.model_alias, "model_source": base_model},
         accelerator_config={"kind": "gpu" if gpu else "cpu"},
         engine_kwargs={
-            "dtype": cfg.engine_dtype(gpu), "max_model_len": cfg.max_model_len, "enable_lora": True,
+            # LoRA off only where vLLM has none for the architecture (GPT-2: a merged model serves, adapters
+            # are refused by validate_adapter), else its engine would not start at all
+            "dtype": cfg.engine_dtype(gpu), "max_model_len": cfg.max_model_len,
+            "enable_lora": getattr(support_for(base_model), "supported", True),
             "max_lora_rank": cfg.max_lora_rank,
             # One slot more than the gate admits (SlotGate: vLLM's full-slot bug); vLLM's CPU-side LRU holds
             # the replica's adapters and loads a new one before it evicts.

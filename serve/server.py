@@ -43,6 +43,7 @@ from serve.errors import (
     engine_restarting,
     unservable,
 )
+from serve.lora_support import support_for
 from serve.ray_llm import CallbackBase, DiskMultiplexConfig, LoraModelLoader, global_id_manager
 
 logger = logging.getLogger("loraforge.serve")
@@ -67,15 +68,16 @@ class SourceLoader(LoraModelLoader):
     """LLMServer's `model_downloader`: `base:ref` -> the adapter's folder, validated, never copied.
     HTTP errors carry the status the client gets: 400 malformed name, 404 unknown, 503 unservable."""
 
-    def __init__(self, source: AdapterSource, cfg: ServeConfig, bases: set[str], **kwargs: Any):
+    def __init__(self, source: AdapterSource, cfg: ServeConfig, bases: set[str], support: Any = None, **kwargs: Any):
         super().__init__(**kwargs)
-        self.source, self.cfg, self.bases = source, cfg, bases
+        self.source, self.cfg, self.bases, self.support = source, cfg, bases, support
 
     async def load_model_from_config(self, lora_model_id: str, llm_config: LLMConfig) -> DiskMultiplexConfig:
         ref = lora_model_id.split(":", 1)[1] if ":" in lora_model_id else lora_model_id
         try:
             resolved = self.source.resolve(ref)
-            validate_adapter(resolved.path, max_rank=self.cfg.max_lora_rank, bases=self.bases)
+            validate_adapter(resolved.path, max_rank=self.cfg.max_lora_rank, bases=self.bases,
+                             support=self.support)
         except (BadAdapterName, AdapterNotFound, AdapterInvalid) as e:
             raise HTTPException(*adapter_error(e, ref)) from e
         return DiskMultiplexConfig(model_id=lora_model_id, max_total_tokens=None, local_path=resolved.path,
@@ -91,7 +93,8 @@ class LoRAServer(LLMServer):
         self._dead_since: float | None = None
         self.replica = serve.get_replica_context().replica_id.unique_id
         bases = base_identities(base_model, cfg.base_model_names)
-        await super().__init__(llm_config, model_downloader=partial(SourceLoader, source, cfg, bases))
+        await super().__init__(llm_config, model_downloader=partial(SourceLoader, source, cfg, bases,
+                                                                    support_for(base_model)))
         # A broken adapter named in the config fails the deploy, not a request later.
         statics = [s for s in getattr(source, "sources", [source]) if isinstance(s, StaticSource)]
         for name in [n for s in statics for n in s.list()][:cfg.adapter_cache_size]:

@@ -4,6 +4,21 @@ Labels are found by rendering prefixes of the conversation with the tokenizer's 
 between "everything before assistant turn i, plus the generation prompt" and "everything through turn i" are
 turn i's answer (its end-of-turn token included, so the model learns to stop). A template whose renderings are
 not prefixes of each other would make that wrong, so it is checked rather than assumed.
+
+Model families' templates differ in ways that would break that; each is handled by one rule, per row, or the row
+is refused (RowError 'template_error', with the template's own message: written to rejected/ with the reason):
+- no system role (Gemma: "System role not supported", Mistral v0.1: roles must alternate from the user): when the
+  template refuses a conversation that starts with a system message, or renders it without the system text, the
+  system text is folded into the first user turn ("<system>\n\n<user>"), as Gemma 3's own template does;
+- strict alternation (Mistral, Gemma): when the template still refuses the conversation and it has two turns of
+  one role in a row, each such run is merged into one turn, the contents joined by a blank line;
+- a generation prompt that differs from the assistant turn's rendering (a "no thinking" prompt that adds an empty
+  <think></think> block the rendered turn lacks): the answer starts after the longest part of the generation
+  prompt the rendered turn begins with;
+- a turn that the whole conversation's rendering renders otherwise than the conversation ending with it (Qwen3
+  drops the reasoning block of answers before the last user turn, Phi-3 puts its EOS token after the last turn
+  only): that turn is context, not learned; the others are (Qwen3, Phi-3: the last answer). A conversation in
+  which no answer can be located is a template problem, not a row's: a DataError (NOT_PREFIX) for the whole pass.
 """
 
 from __future__ import annotations
@@ -106,10 +121,11 @@ NOT_PREFIX = ("the model's chat template (chat_template.jinja, or chat_template 
 
 def encode_conversations(tokenizer, conversations: list[list[dict[str, str]]]
                          ) -> list[tuple[list[int], list[int] | None] | RowError]:
-    """(input_ids, labels) of each rendered conversation, labels only on assistant tokens; labels None where the
-    chat template does not render the conversation's prefixes as prefixes of it (tokenize_conversations raises);
-    RowError 'template_error' with the template's own message for a conversation the template refuses to render
-    (one that starts with the assistant, a role it does not know): that row is refused, the rest go on.
+    """(input_ids, labels) of each rendered conversation, labels only on assistant tokens; labels None where no
+    answer of the conversation can be located in its rendering (tokenize_conversations raises); RowError
+    'template_error' with the template's own message for a conversation the template refuses to render even after
+    the module's rules (one that starts with the assistant, a role it does not know): that row is refused, the
+    rest go on.
 
     Each conversation is encoded once, with its character-to-token maps: turn i's answer is the tokens of the full
     encoding that lie between the characters of "everything before turn i + the generation prompt" and "everything
@@ -122,7 +138,7 @@ def encode_conversations(tokenizer, conversations: list[list[dict[str, str]]]
     rows = []
     for i, m in enumerate(conversations):
         try:
-            rows.append(_char_spans(tokenizer, m))
+            rows.append(_char_spans(tokenizer, *renderable(tokenizer, m)))
         except Exception as e:  # noqa: BLE001 - jinja's raise_exception, transformers' checks: this row's refusal
             refused[i] = RowError("template_error", f"the chat template cannot render this conversation: "
                                                     f"{' '.join(str(e).split())[:300]}")
@@ -132,29 +148,100 @@ def encode_conversations(tokenizer, conversations: list[list[dict[str, str]]]
     out: list = [None] * len(conversations)
     for i, error in refused.items():
         out[i] = error
-    slow: list[int] = []
+    slow: list[tuple[int, list[tuple[str, str]]]] = []
     for r, (i, (full, spans), ids) in enumerate(zip(good, rows, enc["input_ids"])):
         ids = list(ids)
         bounds = _token_bounds(enc, r, len(ids), spans) if fast and spans is not None else None
         if spans is not None and bounds is None:
-            slow.append(i)
+            slow.append((i, spans))
         out[i] = (ids, None if bounds is None else _labels(ids, bounds))
     if slow:  # each distinct prefix rendering of those rows encoded once, in one call
-        for i, labels in zip(slow, _labels_by_prefix_encodes(tokenizer, [conversations[i] for i in slow],
-                                                            [out[i][0] for i in slow])):
+        for (i, _), labels in zip(slow, _labels_by_prefix_encodes(tokenizer, [conversations[i] for i, _ in slow],
+                                                                 [out[i][0] for i, _ in slow],
+                                                                 [spans for _, spans in slow])):
             out[i] = (out[i][0], labels)
     return out
 
 
-def _char_spans(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[tuple[str, str]] | None]:
-    """The full rendering and, per assistant turn, the renderings that end before and after its answer (None
-    when one is not a character prefix of the full rendering)."""
-    full = _render_text(tokenizer, messages, False)
-    spans = [(_render_text(tokenizer, messages[:i], True),
-              full if i == len(messages) - 1 else _render_text(tokenizer, messages[:i + 1], False))
-             for i, msg in enumerate(messages) if msg["role"] == "assistant"]  # the last turn ends the full text
-    ok = all(full.startswith(a) and full.startswith(b) for a, b in spans)
-    return full, (spans if ok else None)
+def renderable(tokenizer, messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], str]:
+    """The conversation as the template renders it, by the module's rules, and its rendering: the system text
+    folded into the first user turn where the template refuses a system message or drops its text, then runs of
+    one role merged where it still refuses the conversation. Raises the template's own error when no rule makes
+    it render."""
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+    try:
+        full = _render_text(tokenizer, messages, False)
+    except Exception as e:  # noqa: BLE001 - the template's refusal: try the rules, else it stands
+        for attempt in (_fold_system(messages), _merge_runs(_fold_system(messages))):
+            if attempt != messages:
+                try:
+                    return attempt, _render_text(tokenizer, attempt, False)
+                except Exception:  # noqa: BLE001, S112 - this rule does not help: the next, else the first error
+                    continue
+        raise e
+    if system and system.strip() not in full and (folded := _fold_system(messages)) != messages:
+        return folded, _render_text(tokenizer, folded, False)  # a template that drops the system text silently
+    return messages, full
+
+
+def _fold_system(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """A leading system message folded into the first user turn ("<system>\n\n<user>"); as given without one."""
+    if len(messages) < 2 or messages[0]["role"] != "system" or messages[1]["role"] != "user":
+        return messages
+    first = {**messages[1], "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}
+    return [first, *messages[2:]]
+
+
+def _merge_runs(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Consecutive turns of one role merged into one, contents joined by a blank line."""
+    out: list[dict[str, str]] = []
+    for m in messages:
+        if out and out[-1]["role"] == m["role"]:
+            out[-1] = {**out[-1], "content": f"{out[-1]['content']}\n\n{m['content']}"}
+        else:
+            out.append(dict(m))
+    return out
+
+
+def _char_spans(tokenizer, messages: list[dict[str, str]], full: str | None = None
+                ) -> tuple[str, list[tuple[str, str]] | None]:
+    """The full rendering (given, or rendered here) and, per located assistant turn, the prefixes of it that end
+    before and after its answer (the module's rules); None when the conversation has answers and none can be
+    located."""
+    full = _render_text(tokenizer, messages, False) if full is None else full
+    spans, answers = [], 0
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        answers += 1
+        prompt = _render_text(tokenizer, messages[:i], True)
+        through = full if i == len(messages) - 1 else _render_text(tokenizer, messages[:i + 1], False)
+        if not full.startswith(through):
+            continue  # the whole rendering rewrites this turn (Qwen3's earlier reasoning): context, not learned
+        start = len(prompt) if full.startswith(prompt) else _prompt_shared(tokenizer, messages[:i], full,
+                                                                             msg["content"])
+        if start is not None and len(through) >= start:
+            spans.append((full[:start], through))
+    return full, (spans if spans or not answers else None)
+
+
+def _prompt_shared(tokenizer, before: list[dict[str, str]], full: str, answer: str) -> int | None:
+    """Where the answer starts when the generation prompt differs from the rendered turn: after the longest run
+    of the prompt's own tokens (its part after the conversation so far) that the full rendering repeats, where
+    the answer's text follows (blanks aside); None when it does not, or when the rendering without the prompt is
+    not a prefix of the full one."""
+    head = _render_text(tokenizer, before, False)
+    prompt = _render_text(tokenizer, before, True)
+    if not (full.startswith(head) and prompt.startswith(head)):
+        return None
+    tail, rest = prompt[len(head):], full[len(head):]
+    try:
+        ends = [e for _, e in tokenizer(tail, add_special_tokens=False, return_offsets_mapping=True)
+                ["offset_mapping"]]
+    except (NotImplementedError, KeyError, TypeError):  # a slow tokenizer: no offsets, characters then
+        ends = list(range(len(tail) + 1))
+    start = len(head) + max([e for e in ends if rest.startswith(tail[:e])], default=0)
+    return start if full[start:].lstrip().startswith(answer.strip()) else None
 
 
 def _token_bounds(enc, r: int, n: int, spans: list[tuple[str, str]]) -> list[tuple[int, int]] | None:
@@ -182,15 +269,17 @@ def _labels(ids: list[int], bounds: list[tuple[int, int]]) -> list[int]:
     return labels
 
 
-def _labels_by_prefix_encodes(tokenizer, conversations, full_ids) -> list[list[int] | None]:
+def _labels_by_prefix_encodes(tokenizer, conversations, full_ids, spans=None) -> list[list[int] | None]:
     """Labels from encoding every prefix rendering (each distinct one once) and comparing tokens: None where a
-    prefix's tokens are not a prefix of the full encoding's."""
+    prefix's tokens are not a prefix of the full encoding's. spans: each row's (_char_spans), else found here."""
     texts: dict[str, int] = {}
 
     def index(text: str) -> int:
         return texts.setdefault(text, len(texts))
 
-    turns = [[(index(a), index(b)) for a, b in _char_spans(tokenizer, m)[1]] for m in conversations]
+    if spans is None:
+        spans = [_char_spans(tokenizer, *renderable(tokenizer, m))[1] or [] for m in conversations]
+    turns = [[(index(a), index(b)) for a, b in row] for row in spans]
     ids = _encode(tokenizer, list(texts))
     out: list[list[int] | None] = []
     for full, row in zip(full_ids, turns):
