@@ -16,6 +16,12 @@ Layout under root:
 Publishing copies into .staging, renames the folder into models/ (atomic), then replaces index.json
 (atomic). A crash before the index is written leaves an orphan folder that no reader sees (readers go by the
 index) and that the next writer deletes. A committed version is never changed or renumbered.
+
+In an object store (s3://) writers on different machines share no lock, so every write is conditional
+(pipelines.artifacts.store): a publish claims its version by creating `models/<name>/<v>/registry.json` with
+`If-None-Match: *` (taken: the next number), uploads the folder, then writes index.json with `If-Match` on the
+ETag it read (someone wrote in between: read again, apply the change again, bounded); the audit log is appended
+the same way. Two machines publishing at once get two versions, and the index lists both.
 """
 
 from __future__ import annotations
@@ -26,18 +32,20 @@ import fnmatch
 import getpass
 import json
 import os
+import random
 import re
 import shutil
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from pydantic import Field
 
 from pipelines.artifacts import storage
 from pipelines.artifacts.manifest import MANIFEST, hash_path, read_manifest
+from pipelines.artifacts.store import ObjectStore
 from pipelines.schema import Section, UserError, redact
 
 # The grammar of names and references, for the registry and for serving alike: a name is NAME_PATTERN (no "..");
@@ -50,6 +58,9 @@ ALIAS = re.compile(rf"\A{ALIAS_PATTERN}\Z")
 KINDS = ("lora_adapter", "merged_model", "quantized_model")
 PICKLES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # What each kind must say about where it came from (the rest of Lineage is optional).
+# A store write retried after another writer's (compare-and-swap), and version numbers tried for one publish.
+CAS_TRIES = 30
+CLAIM_TRIES = 100
 REQUIRED_LINEAGE = {"lora_adapter": ("base_model", "base_model_hash", "dataset_hash", "config"),
                     "merged_model": ("base_model", "base_model_hash", "source"),
                     "quantized_model": ("source", "config")}
@@ -142,8 +153,8 @@ class Registry:
 
     def __init__(self, root: str | os.PathLike):
         """root: a folder, or an object-store URI (s3://bucket/prefix), worked on through a local mirror: the
-        index and audit log are pulled when read and pushed after each change, a version folder is pulled when
-        resolved. Writers on different machines serialise only on their own mirror's lock (last index wins)."""
+        index and audit log are pulled when read, a version folder when resolved. Writes go to the store
+        conditionally (see the module's docstring): writers on different machines never overwrite each other."""
         self.remote = str(root) if storage.is_uri(root) else None
         self.root = storage.mirror(self.remote) if self.remote else Path(root).expanduser().resolve()
 
@@ -155,22 +166,18 @@ class Registry:
         if self.remote:
             storage.pull(f"{self.remote}/index.json", self.root)
         if not path.is_file():
-            held = self._version_folders()
-            if held:  # the index was lost (a partial copy, a sync tool): an empty view would delete them all
-                raise RegistryCorrupt(
-                    f"{path} is missing, but the registry holds {held} version folder(s) under "
-                    f"{self.remote or self.root}/models; restore index.json (audit.jsonl records every change) "
-                    "before any write: nothing was written or deleted")
-            return {"format": 1, "models": {}}
-        try:
-            index = json.loads(path.read_text())
-        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
-            raise RegistryCorrupt(f"{path}: not valid JSON ({e}); fix or restore it (audit.jsonl records every "
-                                  "change)") from None
-        problem = _index_problem(index)
-        if problem:
-            raise RegistryCorrupt(f"{path}: {problem}; fix or restore it (audit.jsonl records every change)")
-        return index
+            return self._no_index(path)
+        return _parse_index(path.read_bytes(), path)
+
+    def _no_index(self, where: Any) -> dict[str, Any]:
+        """An empty index for a new registry; RegistryCorrupt when version folders exist without one."""
+        held = self._version_folders()
+        if held:  # the index was lost (a partial copy, a sync tool): an empty view would delete them all
+            raise RegistryCorrupt(
+                f"{where} is missing, but the registry holds {held} version folder(s) under "
+                f"{self.remote or self.root}/models; restore index.json (audit.jsonl records every change) "
+                "before any write: nothing was written or deleted")
+        return {"format": 1, "models": {}}
 
     def _version_folders(self) -> int:
         """How many version folders (models/<name>/<version>) the registry holds, here or in its store."""
@@ -237,34 +244,78 @@ class Registry:
 
     # ------------------------------------------------------------------ writing
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
-        """Hold the writer lock, clean up after crashed writers, yield (index, audit records) to fill in, then
-        commit the index atomically and only then append the audit records (an aborted change logs nothing)."""
+    def _writer(self) -> Iterator[None]:
+        """The writer lock of this folder (of this machine's mirror, for a store: writers on other machines are
+        kept apart by the store's conditional writes instead)."""
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if self.remote:  # the store's audit log, so that this change appends to it rather than replacing it
-                storage.pull(f"{self.remote}/audit.jsonl", self.root)
-            index, records = self._index(), []
-            self._collect_garbage(index)
-            yield index, records
-            self._write_index(index)
-            for record in records:
-                self._log(**record)
-            self._push_changes(records)
+            yield
 
-    def _push_changes(self, records: list[dict[str, Any]]) -> None:
-        """To the store: new version folders, then the index, then the audit log (a reader of the store never
-        sees an index naming a folder that is not there)."""
-        if not self.remote:
+    def _commit(self, change: Callable[[dict[str, Any], list[dict[str, Any]]], None]) -> None:
+        """Apply `change(index, audit records)` and commit it: the index first (atomically), then the audit
+        records (an aborted change logs nothing). Locally under the writer lock, after cleaning up what crashed
+        writers left; in a store by compare-and-swap on the index's ETag, `change` applied again to the index
+        another writer wrote in between (so it must only edit the index it is given)."""
+        if self.remote:
+            self._commit_to_store(change)
             return
-        for r in records:
-            if r["action"] == "publish":
-                rel = f"models/{r['name']}/{r['version']}"
-                storage.push(self.root / rel, f"{self.remote}/{rel}")
-        for name in ("index.json", "audit.jsonl"):
-            if (self.root / name).is_file():
-                storage.push(self.root / name, f"{self.remote}/{name}")
+        index, records = self._index(), []
+        self._collect_garbage(index)
+        change(index, records)
+        self._write_index(index)
+        for record in records:
+            self._log(**record)
+
+    def _store(self) -> ObjectStore:
+        if getattr(self, "_objects", None) is None:  # one boto3 client per registry object
+            self._objects = ObjectStore(self.remote)
+        return self._objects
+
+    def _store_index(self, store: ObjectStore) -> tuple[dict[str, Any], str | None]:
+        """(index, ETag) as the store holds it now; ETag None when there is no index yet."""
+        raw, etag = store.get("index.json")
+        if raw is None and self._version_folders():  # a first writer creates the index before its version, so
+            raw, etag = store.get("index.json")  # read after seeing a version, it is there unless it was lost
+        if raw is None:
+            return self._no_index(f"{self.remote}/index.json"), None
+        return _parse_index(raw, f"{self.remote}/index.json"), etag
+
+    def _commit_to_store(self, change: Callable[[dict[str, Any], list[dict[str, Any]]], None]) -> None:
+        store = self._store()
+        for attempt in range(CAS_TRIES):
+            index, etag = self._store_index(store)
+            records: list[dict[str, Any]] = []
+            change(index, records)
+            body = json.dumps(index, indent=2, sort_keys=True).encode()
+            if store.put("index.json", body, if_match=etag, create=etag is None):
+                break
+            time.sleep(random.uniform(0.02, 0.05 * 2 ** min(attempt, 5)))  # another writer won: read again
+        else:
+            raise RegistryError(f"{self.remote}/index.json: other writers changed it {CAS_TRIES} times while this "
+                                "change was retried; nothing was written by this one: try again")
+        self._drop_mirror("index.json")
+        self._append_audit(store, records)
+
+    def _append_audit(self, store: ObjectStore, records: list[dict[str, Any]]) -> None:
+        """Append to the store's audit log, by compare-and-swap as the index is."""
+        if not records:
+            return
+        lines = "".join(json.dumps(_audit_record(**r), default=str) + "\n" for r in records).encode()
+        for attempt in range(CAS_TRIES):
+            raw, etag = store.get("audit.jsonl")
+            if store.put("audit.jsonl", (raw or b"") + lines, if_match=etag, create=etag is None):
+                break
+            time.sleep(random.uniform(0.02, 0.05 * 2 ** min(attempt, 5)))
+        else:
+            raise RegistryError(f"{self.remote}/audit.jsonl: other writers changed it {CAS_TRIES} times while "
+                                f"this change was logged; the index holds the change, the log lacks: {records}")
+        self._drop_mirror("audit.jsonl")
+
+    def _drop_mirror(self, name: str) -> None:
+        """Forget this mirror's copy of a file just written to the store: the next read pulls the store's."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.root / name).unlink()
 
     def _write_index(self, index: dict[str, Any]) -> None:
         tmp = self.root / f"index.json.tmp{os.getpid()}"
@@ -282,10 +333,8 @@ class Registry:
                 shutil.rmtree(folder, ignore_errors=True)  # a publish that crashed before its index write
 
     def _log(self, action: str, **fields: Any) -> None:
-        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "user": _user(),
-                  "action": action, **fields}
         with open(self.root / "audit.jsonl", "a") as fh:
-            fh.write(json.dumps(record, default=str) + "\n")
+            fh.write(json.dumps(_audit_record(action, **fields), default=str) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -298,32 +347,85 @@ class Registry:
         missing = [k for k in REQUIRED_LINEAGE[kind] if lineage.get(k) in (None, "", {})]
         if missing:
             raise RegistryError(f"publish {name!r}: lineage lacks {missing} (required for {kind})")
-        with self._locked() as (index, log):
+        record = {"name": name, "version": 0, "kind": kind, "lineage": redact(lineage), "hash": "",
+                  "source_path": str(src)}
+        claimed: list[tuple[int, Path]] = []  # a store publish: (version claimed, folder uploaded)
+
+        def add(index: dict[str, Any], log: list[dict[str, Any]]) -> None:
             entry = index["models"].setdefault(name, {"versions": {}, "aliases": {}, "alias_history": {},
                                                       "next_version": 1})
             if entry["versions"] and entry["versions"][max(entry["versions"], key=int)]["kind"] != kind:
                 raise RegistryError(f"publish {name!r}: registered as another kind; use another name")
-            version = entry["next_version"]
-            staging = self.root / ".staging" / uuid.uuid4().hex
-            shutil.copytree(src, staging, ignore=shutil.ignore_patterns(*NOT_COPIED))
-            content_hash = hash_path(staging, skip=(MANIFEST, "registry.json"))
-            record = {"name": name, "version": version, "kind": kind, "lineage": redact(lineage),
-                      "hash": content_hash, "source_path": str(src),
-                      "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            (staging / "registry.json").write_text(json.dumps(record, indent=2, default=str))
-            _make_read_only(staging)
-            dest = self.root / "models" / name / str(version)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staging, dest)  # the folder appears whole or not at all
+            version = claimed[0][0] if claimed else self._place(entry["next_version"], src, record)
             entry["versions"][str(version)] = {k: v for k, v in record.items() if k not in ("name", "version")}
-            entry["next_version"] = version + 1
-            log.append(dict(action="publish", name=name, version=version, kind=kind, hash=content_hash, note=note))
+            entry["next_version"] = max(int(entry.get("next_version", 1)), version + 1)
+            log.append(dict(action="publish", name=name, version=version, kind=kind, hash=record["hash"],
+                            note=note))
+
+        with self._writer():
+            if self.remote:
+                claimed.append(self._claim_and_upload(name, kind, src, record))
+            self._commit(add)
+            if self.remote:  # the folder uploaded; now in this machine's mirror too
+                version, staging = claimed[0]
+                dest = self.root / "models" / name / str(version)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staging, dest)
+        return record["version"]
+
+    def _stage(self, src: Path, record: dict[str, Any]) -> Path:
+        """Copy `src` into .staging, its content hash into `record`; the staged folder."""
+        staging = self.root / ".staging" / uuid.uuid4().hex
+        shutil.copytree(src, staging, ignore=shutil.ignore_patterns(*NOT_COPIED))
+        record["hash"] = hash_path(staging, skip=(MANIFEST, "registry.json"))
+        return staging
+
+    def _place(self, version: int, src: Path, record: dict[str, Any]) -> int:
+        """Local publish, under the writer lock: the folder staged, stamped and renamed into models/ whole."""
+        staging = self._stage(src, record)
+        record.update(version=version, created=_now())
+        (staging / "registry.json").write_text(json.dumps(record, indent=2, default=str))
+        _make_read_only(staging)
+        dest = self.root / "models" / record["name"] / str(version)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, dest)  # the folder appears whole or not at all
         return version
+
+    def _claim_and_upload(self, name: str, kind: str, src: Path, record: dict[str, Any]) -> tuple[int, Path]:
+        """Store publish: claim the first free version number from the index's next_version on by creating its
+        registry.json with If-None-Match (a number another writer claimed, committed or not, is skipped), then
+        upload the folder's other files; the index names the version only after that (`_commit`). A registry's
+        first writer creates an empty index first (If-None-Match), so that a version folder never exists in a
+        store without an index: one missing beside version folders is a lost index (RegistryCorrupt)."""
+        store = self._store()
+        index, etag = self._store_index(store)
+        if etag is None:
+            store.put("index.json", json.dumps(index, indent=2, sort_keys=True).encode(), create=True)
+        self._collect_garbage(index)
+        entry = index["models"].get(name)
+        if entry and entry["versions"] and entry["versions"][max(entry["versions"], key=int)]["kind"] != kind:
+            raise RegistryError(f"publish {name!r}: registered as another kind; use another name")
+        staging = self._stage(src, record)
+        version = int(entry.get("next_version", 1)) if entry else 1
+        for _ in range(CLAIM_TRIES):
+            record.update(version=version, created=_now())
+            body = json.dumps(record, indent=2, default=str)
+            if store.put(f"models/{name}/{version}/registry.json", body.encode(), create=True):
+                break
+            version += 1
+        else:
+            raise RegistryError(f"publish {name!r}: versions {version - CLAIM_TRIES}..{version - 1} were all "
+                                f"claimed by other writers under {self.remote}/models/{name}; try again")
+        (staging / "registry.json").write_text(body)
+        _make_read_only(staging)
+        storage.push(staging, f"{self.remote}/models/{name}/{version}", skip=("registry.json",))
+        return version, staging
 
     def promote(self, name: str, version: int, alias: str, *, reason: str = "", force: bool = False) -> None:
         """Point `alias` at `version` (remembering where it pointed, for rollback)."""
         check_alias(alias)
-        with self._locked() as (index, log):
+
+        def point(index: dict[str, Any], log: list[dict[str, Any]]) -> None:
             entry = self._entry(index, name)
             if str(int(version)) not in entry["versions"]:
                 raise RegistryError(f"promote {name}@{version}: no such version")
@@ -333,29 +435,36 @@ class Registry:
             log.append(dict(action="promote", name=name, version=int(version), alias=alias, previous=previous,
                             reason=reason, force=force))
 
+        with self._writer():
+            self._commit(point)
+
     def rollback(self, name: str, alias: str, *, reason: str = "") -> int:
         """Move `alias` back to the version it pointed at before the last promote; returns that version."""
         check_alias(alias)
-        with self._locked() as (index, log):
+        back: list[int] = []
+
+        def undo(index: dict[str, Any], log: list[dict[str, Any]]) -> None:
             entry = self._entry(index, name)
             history = entry["alias_history"].get(alias, [])
             if len(history) < 2:
                 raise RegistryError(f"rollback {name}@{alias}: no earlier version to roll back to")
             current = history.pop()
             entry["aliases"][alias] = history[-1]
+            back[:] = [history[-1]]
             log.append(dict(action="rollback", name=name, alias=alias, version=history[-1], previous=current,
                             reason=reason))
-        return history[-1]
+
+        with self._writer():
+            self._commit(undo)
+        return back[0]
 
     def record(self, action: str, **fields: Any) -> None:
         """Append a decision that changed nothing (e.g. a refused gate) to the audit log."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with self._writer():
             if self.remote:
-                storage.pull(f"{self.remote}/audit.jsonl", self.root)
-            self._log(action=action, **fields)
-            self._push_changes([])
+                self._append_audit(self._store(), [dict(action=action, **fields)])
+            else:
+                self._log(action=action, **fields)
 
     @staticmethod
     def _entry(index: dict[str, Any], name: str) -> dict[str, Any]:
@@ -363,6 +472,27 @@ class Registry:
         if entry is None:
             raise RegistryError(f"{name!r} is not registered")
         return entry
+
+
+def _parse_index(raw: bytes, where: Any) -> dict[str, Any]:
+    """index.json's bytes as an index; RegistryCorrupt naming `where` and what is wrong."""
+    try:
+        index = json.loads(raw.decode())
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+        raise RegistryCorrupt(f"{where}: not valid JSON ({e}); fix or restore it (audit.jsonl records every "
+                              "change)") from None
+    problem = _index_problem(index)
+    if problem:
+        raise RegistryCorrupt(f"{where}: {problem}; fix or restore it (audit.jsonl records every change)")
+    return index
+
+
+def _audit_record(action: str, **fields: Any) -> dict[str, Any]:
+    return {"time": _now(), "user": _user(), "action": action, **fields}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _index_problem(index: Any) -> str | None:

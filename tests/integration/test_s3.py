@@ -86,6 +86,91 @@ def test_registry_in_the_store_resolves_from_another_mirror(s3, tiny_model_dir, 
     assert not (Path.cwd() / "s3:").exists()
 
 
+# One machine of the race below: its own mirror (LORAFORGE_CACHE), publishing three adapters from the same start
+# time as the other; machine a promotes its first version between its publishes. Prints its versions as JSON.
+WRITER = """
+import json, sys, time
+from pathlib import Path
+from pipelines.artifacts.registry import Registry
+from tests.unit.artifacts.test_registry import LINEAGE, make_adapter
+
+root, machine, start, work = sys.argv[1], sys.argv[2], float(sys.argv[3]), Path(sys.argv[4])
+reg = Registry(root)
+time.sleep(max(0.0, start - time.time()))
+versions = []
+for i in range(3):
+    src = make_adapter(work / f"{machine}{i}", f"{machine}-weights-{i}".encode())
+    versions.append(reg.publish("city", src, "lora_adapter", LINEAGE, note=f"{machine}{i}"))
+    if machine == "a" and i == 0:
+        reg.promote("city", versions[0], "production", reason="race")
+print(json.dumps(versions))
+"""
+
+
+def test_two_machines_publishing_at_once_get_distinct_versions(s3, tmp_path, monkeypatch):
+    """Two processes with their own mirrors (two machines) publish to one S3 registry at the same moment, one of
+    them promoting in between: every publish gets its own version, the index lists all six, each version holds
+    the files its writer uploaded, the alias and the audit log are whole. Before, both read index.json, both took
+    the same next version and the last index written won (lost versions, overwritten files)."""
+    import time
+
+    from pipelines.artifacts.registry import Registry
+
+    root = f"s3://{BUCKET}/registry-race"
+    start = time.time() + 6  # both processes imported and waiting before it
+    procs = {m: subprocess.Popen([sys.executable, "-c", WRITER, root, m, str(start), str(tmp_path / "src")],
+                                 cwd=REPO, env={**os.environ, **s3["env"], "LORAFORGE_CACHE": str(tmp_path / m)},
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for m in ("a", "b")}
+    got = {}
+    for m, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        got[m] = json.loads(out.strip().splitlines()[-1])
+    assert sorted(got["a"] + got["b"]) == [1, 2, 3, 4, 5, 6], got
+
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "reader"))
+    reader = Registry(root)  # a third machine's (empty) mirror
+    assert reader.list()[0]["versions"] == [1, 2, 3, 4, 5, 6]
+    for m, versions in got.items():
+        for i, v in enumerate(versions):
+            art = reader.resolve(f"city@{v}")
+            assert (art.path / "adapter_model.safetensors").read_bytes() == f"{m}-weights-{i}".encode(), (m, i, v)
+            assert reader.verify(f"city@{v}")
+    assert reader.resolve("city@production").version == got["a"][0]
+    audit = reader.audit()
+    assert sorted(r["version"] for r in audit if r["action"] == "publish") == [1, 2, 3, 4, 5, 6]
+    assert [(r["action"], r["version"]) for r in audit if r["action"] == "promote"] == [("promote", got["a"][0])]
+
+
+def test_a_store_write_that_lost_the_race_is_applied_again(s3, tmp_path, monkeypatch):
+    """The compare-and-swap itself: another machine publishes between this writer's read of index.json and its
+    write (If-Match on the ETag read fails), so the change is applied again to the index that machine wrote."""
+    from pipelines.artifacts.registry import Registry
+    from tests.unit.artifacts.test_registry import LINEAGE, make_adapter
+
+    root = f"s3://{BUCKET}/registry-cas"
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "machine-a"))
+    mine = Registry(root)
+    mine.publish("city", make_adapter(tmp_path / "a"), "lora_adapter", LINEAGE)
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "machine-b"))
+    other = Registry(root)
+    seen = []
+
+    def point(index, log):
+        seen.append(sorted(index["models"]["city"]["versions"], key=int))
+        if len(seen) == 1:  # the other machine writes now, after this read
+            assert other.publish("city", make_adapter(tmp_path / "b", b"w2"), "lora_adapter", LINEAGE) == 2
+        index["models"]["city"]["aliases"]["canary"] = 1
+        log.append(dict(action="promote", name="city", version=1, alias="canary"))
+
+    mine._commit(point)
+    assert seen == [["1"], ["1", "2"]]  # read, lost the race, read again
+    entry = Registry(root).show("city")
+    assert sorted(entry["versions"], key=int) == ["1", "2"] and entry["aliases"] == {"canary": 1}
+    assert [r["action"] for r in Registry(root).audit()] == ["publish", "publish", "promote"]
+
+
 def test_graph_with_s3_output_and_registry_resumes_from_the_store(s3, ray_session, tiny_model_dir, tmp_path):
     cfg = tiny_graph_config("s3run", tmp_path, tiny_model_dir, f"s3://{BUCKET}/runs", f"s3://{BUCKET}/registry")
     # and a 1-trial sweep, whose Tune state and trial checkpoints go to the store (its winner is what is evaluated)
