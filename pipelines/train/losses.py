@@ -1,9 +1,10 @@
 """Pure training losses (torch only, imported inside): the lean next-token loss over label tokens (SFT's
 cross-entropy and DPO's per-sequence log-probs, from hidden states, chunked), the plain full-logits form it is
-exact against, and sigmoid DPO with label smoothing (cDPO) and IPO.
+exact against, and the preference losses: sigmoid DPO with label smoothing (cDPO) and IPO, ORPO, SimPO and KTO.
 
-DPO's inputs are per-pair summed log-probabilities of the completion tokens under the policy and the frozen
-reference.
+Their inputs are per-sequence summed log-probabilities of the completion tokens (and the token counts where a
+method averages them) under the policy and, for DPO and KTO, the frozen reference. Each equals TRL's own loss on
+the same batch (tests/unit/train/test_align_losses.py calls TRL's code).
 """
 
 from __future__ import annotations
@@ -129,3 +130,84 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: 
     return {"losses": losses, "chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards,
             "margins": chosen_rewards - rejected_rewards,
             "accuracy": (chosen_rewards > rejected_rewards).float()}
+
+
+def _log1mexp(x):
+    """log(1 - exp(x)) for x < 0, stable on both sides of -ln 2."""
+    import torch
+
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def _mean_logps(total, tokens):
+    return total / tokens.clamp(min=1)
+
+
+def pair_metrics(chosen_rewards, rejected_rewards) -> dict[str, Any]:
+    """Rewards, margins and reward accuracy of paired methods (detached)."""
+    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+    return {"chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards,
+            "margins": chosen_rewards - rejected_rewards, "accuracy": (chosen_rewards > rejected_rewards).float()}
+
+
+def orpo_loss(policy_chosen, policy_rejected, chosen_tokens, rejected_tokens, *, lam: float = 0.1
+              ) -> dict[str, Any]:
+    """ORPO (Hong et al. 2024), no reference model: per-pair losses whose mean is
+        L = NLL(y_w) - λ · mean log σ(log odds(y_w) - log odds(y_l)),
+    odds(y) = p/(1-p) with log p the mean completion-token log-prob; NLL the cross-entropy over every chosen
+    completion token of the batch (one token-weighted mean, as TRL's and the paper's code take it). λ is TRL's
+    ORPOConfig.beta. Rewards (for accuracy and margins) are λ · mean log-prob, as TRL logs them."""
+    import torch.nn.functional as F
+
+    chosen, rejected = _mean_logps(policy_chosen, chosen_tokens), _mean_logps(policy_rejected, rejected_tokens)
+    chosen, rejected = chosen.clamp(max=-1e-9), rejected.clamp(max=-1e-9)  # p = 1 exactly: log odds = inf
+    log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
+    ratio = F.logsigmoid(log_odds)
+    nll = -policy_chosen.sum() / chosen_tokens.sum().clamp(min=1)
+    return {"losses": nll - lam * ratio, "nll": nll.detach(), "log_odds_ratio": ratio.detach(),
+            "log_odds": log_odds.detach(), **pair_metrics(lam * chosen, lam * rejected)}
+
+
+def simpo_loss(policy_chosen, policy_rejected, chosen_tokens, rejected_tokens, *, beta: float = 2.0,
+               gamma_beta_ratio: float = 0.5, label_smoothing: float = 0.0) -> dict[str, Any]:
+    """SimPO (Meng et al. 2024), no reference model, length-normalised:
+        L = -log σ(β/|y_w| · log p(y_w) - β/|y_l| · log p(y_l) - γ),   γ = gamma_beta_ratio · β
+    (label_smoothing: the conservative form, as DPO's cDPO). TRL's CPOTrainer(loss_type="simpo") with
+    simpo_gamma = γ and cpo_alpha = 0 is the same loss. Rewards: β · mean log-prob."""
+    import torch.nn.functional as F
+
+    chosen, rejected = _mean_logps(policy_chosen, chosen_tokens), _mean_logps(policy_rejected, rejected_tokens)
+    logits = (chosen - rejected) - gamma_beta_ratio
+    losses = (-(1 - label_smoothing) * F.logsigmoid(beta * logits) - label_smoothing * F.logsigmoid(-beta * logits))
+    return {"losses": losses, **pair_metrics(beta * chosen, beta * rejected)}
+
+
+def kto_kl(policy_kl, ref_kl, reduce=None):
+    """KTO's reference point z0: the mean log-ratio of mismatched (prompt, completion) pairs, detached and
+    clamped at zero; `reduce` averages it over the data-parallel ranks first (as TRL gathers it)."""
+    kl = (policy_kl - ref_kl).mean().detach()
+    if reduce is not None:
+        kl = reduce(kl)
+    return kl.clamp(min=0)
+
+
+def kto_loss(policy, ref, desirable, kl, *, beta: float = 0.1, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0) -> dict[str, Any]:
+    """KTO (Ethayarajh et al. 2024) over unpaired rows, r = log π(y|x) - log π_ref(y|x):
+        desirable:   w_D · (1 - σ(β (r - z0)))      undesirable:   w_U · (1 - σ(β (z0 - r)))
+    `kl` is z0 (kto_kl). Per-row losses; their mean is TRL's KTOTrainer loss. Rewards: β · r."""
+    import torch
+
+    ratio = policy - ref
+    desirable = desirable.bool()
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratio))))
+    rewards = beta * ratio.detach()
+    d, u = desirable.float(), (~desirable).float()
+    mean_d = (rewards * d).sum() / d.sum().clamp(min=1)
+    mean_u = (rewards * u).sum() / u.sum().clamp(min=1)
+    both = bool(d.sum() > 0 and u.sum() > 0)
+    return {"losses": losses, "rewards": rewards, "kl": kl.detach(),
+            "margin": (mean_d - mean_u) if both else None,
+            # a desirable row's reward above z0's, an undesirable one's below it: the sign KTO pushes towards
+            "accuracy": torch.where(desirable, rewards > beta * kl, rewards < beta * kl).float()}
