@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from pipelines.artifacts.adapter_check import check_adapter_weights
 from pipelines.artifacts.registry import NAME, NAME_PATTERN, Registry, RegistryCorrupt, RegistryError
 from pipelines.artifacts.registry import parse_ref as parse_registry_ref
 from serve.errors import AdapterInvalid, AdapterNotFound, AdapterSourceUnavailable, BadAdapterName
@@ -223,6 +224,7 @@ def validate_adapter(path: str, *, max_rank: int, bases: set[str] | None,
     declared = conf.get("base_model_name_or_path")
     if bases is not None and declared and _norm(str(declared)) not in bases:
         raise AdapterInvalid(f"trained on base {declared!r}, but this app serves {sorted(bases)[0]!r}")
+    check_adapter_weights(folder, conf, bases=bases, error=AdapterInvalid)  # tensor headers vs config and base
     return conf
 
 

@@ -472,6 +472,33 @@ def test_broken_adapters_get_503_and_others_keep_serving(client, server, adapter
     assert r.status_code == 400 and "invalid adapter name" in r.json()["error"]["message"]
 
 
+def test_registry_adapter_whose_tensors_disagree_with_its_config_is_refused_before_vllm(client, adapters,
+                                                                                       registry_dir, tiny_model_dir,
+                                                                                       tmp_path):
+    """Issue 37: a registry version whose adapter_model.safetensors disagrees with its adapter_config.json (here
+    q_proj's A/B cut to rank 4 under r=8; PEFT and vLLM would load it) is refused by the engine replica's check of
+    the file's header before vLLM sees it: a 503 naming the file and the tensor, and the engine keeps serving."""
+    import openai
+    from safetensors.numpy import load_file, save_file
+
+    from pipelines.artifacts.registry import Registry
+
+    warped = tmp_path / "warped"
+    shutil.copytree(adapters["alpha"], warped)
+    tensors = load_file(str(warped / "adapter_model.safetensors"))
+    name = next(k for k in tensors if k.endswith("q_proj.lora_A.weight"))
+    tensors[name] = tensors[name][:4].copy()
+    tensors[name.replace("lora_A", "lora_B")] = tensors[name.replace("lora_A", "lora_B")][:, :4].copy()
+    save_file(tensors, str(warped / "adapter_model.safetensors"))
+    lineage = {"base_model": tiny_model_dir, "base_model_hash": "sha256:t", "dataset_hash": "sha256:d",
+               "config": {"r": 8}}
+    version = Registry(registry_dir).publish("warped", warped, "lora_adapter", lineage)
+    with pytest.raises(openai.InternalServerError, match=rf"tensor '{name}' has rank 4 .*r=8") as e:
+        complete(client, f"base:warped@{version}")
+    assert e.value.status_code == 503 and "adapter_model.safetensors" in str(e.value)
+    assert complete(client, "alpha") and complete(client, "base")  # the engine never saw it
+
+
 def test_request_errors(client, server, tiny_model_dir):
     import httpx
     import openai

@@ -206,3 +206,26 @@ def test_serve_with_a_corrupt_adapter_config_is_one_line_before_ray(config, tmp_
     assert rc == 2 and "Traceback" not in out, out
     assert "adapter 'ux' cannot be served" in out and "adapter_config.json is not JSON" in out, out
     assert "Ray" not in out and s < 30, out
+
+
+def test_serve_with_adapter_weights_that_disagree_with_its_config_is_one_line_before_ray(config, tmp_path):
+    """Issue 37: the run's adapter whose adapter_model.safetensors has q_proj at rank 4 while adapter_config.json
+    says r=8 (vLLM would load it): `serve` refuses it from the file's header in one line naming the file, the
+    tensor and what is wrong, exit 2, before Ray starts."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    sft = tmp_path / "runs" / "ux" / "sft"
+    sft.mkdir(parents=True)
+    (sft / "manifest.json").write_text('{"kind": "lora_adapter"}')
+    (sft / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8,
+                                                         "target_modules": ["q_proj", "v_proj"]}))
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({f"{q}.lora_A.weight": np.zeros((4, 16), np.float32),
+               f"{q}.lora_B.weight": np.zeros((16, 4), np.float32)}, str(sft / "adapter_model.safetensors"))
+    rc, out, s = loraforge("serve", str(config()))
+    assert rc == 2 and "Traceback" not in out, out
+    assert "adapter 'ux' cannot be served" in out, out
+    assert f"{sft / 'adapter_model.safetensors'}: tensor '{q}.lora_A.weight' has rank 4 (shape [4, 16]), but " \
+           "adapter_config.json says r=8" in out, out
+    assert "Ray" not in out, out  # refused before Ray started

@@ -26,10 +26,16 @@ BASE = "/models/tiny"
 
 
 def adapter(folder: Path, **conf) -> str:
+    import numpy as np
+    from safetensors.numpy import save_file
+
     folder.mkdir(parents=True)
     doc = {"peft_type": "LORA", "r": 8, "target_modules": ["q_proj", "v_proj"], "base_model_name_or_path": BASE}
     (folder / "adapter_config.json").write_text(json.dumps({**doc, **conf}))
-    (folder / "adapter_model.safetensors").write_bytes(b"")
+    # weights that match the config (r=8 on q_proj and v_proj): validate_adapter reads their header (issue 37)
+    save_file({f"base_model.model.model.layers.0.self_attn.{m}.lora_{p}.weight":
+               np.zeros((8, 16) if p == "A" else (16, 8), np.float32) for m in ("q_proj", "v_proj") for p in "AB"},
+              str(folder / "adapter_model.safetensors"))
     return str(folder)
 
 
