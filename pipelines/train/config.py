@@ -10,12 +10,13 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from pipelines.artifacts.location import Location
 from pipelines.artifacts.models import on_this_node
 from pipelines.data.rowformats import check_columns
 from pipelines.schema import Section
+from pipelines.train.state_seal import machine_key
 
 AUTO_MIN_STEPS = 10  # checkpoint_every=auto never checkpoints more often than this (short runs)
 # Llama/Qwen2's names for the presets: what pipelines.train.targets resolves them to on those families, and the
@@ -270,6 +271,9 @@ class WorkerJob(Section):
     """What every Ray Train worker of a stage receives, validated once on the driver and passed as this object
     (`train_loop_config={"job": job}`): sections stay typed across the process boundary, never rebuilt from dicts."""
 
+    state_key: SecretStr = Field(default_factory=lambda: SecretStr(machine_key()), description=(
+        "The key checkpoints are sealed with (pipelines.train.state_seal), the driver's: a resume unpickles only "
+        "what it sealed."))
     model_dir: str = Field(description="Local Hugging Face folder of the base model (on the driver's machine).")
     model_name: str | None = Field(None, description=(
         "model.name: resolved again on a node that lacks model_dir (a hub id or built-in: each node gets its own "

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from pipelines.train import worker
+from pipelines.train import state_seal, worker
 from pipelines.train.config import WorkerJob, deepspeed_config
 from pipelines.train.engine import Engine, all_sum, make_optimizer
 
@@ -157,6 +157,7 @@ def run_loop(job: WorkerJob, model, *, loss_fn: Callable, collate, count_items: 
     ckpt = here.checkpoint()
     if ckpt:  # a restarted worker group resumes where the last checkpoint left off
         with ckpt.as_directory() as d:
+            state_seal.verify(d, job.state_key.get_secret_value())  # before anything in it is unpickled
             state = json.loads((Path(d) / STATE).read_text())
             engine.load(d)
             if (Path(d) / f"rng{rank}.pt").exists():
@@ -191,6 +192,7 @@ def run_loop(job: WorkerJob, model, *, loss_fn: Callable, collate, count_items: 
             if rank == 0:
                 engine.peft_model.save_pretrained(tmp, state_dict=lora, safe_serialization=True)
                 (Path(tmp) / STATE).write_text(json.dumps({**state, "final": final}))
+            state_seal.seal(tmp, rank, job.state_key.get_secret_value())  # what this rank wrote, for the resume
             here.report(metrics, tmp)
 
     while state["step"] < train.max_steps:
