@@ -19,7 +19,7 @@ import sys
 
 import typer
 
-from cluster import cli_jobs, cli_plan, cli_registry, cli_serve, cli_stages, stages
+from cluster import cli_jobs, cli_monitor, cli_plan, cli_registry, cli_serve, cli_stages, stages
 from cluster.cli_common import guarded
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -42,6 +42,7 @@ COMMANDS = {
     "run": cli_stages.run, "curate": cli_stages.curate, **stage_commands(),
     "score": cli_stages.score, "validate": cli_stages.validate, "config-schema": cli_stages.config_schema,
     "plan": cli_plan.plan, "deploy": cli_serve.deploy, "chat": cli_serve.chat, "submit": cli_jobs.submit,
+    "monitor": cli_monitor.monitor,
 }
 REGISTRY = {"list": cli_registry.registry_list, "show": cli_registry.registry_show,
             "promote": cli_registry.registry_promote, "rollback": cli_registry.registry_rollback}

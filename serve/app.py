@@ -41,6 +41,7 @@ from serve.adapters import (
     validate_adapter,
 )
 from serve.base import check_servable, resolve_base
+from serve.canary import CanaryController
 from serve.config import ServeConfig, tp_on_cpu
 from serve.errors import AdapterInvalid, BadAdapterName, ServeInputError
 from serve.ingress import ENDPOINTS, LoRAIngress, fastapi_app
@@ -169,14 +170,17 @@ def build_app(cfg: ServeConfig, base_model: str, adapters: dict[str, str],
     checked = validate_adapters(adapters, cfg, base)
     source = source if source is not None else make_source(cfg, checked)
     llm = llm_config(cfg, base, gpu=gpu)
+    # serve.canary: one controller deployment decides every canary's split; engines report to it, ingresses ask it.
+    canary = {"canary": serve.deployment(CanaryController, name="CanaryController", num_replicas=1,
+                                         ray_actor_options={"num_cpus": 0}).bind(cfg=cfg)} if cfg.canary else {}
     server = build_llm_deployment(llm, name_prefix=f"{SERVER}:", deployment_cls=LoRAServer,
-                                  bind_kwargs={"cfg": cfg, "source": source, "base_model": base})
+                                  bind_kwargs={"cfg": cfg, "source": source, "base_model": base, **canary})
     ingress = make_fastapi_ingress(LoRAIngress, endpoint_map=ENDPOINTS, app=fastapi_app(cfg))
     # The ingress holds no model: 0 CPUs, like Ray's own request router, so it never competes with engines.
     return serve.deployment(ingress, name="LoRAIngress", max_ongoing_requests=1000,
                             ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": SERVE_REPLICA_ENV}}).bind(
         llm_deployments={cfg.model_alias: server},
-        model_cards={cfg.model_alias: to_model_metadata(cfg.model_alias, llm)}, cfg=cfg, source=source)
+        model_cards={cfg.model_alias: to_model_metadata(cfg.model_alias, llm)}, cfg=cfg, source=source, **canary)
 
 
 def start(cfg: ServeConfig, base_model: str, adapters: dict[str, str], *, name: str = "loraforge",

@@ -87,6 +87,63 @@ class AutoscalingConfig(Section):
         return self
 
 
+class SignalsConfig(Section):
+    """Quality signals of every answer per adapter and version (serve.signals): top-k token entropy, length, finish
+    reason, empty and refusal, as Prometheus metrics (serve.metrics.SignalMetrics)."""
+
+    enabled: bool = Field(True, description="Measure the signals (false: the engine is asked for nothing extra).")
+    top_k: int = Field(20, ge=0, le=20, description=(
+        "Log-probs per generated token the entropy is computed over (at most vLLM's max_logprobs, 20); 0: no "
+        "entropy, the other signals stay. Clients receive the log-probs they asked for, unchanged."))
+
+
+class CanaryConfig(Section):
+    """A canary of one registry adapter (serve.canary.<name>): the split between `incumbent` and `candidate` ramps
+    through `steps` while the candidate's signals hold against the incumbent's, and falls back to 0% (the alias
+    back on the incumbent) on a breach. Every step and the rollback are entries of the registry's audit log."""
+
+    incumbent: int = Field(..., ge=1, description="Registry version serving now.")
+    candidate: int = Field(..., ge=1, description="Registry version on trial.")
+    alias: str | None = Field("production", description=(
+        "Alias moved to the candidate once it held at 100%, and back to the incumbent on a rollback; requests for "
+        "<name>@<alias> are split too. None: no alias is touched."))
+    steps: list[float] = Field(default_factory=lambda: [5.0, 25.0, 50.0, 100.0], description=(
+        "Candidate traffic share (%) of each step, increasing, ending at 100."))
+    step_window_s: float = Field(600, gt=0, description="How long each step must hold before the next.")
+    min_answers: int = Field(20, ge=2, description=(
+        "Candidate answers (and incumbent answers) a step needs before it can pass or breach; a step waits for them."))
+    max_entropy_increase: float = Field(0.3, ge=0, description=(
+        "Breach: the candidate's mean token entropy exceeds the incumbent's by more than this (nats) and by more "
+        "than z standard errors."))
+    z: float = Field(3.0, gt=0, description="Standard errors the entropy difference must also exceed.")
+    max_empty_rate_increase: float | None = Field(0.1, ge=0, description="Breach: empty-answer share rise (0-1).")
+    max_refusal_rate_increase: float | None = Field(0.1, ge=0, description="Breach: refusal share rise (0-1).")
+    max_length_rate_increase: float | None = Field(0.25, ge=0, description=(
+        "Breach: rise of the share of answers cut at max_tokens (finish_reason=length)."))
+    max_error_rate: float = Field(0.05, ge=0, le=1, description="Breach: share of the candidate's answers that failed.")
+    tick_s: float = Field(1.0, gt=0, description="How often the controller decides.")
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: list[float]) -> list[float]:
+        if not v or v[-1] != 100 or any(not 0 < s <= 100 for s in v) or any(a >= b for a, b in zip(v, v[1:])):
+            raise ValueError(f"steps {v}: increasing percentages in (0, 100], the last one 100")
+        return v
+
+    @field_validator("alias")
+    @classmethod
+    def _alias(cls, v: str | None) -> str | None:
+        if v is not None and (not re.fullmatch(r"\A[a-z][a-z0-9_-]{0,31}\Z", v) or v.isdigit()):
+            raise ValueError(f"alias {v!r}: a registry alias ([a-z][a-z0-9_-]{{0,31}})")
+        return v
+
+    @model_validator(mode="after")
+    def _two_versions(self) -> "CanaryConfig":
+        if self.incumbent == self.candidate:
+            raise ValueError(f"incumbent and candidate are both version {self.candidate}")
+        return self
+
+
 class ServeConfig(Section):
     """One Ray Serve application: one base model plus LoRA adapters behind an OpenAI-compatible API."""
 
@@ -153,6 +210,10 @@ class ServeConfig(Section):
     splits: dict[str, dict[str, float]] = Field(default_factory=dict, description=(
         "A/B splits: public adapter name -> {adapter ref: weight}, e.g. {city: {'city@3': 80, 'city@4': 20}}. "
         "Sticky per caller (the request's `user`, else its API key); the served ref is in x-loraforge-adapter."))
+    signals: SignalsConfig = Field(default_factory=SignalsConfig, description="Quality signals (serve.signals.*).")
+    canary: dict[str, CanaryConfig] = Field(default_factory=dict, description=(
+        "Canaries by registry adapter name, e.g. {city: {incumbent: 3, candidate: 4}}: requests for the name (and "
+        "name@alias) are split by one controller that ramps or rolls back (serve.canary); needs serve.registry."))
     base_model_names: list[str] = Field(default_factory=list, description=(
         "Other names adapters may give as base_model_name_or_path for this base (e.g. a hub id); the base's "
         "folder and the origins in its config.json/manifest.json are always accepted."))
@@ -214,6 +275,17 @@ class ServeConfig(Section):
             if name in targets:
                 raise ValueError(f"split {name!r} names itself as a target")
         return v
+
+    @model_validator(mode="after")
+    def _canary_needs_registry(self) -> "ServeConfig":
+        for name in self.canary:
+            if not re.fullmatch(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z", name) or ".." in name:
+                raise ValueError(f"canary {name!r}: not a registry name ([A-Za-z0-9][A-Za-z0-9._-]{{0,63}})")
+        if self.canary and not self.registry:
+            raise ValueError(f"canary {sorted(self.canary)}: versions come from a registry; set serve.registry")
+        if both := sorted(set(self.canary) & set(self.splits)):
+            raise ValueError(f"{both}: a name is either a split or a canary, not both")
+        return self
 
     @model_validator(mode="after")
     def _cache_fits_slots(self) -> "ServeConfig":

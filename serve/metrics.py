@@ -60,3 +60,75 @@ class RequestMetrics:
 def tags_for(model: str, adapter: str | None, version: str | None) -> dict[str, str]:
     """Label values: the base model has adapter "" so dashboards can separate it; unversioned sources ""."""
     return {"model": model, "adapter": adapter or "", "version": version or ""}
+
+
+# Quality signals of each answer (serve.signals), recorded by the engine replica that generated it.
+SIGNAL_TAGS = ("adapter", "version")
+ENTROPY_BOUNDS = [0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5]  # nats; top-20 entropy is at most 3.0
+ANSWER_TOKEN_BOUNDS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+
+
+@dataclass
+class SignalMetrics:
+    answers: Any
+    flagged: Any
+    entropy: Any
+    entropy_nats: Any
+    tokens: Any
+    baseline: Any
+    baseline_sd: Any
+
+    @classmethod
+    def create(cls) -> SignalMetrics:
+        from ray.util.metrics import Counter, Gauge, Histogram
+
+        return cls(
+            answers=Counter("loraforge_answers_total", "Answers (choices) generated, by adapter version and finish "
+                            "reason (stop, length, abort, error).", tag_keys=(*SIGNAL_TAGS, "finish_reason")),
+            flagged=Counter("loraforge_answers_flagged_total", "Answers that were empty (flag=empty) or opened "
+                            "with a refusal (flag=refusal).", tag_keys=(*SIGNAL_TAGS, "flag")),
+            entropy=Histogram("loraforge_answer_entropy", "Mean top-k token entropy of each answer, in nats "
+                              "(serve.signals.top_k).", boundaries=ENTROPY_BOUNDS, tag_keys=SIGNAL_TAGS),
+            # Ray exports a histogram's _sum from its bucket midpoints: the exact sum is this counter, so
+            # rate(ray_loraforge_answer_entropy_nats_total) / rate(ray_loraforge_answer_entropy_count) is the mean.
+            entropy_nats=Counter("loraforge_answer_entropy_nats_total", "Sum of the answers' mean token entropies "
+                                 "(nats).", tag_keys=SIGNAL_TAGS),
+            tokens=Histogram("loraforge_answer_tokens", "Generated tokens per answer.",
+                             boundaries=ANSWER_TOKEN_BOUNDS, tag_keys=SIGNAL_TAGS),
+            baseline=Gauge("loraforge_baseline_entropy", "Mean answer entropy of the version on its evaluation "
+                           "prompts, frozen by the gate (registry lineage serve_baseline).", tag_keys=SIGNAL_TAGS),
+            baseline_sd=Gauge("loraforge_baseline_entropy_sd", "Standard deviation of the per-answer entropy of the "
+                              "version's baseline.", tag_keys=SIGNAL_TAGS))
+
+    def set_baseline(self, adapter: str, version: str, base: dict[str, Any]) -> None:
+        t = {"adapter": adapter, "version": version}
+        if base.get("entropy_mean") is not None:
+            self.baseline.set(float(base["entropy_mean"]), tags=t)
+        if base.get("entropy_sd") is not None:
+            self.baseline_sd.set(float(base["entropy_sd"]), tags=t)
+
+    def record(self, answer: Any) -> None:
+        """One serve.signals.Answer."""
+        t = {"adapter": answer.adapter, "version": answer.version}
+        self.answers.inc(1, tags={**t, "finish_reason": answer.finish_reason})
+        for flag in ("empty", "refusal"):
+            if getattr(answer, flag):
+                self.flagged.inc(1, tags={**t, "flag": flag})
+        if answer.entropy is not None:
+            self.entropy.observe(answer.entropy, tags=t)
+            self.entropy_nats.inc(answer.entropy, tags=t)
+        self.tokens.observe(answer.tokens, tags=t)
+
+
+# Every metric the app exports, as Prometheus sees it (Ray prefixes `ray_`; a histogram adds _bucket, _sum and
+# _count): what the shipped alert rules and dashboard may name (tests/unit/serve/test_monitoring.py checks).
+EXPORTED = {
+    "ray_loraforge_requests_total": "counter", "ray_loraforge_prompt_tokens_total": "counter",
+    "ray_loraforge_completion_tokens_total": "counter", "ray_loraforge_request_latency_s": "histogram",
+    "ray_loraforge_time_to_first_token_s": "histogram", "ray_loraforge_time_per_output_token_s": "histogram",
+    "ray_loraforge_answers_total": "counter", "ray_loraforge_answers_flagged_total": "counter",
+    "ray_loraforge_answer_entropy": "histogram", "ray_loraforge_answer_entropy_nats_total": "counter",
+    "ray_loraforge_answer_tokens": "histogram",
+    "ray_loraforge_canary_percent": "gauge", "ray_loraforge_canary_state": "gauge",
+    "ray_loraforge_baseline_entropy": "gauge", "ray_loraforge_baseline_entropy_sd": "gauge",
+}

@@ -45,6 +45,7 @@ from serve.errors import (
 )
 from serve.lora_support import support_for
 from serve.ray_llm import CallbackBase, DiskMultiplexConfig, LoraModelLoader, global_id_manager
+from serve.signals import Recorder, instrument
 
 logger = logging.getLogger("loraforge.serve")
 REPLICA_FIELD = "loraforge_replica"  # stamped on non-streaming responses; the ingress moves it to a header
@@ -88,13 +89,15 @@ class LoRAServer(LLMServer):
     """LLMServer with adapters from `source`; the adapters named at start load before the replica is ready."""
 
     async def __init__(self, llm_config: LLMConfig, *, cfg: ServeConfig, source: AdapterSource,
-                       base_model: str):
+                       base_model: str, canary: Any = None):
         self.cfg, self.gate, self._failed, self._locks = cfg, SlotGate(cfg.max_loras), {}, {}
         self._dead_since: float | None = None
         self.replica = serve.get_replica_context().replica_id.unique_id
         bases = base_identities(base_model, cfg.base_model_names)
         await super().__init__(llm_config, model_downloader=partial(SourceLoader, source, cfg, bases,
                                                                     support_for(base_model)))
+        if cfg.signals.enabled:  # quality signals of every answer (serve.signals), canaried ones to the controller
+            instrument(self.engine._engine_client, cfg.signals.top_k, Recorder(canary, cfg.canary, cfg.registry))
         # A broken adapter named in the config fails the deploy, not a request later.
         statics = [s for s in getattr(source, "sources", [source]) if isinstance(s, StaticSource)]
         for name in [n for s in statics for n in s.list()][:cfg.adapter_cache_size]:

@@ -29,11 +29,16 @@ MAX_MODEL_LEN = 512
 PROMPT = "The weather in Paris today is"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 SPLIT = {"ab": {"alpha": 80, "beta": 20}}
+# serve.canary: two registry adapters, each published during its test (the controller waits for both versions).
+CANARY_CFG = {"incumbent": 1, "candidate": 2, "steps": [20, 50, 100], "step_window_s": 4, "min_answers": 8,
+              "tick_s": 0.5, "max_entropy_increase": 0.1, "max_length_rate_increase": None}
+CANARY = {"canary-bad": CANARY_CFG, "canary-good": CANARY_CFG}
 IN_FLIGHT = 64  # per-key cap; test_load_64_concurrent_clients_no_5xx holds 64 at once under it
 
 
-def make_adapter(base: str, out: Path, seed: int, r: int = 8) -> str:
-    """A LoRA with non-zero B (init_lora_weights=False), so it really changes the base model's outputs."""
+def make_adapter(base: str, out: Path, seed: int, r: int = 8, scale: float = 0.1) -> str:
+    """A LoRA with non-zero B (init_lora_weights=False, B times `scale`), so it really changes the base model's
+    outputs."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -46,7 +51,7 @@ def make_adapter(base: str, out: Path, seed: int, r: int = 8) -> str:
     with torch.no_grad():  # full-size random B swamps the tiny model (weights ~0.02) into one repeated token
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
-                p.mul_(0.1)
+                p.mul_(scale)
     peft_model.save_pretrained(out, safe_serialization=True)
     return str(out)
 
@@ -76,7 +81,7 @@ def server(ray_session, tiny_model_dir, adapters, hot_dir, registry_dir):
     # A cache of 3 with 4+ adapters in use makes the LRU evict during the tests.
     cfg = ServeConfig(port=free_port(), api_key=KEY, max_model_len=MAX_MODEL_LEN, startup_timeout_s=600,
                       adapter_dir=str(hot_dir), registry=str(registry_dir), max_loras=2, adapter_cache_size=3,
-                      splits=SPLIT, resolve_ttl_s=0, limits={"max_concurrent_per_key": IN_FLIGHT})
+                      splits=SPLIT, resolve_ttl_s=0, limits={"max_concurrent_per_key": IN_FLIGHT}, canary=CANARY)
     url = start(cfg, tiny_model_dir, adapters, name="test-serve")
     yield url
     shutdown("test-serve")
@@ -801,6 +806,175 @@ def test_lm_eval_harness_scores_base_and_adapter(server, tiny_model_dir, adapter
     failed = [r.getMessage() for r in caplog.records if "request failed" in r.getMessage() or "retrying" in
               r.getMessage()]
     assert not failed, failed[:3]  # lm-eval retries quietly: zero request errors means none logged
+
+
+CANARY_PROMPTS = [PROMPT, "Once upon a time", "The capital of France is", "List three colours:", "Rivers flow",
+                  "My favourite number is", "Dear Sir,", "In the year 2020"]
+
+
+def canary_load(client, name: str, until, timeout_s: float = 90) -> list[tuple[float, str]]:
+    """8 openai clients ask for `name` (each request its own `user`, so the sticky split spreads them) until
+    `until()` holds plus 1.5 s, or timeout_s: (arrival time, version that answered) per request; any failed request
+    raises."""
+    import threading
+
+    stop, served, failures = threading.Event(), [], []
+
+    def loop(worker: int) -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                raw = client.completions.with_raw_response.create(
+                    model=name, prompt=CANARY_PROMPTS[(worker + i) % len(CANARY_PROMPTS)], max_tokens=8,
+                    temperature=0, user=f"w{worker}-{i}")
+                raw.parse()
+                served.append((time.monotonic(), raw.headers["x-loraforge-adapter"]))
+            except Exception as e:  # noqa: BLE001 - every failure is reported by the assert below
+                failures.append(repr(e))
+
+    threads = [threading.Thread(target=loop, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    deadline, done_at = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        if done_at is None and until():
+            done_at = time.monotonic()
+        if done_at is not None and time.monotonic() - done_at > 1.5:
+            break
+        time.sleep(0.25)
+    stop.set()
+    for t in threads:
+        t.join(timeout=120)
+    assert not failures, failures[:3]
+    return served
+
+
+def canary_entries(reg, name: str) -> list[dict]:
+    return [e for e in reg.audit() if e.get("name") == name and e["action"].startswith("canary_")]
+
+
+def confident_adapter(base: str, out: Path, token: int, seed: int, gain: float = 10.0) -> str:
+    """A LoRA that makes the tiny random model sure of `token`, as training makes a model sure of its answers.
+    The random base is near-uniform noise (its logits spread ~0.2: top-20 entropy ~log 20) and a random LoRA
+    cannot change that (the final RMSNorm caps every logit at |lm_head row| * sqrt(hidden) ~ 2.6). Here each MLP's
+    gate and up LoRAs share one rank-1 map, so SiLU(a) * a >= 0 makes the activations positive whatever the input,
+    and the down LoRA turns their sum into a large step along lm_head's row of `token`: the last hidden state
+    points at it, its logit reaches the cap, and the answer's top-20 entropy drops by ~0.3 nats."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    g = torch.Generator().manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    row = model.lm_head.weight[token].detach()
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=["gate_proj", "up_proj",
+                                                                                     "down_proj"]))
+    hidden, inter = model.config.hidden_size, model.config.intermediate_size
+    v = torch.randn(hidden, generator=g)
+    signs = torch.randint(0, 2, (inter,), generator=g).float() * 2 - 1
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" not in name:
+                continue
+            p.zero_()
+            if "lora_A" in name:
+                p[0] = v / v.norm() if ("gate_proj" in name or "up_proj" in name) else 1 / inter ** 0.5
+            elif "gate_proj" in name or "up_proj" in name:
+                p[:, 0] = gain * signs
+            else:
+                p[:, 0] = gain * row / row.norm()
+    peft_model.save_pretrained(out, safe_serialization=True)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def canary_adapters(tiny_model_dir, tmp_path_factory) -> dict[str, str]:
+    """good: sure of its tokens (confident_adapter); good2: another such (a retrain: other random maps, same
+    token); broken: random B at 1/1000, the random base's near-uniform noise (top-20 entropy near log 20)."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("canary")
+    token = AutoTokenizer.from_pretrained(tiny_model_dir)(" Paris").input_ids[0]  # a word, not a byte fragment
+    return {"good": confident_adapter(tiny_model_dir, root / "good", token=token, seed=1),
+            "good2": confident_adapter(tiny_model_dir, root / "good2", token=token, seed=2),
+            "broken": make_adapter(tiny_model_dir, root / "broken", seed=12, scale=0.001)}
+
+
+def publish_pair(registry_dir, tiny_model_dir, name: str, incumbent: str, candidate: str):
+    from pipelines.artifacts.registry import Registry
+
+    reg = Registry(registry_dir)
+    lineage = {"base_model": tiny_model_dir, "base_model_hash": "sha256:t", "dataset_hash": "sha256:d",
+               "config": {"r": 8}}
+    assert reg.publish(name, incumbent, "lora_adapter", lineage) == 1
+    reg.promote(name, 1, "production", reason="incumbent")
+    assert reg.publish(name, candidate, "lora_adapter", lineage) == 2  # the controller starts ramping now
+    return reg
+
+
+def test_broken_canary_rolls_back_by_itself(client, registry_dir, tiny_model_dir, canary_adapters):
+    """serve.canary: a noise-emitting candidate against a good incumbent under load from openai clients: the
+    controller sees the candidate's entropy separate from the incumbent's, sets the split back to 0% and the alias
+    back in its first step (as soon as the step has min_answers candidate answers, not at the window's end); the
+    audit log says why; no request fails; afterwards every request is answered by the incumbent. Prints the
+    timeline."""
+    reg = publish_pair(registry_dir, tiny_model_dir, "canary-bad", canary_adapters["good"],
+                       canary_adapters["broken"])
+    t0 = time.monotonic()
+    served = canary_load(client, "canary-bad", lambda: any(e["action"] == "canary_rollback"
+                                                            for e in canary_entries(reg, "canary-bad")))
+    log = canary_entries(reg, "canary-bad")
+    assert [e["action"] for e in log] == ["canary_start", "canary_rollback"], log
+    back = log[-1]
+    cand, inc = back["figures"]["candidate"], back["figures"]["incumbent"]
+    assert back["percent"] == 0 and any("entropy" in r for r in back["reasons"]), back
+    assert cand["entropy_mean"] > inc["entropy_mean"] + 0.1 and cand["answers"] >= 8
+    assert reg.resolve("canary-bad@production").version == 1
+    by_candidate = [t for t, v in served if v == "canary-bad@2"]
+    print(f"\nbroken canary: {len(served)} requests, {len(by_candidate)} answered by the candidate; rolled back "
+          f"{back['figures']['step_s']} s into its first step ({max(by_candidate) - t0:.1f} s after publishing: "
+          f"last candidate answer); entropy {cand['entropy_mean']} vs incumbent {inc['entropy_mean']}")
+    assert by_candidate  # the candidate did answer before it was rolled back
+    late = [v for t, v in canary_load(client, "canary-bad@production", lambda: True, timeout_s=3)]
+    assert late and set(late) == {"canary-bad@1"}
+
+
+def test_good_canary_ramps_to_100_and_takes_the_alias(client, registry_dir, tiny_model_dir, canary_adapters,
+                                                       ray_session):
+    """A candidate as good as the incumbent ramps 20 -> 50 -> 100%, each step an audit entry with its figures,
+    then the alias moves to it; no request fails. The answers' signals are exported per version, and `loraforge
+    monitor`'s reading of the export separates the broken canary's versions."""
+    import httpx
+
+    from serve.monitor import live
+
+    reg = publish_pair(registry_dir, tiny_model_dir, "canary-good", canary_adapters["good"],
+                       canary_adapters["good2"])
+    t0 = time.monotonic()
+    served = canary_load(client, "canary-good", lambda: any(e["action"] == "canary_promote"
+                                                             for e in canary_entries(reg, "canary-good")))
+    log = canary_entries(reg, "canary-good")
+    assert [(e["action"], e["percent"]) for e in log] == [("canary_start", 20), ("canary_step", 50),
+                                                            ("canary_step", 100), ("canary_promote", 100)], log
+    assert all(not e["reasons"] and e["figures"]["candidate"]["answers"] >= 8 for e in log[1:])
+    assert reg.resolve("canary-good@production").version == 2
+    assert reg.audit()[-1]["action"] == "promote" and reg.audit()[-1]["version"] == 2
+    print(f"\ngood canary: {len(served)} requests; 20 -> 50 -> 100% -> promoted in {time.monotonic() - t0:.1f} s; "
+          f"candidate share {sum(v == 'canary-good@2' for _, v in served) / len(served):.2f}")
+    late = {v for _, v in canary_load(client, "canary-good", lambda: True, timeout_s=3)}
+    assert late == {"canary-good@2"}
+    node = ray_session._private.worker.global_worker.node
+    url = f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
+    deadline, figs = time.monotonic() + 40, {}
+    while time.monotonic() < deadline:  # Ray exports every few seconds
+        figs = live(httpx.get(url, timeout=10).text)
+        if {("canary-bad", "1"), ("canary-bad", "2"), ("canary-good", "2")} <= set(figs):
+            break
+        time.sleep(2)
+    bad, good = figs[("canary-bad", "2")], figs[("canary-bad", "1")]
+    assert bad["entropy_mean"] > good["entropy_mean"] + 0.1 and good["empty_rate"] == 0, (bad, good)
+    assert figs[("alpha", "")]["answers"] >= 1 and figs[("", "")]["answers"] >= 1  # static adapters, the base
 
 
 def engine_cores(replica_pid: int) -> list:
