@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from pipelines.artifacts.adapter_check import check_adapter_weights
 from pipelines.artifacts.registry import NAME, NAME_PATTERN, Registry, RegistryCorrupt, RegistryError
 from pipelines.artifacts.registry import parse_ref as parse_registry_ref
+from pipelines.artifacts.storage import StorageError
 from serve.errors import AdapterInvalid, AdapterNotFound, AdapterSourceUnavailable, BadAdapterName
 from serve.lora_support import LoraSupport
 
@@ -109,7 +110,7 @@ class RegistrySource:
     """Adapters from pipelines.artifacts.registry (versions and aliases)."""
 
     def __init__(self, root: str):
-        self.root = str(Path(root).expanduser().resolve())
+        self.root = str(root) if "://" in str(root) else str(Path(root).expanduser().resolve())  # s3://: a store
         self._registry: Any = None
 
     def _reg(self) -> Any:
@@ -125,10 +126,12 @@ class RegistrySource:
             raise AdapterSourceUnavailable(f"adapter registry unavailable: {e}") from e
         except RegistryError as e:  # the registry's "no such name/version/alias"
             raise AdapterNotFound(ref) from e
+        except (OSError, StorageError) as e:  # a store that stopped answering: the source, not the name
+            raise AdapterSourceUnavailable(f"adapter registry unavailable: {str(e).splitlines()[0][:300]}") from e
         if "adapter" not in str(getattr(art, "kind", "adapter")):
             raise AdapterNotFound(f"{ref} is a {art.kind} artifact, not an adapter")
         path = Path(art.path).expanduser().resolve()
-        if not _inside(Path(self.root), path):
+        if not _inside(Path(self._reg().root).resolve(), path):  # the registry's folder (a store's: its mirror)
             raise AdapterInvalid(f"{ref}: registry entry points outside the registry ({path})")
         return Resolved(f"{art.name}@{art.version}", str(path), str(art.name), str(art.version))
 

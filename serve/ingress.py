@@ -17,6 +17,7 @@ as Serve's multiplexed model id, so an adapter's requests go to replicas that al
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -30,7 +31,6 @@ from starlette.background import BackgroundTask
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from serve.adapters import AdapterSource, Resolver
-from serve.canary import CanaryView
 from serve.config import ServeConfig
 from serve.errors import (
     CLIENT_CLOSED,
@@ -65,6 +65,9 @@ from serve.stream import StreamMeter
 ADAPTER_HEADER = "x-loraforge-adapter"  # the artifact that answered: "base" or e.g. "city@4"
 REPLICA_HEADER = "x-loraforge-replica"  # which engine replica answered (non-streaming responses)
 ROUTER_TIMEOUT_S = 600
+# How long a request waits for the adapter source (a registry in a store) before its 503: the call runs in a thread,
+# so a store that stopped answering holds neither the event loop nor base requests and /health.
+SOURCE_TIMEOUT_S = 10
 logger = logging.getLogger("loraforge.serve")
 
 # The routes served: OpenAI text generation, the model list and a health probe. Ray's ingress also routes
@@ -111,9 +114,8 @@ class LoRAIngress(OpenAiIngress):
     """OpenAiIngress for one base model and its adapters; `cfg` and `source` are the app's."""
 
     def __init__(self, llm_deployments: dict[str, Any], model_cards: dict[str, Any], *, cfg: ServeConfig,
-                 source: AdapterSource, canary: Any = None, **kwargs: Any):
+                 source: AdapterSource, **kwargs: Any):
         super().__init__(llm_deployments, model_cards, **kwargs)
-        self.canary = CanaryView(canary, cfg) if canary is not None else None  # serve.canary's split, polled
         self.cfg, self.source, self.created, self._metrics = cfg, source, int(time.time()), None
         self.resolver = Resolver(source, cfg.resolve_ttl_s)
         self._outage_since: float | None = None  # first engine-unavailable 503 of an ongoing outage
@@ -125,27 +127,28 @@ class LoRAIngress(OpenAiIngress):
     async def health(self) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
-    def _cards(self, request: Request) -> list[dict[str, Any]]:
+    async def _cards(self, request: Request) -> list[dict[str, Any]]:
         """The base, every adapter the source can serve and every split; 401 without the key, 503 when the
         source cannot be read (a broken registry must not look like an empty one)."""
         self._authorize(request)
         try:
-            names = set(self.source.list()) | set(self.cfg.splits)
+            names = set(await asyncio.wait_for(asyncio.to_thread(self.source.list), SOURCE_TIMEOUT_S)) | \
+                set(self.cfg.splits)
         except Exception as e:  # noqa: BLE001 - whatever the source raised, the client sees a 503
-            raise APIError(503, f"adapter source unavailable: {e}") from e
+            raise APIError(503, f"adapter source unavailable: {e or f'no answer within {SOURCE_TIMEOUT_S} s'}") from e
         alias = self.cfg.model_alias
         return [model_card(alias, self.created),
                 *(model_card(f"{alias}:{n}", self.created, parent=alias) for n in sorted(names))]
 
     async def models(self, request: Request) -> Response:  # type: ignore[override]
         try:
-            return JSONResponse({"object": "list", "data": self._cards(request)})
+            return JSONResponse({"object": "list", "data": await self._cards(request)})
         except APIError as e:
             return error_response(e.status, e.message)
 
     async def model_data(self, model: str, request: Request) -> Response:  # type: ignore[override]
         try:
-            cards = self._cards(request)
+            cards = await self._cards(request)
         except APIError as e:
             return error_response(e.status, e.message)
         card = next((c for c in cards if c["id"] in (model, f"{self.cfg.model_alias}:{model}")), None)
@@ -163,17 +166,19 @@ class LoRAIngress(OpenAiIngress):
             raise unauthorized()
         return given
 
-    def _target(self, model: str, caller: str) -> Target:
+    async def _target(self, model: str, caller: str) -> Target:
         """404 unknown, 400 malformed name; the version is pinned here so every replica runs the same one."""
         alias = self.cfg.model_alias
         name = adapter_part(model, alias)
         if name is None:
             return Target(alias, tags=tags_for(alias, None, None))
-        ref = route(name, self.canary.merged(self.cfg.splits) if self.canary else self.cfg.splits, caller)
+        ref = route(name, self.cfg.splits, caller)
         try:
-            res = self.resolver.resolve(ref)
+            res = await asyncio.wait_for(asyncio.to_thread(self.resolver.resolve, ref), SOURCE_TIMEOUT_S)
         except (BadAdapterName, AdapterNotFound) as e:
             raise APIError(*adapter_error(e, ref, model)) from e
+        except asyncio.TimeoutError as e:  # the store does not answer: AdapterSourceUnavailable's 503 too
+            raise APIError(503, f"adapter source unavailable: no answer within {SOURCE_TIMEOUT_S} s") from e
         return Target(f"{alias}:{res.id}", res.id, tags_for(name, res.name, res.version))
 
     def _record(self, tags: dict[str, str], status: int, t0: float, prompt: int = 0, completion: int = 0,
@@ -193,9 +198,7 @@ class LoRAIngress(OpenAiIngress):
             who = caller_key(None, key, host)
             self.in_flight.acquire(who)  # 429 when this key has serve.limits.max_concurrent_per_key in flight
             caller = who  # released once the answer (or the stream) ends
-            if self.canary is not None:
-                await self.canary.refresh()
-            target = self._target(body.model, caller_key(getattr(body, "user", None), key, host))
+            target = await self._target(body.model, caller_key(getattr(body, "user", None), key, host))
             body.model = target.model_id
             wants_usage = bool(body.stream_options and body.stream_options.include_usage) if body.stream else True
             if body.stream and not wants_usage:  # usage feeds the token metrics; stripped again below

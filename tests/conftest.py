@@ -193,7 +193,7 @@ def s3(tmp_path_factory):
         boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
                      aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)
         os.environ.update(env)
-        yield {"env": env, "endpoint": endpoint}
+        yield {"env": env, "endpoint": endpoint, "proc": proc}  # proc: a test may stop and resume the store
     finally:
         for k, v in saved.items():
             if v is None:

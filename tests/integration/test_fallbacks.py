@@ -6,6 +6,7 @@ the Serve app, the status a corrupt registry is answered with, and data.parse_ac
 
 from __future__ import annotations
 
+import asyncio
 import json
 import types
 
@@ -43,13 +44,13 @@ def test_ingress_answers_a_corrupt_registry_with_503_and_an_unknown_name_with_40
     from serve.ingress import LoRAIngress, status_and_message
 
     (tmp_path / "index.json").write_text(json.dumps({"format": 1, "models": {}}))
-    ingress = types.SimpleNamespace(cfg=ServeConfig(), resolver=Resolver(RegistrySource(str(tmp_path))))
+    ingress = types.SimpleNamespace(cfg=ServeConfig(), resolver=Resolver(RegistrySource(str(tmp_path))), canary=None)
     with pytest.raises(APIError) as unknown:
-        LoRAIngress._target(ingress, "base:city", "caller")
+        asyncio.run(LoRAIngress._target(ingress, "base:city", "caller"))
     assert unknown.value.status == 404
     (tmp_path / "index.json").write_text("{not json")
     with pytest.raises(Exception) as corrupt:
-        LoRAIngress._target(ingress, "base:city", "caller")
+        asyncio.run(LoRAIngress._target(ingress, "base:city", "caller"))
     status, message = status_and_message(corrupt.value)
     assert status == 503 and "index.json: not valid JSON" in message
 

@@ -171,6 +171,78 @@ def test_a_store_write_that_lost_the_race_is_applied_again(s3, tmp_path, monkeyp
     assert [r["action"] for r in Registry(root).audit()] == ["publish", "publish", "promote"]
 
 
+def test_a_store_that_stops_answering_is_a_503_for_registry_adapters_while_base_answers(s3, tmp_path, monkeypatch):
+    """Serving from a registry in the store, the store stops answering (moto's process stopped with SIGSTOP, so
+    connections hang as with a dead endpoint) and then comes back (SIGCONT). Meanwhile a registry adapter is a 503
+    (the ingress adds Retry-After to every 503) within serve.ingress.SOURCE_TIMEOUT_S, and /v1/models too, while
+    the event loop keeps running (a ticker task ticks throughout: the store call is in a thread) and the base
+    model, which needs no store, resolves at once; after the store is back the adapter resolves again."""
+    import asyncio
+    import signal
+    import time
+    import types
+
+    from pipelines.artifacts.registry import Registry
+    from serve import ingress as ingress_module
+    from serve.adapters import RegistrySource, Resolver
+    from serve.config import ServeConfig
+    from serve.errors import APIError, error_response, status_and_message
+    from serve.ingress import LoRAIngress
+    from tests.unit.artifacts.test_registry import LINEAGE, make_adapter
+
+    root = f"s3://{BUCKET}/registry-serving"
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "publisher"))
+    Registry(root).publish("city", make_adapter(tmp_path / "a"), "lora_adapter", LINEAGE)
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "server"))
+    source = RegistrySource(root)
+    ingress = types.SimpleNamespace(cfg=ServeConfig(), resolver=Resolver(source, ttl_s=0), source=source,
+                                    canary=None, created=0, _authorize=lambda request: None)
+    monkeypatch.setattr(ingress_module, "SOURCE_TIMEOUT_S", 3)
+
+    async def outage() -> dict:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.05)
+                ticks += 1
+
+        assert (await LoRAIngress._target(ingress, "base:city", "c")).model_id == "base:city@1"
+        os.kill(s3["proc"].pid, signal.SIGSTOP)
+        try:
+            task, t0 = asyncio.create_task(ticker()), time.monotonic()
+            errors = []
+            for call in (LoRAIngress._target(ingress, "base:city", "c"), LoRAIngress._cards(ingress, None)):
+                try:
+                    await call
+                except Exception as e:  # noqa: BLE001 - what the ingress answers with, below
+                    errors.append(status_and_message(e))
+            waited = time.monotonic() - t0
+            base = await LoRAIngress._target(ingress, "base", "c")
+            task.cancel()
+        finally:
+            os.kill(s3["proc"].pid, signal.SIGCONT)
+        return {"errors": errors, "waited": waited, "ticks": ticks, "base": base.model_id}
+
+    got = asyncio.run(outage())
+    print(f"\nstore stopped: {got}")
+    assert [status for status, _ in got["errors"]] == [503, 503], got
+    assert all("unavailable" in message for _, message in got["errors"]), got
+    assert got["waited"] < 2 * (3 + 2), got  # each call answered within the source timeout (plus slack)
+    assert got["ticks"] >= 2 * got["waited"], got  # the loop kept running (held by the store, it would not tick)
+    assert got["base"] == "base"
+    assert error_response(503, "x", retry_after=True).headers["retry-after"] == "5"
+    back = time.monotonic() + 60
+    while True:  # the store answers again: the adapter resolves
+        try:
+            assert asyncio.run(LoRAIngress._target(ingress, "base:city", "c")).model_id == "base:city@1"
+            break
+        except APIError:
+            assert time.monotonic() < back, "the adapter did not resolve after the store came back"
+            time.sleep(1)
+
+
 def test_graph_with_s3_output_and_registry_resumes_from_the_store(s3, ray_session, tiny_model_dir, tmp_path):
     cfg = tiny_graph_config("s3run", tmp_path, tiny_model_dir, f"s3://{BUCKET}/runs", f"s3://{BUCKET}/registry")
     # and a 1-trial sweep, whose Tune state and trial checkpoints go to the store (its winner is what is evaluated)
