@@ -188,22 +188,27 @@ def _sft_summary(out: Path) -> str:
 
 
 def _dpo(ctx: Context, resume: bool) -> Path:
-    """DPO alone: preference pairs (dpo.train_path) on top of this run's SFT adapter."""
+    """Preference tuning alone (dpo.method: dpo, orpo, simpo or kto) on dpo.train_path, on top of this run's SFT
+    adapter (or a fresh adapter on the base: dpo.start=base)."""
     cfg, setup = ctx.cfg, _setup(ctx, resume)
-    sft_adapter, pairs = _found(cfg, SFT), _output(cfg, f"{DPO.name}_data")  # a run in a store: read there
-    prepared = dpo.prepare(cfg.dpo, setup, sft_adapter, pairs.path)
+    start = _found(cfg, SFT) if cfg.dpo.start == "sft" else None
+    pairs = _output(cfg, f"{DPO.name}_data")  # a run in a store: read there
+    prepared = dpo.prepare(cfg.dpo, setup, start, pairs.path)
     if pairs.uri:
         storage.push(prepared, pairs.uri)
     m = _metrics(prepared)
-    console.print(f"[bold]{DPO.name} data[/]: {m['rows_in']} pairs in, {m['train']} train, {m['validation']} held "
-                  f"out, {m['rows_rejected']} rejected {m['rejected_by_reason'] or ''}")
-    return dpo.run(cfg.dpo, setup, sft_adapter, pairs, _output(cfg, DPO.name))
+    labels = "".join(f" ({n['desirable']} desirable, {n['undesirable']} undesirable)" for n in
+                     [m["labels"]["train"]] if "labels" in m)
+    console.print(f"[bold]{DPO.name} data[/]: {m['rows_in']} rows in, {m['train']} train{labels}, "
+                  f"{m['validation']} held out, {m['rows_rejected']} rejected {m['rejected_by_reason'] or ''}")
+    return dpo.run(cfg.dpo, setup, start, pairs, _output(cfg, DPO.name), lora=cfg.lora)
 
 
 def _dpo_summary(out: Path) -> str:
     m = _metrics(out)
     acc = m.get("reward_accuracy_history") or [float("nan")]
-    return (f"{m['steps']} steps, loss {m['loss_first']:.3f} → {m['loss_last']:.3f}, reward accuracy "
+    method = read_manifest(out).get("config", {}).get("method", "dpo")
+    return (f"{method}: {m['steps']} steps, loss {m['loss_first']:.3f} → {m['loss_last']:.3f}, reward accuracy "
             f"{acc[0]:.2f} → {acc[-1]:.2f}")
 
 
@@ -414,6 +419,11 @@ def served_in_plan(cfg: RunConfig, statuses: dict[str, str]) -> str:
 
 
 # -- when a stage is on ---------------------------------------------------------------------------------------
+def _sft_on(cfg: RunConfig) -> str | None:
+    return "dpo.start=base: preference tuning starts from the base" if cfg.dpo.train_path and \
+        cfg.dpo.start == "base" else None
+
+
 def _dpo_on(cfg: RunConfig) -> str | None:
     return None if cfg.dpo.train_path else "dpo.train_path is not set"
 
@@ -442,9 +452,9 @@ def _quantize_on(cfg: RunConfig) -> str | None:
 
 DATA = Stage("data", (), ("model", "data"), _data, needs=("model", "train_rows"), summary=_data_summary,
              command="tokenize")
-SFT = Stage("sft", ("data",), ("model", "lora", "quant", "train"), _sft, needs=("model",), requires=("data",),
-            hand=_sft_role, summary=_sft_summary, command="sft")
-DPO = Stage("dpo", ("sft",), ("model", "quant", "train", "dpo"), _dpo, _dpo_on, needs=("model", "pairs"),
+SFT = Stage("sft", ("data",), ("model", "lora", "quant", "train"), _sft, _sft_on, needs=("model",),
+            requires=("data",), hand=_sft_role, summary=_sft_summary, command="sft")
+DPO = Stage("dpo", ("sft",), ("model", "lora", "quant", "train", "dpo"), _dpo, _dpo_on, needs=("model", "pairs"),
             requires=("sft",), hand=_dpo_role, summary=_dpo_summary, command="dpo")
 TUNE = Stage("tune", ("data",), ("model", "lora", "quant", "train", "tune"), _tune, _tune_on,
              needs=("model", "train_rows", "sweep"), hand=_winner_role, summary=_tune_summary, command="tune",
@@ -471,7 +481,7 @@ def needs_output(cfg: RunConfig, stage: Stage, source: str) -> None:
     command that makes it)."""
     for name in stage.requires:
         up = STAGE[name]
-        if not up.finished(cfg):
+        if up.enabled(cfg) is None and not up.finished(cfg):  # an upstream stage that is off is not read
             raise MissingInput(f"{source}: {up.folder(cfg)} holds no {up.name} output: run `loraforge "
                                f"{up.command} {source}` first")
 

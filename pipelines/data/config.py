@@ -92,10 +92,12 @@ class DataConfig(Section):
         "A Hugging Face dataset to curate instead of train_path: a hub id, or a local folder "
         "`datasets.load_dataset` reads (its split data.hf_split). Same as train_path=hf://datasets/<id>:<split>."))
     hf_split: str = Field("train", description="The split of data.hf_dataset.")
-    format: Literal["auto", "alpaca", "messages", "prompt_completion", "preference", "dialogue", "text"] = Field(
+    format: Literal["auto", "alpaca", "messages", "prompt_completion", "preference", "dialogue", "unpaired",
+                    "text"] = Field(
         "auto", description=(
             "Row format of train_path; 'auto' (the default) detects it per row (Alpaca, messages/ShareGPT, TRL "
-            "prompt/completion, preference, dialogue pairs, raw text); a named format refuses rows in any other."))
+            "prompt/completion, preference, dialogue pairs, unpaired prompt/completion/label feedback, raw text); a "
+            "named format refuses rows in any other."))
     columns: dict[str, str] = Field(default_factory=dict, description=(
         "Our roles -> the file's fields, when the names differ: e.g. {prompt: question, completion: answer} or "
         "{instruction: instruction, input: instances[0].input, output: instances[0].output} (dots between names, "

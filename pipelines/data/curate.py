@@ -197,6 +197,22 @@ def file_formats(files: list[str], cfg: DataConfig, first: int = 20) -> dict[str
     return out
 
 
+def label_counts(out: Path) -> dict[str, dict[str, int]]:
+    """{split: {desirable, undesirable}} of curated unpaired rows (their label column)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    counts = {}
+    for split in SPLITS:
+        folder = out / split
+        labels = pads.dataset(str(folder), format="parquet").to_table(columns=["label"])["label"] \
+            if folder.is_dir() and any(folder.glob("*.parquet")) else None
+        good = int(pc.sum(labels).as_py() or 0) if labels is not None else 0
+        total = len(labels) if labels is not None else 0
+        counts[split] = {"desirable": good, "undesirable": total - good}
+    return counts
+
+
 def _carries_tokens(dec: Decisions, model_dir: str | None) -> bool:
     """Conversations curated with a tokenizer keep their token ids and labels in the curated splits."""
     return bool(model_dir) and dec.kind == "sft"
@@ -206,6 +222,8 @@ def _finish(cfg: DataConfig, out: Path, files: list[str], dec: Decisions, extra:
             model_dir: str | None, wait_plots: bool = True) -> Path:
     """The report (extra: its formats and phases) and the manifest."""
     counts = dec.counts
+    if dec.kind == "unpaired":  # KTO's rows: desirable / undesirable per split
+        counts = {**counts, "labels": label_counts(out)}
     content = {s: hash_path(out / s) for s in SPLITS}
     rep = {**counts, "kind": dec.kind, "dedup": dec.dedup, "inputs": files, "content_hash": content, **extra}
     report.write_report(out, rep, dec.lengths)
@@ -215,6 +233,8 @@ def _finish(cfg: DataConfig, out: Path, files: list[str], dec: Decisions, extra:
     inputs = {"train": local[0]} if len(local) == 1 else {f"input_{i}": f for i, f in enumerate(local)}
     metrics = {k: counts[k] for k in ("rows_in", "rows_kept", "rows_rejected", "rejected_by_reason",
                                       "split_rows", "rows_faulty", "kept_by_category", "kept_from_mix")}
+    if "labels" in counts:
+        metrics["labels"] = counts["labels"]
     write_manifest(out, kind="curated_dataset", inputs=inputs, config=cfg.model_dump(), metrics=metrics,
                    extra={"data_kind": dec.kind, "content_hash": content, "source_files": files,
                           "engine": extra["phases"]["engine"],

@@ -40,14 +40,18 @@ def normalise_record(kind: str, rec: dict[str, Any]) -> dict[str, Any]:
         return {"text": norm(rec["text"], "text")}
     if kind == "sft":
         return {"messages": [{"role": m["role"], "content": norm(m["content"], m["role"])} for m in rec["messages"]]}
-    return {"prompt": [{"role": m["role"], "content": norm(m["content"], m["role"])} for m in rec["prompt"]],
-            "chosen": norm(rec["chosen"], "chosen"), "rejected": norm(rec["rejected"], "rejected")}
+    prompt = [{"role": m["role"], "content": norm(m["content"], m["role"])} for m in rec["prompt"]]
+    if kind == "unpaired":
+        return {"prompt": prompt, "completion": norm(rec["completion"], "completion"), "label": bool(rec["label"])}
+    return {"prompt": prompt, "chosen": norm(rec["chosen"], "chosen"), "rejected": norm(rec["rejected"], "rejected")}
 
 
 def answer_of(kind: str, rec: dict[str, Any]) -> str:
     """What the model learns to say: the last assistant turn, the chosen answer, or the raw text."""
     if kind == "sft":
         return next(m["content"] for m in reversed(rec["messages"]) if m["role"] == "assistant")
+    if kind == "unpaired":
+        return rec["completion"]
     return rec["chosen"] if kind == "preference" else rec["text"]
 
 
@@ -57,6 +61,8 @@ def full_text(kind: str, rec: dict[str, Any]) -> str:
         return "\n".join(m["content"] for m in rec["messages"])
     if kind == "preference":
         return "\n".join([m["content"] for m in rec["prompt"]] + [rec["chosen"], rec["rejected"]])
+    if kind == "unpaired":  # the label is not text: one (prompt, completion) with both labels is a duplicate
+        return "\n".join([m["content"] for m in rec["prompt"]] + [rec["completion"]])
     return rec["text"]
 
 

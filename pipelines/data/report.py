@@ -89,6 +89,9 @@ def markdown(r: dict[str, Any]) -> str:
              f"({r['rows_faulty']} broken or low quality; the rest are duplicates, caps or mixing quota).", "",
              "| split | rows |", "|---|---:|"]
     lines += [f"| {s} | {n} |" for s, n in r["split_rows"].items()]
+    if r.get("labels"):
+        lines += ["", "## Labels (unpaired feedback)", "", "| split | desirable | undesirable |", "|---|---:|---:|"]
+        lines += [f"| {s} | {n['desirable']} | {n['undesirable']} |" for s, n in r["labels"].items()]
     lines += ["", "## Rejected, by reason", "", "| reason | rows |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in r["rejected_by_reason"].items()] or ["| (none) | 0 |"]
     if r.get("formats"):

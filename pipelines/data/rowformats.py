@@ -5,6 +5,8 @@ kind "sft":        {"messages": [{"role": "system"|"user"|"assistant", "content"
 kind "text":       {"text": str}                                                              (raw text)
 kind "preference": {"prompt": [messages], "chosen": str, "rejected": str}                     (prompt/chosen/
                    rejected pairs, and dialogue pairs whose chosen/rejected hold the whole conversation)
+kind "unpaired":   {"prompt": [messages], "completion": str, "label": bool}                   (KTO's unpaired
+                   feedback: prompt/completion/label, label true = desirable; thumbs-up fields via columns.label)
 
 Every refusal is a `RowError` with a short reason that the curation report counts.
 """
@@ -45,12 +47,17 @@ def alpaca_to_messages(row: dict[str, Any], system_prompt: str | None = None) ->
     return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
 
-Format = Literal["auto", "alpaca", "messages", "prompt_completion", "preference", "dialogue", "text"]
+Format = Literal["auto", "alpaca", "messages", "prompt_completion", "preference", "dialogue", "unpaired", "text"]
 KIND = {"alpaca": "sft", "messages": "sft", "prompt_completion": "sft", "text": "text", "preference": "preference",
-        "dialogue": "preference"}
+        "dialogue": "preference", "unpaired": "unpaired"}
 SUPPORTED = ("alpaca (instruction/input/output), messages or conversations (role/content, from/value), "
              "prompt + completion (strings or turn lists), prompt + chosen + rejected, chosen + rejected holding "
-             "whole dialogues, text")
+             "whole dialogues, prompt + completion + label (unpaired feedback, for KTO), text")
+# What a label field may say: true / 1 / "up" ... = desirable, false / 0 / "down" ... = undesirable.
+_LABELS = {**dict.fromkeys(("true", "1", "yes", "up", "thumbs_up", "good", "desirable", "positive", "accept",
+                            "accepted", "chosen", "+1", "\U0001f44d"), True),
+           **dict.fromkeys(("false", "0", "no", "down", "thumbs_down", "bad", "undesirable", "negative", "reject",
+                            "rejected", "-1", "\U0001f44e"), False)}
 _ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
           "model": "assistant", "bot": "assistant"}
 # Anthropic HH style: one string holding the whole dialogue ("\n\nHuman: ...\n\nAssistant: ...").
@@ -59,7 +66,7 @@ _HH_TURN = re.compile(r"\n\n(Human|Assistant|System):[ ]?")
 
 # data.columns: our roles -> a path into the file's row: `field`, `a.b`, `instances[0].input` (dots between
 # names, [i] to take the i-th element of a list).
-ROLES = ("instruction", "input", "output", "prompt", "completion", "chosen", "rejected", "messages", "text")
+ROLES = ("instruction", "input", "output", "prompt", "completion", "chosen", "rejected", "label", "messages", "text")
 _PATH = re.compile(r"[A-Za-z_][\w-]*(?:\[\d+\])*(?:\.[A-Za-z_][\w-]*(?:\[\d+\])*)*")
 _STEP = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
@@ -131,8 +138,7 @@ def detect_format(row: dict[str, Any]) -> str:
         conv = isinstance(row["chosen"], list) or (isinstance(row["chosen"], str) and _HH_TURN.search(row["chosen"]))
         return "dialogue" if conv and "prompt" not in row else "preference"
     if "completion" in row and "label" in row:
-        raise RowError("unsupported_format", "unpaired preference rows (prompt/completion/label, for KTO) are not "
-                                             f"supported; supported: {SUPPORTED}")
+        return "unpaired"
     if "prompt" in row and "completion" in row:
         return "prompt_completion"
     if "instruction" in row:
@@ -178,7 +184,34 @@ def to_canonical(row: dict[str, Any], fmt: str, system_prompt: str | None = None
         return "preference", {"prompt": msgs, "chosen": _answer(row, "chosen"), "rejected": _answer(row, "rejected")}
     if fmt == "dialogue":
         return "preference", dialogue_pair(row)
+    if fmt == "unpaired":
+        prompt = row.get("prompt")
+        msgs = messages_of(prompt, "prompt") if isinstance(prompt, list) else [
+            {"role": "user", "content": _text(row, "prompt")}]
+        return "unpaired", {"prompt": msgs, "completion": _answer(row, "completion"), "label": label_of(row)}
     raise ValueError(f"unknown format {fmt!r}")
+
+
+def label_of(row: dict[str, Any]) -> bool:
+    """An unpaired row's label as desirable (True) or not: a boolean, 0/1, or a word such as up/down, good/bad,
+    thumbs_up/thumbs_down (any case); RowError naming the value otherwise."""
+    v = row.get("label")
+    if v is None:
+        raise RowError("missing_field", "field 'label' is missing")
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, (int, float)) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip().casefold() in _LABELS:
+        return _LABELS[v.strip().casefold()]
+    raise RowError("wrong_type", f"field 'label' is {v!r}: expected true/false (or 1/0, up/down, good/bad, "
+                                 "thumbs_up/thumbs_down)")
+
+
+def unpaired_view(pair: dict[str, Any]) -> list[dict[str, Any]]:
+    """The KTO view of a normalised preference pair: its chosen answer desirable, its rejected one not."""
+    return [{"prompt": pair["prompt"], "completion": pair["chosen"], "label": True},
+            {"prompt": pair["prompt"], "completion": pair["rejected"], "label": False}]
 
 
 def prompt_completion_messages(row: dict[str, Any], system_prompt: str | None = None) -> list[dict[str, str]]:

@@ -23,7 +23,8 @@ MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])
 META = [("row_id", pa.int64()), ("source", pa.string()), ("line", pa.int64()), ("origin", pa.string()),
         ("category", pa.string()), ("n_tokens", pa.int64())]
 BODY = {"sft": [("messages", MESSAGES)], "text": [("text", pa.string())],
-        "preference": [("prompt", MESSAGES), ("chosen", pa.string()), ("rejected", pa.string())]}
+        "preference": [("prompt", MESSAGES), ("chosen", pa.string()), ("rejected", pa.string())],
+        "unpaired": [("prompt", MESSAGES), ("completion", pa.string()), ("label", pa.bool_())]}
 
 
 ROW_GROUP = 2048  # rows per Parquet row group: the unit the tokenize pass slices its tasks by

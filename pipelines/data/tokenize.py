@@ -46,8 +46,9 @@ def tokenize(cfg: DataConfig, curated_dir: str | os.PathLike, model_dir: str, ou
     """Tokenize a curated_dataset folder's splits into out_dir (tokens/split=<name>/ + manifest)."""
     curated, out = Path(curated_dir), Path(out_dir).resolve()
     cm = read_manifest(curated, kind="curated_dataset")
-    if cm["data_kind"] == "preference":
-        raise DataError(f"{curated / 'manifest.json'}: the curated rows are preference pairs, which the DPO stage "
+    if cm["data_kind"] in ("preference", "unpaired"):
+        what = "preference pairs" if cm["data_kind"] == "preference" else "unpaired feedback rows (KTO)"
+        raise DataError(f"{curated / 'manifest.json'}: the curated rows are {what}, which the DPO stage "
                         "tokenizes itself: give them to it (dpo.train_path, then `loraforge dpo`), or curate them "
                         "alone with `loraforge curate`")
     engine = cfg.engine if cfg.engine != "auto" else cm.get("engine", "ray")  # auto: as curation decided

@@ -203,18 +203,77 @@ def zero_dtype(ds_config: dict | None) -> str | None:
     return None
 
 
+class ORPOOptions(Section):
+    """ORPO (odds-ratio preference optimisation): SFT loss plus an odds-ratio term, no reference model."""
+
+    lam: float = Field(0.1, gt=0, description=(
+        "λ, the weight of the odds-ratio term (the paper's and TRL's default 0.1; TRL calls it ORPOConfig.beta)."))
+
+
+class SimPOOptions(Section):
+    """SimPO: length-normalised log-probs as the reward, a target margin γ, no reference model."""
+
+    beta: float = Field(2.0, gt=0, description=(
+        "β, the reward scale. 2.0: the SimPO authors' recommendation (TRL's CPOConfig default is 0.1)."))
+    gamma_beta_ratio: float = Field(0.5, ge=0, description=(
+        "γ/β: the target margin γ in units of β (the authors' 0.5, so γ = 1.0 at β 2.0; TRL's simpo_gamma is γ)."))
+
+
+class KTOOptions(Section):
+    """KTO: unpaired desirable / undesirable completions, against the frozen reference (dpo.beta is KTO's β)."""
+
+    desirable_weight: float = Field(1.0, gt=0, description="w_D, the weight of a desirable row's loss.")
+    undesirable_weight: float | Literal["auto"] = Field("auto", description=(
+        "w_U, the weight of an undesirable row's loss. auto: chosen from the prepared training rows' counts so that "
+        "w_D·n_D : w_U·n_U lies within 1:1 to 4:3 (the KTO paper's advice): 1 when it already does."))
+
+    @field_validator("undesirable_weight")
+    @classmethod
+    def _positive(cls, v):
+        if v != "auto" and v <= 0:
+            raise ValueError("must be greater than 0 (or auto)")
+        return v
+
+    def weights(self, desirable: int, undesirable: int) -> tuple[float, float]:
+        """(w_D, w_U) for these training-row counts."""
+        if self.undesirable_weight != "auto":
+            return self.desirable_weight, float(self.undesirable_weight)
+        if not desirable or not undesirable:
+            return self.desirable_weight, 1.0
+        ratio = self.desirable_weight * desirable / undesirable  # weighted D : U with w_U = 1
+        return self.desirable_weight, ratio / min(max(ratio, 1.0), 4 / 3)
+
+
+ALIGN_METHODS = ("dpo", "orpo", "simpo", "kto")
+
+
 class DPOSection(Section):
-    """Preference optimisation on top of the SFT adapter."""
+    """Preference optimisation (the align stage, named dpo): DPO (sigmoid / IPO / cDPO), ORPO, SimPO or KTO, on
+    top of the SFT adapter (or a fresh adapter on the base: start=base)."""
 
     train_path: str | None = Field(None, description=(
         "Preference pairs: prompt + chosen + rejected (explicit prompt), chosen + rejected conversations (implicit "
-        "prompt) or HH dialogue strings; any file type the data stage reads (JSONL, JSON, Parquet, CSV, "
-        "compressed), a file, folder, glob, s3:// URI or hf://datasets/<owner>/<name>[:split]."))
+        "prompt) or HH dialogue strings; for method=kto unpaired rows, prompt + completion + label (true: "
+        "desirable), or pairs (each gives a desirable and an undesirable row). Any file type the data stage reads "
+        "(JSONL, JSON, Parquet, CSV, compressed), a file, folder, glob, s3:// URI or "
+        "hf://datasets/<owner>/<name>[:split]."))
     columns: dict[str, str] = Field(default_factory=dict, description=(
-        "Roles -> the file's fields, as data.columns: e.g. {prompt: question, chosen: good, rejected: bad}."))
-    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference (DPO β / IPO τ).")
-    loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid DPO, or IPO.")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO: assumed share of flipped labels (sigmoid).")
+        "Roles -> the file's fields, as data.columns: e.g. {prompt: question, chosen: good, rejected: bad}, or "
+        "{completion: answer, label: thumbs_up} for KTO."))
+    method: Literal["dpo", "orpo", "simpo", "kto"] = Field("dpo", description=(
+        "dpo (loss_type sigmoid / ipo, label_smoothing for cDPO), orpo and simpo (no reference model), kto "
+        "(unpaired rows, reference model)."))
+    start: Literal["sft", "base"] = Field("sft", description=(
+        "The policy starts from this run's SFT adapter (sft), or from a fresh LoRA adapter (the lora section) on "
+        "the base (base: no SFT stage; ORPO needs none). The reference of dpo / kto is the start model."))
+    beta: float = Field(0.1, gt=0, description=(
+        "Strength of the pull towards the reference (DPO β / IPO τ; KTO's β)."))
+    loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="method=dpo: sigmoid DPO, or IPO.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description=(
+        "cDPO: assumed share of flipped labels (method=dpo sigmoid, and simpo)."))
+    orpo: ORPOOptions = Field(default_factory=ORPOOptions, description="method=orpo.")
+    simpo: SimPOOptions = Field(default_factory=SimPOOptions, description="method=simpo.")
+    kto: KTOOptions = Field(default_factory=KTOOptions, description="method=kto.")
     max_length: int = Field(512, ge=16, description="Longest prompt+answer in tokens; longer pairs are rejected.")
     max_pairs: int | None = Field(None, ge=1, description="Use only the first N valid pairs.")
     validation_fraction: float = Field(0.1, ge=0, lt=1, description="Held-out pairs (by prompt hash) for eval.")
@@ -233,6 +292,20 @@ class DPOSection(Section):
     def _columns(cls, v: dict[str, str]) -> dict[str, str]:
         check_columns(v)
         return v
+
+    @model_validator(mode="after")
+    def _method_options(self) -> "DPOSection":
+        if self.method != "dpo" and self.loss_type != "sigmoid":
+            raise ValueError(f"loss_type={self.loss_type} is a DPO variant; it does not apply to method="
+                             f"{self.method}")
+        if self.method in ("orpo", "kto") and self.label_smoothing:
+            raise ValueError(f"label_smoothing applies to method=dpo and simpo, not {self.method}")
+        return self
+
+    @property
+    def reference(self) -> bool:
+        """Whether the method scores its rows under a frozen reference model (DPO, KTO)."""
+        return self.method in ("dpo", "kto")
 
     def optimisation(self, train: TrainSection) -> TrainSection:
         """The loop settings DPO runs with: train's, with this section's own values where they are set."""
@@ -288,9 +361,11 @@ class WorkerJob(Section):
     base_cache: str | None = Field(None, description="Where each node keeps the 4-bit base it quantized once.")
     lora: LoraSection | None = Field(None, description="SFT: the adapter to attach to the frozen base.")
     dpo: DPOSection | None = Field(None, description="DPO: the preference loss settings.")
+    kto_weights: tuple[float, float] | None = Field(None, description="KTO: (w_D, w_U) resolved from the counts.")
     sft: Location | None = Field(None, description=(
-        "DPO: the SFT adapter the policy starts from; with a URI, each worker copies it to its node "
-        "(Location.on_node) instead of reading the driver's folder, which other nodes do not have."))
+        "DPO: the SFT adapter the policy starts from (None: a fresh adapter on the base, dpo.start=base); with a "
+        "URI, each worker copies it to its node (Location.on_node) instead of reading the driver's folder, which "
+        "other nodes do not have."))
 
     def compute_dtype(self) -> str:
         """The dtype matmuls run in: the 4-bit base's compute dtype under QLoRA, else the model's."""

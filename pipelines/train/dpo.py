@@ -1,15 +1,25 @@
-"""DPO stage: preference pairs → the SFT adapter, trained further by Ray Train workers against itself frozen.
+"""DPO stage (the align stage): preference data → the SFT adapter, trained further by Ray Train workers with one
+of the preference methods of dpo.method:
+
+    dpo    sigmoid DPO / IPO / cDPO against the SFT model frozen                 (pairs)
+    orpo   SFT loss + odds-ratio term, no reference model, may start from the base (pairs)
+    simpo  length-normalised reward with a target margin, no reference model      (pairs)
+    kto    unpaired desirable / undesirable rows against the frozen reference    (prompt/completion/label rows,
+           or pairs, each giving one of each)
 
     loraforge dpo CONFIG                                   # on this run's SFT adapter and dpo.train_path
     loraforge dpo CONFIG dpo.loss_type=ipo dpo.beta=0.5
+    loraforge dpo CONFIG dpo.method=orpo dpo.start=base    # a fresh LoRA adapter on the base, no SFT stage
 
-Reference model = the SFT model (base + SFT adapter), frozen. Its log-probs are computed ONCE, in a Ray Data pass
-before training (`prepare`), and stored beside the tokens: the workers then hold only the policy (half the
-memory of a second model or adapter), the reference costs one forward per pair instead of one per pair per
-epoch, and it provably cannot drift during training (it is data). The policy starts from the SFT adapter.
+Reference model (dpo, kto) = the start model (base + SFT adapter, or the base with dpo.start=base), frozen. Its
+log-probs are computed ONCE, in a Ray Data pass before training (`prepare`), and stored beside the tokens: the
+workers then hold only the policy (half the memory of a second model or adapter), the reference costs one forward
+per row instead of one per row per epoch, and it provably cannot drift during training (it is data). KTO's
+mismatched KL sequences are fixed and scored in the same pass. ORPO and SimPO have no reference: the pass only
+tokenizes. The policy starts from the SFT adapter (dpo.start=sft) or a fresh one on the base.
 
-Output folder: the DPO adapter, `loss.png` (loss and reward accuracy), `manifest.json` with lineage (parent adapter)
-and `metrics.reward_accuracy_history`.
+Output folder: the aligned adapter, `loss.png` (loss, reward accuracy, the method's own series), `manifest.json`
+with lineage (parent adapter, or start: base) and `metrics.<name>_history` of every per-step figure.
 """
 
 from __future__ import annotations
@@ -25,57 +35,94 @@ from pipelines.artifacts.manifest import hash_path, read_manifest, write_manifes
 from pipelines.artifacts.models import on_this_node
 from pipelines.data.chat import pad_batch, tokenize_messages
 from pipelines.data.readers import expand_paths, record_batches
-from pipelines.data.rowformats import RowError, apply_columns, parse_raw, to_canonical
+from pipelines.data.rowformats import RowError, apply_columns, parse_raw, to_canonical, unpaired_view
 from pipelines.schema import MissingInput, actor_gpus, cluster_gpus, torch_device
 from pipelines.train import worker
-from pipelines.train.base import load_base, start_worker
-from pipelines.train.config import DPOSection, TrainSetup, WorkerJob
+from pipelines.train.base import attach_lora, load_base, start_worker
+from pipelines.train.config import DPOSection, LoraSection, TrainSetup, WorkerJob
 from pipelines.train.driver import run_stage
 from pipelines.train.engine import select_accelerator
 from pipelines.train.loop import run_loop
-from pipelines.train.losses import LEAN_CHUNK_TOKENS, dpo_loss, hidden_and_head, lean_sequence_logps, sequence_logps
+from pipelines.train.losses import (
+    LEAN_CHUNK_TOKENS,
+    dpo_loss,
+    hidden_and_head,
+    kto_kl,
+    kto_loss,
+    lean_sequence_logps,
+    orpo_loss,
+    sequence_logps,
+    simpo_loss,
+)
+
+PAIR_COLUMNS = ["chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels", "ref_chosen",
+                "ref_rejected"]
+KTO_COLUMNS = ["input_ids", "labels", "label", "kl_input_ids", "kl_labels", "ref", "ref_kl"]
 
 
 class _PrepareBatch:
-    """Ray Data callable class: tokenize pairs and score them under the frozen reference (base + SFT adapter)."""
+    """Ray Data callable class: tokenize preference rows and, for methods with a reference (dpo, kto), score them
+    under the frozen reference: base + SFT adapter, or the base alone (start None)."""
 
-    def __init__(self, cfg: DPOSection, setup: TrainSetup, sft: Location, device: str = "cpu", store_fs=None):
+    def __init__(self, cfg: DPOSection, setup: TrainSetup, sft: Location | None, device: str = "cpu",
+                 store_fs=None):
         import torch
-        from peft import PeftModel
         from transformers import AutoTokenizer
 
         # this actor's node may not have the driver's folders: the base resolved again, the adapter from the store
         model_dir = on_this_node(setup.model_dir, setup.model_name)
-        sft_dir = str(sft.on_node(store_fs))
         torch.set_num_threads(1)
         self.cfg = cfg
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.device = device
-        self.model = PeftModel.from_pretrained(load_base(model_dir, setup.dtype, setup.quant, False),
-                                               sft_dir).eval()
-        if not setup.quant.load_in_4bit:  # a 4-bit base is placed by bitsandbytes where it loads
-            self.model.to(device)
+        self.model = None
+        if cfg.reference:
+            base = load_base(model_dir, setup.dtype, setup.quant, False)
+            if sft is not None:
+                from peft import PeftModel
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+                base = PeftModel.from_pretrained(base, str(sft.on_node(store_fs)))
+            self.model = base.eval()
+            if not setup.quant.load_in_4bit:  # a 4-bit base is placed by bitsandbytes where it loads
+                self.model.to(device)
+
+    def _logps(self, rows) -> list[float]:
+        """Summed completion log-probs of tokenized rows under the reference (0.0 each without one)."""
         import torch
 
-        out: dict[str, list] = {k: [] for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids",
-                                                "rejected_labels", "ref_chosen", "ref_rejected", "reason",
-                                                "split", "raw")}
-        out["source"], out["line"] = list(batch["source"]), list(batch["line"])
-        for line, error in zip(batch["raw"], batch["error"]):
+        if self.model is None:
+            return [0.0] * len(rows)
+        with torch.no_grad():  # the lean form: no [tokens, vocab] logits for the whole sequence
+            return [float(policy_logps(self.model, {
+                "input_ids": torch.tensor([t.input_ids], device=self.model.device),
+                "labels": torch.tensor([t.labels], device=self.model.device)})[0][0]) for t in rows]
+
+    def _split(self, prompt) -> str:
+        key = json.dumps(prompt, sort_keys=True).encode()  # rows of one prompt share a split
+        bucket = int(hashlib.sha256(key).hexdigest()[:8], 16) / 0xFFFFFFFF
+        return "validation" if bucket < self.cfg.validation_fraction else "train"
+
+    def _turns(self, prompt, answer: str):
+        return tokenize_messages(self.tokenizer, prompt + [{"role": "assistant", "content": answer}],
+                                 self.cfg.max_length)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if self.cfg.method == "kto":
+            return self._unpaired(batch)
+        cols = PAIR_COLUMNS + ["reason", "split", "raw", "source", "line", "first"]
+        out: dict[str, list] = {k: [] for k in cols}
+        for source, number, line, error in zip(batch["source"], batch["line"], batch["raw"], batch["error"]):
             reason, pair = "", None
             try:
                 if error:
                     raise RowError(*error.partition(": ")[::2])
                 pair = _parse_pair(line, self.cfg.columns)
-                prompt = pair["prompt"]
-                ch = tokenize_messages(self.tokenizer, prompt + [{"role": "assistant", "content": pair["chosen"]}],
-                                       self.cfg.max_length)
-                rj = tokenize_messages(self.tokenizer, prompt + [{"role": "assistant", "content": pair["rejected"]}],
-                                       self.cfg.max_length)
+                ch, rj = self._turns(pair["prompt"], pair["chosen"]), self._turns(pair["prompt"], pair["rejected"])
             except RowError as e:
                 reason = str(e)
+            out["source"].append(source)
+            out["line"].append(number)
+            out["first"].append(True)
             out["reason"].append(reason)
             out["raw"].append(line if reason else "")
             if reason:
@@ -85,25 +132,84 @@ class _PrepareBatch:
                 out["ref_rejected"].append(0.0)
                 out["split"].append("")
                 continue
-            with torch.no_grad():  # the lean form: no [tokens, vocab] logits for the whole sequence
-                logps = [float(policy_logps(self.model, {
-                    "input_ids": torch.tensor([t.input_ids], device=self.model.device),
-                    "labels": torch.tensor([t.labels], device=self.model.device)})[0][0]) for t in (ch, rj)]
+            logps = self._logps((ch, rj))
             out["chosen_input_ids"].append(ch.input_ids)
             out["chosen_labels"].append(ch.labels)
             out["rejected_input_ids"].append(rj.input_ids)
             out["rejected_labels"].append(rj.labels)
             out["ref_chosen"].append(logps[0])
             out["ref_rejected"].append(logps[1])
-            key = json.dumps(pair["prompt"], sort_keys=True).encode()  # pairs of one prompt share a split
-            bucket = int(hashlib.sha256(key).hexdigest()[:8], 16) / 0xFFFFFFFF
-            out["split"].append("validation" if bucket < self.cfg.validation_fraction else "train")
+            out["split"].append(self._split(pair["prompt"]))
+        return out
+
+    def _unpaired(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """KTO rows: each unpaired row (or each side of a pair) tokenized, with its mismatched KL sequence: its
+        prompt with the completion of the nearest earlier row of this batch whose prompt differs (TRL pairs each
+        row with the previous one's completion), both scored under the reference."""
+        cols = KTO_COLUMNS + ["reason", "split", "raw", "source", "line", "first"]
+        out: dict[str, list] = {k: [] for k in cols}
+        kept: list[tuple[dict[str, Any], Any]] = []  # (row, tokenized) of the kept rows, in order
+        where: list[int] = []  # their positions in out
+        for source, number, line, error in zip(batch["source"], batch["line"], batch["raw"], batch["error"]):
+            try:
+                if error:
+                    raise RowError(*error.partition(": ")[::2])
+                rows = _parse_unpaired(line, self.cfg.columns)
+                toks = [self._turns(r["prompt"], r["completion"]) for r in rows]
+            except RowError as e:
+                rows, toks, reason = [None], [None], str(e)
+            else:
+                reason = ""
+            for i, (row, tok) in enumerate(zip(rows, toks)):
+                out["source"].append(source)
+                out["line"].append(number)
+                out["first"].append(i == 0)
+                out["reason"].append(reason)
+                out["raw"].append(line if reason else "")
+                if row is not None:
+                    kept.append((row, tok))
+                    where.append(len(out["reason"]) - 1)
+        n = len(out["reason"])
+        for k in ("input_ids", "labels", "kl_input_ids", "kl_labels"):
+            out[k] = [[] for _ in range(n)]
+        out["label"], out["ref"], out["ref_kl"], out["split"] = [False] * n, [0.0] * n, [0.0] * n, [""] * n
+        kls = []
+        for i, (row, tok) in enumerate(kept):
+            kl = tok  # a batch with one prompt only: the row itself
+            for back in range(1, len(kept)):
+                other = kept[(i - back) % len(kept)][0]
+                if other["prompt"] != row["prompt"]:
+                    try:
+                        kl = self._turns(row["prompt"], other["completion"])
+                        break
+                    except RowError:  # too long together: the next one
+                        continue
+            kls.append(kl)
+        ref = self._logps([t for _, t in kept] + kls)
+        for i, ((row, tok), kl, pos) in enumerate(zip(kept, kls, where)):
+            out["input_ids"][pos], out["labels"][pos] = tok.input_ids, tok.labels
+            out["kl_input_ids"][pos], out["kl_labels"][pos] = kl.input_ids, kl.labels
+            out["label"][pos], out["ref"][pos], out["ref_kl"][pos] = bool(row["label"]), ref[i], ref[len(kept) + i]
+            out["split"][pos] = self._split(row["prompt"])
         return out
 
 
 def reference_options(cfg: DPOSection, available: float) -> dict[str, float]:
     """What each reference-scoring actor asks Ray for: dpo.reference_num_gpus, else one GPU on a GPU cluster."""
     return {"num_gpus": actor_gpus(cfg.reference_num_gpus, available)}
+
+
+def _parse_unpaired(line: str, columns: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """KTO's rows of one input row: an unpaired row (prompt/completion/label, fields mapped by dpo.columns) as it
+    is, a preference pair as its two sides (chosen desirable, rejected not); RowError otherwise."""
+    kind, rec = to_canonical(apply_columns(parse_raw(line), columns or {}, "dpo.columns"), "auto")
+    if kind == "unpaired":
+        return [rec]
+    if kind == "preference":
+        if rec["chosen"].strip() == rec["rejected"].strip():
+            raise RowError("identical_pair", "chosen and rejected are the same text")
+        return unpaired_view(rec)
+    raise RowError("not_preference", f"a {kind} row, expected prompt/completion/label (or a preference pair)")
 
 
 def _parse_pair(line: str, columns: dict[str, str] | None = None) -> dict[str, Any]:
@@ -134,38 +240,45 @@ def read_pairs(spec: str, chunk: int = 256):
     return ray.data.from_arrow(tables)
 
 
-def prepare(cfg: DPOSection, setup: TrainSetup, sft: Location | str | os.PathLike,
+def prepare(cfg: DPOSection, setup: TrainSetup, sft: Location | str | os.PathLike | None,
             out_dir: str | os.PathLike) -> Path:
-    """Tokenize preference pairs and precompute reference log-probs (Ray Data); counts add up, rejects kept.
+    """Tokenize preference rows and, for dpo / kto, precompute the reference log-probs (Ray Data); counts add up,
+    rejects kept. `sft`: the adapter the policy starts from (and the reference), None: the base (dpo.start=base).
     The reference actors read the SFT adapter from the store when `sft` has a URI (any node can), and resolve
     model.name again on a node without the driver's model folder (models.on_this_node)."""
     from ray.data.expressions import col
 
     if not cfg.train_path:
-        raise MissingInput("dpo.train_path is not set: point it at a preference JSONL (prompt, chosen, rejected)")
+        raise MissingInput("dpo.train_path is not set: point it at a preference JSONL (prompt, chosen, rejected"
+                           + (", or prompt, completion, label" if cfg.method == "kto" else "") + ")")
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     ds = read_pairs(cfg.train_path)
     if cfg.max_pairs:
         ds = ds.limit(cfg.max_pairs)
-    options = reference_options(cfg, cluster_gpus())
-    sft = Location.of(sft)
-    store_fs = sft.reader()[0]  # built here, where the credentials are
-    ds = ds.map_batches(_PrepareBatch, fn_constructor_args=(cfg, setup, sft, torch_device(options["num_gpus"]),
+    options = reference_options(cfg, cluster_gpus()) if cfg.reference else {"num_cpus": 1}
+    sft = Location.of(sft) if sft is not None else None
+    store_fs = sft.reader()[0] if sft is not None else None  # built here, where the credentials are
+    ds = ds.map_batches(_PrepareBatch, fn_constructor_args=(cfg, setup, sft, torch_device(options.get("num_gpus", 0)),
                                                             store_fs),
                         concurrency=(1, 2), batch_size=32, batch_format="numpy", **options).materialize()
-    rows_in = ds.count()
-    rejected = ds.filter(expr=col("reason") != "").select_columns(["reason", "source", "line", "raw"]).take_all()
-    cols = ["chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels", "ref_chosen",
-            "ref_rejected"]
-    counts = {}
+    rows_in = ds.filter(expr=col("first")).count()  # input rows (a pair gives KTO two rows)
+    rows_out = ds.count()
+    rejected = ds.filter(expr=col("reason") != "").filter(expr=col("first")).select_columns(
+        ["reason", "source", "line", "raw"]).take_all()
+    cols = KTO_COLUMNS if cfg.method == "kto" else PAIR_COLUMNS
+    counts, labels = {}, {}
     for split in ("train", "validation"):
         part = ds.filter(expr=col("split") == split).select_columns(cols)
         counts[split] = part.count()
         if counts[split]:
             part.write_parquet(str(out / split))
-    if rows_in != counts["train"] + counts["validation"] + len(rejected):
-        raise RuntimeError(f"row accounting broke: in={rows_in} kept={counts} rejected={len(rejected)}")
+        if cfg.method == "kto":
+            good = part.filter(expr=col("label")).count() if counts[split] else 0
+            labels[split] = {"desirable": good, "undesirable": counts[split] - good}
+    kept_rows = counts["train"] + counts["validation"]
+    if rows_out != kept_rows + ds.filter(expr=col("reason") != "").count():
+        raise RuntimeError(f"row accounting broke: out={rows_out} kept={counts} rejected={len(rejected)}")
     with open(out / "rejected.jsonl", "w") as fh:
         for r in rejected:
             fh.write(json.dumps({"reason": r["reason"], "source": r["source"], "line": int(r["line"]),
@@ -173,65 +286,140 @@ def prepare(cfg: DPOSection, setup: TrainSetup, sft: Location | str | os.PathLik
     by_reason: dict[str, int] = {}
     for r in rejected:
         by_reason[r["reason"].split(":")[0]] = by_reason.get(r["reason"].split(":")[0], 0) + 1
-    write_manifest(out, kind="preference_dataset", inputs={"reference_adapter": str(sft.path)}, config=cfg.model_dump(),
-                   metrics={"rows_in": rows_in, "rows_kept": counts["train"] + counts["validation"],
-                            "rows_rejected": len(rejected), "rejected_by_reason": by_reason, **counts},
+    metrics = {"method": cfg.method, "reference": ("sft" if sft is not None else "base") if cfg.reference else None,
+               "rows_in": rows_in, "rows_kept": rows_in - len(rejected),
+               "rows_rejected": len(rejected), "rejected_by_reason": by_reason, **counts}
+    if cfg.method == "kto":
+        metrics["labels"] = labels
+    write_manifest(out, kind="preference_dataset",
+                   inputs={"reference_adapter": str(sft.path)} if cfg.reference and sft is not None else {},
+                   config=cfg.model_dump(), metrics=metrics,
                    extra={"outputs": {s: s for s in counts if counts[s]},
                           "source": {"path": cfg.train_path, "hash": hash_path(cfg.train_path)
                                      if Path(cfg.train_path).is_file() else None}})
     return out
 
 
-def run(cfg: DPOSection, setup: TrainSetup, sft: Location | str | os.PathLike, data: Location | str | os.PathLike,
-        out: Location | str | os.PathLike) -> Path:
-    """Train the DPO adapter from the SFT adapter `sft` on the preference dataset `prepare` wrote into `data`;
-    write it with a manifest into out's folder. The loop runs with `cfg.optimisation(setup.train)`: train's
-    settings, with DPO's own steps / lr / warmup / batch size where set. With store URIs, every worker reads the
-    pairs and the adapter from the store, and Ray Train keeps the checkpoints in out/ray_train there. setup.local:
-    the loop in this process on one device, without Ray Train (the reference pass still uses Ray Data)."""
-    sft, data, out = Location.of(sft), Location.of(data), Location.of(out)
-    sft_manifest = read_manifest(sft.path, kind="lora_adapter")
+def run(cfg: DPOSection, setup: TrainSetup, sft: Location | str | os.PathLike | None,
+        data: Location | str | os.PathLike, out: Location | str | os.PathLike, lora: LoraSection | None = None
+        ) -> Path:
+    """Train the aligned adapter with dpo.method from the SFT adapter `sft` (None: a fresh `lora` adapter on the
+    base) on the preference dataset `prepare` wrote into `data`; write it with a manifest into out's folder. The
+    loop runs with `cfg.optimisation(setup.train)`: train's settings, with DPO's own steps / lr / warmup / batch
+    size where set. With store URIs, every worker reads the rows and the adapter from the store, and Ray Train
+    keeps the checkpoints in out/ray_train there. setup.local: the loop in this process on one device, without Ray
+    Train (the reference pass still uses Ray Data)."""
+    data, out = Location.of(data), Location.of(out)
+    sft = Location.of(sft) if sft is not None else None
+    if sft is not None:
+        parent = read_manifest(sft.path, kind="lora_adapter")
+        lineage = {"parent_adapter": {"path": str(sft.path), "lineage": parent.get("lineage")}}
+    else:
+        lora = lora or LoraSection()
+        lineage = {"parent_adapter": None, "start": "base"}
     loop = cfg.optimisation(setup.train)
-    job = setup.job(out.child("ray_train").shared, data, train=loop, dpo=cfg, sft=sft)
-    return run_stage(train_loop_per_worker, setup, job, out.path, name="dpo", title="DPO",
-                     data_kind="preference_dataset",
-                     config={"dpo": cfg.model_dump(), "quant": setup.quant.model_dump(), "train": loop.model_dump(),
-                             "dtype": setup.dtype, "parent_adapter": str(sft.path)},
-                     extra_series={"reward accuracy": "reward_accuracy"},
-                     lineage={"parent_adapter": {"path": str(sft.path), "lineage": sft_manifest.get("lineage")}})
+    weights = None
+    config = {"dpo": cfg.model_dump(), "quant": setup.quant.model_dump(), "train": loop.model_dump(),
+              "dtype": setup.dtype, "parent_adapter": str(sft.path) if sft is not None else None,
+              "method": cfg.method}
+    if cfg.method == "kto":
+        n = read_manifest(data.path, kind="preference_dataset")["metrics"].get("labels", {}).get("train", {})
+        weights = cfg.kto.weights(n.get("desirable", 0), n.get("undesirable", 0))
+        config["kto_weights"] = {"desirable": weights[0], "undesirable": weights[1], "train_rows": n}
+    if sft is None:
+        config["lora"] = lora.model_dump()
+    job = setup.job(out.child("ray_train").shared, data, train=loop, dpo=cfg, sft=sft, kto_weights=weights,
+                    lora=lora if sft is None else None)
+    series = {"reward accuracy": "reward_accuracy"}
+    if cfg.method == "kto":
+        series["KL estimate"] = "kl"
+    if cfg.method == "orpo":
+        series["log odds ratio"] = "log_odds_ratio"
+    return run_stage(train_loop_per_worker, setup, job, out.path, name="dpo", title=TITLES[cfg.method],
+                     data_kind="preference_dataset", config=config, extra_series=series, lineage=lineage)
+
+
+TITLES = {"dpo": "DPO", "orpo": "ORPO", "simpo": "SimPO", "kto": "KTO"}
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """What each worker runs for DPO: the policy is the SFT adapter, trainable; the reference is data."""
+    """What each worker runs for the align stage: the policy is the SFT adapter (or a fresh one on the base),
+    trainable; the reference, where the method has one, is data (its log-probs precomputed)."""
     select_accelerator()  # before anything below can import DeepSpeed
     from peft import PeftModel
 
     job: WorkerJob = config["job"].on_node()  # the base model as this node has it
     cfg, train = job.dpo, job.train
-    sft_dir = str(job.sft.on_node(config.get("store_fs")))
-    tokenizer, pad_id, model, static = start_worker(
-        job, lambda base: PeftModel.from_pretrained(base, sft_dir, is_trainable=True))
+    if job.sft is not None:
+        sft_dir = str(job.sft.on_node(config.get("store_fs")))
+        adapter = lambda base: PeftModel.from_pretrained(base, sft_dir, is_trainable=True)  # noqa: E731
+    else:
+        adapter = lambda base: attach_lora(base, job.lora, train.seed)  # noqa: E731
+    tokenizer, pad_id, model, static = start_worker(job, adapter)
+    tag = cfg.method
     if worker.current().world_rank == 0:
-        print(f"[dpo] policy = SFT adapter ({static['trainable_params']:,} trainable parameters), reference "
-              "log-probs precomputed", flush=True)
-
-    def loss_fn(m, batch):
-        logps, ntok = policy_logps(m, batch, train.loss_chunk_tokens)
-        b = batch["ref_chosen"].shape[0]
-        out = dpo_loss(logps[:b], logps[b:], batch["ref_chosen"], batch["ref_rejected"], beta=cfg.beta,
-                       loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
-                       chosen_tokens=ntok[:b], rejected_tokens=ntok[b:])
-        extras = {"reward_accuracy": out["accuracy"].sum(), "rewards_chosen": out["chosen_rewards"].sum(),
-                  "rewards_rejected": out["rejected_rewards"].sum(), "reward_margin": out["margins"].sum()}
-        return out["losses"].sum(), b, extras
+        start = "SFT adapter" if job.sft is not None else "a fresh LoRA adapter on the base"
+        ref = "reference log-probs precomputed" if cfg.reference else "no reference model"
+        print(f"[{tag}] policy = {start} ({static['trainable_params']:,} trainable parameters), {ref}", flush=True)
+    loss_fn = make_loss(cfg, train.loss_chunk_tokens, job.kto_weights)
 
     def save_extra(folder: str, rank: int) -> None:
         if rank == 0:
             tokenizer.save_pretrained(folder)
             Path(folder, "static.json").write_text(json.dumps(static))
 
-    run_loop(job, model, loss_fn=loss_fn, collate=_collate(pad_id), count_items=lambda b: b["ref_chosen"].shape[0],
-             save_extra=save_extra, tag="dpo")
+    count = (lambda b: b["ref"].shape[0]) if cfg.method == "kto" else (lambda b: b["ref_chosen"].shape[0])
+    run_loop(job, model, loss_fn=loss_fn, collate=_kto_collate(pad_id) if cfg.method == "kto" else _collate(pad_id),
+             count_items=count, save_extra=save_extra, tag=tag)
+
+
+def make_loss(cfg: DPOSection, chunk_tokens: int = LEAN_CHUNK_TOKENS, kto_weights: tuple[float, float] | None = None):
+    """The loop's loss function for dpo.method: (model, batch) -> (sum of item losses, items, extra sums)."""
+    def paired(m, batch):
+        logps, ntok = policy_logps(m, batch, chunk_tokens)
+        b = batch["ref_chosen"].shape[0]
+        pc, pr, nc, nr = logps[:b], logps[b:], ntok[:b], ntok[b:]
+        extras = {}
+        if cfg.method == "dpo":
+            out = dpo_loss(pc, pr, batch["ref_chosen"], batch["ref_rejected"], beta=cfg.beta,
+                           loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+                           chosen_tokens=nc, rejected_tokens=nr)
+        elif cfg.method == "orpo":
+            out = orpo_loss(pc, pr, nc, nr, lam=cfg.orpo.lam)
+            extras = {"log_odds_ratio": out["log_odds_ratio"].sum(), "nll": out["nll"] * b}
+        else:
+            out = simpo_loss(pc, pr, nc, nr, beta=cfg.simpo.beta, gamma_beta_ratio=cfg.simpo.gamma_beta_ratio,
+                             label_smoothing=cfg.label_smoothing)
+        extras = {"reward_accuracy": out["accuracy"].sum(), "rewards_chosen": out["chosen_rewards"].sum(),
+                  "rewards_rejected": out["rejected_rewards"].sum(), "reward_margin": out["margins"].sum(), **extras}
+        return out["losses"].sum(), b, extras
+
+    def unpaired(m, batch):
+        import torch
+
+        from pipelines.train.engine import all_sum
+
+        training = torch.is_grad_enabled()
+        with torch.no_grad():  # the KL sequences only set the detached reference point z0
+            kl_logps, _ = policy_logps(m, {"input_ids": batch["kl_input_ids"],
+                                           "attention_mask": batch["kl_attention_mask"],
+                                           "labels": batch["kl_labels"]}, chunk_tokens)
+        logps, _ = policy_logps(m, batch, chunk_tokens)
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        # while training every rank runs the same micro-batches: z0 averaged over them, as TRL gathers it
+        reduce = (lambda kl: torch.tensor(all_sum([float(kl)])[0] / world, device=kl.device)) \
+            if training and world > 1 else None
+        kl = kto_kl(kl_logps, batch["ref_kl"], reduce)
+        wd, wu = kto_weights or (cfg.kto.desirable_weight, 1.0)
+        out = kto_loss(logps, batch["ref"], batch["label"], kl, beta=cfg.beta, desirable_weight=wd,
+                       undesirable_weight=wu)
+        b = logps.shape[0]
+        margin = out["margin"] if out["margin"] is not None else torch.zeros((), device=logps.device)
+        extras = {"reward_accuracy": out["accuracy"].sum(), "reward_margin": margin * b, "kl": out["kl"] * b,
+                  "desirable_share": batch["label"].float().sum()}
+        return out["losses"].sum(), b, extras
+
+    return unpaired if cfg.method == "kto" else paired
 
 
 def policy_logps(model, batch: dict[str, Any], chunk_tokens: int = LEAN_CHUNK_TOKENS):
@@ -254,5 +442,21 @@ def _collate(pad_id: int):
         padded["ref_chosen"] = torch.tensor(batch["ref_chosen"], dtype=torch.float32)
         padded["ref_rejected"] = torch.tensor(batch["ref_rejected"], dtype=torch.float32)
         return padded
+
+    return collate
+
+
+def _kto_collate(pad_id: int):
+    def collate(batch: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        out = {}
+        for prefix in ("", "kl_"):
+            rows = [(list(ids), list(lab)) for ids, lab in zip(batch[f"{prefix}input_ids"], batch[f"{prefix}labels"])]
+            out.update({f"{prefix}{k}": torch.tensor(v, dtype=torch.long) for k, v in pad_batch(rows, pad_id).items()})
+        out["label"] = torch.tensor(batch["label"], dtype=torch.bool)
+        out["ref"] = torch.tensor(batch["ref"], dtype=torch.float32)
+        out["ref_kl"] = torch.tensor(batch["ref_kl"], dtype=torch.float32)
+        return out
 
     return collate

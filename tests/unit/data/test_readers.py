@@ -99,7 +99,7 @@ def test_formats_detected_and_normalised(row, kind, check):
     ('{"messages": [{"role": "user", "content": "q"}]}', "missing_field"),
     ('{"messages": [{"role": "alien", "content": "q"}]}', "wrong_type"),
     ('{"prompt": "q", "chosen": 3, "rejected": "b"}', "wrong_type"),
-    ('{"prompt": "q", "completion": "a", "label": true}', "unsupported_format"),  # unpaired preference (KTO)
+    ('{"prompt": "q", "completion": "a", "label": "maybe"}', "wrong_type"),  # unpaired (KTO): a label it can't read
     ('{"prompt": "q"}', "unsupported_format"),  # prompt-only: nothing to learn
     ('{"prompt": "q", "completion": [{"role": "user", "content": "a"}]}', "wrong_type"),
 ])
@@ -246,10 +246,9 @@ def test_a_file_no_format_fits_stops_before_any_row_is_processed(tmp_path):
     assert str(f) in msg and "['answer', 'question']" in msg
     assert "data.columns: {prompt: question, completion: answer}" in msg
     assert not (tmp_path / "out" / "_work").exists()  # stopped before the parse pass
-    kto = tmp_path / "kto.jsonl"
+    kto = tmp_path / "kto.jsonl"  # unpaired feedback (KTO) is a format now: curated, not stopped
     kto.write_text("\n".join(json.dumps({"prompt": "p", "completion": "c", "label": True}) for _ in range(5)))
-    with pytest.raises(DataError, match="unpaired preference"):
-        curate.run(DataConfig(train_path=str(kto)), tmp_path / "out2")
+    assert curate.file_formats([str(kto)], DataConfig(train_path=str(kto)))[str(kto)] == "unpaired"
 
 
 def test_a_hugging_face_dataset_is_read_through_datasets(tmp_path):
