@@ -28,6 +28,7 @@ from pipelines.export.quantize import QuantizeSection
 from pipelines.schema import ConfigError, DataError, MissingInput, Section, redact
 from pipelines.train import targets as lora_targets
 from pipelines.train.config import DPOSection, LoraSection, QuantSection, TrainSection, check_combination
+from pipelines.train.rl_config import RLSection
 from serve.config import ServeConfig, lora_ranks
 from serve.lora_support import support_for_config
 from tune.space import TuneSection
@@ -70,6 +71,9 @@ class RunConfig(Section):
     quant: QuantSection = Field(default_factory=QuantSection)
     train: TrainSection = Field(default_factory=TrainSection)
     dpo: DPOSection = Field(default_factory=DPOSection)
+    rl: RLSection | None = Field(None, description=(
+        "Online RL (GRPO family) on the adapter with vLLM rollouts (pipelines.train.rl); reward import paths are "
+        "checked when the config is read."))
     tune: TuneSection | None = Field(None, description="A Ray Tune sweep over the SFT trainer (`loraforge tune`).")
     eval: EvalSection = Field(default_factory=EvalSection)
     gate: GateSection = Field(default_factory=GateSection)
