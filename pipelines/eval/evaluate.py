@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from pipelines.artifacts.manifest import write_manifest
+from pipelines.artifacts.signals import baseline, is_empty, is_refusal
 from pipelines.eval import generate as eval_generate
 from pipelines.eval import report as eval_report
 from pipelines.eval.data import few_shot_messages, general_texts, mmlu_items, read_rows, render, split_shots, user_text
@@ -104,9 +105,14 @@ def run(cfg: EvalSection, base_model: str, adapters: dict[str, str], out_dir: st
     num_gpus = actor_gpus(cfg.num_gpus, cluster_gpus())
     device = torch_device(num_gpus)
     dtype = resolve_dtype(cfg.dtype, device)
+    signals: list[dict[str, Any]] = []
     answers = eval_generate.generate(todo, cfg.backend, base_model, adapters, cfg.max_new_tokens,
-                                     cfg.batch_size, cfg.max_lora_rank, num_gpus=num_gpus, dtype=dtype)
+                                     cfg.batch_size, cfg.max_lora_rank, num_gpus=num_gpus, dtype=dtype,
+                                     signals=signals)
     preds = {v: [a.strip() for a, t in zip(answers, todo) if t["variant"] == v] for v in variants}
+    # The serving signals of each variant's answers: what the gate stores as a published version's baseline.
+    baselines = {v: baseline([{**s, "empty": is_empty(a), "refusal": is_refusal(a)}
+                              for a, s, t in zip(answers, signals, todo) if t["variant"] == v]) for v in variants}
     scores = {v: _text_scores(cfg, preds[v], refs) for v in variants}
     perplexities, forgetting = _likelihoods(checks, base_model, adapters, prompts, refs, num_gpus, dtype)
     for v in variants:
@@ -118,6 +124,7 @@ def run(cfg: EvalSection, base_model: str, adapters: dict[str, str], out_dir: st
                "rejected_by_reason": data["test"]["rejected_by_reason"], "data": data,
                "backend": cfg.backend, "device": device, "dtype": dtype, "variants": scores,
                "forgetting": forgetting, "judge": judge, "verdicts": eval_report.verdicts(scores, list(adapters)),
+               "signals": baselines,
                "samples": [{"prompt": user_text(t), "reference": refs[i], **{v: preds[v][i] for v in variants}}
                            for i, t in enumerate(test[:8])]}
     out = Path(out_dir).resolve()

@@ -84,8 +84,12 @@ def apply(results: dict[str, Any], adapter: str, adapter_dir: str | os.PathLike,
         reg.record("gate_refused", name=name, adapter_dir=str(adapter_dir), alias=cfg.alias, reasons=reasons)
         return decision
     scores = {k: v for k, v in results["variants"][adapter].items() if isinstance(v, (int, float))}
+    # The serving signals measured on its evaluation answers (eval.json "signals"), frozen with the version: the
+    # baseline `loraforge monitor` and serve/monitoring/alerts.yml judge its live traffic against.
+    frozen = {"serve_baseline": results["signals"][adapter]} if adapter in results.get("signals", {}) else {}
     lineage = lineage_from_manifest(adapter_dir, eval_scores=scores,
-                                    gate={"passed": not reasons, "forced": decision.forced, "reasons": reasons})
+                                    gate={"passed": not reasons, "forced": decision.forced, "reasons": reasons},
+                                    **frozen)
     decision.version = reg.publish(name, adapter_dir, "lora_adapter", lineage, note="gate")
     why = "gate passed" if not reasons else "FORCED past a failed gate: " + "; ".join(reasons)
     reg.promote(name, decision.version, cfg.alias, reason=why, force=decision.forced)

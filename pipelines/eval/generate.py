@@ -12,9 +12,11 @@ GPU, float32 on a CPU (faster there without native bf16, and exact).
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 
+from pipelines.artifacts.signals import TOP_K, topk_entropy
 from pipelines.schema import torch_device
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -55,16 +57,21 @@ class Generator:
             self.model = load_with_adapters(base_model, adapters, dtype).to(device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """+ prediction, and the answer's signals (pipelines.artifacts.signals: mean top-k entropy, generated
+        tokens, finish reason), which the gate stores with a published version as its serving baseline."""
         variants, prompts = list(batch["variant"]), list(batch["prompt"])
-        preds = [""] * len(prompts)
+        preds, entropy, tokens, finish = [""] * len(prompts), [np.nan] * len(prompts), [0] * len(prompts), \
+            [""] * len(prompts)
         for variant in dict.fromkeys(variants):
             idx = [i for i, v in enumerate(variants) if v == variant]
             outs = self._generate([prompts[i] for i in idx], variant if variant in self.adapters else None)
-            for i, text in zip(idx, outs):
-                preds[i] = text
-        return {**batch, "prediction": np.array(preds, dtype=object)}
+            for i, (text, ent, n, why) in zip(idx, outs):
+                preds[i], entropy[i], tokens[i], finish[i] = text, ent, n, why
+        return {**batch, "prediction": np.array(preds, dtype=object), "entropy": np.array(entropy, dtype=float),
+                "gen_tokens": np.array(tokens), "finish_reason": np.array(finish, dtype=object)}
 
-    def _generate(self, prompts: list[str], adapter: str | None) -> list[str]:
+    def _generate(self, prompts: list[str], adapter: str | None) -> list[tuple[str, float, int, str]]:
+        """(text, mean top-k entropy or nan, generated tokens, finish reason) per prompt, greedy."""
         if self.backend == "vllm":
             from vllm import SamplingParams
             from vllm.lora.request import LoRARequest
@@ -72,12 +79,13 @@ class Generator:
             lora = None
             if adapter:
                 lora = LoRARequest(adapter, list(self.adapters).index(adapter) + 1, self.adapters[adapter])
-            outs = self.llm.generate(prompts, SamplingParams(temperature=0, max_tokens=self.max_new_tokens),
-                                     lora_request=lora, use_tqdm=False)
-            return [o.outputs[0].text for o in outs]
+            outs = self.llm.generate(prompts, SamplingParams(temperature=0, max_tokens=self.max_new_tokens,
+                                                             logprobs=TOP_K), lora_request=lora, use_tqdm=False)
+            return [(o.outputs[0].text, _vllm_entropy(o.outputs[0].logprobs), len(o.outputs[0].token_ids),
+                     str(o.outputs[0].finish_reason or "length")) for o in outs]
         return self._hf_generate(prompts, adapter)
 
-    def _hf_generate(self, prompts: list[str], adapter: str | None) -> list[str]:
+    def _hf_generate(self, prompts: list[str], adapter: str | None) -> list[tuple[str, float, int, str]]:
         import contextlib
 
         import torch
@@ -91,8 +99,31 @@ class Generator:
                 ctx = self.model.disable_adapter()
         with torch.no_grad(), ctx:
             out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                      pad_token_id=self.tok.pad_token_id)
-        return self.tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                                      pad_token_id=self.tok.pad_token_id, output_scores=True,
+                                      return_dict_in_generate=True)
+        new = out.sequences[:, enc["input_ids"].shape[1]:]
+        texts = self.tok.batch_decode(new, skip_special_tokens=True)
+        # Each step's top-k renormalised entropy (the serving replicas' signal), over the tokens each row generated.
+        logp = torch.log_softmax(torch.stack(out.scores).float(), dim=-1)  # [steps, batch, vocab]
+        top = logp.topk(min(TOP_K, logp.shape[-1]), dim=-1).values
+        q = torch.softmax(top, dim=-1)
+        step_entropy = -(q * torch.log(q.clamp_min(1e-30))).sum(-1)  # [steps, batch]
+        eos = self.tok.eos_token_id
+        rows = []
+        for i, text in enumerate(texts):
+            ids = new[i].tolist()
+            n = ids.index(eos) + 1 if eos in ids else len(ids)
+            ent = float(step_entropy[:n, i].mean()) if n else float("nan")
+            rows.append((text, ent, n, "stop" if eos in ids else "length"))
+        return rows
+
+
+def _vllm_entropy(logprobs: Any) -> float:
+    """Mean top-k entropy of a vLLM answer's sample log-probs (positions of {token_id: Logprob}); nan without."""
+    if not logprobs:
+        return float("nan")
+    per = [topk_entropy(lp.logprob for lp in pos.values() if (lp.rank or 0) <= TOP_K) for pos in logprobs if pos]
+    return sum(per) / len(per) if per else float("nan")
 
 
 def actor_options(num_gpus: float) -> dict[str, float]:
@@ -102,9 +133,10 @@ def actor_options(num_gpus: float) -> dict[str, float]:
 
 def generate(rows: list[dict[str, str]], backend: str, base_model: str, adapters: dict[str, str],
              max_new_tokens: int, batch_size: int = 16, max_lora_rank: int = 64, num_gpus: float = 0.0,
-             dtype: str = "auto") -> list[str]:
+             dtype: str = "auto", signals: list[dict[str, Any]] | None = None) -> list[str]:
     """Answers for rows {variant, prompt}, in order, generated in batches by one Ray Data actor that holds
-    `num_gpus` GPUs (0: a CPU actor), its engine computing in `dtype` resolved for that actor's device."""
+    `num_gpus` GPUs (0: a CPU actor), its engine computing in `dtype` resolved for that actor's device.
+    `signals`, when given, is extended with each answer's {entropy, tokens, finish_reason}, in the same order."""
     import ray.data
 
     device = torch_device(num_gpus)
@@ -114,6 +146,9 @@ def generate(rows: list[dict[str, str]], backend: str, base_model: str, adapters
                                                    max_new_tokens=max_new_tokens, max_lora_rank=max_lora_rank,
                                                    device=device, dtype=resolve_dtype(dtype, device)))
     out = sorted(ds.take_all(), key=lambda r: r["row"])
+    if signals is not None:
+        signals.extend({"entropy": None if np.isnan(r["entropy"]) else float(r["entropy"]),
+                        "tokens": int(r["gen_tokens"]), "finish_reason": str(r["finish_reason"])} for r in out)
     return [str(r["prediction"]) for r in out]
 
 

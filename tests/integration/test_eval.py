@@ -191,6 +191,26 @@ def test_gate_promotes_the_trained_adapter_and_refuses_the_zero_one(evaluated, t
     assert last["action"] == "promote" and last["force"] is True and "FORCED" in last["reason"]
 
 
+def test_gate_freezes_the_serving_signals_as_the_version_baseline(evaluated, tmp_path):
+    """eval.json holds each variant's serving signals (pipelines.artifacts.signals, top-20 entropy from the
+    generation scores); the gate stores the published adapter's as its baseline (lineage serve_baseline)."""
+    import math
+
+    from pipelines.artifacts.registry import Registry
+    from pipelines.eval.gate import GateSection, apply
+
+    results = evaluated["results"]
+    sig = results["signals"]
+    assert set(sig) == {"base", "few_shot", "tuned", "zero"}
+    for b in sig.values():
+        assert b["answers"] == results["n_test"] and b["top_k"] == 20 and 0 <= b["entropy_mean"] <= math.log(20)
+    assert sig["zero"]["entropy_mean"] == pytest.approx(sig["base"]["entropy_mean"], abs=1e-3)  # B = 0 is the base
+    assert abs(sig["tuned"]["entropy_mean"] - sig["base"]["entropy_mean"]) > 1e-3  # training moved the logits
+    apply(results, "tuned", evaluated["tuned"], GateSection(min_rougeL_gain_over_base=0.1,
+                                                            max_general_nll_increase=10.0), tmp_path / "reg", "city")
+    assert Registry(tmp_path / "reg").show("city")["versions"]["1"]["lineage"]["serve_baseline"] == sig["tuned"]
+
+
 def test_vllm_backend_answers_like_transformers(ray_session, tiny_model_dir, evaluated):
     """eval.backend=vllm (the default): the same rows through Ray Data and a vLLM LoRA engine give the same greedy
     answers as transformers + PEFT, for the base and the adapter (float32)."""
