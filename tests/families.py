@@ -86,6 +86,7 @@ class Family:
     earlier_learned: bool = True  # answers before the last user turn are learned (False: the template rewrites them)
     trim: bool = False  # the template trims an answer
     eos_ids: tuple[str, ...] = field(default=())  # generation stops at these tokens too
+    tied: bool = False  # the output head is the input embedding (Gemma: vLLM's Gemma 2 has no lm_head of its own)
 
     def label_texts(self, answers: list[str]) -> list[str]:
         """The text each learned answer's labels decode to, in order (answers: the conversation's, in order)."""
@@ -110,7 +111,7 @@ FAMILIES = {f.name: f for f in [
     Family("gemma2", "gemma2", {**DECODER, "head_dim": 32, "query_pre_attn_scalar": 32,
                                 "attn_logit_softcapping": None, "final_logit_softcapping": None},
            GEMMA2, ("<bos>", "<start_of_turn>", "<end_of_turn>"), "<end_of_turn>", "<bos>", "<end_of_turn>\n",
-           trim=True),
+           trim=True, tied=True),
     Family("phi3", "phi3", DECODER, PHI3, ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"), "<|endoftext|>",
            answer_end="<|end|>\n", last_end="<|endoftext|>", earlier_learned=False, eos_ids=("<|end|>",)),
     Family("olmo2", "olmo2", DECODER, OLMO2, ("<|system|>", "<|user|>", "<|assistant|>"), "<|endoftext|>",
@@ -152,7 +153,7 @@ def build_family(family: Family, out: str | Path, seed: int = 0, tokenizer=None)
     ids = {"vocab_size": len(tok), "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
            "bos_token_id": tok.bos_token_id}
     config = AutoConfig.for_model(family.model_type, **ids, **family.config)
-    config.tie_word_embeddings = False  # one output head of its own, as build_tiny_model's
+    config.tie_word_embeddings = family.tied  # else an output head of its own, as build_tiny_model's
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     stops = [tok.eos_token_id, *tok.convert_tokens_to_ids(list(family.eos_ids))]
