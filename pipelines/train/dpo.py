@@ -41,7 +41,7 @@ from pipelines.train import worker
 from pipelines.train.base import attach_lora, load_base, start_worker
 from pipelines.train.config import DPOSection, LoraSection, TrainSetup, WorkerJob
 from pipelines.train.driver import run_stage
-from pipelines.train.engine import select_accelerator
+from pipelines.train.engine import all_sum, select_accelerator
 from pipelines.train.loop import run_loop
 from pipelines.train.losses import (
     LEAN_CHUNK_TOKENS,
@@ -396,8 +396,6 @@ def make_loss(cfg: DPOSection, chunk_tokens: int = LEAN_CHUNK_TOKENS, kto_weight
 
     def unpaired(m, batch):
         import torch
-
-        from pipelines.train.engine import all_sum
 
         training = torch.is_grad_enabled()
         with torch.no_grad():  # the KL sequences only set the detached reference point z0
