@@ -31,6 +31,7 @@ from starlette.background import BackgroundTask
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from serve.adapters import AdapterSource, Resolver
+from serve.canary import CanaryView
 from serve.config import ServeConfig
 from serve.errors import (
     CLIENT_CLOSED,
@@ -114,8 +115,9 @@ class LoRAIngress(OpenAiIngress):
     """OpenAiIngress for one base model and its adapters; `cfg` and `source` are the app's."""
 
     def __init__(self, llm_deployments: dict[str, Any], model_cards: dict[str, Any], *, cfg: ServeConfig,
-                 source: AdapterSource, **kwargs: Any):
+                 source: AdapterSource, canary: Any = None, **kwargs: Any):
         super().__init__(llm_deployments, model_cards, **kwargs)
+        self.canary = CanaryView(canary, cfg) if canary is not None else None  # serve.canary's split, polled
         self.cfg, self.source, self.created, self._metrics = cfg, source, int(time.time()), None
         self.resolver = Resolver(source, cfg.resolve_ttl_s)
         self._outage_since: float | None = None  # first engine-unavailable 503 of an ongoing outage
@@ -172,7 +174,7 @@ class LoRAIngress(OpenAiIngress):
         name = adapter_part(model, alias)
         if name is None:
             return Target(alias, tags=tags_for(alias, None, None))
-        ref = route(name, self.cfg.splits, caller)
+        ref = route(name, self.canary.merged(self.cfg.splits) if self.canary else self.cfg.splits, caller)
         try:
             res = await asyncio.wait_for(asyncio.to_thread(self.resolver.resolve, ref), SOURCE_TIMEOUT_S)
         except (BadAdapterName, AdapterNotFound) as e:
@@ -198,6 +200,8 @@ class LoRAIngress(OpenAiIngress):
             who = caller_key(None, key, host)
             self.in_flight.acquire(who)  # 429 when this key has serve.limits.max_concurrent_per_key in flight
             caller = who  # released once the answer (or the stream) ends
+            if self.canary is not None:
+                await self.canary.refresh()
             target = await self._target(body.model, caller_key(getattr(body, "user", None), key, host))
             body.model = target.model_id
             wants_usage = bool(body.stream_options and body.stream_options.include_usage) if body.stream else True
