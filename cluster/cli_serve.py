@@ -70,9 +70,11 @@ def _what_is_served(cfg) -> stages.Served:
     except stages.GateRefused as e:
         fail(f"gate: refused this run's adapter ({'; '.join(e.reasons)}); nothing is served. Rerun with a passing "
              "adapter, or publish this one with `loraforge evaluate --gate --force`", code=3)
-    support = support_for(what.model) if what.adapters else None  # vLLM's LoRA on this base's architecture
+    support = None
     for name, folder in what.adapters.items():  # before Ray starts: a broken adapter is one line, exit 2
         try:
+            validate_adapter(folder, max_rank=cfg.serve.max_lora_rank, bases=None)
+            support = support or support_for(what.model)  # then vLLM's LoRA layers on this base's architecture
             validate_adapter(folder, max_rank=cfg.serve.max_lora_rank, bases=None, support=support)
         except AdapterInvalid as e:
             fail(f"adapter {name!r} cannot be served: {e}"

@@ -169,7 +169,7 @@ def _check_lora_serving(cfg: RunConfig, source: str) -> None:
     vLLM has none (GPT-2, Falcon, ...), before anything trains. Left to the stage when it cannot be told here (no
     config.json on this machine, no vLLM)."""
     try:
-        support = support_for_config(config_of(cfg.model.name, cfg.model.cache_dir))
+        support = support_for_config(config_of(cfg.model.name, cfg.model.cache_dir), modules=False)
     except Exception:  # noqa: BLE001 - no config here, an unknown model type: the serve stage checks again
         return
     if support is not None and not support.supported:

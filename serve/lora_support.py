@@ -70,12 +70,16 @@ def support_for(base_dir: str | Path) -> LoraSupport | None:
     return support_for_config(conf)
 
 
-def support_for_config(conf: dict) -> LoraSupport | None:
-    """support_for from a config.json's dict."""
+def support_for_config(conf: dict, modules: bool = True) -> LoraSupport | None:
+    """support_for from a config.json's dict. modules=False: whether the class has LoRA only (`modules` left
+    empty; no torch or transformers imported: what a preflight needs)."""
     archs = conf.get("architectures") if isinstance(conf, dict) else None
     if not archs or "model_type" not in conf:
         return None
     try:
+        if not modules:
+            name, supported, _, _, version = vllm_class_info(str(archs[0]))
+            return LoraSupport(str(archs[0]), name, supported, frozenset(), version)
         return _support(str(archs[0]), json.dumps(conf, sort_keys=True))
     except ImportError:
         return None
