@@ -1,0 +1,206 @@
+"""Online RL throughput: TRL's GRPOTrainer (LoRA, use_vllm=False: generation with transformers inside the training
+process) vs loraforge's rl stage (rollouts on a vLLM Ray actor,
+adapter-only versioned sync), on the same model, prompts, G, lengths, learning rate and reward.
+
+    .venv/bin/python bench/rl_throughput.py --steps 6 --repeats 3 --json
+    .venv/bin/python bench/rl_throughput.py --model tiny-llama --steps 3 --repeats 1 --json   # smoke
+
+Every contender runs in its own fresh process (this script re-invoked with --contender), one after another. Seconds
+per step are the median over the run's steps after the first (TRL: wall time between optimizer steps, from a
+callback; ours: the stage's per-step records, rollout wait included; model and engine start-up excluded on both
+sides). Rollout tokens/s: completion tokens over generation seconds. Sync seconds (ours): publish of policy@N →
+first rollout on it. Reward: the mean over the last two steps. The table gives medians over --repeats runs; the
+ratios are of medians, from one invocation (same machine state). The last line with --json is the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+CONTENDERS = ("trl", "ours")
+PROMPTS = ["Name a city.", "Say a date.", "Where is Oslo?", "Pick a colour.", "Count to three.", "Greet me.",
+           "What is the weather?", "Tell me a word.", "Name an animal.", "Say hello.", "Give a number.",
+           "Name a month."]
+
+
+def reward_args(args) -> dict:
+    """The shared reward's arguments: length_penalty linear in the characters (never saturated at these lengths)."""
+    return {"max_chars": 0, "scale": 8 * args.max_new_tokens}
+
+
+def trl_reward(args):
+    """The same reward in TRL's call convention (chat completions as message lists)."""
+    from pipelines.train.rewards import length_penalty
+
+    def length_reward(prompts, completions, **kw):
+        texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+        return length_penalty(prompts, texts, **reward_args(args))
+
+    return length_reward
+
+
+def model_dir(name: str, work: Path) -> str:
+    from pipelines.artifacts.models import ModelConfig, build_tiny_model, resolve_model
+
+    if name == "tiny-llama":
+        return build_tiny_model(work / "tiny-llama", seed=0)
+    return resolve_model(ModelConfig(name=name))
+
+
+def run_trl(args, model: str, work: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.manual_seed(0)
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in PROMPTS])
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter())
+
+    cfg = GRPOConfig(output_dir=str(work / "trl"), per_device_train_batch_size=args.prompts_per_step * args.g,
+                     num_generations=args.g, max_completion_length=args.max_new_tokens, temperature=1.0,
+                     learning_rate=args.lr, max_steps=args.steps, lr_scheduler_type="cosine", warmup_steps=0,
+                     beta=0.0, loss_type="grpo", use_cpu=True, bf16=False, report_to="none", logging_steps=1,
+                     save_strategy="no", seed=0, dataloader_num_workers=0)
+    trainer = GRPOTrainer(model=model, reward_funcs=trl_reward(args), args=cfg, train_dataset=ds,
+                          peft_config=LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"),
+                          callbacks=[Clock()])
+    t0 = time.perf_counter()
+    trainer.train()
+    total = time.perf_counter() - t0
+    logs = [h for h in trainer.state.log_history if "reward" in h]
+    steps = [b - a for a, b in zip(times, times[1:])]
+    tokens = [h.get("completions/mean_length", 0) * args.prompts_per_step * args.g for h in logs]
+    rewards = [h["reward"] for h in logs]
+    return {"step_s": statistics.median(steps) if steps else total, "total_s": total,
+            "rollout_tokens_per_s": None, "completion_tokens": sum(tokens), "sync_s": None,
+            "reward_last": statistics.mean(rewards[-2:]), "reward_first": statistics.mean(rewards[:2]),
+            "rewards": rewards}
+
+
+def run_ours(args, model: str, work: Path) -> dict:
+    import ray
+
+    from pipelines.train import rl
+    from pipelines.train.config import LoraSection, TrainSection, TrainSetup
+    from pipelines.train.rl_config import RLSection
+    from serve.config import ServeConfig
+
+    prompts = work / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "1",
+                                       "TOKENIZERS_PARALLELISM": "false"}})
+    cfg = RLSection(prompts_path=str(prompts), rewards=[{"fn": "length_penalty", "args": reward_args(args)}],
+                    num_generations=args.g, prompts_per_step=args.prompts_per_step,
+                    micro_batch_size=args.prompts_per_step * args.g, sampling={"max_new_tokens": args.max_new_tokens},
+                    steps=args.steps, lr=args.lr, staleness=args.staleness, seed=0,
+                    parity={"warn": 0.05, "stop": 1.0})
+    setup = TrainSetup(model_dir=model, train=TrainSection(num_workers=1, cpus_per_worker=1, log_every=1,
+                                                           tracking_uri="off"))
+    t0 = time.perf_counter()
+    out = rl.run(cfg, setup, LoraSection(r=args.r, alpha=2 * args.r, dropout=0.0),
+                 ServeConfig(max_lora_rank=max(8, args.r), max_model_len=512), work / "ours")
+    total = time.perf_counter() - t0
+    steps = [json.loads(line) for line in (out / "rl_steps.jsonl").read_text().splitlines()]
+    rewards = [s["reward_mean"] for s in steps]
+    sync = [s["sync_s"] for s in steps if s.get("sync_s") is not None]
+    ray.shutdown()
+    return {"step_s": statistics.median(s["step_s"] for s in steps[1:]) if len(steps) > 1 else steps[0]["step_s"],
+            "total_s": total,
+            "rollout_tokens_per_s": sum(s["completion_tokens"] for s in steps) / sum(s["rollout_s"] for s in steps),
+            "completion_tokens": sum(s["completion_tokens"] for s in steps),
+            "sync_s": statistics.median(sync) if sync else None,
+            "parity_mean_max": max(s["parity_mean"] for s in steps),
+            "reward_last": statistics.mean(rewards[-2:]), "reward_first": statistics.mean(rewards[:2]),
+            "rewards": rewards}
+
+
+def contender(args) -> None:
+    work = Path(args.work) / f"{args.contender}-{args.run}"
+    work.mkdir(parents=True, exist_ok=True)
+    fn = run_trl if args.contender == "trl" else run_ours
+    result = fn(args, args.model_dir, work)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def _median(rows: list[dict], key: str):
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="model.name, or tiny-llama (built here)")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--g", type=int, default=4)
+    ap.add_argument("--prompts-per-step", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--staleness", type=int, default=0, choices=(0, 1))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", choices=CONTENDERS, action="append", help="run only these contenders")
+    ap.add_argument("--json", action="store_true", help="print the summary as JSON, the last line")
+    ap.add_argument("--contender", choices=CONTENDERS, help=argparse.SUPPRESS)
+    ap.add_argument("--run", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.contender:
+        contender(args)
+        return
+    with tempfile.TemporaryDirectory(prefix="rl-bench-") as work:
+        mdir = model_dir(args.model, Path(work))
+        results: dict[str, list[dict]] = {c: [] for c in (args.only or CONTENDERS)}
+        for rep in range(args.repeats):
+            for name in results:
+                cmd = [sys.executable, __file__, "--contender", name, "--run", str(rep), "--work", work,
+                       "--model-dir", mdir, "--steps", str(args.steps), "--g", str(args.g), "--prompts-per-step",
+                       str(args.prompts_per_step), "--max-new-tokens", str(args.max_new_tokens), "--lr", str(args.lr),
+                       "--r", str(args.r), "--staleness", str(args.staleness)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+                if proc.returncode or line is None:
+                    sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
+                    raise SystemExit(f"{name} run {rep} failed (exit {proc.returncode})")
+                results[name].append(json.loads(line[len("RESULT "):]))
+                r = results[name][-1]
+                print(f"{name:>5} run {rep}: {r['step_s']:.2f} s/step, reward {r['reward_first']:.3f} → "
+                      f"{r['reward_last']:.3f}", flush=True)
+    summary: dict = {"settings": {k: getattr(args, k) for k in ("model", "steps", "g", "prompts_per_step",
+                                                                   "max_new_tokens", "lr", "r", "staleness",
+                                                                   "repeats")}}
+    for name, rows in results.items():
+        summary[name] = {k: _median(rows, k) for k in ("step_s", "total_s", "rollout_tokens_per_s", "sync_s",
+                                                        "reward_first", "reward_last", "parity_mean_max")}
+        summary[name]["runs"] = rows
+    if "trl" in summary and "ours" in summary:
+        t, o = summary["trl"], summary["ours"]
+        summary["ratios"] = {"steps_per_hour_ours_over_trl": t["step_s"] / o["step_s"],
+                             "reward_last_ours_minus_trl": o["reward_last"] - t["reward_last"]}
+        print(f"\nsteps/hour ours / TRL = {summary['ratios']['steps_per_hour_ours_over_trl']:.2f} (goal >= 2); "
+              f"reward after {args.steps} steps: ours {o['reward_last']:.3f}, TRL {t['reward_last']:.3f}; sync "
+              f"{o['sync_s'] or float('nan'):.3f} s (goal <= 1)")
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items()}, default=str))
+
+
+if __name__ == "__main__":
+    main()
