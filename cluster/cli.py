@@ -15,12 +15,21 @@ stage command prints its output folder as the last line of its output.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
 import typer
 
 from cluster import cli_jobs, cli_monitor, cli_plan, cli_registry, cli_serve, cli_stages, stages
 from cluster.cli_common import guarded
+
+if os.environ.get("LORAFORGE_VERBOSE") != "1":
+    # Import-time warnings of a backend transformers probes, about nothing the user runs: torchao's CUDA kernels that
+    # a CPU machine cannot load and torch's deprecation of the way torchao registers its enums. Commands without a
+    # log (--dry-run, validate, plan) printed them before their own output.
+    for _name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(_name).setLevel(logging.ERROR)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Ray-native LoRA fine-tuning and serving.")

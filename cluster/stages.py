@@ -197,8 +197,8 @@ def _dpo(ctx: Context, resume: bool) -> Path:
     if pairs.uri:
         storage.push(prepared, pairs.uri)
     m = _metrics(prepared)
-    labels = "".join(f" ({n['desirable']} desirable, {n['undesirable']} undesirable)" for n in
-                     [m["labels"]["train"]] if "labels" in m)
+    n = m.get("labels", {}).get("train")  # unpaired rows (kto): their desirable/undesirable counts
+    labels = f" ({n['desirable']} desirable, {n['undesirable']} undesirable)" if n else ""
     console.print(f"[bold]{DPO.name} data[/]: {m['rows_in']} rows in, {m['train']} train{labels}, "
                   f"{m['validation']} held out, {m['rows_rejected']} rejected {m['rejected_by_reason'] or ''}")
     return dpo.run(cfg.dpo, setup, start, pairs, _output(cfg, DPO.name), lora=cfg.lora)
