@@ -295,12 +295,107 @@ def _publish(files: dict[str, bytes], version: int) -> str:
     return folder
 
 
+def _rewarded(cfg: RLSection, batch: list[dict[str, Any]], groups: list[list[dict[str, Any]]]):
+    """The step's completions, prompt by prompt (G each), with their prompts' ids, each reward function's scores,
+    the combined reward (NaN where no function applies) and the group advantages (Dr. GRPO: not std-scaled)."""
+    import torch
+
+    completions, texts, prompt_ids, prompt_texts = [], [], [], []
+    columns: dict[str, list] = {k: [] for k in cfg.columns if k != "prompt"}
+    for p, group in zip(batch, groups):
+        for c in group:
+            completions.append(c)
+            texts.append(c["text"])
+            prompt_ids.append(p["prompt_ids"])
+            prompt_texts.append(p["prompt"])
+            for k in columns:
+                columns[k].append(p["columns"].get(k))
+    per_func = score(cfg.rewards, prompt_texts, texts, {**columns, "completion_ids": [c["ids"] for c in completions]})
+    table = torch.tensor([[math.nan if v is None else v for v in col] for col in per_func]).T
+    rewards = combine_rewards(table, [r.weight for r in cfg.rewards])
+    adv = group_advantages(rewards, cfg.num_generations, scale=cfg.aggregation != "dr_grpo")
+    return completions, prompt_ids, per_func, rewards, adv
+
+
+def _old_and_parity(chunks: list[list[int]], padded: list[dict[str, Any]], completions: list[dict[str, Any]],
+                    device, old_logps):
+    """Per micro-batch: the engine's sampled-token log-probs (NaN past each completion) and the trainer's old
+    log-probs (`old_logps(b)`, the sampling version's weights, no gradient); and the parity figures of the step
+    (token-weighted mean, max, tokens) between the two."""
+    import torch
+
+    par = {"sum": 0.0, "max": 0.0, "tokens": 0}
+    olds, rollouts = [], []
+    for ch, b in zip(chunks, padded):
+        r = torch.full((len(ch), b["T"]), math.nan)
+        for j, i in enumerate(ch):
+            r[j, :len(completions[i]["logprobs"])] = torch.tensor(completions[i]["logprobs"])
+        r = r.to(device)
+        old = old_logps(b)
+        p = parity(old, torch.nan_to_num(r, nan=0.0), b["mask"] * (~torch.isnan(r)))
+        par["sum"] += p["mean"] * p["tokens"]
+        par["max"] = max(par["max"], p["max"])
+        par["tokens"] += p["tokens"]
+        olds.append(old)
+        rollouts.append(r)
+    return olds, rollouts, par
+
+
+def _passes(prompts: list[dict[str, Any]], seed: int):
+    """The prompts, endlessly: every prompt once per pass, each pass in a new order."""
+    rng, order = random.Random(seed), list(range(len(prompts)))
+    while True:
+        rng.shuffle(order)
+        for i in order:
+            yield prompts[i]
+
+
+def _starting_adapter(job: WorkerJob, cfg: RLSection, store_fs):
+    """policy@0 on the base: the SFT adapter (trainable), or a fresh LoRA (rl.start)."""
+    from peft import PeftModel
+
+    if cfg.start == "sft":
+        sft_dir = str(job.sft.on_node(store_fs))
+        return lambda base: PeftModel.from_pretrained(base, sft_dir, is_trainable=True)
+    return lambda base: attach_lora(base, job.lora, cfg.seed)
+
+
+def _update(engine: Engine, cfg: RLSection, chunks: list[list[int]], padded: list[dict[str, Any]], olds: list,
+            rollouts: list, adv, total_tokens: float, reference) -> dict[str, float]:
+    """One optimizer step over the step's micro-batches (GRPO loss, accumulated): its loss, clip-region share and
+    KL (token-weighted). `reference(b)`: the KL term's log-probs, asked only when rl.kl_beta > 0."""
+    import torch
+
+    B = sum(len(ch) for ch in chunks)
+    temperature = cfg.sampling.temperature
+    figures = {"loss": 0.0, "clip_region": 0.0, "kl": 0.0}
+    for n, (ch, b, old, r) in enumerate(zip(chunks, padded, olds, rollouts)):
+        logps = engine.forward(_logps, engine.model, b, temperature)
+        ref_lp = reference(b) if cfg.kl_beta else None
+        is_w = truncated_is_weights(old, torch.nan_to_num(r, nan=0.0), b["mask"], cfg.tis_cap) \
+            if cfg.tis_cap else None
+        out = grpo_loss(logps, old, adv[ch], b["mask"], ref_logps=ref_lp, beta=cfg.kl_beta, eps=cfg.epsilon,
+                        eps_high=cfg.epsilon_high, aggregation=cfg.aggregation,
+                        max_completion_length=cfg.sampling.max_new_tokens, is_weights=is_w,
+                        token_normalizer=total_tokens)
+        scale = 1.0 if cfg.aggregation == "dapo" else len(ch) / B
+        loss = out["loss"] * scale
+        engine.backward(loss, last_micro=n == len(chunks) - 1)
+        share = b["mask"].sum().item() / max(total_tokens, 1.0)
+        figures["loss"] += float(loss)
+        figures["clip_region"] += out["clip_region"] * share
+        figures["kl"] += out["kl"] * share
+    engine.step()
+    engine.zero_grad()
+    return figures
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The rl loop on the (one) Ray Train worker."""
     select_accelerator()
     import ray
     import torch
-    from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from transformers import get_cosine_schedule_with_warmup
 
 
@@ -308,15 +403,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg: RLSection = config["rl"]
     engine_actor, prompts, run_id = config["engine"], config["prompts"], config["run"]
     train, here = job.train, worker.current()
-    if cfg.start == "sft":
-        sft_dir = str(job.sft.on_node(config.get("store_fs")))
-
-        def adapter(base):
-            return PeftModel.from_pretrained(base, sft_dir, is_trainable=True)
-    else:
-        def adapter(base):
-            return attach_lora(base, job.lora, cfg.seed)
-    tokenizer, pad_id, model, static = start_worker(job, adapter)
+    tokenizer, pad_id, model, static = start_worker(job, _starting_adapter(job, cfg, config.get("store_fs")))
     engine = Engine(model, train, None, lambda p: make_optimizer(p, train),
                     lambda o: get_cosine_schedule_with_warmup(o, train.warmup_steps, train.max_steps),
                     compute_dtype=job.compute_dtype())
@@ -344,41 +431,34 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         keep(version)
         return {**info, "publish_s": time.time() - t0, "folder": folder}
 
-    order = list(range(len(prompts)))
-    rng = random.Random(cfg.seed)
-    rng.shuffle(order)
-    cursor = [0]
-
-    def next_prompts() -> list[dict[str, Any]]:
-        picked = []
-        for _ in range(cfg.prompts_per_step):
-            if cursor[0] == len(order):
-                rng.shuffle(order)
-                cursor[0] = 0
-            picked.append(prompts[order[cursor[0]]])
-            cursor[0] += 1
-        return picked
+    stream = _passes(prompts, cfg.seed)
 
     def request(step: int):
-        batch = next_prompts()
+        batch = [next(stream) for _ in range(cfg.prompts_per_step)]
         ref = engine_actor.rollout.remote(run_id, [p["prompt_ids"] for p in batch], G,
                                           temperature=sampling.temperature, top_p=sampling.top_p,
                                           max_tokens=sampling.max_new_tokens, seed=cfg.seed * 1_000_003 + step,
                                           drill_base=cfg.drill_base_rollout_at_step == step)
         return step, batch, ref
 
-    def scored(b: dict[str, Any], state: dict | None, base: bool = False):
-        """log-probs under other adapter weights (a stale version, the reference), without gradient."""
+    def scored(b: dict[str, Any], state: dict | None = None, base: bool = False):
+        """log-probs without gradient under other adapter weights (a stale version, the reference), the base
+        (adapter disabled), or the current weights (state None)."""
         with torch.no_grad():
             if base:
                 with peft.disable_adapter():
                     return _logps(engine.model, b, sampling.temperature)
+            if state is None:
+                return _logps(engine.model, b, sampling.temperature)
             current = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft).items()}
             set_peft_model_state_dict(peft, state)
             try:
                 return _logps(engine.model, b, sampling.temperature)
             finally:
                 set_peft_model_state_dict(peft, current)
+
+    def reference(b: dict[str, Any]):  # the KL term's reference: the starting adapter, or the base
+        return scored(b, None, base=True) if cfg.start == "base" else scored(b, start_state)
 
     records: list[dict[str, Any]] = []
     stopped = None
@@ -407,44 +487,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                                f"policy@{current}: outside the staleness bound {cfg.staleness}"}
             records.append(rec)
             break
-        # rewards
-        completions, texts, comp_ids, prompt_ids, prompt_texts = [], [], [], [], []
-        columns: dict[str, list] = {k: [] for k in cfg.columns if k != "prompt"}
-        for p, group in zip(batch, ro["groups"]):
-            for c in group:
-                completions.append(c)
-                texts.append(c["text"])
-                comp_ids.append(c["ids"])
-                prompt_ids.append(p["prompt_ids"])
-                prompt_texts.append(p["prompt"])
-                for k in columns:
-                    columns[k].append(p["columns"].get(k))
-        per_func = score(cfg.rewards, prompt_texts, texts, {**columns, "completion_ids": comp_ids})
-        table = torch.tensor([[math.nan if v is None else v for v in col] for col in per_func]).T
-        rewards = combine_rewards(table, [r.weight for r in cfg.rewards])
-        adv = group_advantages(rewards, G, scale=cfg.aggregation != "dr_grpo").to(device)
+        completions, prompt_ids, per_func, rewards, adv = _rewarded(cfg, batch, ro["groups"])
+        comp_ids = [c["ids"] for c in completions]
+        adv = adv.to(device)
         # old log-probs (the sampling version's weights), parity against the engine's, then the update
         B = len(completions)
         chunks = [list(range(i, min(i + cfg.micro_batch_size, B))) for i in range(0, B, cfg.micro_batch_size)]
         padded = [_pad_batch([prompt_ids[i] for i in ch], [comp_ids[i] for i in ch], pad_id, device) for ch in chunks]
         total_tokens = float(sum(len(c) for c in comp_ids))
-        par = {"sum": 0.0, "max": 0.0, "tokens": 0}
-        olds, rollouts = [], []
-        for ch, b in zip(chunks, padded):
-            r = torch.full((len(ch), b["T"]), math.nan)
-            for j, i in enumerate(ch):
-                r[j, :len(completions[i]["logprobs"])] = torch.tensor(completions[i]["logprobs"])
-            r = r.to(device)
-            old = None if ro["version"] == current else scored(b, states[ro["version"]])
-            if old is None:
-                with torch.no_grad():
-                    old = _logps(engine.model, b, sampling.temperature)
-            p = parity(old, torch.nan_to_num(r, nan=0.0), b["mask"] * (~torch.isnan(r)))
-            par["sum"] += p["mean"] * p["tokens"]
-            par["max"] = max(par["max"], p["max"])
-            par["tokens"] += p["tokens"]
-            olds.append(old)
-            rollouts.append(r)
+        sampled_by = None if ro["version"] == current else states[ro["version"]]
+        olds, rollouts, par = _old_and_parity(chunks, padded, completions, device, lambda b: scored(b, sampled_by))
         parity_mean = par["sum"] / max(par["tokens"], 1)
         rec.update({"parity_mean": parity_mean, "parity_max": par["max"], "parity_tokens": par["tokens"]})
         if parity_mean > cfg.parity.stop:
@@ -458,27 +510,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             print(f"[rl] WARNING step {step}: parity mean |Δ log p| {parity_mean:.4f} > rl.parity.warn="
                   f"{cfg.parity.warn} (max {par['max']:.4f})", flush=True)
         t_train = time.time()
-        figures = {"loss": 0.0, "clip_region": 0.0, "kl": 0.0}
-        for n, (ch, b, old, r) in enumerate(zip(chunks, padded, olds, rollouts)):
-            logps = engine.forward(_logps, engine.model, b, sampling.temperature)
-            ref_lp = None
-            if cfg.kl_beta:
-                ref_lp = scored(b, None, base=True) if cfg.start == "base" else scored(b, start_state)
-            is_w = truncated_is_weights(old, torch.nan_to_num(r, nan=0.0), b["mask"], cfg.tis_cap) \
-                if cfg.tis_cap else None
-            out = grpo_loss(logps, old, adv[ch], b["mask"], ref_logps=ref_lp, beta=cfg.kl_beta, eps=cfg.epsilon,
-                            eps_high=cfg.epsilon_high, aggregation=cfg.aggregation,
-                            max_completion_length=sampling.max_new_tokens, is_weights=is_w,
-                            token_normalizer=total_tokens)
-            scale = 1.0 if cfg.aggregation == "dapo" else len(ch) / B
-            loss = out["loss"] * scale
-            engine.backward(loss, last_micro=n == len(chunks) - 1)
-            share = b["mask"].sum().item() / max(total_tokens, 1.0)
-            figures["loss"] += float(loss)
-            figures["clip_region"] += out["clip_region"] * share
-            figures["kl"] += out["kl"] * share
-        engine.step()
-        engine.zero_grad()
+        figures = _update(engine, cfg, chunks, padded, olds, rollouts, adv, total_tokens, reference)
         train_s = time.time() - t_train
         syncs[step] = publish(step)
         scored_rewards = rewards[~torch.isnan(rewards)]
