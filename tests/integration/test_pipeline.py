@@ -29,10 +29,6 @@ BAD_ROWS = [
 
 @pytest.fixture(scope="module")
 def run_result(ray_session, tiny_model_dir, tmp_path_factory):
-    from typer.testing import CliRunner
-
-    from cluster.cli import app
-
     root = tmp_path_factory.mktemp("run")
     demo = Path(__file__).resolve().parents[2] / "pipelines" / "demo" / "city_date.jsonl"
     data = root / "train.jsonl"
@@ -51,10 +47,20 @@ def run_result(ray_session, tiny_model_dir, tmp_path_factory):
     }
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    from cluster import stages
+    result, demos = _run_recording_demos(path)
+    return {"root": root / "runs" / "tiny", "output": result.output, "stdout": result.stdout, "cfg": cfg,
+            "model": tiny_model_dir, "demos": demos}
 
-    demos = []  # what `run`'s demo got back through the OpenAI client: [{"url", "adapter", "rows"}]
-    real_demo = stages.demo
+
+def _run_recording_demos(path: Path):
+    """`loraforge run path` in-process (exit 0 asserted, an exception re-raised), with what its demo got back through
+    the OpenAI client recorded: (result, [{"url", "served", "rows"}])."""
+    from typer.testing import CliRunner
+
+    from cluster import stages
+    from cluster.cli import app
+
+    demos, real_demo = [], stages.demo
 
     def recording_demo(run_cfg, url, what):
         rows = real_demo(run_cfg, url, what)
@@ -67,8 +73,7 @@ def run_result(ray_session, tiny_model_dir, tmp_path_factory):
     if result.exception:
         raise result.exception
     assert result.exit_code == 0, result.output
-    return {"root": root / "runs" / "tiny", "output": result.output, "stdout": result.stdout, "cfg": cfg,
-            "model": tiny_model_dir, "demos": demos}
+    return result, demos
 
 
 def test_last_lines_name_what_was_served_and_the_run_folder(run_result):
@@ -187,7 +192,6 @@ def built_run(run_result, tmp_path_factory):
     quantized, and the quantized model is what is served."""
     from typer.testing import CliRunner
 
-    from cluster import stages
     from cluster.cli import app
 
     root = tmp_path_factory.mktemp("built")
@@ -212,19 +216,7 @@ def built_run(run_result, tmp_path_factory):
     path.write_text(yaml.safe_dump(cfg))
     dry = CliRunner().invoke(app, ["run", str(path), "--dry-run"])
     assert dry.exit_code == 0, dry.output
-    demos, real_demo = [], stages.demo
-
-    def recording_demo(run_cfg, url, what):
-        rows = real_demo(run_cfg, url, what)
-        demos.append({"url": url, "served": what, "rows": rows})
-        return rows
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(stages, "demo", recording_demo)
-        result = CliRunner().invoke(app, ["run", str(path)])
-    if result.exception:
-        raise result.exception
-    assert result.exit_code == 0, result.output
+    result, demos = _run_recording_demos(path)
     return {"root": run_result["root"], "config": path, "dry_run": dry.stdout, "output": result.output,
             "demos": demos, "cfg": cfg}
 
