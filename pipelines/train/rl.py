@@ -137,9 +137,9 @@ def run(cfg: RLSection, setup: TrainSetup, lora: LoraSection, serve_cfg, out: Lo
     from transformers import AutoTokenizer
 
     check(cfg, setup, lora, serve_cfg)
-    if cfg.start == "sft" and sft is None:
-        raise MissingInput("rl.start=sft needs this run's SFT adapter: run `loraforge sft` first, or set "
-                           "rl.start=base")
+    if cfg.start != "base" and sft is None:
+        raise MissingInput(f"rl.start={cfg.start} needs this run's {cfg.start} adapter: run `loraforge {cfg.start}` "
+                           "first, or set rl.start=base")
     out_loc = Location.of(out)
     out_dir = out_loc.path
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -234,7 +234,7 @@ def _finish(out: Path, cfg: RLSection, setup: TrainSetup, job: WorkerJob, state:
                                "base_model_hash": hash_path(setup.model_dir),
                                "prompts_hash": hash_path(cfg.prompts_path) if cfg.prompts_path and
                                Path(cfg.prompts_path).is_file() else None}
-    if sft is not None and cfg.start == "sft":
+    if sft is not None and cfg.start != "base":
         sft_path = Location.of(sft).path
         lineage["parent_adapter"] = {"path": str(sft_path), "lineage": read_manifest(sft_path).get("lineage")}
     write_manifest(out, kind="lora_adapter", inputs={"base_model": setup.model_dir},
@@ -354,7 +354,7 @@ def _starting_adapter(job: WorkerJob, cfg: RLSection, store_fs):
     """policy@0 on the base: the SFT adapter (trainable), or a fresh LoRA (rl.start)."""
     from peft import PeftModel
 
-    if cfg.start == "sft":
+    if cfg.start != "base":  # sft, or the preference-tuned adapter (dpo)
         sft_dir = str(job.sft.on_node(store_fs))
         return lambda base: PeftModel.from_pretrained(base, sft_dir, is_trainable=True)
     return lambda base: attach_lora(base, job.lora, cfg.seed)

@@ -66,8 +66,9 @@ class RLSection(Section):
     prompts_per_step: int = Field(4, ge=1, description="Prompts per optimizer step (a step trains on their G each).")
     micro_batch_size: int = Field(8, ge=1, description="Completions per forward/backward (gradient accumulation).")
     sampling: SamplingSection = Field(default_factory=SamplingSection)
-    start: Literal["base", "sft"] = Field("base", description=(
-        "The policy's first version: a fresh adapter on the base (lora: section), or this run's SFT adapter."))
+    start: Literal["base", "sft", "dpo"] = Field("base", description=(
+        "The policy's first version: a fresh adapter on the base (lora: section), this run's SFT adapter, or its "
+        "preference-tuned adapter (dpo: SFT → preference tuning → RL; needs dpo.train_path)."))
     epsilon: float = Field(0.2, gt=0, lt=1, description="Clip range: the ratio is clipped to [1 - eps, 1 + eps_high].")
     epsilon_high: float | None = Field(None, gt=0, description="Upper clip (clip-higher, DAPO); default epsilon.")
     kl_beta: float = Field(0.0, ge=0, description=(
