@@ -17,7 +17,9 @@ import asyncio
 import json
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,7 +32,15 @@ from serve.lora_support import LoraSupport
 
 __all__ = ["AdapterInvalid", "AdapterNotFound", "AdapterSourceUnavailable", "BadAdapterName", "Resolved",
            "AdapterSource", "parse_ref", "StaticSource", "FolderSource", "RegistrySource", "ChainSource",
-           "base_identities", "validate_adapter", "Resolver", "SlotGate", "SUPPORTED_MODULES"]
+           "base_identities", "validate_adapter", "Resolver", "SlotGate", "SUPPORTED_MODULES", "SOURCE_TIMEOUT_S",
+           "off_loop"]
+
+# How long a request waits for the adapter source (a registry in a store) before its 503. The call runs in a thread
+# (off_loop), so a store that stopped answering holds neither the event loop nor base requests and /health.
+SOURCE_TIMEOUT_S = 10
+# Threads of their own for source calls: calls stuck on a dead store cannot starve the loop's default executor (which
+# Ray and vLLM use); a queued call whose request gave up is dropped before it runs.
+_SOURCE_CALLS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="loraforge-adapter-source")
 
 # Last name components of the linear layers vLLM puts a LoRA on in the decoder families we serve, for an adapter
 # whose base is not known here (serve.lora_support.LoraSupport, read from vLLM for the base, decides otherwise).
@@ -232,6 +242,17 @@ def validate_adapter(path: str, *, max_rank: int, bases: set[str] | None,
 
 
 # ---------------------------------------------------------------- resolution with a short memory
+
+
+async def off_loop(fn: Callable[..., Any], *args: Any, timeout_s: float | None = None) -> Any:
+    """`fn(*args)` (a source's resolve, validation, list) in a thread, awaited at most `timeout_s` (default
+    SOURCE_TIMEOUT_S); no answer by then is AdapterSourceUnavailable (503). What fn raises propagates."""
+    limit = SOURCE_TIMEOUT_S if timeout_s is None else timeout_s
+    future = asyncio.get_running_loop().run_in_executor(_SOURCE_CALLS, partial(fn, *args))
+    try:
+        return await asyncio.wait_for(future, limit)
+    except asyncio.TimeoutError:
+        raise AdapterSourceUnavailable(f"adapter source unavailable: no answer within {limit:g} s") from None
 
 
 class Resolver:

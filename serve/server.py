@@ -32,12 +32,13 @@ from fastapi import HTTPException
 from ray import serve
 from ray.serve.llm import LLMConfig, LLMServer
 
-from serve.adapters import AdapterSource, SlotGate, StaticSource, base_identities, validate_adapter
+from serve.adapters import AdapterSource, Resolved, SlotGate, StaticSource, base_identities, off_loop, validate_adapter
 from serve.config import ServeConfig
 from serve.errors import (
     RETRY_AFTER_S,
     AdapterInvalid,
     AdapterNotFound,
+    AdapterSourceUnavailable,
     BadAdapterName,
     adapter_error,
     engine_restarting,
@@ -65,22 +66,38 @@ class LocalModelCallback(CallbackBase):
             self.ctx.run_init_node = False
 
 
+class SourceDown(HTTPException):
+    """The adapter source (a registry in a store) did not answer or could not be read: 503 with Retry-After, for
+    the adapters that need it; the replica asks again after RETRY_AFTER_S, not serve.retry_failed_s."""
+
+    def __init__(self, message: str):
+        super().__init__(503, message, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
 class SourceLoader(LoraModelLoader):
     """LLMServer's `model_downloader`: `base:ref` -> the adapter's folder, validated, never copied.
-    HTTP errors carry the status the client gets: 400 malformed name, 404 unknown, 503 unservable."""
+    HTTP errors carry the status the client gets: 400 malformed name, 404 unknown, 503 unservable or the source
+    down. The source is asked in a thread, at most serve.adapters.SOURCE_TIMEOUT_S: a store that died after the
+    ingress resolved the name holds neither this replica's event loop nor its base requests and health checks."""
 
     def __init__(self, source: AdapterSource, cfg: ServeConfig, bases: set[str], support: Any = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.source, self.cfg, self.bases, self.support = source, cfg, bases, support
 
+    def _checked(self, ref: str) -> Resolved:
+        """The adapter's folder (a registry in a store pulls it into this node's mirror), validated."""
+        resolved = self.source.resolve(ref)
+        validate_adapter(resolved.path, max_rank=self.cfg.max_lora_rank, bases=self.bases, support=self.support)
+        return resolved
+
     async def load_model_from_config(self, lora_model_id: str, llm_config: LLMConfig) -> DiskMultiplexConfig:
         ref = lora_model_id.split(":", 1)[1] if ":" in lora_model_id else lora_model_id
         try:
-            resolved = self.source.resolve(ref)
-            validate_adapter(resolved.path, max_rank=self.cfg.max_lora_rank, bases=self.bases,
-                             support=self.support)
+            resolved = await off_loop(self._checked, ref)
         except (BadAdapterName, AdapterNotFound, AdapterInvalid) as e:
             raise HTTPException(*adapter_error(e, ref)) from e
+        except AdapterSourceUnavailable as e:
+            raise SourceDown(f"adapter {ref!r}: {e.message}") from e
         return DiskMultiplexConfig(model_id=lora_model_id, max_total_tokens=None, local_path=resolved.path,
                                    lora_assigned_int_id=global_id_manager.next())
 
@@ -108,19 +125,20 @@ class LoRAServer(LLMServer):
         One load per adapter at a time: LLMServer checks "already loaded?" before an await, so concurrent first
         requests would each ask vLLM to load it, and vLLM refuses the second as a duplicate."""
         async with self._locks.setdefault(model_id, asyncio.Lock()):
-            failed = self._failed.get(model_id)
-            if failed and time.monotonic() - failed[0] < self.cfg.retry_failed_s:
-                raise HTTPException(503, failed[1])
+            failed = self._failed.get(model_id)  # (until when, message)
+            if failed and time.monotonic() < failed[0]:
+                raise HTTPException(503, failed[1], headers={"Retry-After": str(RETRY_AFTER_S)})
             try:
                 await self.engine.resolve_lora(await self._load_model(model_id))
             except HTTPException as e:
-                if e.status_code == 503:
-                    self._failed[model_id] = (time.monotonic(), str(e.detail))
+                if e.status_code == 503:  # a store that is down is asked again sooner than a broken adapter
+                    hold = RETRY_AFTER_S if isinstance(e, SourceDown) else self.cfg.retry_failed_s
+                    self._failed[model_id] = (time.monotonic() + hold, str(e.detail))
                 raise
             except Exception as e:  # noqa: BLE001 - vLLM refused the weights: this adapter only is unavailable
                 message = unservable(model_id.split(":", 1)[-1], e)
-                self._failed[model_id] = (time.monotonic(), message)
-                raise HTTPException(503, message) from e
+                self._failed[model_id] = (time.monotonic() + self.cfg.retry_failed_s, message)
+                raise HTTPException(503, message, headers={"Retry-After": str(RETRY_AFTER_S)}) from e
             self._failed.pop(model_id, None)
 
     # -- an engine death is a 503, not a 500, and fails the health check at once ----------------------------------

@@ -243,6 +243,94 @@ def test_a_store_that_stops_answering_is_a_503_for_registry_adapters_while_base_
             time.sleep(1)
 
 
+def test_the_engine_replica_asks_a_stopped_store_off_its_event_loop(s3, tmp_path, monkeypatch):
+    """Issue 37: the store dies after the ingress pinned `city@1` and before an engine replica loads it. The
+    replica's SourceLoader (its `model_downloader`) asks the registry in a thread: within the limit it answers
+    SourceDown (503, Retry-After) naming the adapter while its event loop keeps running (a ticker ticks: base
+    requests and health checks would be served), and the replica holds that answer RETRY_AFTER_S only (a broken
+    adapter is held serve.retry_failed_s); once the store is back the adapter loads from it."""
+    import asyncio
+    import signal
+    import time
+    import types
+
+    from pipelines.artifacts.registry import Registry
+    from serve import adapters as adapters_module
+    from serve.adapters import RegistrySource
+    from serve.config import ServeConfig
+    from serve.errors import RETRY_AFTER_S
+    from serve.server import LoRAServer, SourceDown, SourceLoader
+    from tests.unit.artifacts.test_adapter_check import good, write
+    from tests.unit.artifacts.test_registry import LINEAGE
+
+    root = f"s3://{BUCKET}/registry-engine"
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "publisher"))
+    Registry(root).publish("city", write(tmp_path / "a", good()), "lora_adapter", LINEAGE)
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "engine"))
+    monkeypatch.setattr(adapters_module, "SOURCE_TIMEOUT_S", 3)
+    cfg = ServeConfig()
+    loader = SourceLoader(RegistrySource(root), cfg, None)
+    loaded: list[str] = []
+
+    async def resolve_lora(config) -> None:  # where vLLM would load the folder: the test records it
+        loaded.append(config.local_path)
+
+    replica = types.SimpleNamespace(cfg=cfg, _locks={}, _failed={}, engine=types.SimpleNamespace(
+        resolve_lora=resolve_lora), _load_model=lambda model_id: loader.load_model_from_config(model_id, None))
+
+    async def outage() -> dict:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.05)
+                ticks += 1
+
+        first = await loader.load_model_from_config("base:city@1", None)
+        os.kill(s3["proc"].pid, signal.SIGSTOP)
+        try:
+            task, t0 = asyncio.create_task(ticker()), time.monotonic()
+            try:
+                await LoRAServer._resolve(replica, "base:city@1")
+                down = None
+            except SourceDown as e:
+                down = e
+            waited = time.monotonic() - t0
+            t1 = time.monotonic()
+            try:  # held: answered at once, without asking the store again
+                await LoRAServer._resolve(replica, "base:city@1")
+                held = None
+            except Exception as e:  # noqa: BLE001 - checked below
+                held = e
+            held_s = time.monotonic() - t1
+            task.cancel()
+        finally:
+            os.kill(s3["proc"].pid, signal.SIGCONT)
+        return {"first": first.local_path, "down": down, "waited": waited, "ticks": ticks, "held": held,
+                "held_s": held_s, "until": replica._failed["base:city@1"][0] - time.monotonic()}
+
+    got = asyncio.run(outage())
+    print(f"\nstore stopped under the engine: {got}")
+    assert Path(got["first"], "adapter_model.safetensors").is_file()
+    down = got["down"]
+    assert down is not None and down.status_code == 503, got
+    assert down.headers == {"Retry-After": str(RETRY_AFTER_S)} and "'city@1'" in down.detail, got
+    assert "unavailable" in down.detail, got
+    assert got["waited"] < 3 + 2, got  # within the limit (plus slack), not the store's own ~10 s
+    assert got["ticks"] >= 10 * got["waited"], got  # the loop kept running: a 0.05 s ticker, at least half its rate
+    assert getattr(got["held"], "status_code", None) == 503 and got["held_s"] < 0.5, got
+    assert 0 < got["until"] <= RETRY_AFTER_S, got  # held RETRY_AFTER_S, not cfg.retry_failed_s (30 s)
+    back = time.monotonic() + 60
+    while True:  # the store answers again: the adapter loads from it (the replica asks once its hold has ended)
+        try:
+            assert asyncio.run(loader.load_model_from_config("base:city@1", None)).local_path == got["first"]
+            break
+        except SourceDown:
+            assert time.monotonic() < back, "the adapter did not load after the store came back"
+            time.sleep(0.5)
+    assert loaded == []  # nothing reached the engine while the store was down
+
 def test_graph_with_s3_output_and_registry_resumes_from_the_store(s3, ray_session, tiny_model_dir, tmp_path):
     cfg = tiny_graph_config("s3run", tmp_path, tiny_model_dir, f"s3://{BUCKET}/runs", f"s3://{BUCKET}/registry")
     # and a 1-trial sweep, whose Tune state and trial checkpoints go to the store (its winner is what is evaluated)
