@@ -116,7 +116,7 @@ def run(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
 
 
 # What `run` and `validate` check before any work: every stage's inputs.
-RUN_CHECKS = ("model", "train_rows", "pairs", "test_rows", "serving")
+RUN_CHECKS = ("model", "train_rows", "pairs", "prompts", "test_rows", "serving")
 
 
 def curate(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:

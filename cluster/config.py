@@ -27,7 +27,8 @@ from pipelines.export.merge import MergeSection
 from pipelines.export.quantize import QuantizeSection
 from pipelines.schema import ConfigError, DataError, MissingInput, Section, redact
 from pipelines.train import targets as lora_targets
-from pipelines.train.config import DPOSection, LoraSection, QuantSection, TrainSection, check_combination
+from pipelines.train.config import DPOSection, LoraSection, QuantSection, TrainSection, TrainSetup, check_combination
+from pipelines.train.rl import check as rl_check
 from pipelines.train.rl_config import RLSection
 from serve.config import ServeConfig, lora_ranks
 from serve.lora_support import support_for_config
@@ -94,6 +95,8 @@ class RunConfig(Section):
         if self.tune and self.data.split.validation <= 0:
             raise ValueError("tune: a sweep ranks trials on eval_loss and needs a validation split; set "
                              "data.split.validation > 0")
+        if self.rl:
+            _check_rl(self)
         return self
 
     def stage_dir(self, stage: str) -> Path:
@@ -122,6 +125,18 @@ class RunConfig(Section):
 
 
 
+def _check_rl(cfg: RunConfig) -> None:
+    """An rl: section the stage could not run, refused when the config is read."""
+    rl = cfg.rl
+    if not rl.prompts_path:
+        raise ValueError("rl.prompts_path is not set: point it at a file of prompts (JSONL, Parquet, CSV, ...)")
+    if not rl.rewards:
+        raise ValueError("rl.rewards is empty: name at least one reward function (e.g. {fn: exact_answer})")
+    if rl.start == "dpo" and not cfg.dpo.train_path:
+        raise ValueError("rl.start=dpo starts from the preference-tuned adapter: set dpo.train_path, or rl.start="
+                         "sft / base")
+
+
 def preflight(cfg: RunConfig, checks: tuple[str, ...] | list[str], source: str = "<config>") -> None:
     """Check what a command will read, before any Ray work: local input files exist and hold rows, the model
     folder is one, a served adapter fits serve's slots. Raises MissingInput / DataError / ConfigError.
@@ -129,7 +144,8 @@ def preflight(cfg: RunConfig, checks: tuple[str, ...] | list[str], source: str =
     checks: "model" (and, last, lora.target_modules other than all-linear, which every model has, against its
     linear layers: that imports transformers), "train_rows" (data.train_path),
     "pairs" (dpo.train_path, when set), "test_rows"
-    (eval.test_path), "quantize_rows" (its row files), "sweep" (a tune: section), "serving" (the adapter fits
+    (eval.test_path), "quantize_rows" (its row files), "prompts" (rl.prompts_path and what the rl stage refuses,
+    with an rl: section), "sweep" (a tune: section), "serving" (the adapter fits
     serve's LoRA slots). A stage's checks are its `needs` (cluster.stages). URIs (s3://...) are left to the stage:
     checking them here would need credentials and a round trip."""
     want = set(checks)
@@ -148,6 +164,12 @@ def preflight(cfg: RunConfig, checks: tuple[str, ...] | list[str], source: str =
         for key in ("calibration_path", "eval_path"):
             if getattr(cfg.quantize, key):
                 _check_rows(getattr(cfg.quantize, key), f"quantize.{key}", source)
+    if "prompts" in want and cfg.rl:
+        _check_rows(cfg.rl.prompts_path, "rl.prompts_path", source)
+        try:
+            rl_check(cfg.rl, TrainSetup(model_dir="", train=cfg.train, quant=cfg.quant), cfg.lora, cfg.serve)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
     if "sweep" in want and cfg.tune is None:
         raise ConfigError(f"{source}: no tune: section: add one to sweep (see configs/tune-tiny-cpu.yaml)")
     if "serving" in want:

@@ -1,21 +1,23 @@
 """The job graph of `loraforge run`: the stages of cluster.stages run in order, each skipped when its result is
 current.
 
-    data → sft → [dpo] → [tune] → [evaluate → gate (→ registry)] → [merge → [quantize]] → serve → demo
+    data → sft → [dpo] → [rl] → [tune] → [evaluate → gate (→ registry)] → [merge → [quantize]] → serve → demo
 
 A stage's key covers the config sections it depends on, the recorded outputs of its upstream stages and the code
 (a hash of the package sources). When a stage finishes, `<run>/<stage>/stage.json` records its key and the hash
 of what it wrote. On the next run a stage whose record has the same key, and whose output still hashes to what
 was recorded, is `cached`: not run again. A stage that started under the same key and never finished (its
 driver was killed) runs again and resumes: SFT and DPO from their last Ray Train checkpoint, the sweep from
-Tune's saved state. `--force STAGE` reruns one stage, `--from STAGE` it and every stage after it, `--until STAGE`
-stops after it; downstream stages rerun when an upstream output changed. Outputs of other runs are never touched.
+Tune's saved state; rl starts again (it does not resume yet). `--force STAGE` reruns one stage, `--from STAGE`
+it and every stage after it, `--until STAGE` stops after it; downstream stages rerun when an upstream output
+changed. Outputs of other runs are never touched.
 
-Optional stages run when their section says so: dpo with `dpo.train_path`, tune with a `tune:` section, evaluate
-and gate with `eval.test_path`, or on the run's curated test split when the config has an `eval:` or `gate:`
-section without one (the gate publishes a passing adapter to the registry and moves its alias; a refusal ends the
-run with exit 3 and the reasons, before anything is served), merge with a `merge:` section,
-quantize with a `quantize:` section (after merge). serve and demo always run: they are not cached.
+Optional stages run when their section says so: dpo with `dpo.train_path`, rl with an `rl:` section (its adapter
+is then the candidate), tune with a `tune:` section, evaluate and gate with `eval.test_path`, or on the run's
+curated test split when the config has an `eval:` or `gate:` section without one (the gate publishes a passing
+adapter to the registry and moves its alias; a refusal ends the run with exit 3 and the reasons, before anything
+is served), merge with a `merge:` section, quantize with a `quantize:` section (after merge). serve and demo
+always run: they are not cached.
 
 With `output_dir` an object-store URI (s3://...), the graph pulls the run's records and outputs into a local
 mirror first (pipelines.artifacts.storage), pushes each record as it is written and each finished stage's folder
@@ -145,7 +147,7 @@ class Graph:
             return "stop", f"after --until {self.until}", None
         if not stage.cached:
             return "run", "always runs", None
-        ups = [u for u in stage.upstream if u in self.outputs or u in will_run]
+        ups = [u for u in stage.reads(self.cfg) if u in self.outputs or u in will_run]
         changed = [u for u in ups if u in will_run]
         parts = self.parts(stage, {u: self.outputs.get(u) for u in ups})
         rec = self.record(stage)
@@ -157,6 +159,8 @@ class Graph:
             return "run", "no record: never ran here", parts
         if rec.get("status") != "done":
             same = rec.get("key") == _digest(parts)
+            if same and not stage.resumable:
+                return "run", f"interrupted earlier: {stage.name} does not resume, it starts again", parts
             return ("resume" if same else "run"), ("interrupted earlier under the same key: resumes from its last "
                                                    "checkpoint" if same else "interrupted earlier, and its inputs "
                                                    "changed since"), parts
@@ -181,7 +185,7 @@ class Graph:
                 will_run.add(stage.name)
             elif status == "cached":
                 self.outputs[stage.name] = self.record(stage)["output"]
-            plan.rows.append({"stage": stage.name, "upstream": [u for u in stage.upstream
+            plan.rows.append({"stage": stage.name, "upstream": [u for u in stage.reads(self.cfg)
                                                                 if STAGE[u].enabled(self.cfg) is None],
                               "status": status, "why": why})
         self.outputs = saved

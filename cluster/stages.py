@@ -1,7 +1,7 @@
 """Every stage of a run, declared once: its name, upstream stages, config sections, when it is on, what its
 command checks first, what it runs, what it hands the stages after it, and its one-line summary.
 
-    data → sft → [dpo] → [tune] → [evaluate → gate (→ registry)] → [merge → [quantize]] → serve → demo
+    data → sft → [dpo] → [rl] → [tune] → [evaluate → gate (→ registry)] → [merge → [quantize]] → serve → demo
 
 cluster.graph orders and caches them for `loraforge run`; each stage command (cluster.cli_stages) is a thin
 wrapper over the same entry, and `cli.COMMANDS` lists the commands from this table. A new stage is its
@@ -32,7 +32,7 @@ from pipelines.eval import gate as gating
 from pipelines.eval.gate import GateDecision
 from pipelines.export import merge, quantize
 from pipelines.schema import MissingInput
-from pipelines.train import dpo, sft
+from pipelines.train import dpo, rl, sft
 from pipelines.train.config import TrainSetup
 from tune import sweep
 
@@ -53,7 +53,7 @@ class Context:
     gate's decision, the serving URL; and what a command set: explicit adapters, folders, --local, --force."""
 
     cfg: RunConfig
-    roles: dict[str, str] = field(default_factory=dict)  # "sft" / "dpo" / "tune" → adapter folder
+    roles: dict[str, str] = field(default_factory=dict)  # "sft" / "dpo" / "rl" / "tune" → adapter folder
     given: dict[str, str] | None = None  # adapters named on the command line (--adapter)
     places: dict[str, Path] = field(default_factory=dict)  # stage name → folder the command chose (--out, --model)
     local: bool = False  # the training loop in this process, without Ray (sft --local)
@@ -64,7 +64,9 @@ class Context:
     url: str | None = None
     _model_dir: str | None = None
 
-    PRIORITY = ("dpo", "tune", "sft")  # the candidate (evaluated first, gated, merged, served) is the first present
+    # The candidate (evaluated first, gated, merged, served) is the first present. rl before dpo: online RL is the
+    # last training stage of the chain (SFT → preference tuning → RL with verifiable rewards; rl.start=dpo).
+    PRIORITY = ("rl", "dpo", "tune", "sft")
 
     @property
     def model_dir(self) -> str:
@@ -74,10 +76,10 @@ class Context:
 
     @property
     def adapters(self) -> dict[str, str]:
-        """name → folder, the candidate first: `<run>-dpo`, `<run>-sweep`, `<run>` (the SFT adapter)."""
+        """name → folder, the candidate first: `<run>-rl`, `<run>-dpo`, `<run>-sweep`, `<run>` (the SFT adapter)."""
         if self.given is not None:
             return self.given
-        suffix = {"dpo": "-dpo", "tune": "-sweep", "sft": ""}
+        suffix = {"rl": "-rl", "dpo": "-dpo", "tune": "-sweep", "sft": ""}
         return {f"{self.cfg.name}{suffix[r]}": self.roles[r] for r in self.PRIORITY if r in self.roles}
 
     def folder(self, stage: "Stage") -> Path:
@@ -107,6 +109,12 @@ class Stage:
     marker: str = "manifest.json"  # the file in its folder that says its output is finished
     ray: bool = True  # works in a Ray instance (joined or started)
     command: str | None = None  # its CLI command
+    inputs: Callable[[RunConfig], tuple[str, ...]] | None = None  # the upstream stages it reads under this config
+    resumable: bool = True  # an interrupted run continues from its last checkpoint (else it starts again)
+
+    def reads(self, cfg: RunConfig) -> tuple[str, ...]:
+        """The upstream stages whose output it reads under this config (its key covers theirs)."""
+        return self.inputs(cfg) if self.inputs else self.upstream
 
     def folder(self, cfg: RunConfig) -> Path:
         return cfg.stage_dir(self.name)
@@ -210,6 +218,27 @@ def _dpo_summary(out: Path) -> str:
     method = read_manifest(out).get("config", {}).get("method", "dpo")
     return (f"{method}: {m['steps']} steps, loss {m['loss_first']:.3f} → {m['loss_last']:.3f}, reward accuracy "
             f"{acc[0]:.2f} → {acc[-1]:.2f}")
+
+
+def _rl(ctx: Context, resume: bool) -> Path:
+    """Online RL (GRPO family) on rl.prompts_path with the rl: section's rewards: rollouts on a vLLM Ray actor,
+    the adapter synced to it as immutable versions policy@N, the parity gate between trainer and rollouts; from a
+    fresh adapter on the base, this run's SFT adapter or its preference-tuned one (rl.start)."""
+    cfg = ctx.cfg
+    start = _found(cfg, STAGE[cfg.rl.start]) if cfg.rl.start != "base" else None
+    return rl.run(cfg.rl, _setup(ctx, resume), cfg.lora, cfg.serve, _output(cfg, RL.name), sft=start)
+
+
+def _rl_summary(out: Path) -> str:
+    m = _metrics(out)
+    sync = m.get("sync_s_median")
+    return (f"{m['steps']} steps, reward {m['reward_first']:.3f} → {m['reward_last']:.3f}, parity |Δ log p| mean "
+            f"{max(m['parity_mean_history']):.2g} / max {max(m['parity_max_history']):.2g} (worst step), sync median "
+            + (f"{sync:.3f} s" if sync is not None else "n/a") + f"; curve in {out / 'reward.png'}")
+
+
+def _rl_reads(cfg: RunConfig) -> tuple[str, ...]:
+    return (cfg.rl.start,) if cfg.rl and cfg.rl.start != "base" else ()
 
 
 def _tune(ctx: Context, resume: bool) -> Path:
@@ -351,6 +380,10 @@ def _dpo_role(ctx: Context, out: Path) -> None:
     ctx.roles["dpo"] = str(out.resolve())
 
 
+def _rl_role(ctx: Context, out: Path) -> None:
+    ctx.roles["rl"] = str(out.resolve())
+
+
 def _winner_role(ctx: Context, out: Path) -> None:
     ctx.roles["tune"] = str((out / "winner").resolve())
 
@@ -379,8 +412,8 @@ class Served:
 def served(ctx: Context) -> Served:
     """The one rule for what `run`, `serve` and `deploy` serve: the quantized model when the quantize stage ran
     (it passed its recovery check), else the merged model when merge ran, else the base with the run's adapters,
-    the candidate first (DPO's, else the sweep winner's, else SFT's; its registry version when the gate published
-    it). Adapters named on the command line are served on the base as given."""
+    the candidate first (rl's, else DPO's, else the sweep winner's, else SFT's; its registry version when the gate
+    published it). Adapters named on the command line are served on the base as given."""
     if ctx.built and ctx.given is None:
         what, folder = ctx.built
         return Served(folder, {}, f"{what} {folder}")
@@ -420,12 +453,25 @@ def served_in_plan(cfg: RunConfig, statuses: dict[str, str]) -> str:
 
 # -- when a stage is on ---------------------------------------------------------------------------------------
 def _sft_on(cfg: RunConfig) -> str | None:
-    return "dpo.start=base: preference tuning starts from the base" if cfg.dpo.train_path and \
-        cfg.dpo.start == "base" else None
+    """SFT runs unless every later training stage that is on starts from the base."""
+    dpo_base = cfg.dpo.train_path and cfg.dpo.start == "base"
+    rl_from = cfg.rl.start if cfg.rl else None
+    if rl_from == "sft" or (rl_from == "dpo" and not dpo_base):
+        return None
+    if dpo_base:
+        return "dpo.start=base: preference tuning starts from the base" + (
+            " (and rl.start=base)" if rl_from == "base" else "")
+    if rl_from == "base" and not cfg.dpo.train_path:
+        return "rl.start=base: online RL starts from the base"
+    return None
 
 
 def _dpo_on(cfg: RunConfig) -> str | None:
     return None if cfg.dpo.train_path else "dpo.train_path is not set"
+
+
+def _rl_on(cfg: RunConfig) -> str | None:
+    return None if cfg.rl else "no rl: section"
 
 
 def _tune_on(cfg: RunConfig) -> str | None:
@@ -456,21 +502,24 @@ SFT = Stage("sft", ("data",), ("model", "lora", "quant", "train"), _sft, _sft_on
             requires=("data",), hand=_sft_role, summary=_sft_summary, command="sft")
 DPO = Stage("dpo", ("sft",), ("model", "lora", "quant", "train", "dpo"), _dpo, _dpo_on, needs=("model", "pairs"),
             requires=("sft",), hand=_dpo_role, summary=_dpo_summary, command="dpo")
+RL = Stage("rl", ("sft", "dpo"), ("model", "lora", "quant", "train", "rl"), _rl, _rl_on,
+           needs=("model", "prompts", "serving"), hand=_rl_role, summary=_rl_summary, command="rl", inputs=_rl_reads,
+           resumable=False)
 TUNE = Stage("tune", ("data",), ("model", "lora", "quant", "train", "tune"), _tune, _tune_on,
              needs=("model", "train_rows", "sweep"), hand=_winner_role, summary=_tune_summary, command="tune",
              marker="winner/manifest.json")
-EVALUATE = Stage("evaluate", ("sft", "dpo", "tune"), ("model", "eval"), _evaluate, _evaluate_on,
+EVALUATE = Stage("evaluate", ("sft", "dpo", "rl", "tune"), ("model", "eval"), _evaluate, _evaluate_on,
                  needs=("model", "test_rows"), summary=_evaluate_summary, command="evaluate")
 GATE = Stage("gate", ("evaluate",), ("gate", "registry"), _gate, _evaluate_on, hand=_gate_hand, marker="gate.json")
-MERGE = Stage("merge", ("sft", "dpo", "tune", "gate"), ("model", "merge"), _merge, _merge_on, needs=("model",),
+MERGE = Stage("merge", ("sft", "dpo", "rl", "tune", "gate"), ("model", "merge"), _merge, _merge_on, needs=("model",),
               hand=_merged, command="merge")
 QUANTIZE = Stage("quantize", ("merge",), ("quantize",), _quantize, _quantize_on, needs=("quantize_rows",),
                  hand=_quantized, summary=_quantize_summary, ray=False, command="quantize")
-SERVE = Stage("serve", ("sft", "dpo", "tune", "gate"), ("model", "serve"), _serve, cached=False,
+SERVE = Stage("serve", ("sft", "dpo", "rl", "tune", "gate"), ("model", "serve"), _serve, cached=False,
               needs=("model", "serving"), command="serve")
 DEMO = Stage("demo", ("serve",), ("demo",), _demo, cached=False)
 
-STAGES: tuple[Stage, ...] = (DATA, SFT, DPO, TUNE, EVALUATE, GATE, MERGE, QUANTIZE, SERVE, DEMO)
+STAGES: tuple[Stage, ...] = (DATA, SFT, DPO, RL, TUNE, EVALUATE, GATE, MERGE, QUANTIZE, SERVE, DEMO)
 STAGE = {s.name: s for s in STAGES}
 NAMES = tuple(STAGE)
 
@@ -479,7 +528,7 @@ NAMES = tuple(STAGE)
 def needs_output(cfg: RunConfig, stage: Stage, source: str) -> None:
     """A stage command run alone on an earlier stage's output: that output is there (MissingInput naming the
     command that makes it)."""
-    for name in stage.requires:
+    for name in (*stage.requires, *(stage.reads(cfg) if stage.inputs else ())):
         up = STAGE[name]
         if up.enabled(cfg) is None and not up.finished(cfg):  # an upstream stage that is off is not read
             raise MissingInput(f"{source}: {up.folder(cfg)} holds no {up.name} output: run `loraforge "
