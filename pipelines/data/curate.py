@@ -37,11 +37,13 @@ from pipelines.schema import DataError
 PARSE_BATCH = 512  # rows per parse_batch call, on either engine
 
 
-def run(cfg: DataConfig, out_dir: str | os.PathLike, model_dir: str | None = None, wait_plots: bool = True
-        ) -> Path:
+def run(cfg: DataConfig, out_dir: str | os.PathLike, model_dir: str | None = None, wait_plots: bool = True,
+        section: str = "data") -> Path:
     """Curate cfg.train_path (+ cfg.mix.path) into out_dir; returns out_dir. model_dir: the tokenizer that counts
     tokens (and encodes conversations, whose ids the curated splits then carry); None: characters / 4.
-    wait_plots=False: the report's PNG plots may still be drawing on return (report.wait_plots() joins them)."""
+    wait_plots=False: the report's PNG plots may still be drawing on return (report.wait_plots() joins them).
+    section: the config section whose rows these are (data; dpo for the align stage's preference rows), named
+    in refusals and errors."""
     out = Path(out_dir).resolve()
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -51,14 +53,14 @@ def run(cfg: DataConfig, out_dir: str | os.PathLike, model_dir: str | None = Non
     mix_files = expand_paths(cfg.mix.path) if cfg.mix.path else []
     files = main_files + [f for f in mix_files if f not in main_files]
     formats = file_formats(files, cfg)  # data.format=auto: decided once per file, before any Ray work
-    job = ParseJob.of(cfg, [formats[f] for f in files], len(main_files), model_dir)
+    job = ParseJob.of(cfg, [formats[f] for f in files], len(main_files), model_dir, section)
     clock = Clock()
     engine = pick_engine(cfg, files)
     report.start_plotter()  # imports matplotlib on CPU time the passes leave idle
     try:
         with clock.phase("read_parse_sign"):
             procs = run_pass(engine, _parse_pass(cfg, job), read_items(files, _cpus(engine)), parsed)
-        dec = _decide(cfg, parsed, out, len(files), clock)
+        dec = _decide(cfg, parsed, out, len(files), clock, section)
         with clock.phase("split_write"):
             n_rejected, n_kept = write_outputs(parsed, out, dec, tokens=_carries_tokens(dec, model_dir))
     except BaseException:
@@ -67,7 +69,7 @@ def run(cfg: DataConfig, out_dir: str | os.PathLike, model_dir: str | None = Non
     phases = {"engine": engine, "wall_seconds": clock.seconds, "task_seconds": task_seconds(parsed),
               **({"local_processes": procs} if engine == "local" else {})}
     check_accounting(dec.counts, n_rejected, n_kept)
-    _check_ceiling(cfg, dec.counts, out)
+    _check_ceiling(cfg, dec.counts, out, section)
     if not os.environ.get("LORAFORGE_KEEP_WORK"):
         shutil.rmtree(work, ignore_errors=True)
     return _finish(cfg, out, files, dec, {"formats": formats, "phases": phases}, model_dir, wait_plots)
@@ -98,14 +100,15 @@ def _cpus(engine: str) -> float:
     return ray.cluster_resources().get("CPU", 1)
 
 
-def _decide(cfg: DataConfig, parsed: Path, out: Path, n_files: int, clock: Clock) -> Decisions:
+def _decide(cfg: DataConfig, parsed: Path, out: Path, n_files: int, clock: Clock, section: str = "data"
+            ) -> Decisions:
     """The decide pass over the parse pass's files; the report's plots are then drawn while the splits are
     written."""
     if not any(parsed.glob("*.parquet")):  # every file was empty (or held only blank lines)
-        raise DataError(f"data.train_path={cfg.train_path!r}: no rows read from {n_files} file(s); point it at "
-                        "a file with data")
+        raise DataError(f"{section}.train_path={cfg.train_path!r}: no rows read from {n_files} file(s); point it "
+                        "at a file with data")
     with clock.phase("decide"):
-        dec = decide(parsed, cfg)
+        dec = decide(parsed, cfg, section)
     report.plot(out, dec.lengths, cfg.max_length, dec.counts["kept_by_category"])
     check_accounting(dec.counts, dec.counts["rows_rejected"], dec.counts["rows_kept"])
     return dec
@@ -140,19 +143,19 @@ def _sliceable(path: str) -> bool:
     return "://" not in path and path.lower().endswith(".jsonl") and os.path.isfile(path)
 
 
-def _check_ceiling(cfg: DataConfig, counts: dict[str, Any], out: Path) -> None:
+def _check_ceiling(cfg: DataConfig, counts: dict[str, Any], out: Path, section: str = "data") -> None:
     """Stop the run (DataError) when no row was read, or more than data.max_rejected_fraction of the rows are
     broken or fail quality filters; the message names the reasons, rejected/ and, for rows of a shape we did not
     read, the data.columns line to write."""
     if counts["rows_in"] == 0:
-        raise DataError(f"data.train_path={cfg.train_path!r}: no rows read")
+        raise DataError(f"{section}.train_path={cfg.train_path!r}: no rows read")
     faulty = counts["rows_faulty"]
     if faulty / counts["rows_in"] > cfg.max_rejected_fraction:
         faults = {k: v for k, v in counts["rejected_by_reason"].items() if k in FAULT_REASONS}
         shape = sum(faults.get(k, 0) for k in ("missing_field", "unsupported_format"))
         hint = f"; {_format_hint(cfg)}" if shape > faulty / 2 else ""  # mostly rows of a shape we did not read
-        raise DataError(f"data.train_path={cfg.train_path!r}: {faulty}/{counts['rows_in']} rows are broken or "
-                         f"fail quality filters (> data.max_rejected_fraction={cfg.max_rejected_fraction}); "
+        raise DataError(f"{section}.train_path={cfg.train_path!r}: {faulty}/{counts['rows_in']} rows are broken "
+                         f"or fail quality filters (> {section}.max_rejected_fraction={cfg.max_rejected_fraction}); "
                          f"reasons {faults}; see {out / 'rejected'} (duplicates, caps and mixing do not count)"
                          f"{hint}")
 

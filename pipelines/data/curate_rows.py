@@ -24,7 +24,7 @@ from pipelines.data.readers import record_batches
 from pipelines.data.rowformats import RowError, apply_columns, check_decodable, parse_raw, to_canonical
 
 PARSED_COLUMNS = ("row_id", "source", "line", "origin", "kind", "category", "reason", "detail", "raw", "record",
-                  "dtext", "exact_key", "sig", "n_tokens", "input_ids", "labels", "n_label_tokens")
+                  "dtext", "exact_key", "split_key", "sig", "n_tokens", "input_ids", "labels", "n_label_tokens")
 TIMING_COLUMNS = ("t_parse", "t_count", "t_filter", "t_sign")
 # A conversation's token ids and labels (chat template, assistant-only labels) are computed here, where its
 # length is counted anyway, and travel with the kept row to the curated split: the tokenize pass reuses them
@@ -63,15 +63,17 @@ class ParseJob:
     file_formats: dict[int, str] = field(default_factory=dict)  # file id → the format decided for that file
     max_row_chars: int = 4 << 20  # data.max_row_chars: longer raw rows are refused before parsing
     max_turns: int = 512  # data.max_turns
+    columns_key: str = "data.columns"  # the config key a missing mapped field is reported under (dpo.columns)
 
     @classmethod
-    def of(cls, cfg: DataConfig, formats: list[str], n_main: int, model_dir: str | None) -> "ParseJob":
+    def of(cls, cfg: DataConfig, formats: list[str], n_main: int, model_dir: str | None, section: str = "data"
+           ) -> "ParseJob":
         """The job of a curation over files whose formats (in file-id order) are decided; the files from
-        n_main on are data.mix.path's."""
+        n_main on are data.mix.path's. section: the config section the rows come from (data, dpo)."""
         return cls(cfg.format, cfg.system_prompt, cfg.filters, cfg.dedup.num_perm, cfg.category_field,
                    tuple(range(n_main, len(formats))), model_dir,
                    cfg.max_length if cfg.truncation == "reject" else None, cfg.columns, dict(enumerate(formats)),
-                   max_row_chars=cfg.max_row_chars, max_turns=cfg.max_turns)
+                   max_row_chars=cfg.max_row_chars, max_turns=cfg.max_turns, columns_key=f"{section}.columns")
 
 
 def parse_batch(batch: dict[str, Any], job: ParseJob) -> pa.Table:
@@ -131,7 +133,7 @@ class ParseRows:
                 raise RowError(reason, detail)
             if len(raw) > self.job.max_row_chars:
                 raise RowError("too_long", f"{len(raw):,} characters > data.max_row_chars {self.job.max_row_chars:,}")
-            row = apply_columns(parse_raw(raw), self.job.columns)
+            row = apply_columns(parse_raw(raw), self.job.columns, self.job.columns_key)
             kind, rec = to_canonical(row, fmt, self.job.system_prompt)
             if kind == "sft" and len(rec["messages"]) > self.job.max_turns:
                 raise RowError("too_long", f"{len(rec['messages'])} turns > data.max_turns {self.job.max_turns}")
@@ -144,7 +146,7 @@ class ParseRows:
     def finish(self, source: str, raw: str, parsed: tuple[str, dict, dict] | RowError, n_tokens: int | None
                ) -> dict[str, Any]:
         res = {"kind": "", "category": "", "reason": "", "detail": "", "raw": raw, "record": "", "dtext": "",
-               "exact_key": "", "n_tokens": 0}
+               "exact_key": "", "split_key": "", "n_tokens": 0}
         if isinstance(parsed, RowError):
             res.update(reason=parsed.reason, detail=parsed.detail)
             return res
@@ -156,6 +158,8 @@ class ParseRows:
         res.update(kind=kind, reason=reason, record=json.dumps(rec, ensure_ascii=False), n_tokens=n_tokens,
                    category=str(category) if category not in (None, "") else PurePosixPath(source).stem,
                    dtext=dtext, exact_key=exact_key(text, dtext))
+        if kind in ("preference", "unpaired"):  # the rows of one prompt share a split (no prompt in two)
+            res["split_key"] = exact_key("\n".join(m["content"] for m in rec["prompt"]))
         if not reason:
             res["raw"] = ""  # the record holds it; raw text is kept only for refused rows
         return res

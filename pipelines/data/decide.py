@@ -5,7 +5,8 @@ Each valid row gets one code: the index of its split in SPLITS, or len(SPLITS) +
 reason that drops it in DECISION_REASONS. In order: exact duplicates (the earliest row of a key is kept), near
 duplicates (MinHash LSH candidates, confirmed by the exact Jaccard of their word-3-gram sets; action 'keep' keeps
 them all but puts a cluster in one split), category caps, the mixing quota (both choosing the rows kept by a
-seeded hash rank), then the seeded split of each row by its cluster representative's key.
+seeded hash rank), then the seeded split of each row by its cluster representative's key (for preference and
+unpaired rows, the key of the representative's prompt: every row of a prompt lands in one split).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pipelines.schema import DataError
 
 DECISION_REASONS = list(CURATION_REASONS)
 EXACT, NEAR, CAP, MIX = (len(SPLITS) + DECISION_REASONS.index(r) for r in CURATION_REASONS)
-_COLUMNS = ("row_id", "reason", "exact_key", "category", "origin", "kind", "sig", "n_tokens")
+_COLUMNS = ("row_id", "reason", "exact_key", "split_key", "category", "origin", "kind", "sig", "n_tokens")
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class Decisions:
     dedup: dict[str, Any]
 
 
-def decide(parsed: Path, cfg: DataConfig) -> Decisions:
+def decide(parsed: Path, cfg: DataConfig, section: str = "data") -> Decisions:
     """Whole-dataset decisions from the small columns: exact/near duplicates, balance, mix quota, split."""
     cols: dict[str, list] = {k: [] for k in _COLUMNS}
     for b in work_batches(parsed, list(cols)):
@@ -74,7 +75,7 @@ def decide(parsed: Path, cfg: DataConfig) -> Decisions:
 
     keys, kinds = column("exact_key"), set(column("kind"))
     if len(kinds) > 1:
-        raise DataError(f"data.train_path={cfg.train_path!r} mixes row kinds {sorted(kinds)}; curate them apart")
+        raise DataError(f"{section}.train_path={cfg.train_path!r} mixes row kinds {sorted(kinds)}; curate them apart")
     codes = np.full(len(valid), -1, dtype=np.int16)  # per valid row: split index, or len(SPLITS)+reason index
     dup_of = np.full(len(valid), -1, dtype=np.int64)
     t0 = time.perf_counter()
@@ -82,8 +83,9 @@ def decide(parsed: Path, cfg: DataConfig) -> Decisions:
     info["lsh_cluster_seconds"] = round(time.perf_counter() - t0, 3)
     cats, origin = column("category"), column("origin")
     _balance_and_mix(cfg, keys, cats, origin, codes)
+    groups = column("split_key")  # preference / unpaired rows: their prompt's key, so a prompt is in one split
     for i in np.flatnonzero(codes < 0):
-        codes[i] = assign_split(keys[roots[i]], cfg.split.seed, cfg.split.fractions())
+        codes[i] = assign_split(groups[roots[i]] or keys[roots[i]], cfg.split.seed, cfg.split.fractions())
     ntok = np.asarray(cols["n_tokens"], dtype=np.int64)[order][valid]
     counts = _counts(codes, by_reason, len(ids), cats, origin)
     return Decisions(ids[valid], codes, dup_of, counts, (sorted(kinds) or ["sft"])[0], ntok[codes < len(SPLITS)],

@@ -275,8 +275,13 @@ class DPOSection(Section):
     simpo: SimPOOptions = Field(default_factory=SimPOOptions, description="method=simpo.")
     kto: KTOOptions = Field(default_factory=KTOOptions, description="method=kto.")
     max_length: int = Field(512, ge=16, description="Longest prompt+answer in tokens; longer pairs are rejected.")
-    max_pairs: int | None = Field(None, ge=1, description="Use only the first N valid pairs.")
-    validation_fraction: float = Field(0.1, ge=0, lt=1, description="Held-out pairs (by prompt hash) for eval.")
+    max_pairs: int | None = Field(None, ge=1, description=(
+        "Use only the first N rows curation kept (in file order); the rest are counted as max_pairs."))
+    validation_fraction: float = Field(0.1, ge=0, lt=1, description=(
+        "Held-out rows for eval: curation's seeded split, by prompt (every row of a prompt in one split)."))
+    max_rejected_fraction: float = Field(0.2, ge=0, le=1, description=(
+        "Stop when more than this share of the rows is broken or fails curation's quality filters (as "
+        "data.max_rejected_fraction; duplicates do not count)."))
     reference_num_gpus: float | None = Field(None, ge=0, description=(
         "GPUs each reference-scoring actor holds; None: one when the cluster has GPUs, else none."))
     # DPO's own optimisation: unset, each takes train.<same name> (what a DPO run used before it had its own).

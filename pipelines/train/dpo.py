@@ -24,7 +24,6 @@ with lineage (parent adapter, or start: base) and `metrics.<name>_history` of ev
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -34,9 +33,9 @@ from pipelines.artifacts.location import Location
 from pipelines.artifacts.manifest import hash_path, read_manifest, write_manifest
 from pipelines.artifacts.models import on_this_node
 from pipelines.data.chat import pad_batch, tokenize_messages
-from pipelines.data.readers import expand_paths, record_batches
-from pipelines.data.rowformats import RowError, apply_columns, parse_raw, to_canonical, unpaired_view
-from pipelines.schema import MissingInput, actor_gpus, cluster_gpus, torch_device
+from pipelines.data.readers import expand_paths
+from pipelines.data.rowformats import RowError, unpaired_view
+from pipelines.schema import DataError, MissingInput, actor_gpus, cluster_gpus, torch_device
 from pipelines.train import worker
 from pipelines.train.base import attach_lora, load_base, start_worker
 from pipelines.train.config import DPOSection, LoraSection, TrainSetup, WorkerJob
@@ -97,26 +96,20 @@ class _PrepareBatch:
                 "input_ids": torch.tensor([t.input_ids], device=self.model.device),
                 "labels": torch.tensor([t.labels], device=self.model.device)})[0][0]) for t in rows]
 
-    def _split(self, prompt) -> str:
-        key = json.dumps(prompt, sort_keys=True).encode()  # rows of one prompt share a split
-        bucket = int(hashlib.sha256(key).hexdigest()[:8], 16) / 0xFFFFFFFF
-        return "validation" if bucket < self.cfg.validation_fraction else "train"
-
     def _turns(self, prompt, answer: str):
         return tokenize_messages(self.tokenizer, prompt + [{"role": "assistant", "content": answer}],
                                  self.cfg.max_length)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Curated rows (their normalised record as JSON, split, source, line) → tokens and reference log-probs;
+        a row the chat template cannot fit in dpo.max_length is refused (reason, raw record kept)."""
         if self.cfg.method == "kto":
             return self._unpaired(batch)
         cols = PAIR_COLUMNS + ["reason", "split", "raw", "source", "line", "first"]
         out: dict[str, list] = {k: [] for k in cols}
-        for source, number, line, error in zip(batch["source"], batch["line"], batch["raw"], batch["error"]):
-            reason, pair = "", None
+        for source, number, record, split in zip(batch["source"], batch["line"], batch["record"], batch["split"]):
+            reason, pair = "", json.loads(record)
             try:
-                if error:
-                    raise RowError(*error.partition(": ")[::2])
-                pair = _parse_pair(line, self.cfg.columns)
                 ch, rj = self._turns(pair["prompt"], pair["chosen"]), self._turns(pair["prompt"], pair["rejected"])
             except RowError as e:
                 reason = str(e)
@@ -124,7 +117,7 @@ class _PrepareBatch:
             out["line"].append(number)
             out["first"].append(True)
             out["reason"].append(reason)
-            out["raw"].append(line if reason else "")
+            out["raw"].append(record if reason else "")
             if reason:
                 for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"):
                     out[k].append([])
@@ -139,22 +132,21 @@ class _PrepareBatch:
             out["rejected_labels"].append(rj.labels)
             out["ref_chosen"].append(logps[0])
             out["ref_rejected"].append(logps[1])
-            out["split"].append(self._split(pair["prompt"]))
+            out["split"].append(split)
         return out
 
     def _unpaired(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """KTO rows: each unpaired row (or each side of a pair) tokenized, with its mismatched KL sequence: its
-        prompt with the completion of the nearest earlier row of this batch whose prompt differs (TRL pairs each
-        row with the previous one's completion), both scored under the reference."""
+        """KTO rows: each curated unpaired row (or each side of a curated pair) tokenized, with its mismatched KL
+        sequence: its prompt with the completion of the nearest earlier row of this batch whose prompt differs
+        (TRL pairs each row with the previous one's completion), both scored under the reference."""
         cols = KTO_COLUMNS + ["reason", "split", "raw", "source", "line", "first"]
         out: dict[str, list] = {k: [] for k in cols}
-        kept: list[tuple[dict[str, Any], Any]] = []  # (row, tokenized) of the kept rows, in order
+        kept: list[tuple[dict[str, Any], Any, str]] = []  # (row, tokenized, split) of the kept rows, in order
         where: list[int] = []  # their positions in out
-        for source, number, line, error in zip(batch["source"], batch["line"], batch["raw"], batch["error"]):
+        for source, number, record, split in zip(batch["source"], batch["line"], batch["record"], batch["split"]):
+            rec = json.loads(record)
+            rows = unpaired_view(rec) if "chosen" in rec else [rec]
             try:
-                if error:
-                    raise RowError(*error.partition(": ")[::2])
-                rows = _parse_unpaired(line, self.cfg.columns)
                 toks = [self._turns(r["prompt"], r["completion"]) for r in rows]
             except RowError as e:
                 rows, toks, reason = [None], [None], str(e)
@@ -165,16 +157,16 @@ class _PrepareBatch:
                 out["line"].append(number)
                 out["first"].append(i == 0)
                 out["reason"].append(reason)
-                out["raw"].append(line if reason else "")
+                out["raw"].append(record if reason else "")
                 if row is not None:
-                    kept.append((row, tok))
+                    kept.append((row, tok, split))
                     where.append(len(out["reason"]) - 1)
         n = len(out["reason"])
         for k in ("input_ids", "labels", "kl_input_ids", "kl_labels"):
             out[k] = [[] for _ in range(n)]
         out["label"], out["ref"], out["ref_kl"], out["split"] = [False] * n, [0.0] * n, [0.0] * n, [""] * n
         kls = []
-        for i, (row, tok) in enumerate(kept):
+        for i, (row, tok, _) in enumerate(kept):
             kl = tok  # a batch with one prompt only: the row itself
             for back in range(1, len(kept)):
                 other = kept[(i - back) % len(kept)][0]
@@ -185,12 +177,12 @@ class _PrepareBatch:
                     except RowError:  # too long together: the next one
                         continue
             kls.append(kl)
-        ref = self._logps([t for _, t in kept] + kls)
-        for i, ((row, tok), kl, pos) in enumerate(zip(kept, kls, where)):
+        ref = self._logps([t for _, t, _ in kept] + kls)
+        for i, ((row, tok, split), kl, pos) in enumerate(zip(kept, kls, where)):
             out["input_ids"][pos], out["labels"][pos] = tok.input_ids, tok.labels
             out["kl_input_ids"][pos], out["kl_labels"][pos] = kl.input_ids, kl.labels
             out["label"][pos], out["ref"][pos], out["ref_kl"][pos] = bool(row["label"]), ref[i], ref[len(kept) + i]
-            out["split"][pos] = self._split(row["prompt"])
+            out["split"][pos] = split
         return out
 
 
@@ -199,73 +191,132 @@ def reference_options(cfg: DPOSection, available: float) -> dict[str, float]:
     return {"num_gpus": actor_gpus(cfg.reference_num_gpus, available)}
 
 
-def _parse_unpaired(line: str, columns: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """KTO's rows of one input row: an unpaired row (prompt/completion/label, fields mapped by dpo.columns) as it
-    is, a preference pair as its two sides (chosen desirable, rejected not); RowError otherwise."""
-    kind, rec = to_canonical(apply_columns(parse_raw(line), columns or {}, "dpo.columns"), "auto")
-    if kind == "unpaired":
-        return [rec]
-    if kind == "preference":
-        if rec["chosen"].strip() == rec["rejected"].strip():
-            raise RowError("identical_pair", "chosen and rejected are the same text")
-        return unpaired_view(rec)
-    raise RowError("not_preference", f"a {kind} row, expected prompt/completion/label (or a preference pair)")
-
-
-def _parse_pair(line: str, columns: dict[str, str] | None = None) -> dict[str, Any]:
-    """A preference row (prompt/chosen/rejected, or a dialogue pair), its fields mapped by dpo.columns, in its
-    normalised form; RowError if not."""
-    kind, pair = to_canonical(apply_columns(parse_raw(line), columns or {}, "dpo.columns"), "auto")
-    if kind != "preference":
-        raise RowError("not_a_pair", f"a {kind} row, expected prompt/chosen/rejected")
-    if pair["chosen"].strip() == pair["rejected"].strip():
-        raise RowError("identical_pair", "chosen and rejected are the same text")
-    return pair
-
-
-def read_pairs(spec: str, chunk: int = 256):
-    """A Ray dataset of the raw records of dpo.train_path (raw, error, source, line) through the data stage's
-    readers: any file type it reads (JSONL, JSON arrays, Parquet, CSV, compressed), a file, folder, glob, s3:// or
-    a Hugging Face dataset; blocks of `chunk` records so the reference actors share the work."""
-    import pyarrow as pa
-    import ray
-
-    paths = expand_paths(spec)
-    if not paths:
-        raise MissingInput(f"dpo.train_path={spec!r} matches no file")
-    tables = [pa.table({k: b[k] for k in ("raw", "error", "source", "line")})
-              for b in record_batches(paths, list(range(len(paths))), chunk=chunk)]
-    if not tables:
-        raise MissingInput(f"dpo.train_path={spec!r}: no rows in {', '.join(paths[:3])}")
-    return ray.data.from_arrow(tables)
-
-
-def prepare(cfg: DPOSection, setup: TrainSetup, sft: Location | str | os.PathLike | None,
-            out_dir: str | os.PathLike) -> Path:
-    """Tokenize preference rows and, for dpo / kto, precompute the reference log-probs (Ray Data); counts add up,
-    rejects kept. `sft`: the adapter the policy starts from (and the reference), None: the base (dpo.start=base).
-    The reference actors read the SFT adapter from the store when `sft` has a URI (any node can), and resolve
-    model.name again on a node without the driver's model folder (models.on_this_node)."""
-    from ray.data.expressions import col
+def curate_rows(cfg: DPOSection, model_dir: str | None, out_dir: str | os.PathLike) -> Path:
+    """dpo.train_path through the data wing (pipelines.data.curate), like data.train_path: every row read (any
+    file type, dpo.columns mapping), validated, normalised, quality-filtered, de-duplicated (exact and near) and
+    split by prompt into train / validation (dpo.validation_fraction), its report, rejects and manifest in
+    out_dir. DataError (exit 2) when the rows are not of a kind dpo.method trains on."""
+    from pipelines.data import curate
+    from pipelines.data.config import DataConfig
 
     if not cfg.train_path:
         raise MissingInput("dpo.train_path is not set: point it at a preference JSONL (prompt, chosen, rejected"
                            + (", or prompt, completion, label" if cfg.method == "kto" else "") + ")")
+    if not expand_paths(cfg.train_path):
+        raise MissingInput(f"dpo.train_path={cfg.train_path!r} matches no file")
+    split = {"train": 1.0 - cfg.validation_fraction, "validation": cfg.validation_fraction, "test": 0.0}
+    data = DataConfig(train_path=cfg.train_path, columns=cfg.columns, max_length=cfg.max_length, split=split,
+                      max_rejected_fraction=cfg.max_rejected_fraction)
+    out = curate.run(data, out_dir, model_dir, section="dpo")
+    kind = read_manifest(out, kind="curated_dataset")["data_kind"]
+    wanted = ("preference", "unpaired") if cfg.method == "kto" else ("preference",)
+    if kind not in wanted:
+        shape = "prompt/chosen/rejected pairs" + (" or prompt/completion/label rows" if cfg.method == "kto" else "")
+        raise DataError(f"dpo.train_path={cfg.train_path!r} holds {kind} rows; dpo.method={cfg.method} trains on "
+                        f"{shape} (map your fields with dpo.columns)")
+    return out
+
+
+def _curated_table(curated: Path, max_pairs: int | None):
+    """The kept rows of a curation (train and validation) in file order as (kept table: row_id, source, line,
+    split, record JSON; the rows past dpo.max_pairs as rejected.jsonl entries)."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    parts = []
+    for split in ("train", "validation"):
+        folder = curated / split
+        if folder.is_dir() and any(folder.glob("*.parquet")):
+            t = pads.dataset(str(folder), format="parquet").to_table()
+            body = [c for c in ("prompt", "chosen", "rejected", "completion", "label") if c in t.column_names]
+            records = [json.dumps(r, ensure_ascii=False) for r in t.select(body).to_pylist()]
+            parts.append(pa.table({"row_id": t["row_id"], "source": t["source"], "line": t["line"],
+                                   "split": pa.array([split] * len(t), pa.string()),
+                                   "record": pa.array(records, pa.string())}))
+    if not parts:
+        return pa.table({"row_id": pa.array([], pa.int64())}), []
+    table = pa.concat_tables(parts).sort_by("row_id")
+    past = []
+    if max_pairs and len(table) > max_pairs:
+        past = [{"reason": f"max_pairs: past the first {max_pairs} kept rows (dpo.max_pairs)", "source": r["source"],
+                 "line": r["line"], "row": r["record"]} for r in table.slice(max_pairs).to_pylist()]
+        table = table.slice(0, max_pairs)
+    return table, past
+
+
+def _curation_rejects(curated: Path) -> list[dict[str, Any]]:
+    """curation's rejected/ rows as rejected.jsonl entries (reason: detail, source, line, row)."""
+    out = []
+    for f in sorted((curated / "rejected").glob("*.jsonl")):
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            reason = f"{r['reason']}: {r['detail']}" if r.get("detail") else r["reason"]
+            out.append({"reason": reason, "source": r["source"], "line": int(r["line"]), "row": r["row"]})
+    return out
+
+
+def prepare(cfg: DPOSection, setup: TrainSetup, sft: Location | str | os.PathLike | None,
+            out_dir: str | os.PathLike) -> Path:
+    """Curate dpo.train_path (curate_rows: out_dir/curated), then tokenize the kept rows and, for dpo / kto,
+    precompute the reference log-probs (Ray Data); counts add up (rows_in = rows_kept + rows_rejected, curation's
+    refusals, duplicates, max_pairs and the chat template's refusals together), rejects kept. `sft`: the adapter
+    the policy starts from (and the reference), None: the base (dpo.start=base). The reference actors read the
+    SFT adapter from the store when `sft` has a URI (any node can), and resolve model.name again on a node
+    without the driver's model folder (models.on_this_node)."""
+    import ray
+    from ray.data.expressions import col
+
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    ds = read_pairs(cfg.train_path)
-    if cfg.max_pairs:
-        ds = ds.limit(cfg.max_pairs)
-    options = reference_options(cfg, cluster_gpus()) if cfg.reference else {"num_cpus": 1}
+    curated = curate_rows(cfg, setup.model_dir, out / "curated")
+    table, past = _curated_table(curated, cfg.max_pairs)
+    rejected = _curation_rejects(curated) + past
+    counts, labels, rows_kept = {"train": 0, "validation": 0}, {}, 0
     sft = Location.of(sft) if sft is not None else None
-    store_fs = sft.reader()[0] if sft is not None else None  # built here, where the credentials are
-    ds = ds.map_batches(_PrepareBatch, fn_constructor_args=(cfg, setup, sft, torch_device(options.get("num_gpus", 0)),
-                                                            store_fs),
-                        concurrency=(1, 2), batch_size=32, batch_format="numpy", **options).materialize()
-    rows_in = ds.filter(expr=col("first")).count()  # input rows (a pair gives KTO two rows)
-    rows_out = ds.count()
-    rejected = ds.filter(expr=col("reason") != "").filter(expr=col("first")).select_columns(
-        ["reason", "source", "line", "raw"]).take_all()
+    if len(table):
+        options = reference_options(cfg, cluster_gpus()) if cfg.reference else {"num_cpus": 1}
+        store_fs = sft.reader()[0] if sft is not None else None  # built here, where the credentials are
+        ds = ray.data.from_arrow([table.slice(i, 256) for i in range(0, len(table), 256)])  # blocks to share
+        ds = ds.map_batches(_PrepareBatch, fn_constructor_args=(cfg, setup, sft, torch_device(
+            options.get("num_gpus", 0)), store_fs), concurrency=(1, 2), batch_size=32, batch_format="numpy",
+            **options).materialize()
+        rows_kept = ds.filter(expr=col("first")).filter(expr=col("reason") == "").count()
+        rejected += [{"reason": r["reason"], "source": r["source"], "line": int(r["line"]), "row": r["raw"]}
+                     for r in ds.filter(expr=col("reason") != "").filter(expr=col("first")).select_columns(
+                         ["reason", "source", "line", "raw"]).take_all()]
+        counts, labels = _write_splits(cfg, ds, out)
+    cm = read_manifest(curated, kind="curated_dataset")["metrics"]
+    if cm["rows_in"] != rows_kept + len(rejected):
+        raise RuntimeError(f"row accounting broke: in={cm['rows_in']} kept={rows_kept} rejected={len(rejected)}")
+    with open(out / "rejected.jsonl", "w") as fh:
+        for r in rejected:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    by_reason: dict[str, int] = {}
+    for r in rejected:
+        by_reason[r["reason"].split(":")[0]] = by_reason.get(r["reason"].split(":")[0], 0) + 1
+    metrics = {"method": cfg.method, "reference": ("sft" if sft is not None else "base") if cfg.reference else None,
+               "rows_in": cm["rows_in"], "rows_kept": rows_kept, "rows_rejected": len(rejected),
+               "rejected_by_reason": by_reason, **counts,
+               "curation": {k: cm[k] for k in ("rows_kept", "rows_rejected", "rejected_by_reason", "split_rows")}}
+    if cfg.method == "kto":
+        metrics["labels"] = labels
+    if not counts["train"]:
+        raise DataError(f"dpo.train_path={cfg.train_path!r}: no row left to train on of {cm['rows_in']} "
+                        f"(refused: {by_reason}); see {out / 'rejected.jsonl'}")
+    write_manifest(out, kind="preference_dataset",
+                   inputs={"curated": str(curated), **({"reference_adapter": str(sft.path)}
+                                                       if cfg.reference and sft is not None else {})},
+                   config=cfg.model_dump(), metrics=metrics,
+                   extra={"outputs": {s: s for s in counts if counts[s]},
+                          "source": {"path": cfg.train_path, "hash": hash_path(cfg.train_path)
+                                     if Path(cfg.train_path).is_file() else None}})
+    return out
+
+
+def _write_splits(cfg: DPOSection, ds, out: Path) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """The prepared rows of each split as Parquet in out/<split>; (rows per split, KTO's labels per split)."""
+    from ray.data.expressions import col
+
     cols = KTO_COLUMNS if cfg.method == "kto" else PAIR_COLUMNS
     counts, labels = {}, {}
     for split in ("train", "validation"):
@@ -276,28 +327,7 @@ def prepare(cfg: DPOSection, setup: TrainSetup, sft: Location | str | os.PathLik
         if cfg.method == "kto":
             good = part.filter(expr=col("label")).count() if counts[split] else 0
             labels[split] = {"desirable": good, "undesirable": counts[split] - good}
-    kept_rows = counts["train"] + counts["validation"]
-    if rows_out != kept_rows + ds.filter(expr=col("reason") != "").count():
-        raise RuntimeError(f"row accounting broke: out={rows_out} kept={counts} rejected={len(rejected)}")
-    with open(out / "rejected.jsonl", "w") as fh:
-        for r in rejected:
-            fh.write(json.dumps({"reason": r["reason"], "source": r["source"], "line": int(r["line"]),
-                                 "row": r["raw"]}) + "\n")
-    by_reason: dict[str, int] = {}
-    for r in rejected:
-        by_reason[r["reason"].split(":")[0]] = by_reason.get(r["reason"].split(":")[0], 0) + 1
-    metrics = {"method": cfg.method, "reference": ("sft" if sft is not None else "base") if cfg.reference else None,
-               "rows_in": rows_in, "rows_kept": rows_in - len(rejected),
-               "rows_rejected": len(rejected), "rejected_by_reason": by_reason, **counts}
-    if cfg.method == "kto":
-        metrics["labels"] = labels
-    write_manifest(out, kind="preference_dataset",
-                   inputs={"reference_adapter": str(sft.path)} if cfg.reference and sft is not None else {},
-                   config=cfg.model_dump(), metrics=metrics,
-                   extra={"outputs": {s: s for s in counts if counts[s]},
-                          "source": {"path": cfg.train_path, "hash": hash_path(cfg.train_path)
-                                     if Path(cfg.train_path).is_file() else None}})
-    return out
+    return counts, labels
 
 
 def run(cfg: DPOSection, setup: TrainSetup, sft: Location | str | os.PathLike | None,

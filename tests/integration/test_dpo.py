@@ -181,12 +181,18 @@ def test_pairs_in_any_file_type_with_column_mapping(ray_session, tiny_model_dir,
                          setup, sft_adapter, tmp_path / "mapped")
     base = dpo.prepare(dpo.DPOSection(train_path=str(plain), **common), setup, sft_adapter, tmp_path / "base")
     m = json.loads((mapped / "manifest.json").read_text())["metrics"]
-    assert (m["rows_in"], m["rows_kept"], m["rows_rejected"]) == (14, 12, 2), m
+    plain_m = json.loads((base / "manifest.json").read_text())["metrics"]
+    near = plain_m["rejected_by_reason"].get("near_duplicate", 0)  # curation's dedup, the same in both files
+    assert (m["rows_in"], m["rows_kept"], m["rows_rejected"]) == (14, 12 - near, 2 + near), m
+    assert m["rows_in"] == m["rows_kept"] + m["rows_rejected"] and m["train"] == m["rows_kept"]
     refused = [json.loads(line) for line in (mapped / "rejected.jsonl").read_text().splitlines()]
-    assert sorted((r["line"], r["reason"].split(":")[0]) for r in refused) == [(7, "broken_json"),
-                                                                              (8, "missing_field")], refused
+    faults = sorted((r["line"], r["reason"].split(":")[0]) for r in refused if "duplicate" not in r["reason"])
+    assert faults == [(7, "broken_json"), (8, "missing_field")], refused
     assert all(r["source"].endswith("pairs.jsonl.gz") for r in refused)
     assert "dpo.columns.rejected" in next(r["reason"] for r in refused if r["line"] == 8)
+    curated = json.loads((mapped / "curated" / "manifest.json").read_text())  # the data wing's own report
+    assert curated["kind"] == "curated_dataset" and curated["data_kind"] == "preference"
+    assert (mapped / "curated" / "curation_report.md").is_file()
     got, want = (pq.read_table(d / "train").to_pydict() for d in (mapped, base))
     assert sorted(got["chosen_input_ids"]) == sorted(want["chosen_input_ids"])
     assert sorted(got["rejected_input_ids"]) == sorted(want["rejected_input_ids"])
