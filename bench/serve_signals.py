@@ -1,15 +1,17 @@
 """What the quality signals (serve.signals) cost: tokens/s of one vLLM engine with the hook off and on, side by side.
 
     .venv/bin/python bench/serve_signals.py --model tiny-llama --json      # ~3 min on 2 shared cores
-    .venv/bin/python bench/serve_signals.py --model smollm2-135m-instruct --top-k 20 5 0
+    .venv/bin/python bench/serve_signals.py --model smollm2-135m-instruct --top-k 20 --sample-rate 0.25 1
 
 One AsyncLLM engine with the app's engine settings (LoRA on, the app's slots) serves `--concurrency` requests at a
 time, half on the base and half on a random LoRA adapter, `--max-tokens` each, greedy. Each round runs the same
 load with `generate` as vLLM made it (off) and wrapped by serve.signals.instrument for each k of `--top-k` (on:
 top-k log-probs asked of the engine, entropy, length, finish reason, empty/refusal; 0 = every signal but the
-entropy), in a rotating order; the figure of each variant is the median tokens/s of `--rounds` rounds, and the
-ratio on/off of each k is printed (the target is >= 0.95). The engine is the serving cost's floor: in the full app
-(Ray Serve, the OpenAI layer, HTTP) the same absolute cost is a smaller share.
+entropy) and each serve.signals.sample_rate of `--sample-rate` (the share of requests whose entropy is
+measured; the default 0.25 is the app's), in a rotating order; the figure of each variant is the median tokens/s
+of `--rounds` rounds, and the ratio on/off of each variant is printed (the target is >= 0.95). The engine is the
+serving cost's floor: in the full app (Ray Serve, the OpenAI layer, HTTP) the same absolute cost is a smaller
+share.
 """
 
 from __future__ import annotations
@@ -84,9 +86,10 @@ async def bench(args: argparse.Namespace) -> dict:
     answers: list = []
     variants = {"off": engine.generate}
     for k in args.top_k:
-        instrument(engine, k, answers.append)
-        variants[f"k{k}"] = engine.generate
-        engine.generate = variants["off"]
+        for rate in args.sample_rate:
+            instrument(engine, k, answers.append, rate)
+            variants[f"k{k}" + ("" if rate == 1 else f"@{rate:g}")] = engine.generate
+            engine.generate = variants["off"]
     for generate in variants.values():  # warm-up: the first request with log-probs compiles the engine's path
         await run_load(engine, generate, lora, args.concurrency, args.concurrency, args.max_tokens)
     runs: dict[str, list[float]] = {v: [] for v in variants}
@@ -99,17 +102,20 @@ async def bench(args: argparse.Namespace) -> dict:
                   flush=True)
     engine.shutdown()
     med = {v: statistics.median(x) for v, x in runs.items()}
-    entropies = [a.entropy for a in answers if a.entropy is not None]
+    entropies = [a.entropy for a in answers if a.entropy is not None]  # every variant's, warm-up included
     return {"model": args.model, "concurrency": args.concurrency, "requests": args.requests,
             "max_tokens": args.max_tokens, "rounds": args.rounds, "tok_s_median": med, "tok_s_runs": runs,
             "ratio_on_off": {v: med[v] / med["off"] for v in med if v != "off"},
-            "answers_measured": len(answers), "mean_entropy": statistics.fmean(entropies) if entropies else None}
+            "sample_rate": args.sample_rate, "top_k": args.top_k, "answers_measured": len(answers),
+            "answers_with_entropy": len(entropies), "mean_entropy": statistics.fmean(entropies) if entropies else None}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny-llama", help="a built-in model name or an HF folder")
     p.add_argument("--top-k", type=int, nargs="+", default=[20], help="k values to measure (0: no entropy)")
+    p.add_argument("--sample-rate", type=float, nargs="+", default=[0.25], help=(
+        "serve.signals.sample_rate values to measure (share of requests whose entropy is measured; 1: all)"))
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--requests", type=int, default=128, help="requests per round and variant")
     p.add_argument("--max-tokens", type=int, default=64)

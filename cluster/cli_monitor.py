@@ -20,7 +20,8 @@ def monitor(metrics: str = typer.Option(..., "--metrics", help=(
                 "Seconds between the two reads whose difference is judged; 0: everything since the start.")),
             z: float = typer.Option(3.0, "--z", min=0, help="Standard errors of the baseline band."),
             as_json: bool = typer.Option(False, "--json", help="One JSON object, last line.")) -> None:
-    """Per adapter version: live mean entropy, empty/refusal/length shares vs the baseline band; canary states."""
+    """Per adapter version: live mean entropy, empty/refusal/length shares vs the baseline band, the judge's mean
+    score of its sampled answers (judged, failed); canary states."""
     try:
         rep = watch.report(metrics, registry, window, z)
     except OSError as e:

@@ -45,6 +45,7 @@ from serve.canary import CanaryController
 from serve.config import ServeConfig, tp_on_cpu
 from serve.errors import AdapterInvalid, BadAdapterName, ServeInputError
 from serve.ingress import ENDPOINTS, LoRAIngress, fastapi_app
+from serve.judging import JudgeWorker
 from serve.lora_support import support_for
 from serve.ray_llm import to_model_metadata
 from serve.server import LoRAServer
@@ -173,6 +174,12 @@ def build_app(cfg: ServeConfig, base_model: str, adapters: dict[str, str],
     # serve.canary: one controller deployment decides every canary's split; engines report to it, ingresses ask it.
     canary = {"canary": serve.deployment(CanaryController, name="CanaryController", num_replicas=1,
                                          ray_actor_options={"num_cpus": 0}).bind(cfg=cfg)} if cfg.canary else {}
+    # serve.judging: one replica stores and judges the requests every ingress replica samples.
+    judge = {"judge": serve.deployment(JudgeWorker, name="JudgeWorker", num_replicas=1,
+                                       ray_actor_options={"num_cpus": 0}).bind(cfg=cfg, **canary)} \
+        if cfg.judge.active() else {}
+    if cfg.judge.enabled and cfg.judge.store is None:
+        log.info("serve.judge: no store set (serve.judge.store); live traffic is not judged")
     server = build_llm_deployment(llm, name_prefix=f"{SERVER}:", deployment_cls=LoRAServer,
                                   bind_kwargs={"cfg": cfg, "source": source, "base_model": base, **canary})
     ingress = make_fastapi_ingress(LoRAIngress, endpoint_map=ENDPOINTS, app=fastapi_app(cfg))
@@ -180,7 +187,8 @@ def build_app(cfg: ServeConfig, base_model: str, adapters: dict[str, str],
     return serve.deployment(ingress, name="LoRAIngress", max_ongoing_requests=1000,
                             ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": SERVE_REPLICA_ENV}}).bind(
         llm_deployments={cfg.model_alias: server},
-        model_cards={cfg.model_alias: to_model_metadata(cfg.model_alias, llm)}, cfg=cfg, source=source, **canary)
+        model_cards={cfg.model_alias: to_model_metadata(cfg.model_alias, llm)}, cfg=cfg, source=source, **canary,
+        **judge)
 
 
 def start(cfg: ServeConfig, base_model: str, adapters: dict[str, str], *, name: str = "loraforge",

@@ -1,7 +1,10 @@
 """A canary that acts: the split of one registry adapter between an incumbent and a candidate version ramps through
 serve.canary.<name>.steps while the candidate's quality signals (serve.signals) hold against the incumbent's, and
 falls back to 0% on a breach, the alias moved back to the incumbent. Every step, the promotion and the rollback is
-an entry of the registry's audit log with the figures that decided it.
+an entry of the registry's audit log with the figures that decided it. Judge scores of sampled answers
+(serve.judging) count too: a candidate judged worse than the incumbent by serve.canary.<name>.max_judge_drop (and by
+z standard errors) is a breach once each side has min_judged scores; with fewer, the judge does not block the ramp
+(the audit entry's figures say so under `judge`).
 
 One place decides: `CanaryController`, a one-replica Serve deployment of the app. Engine replicas send it each
 answer's signals (serve.signals.Recorder); every ingress replica asks it for the current split (`CanaryView`, at
@@ -37,9 +40,11 @@ STATE_CODE = {WAITING: 0, RAMPING: 1, PROMOTED: 2, ROLLED_BACK: -1}  # the loraf
 
 
 def breaches(cand: Figures, inc: Figures, cfg: CanaryConfig) -> list[str]:
-    """Why the candidate's figures do not hold against the incumbent's (empty: they hold)."""
+    """Why the candidate's figures do not hold against the incumbent's (empty: they hold). Entropy is compared once
+    each side has min_answers answers with an entropy (serve.signals.sample_rate measures a sample)."""
     out = []
-    if cand.entropy_mean is not None and inc.entropy_mean is not None:
+    if cand.entropy_mean is not None and inc.entropy_mean is not None and \
+            min(cand.entropy_answers, inc.entropy_answers) >= cfg.min_answers:
         diff = cand.entropy_mean - inc.entropy_mean
         se = math.sqrt((cand.entropy_se or 0) ** 2 + (inc.entropy_se or 0) ** 2)
         if diff > cfg.max_entropy_increase and diff > cfg.z * se:
@@ -52,6 +57,33 @@ def breaches(cand: Figures, inc: Figures, cfg: CanaryConfig) -> list[str]:
             out.append(f"{name} rate {c:.3f} vs incumbent {i:.3f}: +{c - i:.3f} > max_{name}_rate_increase {cap}")
     if cand.error_rate > cfg.max_error_rate:
         out.append(f"error rate {cand.error_rate:.3f} > max_error_rate {cfg.max_error_rate}")
+    return out
+
+
+def judge_figures(cand: list[float], inc: list[float], cfg: CanaryConfig) -> dict[str, Any]:
+    """The judge scores (serve.judge) of both sides: judged answers, mean, sd; `counts`: whether they may breach
+    (each side has min_judged scores and max_judge_drop is set: with fewer the judge does not block the ramp);
+    `breach`: why the candidate's scores do not hold (candidate mean below the incumbent's by more than
+    max_judge_drop and by more than z standard errors), else None."""
+    def side(xs: list[float]) -> dict[str, Any]:
+        n = len(xs)
+        mean = sum(xs) / n if n else None
+        sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n >= 2 else None
+        return {"judged": n, "mean": None if mean is None else round(mean, 3),
+                "sd": None if sd is None else round(sd, 3)}
+
+    c, i = side(cand), side(inc)
+    counts = cfg.max_judge_drop is not None and min(c["judged"], i["judged"]) >= cfg.min_judged
+    out: dict[str, Any] = {"candidate": c, "incumbent": i, "counts": counts, "breach": None}
+    if not counts:
+        out["note"] = (f"fewer than min_judged={cfg.min_judged} judged answers on a side: the judge does not block"
+                       if cfg.max_judge_drop is not None else "max_judge_drop unset: judge scores never breach")
+        return out
+    drop = i["mean"] - c["mean"]
+    se = math.sqrt(c["sd"] ** 2 / c["judged"] + i["sd"] ** 2 / i["judged"])
+    if drop > cfg.max_judge_drop and drop > cfg.z * se:
+        out["breach"] = (f"judge score {c['mean']:.2f} vs incumbent {i['mean']:.2f}: -{drop:.2f} > max_judge_drop "
+                         f"{cfg.max_judge_drop} and > {cfg.z:g} standard errors ({se:.2f})")
     return out
 
 
@@ -70,12 +102,16 @@ class Canary:
     """The policy of one canary. Answers arrive through `observe`; `decide` is called every tick and returns the
     change to make, if any; `weights` is the split now."""
 
-    def __init__(self, name: str, cfg: CanaryConfig, clock: Callable[[], float] = time.monotonic):
-        self.name, self.cfg, self.clock = name, cfg, clock
+    def __init__(self, name: str, cfg: CanaryConfig, clock: Callable[[], float] = time.monotonic,
+                 entropy: bool = True):
+        # entropy: the engines measure it (serve.signals on, top_k > 0, sample_rate > 0); a step then waits for
+        # min_answers answers with an entropy on each side, not only min_answers answers
+        self.name, self.cfg, self.clock, self.entropy = name, cfg, clock, entropy
         self.state, self.step, self.step_started, self.started = WAITING, -1, 0.0, 0.0
         self.inc_rows: list[dict[str, Any]] = []  # the incumbent's answers since the canary started ramping
         self.cand_rows: list[dict[str, Any]] = []  # the candidate's answers in the current step
         self.served = {"incumbent": 0, "candidate": 0}  # answers seen since the start, per side
+        self.scores: dict[str, list[float]] = {"incumbent": [], "candidate": []}  # judge scores since the start
         self.last: Decision | None = None
 
     @property
@@ -104,6 +140,16 @@ class Canary:
             self.cand_rows.append(row)
             self.served["candidate"] += 1
 
+    def observe_judged(self, row: dict[str, Any]) -> None:
+        """A judge score of one sampled answer (serve.judging): kept since the start, per side, for every step."""
+        if self.state != RAMPING or row.get("score") is None:
+            return
+        version = str(row.get("version"))
+        side = "incumbent" if version == str(self.cfg.incumbent) else \
+            "candidate" if version == str(self.cfg.candidate) else None
+        if side:
+            self.scores[side].append(float(row["score"]))
+
     def start(self, ready: bool) -> Decision | None:
         """Begin ramping once both versions are registered (`ready`)."""
         if self.state != WAITING or not ready:
@@ -126,11 +172,14 @@ class Canary:
         if self.state != RAMPING:
             return None
         cand, inc = figures(self.cand_rows), figures(self.inc_rows)
+        judge = judge_figures(self.scores["candidate"], self.scores["incumbent"], self.cfg)
         figs = {"candidate": cand.row(), "incumbent": inc.row(), "step_s": round(self.clock() - self.step_started, 1),
-                "served": dict(self.served)}
-        if cand.answers < self.cfg.min_answers or inc.answers < self.cfg.min_answers:
+                "served": dict(self.served), "judge": judge}
+        need = self.cfg.min_answers
+        if min(cand.answers, inc.answers) < need or \
+                (self.entropy and min(cand.entropy_answers, inc.entropy_answers) < need):
             return None
-        if reasons := breaches(cand, inc, self.cfg):
+        if reasons := breaches(cand, inc, self.cfg) + ([judge["breach"]] if judge["breach"] else []):
             self.state = ROLLED_BACK
             return self._decided("canary_rollback", figs, reasons)
         if self.clock() - self.step_started < self.cfg.step_window_s:
@@ -151,7 +200,8 @@ class Canary:
                 "candidate": self.cfg.candidate, "served": dict(self.served),
                 "since_start_s": round(self.clock() - self.started, 1) if self.started else None,
                 "last": None if self.last is None else self.last.__dict__,
-                "candidate_figures": figures(self.cand_rows).row(), "incumbent_figures": figures(self.inc_rows).row()}
+                "candidate_figures": figures(self.cand_rows).row(), "incumbent_figures": figures(self.inc_rows).row(),
+                "judge": judge_figures(self.scores["candidate"], self.scores["incumbent"], self.cfg)}
 
 
 def public_splits(canaries: dict[str, Canary]) -> dict[str, dict[str, float]]:
@@ -171,7 +221,9 @@ class CanaryController:
 
     async def __init__(self, cfg: ServeConfig):
         self.cfg, self.registry = cfg, Registry(cfg.registry)
-        self.canaries = {name: Canary(name, c) for name, c in cfg.canary.items()}
+        sig = cfg.signals
+        entropy = sig.enabled and sig.top_k > 0 and sig.sample_rate > 0
+        self.canaries = {name: Canary(name, c, entropy=entropy) for name, c in cfg.canary.items()}
         self._metrics: Any = None
         await asyncio.to_thread(self._resume)
         self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -191,6 +243,13 @@ class CanaryController:
             c = self.canaries.get(row.get("adapter"))
             if c is not None:
                 c.observe(row)
+
+    async def observe_judged(self, rows: list[dict[str, Any]]) -> None:
+        """Judge scores of sampled answers from the judge replica (serve.judging)."""
+        for row in rows:
+            c = self.canaries.get(row.get("adapter"))
+            if c is not None:
+                c.observe_judged(row)
 
     async def status(self) -> dict[str, Any]:
         return {name: c.status() for name, c in self.canaries.items()}

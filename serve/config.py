@@ -95,6 +95,61 @@ class SignalsConfig(Section):
     top_k: int = Field(20, ge=0, le=20, description=(
         "Log-probs per generated token the entropy is computed over (at most vLLM's max_logprobs, 20); 0: no "
         "entropy, the other signals stay. Clients receive the log-probs they asked for, unchanged."))
+    sample_rate: float = Field(0.25, ge=0, le=1, description=(
+        "Share of requests whose entropy is measured (a hash of the engine's request id: every replica decides the "
+        "same); the others ask the engine for no log-probs. Length, finish reason, empty and refusal are recorded "
+        "for every answer. 0.25 keeps the signals within 5% of tokens/s (bench/serve_signals.py)."))
+
+
+class JudgeConfig(Section):
+    """Sampled judging of live traffic (serve.judging): a deterministic hash sample of requests (a hash of the
+    request's prompt or messages, so every ingress replica decides the same and every version is sampled on the
+    same prompts), each sampled prompt and answer stored with its adapter and version (jsonl in `store`, kept to
+    `max_rows` rows and `max_age_h` hours) and judged in batches, off the request path, by any OpenAI-compatible
+    endpoint with the evaluation stage's judge prompt and parsing (pipelines.eval.judge). Scores are Prometheus
+    metrics per adapter and version, read by `loraforge monitor` and the canary. A request with the header
+    `x-loraforge-judge: off` is never sampled (sensitive traffic); `enabled: false` turns it all off."""
+
+    enabled: bool = Field(True, description="Sample, store and judge live traffic (false: nothing is sampled).")
+    sample_rate: float = Field(0.05, ge=0, le=1, description="Share of each version's requests sampled and judged.")
+    rates: dict[str, float] = Field(default_factory=dict, description=(
+        "Per adapter name (serve.model_alias for the base model), a sample rate replacing sample_rate, e.g. a "
+        "canaried adapter judged more often than the rest."))
+    store: str | None = Field(None, description=(
+        "Folder the sampled rows go to (judged.jsonl). `loraforge serve` / `run` / `deploy` use the run folder's "
+        "judged/ when unset; an app started from code without it judges nothing (logged)."))
+    max_rows: int = Field(10000, ge=1, description="Rows kept in the store; the oldest are dropped beyond it.")
+    max_age_h: float | None = Field(168.0, gt=0, description="Rows older than this (hours) are dropped; None: kept.")
+    url: str | None = Field(None, description=(
+        "The judge's OpenAI base URL; None: this app's own base model over loopback (a weak judge: say so when you "
+        "read its scores), with serve.api_key."))
+    model: str | None = Field(None, description="Model name sent to the judge; None: serve.model_alias.")
+    api_key_env: str = Field("LORAFORGE_JUDGE_API_KEY", description=(
+        "Env var holding the judge's API key when url is set, read where the judge replica runs (the Ray node's "
+        "environment); never logged."))
+    rubric: str = Field("Score the answer from 1 (wrong or useless) to 10 (correct, complete, concise). Reply with "
+                        "the number only.", description="Instruction given to the judge (live traffic has no "
+                                                        "reference answer).")
+    batch_size: int = Field(16, ge=1, description="Samples judged per batch.")
+    interval_s: float = Field(5.0, gt=0, description="Seconds between batches.")
+    max_queue: int = Field(1000, ge=1, description="Samples waiting for the judge; beyond it new ones are dropped "
+                                                   "(counted as outcome=dropped).")
+    timeout_s: float = Field(60.0, gt=0, description="Seconds one judge call may take.")
+
+    @field_validator("rates")
+    @classmethod
+    def _rates(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, rate in v.items():
+            if not 0 <= rate <= 1:
+                raise ValueError(f"rates[{name!r}] = {rate}: a share between 0 and 1")
+        return v
+
+    def rate(self, adapter: str | None, alias: str) -> float:
+        """The sample rate of an adapter's requests (None: the base model)."""
+        return self.rates.get(adapter or alias, self.sample_rate)
+
+    def active(self) -> bool:
+        return self.enabled and self.store is not None and (self.sample_rate > 0 or any(self.rates.values()))
 
 
 class CanaryConfig(Section):
@@ -121,6 +176,11 @@ class CanaryConfig(Section):
     max_length_rate_increase: float | None = Field(0.25, ge=0, description=(
         "Breach: rise of the share of answers cut at max_tokens (finish_reason=length)."))
     max_error_rate: float = Field(0.05, ge=0, le=1, description="Breach: share of the candidate's answers that failed.")
+    max_judge_drop: float | None = Field(1.0, ge=0, description=(
+        "Breach: the candidate's mean judge score (serve.judge, 1-10) is below the incumbent's by more than this "
+        "and by more than z standard errors, once each side has min_judged judged answers; with fewer the judge does "
+        "not block the ramp. None: judge scores never breach."))
+    min_judged: int = Field(10, ge=2, description="Judged answers each side needs before judge scores count.")
     tick_s: float = Field(1.0, gt=0, description="How often the controller decides.")
 
     @field_validator("steps")
@@ -211,6 +271,8 @@ class ServeConfig(Section):
         "A/B splits: public adapter name -> {adapter ref: weight}, e.g. {city: {'city@3': 80, 'city@4': 20}}. "
         "Sticky per caller (the request's `user`, else its API key); the served ref is in x-loraforge-adapter."))
     signals: SignalsConfig = Field(default_factory=SignalsConfig, description="Quality signals (serve.signals.*).")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description=(
+        "Sampled judging of live traffic (serve.judge.*)."))
     canary: dict[str, CanaryConfig] = Field(default_factory=dict, description=(
         "Canaries by registry adapter name, e.g. {city: {incumbent: 3, candidate: 4}}: requests for the name (and "
         "name@alias) are split by one controller that ramps or rolls back (serve.canary); needs serve.registry."))
@@ -299,6 +361,12 @@ class ServeConfig(Section):
         if self.accelerator == "cpu" and self.tensor_parallel_size > 1:
             raise ValueError(tp_on_cpu(self.tensor_parallel_size))
         return self
+
+    def with_judge_store(self, folder: str) -> "ServeConfig":
+        """This config with serve.judge.store set to `folder` unless it was set (a run's judged/ folder)."""
+        if self.judge.store is not None or not self.judge.enabled:
+            return self
+        return self.model_copy(update={"judge": self.judge.model_copy(update={"store": str(folder)})})
 
     def engine_dtype(self, gpu: bool) -> str:
         """The dtype a replica's engine runs: serve.dtype, with 'auto' resolved for a GPU or a CPU replica."""

@@ -49,6 +49,7 @@ from serve.errors import (
     status_and_message,
 )
 from serve.guard import InFlight, bearer_token, check_request, key_matches, secure, unauthorized
+from serve.judging import Sampler, answer_text
 from serve.metrics import RequestMetrics, tags_for
 from serve.openai_protocol import model_card
 from serve.ray_llm import (
@@ -115,9 +116,10 @@ class LoRAIngress(OpenAiIngress):
     """OpenAiIngress for one base model and its adapters; `cfg` and `source` are the app's."""
 
     def __init__(self, llm_deployments: dict[str, Any], model_cards: dict[str, Any], *, cfg: ServeConfig,
-                 source: AdapterSource, canary: Any = None, **kwargs: Any):
+                 source: AdapterSource, canary: Any = None, judge: Any = None, **kwargs: Any):
         super().__init__(llm_deployments, model_cards, **kwargs)
         self.canary = CanaryView(canary, cfg) if canary is not None else None  # serve.canary's split, polled
+        self.judging = Sampler(cfg, judge) if judge is not None else None  # serve.judging: sampled to be judged
         self.cfg, self.source, self.created, self._metrics = cfg, source, int(time.time()), None
         self.resolver = Resolver(source, cfg.resolve_ttl_s)
         self._outage_since: float | None = None  # first engine-unavailable 503 of an ongoing outage
@@ -203,6 +205,9 @@ class LoRAIngress(OpenAiIngress):
             if self.canary is not None:
                 await self.canary.refresh()
             target = await self._target(body.model, caller_key(getattr(body, "user", None), key, host))
+            sample = self.judging.sample(body, target.tags["adapter"], target.tags["version"],
+                                         raw_request.headers if raw_request is not None else None) \
+                if self.judging is not None else None
             body.model = target.model_id
             wants_usage = bool(body.stream_options and body.stream_options.include_usage) if body.stream else True
             if body.stream and not wants_usage:  # usage feeds the token metrics; stripped again below
@@ -239,9 +244,12 @@ class LoRAIngress(OpenAiIngress):
             usage = content.get("usage") or {}
             self._release(caller)
             self._record(target.tags, 200, t0, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+            if sample is not None:
+                self.judging.answered(sample, answer_text(content))
             return JSONResponse(content=content, headers=headers)
         release = self._release_once(caller)
-        events = self._metered(_openai_json_wrapper(gen), target, t0, keep_usage=wants_usage, release=release)
+        events = self._metered(_openai_json_wrapper(gen), target, t0, keep_usage=wants_usage, release=release,
+                               sample=sample)
         # The background task frees the caller's slot too when the stream never started (client gone at once).
         return StreamingResponse(events, media_type="text/event-stream", headers=headers,
                                  background=BackgroundTask(release))
@@ -275,11 +283,14 @@ class LoRAIngress(OpenAiIngress):
             self._outage_since = None
 
     async def _metered(self, events: AsyncIterator[str], target: Target, t0: float, keep_usage: bool,
-                       release: Callable[[], None] = lambda: None) -> AsyncIterator[str]:
+                       release: Callable[[], None] = lambda: None,
+                       sample: dict[str, Any] | None = None) -> AsyncIterator[str]:
         """The engine replica's SSE events, minus a usage event the client did not ask for (serve.stream); the
-        token counts, token times and the stream's outcome go to the metrics when the stream ends, and the
-        caller's in-flight slot is released."""
+        token counts, token times and the stream's outcome go to the metrics when the stream ends, the caller's
+        in-flight slot is released, and a sampled request's whole answer goes to the judge (serve.judging)."""
         meter, broke = StreamMeter(keep_usage), False
+        if sample is not None:
+            meter.text = []
         try:
             async for text in events:
                 if out := meter.feed(text):
@@ -295,3 +306,5 @@ class LoRAIngress(OpenAiIngress):
             (prompt, n), first, last = meter.tokens(), meter.first, meter.last
             self._record(target.tags, status, t0, prompt, n, ttft_s=None if first is None else first - t0,
                          tpot_s=(last - first) / (n - 1) if first is not None and last is not None and n > 1 else None)
+            if sample is not None and status == 200:
+                self.judging.answered(sample, "".join(meter.text or []))

@@ -120,6 +120,42 @@ class SignalMetrics:
         self.tokens.observe(answer.tokens, tags=t)
 
 
+# Judge scores of sampled live answers (serve.judging), recorded by the judge replica.
+JUDGE_BOUNDS = [1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 7.5, 8.5, 9.5]  # one bucket per integer score 1-10
+JUDGE_OUTCOMES = ("scored", "no_score", "error", "dropped")
+
+
+@dataclass
+class JudgeMetrics:
+    sampled: Any
+    judged: Any
+    score: Any
+    score_points: Any
+
+    @classmethod
+    def create(cls) -> JudgeMetrics:
+        from ray.util.metrics import Counter, Histogram
+
+        return cls(
+            sampled=Counter("loraforge_judge_sampled_total", "Requests sampled for judging (serve.judge), by adapter "
+                            "version.", tag_keys=SIGNAL_TAGS),
+            judged=Counter("loraforge_judged_total", "Sampled answers by outcome: scored (the judge's reply held a "
+                           "1-10 score), no_score, error (the judge call failed), dropped (queue full).",
+                           tag_keys=(*SIGNAL_TAGS, "outcome")),
+            score=Histogram("loraforge_judge_score", "Judge score (1-10) of sampled live answers.",
+                            boundaries=JUDGE_BOUNDS, tag_keys=SIGNAL_TAGS),
+            # the exact sum (a Ray histogram's _sum is built from bucket midpoints): mean = points / score_count
+            score_points=Counter("loraforge_judge_score_points_total", "Sum of the judge scores of sampled answers.",
+                                 tag_keys=SIGNAL_TAGS))
+
+    def record(self, adapter: str, version: str, outcome: str, score: float | None = None) -> None:
+        t = {"adapter": adapter, "version": version}
+        self.judged.inc(1, tags={**t, "outcome": outcome})
+        if score is not None:
+            self.score.observe(score, tags=t)
+            self.score_points.inc(score, tags=t)
+
+
 # Every metric the app exports, as Prometheus sees it (Ray prefixes `ray_`; a histogram adds _bucket, _sum and
 # _count): what the shipped alert rules and dashboard may name (tests/unit/serve/test_monitoring.py checks).
 EXPORTED = {
@@ -131,4 +167,6 @@ EXPORTED = {
     "ray_loraforge_answer_tokens": "histogram",
     "ray_loraforge_canary_percent": "gauge", "ray_loraforge_canary_state": "gauge",
     "ray_loraforge_baseline_entropy": "gauge", "ray_loraforge_baseline_entropy_sd": "gauge",
+    "ray_loraforge_judge_sampled_total": "counter", "ray_loraforge_judged_total": "counter",
+    "ray_loraforge_judge_score": "histogram", "ray_loraforge_judge_score_points_total": "counter",
 }

@@ -1,5 +1,7 @@
 """`loraforge monitor`: each served adapter version's live quality signals against the baseline the gate froze
-with it in the registry, and a judgement per version -- the same rule as serve/monitoring/alerts.yml.
+with it in the registry, and a judgement per version -- the same rule as serve/monitoring/alerts.yml; beside them
+the judge's mean score of the version's sampled answers over the window (serve.judging), with the answers judged
+and the judge calls that failed.
 
 Live figures come from the app's Prometheus export (Ray's metrics endpoint, `http://<node>:<metrics port>/metrics`):
 read twice `window_s` apart, the difference is the window (one read: everything since the replicas started). A
@@ -38,7 +40,7 @@ def counters(text: str) -> dict[str, dict[tuple, float]]:
         for s in family.samples:
             if s.name.startswith("ray_loraforge_"):
                 labels = tuple(sorted((k, v) for k, v in s.labels.items() if k in ("adapter", "version",
-                                                                                   "finish_reason", "flag")))
+                                                                                   "finish_reason", "flag", "outcome")))
                 out[s.name][labels] += s.value
     return out
 
@@ -73,6 +75,14 @@ def live(after: str, before: str | None = None) -> dict[Key, dict[str, Any]]:
         for labels, v in delta(name).items():
             d = dict(labels)
             per[(d.get("adapter", ""), d.get("version", ""))][field] += v
+    for labels, v in delta("ray_loraforge_judged_total").items():
+        d = dict(labels)
+        per[(d.get("adapter", ""), d.get("version", ""))]["judge_" + d.get("outcome", "")] += v
+    for name, field in (("ray_loraforge_judge_score_points_total", "judge_sum"),
+                        ("ray_loraforge_judge_score_count", "judge_count")):
+        for labels, v in delta(name).items():
+            d = dict(labels)
+            per[(d.get("adapter", ""), d.get("version", ""))][field] += v
     out = {}
     for key, p in per.items():
         n = p.get("answers", 0.0)
@@ -80,7 +90,11 @@ def live(after: str, before: str | None = None) -> dict[Key, dict[str, Any]]:
             continue
         out[key] = {"answers": int(round(n)),
                     "entropy_mean": p["entropy_sum"] / p["entropy_count"] if p.get("entropy_count") else None,
-                    **{f"{k}_rate": p.get(k, 0.0) / n for k in ("empty", "refusal", "length", "error")}}
+                    **{f"{k}_rate": p.get(k, 0.0) / n for k in ("empty", "refusal", "length", "error")},
+                    "judged": int(round(p.get("judge_scored", 0.0))),
+                    "judge_mean": p["judge_sum"] / p["judge_count"] if p.get("judge_count") else None,
+                    "judge_failed": int(round(p.get("judge_error", 0.0) + p.get("judge_dropped", 0.0))),
+                    "judge_no_score": int(round(p.get("judge_no_score", 0.0)))}
     return out
 
 
@@ -149,14 +163,17 @@ def report(url: str, registry: str | None, window_s: float, z: float,
 def lines(rep: dict[str, Any]) -> list[str]:
     """The report as text: one line per version, one per canary."""
     out = [f"{'adapter@version':<28} {'answers':>7} {'entropy':>8} {'baseline band':>17} {'empty':>6} "
-           f"{'refusal':>7} {'length':>6}  judgement"]
+           f"{'refusal':>7} {'length':>6} {'judge (n, failed)':>18}  judgement"]
     for v in rep["versions"]:
         ent = "-" if v["entropy_mean"] is None else f"{v['entropy_mean']:.3f}"
+        mean = v.get("judge_mean")
+        jud = "-" if mean is None and not v.get("judge_failed") else \
+            f"{'-' if mean is None else f'{mean:.2f}'} ({v.get('judged', 0)}, {v.get('judge_failed', 0)})"
         b = "-" if not v["band"] else f"[{v['band'][0]:.2f}, {v['band'][1]:.2f}]"
         name = f"{v['adapter']}@{v['version']}" if v["version"] else v["adapter"]
         why = ": " + "; ".join(v["reasons"]) if v["reasons"] else ""
         out.append(f"{name:<28} {v['answers']:>7} {ent:>8} {b:>17} {v['empty_rate']:>6.2f} "
-                   f"{v['refusal_rate']:>7.2f} {v['length_rate']:>6.2f}  {v['judgement']}{why}")
+                   f"{v['refusal_rate']:>7.2f} {v['length_rate']:>6.2f} {jud:>18}  {v['judgement']}{why}")
     for c in rep["canaries"]:
         share = "?" if c["percent"] is None else f"{c['percent']:g}"
         out.append(f"canary {c['adapter']}: {c['incumbent']} -> {c['candidate']} {c['state']} at {share}%")

@@ -4,11 +4,14 @@ refusal. Measured in the engine replica, on what vLLM already computes, without 
 The signals are defined in pipelines.artifacts.signals (the same the gate stores as a version's baseline). Entropy:
 for each generated token vLLM returns the log-probs of the top k tokens (k = serve.signals.top_k, at most vLLM's
 max_logprobs, 20); the token's entropy is that of the top-k distribution renormalised (nats), and an answer's signal
-is the mean over its tokens. The engine is asked for the top k whether or not the client asked
-for log-probs: when it did not, the log-probs are computed without decoding the k candidate tokens (no tokenizer:
-the costly part) and dropped before the OpenAI layer sees the output; when it asked for fewer than k, each
-position is cut back to exactly what vLLM would have returned for its own number. Prompt log-probs are never
-requested (they crash the CPU engine with LoRA on, STACK_NOTES).
+is the mean over its tokens. Entropy is measured on a deterministic sample of requests (serve.signals.sample_rate,
+a hash of vLLM's request id; 0.25 by default, which keeps the cost within 5% of tokens/s, bench/serve_signals.py);
+length, finish reason, empty and refusal are recorded for every answer, since they cost nothing. For a sampled
+request the engine is asked for the top k whether or not the client asked for log-probs: when it did not, the
+log-probs are computed without decoding the k candidate tokens (no tokenizer: the costly part) and dropped before
+the OpenAI layer sees the output; when it asked for fewer than k, each position is cut back to exactly what vLLM
+would have returned for its own number. Prompt log-probs are never requested (they crash the CPU engine with LoRA
+on, STACK_NOTES).
 
 Pure apart from `instrument`, which wraps one vLLM AsyncLLM's `generate` (and, once per process, gives vLLM's
 LogprobsProcessor no tokenizer for the requests marked here).
@@ -26,6 +29,7 @@ from typing import Any
 from pipelines.artifacts.registry import Registry, RegistryError
 from pipelines.artifacts.signals import is_empty, is_refusal, topk_entropy
 from serve.metrics import SignalMetrics
+from serve.routing import bucket
 
 HEAD_CHARS = 200  # how much of an answer's text is kept to judge empty / refusal
 MARK = "loraforge_signals"  # extra_args key of a request whose log-probs were asked for here only
@@ -136,9 +140,17 @@ def _install_logprobs_without_tokenizer() -> bool:
     return True
 
 
-def instrument(engine: Any, k: int, on_answer: Callable[[Answer], None]) -> None:
+def entropy_sampled(request_id: str, rate: float) -> bool:
+    """Whether a request's entropy is measured (serve.signals.sample_rate): a hash of vLLM's request id, uniform
+    in [0, 1), below the rate; the same id gets the same decision on every replica."""
+    return rate >= 1 or (rate > 0 and bucket("signals", str(request_id)) < rate)
+
+
+def instrument(engine: Any, k: int, on_answer: Callable[[Answer], None], sample_rate: float = 1.0) -> None:
     """Wrap `engine.generate` (a vLLM AsyncLLM, shared by every OpenAI serving object of the replica) so that each
-    finished choice calls `on_answer` with its signals. k: top-k log-probs per token (0: entropy off)."""
+    finished choice calls `on_answer` with its signals. k: top-k log-probs per token (0: entropy off); sample_rate:
+    the share of requests whose entropy is measured (the others ask the engine for nothing extra; their length,
+    finish reason, empty and refusal are still recorded, with entropy None)."""
     _install_logprobs_without_tokenizer()
     original = engine.generate
     from vllm.sampling_params import RequestOutputKind
@@ -149,7 +161,8 @@ def instrument(engine: Any, k: int, on_answer: Callable[[Answer], None]) -> None
         adapter, version = labels(getattr(lora, "lora_name", None))
         asked = sampling_params.logprobs
         params = sampling_params
-        measure = k > 0 and not getattr(sampling_params, "logprob_token_ids", None)
+        measure = k > 0 and entropy_sampled(request_id, sample_rate) and \
+            not getattr(sampling_params, "logprob_token_ids", None)
         if measure and (asked is None or asked < k):
             params = copy.copy(sampling_params)
             params.logprobs = k

@@ -75,6 +75,7 @@ class StreamMeter:
         self.first: float | None = None
         self.last: float | None = None
         self.failed = self.done = False
+        self.text: list[str] | None = None  # set to [] to gather the first choice's text (serve.judging)
 
     def feed(self, text: str) -> str:
         return "".join(e for e in self._events.feed(text) if self._keep(e))
@@ -97,6 +98,9 @@ class StreamMeter:
         if choices:
             self.last = self._clock()
             self.first = self.first if self.first is not None else self.last
+            if self.text is not None:
+                self.text += [c.get("text") or (c.get("delta") or {}).get("content") or "" for c in choices
+                              if isinstance(c, dict) and c.get("index", 0) == 0]
         if isinstance(data.get("usage"), dict):
             self.usage = data["usage"]
             return self.keep_usage or choices != []

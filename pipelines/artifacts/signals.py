@@ -48,7 +48,8 @@ def is_empty(text: str) -> bool:
 @dataclass
 class Figures:
     """What a set of answers shows: answers, mean and standard deviation of the per-answer entropy, its standard
-    error (sd / sqrt(n)), and the shares of empty, refusing, length-cut and failed answers."""
+    error (sd / sqrt(n)), and the shares of empty, refusing, length-cut and failed answers. entropy_answers: the
+    answers that carry an entropy (all of them, unless serve.signals.sample_rate measures a sample)."""
 
     answers: int = 0
     entropy_mean: float | None = None
@@ -59,6 +60,7 @@ class Figures:
     length_rate: float = 0.0
     error_rate: float = 0.0
     mean_tokens: float = 0.0
+    entropy_answers: int = 0
 
     def row(self) -> dict[str, Any]:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -80,7 +82,7 @@ def figures(rows: list[dict[str, Any]]) -> Figures:
         return sum(1 for r in rows if r.get(key) == value) / n
 
     return Figures(n, mean, sd, se, share("empty"), share("refusal"), share("finish_reason", "length"),
-                   share("finish_reason", "error"), sum(int(r.get("tokens") or 0) for r in rows) / n)
+                   share("finish_reason", "error"), sum(int(r.get("tokens") or 0) for r in rows) / n, len(ent))
 
 
 def baseline(rows: list[dict[str, Any]], top_k: int = TOP_K) -> dict[str, Any]:

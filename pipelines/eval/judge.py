@@ -7,15 +7,8 @@ scores are noisy and favour long, fluent answers. Report it beside the reference
 from __future__ import annotations
 
 import os
-import re
 
-_SCORE = re.compile(r"\b(10|[1-9])\b")
-
-
-def parse_score(text: str) -> float | None:
-    """The first integer 1-10 in the judge's reply, or None."""
-    m = _SCORE.search(text or "")
-    return float(m.group(1)) if m else None
+from pipelines.artifacts.judge import ask_judge, judge_prompt, parse_score  # noqa: F401 - parse_score: the eval API
 
 
 def judge_scores(cfg, questions: list[str], refs: list[str], preds: list[str]) -> dict[str, float | int]:
@@ -26,10 +19,7 @@ def judge_scores(cfg, questions: list[str], refs: list[str], preds: list[str]) -
     client = OpenAI(base_url=cfg.url, api_key=os.environ.get(cfg.api_key_env) or "unused")
     got = []
     for q, r, p in list(zip(questions, refs, preds))[: cfg.max_samples]:
-        content = f"{cfg.rubric}\n\nQuestion:\n{q}\n\nReference answer:\n{r}\n\nAnswer to score:\n{p}\n\nScore:"
-        reply = client.chat.completions.create(model=cfg.model, messages=[{"role": "user", "content": content}],
-                                               temperature=0, max_tokens=8)
-        score = parse_score(reply.choices[0].message.content or "")
+        score, _ = ask_judge(client, cfg.model, judge_prompt(cfg.rubric, q, p, r))
         if score is not None:
             got.append(score)
     asked = min(len(questions), cfg.max_samples)

@@ -50,7 +50,7 @@ def test_alert_rules_and_dashboard_name_exported_metrics():
         assert set(names) <= series, (where, sorted(set(names) - series))
         assert set(re.findall(r"\bloraforge:[a-z_0-9:]+", expr)) <= recorded, (where, expr)
     titles = " ".join(t for t, _ in panels).lower()
-    for needed in ("traffic share", "latency", "first token", "entropy", "canary"):
+    for needed in ("traffic share", "latency", "first token", "entropy", "canary", "judge score", "judged"):
         assert needed in titles
 
 
