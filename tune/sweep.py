@@ -18,6 +18,12 @@ finished trials) and `trials/` (each trial's Ray Train run and checkpoints).
 What a restore keeps: finished and ASHA-stopped trials stay as they were, and the searcher's state (Optuna's
 history) is restored; ASHA's rung records are not (Tune does not save the scheduler), so the trials resumed after a
 restore are compared only against reports that arrive after it.
+
+Tune's experiment state is pickles (`tuner.pkl`, the searcher's state, trials cloudpickled inside
+`experiment_state-*.json`) that `Tuner.restore` unpickles: after every fit (finished, interrupted or failed) this
+machine's key seals them (pipelines.train.state_seal.seal_tune), and a restore first verifies them
+(verify_tune): an experiment folder in which any of them is unsealed or changed is refused (exit 2, naming the file).
+A driver killed outright (SIGKILL, a lost machine) leaves its last state unsealed: remove the experiment folder.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from pipelines.train import sft
 from pipelines.train.config import LoraSection, QuantSection, TrainSection, TrainSetup, WorkerJob
 from pipelines.train.driver import copy_adapter, finish_stage, fit_on_ray
 from pipelines.train.loop import NO_EVAL
+from pipelines.train.state_seal import machine_key, seal_tune, verify_tune
 from tune.space import LogRange, TuneSection, apply_trial, grid_points, grid_size, trial_label
 
 TRIAL_DRIVER_CPU = 0.01  # the trial function only waits on its trainer; Tune refuses a resource request of 0
@@ -112,9 +119,11 @@ def run(tune_cfg: TuneSection, lora: LoraSection, setup: TrainSetup, data: Locat
     callbacks = [progress_callback(tune_cfg.steps(train), ledger, f"{state}/{ledger.name}" if state_uri else None)
                  ] + mlflow_callbacks(train, out, parent_run)
     t0 = time.time()
-    if tune.Tuner.can_restore(f"{tune_root}/{name}", storage_filesystem=store_fs):
+    experiment, seal_key = f"{tune_root}/{name}" if store_fs else os.path.abspath(f"{tune_root}/{name}"), machine_key()
+    if tune.Tuner.can_restore(experiment, storage_filesystem=store_fs):
+        verify_tune(experiment, seal_key, store_fs)  # nothing unpickled from a folder this machine did not write
         print(f"[tune] restoring {name}: finished trials are kept, unfinished ones resume", flush=True)
-        tuner = tune.Tuner.restore(f"{tune_root}/{name}", trainable=trainable, resume_unfinished=True,
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, storage_filesystem=store_fs)
     else:
         tuner = tune.Tuner(trainable, param_space=param_space(tune_cfg),
@@ -124,7 +133,10 @@ def run(tune_cfg: TuneSection, lora: LoraSection, setup: TrainSetup, data: Locat
                                                          max_failures=tune_cfg.max_failures),
                                                      callbacks=callbacks))
     before = live_placement_groups()
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    finally:  # what this fit wrote (Ctrl-C included) is what the next run may restore
+        seal_tune(experiment, seal_key, store_fs)
     wall = time.time() - t0
     expected = tune_cfg.num_samples * (grid_size(tune_cfg.space) if tune_cfg.searcher == "grid" else 1)
     # Tune returns normally after a SIGINT, marking the trials it cut short TERMINATED too; a trial that really

@@ -331,11 +331,23 @@ ray: {{address: "{address}"}}
     assert proc.returncode == 130, out[-4000:]
     assert "interrupted: 1 of 2 trials finished" in out and "Run the same command again" in out, out[-3000:]
     assert not (sweep_dir / "winner").exists()
+    # issue 37: the interrupted fit sealed Tune's pickled state; a changed tuner.pkl would be refused, naming it
+    from pipelines.train.state_seal import TUNE_SEAL, UnsealedState, machine_key, verify_tune
+
+    [experiment] = (sweep_dir / "experiments").glob("sweep-*")
+    assert (experiment / TUNE_SEAL).is_file() and (experiment / "tuner.pkl").is_file()
+    verify_tune(str(experiment), machine_key())
+    tuner_pkl = (experiment / "tuner.pkl").read_bytes()
+    (experiment / "tuner.pkl").write_bytes(tuner_pkl + b"\0")
+    with pytest.raises(UnsealedState, match="tuner.pkl: changed since this run wrote it"):
+        verify_tune(str(experiment), machine_key())
+    (experiment / "tuner.pkl").write_bytes(tuner_pkl)
 
     again = subprocess.run(cmd + ["--register", "tiny-sweep"], cwd=REPO, capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert "[tune] restoring sweep-" in again.stderr  # our progress lines: on the terminal's stderr (as `run`'s)
+    verify_tune(str(experiment), machine_key())  # the restored run sealed what it wrote
     assert again.stdout.strip().splitlines()[-1] == str(sweep_dir.resolve())
     starts = _trial_starts(sweep_dir)
     assert starts.count(finished) == 1, starts  # the finished trial was not rerun
