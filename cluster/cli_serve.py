@@ -19,7 +19,8 @@ import typer
 from cluster import session, stages
 from cluster.cli_common import CONFIG, OVERRIDES, done, fail, load
 from cluster.config import ConfigError
-from serve.adapters import validate_adapter
+from pipelines.artifacts.adapter_check import check_adapter_weights
+from serve.adapters import FolderSource, validate_adapter
 from serve.errors import AdapterInvalid
 from serve.lora_support import support_for
 
@@ -29,8 +30,8 @@ def serve(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> 
     model, else the base with the run's adapter (DPO's, else the sweep winner's, else SFT's; its registry version
     when the gate published it)."""
     cfg = load(config, overrides, stages.SERVE.needs)
-    from serve.app import shutdown  # Ray Serve + vLLM: loaded once the config is known to be good
-    what = _what_is_served(cfg)
+    what = _what_is_served(cfg)  # its adapters checked before Ray Serve and vLLM are even imported
+    from serve.app import shutdown  # Ray Serve + vLLM: loaded once the config and adapters are known to be good
     url = stages.start_serving(cfg, what)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -70,16 +71,37 @@ def _what_is_served(cfg) -> stages.Served:
     except stages.GateRefused as e:
         fail(f"gate: refused this run's adapter ({'; '.join(e.reasons)}); nothing is served. Rerun with a passing "
              "adapter, or publish this one with `loraforge evaluate --gate --force`", code=3)
+    check_adapters(what.adapters, what.model, cfg.serve.max_lora_rank)  # before Ray starts: one line, exit 2
+    return what
+
+
+def check_adapters(adapters: dict[str, str], base: str, max_rank: int, engine: bool = True) -> None:
+    """Each adapter folder against its own config (files, rank, modules, tensor headers), then its tensors against
+    the sizes in the base's config.json (a local base folder: hidden, intermediate, heads, KV heads, head_dim,
+    layers), then (engine) against vLLM's LoRA layers for the base's architecture; the first that fails is one
+    line naming it (exit 2). Nothing is loaded: safetensors headers and JSON only."""
     support = None
-    for name, folder in what.adapters.items():  # before Ray starts: a broken adapter is one line, exit 2
+    for name, folder in adapters.items():
         try:
-            validate_adapter(folder, max_rank=cfg.serve.max_lora_rank, bases=None)
-            support = support or support_for(what.model)  # then vLLM's LoRA layers on this base's architecture
-            validate_adapter(folder, max_rank=cfg.serve.max_lora_rank, bases=None, support=support)
+            conf = validate_adapter(folder, max_rank=max_rank, bases=None)
+            check_adapter_weights(folder, conf, bases=[base], error=AdapterInvalid)  # shapes vs the base's sizes
+            if engine:
+                support = support or support_for(base)  # then vLLM's LoRA layers on this base's architecture
+                validate_adapter(folder, max_rank=max_rank, bases=None, support=support)
         except AdapterInvalid as e:
             fail(f"adapter {name!r} cannot be served: {e}"
                  + ("" if support is not None and not support.supported else "; retrain it or fix the folder"))
-    return what
+
+
+def check_config_adapters(cfg) -> None:
+    """`validate`'s look at the adapters a config names for serving: every adapter under serve.adapter_dir (a
+    local folder), checked as `serve` checks its adapters, against model.name when that is a local folder. The
+    engine's LoRA layers are left to serve (asking vLLM costs seconds); the registry's versions to the replicas."""
+    folder = cfg.serve.adapter_dir
+    if folder and "://" not in str(folder) and Path(folder).expanduser().is_dir():
+        source = FolderSource(folder)
+        check_adapters({n: str(source.root / n) for n in source.list()}, str(cfg.model.name),
+                       cfg.serve.max_lora_rank, engine=False)
 
 
 def probe_host(address: str, serve_host: str) -> str | None:

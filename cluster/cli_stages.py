@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 import typer
 
-from cluster import cli_plan, graph, session, stages, terminal
+from cluster import cli_plan, cli_serve, graph, session, stages, terminal
 from cluster.cli_common import CONFIG, OVERRIDES, REGISTER, done, fail, load
 from cluster.config import json_schema
 from pipelines.artifacts.manifest import read_manifest
@@ -259,6 +259,7 @@ def score(file: Path = typer.Argument(..., help="JSONL with one prediction and o
 def validate(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:
     """Validate a config (with overrides) and its local inputs; print it resolved, without running anything."""
     cfg = load(config, overrides, (*RUN_CHECKS, "quantize_rows"))
+    cli_serve.check_config_adapters(cfg)  # serve.adapter_dir's adapters: their tensors vs config and base
     print(json.dumps(redact(cfg.model_dump(mode="json")), indent=2))  # keys and credentials as ***
 
 

@@ -229,3 +229,53 @@ def test_serve_with_adapter_weights_that_disagree_with_its_config_is_one_line_be
     assert f"{sft / 'adapter_model.safetensors'}: tensor '{q}.lora_A.weight' has rank 4 (shape [4, 16]), but " \
            "adapter_config.json says r=8" in out, out
     assert "Ray" not in out, out  # refused before Ray started
+
+
+def _tiny_llama(folder: Path) -> Path:
+    """A base folder whose config.json has the tiny Llama's sizes (q 128 -> 128, k/v 128 -> 64, 2 layers)."""
+    from tests.unit.artifacts.test_adapter_check import BASE
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({**BASE, "architectures": ["LlamaForCausalLM"]}))
+    return folder
+
+
+def test_serve_with_an_adapter_of_another_base_is_one_line_before_ray(config, tmp_path):
+    """Issue 37: the run's adapter agrees with its own config, but its q_proj maps 64 -> 64 features where the base's
+    config.json (hidden_size 128, 4 heads) gives 128 -> 128: `serve` reads both and refuses it, one line naming the
+    file, the tensor and both sizes, exit 2, before Ray starts (vLLM would fail on it inside the engine)."""
+    from tests.unit.artifacts.test_adapter_check import lora, write
+
+    base = _tiny_llama(tmp_path / "llama")
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    write(tmp_path / "runs" / "ux" / "sft", lora(q, 8, 64, 64), target_modules=["q_proj"])
+    (tmp_path / "runs" / "ux" / "sft" / "manifest.json").write_text('{"kind": "lora_adapter"}')
+    rc, out, s = loraforge("serve", str(config()), f"model.name={base}")
+    assert rc == 2 and "Traceback" not in out and "Ray" not in out, out
+    [error] = [line for line in out.splitlines() if "cannot be served" in line]  # beside `model: <folder>` only
+    for needle in ("adapter 'ux' cannot be served", f"tensor '{q}.lora_A.weight' is a LoRA on a q_proj of 64 -> 64 "
+                   "features", "but the base's q_proj maps 128 -> 128"):
+        assert needle in error, out
+    assert s < 10, f"{s:.1f} s"  # refused before Ray Serve and vLLM are imported
+
+
+def test_validate_checks_the_adapters_of_serve_adapter_dir(config, tmp_path):
+    """Issue 37: `validate` checks every adapter under serve.adapter_dir as serve would: a good one passes (exit 0,
+    the config printed), one whose v_proj is 128 -> 128 on a base with 2 KV heads (128 -> 64) is one line naming
+    the adapter and the tensor, exit 2; so is one whose tensors disagree with its own rank."""
+    from tests.unit.artifacts.test_adapter_check import good, lora, write
+
+    base = _tiny_llama(tmp_path / "llama")
+    hot = tmp_path / "hot"
+    write(hot / "fine", good())
+    rc, out, _ = loraforge("validate", str(config()), f"model.name={base}", f"serve.adapter_dir={hot}")
+    assert rc == 0 and json.loads(out)["serve"]["adapter_dir"] == str(hot), out
+    v = "base_model.model.model.layers.1.self_attn.v_proj"
+    write(hot / "wide", {**good(), **lora(v, 8, 128, 128)})
+    rc, out, s = loraforge("validate", str(config()), f"model.name={base}", f"serve.adapter_dir={hot}")
+    assert_user_error(rc, out, s, "adapter 'wide' cannot be served", str(hot / "wide" / "adapter_model.safetensors"),
+                      f"tensor '{v}.lora_A.weight' is a LoRA on a v_proj of 128 -> 128 features",
+                      "the base's v_proj maps 128 -> 64")
+    write(hot / "wide", good(r=4))  # rank 4 tensors under r=8
+    rc, out, s = loraforge("validate", str(config()), f"model.name={base}", f"serve.adapter_dir={hot}")
+    assert_user_error(rc, out, s, "adapter 'wide' cannot be served", "has rank 4", "says r=8")
