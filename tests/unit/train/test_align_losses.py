@@ -173,3 +173,65 @@ def test_kto_reference_point_is_clamped_and_detached():
     assert float(out["losses"][0]) == pytest.approx(2 * (1 - torch.sigmoid(torch.tensor(0.5)).item()))
     assert float(out["losses"][1]) == pytest.approx(1 - torch.sigmoid(torch.tensor(3.5)).item())
     assert float(out["margin"]) == pytest.approx(1.0 - (-3.0)) and out["accuracy"].tolist() == [1.0, 1.0]
+
+
+def _kto_rank(rank: int, port: int, shifts: tuple[float, float], queue) -> None:
+    """One of two data-parallel ranks (gloo, CPU): the same policy on this rank's own KTO micro-batch, whose
+    mismatched pairs' reference log-probs are the policy's shifted by shifts[rank] (local log-ratio -shift);
+    reports the z0 the align stage's loss used, while training and while evaluating, and the local estimate."""
+    import torch.distributed as dist
+
+    from pipelines.train.config import DPOSection
+    from pipelines.train.dpo import make_loss
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        model = _tiny_peft_llama()
+        g = torch.Generator().manual_seed(10 + rank)
+        seqs = [torch.randint(3, 97, (9,), generator=g).tolist() for _ in range(3)]  # 5 prompt + 4 completion
+        rows = [(ids, [-100] * 5 + ids[5:]) for ids in seqs]
+        kl_seqs = [ids[:5] + torch.randint(3, 97, (3 + i,), generator=g).tolist() for i, ids in enumerate(seqs)]
+        kl_rows = [(ids, [-100] * 5 + ids[5:]) for ids in kl_seqs]  # each prompt with another completion
+        batch = {k: torch.tensor(v) for k, v in pad_batch(rows, 0).items()}
+        batch.update({f"kl_{k}": torch.tensor(v) for k, v in pad_batch(kl_rows, 0).items()})
+        with torch.no_grad():
+            kl_logps, _ = policy_logps(model, {"input_ids": batch["kl_input_ids"], "labels": batch["kl_labels"],
+                                               "attention_mask": batch["kl_attention_mask"]}, 3)
+        batch["ref_kl"] = kl_logps + shifts[rank] + torch.tensor([0.3, -0.1, -0.2])  # mean shift: shifts[rank]
+        batch["ref"] = torch.zeros(3)
+        batch["label"] = torch.tensor([True, False, True])
+        loss_fn = make_loss(DPOSection(method="kto"), 3, (1.0, 1.0))
+        _, b, extras = loss_fn(model, batch)  # grad enabled: training, z0 reduced over the ranks
+        with torch.no_grad():
+            _, _, held_out = loss_fn(model, batch)  # evaluation: this rank's own z0
+        local = float((kl_logps - batch["ref_kl"]).mean())
+        queue.put((rank, float(extras["kl"]) / b, float(held_out["kl"]) / b, local))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_kto_reference_point_is_the_mean_over_data_parallel_ranks():
+    """Two gloo ranks in two processes, each with its own micro-batch: rank 0's mismatched pairs give a local
+    log-ratio of +2, rank 1's of -1 (clamped alone to 0). While training, both ranks' losses use one z0: the mean
+    over both ranks' pairs (0.5), reduced before the clamp; while evaluating each keeps its own."""
+    import multiprocessing as mp
+
+    from tests.conftest import free_port
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_kto_rank, args=(r, port, (-2.0, 1.0), queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        got = dict((r, rest) for r, *rest in (queue.get(timeout=240) for _ in procs))
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+    assert all(p.exitcode == 0 for p in procs)
+    (z0_0, eval_0, local_0), (z0_1, eval_1, local_1) = got[0], got[1]
+    assert local_0 == pytest.approx(2.0, abs=1e-4) and local_1 == pytest.approx(-1.0, abs=1e-4)
+    assert z0_0 == z0_1 == pytest.approx((local_0 + local_1) / 2, abs=1e-5)  # 0.5: the all-reduced mean
+    assert eval_0 == pytest.approx(local_0, abs=1e-5) and eval_1 == 0.0  # unreduced, clamped at zero
