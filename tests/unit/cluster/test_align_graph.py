@@ -59,3 +59,33 @@ def test_kto_weights_keep_the_weighted_ratio_within_1_to_4_3(n_d, n_u, want):
     w_d, w_u = KTOOptions().weights(n_d, n_u)
     assert w_u == pytest.approx(want) and 1.0 - 1e-9 <= w_d * n_d / (w_u * n_u) <= 4 / 3 + 1e-9
     assert KTOOptions(undesirable_weight=2.0).weights(n_d, n_u) == (1.0, 2.0)
+
+
+@pytest.mark.parametrize("method,start", [("orpo", "base"), ("simpo", "sft"), ("kto", "sft")])
+def test_each_method_s_adapter_is_what_evaluate_and_the_gate_judge(tmp_path, method, start):
+    """dpo → evaluate → gate for every new method: the adapter evaluate is given first (the one _gate judges and
+    publishes, next(iter(ctx.adapters))) is the align stage's `<run>-dpo` folder, the SFT adapter after it when
+    there is one; a refusing gate then stops the run before serving."""
+    rows = tmp_path / "test.jsonl"
+    rows.write_text('{"instruction": "a", "output": "b"}\n')
+    stand, seen = Stand(gate_passes=False), {}
+    runners = stand.runners()
+
+    def watching(name):
+        inner = runners[name]
+
+        def run(ctx, resume):
+            seen[name] = dict(ctx.adapters)
+            return inner(ctx, resume)
+        return run
+
+    runners.update(evaluate=watching("evaluate"), gate=watching("gate"))
+    cfg = config(tmp_path, "dpo.train_path=pairs.jsonl", f"dpo.method={method}", f"dpo.start={start}",
+                 f"eval.test_path={rows}")
+    with pytest.raises(graph.GateRefused):
+        graph.Graph(cfg, runners=runners).run(log=lambda _: None)
+    assert stand.ran() == ["data"] + (["sft"] if start == "sft" else []) + ["dpo", "evaluate", "gate"]
+    dpo_dir = str(cfg.stage_dir("dpo").resolve())
+    want = {"g-dpo": dpo_dir, **({"g": str(cfg.stage_dir("sft").resolve())} if start == "sft" else {})}
+    for stage in ("evaluate", "gate"):
+        assert seen[stage] == want and next(iter(seen[stage])) == "g-dpo", (stage, seen[stage])
