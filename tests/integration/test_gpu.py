@@ -1,5 +1,6 @@
 """CUDA-only paths: QLoRA (bf16 compute) under DeepSpeed ZeRO-2 with NCCL on one rank, and on two ranks (a real
-NCCL collective between ranks) where the machine has two GPUs; the local loop on one GPU with packed rows.
+NCCL collective between ranks) where the machine has two GPUs; every preference method (dpo, orpo, simpo, kto)
+under QLoRA + ZeRO-2; the local loop on one GPU with packed rows.
 
 Skipped without CUDA (tests/conftest.py); the two-rank test also without a second GPU. Run on a lent GPU with:
 
@@ -49,6 +50,35 @@ def test_cuda_qlora_zero2_trains(ray_session, tiny_model_dir, tmp_path, ranks):
     assert m["loss_history"][-1] < m["loss_history"][0]
     assert m["frozen_checksum_before"] == m["frozen_checksum_after"]  # bf16 values (DeepSpeed casts after it)
     assert m["world_size"] == ranks and len(m["ranks"]) == ranks
+
+
+@pytest.mark.parametrize("method", ["dpo", "orpo", "simpo", "kto"])
+def test_cuda_align_qlora_zero2_each_method(ray_session, tiny_model_dir, repo_data, tmp_path, method):
+    """Every preference method (dpo.method) through the align stage on one GPU: its pairs curated and prepared
+    (reference log-probs on the GPU for dpo / kto, from the 4-bit base), then QLoRA (NF4 base, bf16 compute) under
+    DeepSpeed ZeRO-2 with NCCL from a fresh adapter on the base: finite losses, the method's own series, the
+    frozen 4-bit base unchanged."""
+    import math
+
+    from pipelines.train import dpo
+    from pipelines.train.config import DPOSection, LoraSection, QuantSection, TrainSection, TrainSetup
+
+    train = TrainSection(num_workers=1, use_gpu=True, cpus_per_worker=1, max_steps=4, batch_size=4, lr=5e-3,
+                         deepspeed="zero2", eval_every=0, tracking_uri="off")
+    setup = TrainSetup(model_dir=tiny_model_dir, dtype="bfloat16", train=train,
+                       quant=QuantSection(load_in_4bit=True, compute_dtype="bfloat16"))
+    cfg = DPOSection(method=method, start="base", train_path=str(repo_data / "preference" / "qa_feedback_pairs.jsonl"),
+                     max_length=1024, max_pairs=16, validation_fraction=0.15)
+    data = dpo.prepare(cfg, setup, None, tmp_path / "data")
+    out = dpo.run(cfg, setup, None, data, tmp_path / "out", lora=LoraSection(r=8, alpha=16, dropout=0.0))
+    man = json.loads((out / "manifest.json").read_text())
+    m = man["metrics"]
+    assert man["config"]["method"] == method and m["steps"] == 4
+    assert all(math.isfinite(x) for x in m["loss_history"]), m["loss_history"]
+    assert len(m["reward_accuracy_history"]) == 4
+    own = {"orpo": "log_odds_ratio_history", "kto": "kl_history"}.get(method, "reward_margin_history")
+    assert len(m[own]) == 4
+    assert m["frozen_checksum_before"] == m["frozen_checksum_after"]
 
 
 def test_cuda_local_qlora_bf16_packed_autocast(tiny_model_dir, tmp_path):
