@@ -150,10 +150,15 @@ def _fs_digest(where: tuple[Any, str]) -> str:
 
 
 class _Shown(tuple):
-    """(fs, path) that prints as the path: the messages name the file."""
+    """(fs, path) that prints as the path (a store's as its URI, s3://...): the messages name the file."""
 
     def __str__(self) -> str:
-        return str(self[1])
+        return _uri(self[0], self[1])
+
+
+def _uri(fs: Any, path: str) -> str:
+    scheme = getattr(fs, "type_name", "local")
+    return path if scheme == "local" else f"{scheme}://{path}"
 
 
 def seal_tune(path: str, key: str, fs: Any = None) -> None:
@@ -180,4 +185,4 @@ def verify_tune(path: str, key: str, fs: Any = None) -> None:
         with seal_at[0].open_input_stream(seal_at[1]) as fh:
             sealed = _sealed_files(fh.read(), seal_at, path, key)
     _check(sealed, {rel: w for rel, w in files.items() if _tune_pickled(rel)}, _fs_digest,
-           f"start the sweep over (remove {path})")
+           f"start the sweep over (remove {_uri(fs, path)})")
