@@ -2,7 +2,7 @@
 with no options of its own gets `stage_command`).
 
     loraforge run configs/quickstart-cpu.yaml [--dry-run] [--force S] [--from S] [--until S]  # the job graph
-    loraforge tokenize CONFIG | curate CONFIG | sft CONFIG | dpo CONFIG
+    loraforge tokenize CONFIG | curate CONFIG | sft CONFIG | dpo CONFIG | rl CONFIG
     loraforge tune CONFIG [--register NAME]                       # Ray Tune + ASHA; winner in <run>/tune/winner
     loraforge evaluate CONFIG --adapter runs/x/sft [--gate] [--force]
     loraforge merge CONFIG --adapter runs/x/sft [--out DIR] [--register NAME]
@@ -80,8 +80,8 @@ def run(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
         force: Optional[list[str]] = typer.Option(None, "--force", help="Rerun this stage; repeatable."),
         start: Optional[str] = typer.Option(None, "--from", help="Rerun this stage and every stage after it."),
         until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage.")) -> None:
-    """The job graph: data → sft → [dpo] → [tune] → [evaluate → gate] → [merge → quantize] → serve → demo; a stage
-    whose inputs, config sections and code are unchanged since it last finished is skipped (cluster.graph).
+    """The job graph: data → sft → [dpo] → [rl] → [tune] → [evaluate → gate] → [merge → quantize] → serve → demo;
+    a stage whose inputs, config sections and code are unchanged since it last finished is skipped (cluster.graph).
     Prints what was served (its registry version when the gate published it), then the run folder last.
     Exit 3 when the gate refuses the adapter."""
     cfg = load(config, overrides, RUN_CHECKS)

@@ -27,13 +27,14 @@ from pipelines.artifacts.manifest import read_manifest
 from pipelines.artifacts.models import resolve_model
 from pipelines.artifacts.registry import Registry, lineage_from_manifest
 from pipelines.data import tokenize as data
-from pipelines.eval import evaluate
+from pipelines.eval import evaluate, served_parity
 from pipelines.eval import gate as gating
 from pipelines.eval.gate import GateDecision
 from pipelines.export import merge, quantize
 from pipelines.schema import MissingInput
-from pipelines.train import dpo, rl, sft
+from pipelines.train import dpo, sft
 from pipelines.train.config import TrainSetup
+from pipelines.train.rl_config import ParitySection
 from tune import sweep
 
 console = Console(stderr=True, soft_wrap=True)  # a path is never broken over two lines
@@ -226,15 +227,20 @@ def _rl(ctx: Context, resume: bool) -> Path:
     fresh adapter on the base, this run's SFT adapter or its preference-tuned one (rl.start)."""
     cfg = ctx.cfg
     start = _found(cfg, STAGE[cfg.rl.start]) if cfg.rl.start != "base" else None
-    return rl.run(cfg.rl, _setup(ctx, resume), cfg.lora, cfg.serve, _output(cfg, RL.name), sft=start)
+    # rl.run on a rollout engine started for it, then, with the same engine (serving's engine settings), the
+    # served-engine parity of the saved adapter, which the gate checks before it publishes
+    return served_parity.train_and_check(cfg.rl, _setup(ctx, resume), cfg.lora, cfg.serve, _output(cfg, RL.name),
+                                         sft=start)
 
 
 def _rl_summary(out: Path) -> str:
     m = _metrics(out)
-    sync = m.get("sync_s_median")
+    sync, served = m.get("sync_s_median"), served_parity.read(out)
     return (f"{m['steps']} steps, reward {m['reward_first']:.3f} → {m['reward_last']:.3f}, parity |Δ log p| mean "
             f"{max(m['parity_mean_history']):.2g} / max {max(m['parity_max_history']):.2g} (worst step), sync median "
-            + (f"{sync:.3f} s" if sync is not None else "n/a") + f"; curve in {out / 'reward.png'}")
+            + (f"{sync:.3f} s" if sync is not None else "n/a")
+            + (f", served engine {served['mean']:.2g} / {served['max']:.2g}" if served else "")
+            + f"; curve in {out / 'reward.png'}")
 
 
 def _rl_reads(cfg: RunConfig) -> tuple[str, ...]:
@@ -286,14 +292,15 @@ def _gate(ctx: Context, resume: bool) -> Path:
     results = json.loads((ctx.folder(EVALUATE) / "eval.json").read_text())
     first = next(iter(ctx.adapters))
     d = gating.apply(results, first, ctx.adapters[first], cfg.gate, cfg.registry.root, cfg.registry.name or cfg.name,
-                     force=ctx.force)
+                     force=ctx.force, parity_stop=(cfg.rl.parity if cfg.rl else ParitySection()).stop)
     console.print(f"[bold]{GATE.name}[/]: {'passed' if d.passed else 'FORCED' if d.forced else 'refused'} for "
                   f"{first}" + (f": {cfg.registry.name or cfg.name}@{d.version}" if d.version else "")
                   + "".join(f"\n  {r}" for r in d.reasons))
     out = ctx.folder(GATE)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gate.json").write_text(json.dumps({"passed": d.passed, "reasons": d.reasons, "name": d.name,
-                                               "version": d.version, "adapter": d.adapter}, indent=1))
+                                               "version": d.version, "adapter": d.adapter,
+                                               "served_parity": d.served_parity}, indent=1))
     ctx.decision = d
     return out
 

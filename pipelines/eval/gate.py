@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import Field
 
 from pipelines.artifacts.registry import Registry, lineage_from_manifest
+from pipelines.eval import served_parity
 from pipelines.schema import Section
 
 
@@ -37,6 +38,7 @@ class GateDecision:
     forced: bool = False
     version: int | None = None
     name: str = ""
+    served_parity: dict[str, Any] | None = None  # trainer vs serving engine (pipelines.eval.served_parity)
 
 
 def check(results: dict[str, Any], adapter: str, cfg: GateSection) -> list[str]:
@@ -73,12 +75,19 @@ def check(results: dict[str, Any], adapter: str, cfg: GateSection) -> list[str]:
 
 
 def apply(results: dict[str, Any], adapter: str, adapter_dir: str | os.PathLike, cfg: GateSection,
-          registry_root: str | os.PathLike, name: str, *, force: bool = False) -> GateDecision:
-    """Check the gate; on a pass (or force) publish the adapter with its eval scores and move `cfg.alias`."""
+          registry_root: str | os.PathLike, name: str, *, force: bool = False,
+          parity_stop: float | None = None) -> GateDecision:
+    """Check the gate; on a pass (or force) publish the adapter with its eval scores and move `cfg.alias`. An
+    adapter whose folder holds served-engine parity figures (an rl adapter) is refused when their mean is above
+    `parity_stop`; the figures go into the decision and the published version's lineage."""
 
     reasons = check(results, adapter, cfg)
+    served = served_parity.read(adapter_dir)
+    why = served_parity.refusal(served, parity_stop) if parity_stop is not None else None
+    if why:
+        reasons.append(why)
     decision = GateDecision(adapter=adapter, passed=not reasons, reasons=reasons, forced=bool(reasons) and force,
-                            name=name)
+                            name=name, served_parity=served)
     reg = Registry(registry_root)
     if reasons and not force:
         reg.record("gate_refused", name=name, adapter_dir=str(adapter_dir), alias=cfg.alias, reasons=reasons)
@@ -88,7 +97,8 @@ def apply(results: dict[str, Any], adapter: str, adapter_dir: str | os.PathLike,
     # baseline `loraforge monitor` and serve/monitoring/alerts.yml judge its live traffic against.
     frozen = {"serve_baseline": results["signals"][adapter]} if adapter in results.get("signals", {}) else {}
     lineage = lineage_from_manifest(adapter_dir, eval_scores=scores,
-                                    gate={"passed": not reasons, "forced": decision.forced, "reasons": reasons},
+                                    gate={"passed": not reasons, "forced": decision.forced, "reasons": reasons,
+                                          **({"served_parity": served} if served else {})},
                                     **frozen)
     decision.version = reg.publish(name, adapter_dir, "lora_adapter", lineage, note="gate")
     why = "gate passed" if not reasons else "FORCED past a failed gate: " + "; ".join(reasons)

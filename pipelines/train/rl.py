@@ -233,7 +233,8 @@ def _finish(out: Path, cfg: RLSection, setup: TrainSetup, job: WorkerJob, state:
     lineage: dict[str, Any] = {"base_model": setup.model_name or setup.model_dir,
                                "base_model_hash": hash_path(setup.model_dir),
                                "prompts_hash": hash_path(cfg.prompts_path) if cfg.prompts_path and
-                               Path(cfg.prompts_path).is_file() else None}
+                               Path(cfg.prompts_path).is_file() else None,
+                               "data_hash": cfg.prompts_hash()}  # the registry's dataset hash: the prompts
     if sft is not None and cfg.start != "base":
         sft_path = Location.of(sft).path
         lineage["parent_adapter"] = {"path": str(sft_path), "lineage": read_manifest(sft_path).get("lineage")}

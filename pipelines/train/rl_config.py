@@ -5,11 +5,15 @@ config is read, so a wrong one is a config error naming it).
 
 from __future__ import annotations
 
+import hashlib
 import re
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from pipelines.artifacts.manifest import hash_path
+from pipelines.data.readers import expand_paths
 from pipelines.schema import Section
 from pipelines.train.config import TrainSection
 from pipelines.train.grpo import AGGREGATIONS
@@ -127,6 +131,17 @@ class RLSection(Section):
         if self.drill_base_rollout_at_step and self.drill_base_rollout_at_step > self.steps:
             raise ValueError(f"drill_base_rollout_at_step={self.drill_base_rollout_at_step} > steps={self.steps}")
         return self
+
+    def prompts_hash(self) -> str | None:
+        """The prompts' hash (sha256 over each file's name and bytes, in order), the dataset hash of the rl adapter's
+        lineage (the registry requires one); None when prompts_path is unset or a URI."""
+        if not self.prompts_path or "://" in self.prompts_path:
+            return None
+        files = expand_paths(self.prompts_path)
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f"{Path(f).name}\0{hash_path(f)}\0".encode())
+        return f"sha256:{h.hexdigest()}"
 
     def optimisation(self, train: TrainSection) -> TrainSection:
         """The loop settings the rl stage trains with: train's, with this section's steps, lr and warmup, one

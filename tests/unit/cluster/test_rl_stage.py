@@ -147,3 +147,22 @@ def _config_file(tmp_path) -> Path:
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
+
+
+def test_the_gate_refuses_an_adapter_the_serving_engine_does_not_compute_as_trained(tmp_path):
+    """The served-engine parity figures beside an rl adapter (pipelines.eval.served_parity) go into the gate's
+    decision; a mean above rl.parity.stop is a refusal with its figures, whatever the scores."""
+    from pipelines.eval import gate, served_parity
+
+    adapter = tmp_path / "rl"
+    adapter.mkdir()
+    results = {"variants": {"base": {"rougeL": 0.1, "exact_match": 0.0}, "g-rl": {"rougeL": 0.9, "exact_match": 1.0}}}
+    section = gate.GateSection(min_exact_match=None)
+    figures = {"mean": 0.35, "max": 2.1, "tokens": 48, "prompts": 4, "temperature": 1.0, "max_tokens": 16}
+    (adapter / served_parity.RECORD).write_text(json.dumps(figures))
+    d = gate.apply(results, "g-rl", adapter, section, tmp_path / "registry", "g", parity_stop=0.2)
+    assert not d.passed and d.version is None and d.served_parity == figures
+    assert d.reasons == ["served-engine parity: mean |log π_trainer − log π_engine| = 0.35 (max 2.1 over 48 sampled "
+                         "tokens) > rl.parity.stop=0.2: the served adapter does not compute what was trained"]
+    assert served_parity.refusal({**figures, "mean": 1e-6}, 0.2) is None
+    assert served_parity.refusal(None, 0.2) is None  # no figures (not an rl adapter): nothing to refuse on
