@@ -14,7 +14,7 @@ from pipelines.schema import Section
 # choices (duplicates, category caps, mixing quota) do not: real data legitimately loses many rows to them.
 FAULT_REASONS = ("broken_json", "not_an_object", "missing_field", "wrong_type", "empty_turn", "undecodable",
                  "too_long", "too_short_answer", "repeated_ngrams", "symbol_ratio", "no_assistant_tokens",
-                 "mixed_kind", "unsupported_format")
+                 "mixed_kind", "unsupported_format", "identical_pair")
 CURATION_REASONS = ("exact_duplicate", "near_duplicate", "category_cap", "mix_quota")
 
 

@@ -177,13 +177,17 @@ def to_canonical(row: dict[str, Any], fmt: str, system_prompt: str | None = None
         return "sft", {"messages": prompt_completion_messages(row, system_prompt)}
     if fmt == "text":
         return "text", {"text": _text(row, "text")}
-    if fmt == "preference":
-        prompt = row.get("prompt")
-        msgs = messages_of(prompt, "prompt") if isinstance(prompt, list) else [
-            {"role": "user", "content": _text(row, "prompt")}]
-        return "preference", {"prompt": msgs, "chosen": _answer(row, "chosen"), "rejected": _answer(row, "rejected")}
-    if fmt == "dialogue":
-        return "preference", dialogue_pair(row)
+    if fmt in ("preference", "dialogue"):
+        if fmt == "dialogue":
+            pair = dialogue_pair(row)
+        else:
+            prompt = row.get("prompt")
+            msgs = messages_of(prompt, "prompt") if isinstance(prompt, list) else [
+                {"role": "user", "content": _text(row, "prompt")}]
+            pair = {"prompt": msgs, "chosen": _answer(row, "chosen"), "rejected": _answer(row, "rejected")}
+        if pair["chosen"].strip() == pair["rejected"].strip():
+            raise RowError("identical_pair", "chosen and rejected are the same text")
+        return "preference", pair
     if fmt == "unpaired":
         prompt = row.get("prompt")
         msgs = messages_of(prompt, "prompt") if isinstance(prompt, list) else [

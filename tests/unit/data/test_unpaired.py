@@ -75,3 +75,55 @@ def test_curation_of_unpaired_rows_counts_labels(tmp_path):
     train = pads.dataset(str(out / "train"), format="parquet").to_table().to_pylist()
     assert set(train[0]) >= {"prompt", "completion", "label"} and isinstance(train[0]["label"], bool)
     assert "desirable" in (out / "curation_report.md").read_text()
+
+
+def test_preference_pairs_through_curation_for_the_align_stage(tmp_path):
+    """dpo.train_path's pairs go through the data wing (pipelines.train.dpo.curate_rows): bad rows refused with
+    their reason (a missing mapped field named as dpo.columns.<role>), an identical pair and an exact duplicate
+    dropped, every row of one prompt in one split, and rows_in = kept + rejected; a file of another row kind is
+    one DataError naming dpo.train_path."""
+    import random
+
+    import pyarrow.dataset as pads
+
+    from pipelines.schema import DataError
+    from pipelines.train.config import DPOSection
+    from pipelines.train.dpo import curate_rows
+
+    rng = random.Random(1)
+    words = "oslo bergen river mountain coffee ledger orbit violin cedar harbor quartz meadow lantern pepper".split()
+
+    def text(n):
+        return " ".join(rng.choice(words) + str(rng.randrange(1000)) for _ in range(n))
+
+    prompts = [text(6) + "?" for _ in range(12)]
+    rows = [{"q": prompts[i // 3], "good": text(10) + ".", "bad": text(10) + "."} for i in range(36)]
+    lines = [json.dumps(r) for r in rows]
+    lines += [json.dumps(rows[7]),  # exact duplicate
+              json.dumps({"q": "Same?", "good": "Same answer.", "bad": "Same answer. "}),  # identical_pair
+              json.dumps({"q": "No rejected?", "good": "An answer."}),  # missing_field: dpo.columns.rejected
+              "{broken"]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(lines) + "\n")
+    cfg = DPOSection(train_path=str(pairs), columns={"prompt": "q", "chosen": "good", "rejected": "bad"},
+                     validation_fraction=0.25)
+    out = curate_rows(cfg, None, tmp_path / "curated")
+    man = json.loads((out / "manifest.json").read_text())
+    m = man["metrics"]
+    assert man["data_kind"] == "preference" and (out / "curation_report.md").is_file()
+    assert (m["rows_in"], m["rows_kept"], m["rows_rejected"]) == (40, 36, 4)
+    assert m["rows_in"] == m["rows_kept"] + m["rows_rejected"]
+    assert m["rejected_by_reason"] == {"exact_duplicate": 1, "identical_pair": 1, "missing_field": 1,
+                                       "broken_json": 1}, m["rejected_by_reason"]
+    refused = [json.loads(r) for f in (out / "rejected").glob("*.jsonl") for r in f.read_text().splitlines()]
+    assert "dpo.columns.rejected" in next(r["detail"] for r in refused if r["reason"] == "missing_field")
+    where = {}
+    for split in ("train", "validation"):
+        for r in pads.dataset(str(out / split), format="parquet").to_table().to_pylist():
+            where.setdefault(r["prompt"][0]["content"], set()).add(split)
+    assert len(where) == 12 and all(len(s) == 1 for s in where.values())  # a prompt's pairs share a split
+    assert {s for v in where.values() for s in v} == {"train", "validation"}
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"instruction": text(5), "output": text(8)}) + "\n" for _ in range(5)))
+    with pytest.raises(DataError, match=r"dpo.train_path=.*holds sft rows; dpo.method=dpo trains on"):
+        curate_rows(DPOSection(train_path=str(sft)), None, tmp_path / "wrong")
