@@ -32,7 +32,9 @@ from typing import Any
 from pipelines.artifacts.location import Location
 from pipelines.artifacts.manifest import hash_path, read_manifest, write_manifest
 from pipelines.artifacts.models import on_this_node
+from pipelines.data import curate
 from pipelines.data.chat import pad_batch, tokenize_messages
+from pipelines.data.config import DataConfig
 from pipelines.data.readers import expand_paths
 from pipelines.data.rowformats import RowError, unpaired_view
 from pipelines.schema import DataError, MissingInput, actor_gpus, cluster_gpus, torch_device
@@ -196,9 +198,6 @@ def curate_rows(cfg: DPOSection, model_dir: str | None, out_dir: str | os.PathLi
     file type, dpo.columns mapping), validated, normalised, quality-filtered, de-duplicated (exact and near) and
     split by prompt into train / validation (dpo.validation_fraction), its report, rejects and manifest in
     out_dir. DataError (exit 2) when the rows are not of a kind dpo.method trains on."""
-    from pipelines.data import curate
-    from pipelines.data.config import DataConfig
-
     if not cfg.train_path:
         raise MissingInput("dpo.train_path is not set: point it at a preference JSONL (prompt, chosen, rejected"
                            + (", or prompt, completion, label" if cfg.method == "kto" else "") + ")")
