@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -76,14 +77,14 @@ def model_dir(name: str, work: Path) -> str:
     return resolve_model(ModelConfig(name=name))
 
 
-def run_trl(args, model: str, work: Path) -> dict:
+def run_trl(args, model: str, work: Path, seed: int, shared: dict) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in prompt_set(args)])
     times: list[float] = []
 
@@ -96,7 +97,7 @@ def run_trl(args, model: str, work: Path) -> dict:
                      learning_rate=args.lr, max_steps=args.steps, lr_scheduler_type="cosine", warmup_steps=0,
                      beta=0.0, loss_type="grpo", scale_rewards="group", num_iterations=1, top_p=1.0, top_k=0,
                      epsilon=0.2, weight_decay=0.0, max_grad_norm=1.0, gradient_checkpointing=False,
-                     use_cpu=True, bf16=False, report_to="none", logging_steps=1, save_strategy="no", seed=0,
+                     use_cpu=True, bf16=False, report_to="none", logging_steps=1, save_strategy="no", seed=seed,
                      dataloader_num_workers=0)
     trainer = GRPOTrainer(model=model, reward_funcs=trl_reward(args), args=cfg, train_dataset=ds,
                           peft_config=LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0,
@@ -115,34 +116,45 @@ def run_trl(args, model: str, work: Path) -> dict:
             "rewards": rewards}
 
 
-def run_ours(args, model: str, work: Path) -> dict:
+def run_ours(args, model: str, work: Path, seed: int, shared: dict) -> dict:
+    """One run of the rl stage. With --in-process the runs of this process share one Ray and one rollout engine
+    (started as rl.run starts its own, reset by rl.run for each run); the engine's start-up is outside the step
+    times either way."""
     import ray
 
     from pipelines.train import rl
     from pipelines.train.config import LoraSection, TrainSection, TrainSetup
     from pipelines.train.rl_config import RLSection
+    from pipelines.train.rollout import engine_env, engine_kwargs, start_engine
     from serve.config import ServeConfig
 
     prompts = work / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompt_set(args)))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "1",
-                                       "TOKENIZERS_PARALLELISM": "false"}})
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "1",
+                                           "TOKENIZERS_PARALLELISM": "false"}})
     cfg = RLSection(prompts_path=str(prompts), rewards=[{"fn": "length_penalty", "args": reward_args(args)}],
                     num_generations=args.g, prompts_per_step=args.prompts_per_step,
                     micro_batch_size=args.prompts_per_step * args.g, sampling={"max_new_tokens": args.max_new_tokens},
-                    steps=args.steps, lr=args.lr, staleness=args.staleness, seed=0,
+                    steps=args.steps, lr=args.lr, staleness=args.staleness, seed=seed,
                     parity={"warn": 0.05, "stop": 1.0})
     setup = TrainSetup(model_dir=model, train=TrainSection(num_workers=1, cpus_per_worker=1, log_every=1,
                                                            tracking_uri="off"))
+    serve_cfg = ServeConfig(max_lora_rank=max(8, args.r), max_model_len=512)
+    if args.in_process and "engine" not in shared:
+        shared["engine"] = start_engine(engine_kwargs(serve_cfg, model, max_loras=cfg.staleness + 2, gpu=False,
+                                                      seed=seed), cfg.staleness, num_cpus=cfg.rollout_cpus,
+                                        num_gpus=0, env=engine_env(serve_cfg))
     t0 = time.perf_counter()
-    out = rl.run(cfg, setup, LoraSection(r=args.r, alpha=2 * args.r, dropout=0.0),
-                 ServeConfig(max_lora_rank=max(8, args.r), max_model_len=512), work / "ours")
+    out = rl.run(cfg, setup, LoraSection(r=args.r, alpha=2 * args.r, dropout=0.0), serve_cfg, work / "ours",
+                 engine=shared.get("engine"))
     total = time.perf_counter() - t0
     steps = [json.loads(line) for line in (out / "rl_steps.jsonl").read_text().splitlines()]
     rewards = [s["reward_mean"] for s in steps]
     sync = [s["sync_s"] for s in steps if s.get("sync_s") is not None]
-    ray.shutdown()
+    if not args.in_process:
+        ray.shutdown()
     return {"step_s": statistics.median(s["step_s"] for s in steps[1:]) if len(steps) > 1 else steps[0]["step_s"],
             "total_s": total,
             "rollout_tokens_per_s": sum(s["completion_tokens"] for s in steps) / sum(s["rollout_s"] for s in steps),
@@ -155,11 +167,15 @@ def run_ours(args, model: str, work: Path) -> dict:
 
 
 def contender(args) -> None:
-    work = Path(args.work) / f"{args.contender}-{args.run}"
-    work.mkdir(parents=True, exist_ok=True)
+    """Run `args.run` (a fresh process per run), or with --in-process every run, one after another (seed = the
+    run's number on both sides: the repeats sample differently)."""
     fn = run_trl if args.contender == "trl" else run_ours
-    result = fn(args, args.model_dir, work)
-    print("RESULT " + json.dumps(result), flush=True)
+    shared: dict = {}
+    for run in range(args.repeats) if args.in_process else [args.run]:
+        work = Path(args.work) / f"{args.contender}-{run}"
+        work.mkdir(parents=True, exist_ok=True)
+        result = fn(args, args.model_dir, work, run, shared)
+        print("RESULT " + json.dumps(result), flush=True)
 
 
 def _median(rows: list[dict], key: str):
@@ -213,7 +229,14 @@ def main() -> None:
     ap.add_argument("--staleness", type=int, default=0, choices=(0, 1))
     ap.add_argument("--prompts", type=int, default=None, help="prompts in the set (default: --prompts-per-step)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--timeout", type=float, default=1500, help="seconds one contender run may take")
+    ap.add_argument("--timeout", type=float, default=1500, help="seconds one contender process may take")
+    ap.add_argument("--in-process", action="store_true", help=(
+        "one process per contender runs all its repeats (TRL: the model loaded again per run; ours: one Ray and one "
+        "rollout engine for the runs) instead of a fresh process per run: far less start-up on a loaded machine; "
+        "the contenders then run one after the other, not interleaved"))
+    ap.add_argument("--parallel", action="store_true", help=(
+        "with --in-process: run the two contender processes at the same time (on a machine loaded by others, each "
+        "gets about the share it would get alone; on an idle machine they slow each other)"))
     ap.add_argument("--plot", help="write both contenders' reward per step (PNG) here")
     ap.add_argument("--save", help="write the summary JSON here")
     ap.add_argument("--only", choices=CONTENDERS, action="append", help="run only these contenders")
@@ -224,6 +247,8 @@ def main() -> None:
     ap.add_argument("--model-dir", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.prompts = len(prompt_set(args))
+    if args.parallel and not args.in_process:
+        raise SystemExit("--parallel needs --in-process")
     if args.contender:
         contender(args)
         return
@@ -231,23 +256,31 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="rl-bench-") as work:
         mdir = model_dir(args.model, Path(work))
         results: dict[str, list[dict]] = {c: [] for c in (args.only or CONTENDERS)}
-        for rep in range(args.repeats):
-            for name in results:
-                cmd = [sys.executable, __file__, "--contender", name, "--run", str(rep), "--work", work,
-                       "--model-dir", mdir, "--steps", str(args.steps), "--g", str(args.g), "--prompts-per-step",
-                       str(args.prompts_per_step), "--max-new-tokens", str(args.max_new_tokens), "--lr", str(args.lr),
-                       "--r", str(args.r), "--staleness", str(args.staleness), "--prompts", str(args.prompts)]
-                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=args.timeout)
-                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-                if proc.returncode or line is None:
-                    sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
-                    raise SystemExit(f"{name} run {rep} failed (exit {proc.returncode})")
-                results[name].append(json.loads(line[len("RESULT "):]))
-                r = results[name][-1]
-                print(f"{name:>5} run {rep}: {r['step_s']:.2f} s/step, reward {r['reward_first']:.3f} → "
-                      f"{r['reward_last']:.3f}, load {os.getloadavg()[0]:.1f}", flush=True)
-                summary = summarise(args, results, load_start, t_start)  # kept after every run: a partial
-                write(args, summary)  # result survives a timeout
+        plan = [(name, None) for name in results] if args.in_process else \
+            [(name, rep) for rep in range(args.repeats) for name in results]
+        lock = threading.Lock()
+        summary: dict = {}
+
+        def consume(name: str, rep: int | None) -> None:
+            nonlocal summary
+            for r in _launch(args, name, rep, work, mdir):
+                with lock:
+                    results[name].append(r)
+                    print(f"{name:>5} run {len(results[name]) - 1}: {r['step_s']:.2f} s/step, reward "
+                          f"{r['reward_first']:.3f} → {r['reward_last']:.3f}, load {os.getloadavg()[0]:.1f}",
+                          flush=True)
+                    summary = summarise(args, results, load_start, t_start)  # kept after every run: a partial
+                    write(args, summary)  # result survives a timeout
+
+        if args.parallel:  # both contenders at once, each in its process (only with --in-process)
+            threads = [threading.Thread(target=consume, args=step) for step in plan]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        else:
+            for step in plan:
+                consume(*step)
     if "ratios" in summary:
         t, o = summary["trl"], summary["ours"]
         print(f"\nsteps/hour ours / TRL = {summary['ratios']['steps_per_hour_ours_over_trl']:.2f} (goal >= 2); "
@@ -257,10 +290,37 @@ def main() -> None:
         print(json.dumps(summary, default=str))
 
 
+def _launch(args, name: str, rep: int | None, work: str, mdir: str):
+    """Run a contender in a fresh process (run `rep`, or every run with --in-process); yield each run's result as
+    its RESULT line arrives."""
+    cmd = [sys.executable, __file__, "--contender", name, "--run", str(rep or 0), "--work", work, "--model-dir", mdir,
+           "--steps", str(args.steps), "--g", str(args.g), "--prompts-per-step", str(args.prompts_per_step),
+           "--max-new-tokens", str(args.max_new_tokens), "--lr", str(args.lr), "--r", str(args.r), "--staleness",
+           str(args.staleness), "--prompts", str(args.prompts), "--repeats", str(args.repeats)]
+    if rep is None:
+        cmd.append("--in-process")
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO)
+        tail: list[str] = []
+        deadline = time.time() + args.timeout
+        for line in proc.stdout:
+            if line.startswith("RESULT "):
+                yield json.loads(line[len("RESULT "):])
+            tail = (tail + [line])[-40:]
+            if time.time() > deadline:
+                proc.kill()
+        if proc.wait():
+            err.seek(0)
+            sys.stderr.write("".join(tail) + err.read()[-6000:])
+            raise SystemExit(f"{name} failed (exit {proc.returncode})")
+
+
 def summarise(args, results: dict[str, list[dict]], load_start: float, t_start: float) -> dict:
     summary: dict = {"settings": {k: getattr(args, k) for k in ("model", "steps", "g", "prompts", "prompts_per_step",
                                                                    "max_new_tokens", "lr", "r", "staleness",
                                                                    "repeats")},
+                     "mode": "in-process" + (", parallel" if args.parallel else "") if args.in_process else
+                     "a fresh process per run, interleaved",
                      "load_avg_1m": {"start": load_start, "end": round(os.getloadavg()[0], 2)},
                      "seconds": round(time.time() - t_start)}
     for name, rows in results.items():
