@@ -17,7 +17,6 @@ as Serve's multiplexed model id, so an adapter's requests go to replicas that al
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -30,13 +29,14 @@ from ray.serve.llm.ingress import OpenAiIngress
 from starlette.background import BackgroundTask
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from serve.adapters import AdapterSource, Resolver
+from serve.adapters import SOURCE_TIMEOUT_S, AdapterSource, Resolver, off_loop
 from serve.canary import CanaryView
 from serve.config import ServeConfig
 from serve.errors import (
     CLIENT_CLOSED,
     STREAM_FAILED,
     AdapterNotFound,
+    AdapterSourceUnavailable,
     APIError,
     BadAdapterName,
     adapter_error,
@@ -67,9 +67,9 @@ from serve.stream import StreamMeter
 ADAPTER_HEADER = "x-loraforge-adapter"  # the artifact that answered: "base" or e.g. "city@4"
 REPLICA_HEADER = "x-loraforge-replica"  # which engine replica answered (non-streaming responses)
 ROUTER_TIMEOUT_S = 600
-# How long a request waits for the adapter source (a registry in a store) before its 503: the call runs in a thread,
-# so a store that stopped answering holds neither the event loop nor base requests and /health.
-SOURCE_TIMEOUT_S = 10
+# How long a request waits for the adapter source (a registry in a store) before its 503 is serve.adapters'
+# SOURCE_TIMEOUT_S (10 s, the engine replicas' too): the call runs in a thread of the source's own pool (off_loop), so
+# a store that stopped answering holds neither the event loop, its default executor, base requests nor /health.
 logger = logging.getLogger("loraforge.serve")
 
 # The routes served: OpenAI text generation, the model list and a health probe. Ray's ingress also routes
@@ -136,10 +136,10 @@ class LoRAIngress(OpenAiIngress):
         source cannot be read (a broken registry must not look like an empty one)."""
         self._authorize(request)
         try:
-            names = set(await asyncio.wait_for(asyncio.to_thread(self.source.list), SOURCE_TIMEOUT_S)) | \
-                set(self.cfg.splits)
+            names = set(await off_loop(self.source.list, timeout_s=SOURCE_TIMEOUT_S)) | set(self.cfg.splits)
         except Exception as e:  # noqa: BLE001 - whatever the source raised, the client sees a 503
-            raise APIError(503, f"adapter source unavailable: {e or f'no answer within {SOURCE_TIMEOUT_S} s'}") from e
+            raise APIError(503, e.message if isinstance(e, AdapterSourceUnavailable)
+                           else f"adapter source unavailable: {e}") from e
         alias = self.cfg.model_alias
         return [model_card(alias, self.created),
                 *(model_card(f"{alias}:{n}", self.created, parent=alias) for n in sorted(names))]
@@ -178,11 +178,9 @@ class LoRAIngress(OpenAiIngress):
             return Target(alias, tags=tags_for(alias, None, None))
         ref = route(name, self.canary.merged(self.cfg.splits) if self.canary else self.cfg.splits, caller)
         try:
-            res = await asyncio.wait_for(asyncio.to_thread(self.resolver.resolve, ref), SOURCE_TIMEOUT_S)
+            res = await off_loop(self.resolver.resolve, ref, timeout_s=SOURCE_TIMEOUT_S)  # no answer: its 503
         except (BadAdapterName, AdapterNotFound) as e:
             raise APIError(*adapter_error(e, ref, model)) from e
-        except asyncio.TimeoutError as e:  # the store does not answer: AdapterSourceUnavailable's 503 too
-            raise APIError(503, f"adapter source unavailable: no answer within {SOURCE_TIMEOUT_S} s") from e
         return Target(f"{alias}:{res.id}", res.id, tags_for(name, res.name, res.version))
 
     def _record(self, tags: dict[str, str], status: int, t0: float, prompt: int = 0, completion: int = 0,
