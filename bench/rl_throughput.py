@@ -131,7 +131,7 @@ def run_ours(args, model: str, work: Path, seed: int, shared: dict) -> dict:
     prompts = work / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompt_set(args)))
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "1",
                                            "TOKENIZERS_PARALLELISM": "false"}})
     cfg = RLSection(prompts_path=str(prompts), rewards=[{"fn": "length_penalty", "args": reward_args(args)}],
