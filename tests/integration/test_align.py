@@ -64,7 +64,9 @@ def test_orpo_from_the_base_on_ray_train(aligned):
     the base; the ORPO loss and its NLL part fall. (Its odds-ratio term, a difference of mean token log-probs,
     stays flat on this tiny random model: log σ ≈ -0.69 throughout, at λ 0.1 and at λ 3 alike; it is reported.)"""
     data = json.loads((aligned["pairs"] / "manifest.json").read_text())
-    assert data["inputs"] == {} and data["metrics"]["reference"] is None and data["metrics"]["method"] == "orpo"
+    assert set(data["inputs"]) == {"curated"} and data["metrics"]["reference"] is None  # curated pairs, no reference
+    assert data["metrics"]["method"] == "orpo" and data["metrics"]["rows_kept"] == 16
+    assert data["metrics"]["rows_in"] == 100 == data["metrics"]["rows_kept"] + data["metrics"]["rows_rejected"]
     assert data["metrics"]["train"] >= 10
     man = json.loads((aligned["orpo"] / "manifest.json").read_text())
     m = man["metrics"]
