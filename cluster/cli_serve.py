@@ -58,7 +58,7 @@ def deploy(config: Path = CONFIG,
     host = probe_host(address, cfg.serve.host)
     what = _what_is_served(cfg)
     session.init_ray(cfg)
-    url = start(cfg.serve, what.model, what.adapters, probe_host=host)
+    url = start(cfg.serve.with_judge_store(str(cfg.run_dir() / "judged")), what.model, what.adapters, probe_host=host)
     # Serve's controller is detached: the app keeps running after this driver disconnects.
     ray.shutdown()
     print(url, flush=True)

@@ -579,7 +579,7 @@ def start_serving(cfg: RunConfig, what: Served) -> str:
     session.init_ray(cfg)
     t0 = time.time()
     with console.status(f"[bold]{SERVE.name}[/]: starting vLLM behind Ray Serve"):
-        url = start(cfg.serve, what.model, what.adapters)
+        url = start(cfg.serve.with_judge_store(str(cfg.run_dir() / "judged")), what.model, what.adapters)
     console.print(f"[bold]{SERVE.name}[/]: {url} up in {time.time() - t0:.0f} s; serving {what.what}; models: "
                   f"{cfg.serve.model_alias}" + "".join(f", {cfg.serve.model_alias}:{a}" for a in what.adapters))
     return url

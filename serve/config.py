@@ -124,6 +124,10 @@ class JudgeConfig(Section):
         "The judge's OpenAI base URL; None: this app's own base model over loopback (a weak judge: say so when you "
         "read its scores), with serve.api_key."))
     model: str | None = Field(None, description="Model name sent to the judge; None: serve.model_alias.")
+    constrain: bool | None = Field(None, description=(
+        "Constrain the judge's reply to 1..10 (vLLM structured outputs: structured_outputs.choice), so a small "
+        "judge still gives a score; None: on when the judge is this app's own base (url unset), off for another "
+        "endpoint (OpenAI's API refuses the field)."))
     api_key_env: str = Field("LORAFORGE_JUDGE_API_KEY", description=(
         "Env var holding the judge's API key when url is set, read where the judge replica runs (the Ray node's "
         "environment); never logged."))

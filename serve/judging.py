@@ -11,8 +11,9 @@ version and judged in batches, off the request path, by any OpenAI-compatible en
   `JudgeWorker`, a one-replica Serve deployment of the app: the one writer of the store (`JudgeStore`,
   <serve.judge.store>/judged.jsonl, at most max_rows rows and max_age_h hours) and the one client of the judge.
 - How they are judged: every serve.judge.interval_s, up to batch_size samples, with the evaluation stage's judge
-  prompt and score parsing (pipelines.eval.judge: judge_prompt without a reference answer, ask_judge); the judge is
-  serve.judge.url (default: this app's own base model over loopback, with serve.api_key; else the key in the env var
+  prompt and score parsing (pipelines.artifacts.judge, which pipelines.eval.judge uses too: judge_prompt without a
+  reference answer, ask_judge); the judge is serve.judge.url (default: this app's own base model over loopback, with
+  serve.api_key and its reply constrained to 1..10 (serve.judge.constrain); else the key in the env var
   serve.judge.api_key_env, never logged). Each row is stored with its score (or why it has none) and counted in
   serve.metrics.JudgeMetrics per adapter and version; scored rows of canaried adapters go to the canary controller.
 
@@ -206,6 +207,7 @@ class JudgeWorker:
         self.store = JudgeStore(self.j.store, self.j.max_rows, self.j.max_age_h)
         self.url = self.j.url or loopback_url(cfg)
         self.model = self.j.model or cfg.model_alias
+        self.constrained = self.j.constrain if self.j.constrain is not None else self.j.url is None
         self.queue: deque[dict[str, Any]] = deque()
         self.counts: Counter[tuple[str, str, str]] = Counter()  # (adapter, version, outcome)
         self.metrics = JudgeMetrics.create()
@@ -242,7 +244,7 @@ class JudgeWorker:
         """The row with the judge's verdict: outcome scored / no_score (the reply held no 1-10 score) / error."""
         try:
             score, reply = ask_judge(self.client(), self.model,
-                                     judge_prompt(self.j.rubric, row["question"], row["answer"]))
+                                     judge_prompt(self.j.rubric, row["question"], row["answer"]), self.constrained)
         except Exception as e:  # noqa: BLE001 - a failed call is counted and stored, never retried
             return {**row, "outcome": "error", "score": None, "error": type(e).__name__}
         return {**row, "outcome": "scored" if score is not None else "no_score", "score": score,

@@ -114,7 +114,8 @@ class LoRAServer(LLMServer):
         await super().__init__(llm_config, model_downloader=partial(SourceLoader, source, cfg, bases,
                                                                     support_for(base_model)))
         if cfg.signals.enabled:  # quality signals of every answer (serve.signals), canaried ones to the controller
-            instrument(self.engine._engine_client, cfg.signals.top_k, Recorder(canary, cfg.canary, cfg.registry))
+            instrument(self.engine._engine_client, cfg.signals.top_k, Recorder(canary, cfg.canary, cfg.registry),
+                       cfg.signals.sample_rate)
         # A broken adapter named in the config fails the deploy, not a request later.
         statics = [s for s in getattr(source, "sources", [source]) if isinstance(s, StaticSource)]
         for name in [n for s in statics for n in s.list()][:cfg.adapter_cache_size]:

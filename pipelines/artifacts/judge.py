@@ -23,9 +23,15 @@ def judge_prompt(rubric: str, question: str, answer: str, reference: str | None 
     return f"{rubric}\n\nQuestion:\n{question}\n\n{ref}Answer to score:\n{answer}\n\nScore:"
 
 
-def ask_judge(client, model: str, content: str) -> tuple[float | None, str]:
-    """One judge call through an OpenAI client, greedy and short: (the parsed 1-10 score or None, the reply)."""
+SCORES = [str(i) for i in range(1, 11)]  # the replies a constrained judge may give
+
+
+def ask_judge(client, model: str, content: str, constrained: bool = False) -> tuple[float | None, str]:
+    """One judge call through an OpenAI client, greedy and short: (the parsed 1-10 score or None, the reply).
+    constrained: the reply is one of 1..10 (vLLM's structured outputs, `structured_outputs.choice`; other
+    OpenAI-compatible servers may refuse the field), so even a small judge answers with a score."""
+    extra = {"extra_body": {"structured_outputs": {"choice": SCORES}}} if constrained else {}
     reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
-                                           temperature=0, max_tokens=8)
+                                           temperature=0, max_tokens=8, **extra)
     text = reply.choices[0].message.content or ""
     return parse_score(text), text
