@@ -31,8 +31,13 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 SPLIT = {"ab": {"alpha": 80, "beta": 20}}
 # serve.canary: two registry adapters, each published during its test (the controller waits for both versions).
 CANARY_CFG = {"incumbent": 1, "candidate": 2, "steps": [20, 50, 100], "step_window_s": 4, "min_answers": 8,
-              "tick_s": 0.5, "max_entropy_increase": 0.1, "max_length_rate_increase": None}
+              "tick_s": 0.5, "max_entropy_increase": 0.1, "max_length_rate_increase": None, "min_judged": 4}
 CANARY = {"canary-bad": CANARY_CFG, "canary-good": CANARY_CFG}
+# serve.judge: a hash sample of the `judged` adapter's requests (published in its test) and of canary-good's is stored
+# and judged by the served base over loopback; no other adapter is sampled. serve.signals: entropy on half the requests.
+JUDGE_RATE = 0.5
+JUDGE = {"sample_rate": 0.0, "rates": {"judged": JUDGE_RATE, "canary-good": JUDGE_RATE}, "interval_s": 1.0}
+SIGNALS = {"sample_rate": 0.5}
 IN_FLIGHT = 64  # per-key cap; test_load_64_concurrent_clients_no_5xx holds 64 at once under it
 
 
@@ -75,13 +80,20 @@ def registry_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, tiny_model_dir, adapters, hot_dir, registry_dir):
+def judge_dir(tmp_path_factory) -> Path:
+    """serve.judge.store: where the app writes the sampled, judged requests."""
+    return tmp_path_factory.mktemp("judged")
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, tiny_model_dir, adapters, hot_dir, registry_dir, judge_dir):
     from serve import ServeConfig, shutdown, start
 
     # A cache of 3 with 4+ adapters in use makes the LRU evict during the tests.
     cfg = ServeConfig(port=free_port(), api_key=KEY, max_model_len=MAX_MODEL_LEN, startup_timeout_s=600,
                       adapter_dir=str(hot_dir), registry=str(registry_dir), max_loras=2, adapter_cache_size=3,
-                      splits=SPLIT, resolve_ttl_s=0, limits={"max_concurrent_per_key": IN_FLIGHT}, canary=CANARY)
+                      splits=SPLIT, resolve_ttl_s=0, limits={"max_concurrent_per_key": IN_FLIGHT}, canary=CANARY,
+                      judge={**JUDGE, "store": str(judge_dir)}, signals=SIGNALS)
     url = start(cfg, tiny_model_dir, adapters, name="test-serve")
     yield url
     shutdown("test-serve")
@@ -958,10 +970,16 @@ def test_good_canary_ramps_to_100_and_takes_the_alias(client, registry_dir, tiny
     assert [(e["action"], e["percent"]) for e in log] == [("canary_start", 20), ("canary_step", 50),
                                                             ("canary_step", 100), ("canary_promote", 100)], log
     assert all(not e["reasons"] and e["figures"]["candidate"]["answers"] >= 8 for e in log[1:])
+    # signals on a sample (serve.signals.sample_rate 0.5): each decided step had min_answers entropies a side
+    assert all(min(e["figures"][s]["entropy_answers"] for s in ("candidate", "incumbent")) >= 8 for e in log[1:])
+    judge = log[-1]["figures"]["judge"]  # the judge's figures in every decision: judged answers a side, counted?
+    assert all(e["figures"]["judge"]["breach"] is None for e in log[1:])
+    assert judge["counts"] == (min(judge["candidate"]["judged"], judge["incumbent"]["judged"]) >= 4), judge
     assert reg.resolve("canary-good@production").version == 2
     assert reg.audit()[-1]["action"] == "promote" and reg.audit()[-1]["version"] == 2
     print(f"\ngood canary: {len(served)} requests; 20 -> 50 -> 100% -> promoted in {time.monotonic() - t0:.1f} s; "
-          f"candidate share {sum(v == 'canary-good@2' for _, v in served) / len(served):.2f}")
+          f"candidate share {sum(v == 'canary-good@2' for _, v in served) / len(served):.2f}; judge at promotion: "
+          f"{judge}")
     late = {v for _, v in canary_load(client, "canary-good", lambda: True, timeout_s=3)}
     assert late == {"canary-good@2"}
     node = ray_session._private.worker.global_worker.node
