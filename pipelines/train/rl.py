@@ -1,9 +1,15 @@
 """The rl stage: online RL with verifiable rewards (GRPO, DAPO, Dr. GRPO) on a LoRA adapter, rollouts on a vLLM
 Ray actor, adapter-only versioned weight sync, and a parity gate between trainer and rollouts.
 
-    driver:   prompts read and templated → RolloutEngine actor (pipelines.train.rollout) → one Ray Train worker
+    driver:   prompts read and templated → RolloutEngine actor (pipelines.train.rollout) → Ray Train workers
     worker:   publish policy@0 → [rollouts (version v) → rewards → group advantages → parity gate → GRPO loss →
               optimizer step → publish policy@N (adapter files into the run's storage, bytes to the engine)]×steps
+
+Workers (train.num_workers, DDP): rank 0 asks the one engine for each step's rollouts and hands them to the other
+ranks (a gloo/NCCL broadcast); every rank scores the whole batch (group advantages need whole groups) and trains on
+its share of the groups (group g on rank g mod W); the loss of each rank is scaled so that DDP's mean of the
+ranks' gradients is the gradient of the whole batch's loss; parity and loss figures are reduced over the ranks;
+rank 0 publishes each version.
 
 Versions: policy@0 is the starting adapter (fresh on the base, or the SFT adapter); the optimizer step N publishes
 policy@N, an immutable folder `<storage>/policies/policy@N/` and a LoRA of its own id in the engine. Step k trains
@@ -14,8 +20,8 @@ log-probs is the parity figure of the step (warn / stop thresholds in rl.parity)
 
 Each step's record (rl_steps.jsonl in the output folder): rollout and trainer versions, reward (total and per
 function), parity mean/max, loss, clip fractions, KL, sync latency (publish → first rollout on that version),
-the engine's load time, and the step's seconds. What is not wired yet: more than one trainer worker (DDP),
-DeepSpeed ZeRO and QLoRA (refused with a message), resuming an interrupted run, MLflow.
+the engine's load time, the step's seconds, and the nodes of the trainer (rank 0) and of the engine. What is not
+wired yet: DeepSpeed ZeRO and QLoRA (refused with a message), resuming an interrupted run, MLflow.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from pipelines.train import worker
 from pipelines.train.base import attach_lora, start_worker
 from pipelines.train.config import LoraSection, TrainSetup, WorkerJob
 from pipelines.train.driver import adapter_health, plot_curves
-from pipelines.train.engine import Engine, make_optimizer, select_accelerator
+from pipelines.train.engine import Engine, all_sum, make_optimizer, select_accelerator
 from pipelines.train.grpo import (
     combine_rewards,
     completion_logps,
@@ -118,6 +124,9 @@ def check(cfg: RLSection, setup: TrainSetup, lora: LoraSection, serve_cfg) -> No
     if setup.train.deepspeed != "none" or setup.quant.load_in_4bit:
         raise ConfigError("rl: DeepSpeed ZeRO and QLoRA are not wired into the rl stage yet; set "
                           "train.deepspeed=none and quant.load_in_4bit=false")
+    if cfg.prompts_per_step < setup.train.num_workers:
+        raise ConfigError(f"rl: prompts_per_step={cfg.prompts_per_step} < train.num_workers="
+                          f"{setup.train.num_workers}: each worker trains on whole groups and needs at least one")
     if cfg.start == "base" and lora.r > serve_cfg.max_lora_rank:
         raise ConfigError(f"rl: lora.r={lora.r} > serve.max_lora_rank={serve_cfg.max_lora_rank}: the rollout "
                           "engine could not load the adapter")
@@ -128,11 +137,12 @@ def check(cfg: RLSection, setup: TrainSetup, lora: LoraSection, serve_cfg) -> No
 # -- the driver -------------------------------------------------------------------------------------------------
 def run(cfg: RLSection, setup: TrainSetup, lora: LoraSection, serve_cfg, out: Location | str | os.PathLike, *,
         sft: Location | str | os.PathLike | None = None, engine=None, engine_node: str | None = None,
-        trainer_strategy: str | None = None) -> Path:
+        trainer_strategy: str | None = None, trainer_resources: dict[str, float] | None = None) -> Path:
     """Train the rl adapter; write it, its records and a manifest into out's folder. engine: a RolloutEngine
     actor handle to use (e.g. shared by tests; it is reset for this run and left running); else one is started
     here (on `engine_node` when given) and stopped at the end. trainer_strategy: the Ray Train worker's placement
-    strategy (e.g. STRICT_SPREAD to keep it off the engine's node is the caller's business: pass a node there)."""
+    strategy; trainer_resources: custom Ray resources each worker asks for besides its CPUs (e.g. {"trainer": 1}
+    to hold the trainer to the nodes that have them, with the engine on `engine_node`)."""
     import ray
     from transformers import AutoTokenizer
 
@@ -149,7 +159,8 @@ def run(cfg: RLSection, setup: TrainSetup, lora: LoraSection, serve_cfg, out: Lo
         fh.writelines(json.dumps(r) + "\n" for r in rejected)
     print(f"[rl] {len(prompts)} prompts ({len(rejected)} left out), G={cfg.num_generations}, "
           f"{cfg.prompts_per_step} prompts per step, {cfg.steps} steps, staleness {cfg.staleness}", flush=True)
-    loop = cfg.optimisation(setup.train)
+    # the rl section's steps / lr / warmup over train's loop, with train's workers (DDP over the groups)
+    loop = cfg.optimisation(setup.train).model_copy(update={"num_workers": setup.train.num_workers})
     if cfg.start == "base":
         lora = lora.model_copy(update={"dropout": 0.0})  # the trainer's forward must be the rollout's
     job = setup.job(out_loc.child("ray_train").shared, None, train=loop, lora=lora,
@@ -166,7 +177,7 @@ def run(cfg: RLSection, setup: TrainSetup, lora: LoraSection, serve_cfg, out: Lo
     run_id = f"{out_dir.name}-{int(time.time() * 1000)}"
     ray.get(engine.reset.remote(run_id, cfg.staleness))
     try:
-        result = _fit(job, cfg, engine, prompts, run_id, trainer_strategy)
+        result = _fit(job, cfg, engine, prompts, run_id, trainer_strategy, trainer_resources)
     finally:
         try:
             engine_info = ray.get(engine.info.remote(), timeout=60)
@@ -189,7 +200,8 @@ def run(cfg: RLSection, setup: TrainSetup, lora: LoraSection, serve_cfg, out: Lo
     return out_dir
 
 
-def _fit(job: WorkerJob, cfg: RLSection, engine, prompts: list[dict], run_id: str, strategy: str | None):
+def _fit(job: WorkerJob, cfg: RLSection, engine, prompts: list[dict], run_id: str, strategy: str | None,
+         resources: dict[str, float] | None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -199,8 +211,8 @@ def _fit(job: WorkerJob, cfg: RLSection, engine, prompts: list[dict], run_id: st
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job, "rl": cfg, "engine": engine, "prompts": prompts, "run": run_id},
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=train.use_gpu,
-                                     resources_per_worker={"CPU": train.cpus_per_worker},
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
+                                     resources_per_worker={"CPU": train.cpus_per_worker, **(resources or {})},
                                      placement_strategy=strategy or train.placement_strategy),
         run_config=RunConfig(name="rl", storage_path=job.storage, failure_config=FailureConfig(max_failures=0),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)))
@@ -362,85 +374,173 @@ def _starting_adapter(job: WorkerJob, cfg: RLSection, store_fs):
 
 
 def _update(engine: Engine, cfg: RLSection, chunks: list[list[int]], padded: list[dict[str, Any]], olds: list,
-            rollouts: list, adv, total_tokens: float, reference) -> dict[str, float]:
-    """One optimizer step over the step's micro-batches (GRPO loss, accumulated): its loss, clip-region share and
-    KL (token-weighted). `reference(b)`: the KL term's log-probs, asked only when rl.kl_beta > 0."""
+            rollouts: list, adv, total_tokens: float, reference, B: int, world: int) -> dict[str, float]:
+    """One optimizer step over this rank's micro-batches (GRPO loss, accumulated) of the step's B completions:
+    the loss, clip-region share and KL (token-weighted) summed over the ranks. `reference(b)`: the KL term's
+    log-probs, asked only when rl.kl_beta > 0. Each micro-batch's loss is weighted by its share of the whole
+    batch and by `world` (DDP averages the ranks' gradients); the forward of every micro-batch but the last runs
+    under DDP's no_sync with its backward (a forward outside it would all-reduce in its backward)."""
+    import contextlib
+
     import torch
 
-    B = sum(len(ch) for ch in chunks)
-    temperature = cfg.sampling.temperature
     figures = {"loss": 0.0, "clip_region": 0.0, "kl": 0.0}
     for n, (ch, b, old, r) in enumerate(zip(chunks, padded, olds, rollouts)):
-        logps = engine.forward(_logps, engine.model, b, temperature)
-        ref_lp = reference(b) if cfg.kl_beta else None
-        is_w = truncated_is_weights(old, torch.nan_to_num(r, nan=0.0), b["mask"], cfg.tis_cap) \
-            if cfg.tis_cap else None
-        out = grpo_loss(logps, old, adv[ch], b["mask"], ref_logps=ref_lp, beta=cfg.kl_beta, eps=cfg.epsilon,
-                        eps_high=cfg.epsilon_high, aggregation=cfg.aggregation,
-                        max_completion_length=cfg.sampling.max_new_tokens, is_weights=is_w,
-                        token_normalizer=total_tokens)
-        scale = 1.0 if cfg.aggregation == "dapo" else len(ch) / B
-        loss = out["loss"] * scale
-        engine.backward(loss, last_micro=n == len(chunks) - 1)
-        share = b["mask"].sum().item() / max(total_tokens, 1.0)
-        figures["loss"] += float(loss)
-        figures["clip_region"] += out["clip_region"] * share
-        figures["kl"] += out["kl"] * share
+        last = n == len(chunks) - 1
+        quiet = engine.model.no_sync() if not last and hasattr(engine.model, "no_sync") else contextlib.nullcontext()
+        with quiet:
+            figures = _micro(engine, cfg, ch, b, old, r, adv, total_tokens, reference, B, world, last, figures)
+    grads = [p.grad.detach().float().norm() for p in engine.params if p.grad is not None]
+    grad_norm = float(torch.stack(grads).norm()) if grads else 0.0  # after DDP's all-reduce, before clipping
     engine.step()
     engine.zero_grad()
-    return figures
+    loss, clip, kl = all_sum([figures["loss"], figures["clip_region"], figures["kl"]])
+    return {"loss": loss / world, "clip_region": clip, "kl": kl, "grad_norm": grad_norm}
+
+
+def _micro(engine: Engine, cfg: RLSection, ch: list[int], b: dict[str, Any], old, r, adv, total_tokens: float,
+           reference, B: int, world: int, last: bool, figures: dict[str, float]) -> dict[str, float]:
+    """Forward, loss and backward of one micro-batch; the figures with its part added."""
+    import torch
+
+    logps = engine.forward(_logps, engine.model, b, cfg.sampling.temperature)
+    ref_lp = reference(b) if cfg.kl_beta else None
+    is_w = truncated_is_weights(old, torch.nan_to_num(r, nan=0.0), b["mask"], cfg.tis_cap) if cfg.tis_cap else None
+    out = grpo_loss(logps, old, adv[ch], b["mask"], ref_logps=ref_lp, beta=cfg.kl_beta, eps=cfg.epsilon,
+                    eps_high=cfg.epsilon_high, aggregation=cfg.aggregation,
+                    max_completion_length=cfg.sampling.max_new_tokens, is_weights=is_w, token_normalizer=total_tokens)
+    loss = out["loss"] * (1.0 if cfg.aggregation == "dapo" else len(ch) / B) * world
+    engine.backward(loss, last_micro=last)
+    share = b["mask"].sum().item() / max(total_tokens, 1.0)
+    return {"loss": figures["loss"] + float(loss), "clip_region": figures["clip_region"] + out["clip_region"] * share,
+            "kl": figures["kl"] + out["kl"] * share}
+
+
+def _broadcast(obj, world: int):
+    """rank 0's object on every rank (the process group's broadcast); the object itself on one worker."""
+    if world == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _all_max(value: float) -> float:
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64,
+                     device=worker.collective_device(dist.get_backend(), worker.current().device))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+class _Rollouts:
+    """The engine's side of the loop. Rank 0 publishes each version (the run's storage, then the bytes into the
+    object store for the engine's `sync`) and asks for each step's rollouts; every rank gets the step's prompts and
+    rollouts from rank 0 (broadcast)."""
+
+    def __init__(self, cfg: RLSection, actor, prompts: list[dict[str, Any]], run_id: str, rank: int, world: int):
+        self.cfg, self.actor, self.run, self.rank, self.world = cfg, actor, run_id, rank, world
+        self.stream = _passes(prompts, cfg.seed)
+        self.pending: list[tuple[list[dict[str, Any]], Any]] = []
+        self.syncs: dict[int, dict[str, Any]] = {}
+
+    def publish(self, version: int, peft) -> None:
+        if self.rank:
+            return
+        import ray
+
+        t0 = time.time()
+        files = _adapter_files(peft)
+        folder = _publish(files, version)
+        info = ray.get(self.actor.sync.remote(self.run, version, ray.put(files), t0))
+        self.syncs[version] = {**info, "publish_s": time.time() - t0, "folder": folder}
+
+    def request(self, step: int) -> None:
+        if self.rank:
+            return
+        cfg, s = self.cfg, self.cfg.sampling
+        batch = [next(self.stream) for _ in range(cfg.prompts_per_step)]
+        self.pending.append((batch, self.actor.rollout.remote(
+            self.run, [p["prompt_ids"] for p in batch], cfg.num_generations, temperature=s.temperature,
+            top_p=s.top_p, max_tokens=s.max_new_tokens, seed=cfg.seed * 1_000_003 + step,
+            drill_base=cfg.drill_base_rollout_at_step == step)))
+
+    def take(self) -> tuple[list[dict[str, Any]], dict[str, Any], float]:
+        """The oldest requested step's prompts and rollouts, and how long rank 0 waited for them."""
+        payload = None
+        if self.rank == 0:
+            import ray
+
+            batch, ref = self.pending.pop(0)
+            t0 = time.time()
+            payload = (batch, ray.get(ref), time.time() - t0)
+        return _broadcast(payload, self.world)
+
+    def record(self, step: int, ro: dict[str, Any], wait_s: float, node: str) -> dict[str, Any]:
+        sync = self.syncs.get(ro["version"], {})
+        return {"step": step, "trainer_version": step - 1, "rollout_version": ro["version"],
+                "lag": step - 1 - ro["version"], "lora_id": ro["lora_id"], "sync_s": ro["sync_s"],
+                "load_s": sync.get("load_s"), "publish_s": sync.get("publish_s"), "sync_bytes": sync.get("bytes"),
+                "rollout_s": ro["finished_at"] - ro["started_at"], "rollout_wait_s": wait_s,
+                "completion_tokens": ro["tokens"], "trainer_node": node, "rollout_node": ro["node_id"],
+                "workers": self.world}
+
+
+def _my_chunks(n_prompts: int, G: int, micro: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's completions (the groups g with g mod world = rank), in micro-batches of at most `micro`."""
+    mine = [g * G + j for g in range(rank, n_prompts, world) for j in range(G)]
+    return [mine[i:i + micro] for i in range(0, len(mine), micro)]
+
+
+def _stop_reason(cfg: RLSection, rec: dict[str, Any], par: dict[str, float], states: dict) -> str | None:
+    if rec["lag"] < 0 or rec["lag"] > cfg.staleness or rec["rollout_version"] not in states:
+        return (f"rollouts of policy@{rec['rollout_version']} while the trainer holds policy@{rec['trainer_version']}:"
+                f" outside the staleness bound {cfg.staleness}")
+    if par and rec["parity_mean"] > cfg.parity.stop:
+        return (f"parity gate: mean |log π_trainer − log π_rollout| = {rec['parity_mean']:.4f} on "
+                f"policy@{rec['rollout_version']}'s {par['tokens']} sampled tokens > rl.parity.stop={cfg.parity.stop}"
+                f" (max {par['max']:.4f}): the rollouts did not come from the published adapter (a wrong version, "
+                "or the base model)")
+    return None
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """The rl loop on the (one) Ray Train worker."""
+    """The rl loop on each Ray Train worker (rank 0 talks to the engine; DDP over the groups)."""
     select_accelerator()
-    import ray
     import torch
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from transformers import get_cosine_schedule_with_warmup
 
-
     job: WorkerJob = config["job"].on_node()
     cfg: RLSection = config["rl"]
-    engine_actor, prompts, run_id = config["engine"], config["prompts"], config["run"]
     train, here = job.train, worker.current()
+    rank, world = here.world_rank, here.world_size
     tokenizer, pad_id, model, static = start_worker(job, _starting_adapter(job, cfg, config.get("store_fs")))
     engine = Engine(model, train, None, lambda p: make_optimizer(p, train),
                     lambda o: get_cosine_schedule_with_warmup(o, train.warmup_steps, train.max_steps),
                     compute_dtype=job.compute_dtype())
     device = engine.device
-    peft = engine.peft_model
+    peft = engine.peft_model  # no-gradient forwards go through it: DDP's wrapper would sync buffers each time
     peft.train()
     for module in peft.modules():  # no dropout anywhere: the trainer's forward must be the rollout engine's
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    sampling = cfg.sampling
-    G = cfg.num_generations
+    temperature, G = cfg.sampling.temperature, cfg.num_generations
     states: dict[int, dict[str, Any]] = {}  # version -> adapter weights, for the staleness window (+ reference)
     start_state = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(peft).items()}
+    rollouts_of = _Rollouts(cfg, config["engine"], config["prompts"], config["run"], rank, world)
 
-    def keep(version: int) -> None:
+    def publish(version: int) -> None:
         states[version] = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(peft).items()}
         for old in [v for v in states if v < version - cfg.staleness]:
             del states[old]
-
-    def publish(version: int) -> dict[str, Any]:
-        t0 = time.time()
-        files = _adapter_files(peft)
-        folder = _publish(files, version)
-        info = ray.get(engine_actor.sync.remote(run_id, version, files, t0))
-        keep(version)
-        return {**info, "publish_s": time.time() - t0, "folder": folder}
-
-    stream = _passes(prompts, cfg.seed)
-
-    def request(step: int):
-        batch = [next(stream) for _ in range(cfg.prompts_per_step)]
-        ref = engine_actor.rollout.remote(run_id, [p["prompt_ids"] for p in batch], G,
-                                          temperature=sampling.temperature, top_p=sampling.top_p,
-                                          max_tokens=sampling.max_new_tokens, seed=cfg.seed * 1_000_003 + step,
-                                          drill_base=cfg.drill_base_rollout_at_step == step)
-        return step, batch, ref
+        rollouts_of.publish(version, peft)
 
     def scored(b: dict[str, Any], state: dict | None = None, base: bool = False):
         """log-probs without gradient under other adapter weights (a stale version, the reference), the base
@@ -448,13 +548,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with torch.no_grad():
             if base:
                 with peft.disable_adapter():
-                    return _logps(engine.model, b, sampling.temperature)
+                    return _logps(peft, b, temperature)
             if state is None:
-                return _logps(engine.model, b, sampling.temperature)
+                return _logps(peft, b, temperature)
             current = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft).items()}
             set_peft_model_state_dict(peft, state)
             try:
-                return _logps(engine.model, b, sampling.temperature)
+                return _logps(peft, b, temperature)
             finally:
                 set_peft_model_state_dict(peft, current)
 
@@ -463,74 +563,62 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     records: list[dict[str, Any]] = []
     stopped = None
-    syncs = {0: publish(0)}
-    print(f"[rl] policy@0 published ({static['trainable_params']:,} trainable parameters, start={cfg.start})",
-          flush=True)
-    pending = [request(1)]
+    publish(0)
+    if rank == 0:
+        print(f"[rl] policy@0 published ({static['trainable_params']:,} trainable parameters, start={cfg.start}, "
+              f"{world} worker(s))", flush=True)
+    rollouts_of.request(1)
     for step in range(1, cfg.steps + 1):
         t_step = time.time()
         if cfg.staleness and step < cfg.steps:
-            pending.append(request(step + 1))  # sampled while this step trains (the engine is one call at a time)
-        req_step, batch, ref = pending.pop(0)
-        t_wait = time.time()
-        ro = ray.get(ref)
-        wait_s = time.time() - t_wait
-        current = step - 1  # the trainer holds policy@current
-        lag = current - ro["version"]
-        rec: dict[str, Any] = {"step": step, "trainer_version": current, "rollout_version": ro["version"],
-                               "lag": lag, "lora_id": ro["lora_id"], "sync_s": ro["sync_s"],
-                               "load_s": syncs.get(ro["version"], {}).get("load_s"),
-                               "publish_s": syncs.get(ro["version"], {}).get("publish_s"),
-                               "rollout_s": ro["finished_at"] - ro["started_at"], "rollout_wait_s": wait_s,
-                               "completion_tokens": ro["tokens"]}
-        if lag < 0 or lag > cfg.staleness or ro["version"] not in states:
-            stopped = {"step": step, "reason": f"rollouts of policy@{ro['version']} while the trainer holds "
-                                               f"policy@{current}: outside the staleness bound {cfg.staleness}"}
+            rollouts_of.request(step + 1)  # sampled while this step trains (the engine is one call at a time)
+        batch, ro, wait_s = rollouts_of.take()
+        rec = rollouts_of.record(step, ro, wait_s, here.node_id())
+        reason = _stop_reason(cfg, rec, {}, states)
+        if reason is None:
+            completions, prompt_ids, per_func, rewards, adv = _rewarded(cfg, batch, ro["groups"])
+            comp_ids = [c["ids"] for c in completions]
+            adv = adv.to(device)
+            # old log-probs (the sampling version's weights) of this rank's groups, parity against the engine's
+            B = len(completions)
+            chunks = _my_chunks(len(batch), G, cfg.micro_batch_size, rank, world)
+            padded = [_pad_batch([prompt_ids[i] for i in ch], [comp_ids[i] for i in ch], pad_id, device)
+                      for ch in chunks]
+            total_tokens = float(sum(len(c) for c in comp_ids))
+            sampled_by = None if ro["version"] == step - 1 else states[ro["version"]]
+            olds, rolled, par = _old_and_parity(chunks, padded, completions, device, lambda b: scored(b, sampled_by))
+            par["sum"], par["tokens"] = all_sum([par["sum"], par["tokens"]])
+            par["max"] = _all_max(par["max"])
+            rec.update({"parity_mean": par["sum"] / max(par["tokens"], 1), "parity_max": par["max"],
+                        "parity_tokens": int(par["tokens"])})
+            reason = _stop_reason(cfg, rec, par, states)
+        if reason is not None:
+            stopped = {"step": step, "reason": reason}
             records.append(rec)
             break
-        completions, prompt_ids, per_func, rewards, adv = _rewarded(cfg, batch, ro["groups"])
-        comp_ids = [c["ids"] for c in completions]
-        adv = adv.to(device)
-        # old log-probs (the sampling version's weights), parity against the engine's, then the update
-        B = len(completions)
-        chunks = [list(range(i, min(i + cfg.micro_batch_size, B))) for i in range(0, B, cfg.micro_batch_size)]
-        padded = [_pad_batch([prompt_ids[i] for i in ch], [comp_ids[i] for i in ch], pad_id, device) for ch in chunks]
-        total_tokens = float(sum(len(c) for c in comp_ids))
-        sampled_by = None if ro["version"] == current else states[ro["version"]]
-        olds, rollouts, par = _old_and_parity(chunks, padded, completions, device, lambda b: scored(b, sampled_by))
-        parity_mean = par["sum"] / max(par["tokens"], 1)
-        rec.update({"parity_mean": parity_mean, "parity_max": par["max"], "parity_tokens": par["tokens"]})
-        if parity_mean > cfg.parity.stop:
-            stopped = {"step": step, "reason": (
-                f"parity gate: mean |log π_trainer − log π_rollout| = {parity_mean:.4f} on policy@{ro['version']}'s "
-                f"{par['tokens']} sampled tokens > rl.parity.stop={cfg.parity.stop} (max {par['max']:.4f}): the "
-                "rollouts did not come from the published adapter (a wrong version, or the base model)")}
-            records.append(rec)
-            break
-        if parity_mean > cfg.parity.warn:
-            print(f"[rl] WARNING step {step}: parity mean |Δ log p| {parity_mean:.4f} > rl.parity.warn="
+        if rec["parity_mean"] > cfg.parity.warn and rank == 0:
+            print(f"[rl] WARNING step {step}: parity mean |Δ log p| {rec['parity_mean']:.4f} > rl.parity.warn="
                   f"{cfg.parity.warn} (max {par['max']:.4f})", flush=True)
         t_train = time.time()
-        figures = _update(engine, cfg, chunks, padded, olds, rollouts, adv, total_tokens, reference)
+        figures = _update(engine, cfg, chunks, padded, olds, rolled, adv, total_tokens, reference, B, world)
         train_s = time.time() - t_train
-        syncs[step] = publish(step)
+        publish(step)
         scored_rewards = rewards[~torch.isnan(rewards)]
         rec.update({"reward_mean": float(scored_rewards.mean()) if scored_rewards.numel() else math.nan,
                     "reward_std": float(scored_rewards.std()) if scored_rewards.numel() > 1 else 0.0,
                     "reward_per_function": {spec.fn: _nanmean(col) for spec, col in zip(cfg.rewards, per_func)},
-                    "unscorable": int(torch.isnan(rewards).sum()), "loss": figures["loss"],
-                    "clip_region": figures["clip_region"], "kl": figures["kl"], "lr": engine.lr(),
-                    "train_s": train_s, "published": f"policy@{step}", "step_s": time.time() - t_step,
-                    "mean_completion_tokens": total_tokens / B})
+                    "unscorable": int(torch.isnan(rewards).sum()), "lr": engine.lr(), "train_s": train_s,
+                    "published": f"policy@{step}", "step_s": time.time() - t_step,
+                    "mean_completion_tokens": total_tokens / B, **figures})
         records.append(rec)
-        if here.world_rank == 0 and (step % train.log_every == 0 or step in (1, cfg.steps)):
+        if rank == 0 and (step % train.log_every == 0 or step in (1, cfg.steps)):
             print(f"[rl] step {step}/{cfg.steps} reward {rec['reward_mean']:.3f} loss {rec['loss']:.4f} parity "
-                  f"{parity_mean:.2e} (max {par['max']:.2e}) rollout policy@{ro['version']} sync "
+                  f"{rec['parity_mean']:.2e} (max {par['max']:.2e}) rollout policy@{ro['version']} sync "
                   f"{(rec['sync_s'] or 0):.2f} s", flush=True)
         if step < cfg.steps and not cfg.staleness:
-            pending.append(request(step + 1))
+            rollouts_of.request(step + 1)
     with tempfile.TemporaryDirectory() as folder:
-        if here.world_rank == 0:
+        if rank == 0:
             peft.save_pretrained(folder, safe_serialization=True)
             tokenizer.save_pretrained(folder)
             Path(folder, STATE).write_text(json.dumps({"steps": records, "stopped": stopped, "static": static}))

@@ -3,8 +3,9 @@ serving configures its replicas (serve.app.llm_config's engine settings, the CPU
 processes as in theirs), that samples with whichever adapter version the trainer published last.
 
 Weight sync is adapter-only and versioned: after each optimizer step the trainer publishes `policy@N` (the
-adapter's two files; the base never moves) and hands the bytes to `sync` through Ray's object store, so the
-engine may sit on another node. The engine writes them into its own folder, loads them under a LoRA id never
+adapter's two files; the base never moves) and puts their bytes into Ray's object store (`ray.put` on the
+trainer's node); `sync` gets the reference and Ray moves the bytes to the engine's node, so the engine may sit
+on another node. The engine writes them into its own folder, loads them under a LoRA id never
 used before in this engine (vLLM caches by id: a reused id would serve the older weights), and drops versions
 older than the staleness bound. Every rollout names the version that sampled it; the trainer checks it.
 
@@ -54,6 +55,7 @@ class RolloutEngine:
     def __init__(self, kwargs: dict[str, Any], staleness: int):
         os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        import ray
         from vllm import LLM
 
         t0 = time.time()
@@ -66,12 +68,10 @@ class RolloutEngine:
         self.published: dict[int, float] = {}
         self.first_used: dict[int, float] = {}
         self.next_id = 0
+        self.node_id = ray.get_runtime_context().get_node_id()
 
     def info(self) -> dict[str, Any]:
-        import ray
-
-        return {"node_id": ray.get_runtime_context().get_node_id(), "start_s": self.start_s,
-                "loaded": sorted(self.versions), "run": self.run}
+        return {"node_id": self.node_id, "start_s": self.start_s, "loaded": sorted(self.versions), "run": self.run}
 
     def reset(self, run: str, staleness: int) -> None:
         """Start serving run `run`: every adapter of an earlier run is dropped from the engine."""
@@ -102,7 +102,8 @@ class RolloutEngine:
             self.llm.llm_engine.remove_lora(self.versions.pop(old).lora_int_id)
             shutil.rmtree(self.root / "versions" / f"policy@{old}", ignore_errors=True)
             dropped.append(old)
-        return {"version": version, "lora_id": req.lora_int_id, "load_s": time.time() - t0,
+        return {"version": version, "lora_id": req.lora_int_id, "load_s": time.time() - t0, "node_id": self.node_id,
+                "bytes": sum(len(d) for d in files.values()),
                 "loaded_at": time.time(), "dropped": dropped, "loaded": sorted(self.versions)}
 
     def rollout(self, run: str, prompt_ids: list[list[int]], n: int, *, temperature: float, top_p: float,
@@ -133,7 +134,8 @@ class RolloutEngine:
                 group.append({"ids": ids, "text": o.text, "logprobs": lps, "finish": o.finish_reason})
             groups.append(group)
         finished = time.time()
-        return {"version": version, "lora_id": req.lora_int_id, "started_at": started, "finished_at": finished,
+        return {"version": version, "lora_id": req.lora_int_id, "node_id": self.node_id, "started_at": started,
+                "finished_at": finished,
                 "first_on_version": first, "sync_s": started - self.published[version] if first else None,
                 "tokens": sum(len(c["ids"]) for g in groups for c in g), "groups": groups}
 
