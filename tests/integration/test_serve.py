@@ -995,6 +995,83 @@ def test_good_canary_ramps_to_100_and_takes_the_alias(client, registry_dir, tiny
     assert figs[("alpha", "")]["answers"] >= 1 and figs[("", "")]["answers"] >= 1  # static adapters, the base
 
 
+def in_sample(body: dict) -> bool:
+    """serve.judging's decision for a request body, computed here: the rule every ingress replica applies."""
+    from serve.judging import request_text, sampled
+
+    return sampled(request_text(body)[0], JUDGE_RATE)
+
+
+def test_sampled_requests_are_stored_with_their_version_and_judged_per_version(client, registry_dir, tiny_model_dir,
+                                                                                  adapters, judge_dir, ray_session):
+    """serve.judge: two registry versions of `judged` get the same 24 prompts (one of them twice) from openai
+    clients, one streamed chat, and one sampled prompt sent with `x-loraforge-judge: off`. The store holds exactly
+    the sampled requests (the hash rule computed here; the repeated one twice, the opted-out one never), each with
+    its adapter, version and the answer the client got; the served base judged each one over loopback, its reply
+    constrained to a score (no call failed), and the judge metrics per version agree with the stored rows. Prints
+    the judged-sample figures."""
+    import httpx
+
+    from pipelines.artifacts.registry import Registry
+    from serve.judging import JUDGE_HEADER, JudgeStore
+    from serve.monitor import live
+
+    reg = Registry(registry_dir)
+    lineage = {"base_model": tiny_model_dir, "base_model_hash": "sha256:t", "dataset_hash": "sha256:d",
+               "config": {"r": 8}}
+    assert [reg.publish("judged", adapters[a], "lora_adapter", lineage) for a in ("alpha", "beta")] == [1, 2]
+    prompts = [f"Question {i}: name a colour and a city." for i in range(24)]
+    inside = [p for p in prompts if in_sample({"prompt": p})]
+    assert 0 < len(inside) < len(prompts)
+    secret = next(p for p in (f"My account number is {i}" for i in range(100)) if in_sample({"prompt": p}))
+    question = next(q for q in (f"Tell me about city {i}." for i in range(100))
+                    if in_sample({"messages": [{"role": "user", "content": q}]}))
+    answers: dict[tuple[str, str], str] = {}
+
+    def ask(version: int, prompt: str, headers: dict | None = None) -> None:
+        raw = client.completions.with_raw_response.create(model=f"judged@{version}", prompt=prompt, max_tokens=8,
+                                                          temperature=0, extra_headers=headers or {})
+        answers[(str(version), prompt)] = raw.parse().choices[0].text
+        assert raw.headers["x-loraforge-adapter"] == f"judged@{version}"
+
+    t0 = time.time()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda a: ask(*a), [(v, p) for v in (1, 2) for p in prompts] + [(1, inside[0])]))
+    ask(1, secret, {JUDGE_HEADER: "off"})  # sensitive: never stored
+    stream = client.chat.completions.create(model="judged@2", messages=[{"role": "user", "content": question}],
+                                            max_tokens=8, temperature=0, stream=True)
+    answers[("2", question)] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    expected = sorted([(v, p) for v in ("1", "2") for p in inside] + [("1", inside[0]), ("2", question)])
+    deadline, rows = time.monotonic() + 60, []
+    while time.monotonic() < deadline:  # judged in batches every serve.judge.interval_s
+        rows = [r for r in JudgeStore(judge_dir, 10**6, None).rows() if r["adapter"] == "judged"]
+        if len(rows) >= len(expected):
+            break
+        time.sleep(0.5)
+    assert sorted((r["version"], r["question"]) for r in rows) == expected
+    assert all(r["answer"] == answers[(r["version"], r["question"])] and r["ts"] >= t0 for r in rows)
+    # the loopback judge's reply is constrained to 1..10 (serve.judge.constrain): every call gives a score
+    assert {r["outcome"] for r in rows} == {"scored"}, [r for r in rows if r["outcome"] != "scored"][:2]
+    assert all(r["score"] in range(1, 11) and r["reply"] == str(int(r["score"])) for r in rows)
+    node = ray_session._private.worker.global_worker.node
+    url = f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
+    per = {v: [r for r in rows if r["version"] == v] for v in ("1", "2")}
+    deadline, figs = time.monotonic() + 40, {}
+    while time.monotonic() < deadline:  # Ray exports every few seconds
+        figs = live(httpx.get(url, timeout=10).text)
+        if all(figs.get(("judged", v), {}).get("judged", 0) + figs.get(("judged", v), {}).get("judge_no_score", 0)
+               == len(per[v]) for v in per):
+            break
+        time.sleep(2)
+    for v, got in per.items():
+        f, scores = figs[("judged", v)], [r["score"] for r in got]
+        assert f["judged"] == len(scores) and not f["judge_no_score"] and not f["judge_failed"]
+        assert f["judge_mean"] == pytest.approx(sum(scores) / len(scores))
+        print(f"\njudged@{v}: {len(got)} sampled of {24 + (v == '1')} completions" + (" + 1 streamed chat" if v == "2"
+              else " (+1 opted out)") + f", {len(scores)} scored by the base, mean {f['judge_mean']:.2f} (scores "
+              f"{sorted(scores)})")
+
+
 def engine_cores(replica_pid: int) -> list:
     """vLLM's engine-core processes under a replica actor (vLLM titles them `VLLM::EngineCore`)."""
     import psutil
