@@ -98,7 +98,7 @@ class SignalsConfig(Section):
     sample_rate: float = Field(0.25, ge=0, le=1, description=(
         "Share of requests whose entropy is measured (a hash of the engine's request id: every replica decides the "
         "same); the others ask the engine for no log-probs. Length, finish reason, empty and refusal are recorded "
-        "for every answer. 0.25 keeps the signals within 5% of tokens/s (bench/serve_signals.py)."))
+        "for every answer. Measure the cost on your hardware with bench/serve_signals.py --sample-rate."))
 
 
 class JudgeConfig(Section):

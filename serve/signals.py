@@ -5,7 +5,8 @@ The signals are defined in pipelines.artifacts.signals (the same the gate stores
 for each generated token vLLM returns the log-probs of the top k tokens (k = serve.signals.top_k, at most vLLM's
 max_logprobs, 20); the token's entropy is that of the top-k distribution renormalised (nats), and an answer's signal
 is the mean over its tokens. Entropy is measured on a deterministic sample of requests (serve.signals.sample_rate,
-a hash of vLLM's request id; 0.25 by default, which keeps the cost within 5% of tokens/s, bench/serve_signals.py);
+a hash of vLLM's request id; 0.25 by default; bench/serve_signals.py --sample-rate measures the cost: vLLM computes
+log-probs for a whole batch step once any request in it asks, so the saving may be less than the rate suggests);
 length, finish reason, empty and refusal are recorded for every answer, since they cost nothing. For a sampled
 request the engine is asked for the top k whether or not the client asked for log-probs: when it did not, the
 log-probs are computed without decoding the k candidate tokens (no tokenizer: the costly part) and dropped before
