@@ -225,10 +225,29 @@ class Registry:
             raise RegistryError(f"{ref!r}: no version {version} (versions: {sorted(map(int, entry['versions']))})")
         path = self.root / "models" / name / str(version)
         if self.remote and not (path / "registry.json").is_file():
-            storage.pull(f"{self.remote}/models/{name}/{version}", path)
+            self._pull_version(f"{self.remote}/models/{name}/{version}", path)
         manifest_path = path / MANIFEST
         manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
         return ResolvedArtifact(name, version, path, info["kind"], manifest)
+
+    @staticmethod
+    def _pull_version(uri: str, path: Path) -> None:
+        """A version folder of the store into this machine's mirror whole or not at all: pulled beside it, then
+        renamed in. Processes of one node share the mirror (an ingress and its engine replicas resolve the same
+        version at once); pulled file by file into place, one saw another's registry.json before the weights
+        and served a half-pulled folder (a 503 right after a publish)."""
+        staging = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.pulling")
+        try:
+            storage.pull(uri, staging)
+            if path.is_dir() and not (path / "registry.json").is_file():
+                shutil.rmtree(path, ignore_errors=True)  # left half-pulled by an older version or a crash
+            try:
+                os.replace(staging, path)
+            except OSError:  # another process renamed its whole copy in first
+                if not (path / "registry.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def verify(self, ref: str) -> bool:
         """Recompute a version's content hash and compare it with the one recorded at publish time."""

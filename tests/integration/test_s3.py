@@ -107,6 +107,32 @@ print(json.dumps(versions))
 """
 
 
+def test_a_version_is_pulled_into_the_mirror_whole(s3, tmp_path, monkeypatch):
+    """Processes of one node share a mirror (an ingress and its engine replicas resolve a new version at once).
+    A version folder is renamed in whole: a folder left half-pulled (no registry.json) is replaced, and no
+    staging folder stays behind."""
+    from pipelines.artifacts.registry import Registry
+    from tests.unit.artifacts.test_registry import LINEAGE, make_adapter
+
+    root = f"s3://{BUCKET}/registry-whole"
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "publisher"))
+    version = Registry(root).publish("city", make_adapter(tmp_path / "a"), "lora_adapter", LINEAGE)
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "server"))
+    reader = Registry(root)
+    half = reader.root / "models" / "city" / str(version)
+    half.mkdir(parents=True)
+    (half / "adapter_config.json").write_text("{")  # what a pull stopped half-way leaves
+    (half / "adapter_model.safetensors.123.pulling").write_text("x")
+    art = reader.resolve("city")
+    assert (art.path / "registry.json").is_file()
+    assert (art.path / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
+    assert (art.path / "adapter_config.json").read_text() == (tmp_path / "a" / "adapter_config.json").read_text()
+    assert sorted(p.name for p in art.path.iterdir()) == sorted(p.name for p in (tmp_path / "a").iterdir()) + \
+        ["registry.json"], sorted(p.name for p in art.path.iterdir())  # the half folder replaced, not topped up
+    assert not [p for p in half.parent.iterdir() if p.name.endswith(".pulling")]
+
+
 def test_two_machines_publishing_at_once_get_distinct_versions(s3, tmp_path, monkeypatch):
     """Two processes with their own mirrors (two machines) publish to one S3 registry at the same moment, one of
     them promoting in between: every publish gets its own version, the index lists all six, each version holds
