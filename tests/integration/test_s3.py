@@ -197,6 +197,20 @@ def test_a_store_write_that_lost_the_race_is_applied_again(s3, tmp_path, monkeyp
     assert [r["action"] for r in Registry(root).audit()] == ["publish", "publish", "promote"]
 
 
+class Ticker:
+    """Counts 0.05 s sleeps on the event loop it runs on: a loop held by a blocking call stops counting."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+
+    async def run(self) -> None:
+        import asyncio
+
+        while True:
+            await asyncio.sleep(0.05)
+            self.ticks += 1
+
+
 def test_a_store_that_stops_answering_is_a_503_for_registry_adapters_while_base_answers(s3, tmp_path, monkeypatch):
     """Serving from a registry in the store, the store stops answering (moto's process stopped with SIGSTOP, so
     connections hang as with a dead endpoint) and then comes back (SIGCONT). Meanwhile a registry adapter is a 503
@@ -226,18 +240,11 @@ def test_a_store_that_stops_answering_is_a_503_for_registry_adapters_while_base_
     monkeypatch.setattr(ingress_module, "SOURCE_TIMEOUT_S", 3)
 
     async def outage() -> dict:
-        ticks = 0
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.05)
-                ticks += 1
-
+        ticker = Ticker()
         assert (await LoRAIngress._target(ingress, "base:city", "c")).model_id == "base:city@1"
         os.kill(s3["proc"].pid, signal.SIGSTOP)
         try:
-            task, t0 = asyncio.create_task(ticker()), time.monotonic()
+            task, t0 = asyncio.create_task(ticker.run()), time.monotonic()
             errors = []
             for call in (LoRAIngress._target(ingress, "base:city", "c"), LoRAIngress._cards(ingress, None)):
                 try:
@@ -249,7 +256,7 @@ def test_a_store_that_stops_answering_is_a_503_for_registry_adapters_while_base_
             task.cancel()
         finally:
             os.kill(s3["proc"].pid, signal.SIGCONT)
-        return {"errors": errors, "waited": waited, "ticks": ticks, "base": base.model_id}
+        return {"errors": errors, "waited": waited, "ticks": ticker.ticks, "base": base.model_id}
 
     got = asyncio.run(outage())
     print(f"\nstore stopped: {got}")
@@ -305,18 +312,11 @@ def test_the_engine_replica_asks_a_stopped_store_off_its_event_loop(s3, tmp_path
         resolve_lora=resolve_lora), _load_model=lambda model_id: loader.load_model_from_config(model_id, None))
 
     async def outage() -> dict:
-        ticks = 0
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.05)
-                ticks += 1
-
+        ticker = Ticker()
         first = await loader.load_model_from_config("base:city@1", None)
         os.kill(s3["proc"].pid, signal.SIGSTOP)
         try:
-            task, t0 = asyncio.create_task(ticker()), time.monotonic()
+            task, t0 = asyncio.create_task(ticker.run()), time.monotonic()
             try:
                 await LoRAServer._resolve(replica, "base:city@1")
                 down = None
@@ -333,7 +333,7 @@ def test_the_engine_replica_asks_a_stopped_store_off_its_event_loop(s3, tmp_path
             task.cancel()
         finally:
             os.kill(s3["proc"].pid, signal.SIGCONT)
-        return {"first": first.local_path, "down": down, "waited": waited, "ticks": ticks, "held": held,
+        return {"first": first.local_path, "down": down, "waited": waited, "ticks": ticker.ticks, "held": held,
                 "held_s": held_s, "until": replica._failed["base:city@1"][0] - time.monotonic()}
 
     got = asyncio.run(outage())
