@@ -14,6 +14,7 @@ machine resumes from them. S3-compatible stores (MinIO, Ceph, moto) are reached 
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -91,11 +92,16 @@ def pull(uri: str, local: Path, skip: tuple[str, ...] = (), fs=None) -> int:
                 int(dest.stat().st_mtime) == int(mtime):
             continue  # pulled before and unchanged since
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f"{dest.name}.{os.getpid()}.pulling")  # two processes of a node may pull at once
-        pafs.copy_files(info.path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        if mtime is not None:
-            os.utime(tmp, (mtime, mtime))
-        os.replace(tmp, dest)
+        # two processes of a node, or two threads of one (a server resolves adapters on a pool of threads), may
+        # pull the same file at once: each into a name of its own, renamed into place whole
+        tmp = dest.with_name(f"{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.pulling")
+        try:
+            pafs.copy_files(info.path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            if mtime is not None:
+                os.utime(tmp, (mtime, mtime))
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
         copied += 1
     return copied
 

@@ -133,6 +133,44 @@ def test_a_version_is_pulled_into_the_mirror_whole(s3, tmp_path, monkeypatch):
     assert not [p for p in half.parent.iterdir() if p.name.endswith(".pulling")]
 
 
+def test_threads_of_one_process_resolve_from_one_mirror_at_once(s3, tmp_path, monkeypatch):
+    """A server resolves adapters on a pool of threads (serve.adapters.off_loop): requests for a new version pull
+    the index and the version into one mirror from several threads of one process at once. Each pull is staged
+    under a name of its own (a name per process let one thread rename another's half-written file: a 503 right
+    after a publish). Six rounds, each after a publish, into a fresh mirror and the same one again."""
+    import threading
+
+    from pipelines.artifacts.registry import Registry
+    from tests.unit.artifacts.test_registry import LINEAGE, make_adapter
+
+    root = f"s3://{BUCKET}/registry-threads"
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "publisher"))
+    publisher = Registry(root)
+    errors: list[str] = []
+    for round_ in range(6):
+        version = publisher.publish("city", make_adapter(tmp_path / f"a{round_}", f"w{round_}".encode() * 999),
+                                    "lora_adapter", LINEAGE)
+        monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / ("server" if round_ % 2 else f"fresh{round_}")))
+        reader = Registry(root)
+        start = threading.Barrier(8)
+
+        def resolve(reader=reader, version=version, start=start) -> None:
+            start.wait()
+            try:
+                art = reader.resolve("city")
+                assert art.version == version and (art.path / "adapter_model.safetensors").is_file()
+            except Exception as e:  # noqa: BLE001 - what a request would have turned into a 503
+                errors.append(f"{type(e).__name__}: {e}")
+
+        threads = [threading.Thread(target=resolve) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert errors == []
+    assert not list((tmp_path / "server").rglob("*.pulling"))
+
+
 def test_two_machines_publishing_at_once_get_distinct_versions(s3, tmp_path, monkeypatch):
     """Two processes with their own mirrors (two machines) publish to one S3 registry at the same moment, one of
     them promoting in between: every publish gets its own version, the index lists all six, each version holds
