@@ -144,8 +144,9 @@ class RLSection(Section):
         return f"sha256:{h.hexdigest()}"
 
     def optimisation(self, train: TrainSection) -> TrainSection:
-        """The loop settings the rl stage trains with: train's, with this section's steps, lr and warmup, one
-        worker (the rollouts are not sharded over ranks yet)."""
+        """The loop settings the rl stage trains with: train's, with this section's steps, lr and warmup, and no
+        restart on failure (the stage is started again, not resumed). Workers: train.num_workers under DDP
+        (pipelines.train.rl sets them; rank 0 asks the engine and shares each step's groups out)."""
         return TrainSection.model_validate({**train.model_dump(), "max_steps": self.steps, "lr": self.lr,
                                             "warmup_steps": self.warmup_steps, "num_workers": 1,
                                             "max_failures": 0, "fail_once_at_step": None})
