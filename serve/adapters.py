@@ -133,11 +133,12 @@ class RegistrySource:
         try:
             art = self._reg().resolve(ref)
         except RegistryCorrupt as e:  # a broken registry must not look like an unknown name (404)
-            raise AdapterSourceUnavailable(f"adapter registry unavailable: {e}") from e
+            raise AdapterSourceUnavailable(f"adapter registry unavailable for {ref!r}: {e}") from e
         except RegistryError as e:  # the registry's "no such name/version/alias"
             raise AdapterNotFound(ref) from e
         except (OSError, StorageError) as e:  # a store that stopped answering: the source, not the name
-            raise AdapterSourceUnavailable(f"adapter registry unavailable: {str(e).splitlines()[0][:300]}") from e
+            raise AdapterSourceUnavailable(
+                f"adapter registry unavailable for {ref!r}: {str(e).splitlines()[0][:300]}") from e
         if "adapter" not in str(getattr(art, "kind", "adapter")):
             raise AdapterNotFound(f"{ref} is a {art.kind} artifact, not an adapter")
         path = Path(art.path).expanduser().resolve()
