@@ -148,6 +148,15 @@ def _not_copied(rel: Path) -> bool:
     return any(fnmatch.fnmatch(part, pat) for part in rel.parts for pat in NOT_COPIED)
 
 
+def _mirrors(path: Path, info: dict[str, Any]) -> bool:
+    """Whether a mirror's version folder holds the version the index describes: its registry.json (written last,
+    with the content hash) is there and records the index's hash."""
+    try:
+        return json.loads((path / "registry.json").read_text()).get("hash") == info.get("hash")
+    except (OSError, ValueError):
+        return False
+
+
 class Registry:
     """Reader and writer of one registry folder. Readers take no lock; writers serialise on `.lock`."""
 
@@ -224,27 +233,35 @@ class Registry:
         if info is None:
             raise RegistryError(f"{ref!r}: no version {version} (versions: {sorted(map(int, entry['versions']))})")
         path = self.root / "models" / name / str(version)
-        if self.remote and not (path / "registry.json").is_file():
-            self._pull_version(f"{self.remote}/models/{name}/{version}", path)
+        if self.remote and not _mirrors(path, info):
+            self._pull_version(f"{self.remote}/models/{name}/{version}", path, info)
         manifest_path = path / MANIFEST
         manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
         return ResolvedArtifact(name, version, path, info["kind"], manifest)
 
     @staticmethod
-    def _pull_version(uri: str, path: Path) -> None:
+    def _pull_version(uri: str, path: Path, info: dict[str, Any]) -> None:
         """A version folder of the store into this machine's mirror whole or not at all: pulled beside it, then
         renamed in. Processes of one node share the mirror (an ingress and its engine replicas resolve the same
         version at once); pulled file by file into place, one saw another's registry.json before the weights
-        and served a half-pulled folder (a 503 right after a publish)."""
-        staging = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.pulling")
+        and served a half-pulled folder (a 503 right after a publish). What the mirror held there before (half
+        pulled, or another registry's version of that number: a store emptied and published into again, another
+        store at the same bucket and prefix) is moved aside and removed, never served or topped up."""
+        tag = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        staging = path.with_name(f"{path.name}.{tag}.pulling")
         try:
             storage.pull(uri, staging)
-            if path.is_dir() and not (path / "registry.json").is_file():
-                shutil.rmtree(path, ignore_errors=True)  # left half-pulled by an older version or a crash
+            if path.is_dir():
+                if _mirrors(path, info):  # another process renamed its whole copy in meanwhile
+                    return
+                aside = path.with_name(f"{path.name}.{tag}.stale")
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(path, aside)
+                shutil.rmtree(aside, ignore_errors=True)
             try:
                 os.replace(staging, path)
             except OSError:  # another process renamed its whole copy in first
-                if not (path / "registry.json").is_file():
+                if not _mirrors(path, info):
                     raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -389,6 +406,11 @@ class Registry:
                 version, staging = claimed[0]
                 dest = self.root / "models" / name / str(version)
                 dest.parent.mkdir(parents=True, exist_ok=True)
+                if dest.exists():  # what this mirror held under that number before (another registry's): aside
+                    aside = dest.with_name(f"{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.stale")
+                    with contextlib.suppress(FileNotFoundError):
+                        os.replace(dest, aside)
+                    shutil.rmtree(aside, ignore_errors=True)
                 os.replace(staging, dest)
         return record["version"]
 

@@ -133,6 +133,40 @@ def test_a_version_is_pulled_into_the_mirror_whole(s3, tmp_path, monkeypatch):
     assert not [p for p in half.parent.iterdir() if p.name.endswith(".pulling")]
 
 
+def test_a_mirror_never_serves_another_registry_s_version_of_the_same_number(s3, tmp_path, monkeypatch):
+    """A machine's mirror keeps what it pulled. When the store under the same URI is another registry (emptied and
+    published into again, or another store at the same bucket and prefix: a test store, a restored backup),
+    `city@1` there is another artifact: the mirror's copy is replaced because its recorded hash is not the
+    index's, for a reader and for a publisher's own mirror alike. (Trusting any complete folder, an app served
+    an adapter from an earlier store, trained on another base: 503s for an adapter just published.)"""
+    import boto3
+
+    from pipelines.artifacts.registry import Registry
+    from tests.unit.artifacts.test_registry import LINEAGE, make_adapter
+
+    root = f"s3://{BUCKET}/registry-reused"
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "publisher"))
+    assert Registry(root).publish("city", make_adapter(tmp_path / "old", b"old-weights"), "lora_adapter",
+                                  LINEAGE) == 1
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "server"))
+    old = Registry(root).resolve("city@1")
+    assert (old.path / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "old" / "adapter_model.safetensors").read_bytes()
+    bucket = boto3.resource("s3", endpoint_url=s3["endpoint"], region_name="us-east-1").Bucket(BUCKET)
+    bucket.objects.filter(Prefix="registry-reused/").delete()  # the store's registry is gone; a new one begins
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "publisher"))  # the same publisher mirror, stale too
+    assert Registry(root).publish("city", make_adapter(tmp_path / "new", b"new-weights"), "lora_adapter",
+                                  LINEAGE) == 1
+    new_bytes = (tmp_path / "new" / "adapter_model.safetensors").read_bytes()
+    assert (Registry(root).resolve("city@1").path / "adapter_model.safetensors").read_bytes() == new_bytes
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "server"))
+    reader = Registry(root)
+    art = reader.resolve("city@1")
+    assert (art.path / "adapter_model.safetensors").read_bytes() == new_bytes
+    assert reader.verify("city@1")
+    assert not [p for p in art.path.parent.iterdir() if p.name != "1"]  # nothing left aside
+
+
 def test_threads_of_one_process_resolve_from_one_mirror_at_once(s3, tmp_path, monkeypatch):
     """A server resolves adapters on a pool of threads (serve.adapters.off_loop): requests for a new version pull
     the index and the version into one mirror from several threads of one process at once. Each pull is staged
