@@ -253,7 +253,8 @@ async def off_loop(fn: Callable[..., Any], *args: Any, timeout_s: float | None =
     try:
         return await asyncio.wait_for(future, limit)
     except asyncio.TimeoutError:
-        raise AdapterSourceUnavailable(f"adapter source unavailable: no answer within {limit:g} s") from None
+        asked = f" for {args[0]!r}" if args and isinstance(args[0], str) else ""  # the adapter reference asked
+        raise AdapterSourceUnavailable(f"adapter source unavailable{asked}: no answer within {limit:g} s") from None
 
 
 class Resolver:
