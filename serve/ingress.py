@@ -300,7 +300,9 @@ class LoRAIngress(OpenAiIngress):
             raise
         finally:
             release()
-            status = STREAM_FAILED if meter.failed else CLIENT_CLOSED if broke else 200
+            # a client that closes once [DONE] has reached it (the server may be cancelled at that last yield, a
+            # race with the disconnect) got the whole answer: 200, and a sampled answer still goes to the judge
+            status = STREAM_FAILED if meter.failed else 200 if meter.done or not broke else CLIENT_CLOSED
             (prompt, n), first, last = meter.tokens(), meter.first, meter.last
             self._record(target.tags, status, t0, prompt, n, ttft_s=None if first is None else first - t0,
                          tpot_s=(last - first) / (n - 1) if first is not None and last is not None and n > 1 else None)

@@ -22,10 +22,6 @@ os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Ray Train's controller looks at its workers every 2 s by default, and each step of a run (scheduled, running,
-# finished) waits for the next look: ~4 s of every run's wall time here, where the suite starts ~50 runs and trials.
-# Every Ray instance the tests start inherits this (the session's, `ray start` clusters, CLI subprocesses).
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 def free_port() -> int:
