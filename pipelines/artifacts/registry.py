@@ -157,6 +157,14 @@ def _mirrors(path: Path, info: dict[str, Any]) -> bool:
         return False
 
 
+def _set_aside(path: Path) -> None:
+    """A mirror's folder out of the way: renamed (at once, so no reader sees it half removed), then removed."""
+    aside = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.stale")
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 class Registry:
     """Reader and writer of one registry folder. Readers take no lock; writers serialise on `.lock`."""
 
@@ -247,17 +255,13 @@ class Registry:
         and served a half-pulled folder (a 503 right after a publish). What the mirror held there before (half
         pulled, or another registry's version of that number: a store emptied and published into again, another
         store at the same bucket and prefix) is moved aside and removed, never served or topped up."""
-        tag = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        staging = path.with_name(f"{path.name}.{tag}.pulling")
+        staging = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.pulling")
         try:
             storage.pull(uri, staging)
             if path.is_dir():
                 if _mirrors(path, info):  # another process renamed its whole copy in meanwhile
                     return
-                aside = path.with_name(f"{path.name}.{tag}.stale")
-                with contextlib.suppress(FileNotFoundError):
-                    os.replace(path, aside)
-                shutil.rmtree(aside, ignore_errors=True)
+                _set_aside(path)
             try:
                 os.replace(staging, path)
             except OSError:  # another process renamed its whole copy in first
@@ -406,11 +410,8 @@ class Registry:
                 version, staging = claimed[0]
                 dest = self.root / "models" / name / str(version)
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                if dest.exists():  # what this mirror held under that number before (another registry's): aside
-                    aside = dest.with_name(f"{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.stale")
-                    with contextlib.suppress(FileNotFoundError):
-                        os.replace(dest, aside)
-                    shutil.rmtree(aside, ignore_errors=True)
+                if dest.exists():  # what this mirror held under that number before (another registry's)
+                    _set_aside(dest)
                 os.replace(staging, dest)
         return record["version"]
 
