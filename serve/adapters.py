@@ -245,16 +245,18 @@ def validate_adapter(path: str, *, max_rank: int, bases: set[str] | None,
 # ---------------------------------------------------------------- resolution with a short memory
 
 
-async def off_loop(fn: Callable[..., Any], *args: Any, timeout_s: float | None = None) -> Any:
+async def off_loop(fn: Callable[..., Any], *args: Any, timeout_s: float | None = None,
+                   asked: str | None = None) -> Any:
     """`fn(*args)` (a source's resolve, validation, list) in a thread, awaited at most `timeout_s` (default
-    SOURCE_TIMEOUT_S); no answer by then is AdapterSourceUnavailable (503). What fn raises propagates."""
+    SOURCE_TIMEOUT_S); no answer by then is AdapterSourceUnavailable (503), naming `asked` (the adapter reference)
+    when given. What fn raises propagates."""
     limit = SOURCE_TIMEOUT_S if timeout_s is None else timeout_s
     future = asyncio.get_running_loop().run_in_executor(_SOURCE_CALLS, partial(fn, *args))
     try:
         return await asyncio.wait_for(future, limit)
     except asyncio.TimeoutError:
-        asked = f" for {args[0]!r}" if args and isinstance(args[0], str) else ""  # the adapter reference asked
-        raise AdapterSourceUnavailable(f"adapter source unavailable{asked}: no answer within {limit:g} s") from None
+        named = f" for {asked!r}" if asked else ""
+        raise AdapterSourceUnavailable(f"adapter source unavailable{named}: no answer within {limit:g} s") from None
 
 
 class Resolver:

@@ -178,7 +178,8 @@ class LoRAIngress(OpenAiIngress):
             return Target(alias, tags=tags_for(alias, None, None))
         ref = route(name, self.canary.merged(self.cfg.splits) if self.canary else self.cfg.splits, caller)
         try:
-            res = await off_loop(self.resolver.resolve, ref, timeout_s=SOURCE_TIMEOUT_S)  # no answer: its 503
+            res = await off_loop(self.resolver.resolve, ref, timeout_s=SOURCE_TIMEOUT_S,  # no answer: its 503
+                                  asked=ref)
         except (BadAdapterName, AdapterNotFound) as e:
             raise APIError(*adapter_error(e, ref, model)) from e
         return Target(f"{alias}:{res.id}", res.id, tags_for(name, res.name, res.version))

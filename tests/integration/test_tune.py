@@ -198,6 +198,22 @@ def _searcher_points(cfg, losses: list[float]) -> list[dict]:
     return points
 
 
+def _assert_distinct_points_inside_the_space(cfg, points: list[dict]) -> None:
+    """Every point names every axis of cfg's space, lr inside its log range, listed axes at a listed value, and no
+    point repeats (sampled, not one point over and over)."""
+    from tune.space import LogRange
+
+    axes = cfg.space.axes()
+    assert isinstance(axes["lr"], LogRange)  # both shipped configs search lr on a log range
+    for point in points:
+        assert set(point) == set(axes), (point, axes)
+        assert axes["lr"].low <= point["lr"] <= axes["lr"].high, point
+        for name, values in axes.items():
+            if isinstance(values, list):
+                assert point[name] in values, (name, point)
+    assert len({tuple(sorted(p.items())) for p in points}) == len(points), points
+
+
 @pytest.fixture(scope="module", params=["optuna"])
 def searcher_sweep(request, ray_session, tiny_model_dir, tokenized_dir, tmp_path_factory):
     from pipelines.train.config import LoraSection, TrainSection, TrainSetup
@@ -217,23 +233,11 @@ def searcher_sweep(request, ray_session, tiny_model_dir, tokenized_dir, tmp_path
 
 
 def test_searcher_runs_num_samples_trials_inside_the_declared_space(searcher_sweep):
-    from tune.space import LogRange
-
     cfg, trials = searcher_sweep["cfg"], searcher_sweep["trials"]
     assert len(trials) == cfg.num_samples and len({t["trial_id"] for t in trials}) == cfg.num_samples, trials
     assert all(t["status"] == "completed" and t["steps"] == 2 and math.isfinite(t["best_eval_loss"])
                for t in trials), trials
-    axes = cfg.space.axes()
-    assert isinstance(axes["lr"], LogRange)  # both shipped configs search lr on a log range
-    for t in trials:
-        point = t["config"]
-        assert set(point) == set(axes), (point, axes)
-        assert axes["lr"].low <= point["lr"] <= axes["lr"].high, point
-        for name, values in axes.items():
-            if isinstance(values, list):
-                assert point[name] in values, (name, point)
-    points = [tuple(sorted(t["config"].items())) for t in trials]
-    assert len(set(points)) == len(points), points  # sampled, not one point repeated
+    _assert_distinct_points_inside_the_space(cfg, [t["config"] for t in trials])
 
 
 def test_searcher_points_are_the_seeded_searchers(searcher_sweep):
@@ -269,17 +273,11 @@ def test_searcher_winner_exported_with_lineage_naming_the_sweep(searcher_sweep):
 def test_random_searcher_points_are_seeded_and_inside_the_declared_space():
     """The shipped random config's searcher (what its sweep's trials would get, replayed without trials): points
     inside the declared space, distinct, the same for the same seed, others for another seed."""
-    from tune.space import LogRange
-
     cfg, losses = _shipped_tune("random", seed=0), [1.0, 0.5, 0.7]
     cfg = cfg.model_copy(update={"num_samples": len(losses)})
     points = _searcher_points(cfg, losses)
-    assert _searcher_points(cfg, losses) == points and len({tuple(sorted(p.items())) for p in points}) == len(points)
-    axes = cfg.space.axes()
-    assert isinstance(axes["lr"], LogRange)
-    for point in points:
-        assert set(point) == set(axes) and axes["lr"].low <= point["lr"] <= axes["lr"].high, (point, axes)
-        assert all(point[name] in values for name, values in axes.items() if isinstance(values, list)), point
+    assert _searcher_points(cfg, losses) == points
+    _assert_distinct_points_inside_the_space(cfg, points)
     other = _searcher_points(cfg.model_copy(update={"seed": 1}), losses)
     assert all(o["lr"] != p["lr"] for o, p in zip(other, points)), (other, points)
 
