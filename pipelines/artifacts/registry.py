@@ -181,7 +181,9 @@ class Registry:
         wrong when it is not valid JSON or not shaped like one."""
         path = self.root / "index.json"
         if self.remote:
-            storage.pull(f"{self.remote}/index.json", self.root)
+            # always read again: one unchanged-looking index (same size, same second) is another registry's
+            if not storage.pull(f"{self.remote}/index.json", self.root, fresh=True):
+                path.unlink(missing_ok=True)  # the store has none (now): a copy pulled earlier is not its index
         if not path.is_file():
             return self._no_index(path)
         return _parse_index(path.read_bytes(), path)
@@ -279,7 +281,7 @@ class Registry:
     def audit(self) -> list[dict[str, Any]]:
         path = self.root / "audit.jsonl"
         if self.remote:
-            storage.pull(f"{self.remote}/audit.jsonl", self.root)
+            storage.pull(f"{self.remote}/audit.jsonl", self.root, fresh=True)
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
     # ------------------------------------------------------------------ writing

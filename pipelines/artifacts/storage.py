@@ -73,11 +73,14 @@ def _files(fs, path: str):
     return [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.type == pafs.FileType.File]
 
 
-def pull(uri: str, local: Path, skip: tuple[str, ...] = (), fs=None) -> int:
+def pull(uri: str, local: Path, skip: tuple[str, ...] = (), fs=None, fresh: bool = False) -> int:
     """Copy what the store holds under `uri` into `local` (files missing here, or changed in the store since they
     were pulled: size or modification time differ); files and folders named in `skip`, at any depth, are left
     out. Returns the number of files copied; 0 when the store has nothing there. fs: the store's filesystem, built
-    elsewhere (a Ray worker is given the driver's: its own environment may hold no endpoint or credentials)."""
+    elsewhere (a Ray worker is given the driver's: its own environment may hold no endpoint or credentials).
+    fresh: copy even files that look unchanged. Size and modification time (whole seconds in S3) miss a small
+    file rewritten within the same second at the same size: a registry's index.json written again, say, after
+    its store was emptied and published into anew (same name, same version number, another hash)."""
     import pyarrow.fs as pafs
 
     fs, root = (fs, filesystem(uri)[1]) if fs is not None else _checked(uri)
@@ -88,7 +91,7 @@ def pull(uri: str, local: Path, skip: tuple[str, ...] = (), fs=None) -> int:
             continue
         dest = confined(Path(local), rel, f"{uri}: object {info.path!r}")
         mtime = info.mtime.timestamp() if info.mtime else None
-        if dest.is_file() and dest.stat().st_size == info.size and mtime is not None and \
+        if not fresh and dest.is_file() and dest.stat().st_size == info.size and mtime is not None and \
                 int(dest.stat().st_mtime) == int(mtime):
             continue  # pulled before and unchanged since
         dest.parent.mkdir(parents=True, exist_ok=True)

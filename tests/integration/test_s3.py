@@ -161,6 +161,12 @@ def test_a_mirror_never_serves_another_registry_s_version_of_the_same_number(s3,
     assert (Registry(root).resolve("city@1").path / "adapter_model.safetensors").read_bytes() == new_bytes
     monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "server"))
     reader = Registry(root)
+    # as on a fast machine (CI, once): the new index.json written within the second of the old one, at its size.
+    # Size and modification time then say "unchanged"; the index must be read again all the same
+    stored = bucket.Object("registry-reused/index.json")
+    mirrored = reader.root / "index.json"
+    assert mirrored.stat().st_size == stored.content_length
+    os.utime(mirrored, (stored.last_modified.timestamp(), stored.last_modified.timestamp()))
     art = reader.resolve("city@1")
     assert (art.path / "adapter_model.safetensors").read_bytes() == new_bytes
     assert reader.verify("city@1")
