@@ -10,6 +10,8 @@ the config and the cluster the stage runs on, never from a process-wide setting:
 
 from __future__ import annotations
 
+import os
+
 import re
 from typing import Any, Literal
 
@@ -83,6 +85,17 @@ def actor_gpus(requested: float | None, available: float) -> float:
 def torch_device(num_gpus: float) -> str:
     """Where an actor that holds `num_gpus` puts its model: Ray sets CUDA_VISIBLE_DEVICES to its GPUs."""
     return "cuda" if num_gpus > 0 else "cpu"
+
+
+def vllm_in_one_process(device: str) -> None:
+    """Before an offline `vllm.LLM` is built in this process: on a CPU, its engine core and model worker run in
+    this process (VLLM_ENABLE_V1_MULTIPROCESSING=0; the CPU platform then keeps vLLM's one-process executor).
+    Otherwise vLLM's CPU platform spawns an engine-core process and a worker process, each importing vLLM and
+    torch again: ~25 s of a ~40 s start on 2 cores for a tiny model (the same greedy tokens either way). An
+    offline engine gains nothing from them; its caller waits on every batch. GPUs keep vLLM's defaults. Serving
+    replicas (AsyncLLM) always run the engine core as a process of its own."""
+    if device == "cpu":
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 
 def accelerator_kind(requested: Literal["auto", "cpu", "gpu"], available: float) -> Literal["cpu", "gpu"]:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.artifacts.signals import TOP_K, topk_entropy
-from pipelines.schema import torch_device
+from pipelines.schema import torch_device, vllm_in_one_process
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -40,6 +40,7 @@ class Generator:
         if backend == "vllm":
             os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            vllm_in_one_process(device)
             from vllm import LLM
 
             # max_loras one above the adapters in use: with every LoRA slot full, vLLM applies the last slot's

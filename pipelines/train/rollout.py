@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipelines.schema import vllm_in_one_process
+
 
 def model_len(base_model: str, cap: int) -> int:
     """The context vLLM reserves KV cache for: the model's own limit (config.json), capped at serve.max_model_len."""
@@ -57,6 +59,8 @@ class RolloutEngine:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         import ray
         from vllm import LLM
+
+        vllm_in_one_process("cuda" if ray.get_gpu_ids() else "cpu")
 
         t0 = time.time()
         self.llm = LLM(**kwargs)
