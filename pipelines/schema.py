@@ -11,7 +11,6 @@ the config and the cluster the stage runs on, never from a process-wide setting:
 from __future__ import annotations
 
 import os
-
 import re
 from typing import Any, Literal
 

@@ -73,9 +73,10 @@ def learned(rollout_engine, rl_model_dir, prompts_file, tmp_path_factory):
     from pipelines.train.rl_config import RLSection
     from serve.config import ServeConfig
 
+    # micro-batches of 8: 4 per step on one worker, 2 per rank on the two DDP ranks of the test that repeats step 1
     cfg = RLSection(prompts_path=str(prompts_file), columns={"prompt": "question", "gold": "gold"},
                     rewards=[{"fn": "length_penalty", "args": {"max_chars": 0, "scale": 64}}], num_generations=4,
-                    prompts_per_step=8, micro_batch_size=16, sampling={"max_new_tokens": 8}, steps=12, lr=3e-3,
+                    prompts_per_step=8, micro_batch_size=8, sampling={"max_new_tokens": 8}, steps=12, lr=3e-3,
                     staleness=0, parity={"warn": 0.002, "stop": 0.01}, seed=0)
     out = tmp_path_factory.mktemp("rl") / "rl"
     return rl.run(cfg, _setup(rl_model_dir), LoraSection(r=8, alpha=16), ServeConfig(max_lora_rank=8), out,
@@ -146,32 +147,28 @@ def test_base_model_rollouts_trip_the_parity_gate(rollout_engine, rl_model_dir, 
     assert not (out / "manifest.json").exists()  # a stopped stage is not finished
 
 
-def test_two_ddp_workers_take_the_step_one_worker_takes(rollout_engine, rl_model_dir, prompts_file, tmp_path):
-    """train.num_workers=2 (DDP, gloo): rank 0 asks the engine, each rank trains on its share of the groups (2 of
-    the 4 prompts, in 2 micro-batches: DDP's no_sync path), the loss is scaled so the all-reduced gradient is the
-    whole batch's. Same seed, same rollouts: the step's gradient norm, loss and the published adapter equal the
-    one-worker run's (Adam's first step hides a gradient's scale, the gradient norm does not)."""
+def test_two_ddp_workers_take_the_step_one_worker_takes(learned, rollout_engine, rl_model_dir, tmp_path):
+    """train.num_workers=2 (DDP, gloo): rank 0 asks the engine, each rank trains on its share of the groups (4 of
+    the 8 prompts, in 2 micro-batches: DDP's no_sync path), the loss is scaled so the all-reduced gradient is the
+    whole batch's. Same config and seed, same rollouts: the step's gradient norm, loss and the published adapter
+    equal step 1 of the one-worker run above (Adam's first step hides a gradient's scale, the gradient norm does
+    not)."""
     from safetensors.torch import load_file
 
     from pipelines.train import rl
     from pipelines.train.config import LoraSection, TrainSection, TrainSetup
-    from pipelines.train.rl_config import RLSection
     from serve.config import ServeConfig
 
-    cfg = RLSection(prompts_path=str(prompts_file), columns={"prompt": "question"},
-                    rewards=[{"fn": "length_penalty", "args": {"max_chars": 0, "scale": 64}}], num_generations=4,
-                    prompts_per_step=4, micro_batch_size=4, sampling={"max_new_tokens": 8}, steps=1, lr=3e-3,
-                    parity={"warn": 0.002, "stop": 0.01}, seed=0)
-    runs = {}
-    for workers in (1, 2):
-        setup = TrainSetup(model_dir=rl_model_dir, train=TrainSection(num_workers=workers, cpus_per_worker=0.5,
-                                                                      log_every=1, tracking_uri="off"))
-        out = rl.run(cfg, setup, LoraSection(r=8, alpha=16), ServeConfig(max_lora_rank=8), tmp_path / f"w{workers}",
-                     engine=rollout_engine)
-        (step,) = [json.loads(line) for line in (out / "rl_steps.jsonl").read_text().splitlines()]
-        runs[workers] = step, load_file(str(out / "adapter_model.safetensors"))
-    (one, a1), (two, a2) = runs[1], runs[2]
-    assert (one["workers"], two["workers"]) == (1, 2)
+    out1, cfg = learned
+    one = json.loads((out1 / "rl_steps.jsonl").read_text().splitlines()[0])
+    a1 = load_file(str(out1 / "ray_train" / "policies" / "policy@1" / "adapter_model.safetensors"))
+    setup = TrainSetup(model_dir=rl_model_dir, train=TrainSection(num_workers=2, cpus_per_worker=0.5, log_every=1,
+                                                                  tracking_uri="off"))
+    out2 = rl.run(cfg.model_copy(update={"steps": 1}), setup, LoraSection(r=8, alpha=16),
+                  ServeConfig(max_lora_rank=8), tmp_path / "w2", engine=rollout_engine)
+    (two,) = [json.loads(line) for line in (out2 / "rl_steps.jsonl").read_text().splitlines()]
+    a2 = load_file(str(out2 / "adapter_model.safetensors"))
+    assert (one["step"], one["workers"], two["workers"]) == (1, 1, 2)
     # the same rollouts (seeded sampling of the same policy@0), all of them scored across the two ranks
     assert one["completion_tokens"] == two["completion_tokens"] and one["reward_mean"] == two["reward_mean"]
     assert two["parity_tokens"] == two["completion_tokens"] and two["parity_mean"] < 0.002

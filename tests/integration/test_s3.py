@@ -1,8 +1,8 @@
 """Runs and the registry in an object store: a real S3 API on localhost (`moto` in server mode, started and stopped
-here), reached the way an S3-compatible store is (AWS_ENDPOINT_URL + credentials). The tiny graph runs with
-`output_dir` and `registry.root` as s3:// URIs; a second driver with an empty local mirror finds every stage
-cached from what the store holds; Ray Train's checkpoints and a sweep's Tune state are in the store; the registry
-entry resolves from another machine's (empty) mirror."""
+here), reached the way an S3-compatible store is (AWS_ENDPOINT_URL + credentials): pushes and pulls, the
+registry's writers on two machines, mirrors and what a store that stops answering does. The whole tiny graph with
+`output_dir` and `registry.root` as s3:// URIs (Ray Train's checkpoints and a sweep's Tune state in the store, a
+second driver with an empty mirror finding every stage cached) runs in test_submit.py, submitted as a Ray job."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.conftest import BUCKET, free_port, keys, tiny_graph_config
+from tests.conftest import BUCKET, free_port, keys
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -434,49 +433,3 @@ def test_the_engine_replica_asks_a_stopped_store_off_its_event_loop(s3, tmp_path
             assert time.monotonic() < back, "the adapter did not load after the store came back"
             time.sleep(0.5)
     assert loaded == []  # nothing reached the engine while the store was down
-
-def test_graph_with_s3_output_and_registry_resumes_from_the_store(s3, ray_session, tiny_model_dir, tmp_path):
-    cfg = tiny_graph_config("s3run", tmp_path, tiny_model_dir, f"s3://{BUCKET}/runs", f"s3://{BUCKET}/registry")
-    # and a 1-trial sweep, whose Tune state and trial checkpoints go to the store (its winner is what is evaluated)
-    cfg["train"]["fail_once_at_step"] = 3  # the fault drill: its marker goes beside the checkpoints, in the store
-    cfg["tune"] = {"space": {"r": [8], "alpha": "ratio", "lr": [5e-3]}, "searcher": "grid", "num_samples": 1,
-                   "asha": None, "max_t": 2, "eval_every": 2, "max_concurrent_trials": 1}
-    config = tmp_path / "s3.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    address = ray_session.get_runtime_context().gcs_address
-
-    def run(machine: str, *extra: str) -> subprocess.CompletedProcess:
-        env = {**os.environ, **s3["env"], "LORAFORGE_CACHE": str(tmp_path / machine)}
-        return subprocess.run([sys.executable, "-m", "cluster", "run", str(config), "--until", "gate",
-                               f"ray.address={address}", *extra], cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=900)
-
-    first = run("machine-a")
-    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
-    stored = keys("runs/s3run/")
-    for key in ("data/stage.json", "data/manifest.json", "sft/stage.json", "sft/adapter_model.safetensors",
-                "sft/manifest.json", "evaluate/eval.json", "gate/gate.json"):
-        assert f"runs/s3run/{key}" in stored, (key, stored)
-    assert any(k.startswith("runs/s3run/sft/ray_train/") and "checkpoint" in k for k in stored), stored
-    assert "runs/s3run/sft/ray_train/fault_drill_step3" in stored, stored  # the drill fired, in the store
-    # the sweep: Tune's experiment state, the trial's checkpoints and the finished-trial ledger in the store; the
-    # winner and the report pushed as a finished stage; none of the store-only state in the local mirror
-    tune_keys = [k for k in stored if k.startswith("runs/s3run/tune/")]
-    assert any(k.startswith("runs/s3run/tune/ray_tune/experiments/sweep-") for k in tune_keys), tune_keys
-    trials = {k.split("/")[5] for k in tune_keys if k.startswith("runs/s3run/tune/ray_tune/trials/") and "checkpoint"
-              in k}
-    assert len(trials) == 1, tune_keys
-    ledger = [k for k in tune_keys if k.endswith("ray_tune/trials_finished.jsonl")]
-    assert ledger and "runs/s3run/tune/winner/adapter_model.safetensors" in tune_keys, tune_keys
-    mirror_tune = tmp_path / "machine-a" / "mirror" / "s3" / BUCKET / "runs" / "s3run" / "tune"
-    assert (mirror_tune / "sweep_report.md").is_file() and not (mirror_tune / "ray_tune").exists()
-    assert not (mirror_tune / "trials").exists() and not (mirror_tune / "experiments" / "trials").exists()
-    assert not (tmp_path / "machine-a" / "mirror" / "s3" / BUCKET / "runs" / "s3run" / "sft" / "ray_train").exists()
-    assert "registry/models/s3run/1/adapter_model.safetensors" in keys("registry/")
-    assert not Path("s3:").exists() and not (REPO / "s3:").exists()  # nothing written to a folder named "s3:"
-
-    second = run("machine-b", "--dry-run")  # another machine: an empty mirror, the store's records
-    assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
-    plan = {line.split()[0]: line.split()[2] for line in second.stdout.splitlines()[1:] if line.strip()}
-    assert {plan[s] for s in ("data", "sft", "tune", "evaluate", "gate")} == {"cached"}, second.stdout
-

@@ -1,6 +1,12 @@
 """The job graph as a Ray job on a real cluster of its own: `ray start --head --num-cpus=2` in a temporary folder
 (Ray 2.60 token auth on, as a new cluster has it), the whole tiny-model graph submitted with `ray job submit`
-exactly as the README writes it, `loraforge submit --dry-run --wait`, and `loraforge jobs stop`. The cluster is
+exactly as the README writes it, `loraforge submit --dry-run --wait`, and `loraforge jobs stop`.
+
+The graph's runs and registry live in an object store (a real S3 API: moto on localhost, the conftest `s3`
+fixture), as on a cluster whose nodes share no disk: Ray Train's checkpoints (a fault drill fires in SFT) and a
+1-trial sweep's Tune state go to the store, the registry entry is published there, and a driver on another
+machine (an empty local mirror) finds every stage cached from what the store holds. One graph run for both
+(it was two: this one and test_s3.py's, ~140 s each). The cluster is
 stopped at the end by SIGTERM to its `ray start --block` process group (not `ray stop`, which would also stop this
 test session's own Ray)."""
 
@@ -20,20 +26,25 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import free_port, tiny_graph_config
+from tests.conftest import BUCKET, free_port, keys, tiny_graph_config
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
+def head(tmp_path_factory, s3):
     """A one-node Ray cluster with the dashboard (the Job API), its own ports and a short temp folder (Ray's
     socket paths have a length limit). The venv's bin comes first in its PATH: a job's entrypoint `python` is the
-    head's."""
+    head's. Its processes reach the store as this one does (AWS_ENDPOINT_URL and credentials: on a real cluster
+    the machines' environment or instance role), keep their local mirror in a folder of their own ("machine a"),
+    and find this cluster's State API by its address (a real node runs one Ray instance; this machine runs the
+    test session's too, and Ray asked with no address refuses to pick one)."""
     temp = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))
     gcs, dash = free_port(), free_port()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token"}
+    cache = tmp_path_factory.mktemp("machine-a")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token",
+           "LORAFORGE_CACHE": str(cache), "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dash}"}
     env.pop("RAY_ADDRESS", None)
     log = open(tmp_path_factory.mktemp("head") / "head.log", "w")
     # every port of its own: the defaults (e.g. the dashboard agent's 52365) are taken by this session's Ray
@@ -45,7 +56,8 @@ def head(tmp_path_factory):
                              "--include-dashboard=true", "--disable-usage-stats", "--block"],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        yield from _serve_head(proc, f"http://127.0.0.1:{dash}", env, log)
+        for info in _serve_head(proc, f"http://127.0.0.1:{dash}", env, log):
+            yield {**info, "cache": cache}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` then stops every process of its cluster;
         try:  # that takes ~30 s, which the next tests need not wait for
@@ -90,14 +102,19 @@ def _serve_head(proc, address: str, env: dict, log):
 
 
 @pytest.fixture(scope="module")
-def job_config(tiny_model_dir, tmp_path_factory):
-    """The whole graph on the tiny model: data → sft → evaluate → gate (set to pass: the point is the hand-offs,
-    not the score) → registry → serve → demo. The config lies inside the repository (the job's working_dir); data,
-    outputs and registry live outside it (one machine: the job sees the same paths)."""
+def job_config(tiny_model_dir, tmp_path_factory, s3):
+    """The whole graph on the tiny model: data → sft (a worker fails once at step 3: the fault drill, its marker
+    beside the checkpoints in the store) → tune (1 trial: its Tune state and checkpoints in the store; its winner
+    is what is evaluated) → evaluate → gate (set to pass: the point is the hand-offs, not the score) → registry →
+    serve → demo, with output_dir and registry.root in the store. The config lies inside the repository (the
+    job's working_dir); the data files live outside it (one machine: the job sees the same paths)."""
     root = tmp_path_factory.mktemp("submit")
-    cfg = {**tiny_graph_config("job", root, tiny_model_dir, str(root / "runs"), str(root / "registry")),
+    cfg = {**tiny_graph_config("job", root, tiny_model_dir, f"s3://{BUCKET}/runs", f"s3://{BUCKET}/registry"),
            "serve": {"max_lora_rank": 8, "port": free_port(), "max_model_len": 512},
            "demo": {"prompts": ["What is the capital of France?"], "max_tokens": 8}}
+    cfg["train"]["fail_once_at_step"] = 3
+    cfg["tune"] = {"space": {"r": [8], "alpha": "ratio", "lr": [5e-3]}, "searcher": "grid", "num_samples": 1,
+                   "asha": None, "max_t": 2, "eval_every": 2, "max_concurrent_trials": 1}
     path = REPO / "tests" / "integration" / f"_submit_{os.getpid()}.yaml"  # uploaded with the working_dir
     path.write_text(yaml.safe_dump(cfg))
     yield {"path": path, "rel": path.relative_to(REPO), "root": root, "cfg": cfg}
@@ -109,10 +126,14 @@ def loraforge(*args: str, env: dict, timeout: int = 600) -> subprocess.Completed
                           timeout=timeout)
 
 
-def test_ray_job_submit_runs_the_whole_graph_to_the_registry_and_endpoint(head, job_config):
+def test_ray_job_submit_runs_the_whole_graph_to_the_store_registry_and_endpoint(head, job_config, ray_session,
+                                                                                 tmp_path):
     """`ray job submit --working-dir . -- python -m cluster run CONFIG`, as the README writes it (the client in
-    token mode): SUCCEEDED; every stage's outputs are there, the gate passed and the registry holds version 1
-    with the adapter's lineage; the demo asked the endpoint its questions."""
+    token mode): SUCCEEDED; every stage's records and outputs are in the store (none of the store-only state in the
+    job's local mirror), the gate passed and the store's registry holds version 1 with the adapter; the demo asked
+    the endpoint its questions. Then another machine (an empty mirror) plans the same config: every stage cached."""
+    import boto3
+
     env = {**head["env"], "RAY_ADDRESS": head["address"]}
     t0 = time.time()
     out = subprocess.run([str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--", "python", "-m", "cluster",
@@ -122,17 +143,49 @@ def test_ray_job_submit_runs_the_whole_graph_to_the_registry_and_endpoint(head, 
     text = out.stdout + out.stderr
     (job_config["root"] / "ray_job_submit.log").write_text(text)
     assert out.returncode == 0 and "succeeded" in text, text[-4000:]
-    print(f"\n[ray job submit] whole tiny graph: {took:.0f} s")
-    run = job_config["root"] / "runs" / "job"
-    for stage in ("data", "sft", "evaluate", "gate"):  # the cached stages record themselves
-        assert json.loads((run / stage / "stage.json").read_text())["status"] == "done", stage
-    assert (run / "sft" / "adapter_model.safetensors").is_file()
-    assert json.loads((run / "gate" / "gate.json").read_text())["passed"] is True
-    reg = job_config["root"] / "registry"
-    entries = list(reg.glob("models/*/*/manifest.json"))
-    assert len(entries) == 1, sorted(p.relative_to(reg) for p in reg.rglob("*"))
-    assert (entries[0].parent / "adapter_model.safetensors").is_file()
+    print(f"\n[ray job submit] whole tiny graph, store output and registry: {took:.0f} s")
     assert "[graph] demo" in text and "[graph] serve" in text, text[-4000:]
+
+    stored = keys("runs/job/")
+    bucket = boto3.resource("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="us-east-1").Bucket(BUCKET)
+
+    def record(key: str) -> dict:
+        return json.loads(bucket.Object(f"runs/job/{key}").get()["Body"].read())
+
+    for stage in ("data", "sft", "tune", "evaluate", "gate"):  # the cached stages record themselves
+        assert record(f"{stage}/stage.json")["status"] == "done", stage
+    for key in ("data/manifest.json", "sft/adapter_model.safetensors", "sft/manifest.json", "evaluate/eval.json"):
+        assert f"runs/job/{key}" in stored, (key, stored)
+    assert record("gate/gate.json")["passed"] is True
+    assert any(k.startswith("runs/job/sft/ray_train/") and "checkpoint" in k for k in stored), stored
+    assert "runs/job/sft/ray_train/fault_drill_step3" in stored, stored  # the drill fired, in the store
+    # the sweep: Tune's experiment state, the trial's checkpoints and the finished-trial ledger in the store; the
+    # winner and the report pushed as a finished stage; none of the store-only state in the local mirror
+    tune_keys = [k for k in stored if k.startswith("runs/job/tune/")]
+    assert any(k.startswith("runs/job/tune/ray_tune/experiments/sweep-") for k in tune_keys), tune_keys
+    trials = {k.split("/")[5] for k in tune_keys if k.startswith("runs/job/tune/ray_tune/trials/") and "checkpoint"
+              in k}
+    assert len(trials) == 1, tune_keys
+    ledger = [k for k in tune_keys if k.endswith("ray_tune/trials_finished.jsonl")]
+    assert ledger and "runs/job/tune/winner/adapter_model.safetensors" in tune_keys, tune_keys
+    mirror = head["cache"] / "mirror" / "s3" / BUCKET / "runs" / "job"
+    assert (mirror / "tune" / "sweep_report.md").is_file() and not (mirror / "tune" / "ray_tune").exists()
+    assert not (mirror / "tune" / "trials").exists() and not (mirror / "tune" / "experiments" / "trials").exists()
+    assert not (mirror / "sft" / "ray_train").exists()
+    registry = keys("registry/")
+    assert [k for k in registry if k.endswith("/manifest.json")] == ["registry/models/job/1/manifest.json"], registry
+    assert "registry/models/job/1/adapter_model.safetensors" in registry
+    assert not (REPO / "s3:").exists()  # nothing written to a folder named "s3:"
+
+    # another machine: an empty mirror, the store's records
+    second = subprocess.run([sys.executable, "-m", "cluster", "run", str(job_config["path"]), "--dry-run",
+                             f"ray.address={ray_session.get_runtime_context().gcs_address}"], cwd=REPO,
+                            env={**os.environ, "LORAFORGE_CACHE": str(tmp_path / "machine-b")}, capture_output=True,
+                            text=True, timeout=300)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
+    plan = {line.split()[0]: line.split()[2] for line in second.stdout.splitlines()[1:]
+            if line.strip() and len(line.split()) > 2}
+    assert {plan[s] for s in ("data", "sft", "tune", "evaluate", "gate")} == {"cached"}, second.stdout
 
 
 def test_loraforge_submit_dry_run_waits_and_prints_the_plan(head, job_config):

@@ -60,10 +60,16 @@ def _sft(ray_session, model_dir, data_dir, out, **train_kw):
     return json.loads((folder / "manifest.json").read_text()), folder
 
 
+# The reference's settings, which every run compared with it takes too: accumulation 2, LoRA r=32 (every adapted
+# matrix then holds >= 4096 values, bitsandbytes' minimum for 8-bit optimizer state: the lean-memory comparison
+# runs against the reference itself), lr 2e-3.
+REF = {"grad_accum": 2, "lora": {"r": 32, "alpha": 32}, "lr": 2e-3}
+
+
 @pytest.fixture(scope="module")
 def reference(ray_session, tiny_model_dir, data_dir, tmp_path_factory):
-    """Uninterrupted DDP run: the baseline for the fault drill and the ZeRO first-step comparison."""
-    return _sft(ray_session, tiny_model_dir, data_dir, tmp_path_factory.mktemp("ref"), grad_accum=2)
+    """Uninterrupted DDP run: the baseline for the fault drill, the ZeRO comparisons and the memory settings."""
+    return _sft(ray_session, tiny_model_dir, data_dir, tmp_path_factory.mktemp("ref"), **REF)
 
 
 def _adapter(folder: Path):
@@ -93,15 +99,15 @@ def _assert_partitioned(m):
 
 
 def test_gradient_checkpointing_and_8bit_adam_save_memory_and_still_learn(ray_session, tiny_model_dir, data_dir,
-                                                                          tmp_path):
+                                                                          tmp_path, reference):
     """Issue 20 item 5, inside the Ray Train loop: with gradient checkpointing the first step saves far fewer
     activation bytes for backward; with 8-bit AdamW the optimizer state shrinks to ~1/3 (1 byte per moment
     instead of 4, plus a 256-value code book and block scales per tensor: LoRA r=32 makes every matrix >=
-    bitsandbytes' 4096-value minimum for 8-bit state); and it still learns. One run with both against a plain
-    one (same rows, seed, r): neither setting moves the other's figure, so each is attributed."""
-    runs = {name: _sft(ray_session, tiny_model_dir, data_dir, tmp_path / name, lora={"r": 32, "alpha": 32},
-                       lr=2e-3, **kw)[0]["metrics"]
-            for name, kw in (("plain", {}), ("lean", {"gradient_checkpointing": True, "optimizer": "adamw_8bit"}))}
+    bitsandbytes' 4096-value minimum for 8-bit state); and it still learns. One run with both against the plain
+    reference (same rows, seed, r): neither setting moves the other's figure, so each is attributed."""
+    lean = _sft(ray_session, tiny_model_dir, data_dir, tmp_path / "lean", **REF, gradient_checkpointing=True,
+                optimizer="adamw_8bit")[0]["metrics"]
+    runs = {"plain": reference[0]["metrics"], "lean": lean}
     mem = {k: m["memory"] for k, m in runs.items()}
     print(f"[memory] {mem}")
     assert mem["lean"]["saved_activation_bytes"] < 0.5 * mem["plain"]["saved_activation_bytes"], mem
@@ -141,7 +147,7 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(ray_session, tiny_model_d
     """The rank-0 worker process SIGKILLs itself at step 4 the first time (a dead process, not an exception);
     checkpoint every 2 steps: Ray Train restarts the group from step 2's checkpoint, and the loss history and the
     adapter equal the uninterrupted run of the same seed (tolerance 1e-3)."""
-    manifest, folder = _sft(ray_session, tiny_model_dir, data_dir, tmp_path, grad_accum=2, checkpoint_every=2,
+    manifest, folder = _sft(ray_session, tiny_model_dir, data_dir, tmp_path, **REF, checkpoint_every=2,
                             fail_once_at_step=4)
     ref_manifest, ref_folder = reference
     assert (tmp_path / "ray_train" / "fault_drill_step4").exists()  # the fault really fired
@@ -165,8 +171,7 @@ def test_zero3_offload_matches_ddp_and_trains(ray_session, tiny_model_dir, data_
     DDP's (the first to 1e-4; accumulation and the schedule step as DDP's do), the offload reported by the engine,
     and the saved adapter reproduces the trained model's logits. (ZeRO-3 without offload runs in the QLoRA
     ZeRO-3 test: one ZeRO-3 run here, not two.)"""
-    manifest, folder = _sft(ray_session, tiny_model_dir, data_dir, tmp_path, grad_accum=2,
-                            deepspeed="zero3-offload")
+    manifest, folder = _sft(ray_session, tiny_model_dir, data_dir, tmp_path, **REF, deepspeed="zero3-offload")
     _assert_trained(manifest)
     m = manifest["metrics"]
     assert m["loss_history"] == pytest.approx(reference[0]["metrics"]["loss_history"], abs=2e-3)
