@@ -982,12 +982,14 @@ def test_good_canary_ramps_to_100_and_takes_the_alias(client, registry_dir, tiny
           f"{judge}")
     late = {v for _, v in canary_load(client, "canary-good", lambda: True, timeout_s=3)}
     assert late == {"canary-good@2"}
+    for model in ("base", "base:alpha"):  # answers of the base and a static adapter of this test's own (the
+        complete(client, model, max_tokens=4)  # figures below must not rest on other tests having asked them)
     node = ray_session._private.worker.global_worker.node
     url = f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
     deadline, figs = time.monotonic() + 40, {}
     while time.monotonic() < deadline:  # Ray exports every few seconds
         figs = live(httpx.get(url, timeout=10).text)
-        if {("canary-bad", "1"), ("canary-bad", "2"), ("canary-good", "2")} <= set(figs):
+        if {("canary-bad", "1"), ("canary-bad", "2"), ("canary-good", "2"), ("alpha", ""), ("", "")} <= set(figs):
             break
         time.sleep(2)
     bad, good = figs[("canary-bad", "2")], figs[("canary-bad", "1")]
