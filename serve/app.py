@@ -241,11 +241,12 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def replica_count(name: str = "loraforge") -> int:
-    """Running engine replicas of the app (for autoscaling checks and the CLI)."""
+def replica_count(name: str = "loraforge", states: tuple[str, ...] = ("RUNNING",)) -> int:
+    """Engine replicas of the app in `states` (Serve's replica states; running ones by default), for autoscaling
+    checks and the CLI."""
     deployments = serve.status().applications[name].deployments
     status = next(d for key, d in deployments.items() if key.startswith(SERVER + ":"))
-    return sum(n for state, n in status.replica_states.items() if getattr(state, "value", state) == "RUNNING")
+    return sum(n for state, n in status.replica_states.items() if getattr(state, "value", state) in states)
 
 
 def shutdown(name: str = "loraforge", *, only_app: bool = False) -> None:

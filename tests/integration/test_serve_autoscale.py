@@ -69,6 +69,8 @@ def scaled(ray_session, tiny_model_dir, s3):
 
 
 LIVE = ("DEPENDENCIES_UNREADY", "PENDING_CREATION", "ALIVE", "RESTARTING")  # every actor state but DEAD
+# the replicas Serve keeps (every replica state but stopping): the autoscaler's decision, engines up or not yet
+KEPT = ("STARTING", "UPDATING", "RECOVERING", "RUNNING", "PENDING_MIGRATION")
 
 
 def replicas(states: tuple[str, ...] = ("ALIVE",)) -> dict[str, int]:
@@ -81,19 +83,6 @@ def replicas(states: tuple[str, ...] = ("ALIVE",)) -> dict[str, int]:
     address = f"http://{ray._private.worker._global_node.webui_url}"
     return {a.actor_id: a.pid for a in list_actors(address=address, limit=10000)
             if a.state in states and a.class_name.startswith(f"ServeReplica:{APP}:LoRAServer")}
-
-
-def replicas_kept() -> int:
-    """Replicas Serve keeps for this app's engine deployment: running, starting, updating or recovering (not
-    stopping): the autoscaler's decision, whether their engines are up yet or not."""
-    from ray import serve
-
-    from serve.app import SERVER
-
-    deployments = serve.status().applications[APP].deployments
-    status = next(d for key, d in deployments.items() if key.startswith(SERVER + ":"))
-    return sum(n for state, n in status.replica_states.items()
-               if getattr(state, "value", state) not in ("STOPPING", "STOPPED"))
 
 
 def test_scales_up_serves_new_adapter_on_both_survives_a_replica_kill_then_scales_down(scaled, tiny_model_dir,
@@ -172,8 +161,8 @@ def test_scales_up_serves_new_adapter_on_both_survives_a_replica_kill_then_scale
           f"({100 * len(failed) / max(1, len(in_window)):.2f} %: {sorted({str(r[2]) for r in failed})}), slowest "
           f"{max(r[1] for r in in_window):.1f} s; Serve created a replacement {noticed:.0f} s after the kill")
     # Serve's replicas of every kind but stopping: the survivor and the replacement (starting, or up by now)
-    assert replicas_kept() == 2, replicas_kept()
-    down = wait_for(lambda: replicas_kept() == 1 and replica_count(APP) == 1, 240,
+    assert replica_count(APP, KEPT) == 2, replica_count(APP, KEPT)
+    down = wait_for(lambda: replica_count(APP, KEPT) == 1 and replica_count(APP) == 1, 240,
                     "scale-down to 1 replica once idle")
     print(f"2 -> 1 replicas {down:.0f} s after the load stopped")
     assert not [r for r in before_kill if r[2] != 200], [r for r in before_kill if r[2] != 200][:3]
